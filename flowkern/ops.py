@@ -1,0 +1,319 @@
+"""flowkern's custom ops: public wrappers, argument checks, fake impls and backend dispatch (DESIGN.md §3-§4).
+
+Each op is a ``torch.library`` custom op (``flowkern::segment_attention``, ``flowkern::key_attention_mass``)
+with a fake implementation, so it traces under ``torch.compile(fullgraph=True)``. The real implementation
+picks a backend per call:
+
+- ``cpp``: the C++ kernels in ``csrc/`` (``flowkern._C``) for CPU tensors (default on CPU);
+- ``triton``: the kernels in ``flowkern/kernels/`` for CUDA tensors (default on CUDA), or for CPU tensors
+  when ``TRITON_INTERPRET=1`` (how CI runs them);
+- ``reference``: ``flowkern/reference.py``, materialises the score matrix (slow; the oracle).
+
+``FLOWKERN_BACKEND=reference|cpp|triton`` forces one. Kernels receive one int32 ``key_ids [B, Sk]`` tensor:
+the segment id of each key, or ``-1`` for a key hidden by ``key_padding_mask``.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Literal
+
+import torch
+
+from flowkern import reference
+
+__all__ = ["segment_attention", "key_attention_mass", "backend_for", "MAX_SEGMENTS", "cpp_available"]
+
+MAX_SEGMENTS = 8
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+Backend = Literal["reference", "cpp", "triton"]
+
+try:  # the C++ extension registers torch.ops.flowkern_cpu.*
+    from flowkern import _C  # noqa: F401
+
+    _CPP_ERROR: str | None = None
+except ImportError as exc:  # pragma: no cover - depends on the build
+    _CPP_ERROR = str(exc)
+
+
+def cpp_available() -> bool:
+    """True when the compiled CPU kernels (``flowkern._C``) are importable."""
+    return _CPP_ERROR is None
+
+
+_warned_no_cpp = False
+
+
+def backend_for(device: torch.device) -> Backend:
+    """The backend a call on ``device`` uses: ``FLOWKERN_BACKEND`` if set, else cpp on CPU, triton on CUDA."""
+    global _warned_no_cpp
+    forced = os.environ.get("FLOWKERN_BACKEND", "").strip().lower()
+    if forced:
+        if forced not in ("reference", "cpp", "triton"):
+            raise ValueError(f"FLOWKERN_BACKEND must be one of reference, cpp, triton; got {forced!r}")
+        if forced == "cpp" and device.type != "cpu":
+            raise ValueError(f"FLOWKERN_BACKEND=cpp needs CPU tensors, got tensors on {device}")
+        if forced == "cpp" and not cpp_available():
+            raise ValueError(f"FLOWKERN_BACKEND=cpp but flowkern._C failed to import: {_CPP_ERROR}")
+        if forced == "triton" and device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError("FLOWKERN_BACKEND=triton with CPU tensors needs TRITON_INTERPRET=1 (set before import)")
+        return forced  # type: ignore[return-value]
+    if device.type == "cuda":
+        return "triton"
+    if device.type == "cpu":
+        if cpp_available():
+            return "cpp"
+        if not _warned_no_cpp:
+            warnings.warn(
+                f"flowkern._C is not built ({_CPP_ERROR}); using the slow reference backend on CPU. "
+                "Rebuild with `pip install --no-build-isolation -e .`.",
+                stacklevel=3,
+            )
+            _warned_no_cpp = True
+        return "reference"
+    raise ValueError(f"flowkern supports CPU and CUDA tensors, got device {device}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# argument checks (metadata only, so they also run while torch.compile traces)
+
+
+def _check_float(name: str, t: torch.Tensor, ndim: int) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dims, got shape {tuple(t.shape)}")
+    if t.dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
+
+
+def _check_qk(q: torch.Tensor, k: torch.Tensor, causal: bool) -> None:
+    _check_float("q", q, 4)
+    _check_float("k", k, 4)
+    if k.dtype != q.dtype:
+        raise ValueError(f"k must have q's dtype {q.dtype}, got {k.dtype}")
+    if k.device != q.device:
+        raise ValueError(f"k must be on q's device {q.device}, got {k.device}")
+    B, Hq, Sq, D = q.shape
+    if k.shape[0] != B or k.shape[3] != D:
+        raise ValueError(f"k must be [B={B}, Hkv, Sk, D={D}] to match q {tuple(q.shape)}, got {tuple(k.shape)}")
+    if k.shape[1] == 0 or Hq % k.shape[1] != 0:
+        raise ValueError(f"q heads ({Hq}) must be a multiple of k heads ({k.shape[1]})")
+    if D == 0 or D > 256:
+        raise ValueError(f"head dim D must be in 1..256, got {D}")
+    if causal and Sq > k.shape[2]:
+        raise ValueError(f"causal attention needs Sq <= Sk, got q length {Sq} > k length {k.shape[2]}")
+
+
+def _check_key_padding_mask(key_padding_mask: torch.Tensor | None, q: torch.Tensor, sk: int) -> None:
+    if key_padding_mask is None:
+        return
+    if not isinstance(key_padding_mask, torch.Tensor) or key_padding_mask.dtype != torch.bool:
+        raise ValueError("key_padding_mask must be a bool tensor [B, Sk] (True = real token)")
+    if tuple(key_padding_mask.shape) != (q.shape[0], sk):
+        raise ValueError(f"key_padding_mask must be [B={q.shape[0]}, Sk={sk}], got {tuple(key_padding_mask.shape)}")
+    if key_padding_mask.device != q.device:
+        raise ValueError(f"key_padding_mask must be on q's device {q.device}, got {key_padding_mask.device}")
+
+
+def _resolve_scale(scale: float | None, d: int) -> float:
+    if scale is None:
+        return d**-0.5
+    scale = float(scale)
+    if not (scale > 0 and scale != float("inf")):
+        raise ValueError(f"scale must be a positive finite number, got {scale}")
+    return scale
+
+
+def _key_ids(segment_ids: torch.Tensor | None, key_padding_mask: torch.Tensor | None, b: int, sk: int,
+             device: torch.device) -> torch.Tensor | None:
+    """int32 ``[B, Sk]``: segment id per key, -1 where masked (None when there is nothing to say)."""
+    if segment_ids is None and key_padding_mask is None:
+        return None
+    ids = torch.zeros(b, sk, dtype=torch.int32, device=device) if segment_ids is None else segment_ids.to(torch.int32)
+    if key_padding_mask is not None:
+        ids = ids.masked_fill(~key_padding_mask, -1)
+    return ids.contiguous()
+
+
+def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# segment_attention
+
+
+@torch.library.custom_op("flowkern::segment_attention", mutates_args=())
+def _segment_attention_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_ids: torch.Tensor, num_segments: int, causal: bool,
+    scale: float, per_head: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    backend = backend_for(q.device)
+    if backend == "reference":
+        seg = key_ids.clamp(min=0)
+        kpm = key_ids >= 0
+        out, lse, mass = reference.segment_attention(
+            q, k, v, seg, num_segments, causal=causal, key_padding_mask=kpm, scale=scale, per_head=True
+        )
+        lse, mass = lse.float(), mass.float()
+    elif backend == "cpp":
+        out, lse, mass = torch.ops.flowkern_cpu.segment_attention(q, k, v, key_ids, num_segments, causal, scale)
+    else:
+        from flowkern.kernels.segment_attention import segment_attention_fwd
+
+        out, lse, mass = segment_attention_fwd(q, k, v, key_ids, num_segments, causal, scale)
+    if not per_head:
+        mass = mass.mean(dim=1)
+    return out, lse, mass
+
+
+@_segment_attention_op.register_fake
+def _(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_ids: torch.Tensor, num_segments: int, causal: bool,
+    scale: float, per_head: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    B, Hq, Sq, _ = q.shape
+    out = q.new_empty(q.shape[:3] + (v.shape[-1],))
+    lse = q.new_empty((B, Hq, Sq), dtype=torch.float32)
+    mass_shape = (B, Hq, Sq, num_segments) if per_head else (B, Sq, num_segments)
+    return out, lse, q.new_empty(mass_shape, dtype=torch.float32)
+
+
+def segment_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    segment_ids: torch.Tensor,
+    num_segments: int,
+    *,
+    causal: bool = True,
+    key_padding_mask: torch.Tensor | None = None,
+    scale: float | None = None,
+    per_head: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fused attention that also returns each query row's softmax mass per key segment.
+
+    Never materialises the ``Sq x Sk`` matrix. GQA/MQA: k and v are not expanded in memory.
+
+    Args:
+        q: ``[B, Hq, Sq, D]`` float32/float16/bfloat16.
+        k, v: ``[B, Hkv, Sk, D]``, same dtype and device, ``Hq % Hkv == 0``.
+        segment_ids: ``[B, Sk]`` integer segment label of every key, in ``[0, num_segments)``.
+        num_segments: 1..8.
+        causal: bottom-right aligned: row i sees key j iff ``j <= i + (Sk - Sq)`` (decode Sq=1 sees all).
+        key_padding_mask: optional bool ``[B, Sk]``, True = real token.
+        scale: softmax scale, default ``D ** -0.5``.
+        per_head: return the mass per head instead of the head mean.
+
+    Returns:
+        ``(out, lse, mass)``: out ``[B, Hq, Sq, D]`` in q's dtype; lse float32 ``[B, Hq, Sq]`` (natural log);
+        mass float32 ``[B, Sq, num_segments]`` head mean, or ``[B, Hq, Sq, num_segments]`` if ``per_head``.
+        Each row with a visible key has mass summing to 1; a row with none gets out 0, mass 0, lse -inf.
+
+    Raises:
+        ValueError: naming the bad argument, before any kernel runs.
+    """
+    _check_qk(q, k, causal)
+    _check_float("v", v, 4)
+    if v.dtype != q.dtype or v.device != q.device:
+        raise ValueError(f"v must have q's dtype and device ({q.dtype}, {q.device}), got ({v.dtype}, {v.device})")
+    if tuple(v.shape) != tuple(k.shape):
+        raise ValueError(f"v must have k's shape {tuple(k.shape)}, got {tuple(v.shape)}")
+    B, Sk = q.shape[0], k.shape[2]
+    if isinstance(num_segments, bool) or not isinstance(num_segments, int) or not 1 <= num_segments <= MAX_SEGMENTS:
+        raise ValueError(f"num_segments must be an int in 1..{MAX_SEGMENTS}, got {num_segments!r}")
+    if not isinstance(segment_ids, torch.Tensor) or segment_ids.dtype.is_floating_point or segment_ids.dtype in (
+        torch.bool, torch.complex64, torch.complex128
+    ):
+        raise ValueError("segment_ids must be an integer tensor [B, Sk]")
+    if tuple(segment_ids.shape) != (B, Sk):
+        raise ValueError(f"segment_ids must be [B={B}, Sk={Sk}], got {tuple(segment_ids.shape)}")
+    if segment_ids.device != q.device:
+        raise ValueError(f"segment_ids must be on q's device {q.device}, got {segment_ids.device}")
+    _check_key_padding_mask(key_padding_mask, q, Sk)
+    if not torch.compiler.is_compiling() and segment_ids.numel() > 0:
+        lo, hi = int(segment_ids.min()), int(segment_ids.max())
+        if lo < 0 or hi >= num_segments:
+            raise ValueError(f"segment_ids must lie in [0, {num_segments}), got values in [{lo}, {hi}]")
+    key_ids = _key_ids(segment_ids, key_padding_mask, B, Sk, q.device)
+    return _segment_attention_op(
+        _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v), key_ids, num_segments,
+        bool(causal), _resolve_scale(scale, q.shape[-1]), bool(per_head),
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# key_attention_mass
+
+
+@torch.library.custom_op("flowkern::key_attention_mass", mutates_args=())
+def _key_attention_mass_op(
+    q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, key_ids: torch.Tensor | None, causal: bool, scale: float,
+    per_head: bool,
+) -> torch.Tensor:
+    backend = backend_for(q.device)
+    if backend == "reference":
+        kpm = None if key_ids is None else key_ids >= 0
+        received = reference.key_attention_mass(
+            q, k, lse, causal=causal, key_padding_mask=kpm, scale=scale, per_head=True
+        ).float()
+    elif backend == "cpp":
+        received = torch.ops.flowkern_cpu.key_attention_mass(q, k, lse, key_ids, causal, scale)
+    else:
+        from flowkern.kernels.key_attention_mass import key_attention_mass_fwd
+
+        received = key_attention_mass_fwd(q, k, lse, key_ids, causal, scale)
+    return received if per_head else received.mean(dim=1)
+
+
+@_key_attention_mass_op.register_fake
+def _(
+    q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, key_ids: torch.Tensor | None, causal: bool, scale: float,
+    per_head: bool,
+) -> torch.Tensor:
+    B, Hq, _, _ = q.shape
+    shape = (B, Hq, k.shape[2]) if per_head else (B, k.shape[2])
+    return q.new_empty(shape, dtype=torch.float32)
+
+
+def key_attention_mass(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    lse: torch.Tensor,
+    *,
+    causal: bool = True,
+    key_padding_mask: torch.Tensor | None = None,
+    scale: float | None = None,
+    per_head: bool = False,
+) -> torch.Tensor:
+    """Softmax probability each key receives from the given query rows, in one pass using their LSE.
+
+    Args:
+        q: ``[B, Hq, Sq, D]``: the query rows of interest. With ``causal`` they are taken to be the *last* Sq
+            rows of the sequence (bottom-right alignment), e.g. ``q[:, :, -1:]`` for the last prompt row.
+        k: ``[B, Hkv, Sk, D]``, ``Hq % Hkv == 0``.
+        lse: float32 ``[B, Hq, Sq]``, the row log-sum-exp returned by :func:`segment_attention` for those rows
+            (slice it the same way as q).
+        causal, key_padding_mask, scale: as in :func:`segment_attention`; use the same values.
+        per_head: return ``[B, Hq, Sk]`` instead of the head mean.
+
+    Returns:
+        float32 ``[B, Sk]`` (or ``[B, Hq, Sk]``): ``exp(q_i.k_j * scale - lse_i)`` averaged over the Sq rows
+        and the heads. Rows with ``lse = -inf`` contribute 0; masked keys receive 0.
+    """
+    _check_qk(q, k, causal)
+    B, Hq, Sq, _ = q.shape
+    if not isinstance(lse, torch.Tensor) or tuple(lse.shape) != (B, Hq, Sq):
+        got = tuple(lse.shape) if isinstance(lse, torch.Tensor) else type(lse).__name__
+        raise ValueError(f"lse must be a float32 tensor [B={B}, Hq={Hq}, Sq={Sq}], got {got}")
+    if lse.dtype != torch.float32 or lse.device != q.device:
+        raise ValueError(f"lse must be float32 on q's device {q.device}, got {lse.dtype} on {lse.device}")
+    Sk = k.shape[2]
+    _check_key_padding_mask(key_padding_mask, q, Sk)
+    key_ids = _key_ids(None, key_padding_mask, B, Sk, q.device)
+    return _key_attention_mass_op(
+        _last_dim_contiguous(q), _last_dim_contiguous(k), lse.contiguous(), key_ids, bool(causal),
+        _resolve_scale(scale, q.shape[-1]), bool(per_head),
+    )

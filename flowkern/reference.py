@@ -1,0 +1,122 @@
+"""Plain-PyTorch oracles for flowkern's ops (DESIGN.md §3, §6).
+
+These materialise the full ``[B, Hq, Sq, Sk]`` score matrix, so they are slow and memory-hungry by design:
+they exist to be obviously correct. They compute in ``float64`` when given ``float64`` inputs (the test
+oracle) and in ``float32`` otherwise. Unlike the registered ops they return ``lse``/``mass`` in the
+compute dtype, so a float64 oracle keeps all its precision.
+
+Math (per batch ``b``, query head ``h``, kv head ``h // (Hq // Hkv)``, query row ``i``, key ``j``)::
+
+    s[i, j]    = scale * <q[i], k[j]>                 if key j is visible to row i, else -inf
+    visible    = (not causal or j <= i + (Sk - Sq)) and key_padding_mask[b, j]
+    lse[i]     = log sum_j exp(s[i, j])               (-inf for a row with no visible key)
+    p[i, j]    = exp(s[i, j] - lse[i])                (0 for a row with no visible key)
+    out[i]     = sum_j p[i, j] v[j]
+    mass[i, c] = sum_{j : segment_ids[b, j] = c} p[i, j]
+    key_mass[j] = mean over heads and over the Sq given rows of p[i, j]
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["visible_mask", "segment_attention", "key_attention_mass"]
+
+
+def _compute_dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def visible_mask(
+    sq: int, sk: int, *, causal: bool, key_padding_mask: torch.Tensor | None, device: torch.device
+) -> torch.Tensor:
+    """Bool ``[B or 1, 1, Sq, Sk]``: True where query row i may attend to key j.
+
+    Causal is bottom-right aligned: row i sees key j iff ``j <= i + (Sk - Sq)``.
+    """
+    vis = torch.ones(sq, sk, dtype=torch.bool, device=device)
+    if causal:
+        i = torch.arange(sq, device=device)[:, None]
+        j = torch.arange(sk, device=device)[None, :]
+        vis = j <= i + (sk - sq)
+    vis = vis[None, None]
+    if key_padding_mask is not None:
+        vis = vis & key_padding_mask.to(torch.bool)[:, None, None, :]
+    return vis
+
+
+def _probs(
+    q: torch.Tensor, k: torch.Tensor, *, causal: bool, key_padding_mask: torch.Tensor | None, scale: float,
+    lse: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax probabilities ``[B, Hq, Sq, Sk]`` and row lse ``[B, Hq, Sq]`` (given lse is used if passed)."""
+    cd = _compute_dtype(q)
+    group = q.shape[1] // k.shape[1]
+    kf = k.to(cd).repeat_interleave(group, dim=1)
+    s = torch.matmul(q.to(cd), kf.transpose(-1, -2)) * scale
+    vis = visible_mask(q.shape[2], k.shape[2], causal=causal, key_padding_mask=key_padding_mask, device=q.device)
+    s = s.masked_fill(~vis, float("-inf"))
+    if lse is None:
+        lse = torch.logsumexp(s, dim=-1)
+    lse = lse.to(cd)
+    alive = torch.isfinite(lse)[..., None] & vis
+    p = torch.where(alive, torch.exp(s - torch.where(torch.isfinite(lse), lse, 0)[..., None]), 0)
+    return p, lse
+
+
+def segment_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    segment_ids: torch.Tensor,
+    num_segments: int,
+    *,
+    causal: bool = True,
+    key_padding_mask: torch.Tensor | None = None,
+    scale: float | None = None,
+    per_head: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Reference fused attention + per-segment softmax mass.
+
+    Args:
+        q: ``[B, Hq, Sq, D]``; k, v: ``[B, Hkv, Sk, D]`` with ``Hq % Hkv == 0``.
+        segment_ids: ``[B, Sk]`` integers in ``[0, num_segments)``.
+        key_padding_mask: optional bool ``[B, Sk]``, True = real token.
+    Returns:
+        out ``[B, Hq, Sq, D]`` (q's dtype), lse ``[B, Hq, Sq]`` and mass ``[B, Sq, nseg]``
+        (``[B, Hq, Sq, nseg]`` if ``per_head``), both in the compute dtype (float64 for float64 input).
+    """
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    cd = _compute_dtype(q)
+    p, lse = _probs(q, k, causal=causal, key_padding_mask=key_padding_mask, scale=scale)
+    group = q.shape[1] // k.shape[1]
+    out = torch.matmul(p, v.to(cd).repeat_interleave(group, dim=1))
+    onehot = torch.nn.functional.one_hot(segment_ids.long(), num_segments).to(cd)  # [B, Sk, nseg]
+    mass = torch.matmul(p, onehot[:, None])  # [B, Hq, Sq, nseg]
+    if not per_head:
+        mass = mass.mean(dim=1)
+    return out.to(q.dtype), lse, mass
+
+
+def key_attention_mass(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    lse: torch.Tensor,
+    *,
+    causal: bool = True,
+    key_padding_mask: torch.Tensor | None = None,
+    scale: float | None = None,
+    per_head: bool = False,
+) -> torch.Tensor:
+    """Reference attention received by each key from the given query rows.
+
+    Args:
+        q: ``[B, Hq, Sq, D]`` — the rows of interest (the last Sq query positions when causal);
+        k: ``[B, Hkv, Sk, D]``; lse: ``[B, Hq, Sq]`` from :func:`segment_attention` for the same rows.
+    Returns:
+        ``[B, Sk]`` (``[B, Hq, Sk]`` if ``per_head``): ``p[i, j]`` averaged over the Sq rows (and heads).
+    """
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    p, _ = _probs(q, k, causal=causal, key_padding_mask=key_padding_mask, scale=scale, lse=lse)
+    received = p.mean(dim=2)  # [B, Hq, Sk]
+    return received if per_head else received.mean(dim=1)
