@@ -1,0 +1,31 @@
+"""Hugging Face integration: the only flowkern package that imports transformers (DESIGN.md §2, §5).
+
+- :mod:`flowkern.hf.attention`: the ``"flowkern"`` attention + mask functions (:func:`register`).
+- :mod:`flowkern.hf.segments`: token -> system/image/user/generated labels, image grid metadata.
+- :mod:`flowkern.hf.models`: one adapter per model family (every model-specific constant lives there).
+
+Importing this package registers the attention implementation, so ``model.set_attn_implementation(
+{"text_config": "flowkern"})`` works right after ``import flowkern.hf``.
+"""
+
+from flowkern.hf.attention import ATTENTION_NAME, flowkern_attention_forward, flowkern_attention_mask, register
+from flowkern.hf.models import ADAPTERS, ModelAdapter, get_adapter, supported_model_types
+from flowkern.hf.segments import NUM_SEGMENTS, SEGMENT_NAMES, ImageGrid, image_token_index, label_prompt
+
+register()
+
+__all__ = [
+    "ATTENTION_NAME",
+    "ADAPTERS",
+    "ImageGrid",
+    "ModelAdapter",
+    "NUM_SEGMENTS",
+    "SEGMENT_NAMES",
+    "flowkern_attention_forward",
+    "flowkern_attention_mask",
+    "get_adapter",
+    "image_token_index",
+    "label_prompt",
+    "register",
+    "supported_model_types",
+]

@@ -1,0 +1,413 @@
+"""Model-family adapters: every model-specific constant of flowkern lives here (DESIGN.md §5).
+
+One :class:`ModelAdapter` per family says
+
+- which ``config.model_type`` values it covers and which sub-config is the language model's (only that one
+  switches to the ``"flowkern"`` attention; vision towers and Q-Formers keep theirs);
+- which config attributes hold the image/video *placeholder* token ids (read from the config, never hard-coded);
+- how a sample's image tokens are laid out on a 2D grid for heatmaps (paper Figure 2B), from the vision config
+  and the processor outputs captured at prefill (``image_sizes``, ``image_grid_thw``, ``video_grid_thw``).
+
+Supported families: LLaVA-1.5 (``llava``), LLaVA-NeXT (``llava_next``), LLaVA-OneVision, Qwen2-VL, Qwen2.5-VL,
+Qwen3-VL, InternVL and InstructBLIP (decoder-only language models). :func:`get_adapter` raises ``ValueError`` for
+anything else.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from flowkern.hf.segments import ImageGrid
+
+__all__ = ["ModelAdapter", "ADAPTERS", "get_adapter", "supported_model_types"]
+
+# a layout function: (config, placeholder ids per sample, their sequence positions per sample, captured inputs)
+# -> per sample, the grids of its images (ImageGrid.index = ordinals into that sample's placeholder tokens)
+LayoutFn = Callable[[Any, list[torch.Tensor], list[torch.Tensor], dict[str, Any]], list[list[ImageGrid]]]
+
+# vision towers whose sequence starts with a CLS token (kept by vision_feature_select_strategy="full")
+_TOWERS_WITH_CLS = ("clip_vision_model",)
+
+
+@dataclass(frozen=True)
+class ModelAdapter:
+    """How flowkern reads one model family.
+
+    Attributes:
+        family: short name (``"llava"``, ``"qwen2_vl"``, ...).
+        model_types: the ``config.model_type`` values this adapter covers.
+        placeholder_attrs: top-level config attributes holding image/video placeholder token ids.
+        layout: builds the image grids (see ``LayoutFn`` above).
+        layout_inputs: forward kwargs the layout needs, captured at prefill.
+        tower_grid_kwarg: argument of the vision tower's forward to capture for the layout (``"grid_thw"``).
+        text_config_key: the sub-config of the language model.
+    """
+
+    family: str
+    model_types: tuple[str, ...]
+    placeholder_attrs: tuple[str, ...]
+    layout: LayoutFn
+    layout_inputs: tuple[str, ...] = ()
+    tower_grid_kwarg: str | None = None
+    text_config_key: str = "text_config"
+
+    def text_config(self, config: Any) -> Any:
+        """The language model's config object (``config.<text_config_key>``)."""
+        sub = getattr(config, self.text_config_key, None)
+        if sub is None:
+            raise ValueError(f"{self.family}: config has no `{self.text_config_key}`")
+        return sub
+
+    def placeholder_token_ids(self, config: Any) -> tuple[int, ...]:
+        """Image/video placeholder token ids, read from the config."""
+        ids = []
+        for attr in self.placeholder_attrs:
+            value = getattr(config, attr, None)
+            if value is not None:
+                ids.append(int(value))
+        if not ids:
+            raise ValueError(f"{self.family}: config sets none of {self.placeholder_attrs}")
+        return tuple(ids)
+
+    def image_grids(
+        self, config: Any, input_ids: torch.Tensor, segment_ids: torch.Tensor, inputs: dict[str, Any]
+    ) -> list[list[ImageGrid]]:
+        """Image grids of every sample.
+
+        Args:
+            config: the model's top-level config.
+            input_ids: long ``[B, S]`` prompt ids.
+            segment_ids: long ``[B, S]`` labels (``flowkern.hf.segments.IMAGE`` marks placeholder tokens).
+            inputs: the captured ``layout_inputs`` (CPU tensors or None).
+
+        Returns:
+            per sample, a list of :class:`ImageGrid` (several per image for multi-view layouts).
+
+        Raises:
+            ValueError: when the placeholder tokens do not match the layout the config and inputs describe.
+        """
+        from flowkern.hf.segments import IMAGE
+
+        ids, positions = [], []
+        for b in range(input_ids.shape[0]):
+            is_image = segment_ids[b] == IMAGE
+            ids.append(input_ids[b][is_image].cpu())
+            positions.append(torch.nonzero(is_image).flatten().cpu())
+        return self.layout(config, ids, positions, inputs)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# helpers
+
+
+def _side(value: int | Sequence[int]) -> tuple[int, int]:
+    """(h, w) from an int or a pair."""
+    if isinstance(value, (list, tuple)):
+        return int(value[0]), int(value[1])
+    return int(value), int(value)
+
+
+def _patch_grid(vision_config: Any) -> tuple[int, int]:
+    """Patch grid (rows, cols) of one vision-tower input: image_size // patch_size."""
+    ih, iw = _side(vision_config.image_size)
+    ph, pw = _side(vision_config.patch_size)
+    return ih // ph, iw // pw
+
+
+def _check_consumed(family: str, b: int, used: int, total: int) -> None:
+    if used != total:
+        raise ValueError(
+            f"{family}: sample {b} has {total} image placeholder tokens but the image layout accounts for {used}; "
+            "the prompt does not match the config / processor outputs"
+        )
+
+
+def _image_sizes(inputs: dict) -> list[tuple[int, int]] | None:
+    """The ``image_sizes`` input as a list of (height, width), or None."""
+    sizes = inputs.get("image_sizes")
+    return None if sizes is None else [(int(h), int(w)) for h, w in torch.as_tensor(sizes).reshape(-1, 2).tolist()]
+
+
+def _runs(positions: torch.Tensor) -> list[tuple[int, int]]:
+    """(start ordinal, length) of each run of consecutive sequence positions."""
+    if positions.numel() == 0:
+        return []
+    breaks = (torch.nonzero(positions[1:] != positions[:-1] + 1).flatten() + 1).tolist()
+    starts = [0] + breaks
+    ends = breaks + [positions.numel()]
+    return [(s, e - s) for s, e in zip(starts, ends, strict=True)]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# layouts
+
+
+def _llava_layout(config: Any, ids: list[torch.Tensor], positions: list[torch.Tensor], inputs: dict) -> list:
+    """LLaVA-1.5: each image is a (image_size/patch_size)^2 raster (plus a leading CLS token with strategy "full")."""
+    rows, cols = _patch_grid(config.vision_config)
+    has_cls = config.vision_feature_select_strategy == "full" and config.vision_config.model_type in _TOWERS_WITH_CLS
+    per_image = rows * cols + int(has_cls)
+    out = []
+    for b, tok in enumerate(ids):
+        n = tok.numel()
+        if n % per_image:
+            _check_consumed("llava", b, n - n % per_image, n)
+        grids = []
+        for i in range(n // per_image):
+            start = i * per_image + int(has_cls)
+            grids.append(ImageGrid(i, "image", torch.arange(start, start + rows * cols).view(rows, cols)))
+        out.append(grids)
+    return out
+
+
+def _anyres_crops_shape(config: Any, image_size: Sequence[int], base: tuple[int, int]) -> tuple[int, int]:
+    """LLaVA-NeXT: (rows, cols) of the unpadded high-resolution crop grid of one image (before newline tokens)."""
+    from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, unpad_image
+
+    n_h, n_w = get_anyres_image_grid_shape(
+        [int(s) for s in image_size], config.image_grid_pinpoints, config.vision_config.image_size
+    )
+    dummy = torch.empty(0, n_h * base[0], n_w * base[1])  # shape-only: transformers' own unpadding rule
+    unpadded = unpad_image(dummy, [int(s) for s in image_size])
+    return int(unpadded.shape[1]), int(unpadded.shape[2])
+
+
+def _llava_next_layout(config: Any, ids: list[torch.Tensor], positions: list[torch.Tensor], inputs: dict) -> list:
+    """LLaVA-NeXT anyres: per image, the base image raster, then the unpadded crops with one newline token per row.
+
+    Views: ``"base"`` (image_size/patch_size square) and ``"crops"`` (newline tokens left out). The crops need the
+    ``image_sizes`` processor output; without it (``generate`` may encode the images before the first forward and
+    not pass it on) only the ``"base"`` view is given, each image delimited by its token count (from the encoder
+    outputs) or by its run of consecutive placeholder tokens.
+    """
+    if config.vision_feature_select_strategy != "default":
+        raise ValueError("llava_next: image layout is known for vision_feature_select_strategy='default' only")
+    base = _patch_grid(config.vision_config)
+    n_base = base[0] * base[1]
+    sizes = _image_sizes(inputs)
+    counts = list(inputs.get("image_token_counts") or [])
+    out = []
+    for b, (tok, pos) in enumerate(zip(ids, positions, strict=True)):
+        grids, used, i = [], 0, 0
+        runs = _runs(pos)
+        while used < tok.numel():
+            if sizes is not None:
+                if not sizes:
+                    _check_consumed("llava_next", b, used, tok.numel())
+                hu, wu = _anyres_crops_shape(config, sizes.pop(0), base)
+                length = n_base + hu * (wu + 1)
+                crops = torch.arange(used + n_base, used + length).view(hu, wu + 1)[:, :wu]
+            else:
+                length = counts.pop(0) if counts else runs[i][1] if i < len(runs) else tok.numel() - used
+                crops = None
+            if length < n_base or used + length > tok.numel():
+                _check_consumed("llava_next", b, used + length, tok.numel())
+            grids.append(ImageGrid(i, "base", torch.arange(used, used + n_base).view(base)))
+            if crops is not None:
+                grids.append(ImageGrid(i, "crops", crops))
+            used += length
+            i += 1
+        out.append(grids)
+    return out
+
+
+def _image_spans(tok: torch.Tensor, pos: torch.Tensor, counts: list[int]) -> list[tuple[int, int]]:
+    """(start ordinal, length) of each image of a sample: from per-image token counts (consumed) or else runs."""
+    spans, used = [], 0
+    runs = iter(_runs(pos))
+    while used < tok.numel():
+        length = counts.pop(0) if counts else next(runs, (used, tok.numel() - used))[1]
+        spans.append((used, length))
+        used += length
+    return spans
+
+
+def _llava_onevision_layout(config: Any, ids: list[torch.Tensor], positions: list[torch.Tensor], inputs: dict) -> list:
+    """LLaVA-OneVision: images as LLaVA-NeXT (base raster, then crops with newlines, shrunk to at most
+    ``anyres_max_N`` base images; a multi-image prompt has base + one newline per image); a video is a run of
+    frames of pooled ceil(g/2)^2 rasters plus one newline. Views: ``"base"``, ``"crops"`` (when ``image_sizes`` is
+    known), ``"frame{k}"``."""
+    import math
+
+    base = _patch_grid(config.vision_config)
+    n_base = base[0] * base[1]
+    pooled = (math.ceil(base[0] / 2), math.ceil(base[1] / 2))
+    sizes = _image_sizes(inputs) or []
+    max_crops = int(str(getattr(config, "vision_aspect_ratio", "anyres_max_9")).removeprefix("anyres_max_"))
+    counts = list(inputs.get("image_token_counts") or [])
+    out = []
+    for b, (tok, pos) in enumerate(zip(ids, positions, strict=True)):
+        found = []
+        image_ords = torch.nonzero(tok == int(config.image_token_id)).flatten()
+        for start, length in _image_spans(image_ords, pos[image_ords], counts):
+            ords = image_ords[start : start + length]
+            if length < n_base:
+                _check_consumed("llava_onevision", b, start + n_base, image_ords.numel())
+            views = [("base", ords[:n_base].view(base))]
+            size = sizes.pop(0) if sizes else None
+            if size is not None and length != n_base + 1:
+                hu, wu = _anyres_crops_shape(config, size, base)
+                ratio = math.sqrt(hu * wu / (max_crops * n_base))
+                if ratio > 1.1:
+                    hu, wu = int(hu // ratio), int(wu // ratio)
+                if n_base + hu * (wu + 1) != length:
+                    _check_consumed("llava_onevision", b, start + n_base + hu * (wu + 1), start + length)
+                views.append(("crops", ords[n_base:].view(hu, wu + 1)[:, :wu]))
+            found.append((int(ords[0]), views))
+        video_id = getattr(config, "video_token_id", None)
+        video_ords = torch.nonzero(tok == int(video_id)).flatten() if video_id is not None else tok[:0]
+        per_frame = pooled[0] * pooled[1]
+        for start, length in _image_spans(video_ords, pos[video_ords], []):
+            if (length - 1) % per_frame:
+                _check_consumed("llava_onevision", b, start + length - (length - 1) % per_frame, start + length)
+            ords = video_ords[start : start + length - 1].view(-1, *pooled)
+            found.append((int(ords.flatten()[0]), [(f"frame{f}", ords[f]) for f in range(ords.shape[0])]))
+        grids = []
+        for i, (_, views) in enumerate(sorted(found, key=lambda x: x[0])):
+            grids.extend(ImageGrid(i, name, index) for name, index in views)
+        out.append(grids)
+    return out
+
+
+def _split_tower_grids(calls: list[torch.Tensor], n_image_tokens: int, merge: int) -> tuple:
+    """Assign the ``grid_thw`` of each vision-tower call to images or videos by the number of tokens it makes."""
+    image_thw = video_thw = None
+    for thw in calls:
+        n = int((torch.as_tensor(thw).reshape(-1, 3).prod(dim=-1) // (merge * merge)).sum())
+        if image_thw is None and n == n_image_tokens:
+            image_thw = thw
+        elif video_thw is None:
+            video_thw = thw
+    return image_thw, video_thw
+
+
+def _qwen_vl_layout(config: Any, ids: list[torch.Tensor], positions: list[torch.Tensor], inputs: dict) -> list:
+    """Qwen2-VL / Qwen2.5-VL / Qwen3-VL: each image (video) is a (t, h/m, w/m) raster of merged patches.
+
+    ``image_grid_thw`` / ``video_grid_thw`` list the items in prompt order over the batch (from the forward inputs,
+    or else from the ``grid_thw`` the vision tower was called with); m is the vision config's ``spatial_merge_size``.
+    Views: ``"image"`` for t = 1, else ``"frame{k}"`` per temporal slice.
+    """
+    m = int(config.vision_config.spatial_merge_size)
+    grids_thw = {"image": inputs.get("image_grid_thw"), "video": inputs.get("video_grid_thw")}
+    if grids_thw["image"] is None and grids_thw["video"] is None and inputs.get("tower_grid_thw"):
+        n_image = sum(int((tok == int(config.image_token_id)).sum()) for tok in ids)
+        grids_thw["image"], grids_thw["video"] = _split_tower_grids(inputs["tower_grid_thw"], n_image, m)
+    streams = []
+    for attr, key in (("image_token_id", "image"), ("video_token_id", "video")):
+        token_id = getattr(config, attr, None)
+        thw = grids_thw[key]
+        items = [] if thw is None else [tuple(int(v) for v in row) for row in torch.as_tensor(thw).reshape(-1, 3)]
+        streams.append((token_id, items))
+    out = []
+    for b, tok in enumerate(ids):
+        found = []  # (first ordinal, views)
+        used = 0
+        for token_id, items in streams:
+            if token_id is None:
+                continue
+            ords = torch.nonzero(tok == int(token_id)).flatten()
+            k = 0
+            while k < ords.numel():
+                if not items:
+                    _check_consumed("qwen_vl", b, used + k, tok.numel())
+                t, h, w = items.pop(0)
+                rows, cols = h // m, w // m
+                n = t * rows * cols
+                if k + n > ords.numel():
+                    _check_consumed("qwen_vl", b, used + k + n, tok.numel())
+                cell = ords[k : k + n].view(t, rows, cols)
+                views = [("image", cell[0])] if t == 1 else [(f"frame{f}", cell[f]) for f in range(t)]
+                found.append((int(ords[k]), views))
+                k += n
+            used += k
+        _check_consumed("qwen_vl", b, used, tok.numel())
+        grids = []
+        for i, (_, views) in enumerate(sorted(found, key=lambda x: x[0])):
+            grids.extend(ImageGrid(i, name, index) for name, index in views)
+        out.append(grids)
+    return out
+
+
+def _internvl_layout(config: Any, ids: list[torch.Tensor], positions: list[torch.Tensor], inputs: dict) -> list:
+    """InternVL: each image is a run of tiles (the thumbnail last when there are several), each tile a raster of
+    (image_size/patch_size * downsample_ratio)^2 tokens. Views: ``"tile{k}"``."""
+    rows, cols = _patch_grid(config.vision_config)
+    rows, cols = int(rows * config.downsample_ratio), int(cols * config.downsample_ratio)
+    per_tile = rows * cols
+    out = []
+    for b, pos in enumerate(positions):
+        grids = []
+        for i, (start, length) in enumerate(_runs(pos)):
+            if length % per_tile:
+                _check_consumed("internvl", b, length - length % per_tile, length)
+            for t in range(length // per_tile):
+                s = start + t * per_tile
+                grids.append(ImageGrid(i, f"tile{t}", torch.arange(s, s + per_tile).view(rows, cols)))
+        out.append(grids)
+    return out
+
+
+def _instructblip_layout(config: Any, ids: list[torch.Tensor], positions: list[torch.Tensor], inputs: dict) -> list:
+    """InstructBLIP: the Q-Former's num_query_tokens outputs have no spatial layout: one ``"queries"`` row."""
+    n = int(config.num_query_tokens)
+    out = []
+    for b, tok in enumerate(ids):
+        if tok.numel() % n:
+            _check_consumed("instructblip", b, tok.numel() - tok.numel() % n, tok.numel())
+        count = tok.numel() // n
+        out.append([ImageGrid(i, "queries", torch.arange(i * n, (i + 1) * n).view(1, n)) for i in range(count)])
+    return out
+
+
+_QWEN_PLACEHOLDERS = ("image_token_id", "video_token_id")
+_QWEN_INPUTS = ("image_grid_thw", "video_grid_thw")
+
+ADAPTERS: dict[str, ModelAdapter] = {
+    a.family: a
+    for a in (
+        ModelAdapter("llava", ("llava",), ("image_token_id",), _llava_layout),
+        ModelAdapter("llava_next", ("llava_next",), ("image_token_id",), _llava_next_layout, ("image_sizes",)),
+        ModelAdapter(
+            "llava_onevision", ("llava_onevision",), ("image_token_id", "video_token_id"), _llava_onevision_layout,
+            ("image_sizes",),
+        ),
+        ModelAdapter("qwen2_vl", ("qwen2_vl",), _QWEN_PLACEHOLDERS, _qwen_vl_layout, _QWEN_INPUTS, "grid_thw"),
+        ModelAdapter("qwen2_5_vl", ("qwen2_5_vl",), _QWEN_PLACEHOLDERS, _qwen_vl_layout, _QWEN_INPUTS, "grid_thw"),
+        ModelAdapter("qwen3_vl", ("qwen3_vl",), _QWEN_PLACEHOLDERS, _qwen_vl_layout, _QWEN_INPUTS, "grid_thw"),
+        ModelAdapter("internvl", ("internvl",), ("image_token_id",), _internvl_layout),
+        ModelAdapter("instructblip", ("instructblip",), ("image_token_id",), _instructblip_layout),
+    )
+}
+
+
+def supported_model_types() -> list[str]:
+    """Every ``config.model_type`` flowkern has an adapter for."""
+    return sorted(t for a in ADAPTERS.values() for t in a.model_types)
+
+
+def get_adapter(model_or_config: Any) -> ModelAdapter:
+    """The adapter for a model (or its config), chosen by ``config.model_type``.
+
+    Raises:
+        ValueError: the family is not supported (the message lists the supported model types), or it is a
+            supported family in a configuration flowkern cannot trace (an encoder-decoder language model).
+    """
+    config = getattr(model_or_config, "config", model_or_config)
+    model_type = getattr(config, "model_type", None)
+    for adapter in ADAPTERS.values():
+        if model_type in adapter.model_types:
+            text_config = adapter.text_config(config)
+            if getattr(text_config, "is_encoder_decoder", False):
+                raise ValueError(
+                    f"{adapter.family} with an encoder-decoder language model ({text_config.model_type}) is not "
+                    "supported: flowkern traces decoder-only language models"
+                )
+            return adapter
+    raise ValueError(
+        f"flowkern does not know the model type {model_type!r}; supported: {', '.join(supported_model_types())}"
+    )

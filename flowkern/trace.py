@@ -1,0 +1,551 @@
+"""``flowkern.trace``: per-layer attention shares of the answer tokens (paper eq. 6-8, Figure 2).
+
+.. code-block:: python
+
+    with flowkern.trace(model) as flow:
+        out = model.generate(**inputs, max_new_tokens=16, do_sample=False)
+    flow.shares                 # float32 [num_layers, 4]: system / image / user / generated
+    flow.step_shares            # float32 [steps, num_layers, B, 4]
+    flow.image_attention(2)     # float32 [rows, cols]: answer rows -> image tokens on the image grid, layer 2
+
+**Definition.** The *answer rows* are the query rows that produce answer tokens: the last prompt position
+(whose logits give the first answer token), then every decoded position. Each forward call of the traced model
+is one *step* and contributes its last query row. For step ``t``, decoder layer ``l`` and sample ``b``,
+``step_shares[t, l, b, c]`` is the softmax attention mass that row puts on keys of segment ``c`` (see
+:mod:`flowkern.hf.segments`), averaged over heads; each valid row sums to 1 over the four segments (eq. 7).
+``shares[l, c]`` is the mean of ``step_shares[:, l, :, c]`` over the valid (step, sample) pairs: a row is
+valid unless its sample already produced an end-of-sequence token (batched ``generate`` keeps running finished
+samples on padding). With ``max_new_tokens=N`` and no early stop there are N steps; a plain forward is 1 step.
+
+**How.** On enter, the language model's attention implementation switches to ``"flowkern"`` (the vision tower
+keeps its own), an observer is attached to each of its attention modules, and forward pre-hooks read
+``input_ids`` / ``attention_mask`` at prefill to label every prompt token; each decode step appends
+*generated* labels, so the labels follow the KV cache. The fused kernel returns each row's per-segment mass
+and log-sum-exp; only the answer row is kept, so memory is O(layers x steps x B) for the shares (plus
+O(layers x steps x B x image tokens) for the image maps: :func:`flowkern.key_attention_mass` on the answer
+row), never O(S^2). On exit (also on error) hooks and observers are removed and the previous attention
+implementation is restored.
+
+Limits: one prompt per trace (one ``generate`` or forward call, plus its decode steps); a multi-token forward
+on a non-empty cache (chunked prefill, assisted decoding) raises ``NotImplementedError``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+__all__ = ["trace", "Flow"]
+
+
+class _Step:
+    """What one forward call records: per layer the answer row's masses [B, nseg] and image-key attention [B, K]."""
+
+    __slots__ = ("mass", "image")
+
+    def __init__(self, num_layers: int) -> None:
+        self.mass: list[torch.Tensor | None] = [None] * num_layers
+        self.image: list[torch.Tensor | None] = [None] * num_layers
+
+
+def _to_cpu(value: Any) -> Any:
+    return value.detach().cpu().clone() if isinstance(value, torch.Tensor) else value
+
+
+def _feature_counts(output: Any) -> list[int] | None:
+    """Tokens per image/video in a pre-encoded ``mm_encoder_outputs`` entry (its ``pooler_output`` list)."""
+    pooled = getattr(output, "pooler_output", None)
+    if isinstance(pooled, (list, tuple)) and all(isinstance(p, torch.Tensor) for p in pooled):
+        return [int(p.shape[0]) for p in pooled]
+    return None
+
+
+def _cache_length(cache: Any) -> int:
+    if cache is None:
+        return 0
+    if hasattr(cache, "get_seq_length"):
+        return int(cache.get_seq_length())
+    raise NotImplementedError(f"flowkern.trace needs a transformers Cache object, got {type(cache).__name__}")
+
+
+class Flow:
+    """Context manager that traces a Hugging Face VLM, and the record it fills. Create it with :func:`trace`.
+
+    Attributes:
+        segment_names: ``("system", "image", "user", "generated")``: the last axis of every share tensor.
+        family: the model family (``flowkern.hf.models`` adapter name).
+        num_layers: decoder layers of the language model.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        *,
+        image_attention: bool = True,
+        eos_token_id: int | Sequence[int] | None = None,
+        image_inputs: Mapping[str, Any] | None = None,
+    ) -> None:
+        from flowkern.hf.models import get_adapter
+        from flowkern.hf.segments import NUM_SEGMENTS, SEGMENT_NAMES
+
+        self.model = model
+        self.adapter = get_adapter(model)
+        self.family = self.adapter.family
+        self.config = model.config
+        self.text_config = self.adapter.text_config(model.config)
+        self.num_layers = int(self.text_config.num_hidden_layers)
+        self.segment_names: tuple[str, ...] = SEGMENT_NAMES
+        self.num_segments = NUM_SEGMENTS
+        self.record_image_attention = bool(image_attention)
+        if eos_token_id is None:
+            eos_token_id = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+        if isinstance(eos_token_id, int):
+            eos_token_id = [eos_token_id]
+        self.eos_token_ids: tuple[int, ...] = tuple(int(e) for e in (eos_token_id or ()))
+
+        self._installed = False
+        self._handles: list[Any] = []
+        self._observed: list[torch.nn.Module] = []
+        self._prev_impl: str | None = None
+        self._depth = 0
+        self._last_ids: torch.Tensor | None = None
+        # the record
+        self._ids: torch.Tensor | None = None  # [B, T] token ids (-1 where unknown)
+        self._prompt_len = 0
+        self._segments: torch.Tensor | None = None  # [B, T] long labels, -1 = padding
+        self._key_ids: dict[torch.device, torch.Tensor] = {}  # int32 [B, T] labels (padding -> 0) per device
+        self._image_index: torch.Tensor | None = None  # [B, K] positions of image tokens
+        self._image_valid: torch.Tensor | None = None  # [B, K]
+        self._image_index_dev: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._layout_inputs: dict[str, Any] = {}
+        self._explicit_inputs = {
+            k: _to_cpu(v) for k, v in (image_inputs or {}).items() if k in self.adapter.layout_inputs and v is not None
+        }
+        self._tower_grids: list[torch.Tensor] = []
+        self._finished: torch.Tensor | None = None  # [B] bool
+        self._valid: list[torch.Tensor] = []  # per step [B] bool
+        self._steps: list[_Step] = []
+        self._grids: list | None = None
+        self._cache: dict[str, torch.Tensor] = {}
+
+    # ------------------------------------------------------------------------------------------------------
+    # install / uninstall
+
+    def __enter__(self) -> Flow:
+        from flowkern.hf.attention import OBSERVER_ATTR, register
+
+        if self._installed:
+            raise RuntimeError("this flowkern.trace is already active")
+        model, text_config = self.model, self.text_config
+        owned = [m for m in model.modules() if getattr(m, "config", None) is text_config]
+        attn_modules = [m for m in owned if hasattr(m, "layer_idx")]
+        if not attn_modules:
+            raise ValueError(f"{self.family}: found no attention module of the language model to trace")
+        if any(hasattr(m, OBSERVER_ATTR) for m in attn_modules):
+            raise RuntimeError("this model is already inside a flowkern.trace")
+        name = register()
+        self._prev_impl = text_config._attn_implementation
+        try:
+            model.set_attn_implementation({self.adapter.text_config_key: name})
+            if text_config._attn_implementation != name:
+                raise RuntimeError(
+                    f"{type(model).__name__} refused attn_implementation={name!r} for its language model "
+                    f"(it stays {text_config._attn_implementation!r})"
+                )
+            observer = _Observer(self)
+            for m in attn_modules:
+                setattr(m, OBSERVER_ATTR, observer)
+                self._observed.append(m)
+            language_model = next((m for m in owned if hasattr(m, "get_input_embeddings")), None)
+            for m in dict.fromkeys([model, language_model]):
+                if m is None:
+                    continue
+                self._handles.append(m.register_forward_pre_hook(self._pre_forward, with_kwargs=True))
+                self._handles.append(m.register_forward_hook(self._post_forward, always_call=True))
+            vision_config = getattr(self.config, "vision_config", None)
+            tower = None
+            if vision_config is not None:
+                tower = next((m for m in model.modules() if getattr(m, "config", None) is vision_config), None)
+            if tower is not None and self.adapter.tower_grid_kwarg is not None:
+                self._handles.append(tower.register_forward_pre_hook(self._pre_tower, with_kwargs=True))
+            embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+            if embeddings is not None:
+                self._handles.append(embeddings.register_forward_pre_hook(self._pre_embed))
+        except BaseException:
+            self._uninstall()
+            raise
+        self._installed = True
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._uninstall()
+
+    def _uninstall(self) -> None:
+        from flowkern.hf.attention import OBSERVER_ATTR
+
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        for m in self._observed:
+            if hasattr(m, OBSERVER_ATTR):
+                delattr(m, OBSERVER_ATTR)
+        self._observed.clear()
+        if self._prev_impl is not None and self.text_config._attn_implementation != self._prev_impl:
+            try:
+                self.model.set_attn_implementation({self.adapter.text_config_key: self._prev_impl})
+            finally:
+                if self.text_config._attn_implementation != self._prev_impl:
+                    self.text_config._attn_implementation_internal = self._prev_impl
+        self._installed = False
+        self._depth = 0
+        self._last_ids = None
+
+    # ------------------------------------------------------------------------------------------------------
+    # hooks
+
+    def _pre_tower(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        grid = kwargs.get(self.adapter.tower_grid_kwarg)
+        if grid is None and len(args) > 1 and isinstance(args[1], torch.Tensor):
+            grid = args[1]
+        if isinstance(grid, torch.Tensor):
+            self._tower_grids.append(_to_cpu(grid))
+
+    def _pre_embed(self, module: torch.nn.Module, args: tuple) -> None:
+        if args and isinstance(args[0], torch.Tensor) and args[0].dim() == 2 and not args[0].is_floating_point():
+            self._last_ids = args[0]
+
+    def _post_forward(self, module: torch.nn.Module, args: tuple, output: Any) -> None:
+        self._depth = max(0, self._depth - 1)
+        if self._depth == 0:
+            self._last_ids = None
+
+    def _pre_forward(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        self._depth += 1
+        if self._depth > 1:  # a nested call (the language model inside the VLM): already handled
+            return
+        ids = kwargs.get("input_ids")
+        if ids is None and args and isinstance(args[0], torch.Tensor) and not args[0].is_floating_point():
+            ids = args[0]
+        embeds = kwargs.get("inputs_embeds")
+        last_ids, self._last_ids = self._last_ids, None
+        if ids is None and embeds is not None and last_ids is not None and last_ids.shape == embeds.shape[:2]:
+            ids = last_ids  # e.g. InstructBLIP.generate embeds the prompt itself, then calls the LM with embeddings
+        if ids is not None:
+            n_new = ids.shape[1]
+        elif embeds is not None:
+            n_new = embeds.shape[1]
+        else:
+            raise ValueError("flowkern.trace: the traced forward got neither input_ids nor inputs_embeds")
+        past = _cache_length(kwargs.get("past_key_values"))
+        mask = kwargs.get("attention_mask")
+        total = 0 if self._segments is None else self._segments.shape[1]
+        if past == 0:
+            if (
+                self._segments is not None and ids is not None and n_new > total
+                and torch.equal(ids[:, :total].to(self._ids.device), self._ids)
+            ):
+                self._decode(ids[:, total:], n_new - total)  # generate(use_cache=False): the whole sequence again
+            else:
+                self._prefill(ids, mask, kwargs)
+        else:
+            if self._segments is None:
+                raise RuntimeError("flowkern.trace: got a KV cache it did not see being filled; trace from the prompt")
+            if past != total:
+                raise RuntimeError(f"flowkern.trace: the cache holds {past} tokens but the trace labelled {total}")
+            if n_new != 1:
+                raise NotImplementedError(
+                    f"flowkern.trace: a {n_new}-token forward on a non-empty cache (chunked prefill or assisted "
+                    "decoding) is not supported"
+                )
+            self._decode(ids, n_new)
+
+    # ------------------------------------------------------------------------------------------------------
+    # bookkeeping
+
+    def _prefill(self, ids: torch.Tensor | None, mask: torch.Tensor | None, kwargs: dict) -> None:
+        from flowkern.hf.segments import image_token_index, label_prompt
+
+        if ids is None:
+            raise ValueError("flowkern.trace needs input_ids at prefill to label system/image/user tokens")
+        if self._steps:
+            raise RuntimeError(
+                "flowkern.trace records one prompt (one generate or forward call); open a new trace for the next"
+            )
+        if isinstance(mask, dict):  # masks precomputed by generate (static cache): our mask function's 2D output
+            mask = mask.get("full_attention", next(iter(mask.values()), None))
+        if mask is not None and (not isinstance(mask, torch.Tensor) or mask.dim() != 2):
+            raise ValueError("flowkern.trace needs a 2D attention_mask [B, S] (or none)")
+        if mask is not None:
+            mask = mask[:, : ids.shape[1]]
+        self._ids = ids.detach().clone()
+        self._prompt_len = int(ids.shape[1])
+        self._segments = label_prompt(self._ids, self.adapter.placeholder_token_ids(self.config), mask)
+        self._image_index, self._image_valid = image_token_index(self._segments)
+        self._layout_inputs = dict(self._explicit_inputs)
+        seen = {k: _to_cpu(v) for k in self.adapter.layout_inputs if (v := kwargs.get(k)) is not None}
+        self._layout_inputs.update(seen)
+        for modality, output in (kwargs.get("mm_encoder_outputs") or {}).items():
+            if (counts := _feature_counts(output)) is not None:
+                self._layout_inputs[f"{modality}_token_counts"] = counts
+        self._finished = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
+        self._begin_step()
+
+    def _decode(self, ids: torch.Tensor | None, n_new: int) -> None:
+        from flowkern.hf.segments import GENERATED
+
+        B = self._segments.shape[0]
+        if ids is None:
+            ids = torch.full((B, n_new), -1, dtype=self._ids.dtype, device=self._ids.device)
+        ids = ids.detach().to(self._ids.device)
+        if self.eos_token_ids:
+            eos = torch.tensor(self.eos_token_ids, dtype=ids.dtype, device=ids.device)
+            self._finished = self._finished | torch.isin(ids, eos).any(dim=1)
+        self._ids = torch.cat([self._ids, ids], dim=1)
+        new = torch.full((B, n_new), GENERATED, dtype=self._segments.dtype, device=self._segments.device)
+        self._segments = torch.cat([self._segments, new], dim=1)
+        self._begin_step()
+
+    def _begin_step(self) -> None:
+        self._key_ids.clear()
+        self._valid.append(~self._finished)
+        self._steps.append(_Step(self.num_layers))
+        self._cache.clear()
+
+    def _key_segments(self, batch: int, kv_len: int, device: torch.device) -> torch.Tensor:
+        if self._segments is None:
+            raise RuntimeError("flowkern.trace: attention ran before any prompt was seen; call the traced model")
+        B, T = self._segments.shape
+        if batch != B or kv_len != T:
+            raise RuntimeError(
+                f"flowkern.trace: attention got [B={batch}, Sk={kv_len}] keys but the trace labelled [B={B}, T={T}] "
+                "tokens (was the model called outside the traced module, or does it change the sequence length?)"
+            )
+        key_ids = self._key_ids.get(device)
+        if key_ids is None:
+            key_ids = self._segments.clamp(min=0).to(device=device, dtype=torch.int32)
+            self._key_ids[device] = key_ids
+        return key_ids
+
+    def _observe(
+        self, layer: int, q_last: torch.Tensor, k: torch.Tensor, lse_last: torch.Tensor, mass_last: torch.Tensor,
+        kpm: torch.Tensor | None, scale: float, causal: bool,
+    ) -> None:
+        from flowkern import ops
+
+        step = self._steps[-1]
+        step.mass[layer] = mass_last.float().clone()
+        if self.record_image_attention and self._image_index is not None and self._image_index.shape[1] > 0:
+            dev = self._image_index_dev.get(k.device)
+            if dev is None:
+                dev = (self._image_index.to(k.device), self._image_valid.to(k.device))
+                self._image_index_dev[k.device] = dev
+            received = ops.key_attention_mass(q_last, k, lse_last, causal=causal, key_padding_mask=kpm, scale=scale)
+            step.image[layer] = torch.where(dev[1], received.gather(1, dev[0]), 0.0)
+
+    # ------------------------------------------------------------------------------------------------------
+    # results
+
+    def _stack(self, what: str) -> torch.Tensor:
+        if what in self._cache:
+            return self._cache[what]
+        if not self._steps:
+            raise RuntimeError("flowkern.trace recorded nothing: run the model inside the `with` block")
+        rows = []
+        for t, step in enumerate(self._steps):
+            values = getattr(step, what)
+            missing = [i for i, v in enumerate(values) if v is None]
+            if missing:
+                raise RuntimeError(f"flowkern.trace: step {t} recorded no attention for layers {missing}")
+            rows.append(torch.stack([v.float().cpu() for v in values]))
+        out = torch.stack(rows)
+        self._cache[what] = out
+        return out
+
+    @property
+    def num_steps(self) -> int:
+        """Number of answer rows per sample (forward calls traced)."""
+        return len(self._steps)
+
+    @property
+    def batch_size(self) -> int:
+        """B of the traced prompt."""
+        if self._segments is None:
+            raise RuntimeError("flowkern.trace recorded nothing: run the model inside the `with` block")
+        return int(self._segments.shape[0])
+
+    @property
+    def segment_ids(self) -> torch.Tensor:
+        """long ``[B, T]``: the label of every token seen (prompt + fed-back generated tokens), -1 for padding."""
+        if self._segments is None:
+            raise RuntimeError("flowkern.trace recorded nothing: run the model inside the `with` block")
+        return self._segments.cpu()
+
+    @property
+    def step_shares(self) -> torch.Tensor:
+        """float32 ``[steps, num_layers, B, 4]``: head-mean attention mass of each answer row per segment."""
+        return self._stack("mass")
+
+    @property
+    def valid(self) -> torch.Tensor:
+        """bool ``[steps, B]``: False for rows after the sample produced an end-of-sequence token."""
+        if not self._valid:
+            raise RuntimeError("flowkern.trace recorded nothing: run the model inside the `with` block")
+        return torch.stack([v.cpu() for v in self._valid])
+
+    @property
+    def sample_shares(self) -> torch.Tensor:
+        """float32 ``[num_layers, B, 4]``: ``step_shares`` averaged over each sample's valid steps."""
+        w = self.valid.float()  # [T, B]
+        total = (self.step_shares * w[:, None, :, None]).sum(dim=0)
+        return total / w.sum(dim=0).clamp(min=1)[None, :, None]
+
+    @property
+    def shares(self) -> torch.Tensor:
+        """float32 ``[num_layers, 4]``: ``step_shares`` averaged over valid (step, sample) rows (Figure 2A)."""
+        w = self.valid.float()
+        total = (self.step_shares * w[:, None, :, None]).sum(dim=(0, 2))
+        return total / w.sum().clamp(min=1)
+
+    @property
+    def image_token_attention(self) -> torch.Tensor:
+        """float32 ``[steps, num_layers, B, K]``: attention each image token receives from the answer row (head
+        mean); column ``j`` of sample ``b`` is the token at ``image_token_positions[b, j]`` (0 past its count)."""
+        if not self.record_image_attention:
+            raise RuntimeError("image attention was not recorded: use flowkern.trace(model, image_attention=True)")
+        if self._image_index is None or self._image_index.shape[1] == 0:
+            return torch.zeros(self.num_steps, self.num_layers, self.batch_size, 0)
+        return self._stack("image")
+
+    @property
+    def image_token_positions(self) -> torch.Tensor:
+        """long ``[B, K]``: sequence position of each sample's image tokens, in order (0 past its count)."""
+        if self._image_index is None:
+            raise RuntimeError("flowkern.trace recorded nothing: run the model inside the `with` block")
+        return self._image_index.cpu()
+
+    @property
+    def image_grids(self) -> list:
+        """Per sample, the list of :class:`flowkern.hf.segments.ImageGrid` views of its images."""
+        if self._grids is None:
+            if self._ids is None:
+                raise RuntimeError("flowkern.trace recorded nothing: run the model inside the `with` block")
+            prompt_len = self._prompt_len
+            prompt_ids = self._ids[:, :prompt_len]
+            prompt_seg = self._segments[:, :prompt_len]
+            inputs = dict(self._layout_inputs)
+            if self._tower_grids:
+                inputs["tower_grid_thw"] = list(self._tower_grids)
+            self._grids = self.adapter.image_grids(self.config, prompt_ids.cpu(), prompt_seg.cpu(), inputs)
+        return self._grids
+
+    def image_attention(
+        self,
+        layer: int | None = None,
+        *,
+        sample: int = 0,
+        image: int = 0,
+        view: int | str = 0,
+        step: int | None = None,
+    ) -> torch.Tensor:
+        """Attention from the answer rows to one image's tokens, laid out on its grid (Figure 2B).
+
+        Args:
+            layer: decoder layer (negative counts from the end); None averages over layers.
+            sample: batch index.
+            image: which image of the sample (prompt order).
+            view: which view of that image: index among its grids or name (``"base"``, ``"crops"``, ``"frame1"``).
+            step: one answer row; None averages over the sample's valid steps.
+
+        Returns:
+            float32 ``[rows, cols]``: head-mean softmax probability each image token receives (NaN where a grid
+            cell has no token).
+        """
+        grids = [g for g in self.image_grids[sample] if g.image == image]
+        if not grids:
+            raise ValueError(f"sample {sample} has no image {image}")
+        if isinstance(view, str):
+            match = [g for g in grids if g.name == view]
+            if not match:
+                raise ValueError(f"image {image} has no view {view!r}; views: {[g.name for g in grids]}")
+            grid = match[0]
+        else:
+            grid = grids[view]
+        att = self.image_token_attention[:, :, sample]  # [T, L, K]
+        att = att.mean(dim=1) if layer is None else att[:, layer]
+        if step is None:
+            w = self.valid[:, sample].float()
+            per_token = (att * w[:, None]).sum(dim=0) / w.sum().clamp(min=1)
+        else:
+            per_token = att[step]
+        flat = grid.index.flatten()
+        values = torch.where(flat >= 0, per_token[flat.clamp(min=0)], torch.tensor(float("nan")))
+        return values.view(grid.shape)
+
+    def to_dict(self) -> dict:
+        """JSON-able summary for a CLI or a figure: names, sizes, shares, per-step shares and image grid shapes."""
+        try:
+            grids = [[g.to_dict() for g in sample] for sample in self.image_grids]
+        except ValueError as exc:  # a prompt the layout rules do not describe: shares are still valid
+            grids = str(exc)
+        return {
+            "family": self.family,
+            "segment_names": list(self.segment_names),
+            "num_layers": self.num_layers,
+            "num_steps": self.num_steps,
+            "batch_size": self.batch_size,
+            "shares": self.shares.tolist(),
+            "sample_shares": self.sample_shares.tolist(),
+            "step_shares": self.step_shares.tolist(),
+            "valid": self.valid.tolist(),
+            "image_grids": grids,
+        }
+
+
+class _Observer:
+    """Bridges the attention function to a :class:`Flow` (an ``AttentionObserver``)."""
+
+    def __init__(self, flow: Flow) -> None:
+        self.flow = flow
+        self.num_segments = flow.num_segments
+
+    def key_segments(self, module: torch.nn.Module, batch: int, kv_len: int, device: torch.device) -> torch.Tensor:
+        return self.flow._key_segments(batch, kv_len, device)
+
+    def observe(
+        self, module: torch.nn.Module, q_last: torch.Tensor, k: torch.Tensor, lse_last: torch.Tensor,
+        mass_last: torch.Tensor, key_padding_mask: torch.Tensor | None, scale: float, causal: bool,
+    ) -> None:
+        self.flow._observe(module.layer_idx, q_last, k, lse_last, mass_last, key_padding_mask, scale, causal)
+
+
+def trace(
+    model: torch.nn.Module,
+    *,
+    image_attention: bool = True,
+    eos_token_id: int | Sequence[int] | None = None,
+    image_inputs: Mapping[str, Any] | None = None,
+) -> Flow:
+    """Trace how a VLM's answer tokens split their attention between system, image, user and generated tokens.
+
+    Args:
+        model: a supported Hugging Face VLM (``flowkern.hf.models.supported_model_types()``), e.g.
+            ``LlavaForConditionalGeneration`` or ``Qwen2VLForConditionalGeneration``.
+        image_attention: also record the attention each image token receives from the answer rows (for
+            :meth:`Flow.image_attention`); costs one extra pass over the keys per layer and step.
+        eos_token_id: end-of-sequence id(s) that finish a sample (default: ``model.generation_config``);
+            rows after it are marked invalid and left out of the means.
+        image_inputs: optional processor outputs describing the images (``image_sizes`` for LLaVA-NeXT,
+            ``image_grid_thw`` / ``video_grid_thw`` for Qwen), used for the image grids when the forward call does
+            not receive them (recent ``generate`` encodes images first and passes only their features). Without
+            them, LLaVA-NeXT grids fall back to the base image view; Qwen grids use the vision tower's inputs.
+
+    Returns:
+        a :class:`Flow`, to use as ``with flowkern.trace(model) as flow: ...``; it is filled while the model
+        runs and keeps its record after the block.
+
+    Raises:
+        ValueError: the model family is not supported (the message lists the supported ones).
+    """
+    return Flow(model, image_attention=image_attention, eos_token_id=eos_token_id, image_inputs=image_inputs)
