@@ -1,0 +1,183 @@
+r"""Softmax probability each key receives from given query rows, in one pass from their LSE (Triton).
+
+Math (per batch ``b``, query head ``h``, kv head ``h // (Hq // Hkv)``; the same as
+:func:`flowkern.reference.key_attention_mass` with ``per_head=True``)::
+
+    visible[i, j] = key_ids[b, j] >= 0  and  (not causal or j <= i + (Sk - Sq))  # q = the LAST Sq rows
+    p[i, j]       = exp(scale * <q[i], k[j]> - lse[i])   if visible[i, j] and lse[i] > -inf, else 0
+    received[j]   = (1 / Sq) * sum_i p[i, j]             # rows with lse = -inf still count in Sq
+
+``lse`` is given (from :func:`flowkern.segment_attention` for the same rows), so no online softmax is needed:
+one pass, no ``Sq x Sk`` buffer.
+
+Algorithm: one program per (key block, batch * kv head). It loads its ``K [BLOCK_N, D]`` tile once and keeps
+it resident while it loops over the ``Hq // Hkv`` query heads of the group and, for each, over the query
+blocks (starting at the first block that can see the key block when causal), computing
+``S^T = K @ Q^T [BLOCK_N, BLOCK_M]`` on the tensor cores (like the dK/dV loop of FlashAttention-2's
+backward) and row-summing ``exp2(S^T * scale * log2(e) - lse * log2(e))``. K is therefore read from memory
+once per kv head (GQA), Q once per key block.
+
+Precision: fp32 inputs use ``input_precision="ieee"`` (no tf32); the probabilities and sums are fp32.
+
+Interpreter note: under ``TRITON_INTERPRET=1`` Triton's numpy ``tl.dot`` multiplies bfloat16 operands as raw
+uint16 integers (garbage); the launcher then sets ``UPCAST=True`` and the kernel casts the dot operands to
+fp32. On a GPU it is always False and the native bf16 dot runs.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from flowkern.kernels._common import LOG2E, block_d, dot_precision, interpreting, num_sms, upcast_dot_operands
+
+__all__ = ["key_attention_mass_fwd"]
+
+MAX_GRID_Y = 65535  # CUDA limit on grid axis 1
+
+
+@triton.jit
+def _key_attention_mass_kernel(
+    Q, K, Lse, KeyIds, Out,
+    stride_qb, stride_qh, stride_qm,
+    stride_kb, stride_kh, stride_kn,
+    H_Q, H_KV, SQ, SK,
+    qk_scale,  # scale * log2(e)
+    inv_sq,  # 1 / SQ
+    GROUP: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    HAS_IDS: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b64 = (pid_bh // H_KV).to(tl.int64)
+    hk64 = (pid_bh % H_KV).to(tl.int64)
+
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m0 = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    n_ok = offs_n < SK
+    d_ok = offs_d < HEAD_DIM
+
+    k_ptrs = K + b64 * stride_kb + hk64 * stride_kh + offs_n.to(tl.int64)[:, None] * stride_kn + offs_d[None, :]
+    k = tl.load(k_ptrs, mask=n_ok[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_N, BLOCK_D], resident
+    if UPCAST:
+        k = k.to(tl.float32)
+    if HAS_IDS:
+        ids = tl.load(KeyIds + b64 * SK + offs_n, mask=n_ok, other=-1)
+        key_ok = ids >= 0
+    else:
+        key_ok = n_ok
+
+    if CAUSAL:  # row i sees key j iff j <= i + (SK - SQ): skip query blocks whose rows all precede this block
+        m_lo = tl.maximum(pid_n * BLOCK_N - (SK - SQ), 0) // BLOCK_M * BLOCK_M
+    else:
+        m_lo = pid_n * 0
+
+    for g in range(0, GROUP):
+        h64 = hk64 * GROUP + g
+        qt_ptrs = Q + b64 * stride_qb + h64 * stride_qh + m_lo.to(tl.int64) * stride_qm \
+            + offs_m0[None, :] * stride_qm + offs_d[:, None]  # Q^T tile [BLOCK_D, BLOCK_M]
+        lse_ptrs = Lse + (b64 * H_Q + h64) * SQ + offs_m0
+        received = tl.zeros([BLOCK_N], dtype=tl.float32)
+        for start_m in range(m_lo, SQ, BLOCK_M):
+            offs_m = start_m + offs_m0
+            m_ok = offs_m < SQ
+            qt = tl.load(qt_ptrs, mask=d_ok[:, None] & m_ok[None, :], other=0.0)
+            if UPCAST:
+                qt = qt.to(tl.float32)
+            st = tl.dot(k, qt, input_precision=DOT_PREC)  # [BLOCK_N, BLOCK_M] = scores^T
+            lse = tl.load(lse_ptrs + start_m, mask=m_ok, other=float("-inf"))
+            lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)  # dead row -> p = 0
+            visible = key_ok[:, None]
+            if CAUSAL:
+                visible = visible & (offs_n[:, None] <= offs_m[None, :] + (SK - SQ))
+            st = tl.where(visible, st * qk_scale, float("-inf"))
+            received += tl.sum(tl.exp2(st - lse2[None, :]), 1)
+            qt_ptrs += BLOCK_M * stride_qm
+        tl.store(Out + (b64 * H_Q + h64) * SK + offs_n, received * inv_sq, mask=n_ok)
+
+
+def _config(dtype: torch.dtype, bd: int, sq: int, b_hkv: int, sk: int, sms: int) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for an H100/H200-class GPU.
+
+    The K tile is the A operand (BLOCK_N rows, so BLOCK_N >= 64 gives wgmma); Q/lse tiles stream; the only
+    accumulator is a [BLOCK_N] vector, so registers are not the limit (all choices below compile for sm_90a
+    without spills, 48-220 registers). Few rows (the usual Sq=1, "last prompt row"): BLOCK_M=16..64 to fit Sq,
+    BLOCK_N=64, halved while the grid has fewer programs than SMs. Many rows: 64x128 tiles and 8 warps, so
+    each Q tile is reused by 128 keys. fp32 uses exact FMA dots, which need small tiles.
+    """
+    if dtype == torch.float32:
+        return (16 if (sq <= 16 or bd > 128) else 32), (16 if bd > 128 else 32), 4, 2
+    if sq > 64:
+        bm, bn, num_warps = (64, 128, 8) if bd <= 128 else (64, 64, 4)
+    else:
+        bm, bn, num_warps = max(16, triton.next_power_of_2(sq)), 64, 4
+        if bd > 128:
+            bm = min(bm, 32)
+    while bn > 32 and triton.cdiv(sk, bn) * b_hkv < sms:
+        bn //= 2
+    return bm, bn, num_warps, 3
+
+
+def key_attention_mass_fwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    lse: torch.Tensor,
+    key_ids: torch.Tensor | None,
+    causal: bool,
+    scale: float,
+    *,
+    block_m: int | None = None,
+    block_n: int | None = None,
+) -> torch.Tensor:
+    """Launch the kernel. Returns float32 ``[B, Hq, Sk]``.
+
+    q ``[B,Hq,Sq,D]`` (the last Sq rows), k ``[B,Hkv,Sk,D]`` with unit last-dim stride (other strides
+    arbitrary); lse float32 contiguous ``[B,Hq,Sq]``; key_ids int32 ``[B,Sk]`` (-1 = masked) or None.
+    Arguments are validated by :mod:`flowkern.ops`; the keywords override the tile heuristics (tests).
+    """
+    B, Hq, Sq, D = q.shape
+    Hkv, Sk = k.shape[1], k.shape[2]
+    dev = q.device
+    out = torch.empty((B, Hq, Sk), dtype=torch.float32, device=dev)
+    if out.numel() == 0:
+        return out
+    if Sq == 0:
+        return out.zero_()
+    for name, t in (("q", q), ("k", k)):
+        if t.stride(-1) != 1:
+            raise ValueError(f"{name} must have a unit stride in its last dim")
+    lse = lse.to(device=dev, dtype=torch.float32).contiguous()
+    has_ids = key_ids is not None
+    ids = key_ids.to(device=dev, dtype=torch.int32).contiguous() if has_ids else None
+
+    bd = block_d(D)
+    bm, bn, num_warps, num_stages = _config(q.dtype, bd, Sq, B * Hkv, Sk, num_sms(dev))
+    if interpreting():  # same kernel; small tiles so that tiny test shapes cross several blocks
+        bm, bn = 16, 16
+    bm, bn = block_m or bm, block_n or bn
+
+    chunk = max(1, MAX_GRID_Y // Hkv)  # grid axis 1 is limited to 65535: batch chunks (views) beyond that
+    for b0 in range(0, B, chunk):
+        b1 = min(B, b0 + chunk)
+        qc, kc, lc, oc = q[b0:b1], k[b0:b1], lse[b0:b1], out[b0:b1]
+        idc = ids[b0:b1] if has_ids else lc
+        _key_attention_mass_kernel[(triton.cdiv(Sk, bn), (b1 - b0) * Hkv)](
+            qc, kc, lc, idc, oc,
+            qc.stride(0), qc.stride(1), qc.stride(2),
+            kc.stride(0), kc.stride(1), kc.stride(2),
+            Hq, Hkv, Sq, Sk,
+            float(scale) * LOG2E, 1.0 / Sq,
+            GROUP=Hq // Hkv, HEAD_DIM=D, BLOCK_D=bd, BLOCK_M=bm, BLOCK_N=bn, CAUSAL=bool(causal),
+            HAS_IDS=has_ids, DOT_PREC=dot_precision(q.dtype), UPCAST=upcast_dot_operands(q.dtype),
+            num_warps=num_warps, num_stages=num_stages,
+        )
+    return out
