@@ -1,8 +1,8 @@
 """flowkern's custom ops: public wrappers, argument checks, fake impls and backend dispatch (DESIGN.md §3-§4).
 
-Each op is a ``torch.library`` custom op (``flowkern::segment_attention``, ``flowkern::key_attention_mass``)
-with a fake implementation, so it traces under ``torch.compile(fullgraph=True)``. The real implementation
-picks a backend per call:
+Each op is a ``torch.library`` custom op (``flowkern::segment_attention``, ``flowkern::key_attention_mass``,
+``flowkern::compact_``) with a fake implementation, so it traces under ``torch.compile(fullgraph=True)``. The real
+implementation picks a backend per call:
 
 - ``cpp``: the C++ kernels in ``csrc/`` (``flowkern._C``) for CPU tensors (default on CPU);
 - ``triton``: the kernels in ``flowkern/kernels/`` for CUDA tensors (default on CUDA), or for CPU tensors
@@ -15,6 +15,7 @@ the segment id of each key, or ``-1`` for a key hidden by ``key_padding_mask``.
 
 from __future__ import annotations
 
+import functools
 import os
 import warnings
 from typing import Literal
@@ -23,7 +24,8 @@ import torch
 
 from flowkern import reference
 
-__all__ = ["segment_attention", "key_attention_mass", "backend_for", "MAX_SEGMENTS", "cpp_available"]
+__all__ = ["segment_attention", "key_attention_mass", "compact_", "backend_for", "MAX_SEGMENTS",
+           "cpp_available"]
 
 MAX_SEGMENTS = 8
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -317,3 +319,132 @@ def key_attention_mass(
         _last_dim_contiguous(q), _last_dim_contiguous(k), lse.contiguous(), key_ids, bool(causal),
         _resolve_scale(scale, q.shape[-1]), bool(per_head),
     )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# compact_
+
+
+@torch.library.custom_op("flowkern::compact_", mutates_args=("tensors",))
+def _compact_op(tensors: list[torch.Tensor], keep: torch.Tensor, dims: list[int]) -> torch.Tensor:
+    backend = backend_for(keep.device)
+    if backend == "reference":
+        return reference.compact_(tensors, keep, dims)[1]
+    if backend == "cpp":
+        return torch.ops.flowkern_cpu.compact_(tensors, keep, dims)
+    from flowkern.kernels.compact import compact_fwd
+
+    return compact_fwd(tensors, keep, dims)
+
+
+@_compact_op.register_fake
+def _(tensors: list[torch.Tensor], keep: torch.Tensor, dims: list[int]) -> torch.Tensor:
+    return keep.new_empty((keep.shape[0],), dtype=torch.int64)
+
+
+@functools.lru_cache(maxsize=256)
+def _strided_extent(shape: tuple[int, ...], stride: tuple[int, ...]) -> tuple[int, bool]:
+    """``(extent, self_overlapping)`` of a non-empty strided layout, in elements: the largest offset + 1, and
+    True unless the strides prove that distinct indices address distinct elements (dims of size > 1 sorted by
+    stride, each stride exceeds the extent of the smaller ones). Dense, permuted and sliced tensors pass."""
+    extent, overlapping = 0, False
+    for st, size in sorted((st, sz) for sz, st in zip(shape, stride, strict=True) if sz > 1):
+        overlapping |= st <= extent
+        extent += (size - 1) * st
+    return extent + 1, overlapping
+
+
+def _check_compact(
+    tensors: list[torch.Tensor], keep: torch.Tensor, dim: int | list[int] | tuple[int, ...]
+) -> list[int]:
+    """Validates compact_'s arguments (metadata only, plus addresses outside torch.compile); returns the
+    non-negative sequence dim of each tensor."""
+    if len(tensors) == 0:
+        raise ValueError("tensors must be a non-empty list of tensors")
+    for i, t in enumerate(tensors):
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"tensors[{i}] must be a torch.Tensor, got {type(t).__name__}")
+    if not isinstance(keep, torch.Tensor) or keep.dtype != torch.bool or keep.dim() != 2:
+        got = f"{keep.dtype} {tuple(keep.shape)}" if isinstance(keep, torch.Tensor) else type(keep).__name__
+        raise ValueError(f"keep must be a bool tensor [B, S] (True = keep), got {got}")
+    B, S = keep.shape
+    if isinstance(dim, bool) or not isinstance(dim, int | list | tuple):
+        raise ValueError(f"dim must be an int or a list of ints (one per tensor), got {dim!r}")
+    dims = [dim] * len(tensors) if isinstance(dim, int) else list(dim)
+    if len(dims) != len(tensors):
+        raise ValueError(f"dim must be an int or one int per tensor ({len(tensors)}), got {len(dims)} dims")
+    out = []
+    for i, (t, d) in enumerate(zip(tensors, dims, strict=True)):
+        if isinstance(d, bool) or not isinstance(d, int) or not -t.dim() <= d < t.dim() or d % t.dim() == 0:
+            raise ValueError(
+                f"dim must index a sequence dim of tensors[{i}] (shape {tuple(t.shape)}): 1..{t.dim() - 1} or "
+                f"negative, not the batch dim 0; got {d!r}"
+            )
+        d = d % t.dim()
+        if t.shape[0] != B or t.shape[d] != S:
+            raise ValueError(
+                f"keep is [B={B}, S={S}] but tensors[{i}] has shape {tuple(t.shape)}: B={t.shape[0]}, "
+                f"S={t.shape[d]} at dim {d}"
+            )
+        if t.device != keep.device:
+            raise ValueError(f"tensors[{i}] must be on keep's device {keep.device}, got {t.device}")
+        if t.requires_grad and torch.is_grad_enabled():
+            raise ValueError(f"tensors[{i}] requires grad: compact_ is not differentiable, call it under "
+                             "torch.no_grad()")
+        if t.numel() > 0 and _strided_extent(tuple(t.shape), t.stride())[1]:
+            raise ValueError(f"tensors[{i}] may overlap itself in memory (shape {tuple(t.shape)}, strides "
+                             f"{t.stride()}, e.g. an expand()ed view): it cannot be compacted in place")
+        out.append(d)
+    if not torch.compiler.is_compiling():
+        spans = sorted(
+            (t.data_ptr(), t.data_ptr() + _strided_extent(tuple(t.shape), t.stride())[0] * t.element_size(), i)
+            for i, t in enumerate(tensors) if t.numel() > 0
+        )
+        for (_, hi, i), (lo, _, j) in zip(spans, spans[1:], strict=False):
+            if lo < hi:
+                raise ValueError(f"tensors[{min(i, j)}] and tensors[{max(i, j)}] overlap in memory (the same "
+                                 "tensor twice, or views of one buffer): pass each buffer once")
+    return out
+
+
+def compact_(
+    tensors: list[torch.Tensor] | tuple[torch.Tensor, ...] | torch.Tensor,
+    keep: torch.Tensor,
+    dim: int | list[int] | tuple[int, ...],
+) -> tuple[list[torch.Tensor] | torch.Tensor, torch.Tensor]:
+    """Stable in-place move of the kept positions to the front of each tensor's sequence dim.
+
+    For every tensor ``x``, batch row ``b`` and kept position ``j`` (``keep[b, j]``), ``x[b, .., j, ..]`` moves
+    to position ``dest = #{i < j : keep[b, i]}`` of the same row: order is preserved. Nothing new of full
+    size is allocated; all tensors are done in one kernel launch on CUDA (Triton; one per group of tensors
+    with different word size / alignment, normally one), by ``at::parallel_for`` on CPU (C++).
+
+    Args:
+        tensors: a list of tensors (or one tensor), e.g. all layers' K and V ``[B, H, S, D]`` and hidden states
+            ``[B, S, D]``. Each must have ``B`` at dim 0 and ``S`` at its sequence dim; other dims, dtypes and
+            strides are free (non-contiguous views are fine, no copies). They must not overlap in memory
+            (each buffer once) and must not require grad (unless under ``torch.no_grad()``).
+        keep: bool ``[B, S]`` on the tensors' device, True = keep.
+        dim: the sequence dim: one int for all tensors (``-2`` fits both ``[B, S, D]`` and ``[B, H, S, D]``)
+            or one per tensor. Never 0 (the batch dim).
+
+    Returns:
+        ``(views, lengths)``: ``views[i] = tensors[i].narrow(dim_i, 0, L)`` (same storage, ``L =
+        max(lengths)``; a single view when ``tensors`` was one tensor) and ``lengths`` int64 ``[B]`` =
+        ``keep.sum(1)``. In row ``b``, positions ``lengths[b] .. L-1`` hold unspecified old data of that row
+        (finite if the input was): callers must mask them, e.g. with the key padding mask
+        ``arange(L) < lengths[:, None]``. Positions ``>= L`` are untouched. ``L`` is read on the host (one
+        device sync).
+
+    Raises:
+        ValueError: naming the bad argument, before any kernel runs.
+    """
+    single = isinstance(tensors, torch.Tensor)
+    if not single and not isinstance(tensors, list | tuple):
+        raise ValueError(f"tensors must be a tensor or a list of tensors, got {type(tensors).__name__}")
+    tlist = [tensors] if single else list(tensors)
+    dims = _check_compact(tlist, keep, dim)
+    lengths = _compact_op(tlist, keep.contiguous(), dims)
+    L = int(lengths.max()) if lengths.numel() else 0
+    views = [t.narrow(d, 0, L) for t, d in zip(tlist, dims, strict=True)]
+    return (views[0] if single else views), lengths

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["visible_mask", "segment_attention", "key_attention_mass"]
+__all__ = ["visible_mask", "segment_attention", "key_attention_mass", "compact_"]
 
 
 def _compute_dtype(t: torch.Tensor) -> torch.dtype:
@@ -120,3 +120,43 @@ def key_attention_mass(
     p, _ = _probs(q, k, causal=causal, key_padding_mask=key_padding_mask, scale=scale, lse=lse)
     received = p.mean(dim=2)  # [B, Hq, Sk]
     return received if per_head else received.mean(dim=1)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# compact_
+
+
+def compact_(
+    tensors: list[torch.Tensor], keep: torch.Tensor, dims: int | list[int]
+) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Reference stable in-place compaction: per batch row, gather the kept positions and copy them to the front.
+
+    Math (per tensor ``x`` with sequence dim ``d`` and batch row ``b``)::
+
+        idx        = positions j with keep[b, j], increasing        (stable)
+        x[b, .., :len(idx), ..] <- x[b, .., idx, ..]                 (index_select makes a copy first)
+        lengths[b] = len(idx)
+
+    Positions ``lengths[b] ..`` of row ``b`` are left untouched (old data).
+
+    Args:
+        tensors: each ``[B, ..., S (at its dim), ...]``, any dtype/strides, modified in place.
+        keep: bool ``[B, S]``, True = keep.
+        dims: the sequence dim of each tensor (one int for all, or one per tensor; negative allowed).
+    Returns:
+        ``(views, lengths)``: ``views[i] = tensors[i].narrow(dim, 0, L)`` with ``L = max(lengths)``, and
+        ``lengths`` int64 ``[B]``.
+    """
+    if isinstance(dims, int):
+        dims = [dims] * len(tensors)
+    lengths = keep.sum(1, dtype=torch.int64)
+    L = int(lengths.max()) if lengths.numel() else 0
+    views = []
+    for x, d in zip(tensors, dims, strict=True):
+        d = d % x.dim()
+        for b in range(keep.shape[0]):
+            idx = keep[b].nonzero().squeeze(1)
+            row = x[b]
+            row.narrow(d - 1, 0, idx.numel()).copy_(row.index_select(d - 1, idx))
+        views.append(x.narrow(d, 0, L))
+    return views, lengths
