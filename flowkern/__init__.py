@@ -1,9 +1,13 @@
 """flowkern: see and exploit how information flows through vision-language models.
 
-Public API (DESIGN.md §3): :func:`segment_attention`, :func:`key_attention_mass`.
+Public API:
+
+- ops (DESIGN.md §3): :func:`segment_attention`, :func:`key_attention_mass`, :func:`compact_`;
+- Hugging Face analysis: :func:`trace` (per-layer attention shares of the answer tokens, :class:`Flow`).
 """
 
-from flowkern.ops import key_attention_mass, segment_attention
+from flowkern.ops import compact_, key_attention_mass, segment_attention
+from flowkern.trace import Flow, trace
 
-__all__ = ["segment_attention", "key_attention_mass"]
+__all__ = ["segment_attention", "key_attention_mass", "compact_", "trace", "Flow"]
 __version__ = "0.1.0"

@@ -1,0 +1,356 @@
+"""Load a supported VLM and its processor from a local directory or the Hugging Face cache, and build inputs.
+
+Shared by the ``flow``, ``cam`` and ``generate`` commands (and usable from Python):
+
+.. code-block:: python
+
+    model, processor = load_model("llava-hf/llava-1.5-7b-hf", device="cuda", dtype="bfloat16")
+    images = load_images("cat.jpg")
+    inputs = build_inputs(processor, model, images, "What is in the image?")
+    out = model.generate(**inputs, max_new_tokens=16, do_sample=False)
+
+Nothing is ever downloaded: every ``from_pretrained`` call passes ``local_files_only=True``, so a hub id works
+only when its files are already in the Hugging Face cache (``hf download <id>`` first). No ``trust_remote_code``:
+only transformers' built-in model classes of the families in :func:`flowkern.hf.models.supported_model_types`.
+
+Errors a user can fix are raised as ``FileNotFoundError`` (missing directory, files, image) or ``ValueError``
+(unsupported model family, bad dtype/device, a prompt without an image slot), with messages that name the
+command-line option (``--model``, ``--image``, ...) so that a CLI can print them as they are.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["load_model", "load_images", "build_inputs", "input_image", "resolve_device", "resolve_dtype"]
+
+# Prompt formats for processors without a chat template, per adapter family; ``{images}`` is one image
+# placeholder per image (the processor's ``image_token``), ``{prompt}`` the user's text. Every current hub
+# checkpoint of these families ships a chat template; this is the fallback for older exports.
+_PROMPT_FORMATS: dict[str, str] = {
+    "llava": "USER: {images}\n{prompt} ASSISTANT:",  # LLaVA-1.5 (vicuna v1 format)
+    "instructblip": "{prompt}",  # the processor inserts the Q-Former query placeholders itself
+}
+_DEFAULT_PROMPT_FORMAT = "{images}\n{prompt}"
+
+_DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# model
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """``"auto"`` (CUDA when available, else CPU), ``"cpu"``, ``"cuda"`` or ``"cuda:N"`` as a ``torch.device``.
+
+    Raises:
+        ValueError: an unknown device, or CUDA asked for but not available.
+    """
+    if isinstance(device, str) and device.strip().lower() == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"--device {device!r}: expected auto, cpu, cuda or cuda:N") from exc
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {device!r}: flowkern runs on cpu or cuda")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: no CUDA device is available (use --device cpu)")
+    return dev
+
+
+def resolve_dtype(dtype: str | torch.dtype, device: torch.device, checkpoint_dtype: str | None = None) -> torch.dtype:
+    """The weights' dtype: a ``torch.dtype`` or name (``float32``, ``float16``, ``bfloat16``); ``"auto"`` is float32
+    on CPU (half-precision matmuls are slow there) and the checkpoint's dtype on CUDA (bfloat16 if it is float32
+    or unknown).
+
+    Raises:
+        ValueError: an unknown dtype name.
+    """
+    if isinstance(dtype, torch.dtype):
+        if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise ValueError(f"--dtype {dtype}: expected float32, float16 or bfloat16")
+        return dtype
+    name = str(dtype).strip().lower().removeprefix("torch.")
+    if name == "auto":
+        if device.type == "cpu":
+            return torch.float32
+        ckpt = _DTYPES.get(str(checkpoint_dtype or "").removeprefix("torch."))
+        return ckpt if ckpt in (torch.float16, torch.bfloat16) else torch.bfloat16
+    if name not in _DTYPES:
+        raise ValueError(f"--dtype {dtype!r}: expected auto, float32, float16 or bfloat16")
+    return _DTYPES[name]
+
+
+def _locate(model: str) -> tuple[str, dict]:
+    """(directory or hub id to load from, the raw config.json) without any network access."""
+    path = Path(model).expanduser()
+    if path.is_dir():
+        config_file = path / "config.json"
+        if not config_file.is_file():
+            raise FileNotFoundError(
+                f"--model {model}: the directory has no config.json (expected a model saved with save_pretrained)"
+            )
+        return str(path), json.loads(config_file.read_text())
+    if path.exists():
+        raise FileNotFoundError(f"--model {model}: is a file; expected a model directory or a hub id")
+    looks_like_path = model.startswith((".", "/", "~")) or "\\" in model or model.count("/") > 1
+    if not looks_like_path:  # a hub id: only from the local cache, never downloaded
+        from transformers.utils import cached_file
+
+        try:
+            config_file = cached_file(model, "config.json", local_files_only=True)
+        except Exception:  # OSError when not cached, HFValidationError (a ValueError) for a malformed id
+            config_file = None
+        if config_file:
+            return model, json.loads(Path(config_file).read_text())
+        raise FileNotFoundError(
+            f"--model {model}: no such directory, and not in the Hugging Face cache; flowkern never downloads: "
+            f"run `hf download {model}` first, or pass a local directory"
+        )
+    raise FileNotFoundError(f"--model {model}: no such directory")
+
+
+def _check_supported(model: str, raw_config: dict) -> str:
+    from flowkern.hf.models import supported_model_types
+
+    model_type = raw_config.get("model_type")
+    supported = supported_model_types()
+    if model_type in supported:
+        return model_type
+    hint = ""
+    if raw_config.get("auto_map"):
+        hint = (
+            " (it ships its own modeling code, which needs trust_remote_code; flowkern runs transformers' "
+            "built-in models only)"
+        )
+    raise ValueError(
+        f"--model {model}: model type {model_type!r} is not supported{hint}; supported: {', '.join(supported)}"
+    )
+
+
+def _auto_class(config: Any) -> Any:
+    """The transformers Auto class that maps this config to its image-text-to-text model."""
+    import transformers
+
+    for name in ("AutoModelForImageTextToText", "AutoModelForVision2Seq"):
+        cls = getattr(transformers, name, None)
+        if cls is not None and type(config) in cls._model_mapping:
+            return cls
+    raise ValueError(f"transformers has no image-text-to-text model class for model type {config.model_type!r}")
+
+
+def load_model(
+    model: str | os.PathLike,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: str | torch.dtype = "auto",
+    attn_implementation: str | None = "sdpa",
+) -> tuple[torch.nn.Module, Any]:
+    """Load a supported VLM and its processor, from a local directory or the Hugging Face cache (never the network).
+
+    Args:
+        model: a directory written by ``save_pretrained`` (model + processor files) or a hub id such as
+            ``"llava-hf/llava-1.5-7b-hf"`` whose files are already cached.
+        device: ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or ``"auto"``.
+        dtype: weights dtype, see :func:`resolve_dtype` (``"auto"``: float32 on CPU, the checkpoint's on CUDA).
+        attn_implementation: the attention of every sub-model until :func:`flowkern.trace` switches the language
+            model (default ``"sdpa"``; falls back to transformers' default where a sub-model has no SDPA).
+
+    Returns:
+        ``(model, processor)``: the model in eval mode on ``device`` (its class chosen by transformers'
+        ``AutoModelForImageTextToText`` mapping) and its ``AutoProcessor`` (tokenizer padding on the left).
+
+    Raises:
+        FileNotFoundError: no such directory, a hub id that is not cached, or missing weight/processor files.
+        ValueError: the model family is not supported (the message lists the supported ones), bad device/dtype.
+        ImportError: the processor needs a package that is not installed (e.g. torchvision for a video processor).
+    """
+    import transformers
+
+    model = os.fspath(model)
+    source, raw_config = _locate(model)
+    _check_supported(model, raw_config)
+    dev = resolve_device(device)
+    text_raw = raw_config.get("text_config") or {}
+    ckpt_dtype = raw_config.get("dtype") or raw_config.get("torch_dtype") or text_raw.get("dtype") or text_raw.get(
+        "torch_dtype")
+    torch_dtype = resolve_dtype(dtype, dev, ckpt_dtype)
+
+    config = transformers.AutoConfig.from_pretrained(source, local_files_only=True)
+    auto = _auto_class(config)
+    kwargs: dict[str, Any] = dict(config=config, dtype=torch_dtype, local_files_only=True)
+    try:
+        try:
+            net = auto.from_pretrained(source, attn_implementation=attn_implementation, **kwargs)
+        except ValueError as exc:  # a sub-model without the requested attention: transformers' default instead
+            if attn_implementation is None or attn_implementation not in str(exc).lower():
+                raise
+            net = auto.from_pretrained(source, **kwargs)
+    except OSError as exc:
+        raise FileNotFoundError(f"--model {model}: could not load the weights ({exc})") from exc
+    net = net.to(dev).eval()
+
+    try:
+        processor = transformers.AutoProcessor.from_pretrained(source, local_files_only=True)
+    except ImportError as exc:
+        raise ImportError(f"--model {model}: its processor needs a package that is not installed: {exc}") from exc
+    except OSError as exc:
+        raise FileNotFoundError(f"--model {model}: could not load the processor files ({exc})") from exc
+    if getattr(processor, "image_processor", None) is None:
+        raise FileNotFoundError(
+            f"--model {model}: found a {type(processor).__name__} but no image processor "
+            "(preprocessor_config.json / processor_config.json missing?)"
+        )
+    tokenizer = getattr(processor, "tokenizer", None)
+    if tokenizer is not None:
+        tokenizer.padding_side = "left"  # batched generate appends on the right
+    return net, processor
+
+
+# ----------------------------------------------------------------------------------------------------------
+# inputs
+
+
+def load_images(image: Any) -> list:
+    """Images as a list of RGB ``PIL.Image``.
+
+    Args:
+        image: a path, a ``PIL.Image``, or a list of them.
+
+    Raises:
+        FileNotFoundError: a path that does not exist.
+        ValueError: a file that is not an image, or an empty list.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    items = list(image) if isinstance(image, (list, tuple)) else [image]
+    if not items:
+        raise ValueError("--image: no image given")
+    out = []
+    for item in items:
+        if isinstance(item, Image.Image):
+            out.append(item.convert("RGB"))
+            continue
+        path = Path(os.fspath(item)).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"--image {item}: no such file")
+        try:
+            with Image.open(path) as im:
+                out.append(im.convert("RGB"))
+        except (UnidentifiedImageError, OSError) as exc:
+            raise ValueError(f"--image {item}: not a readable image ({exc})") from exc
+    return out
+
+
+def _prompt_text(processor: Any, family: str, prompt: str, n_images: int) -> str:
+    image_token = getattr(processor, "image_token", None)
+    if image_token and image_token in prompt:
+        return prompt  # the user wrote the whole prompt, image placeholders included
+    if getattr(processor, "chat_template", None):
+        content = [{"type": "image"} for _ in range(n_images)] + [{"type": "text", "text": prompt}]
+        text = processor.apply_chat_template(
+            [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
+        )
+        return text[0] if isinstance(text, list) else text
+    fmt = _PROMPT_FORMATS.get(family, _DEFAULT_PROMPT_FORMAT)
+    if "{images}" in fmt and not image_token:
+        raise ValueError(
+            f"the {family} processor has neither a chat template nor an image_token; write the image placeholder "
+            "into --prompt yourself"
+        )
+    return fmt.format(images=(image_token or "") * n_images, prompt=prompt)
+
+
+def build_inputs(
+    processor: Any,
+    model: torch.nn.Module,
+    image: Any,
+    prompt: str,
+    *,
+    device: str | torch.device | None = None,
+) -> Any:
+    """Processor outputs for one prompt about one or more images, ready for ``model.generate(**inputs)``.
+
+    The prompt text is, in order of preference: ``prompt`` itself when it already contains the processor's image
+    token (e.g. ``"USER: <image>\\nWhat is it? ASSISTANT:"``); else the processor's chat template applied to one
+    user turn (one image slot per image, then the text) with the generation prompt; else the family's plain prompt
+    format (LLaVA-1.5: ``"USER: <image>\\n{prompt} ASSISTANT:"``).
+
+    Args:
+        processor: the model's processor (:func:`load_model`).
+        model: the model (for its family, image placeholder ids, device and dtype).
+        image: a path, a ``PIL.Image`` or a list of them (several images in one prompt).
+        prompt: the user's question / instruction.
+        device: where the tensors go (default: the model's device); floating tensors take the model's dtype.
+
+    Returns:
+        a ``BatchFeature`` with ``input_ids [1, S]``, ``attention_mask [1, S]``, ``pixel_values`` and whatever else
+        the processor returns (``image_sizes``, ``image_grid_thw``, ...).
+
+    Raises:
+        FileNotFoundError: an image path that does not exist.
+        ValueError: the prompt ends up without an image slot (``input_ids`` contain no image placeholder token),
+            or the processor rejects the prompt/images.
+    """
+    from flowkern.hf.models import get_adapter
+
+    adapter = get_adapter(model)
+    images = load_images(image)
+    text = _prompt_text(processor, adapter.family, prompt, len(images))
+    placeholders = torch.tensor(adapter.placeholder_token_ids(model.config))
+    no_slot = (
+        f"the prompt has no image slot: its input_ids contain no image token {placeholders.tolist()} (prompt text "
+        f"{text!r}); use a processor whose chat template renders images, or put the image placeholder in --prompt"
+    )
+    try:
+        inputs = processor(images=images, text=text, return_tensors="pt")
+    except ValueError as exc:
+        image_token = getattr(processor, "image_token", None)
+        if image_token and image_token not in text:
+            raise ValueError(no_slot) from exc
+        raise ValueError(f"the processor rejected the prompt {text!r} with {len(images)} image(s): {exc}") from exc
+    if not torch.isin(inputs["input_ids"], placeholders).any():
+        raise ValueError(no_slot)
+    param = next(model.parameters(), None)
+    dev = torch.device(device) if device is not None else (param.device if param is not None else torch.device("cpu"))
+    dtype = param.dtype if param is not None and param.is_floating_point() else None
+    return inputs.to(device=dev, dtype=dtype) if dtype is not None else inputs.to(device=dev)
+
+
+def input_image(processor: Any, inputs: Any, images: Sequence[Any], index: int = 0) -> Any:
+    """The picture a heatmap of image ``index`` should be drawn on: what the model saw of that image.
+
+    When ``pixel_values`` hold one ``[3, H, W]`` tensor per image (LLaVA-1.5 style: resized and centre-cropped),
+    it is un-normalised back to an RGB image, so the token grid lines up exactly. Otherwise (multi-view / tiled /
+    patchified inputs, whose base view covers the whole image) the original image is returned.
+
+    Returns:
+        an RGB ``PIL.Image``.
+    """
+    import numpy as np
+    from PIL import Image
+
+    original = images[index]
+    pv = inputs.get("pixel_values") if hasattr(inputs, "get") else None
+    ip = getattr(processor, "image_processor", None)
+    if not isinstance(pv, torch.Tensor) or pv.dim() != 4 or pv.shape[0] != len(images) or pv.shape[1] != 3:
+        return original
+    mean, std = getattr(ip, "image_mean", None), getattr(ip, "image_std", None)
+    if mean is None or std is None or not getattr(ip, "do_normalize", True):
+        return original
+    x = pv[index].detach().float().cpu()
+    x = x * torch.tensor(std).view(-1, 1, 1) + torch.tensor(mean).view(-1, 1, 1)
+    scale = float(getattr(ip, "rescale_factor", 1 / 255) or 1 / 255) if getattr(ip, "do_rescale", True) else 1.0
+    x = (x / scale).clamp(0, 255).round().to(torch.uint8)
+    return Image.fromarray(np.ascontiguousarray(x.permute(1, 2, 0).numpy()))
