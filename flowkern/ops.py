@@ -194,6 +194,7 @@ def segment_attention(
     key_padding_mask: torch.Tensor | None = None,
     scale: float | None = None,
     per_head: bool = False,
+    validate: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Fused attention that also returns each query row's softmax mass per key segment.
 
@@ -208,6 +209,9 @@ def segment_attention(
         key_padding_mask: optional bool ``[B, Sk]``, True = real token.
         scale: softmax scale, default ``D ** -0.5``.
         per_head: return the mass per head instead of the head mean.
+        validate: check that ``segment_ids`` lie in ``[0, num_segments)``. The check reads the values (a device
+            sync on CUDA); callers that build the labels themselves (the HF attention hook, once per layer and
+            decode step) pass False. Out-of-range labels then contribute to no segment.
 
     Returns:
         ``(out, lse, mass)``: out ``[B, Hq, Sq, D]`` in q's dtype; lse float32 ``[B, Hq, Sq]`` (natural log);
@@ -235,7 +239,7 @@ def segment_attention(
     if segment_ids.device != q.device:
         raise ValueError(f"segment_ids must be on q's device {q.device}, got {segment_ids.device}")
     _check_key_padding_mask(key_padding_mask, q, Sk)
-    if not torch.compiler.is_compiling() and segment_ids.numel() > 0:
+    if validate and not torch.compiler.is_compiling() and segment_ids.numel() > 0:
         lo, hi = int(segment_ids.min()), int(segment_ids.max())
         if lo < 0 or hi >= num_segments:
             raise ValueError(f"segment_ids must lie in [0, {num_segments}), got values in [{lo}, {hi}]")
