@@ -48,6 +48,7 @@ __all__ = [
 SUBCOMMANDS: tuple[str, ...] = (
     "flowkern.cli:add_info_parser",
     "flowkern.cli:add_flow_parser",
+    "flowkern.cli_generate",
 )
 """One entry per subcommand: ``"module"`` (its ``add_parser``) or ``"module:function"``, imported lazily."""
 
@@ -226,6 +227,9 @@ def add_flow_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--threshold", type=float, default=0.1,
                    help="cliff layer = first layer whose image share is below this (default 0.1)")
     p.add_argument("--out", type=Path, default=Path("flowkern-flow"), help="output directory (default ./flowkern-flow)")
+    from flowkern.cli_generate import add_prune_arguments
+
+    add_prune_arguments(p)
     p.set_defaults(func=run_flow)
 
 
@@ -268,7 +272,13 @@ def run_flow(args: argparse.Namespace) -> int:
     num_layers = int(get_adapter(model).text_config(model.config).num_hidden_layers)
     layers = parse_layers(args.layers, num_layers)
 
-    with torch.inference_mode(), flowkern.trace(model, image_inputs=inputs) as flow:
+    from flowkern.cli_generate import prune_from_args
+
+    with (
+        torch.inference_mode(),
+        prune_from_args(model, args) as pruning,
+        flowkern.trace(model, image_inputs=inputs) as flow,
+    ):
         sequences = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False)
     answer = loaded.decode(sequences)
     shares = flow.shares.numpy()
@@ -296,6 +306,8 @@ def run_flow(args: argparse.Namespace) -> int:
     except ValueError as exc:  # a prompt the image layout rules do not describe: shares are still valid
         maps_note = f"image_attention.png skipped: {exc}"
     record.update(flow.to_dict())
+    if pruning is not None:
+        record["prune"] = pruning.to_dict()
 
     (out / "shares.json").write_text(json.dumps(record, indent=1) + "\n")
     with open(out / "shares.csv", "w", newline="") as f:

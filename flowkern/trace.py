@@ -26,6 +26,10 @@ O(layers x steps x B x image tokens) for the image maps: :func:`flowkern.key_att
 row), never O(S^2). On exit (also on error) hooks and observers are removed and the previous attention
 implementation is restored.
 
+Inside :func:`flowkern.prune` a pruned layer's keys are labelled through its key map (the original token each
+cache slot holds), so its shares are over the tokens that layer still sees; removed image tokens get 0 in the
+image maps.
+
 Limits: one prompt per trace (one ``generate`` or forward call, plus its decode steps); a multi-token forward
 on a non-empty cache (chunked prefill, assisted decoding) raises ``NotImplementedError``.
 """
@@ -134,7 +138,7 @@ class Flow:
     # install / uninstall
 
     def __enter__(self) -> Flow:
-        from flowkern.hf.attention import OBSERVER_ATTR, register
+        from flowkern.hf.attention import OBSERVER_ATTR, use_flowkern_attention
 
         if self._installed:
             raise RuntimeError("this flowkern.trace is already active")
@@ -145,15 +149,9 @@ class Flow:
             raise ValueError(f"{self.family}: found no attention module of the language model to trace")
         if any(hasattr(m, OBSERVER_ATTR) for m in attn_modules):
             raise RuntimeError("this model is already inside a flowkern.trace")
-        name = register()
         self._prev_impl = text_config._attn_implementation
         try:
-            model.set_attn_implementation({self.adapter.text_config_key: name})
-            if text_config._attn_implementation != name:
-                raise RuntimeError(
-                    f"{type(model).__name__} refused attn_implementation={name!r} for its language model "
-                    f"(it stays {text_config._attn_implementation!r})"
-                )
+            use_flowkern_attention(model, self.adapter.text_config_key, text_config)
             observer = _Observer(self)
             for m in attn_modules:
                 setattr(m, OBSERVER_ATTR, observer)
@@ -183,7 +181,7 @@ class Flow:
         self._uninstall()
 
     def _uninstall(self) -> None:
-        from flowkern.hf.attention import OBSERVER_ATTR
+        from flowkern.hf.attention import OBSERVER_ATTR, restore_attention
 
         for h in self._handles:
             h.remove()
@@ -192,12 +190,7 @@ class Flow:
             if hasattr(m, OBSERVER_ATTR):
                 delattr(m, OBSERVER_ATTR)
         self._observed.clear()
-        if self._prev_impl is not None and self.text_config._attn_implementation != self._prev_impl:
-            try:
-                self.model.set_attn_implementation({self.adapter.text_config_key: self._prev_impl})
-            finally:
-                if self.text_config._attn_implementation != self._prev_impl:
-                    self.text_config._attn_implementation_internal = self._prev_impl
+        restore_attention(self.model, self.adapter.text_config_key, self.text_config, self._prev_impl)
         self._installed = False
         self._depth = 0
         self._last_ids = None
@@ -313,10 +306,19 @@ class Flow:
         self._steps.append(_Step(self.num_layers))
         self._cache.clear()
 
-    def _key_segments(self, batch: int, kv_len: int, device: torch.device) -> torch.Tensor:
+    def _key_segments(
+        self, batch: int, kv_len: int, device: torch.device, keymap: torch.Tensor | None = None
+    ) -> torch.Tensor:
         if self._segments is None:
             raise RuntimeError("flowkern.trace: attention ran before any prompt was seen; call the traced model")
         B, T = self._segments.shape
+        if keymap is not None and batch == B:
+            # a layer that holds only some tokens (flowkern.prune): label each key by the token it holds
+            key_ids = self._key_ids.get(device)
+            if key_ids is None:
+                key_ids = self._segments.clamp(min=0).to(device=device, dtype=torch.int32)
+                self._key_ids[device] = key_ids
+            return key_ids.gather(1, keymap.clamp(min=0).to(device))
         if batch != B or kv_len != T:
             raise RuntimeError(
                 f"flowkern.trace: attention got [B={batch}, Sk={kv_len}] keys but the trace labelled [B={B}, T={T}] "
@@ -330,7 +332,7 @@ class Flow:
 
     def _observe(
         self, layer: int, q_last: torch.Tensor, k: torch.Tensor, lse_last: torch.Tensor, mass_last: torch.Tensor,
-        kpm: torch.Tensor | None, scale: float, causal: bool,
+        kpm: torch.Tensor | None, scale: float, causal: bool, keymap: torch.Tensor | None = None,
     ) -> None:
         from flowkern import ops
 
@@ -342,6 +344,10 @@ class Flow:
                 dev = (self._image_index.to(k.device), self._image_valid.to(k.device))
                 self._image_index_dev[k.device] = dev
             received = ops.key_attention_mass(q_last, k, lse_last, causal=causal, key_padding_mask=kpm, scale=scale)
+            if keymap is not None:  # keys are a subset of the tokens: back to token positions (removed ones get 0)
+                held = keymap >= 0
+                full = received.new_zeros(received.shape[0], self._segments.shape[1])
+                received = full.scatter_add_(1, keymap.clamp(min=0), torch.where(held, received, 0.0))
             step.image[layer] = torch.where(dev[1], received.gather(1, dev[0]), 0.0)
 
     # ------------------------------------------------------------------------------------------------------
@@ -503,6 +509,9 @@ class Flow:
         }
 
 
+_KEYMAP_ATTR = "_flowkern_keymap"  # flowkern.hf.attention.KEYMAP_ATTR (not imported here: that imports transformers)
+
+
 class _Observer:
     """Bridges the attention function to a :class:`Flow` (an ``AttentionObserver``)."""
 
@@ -511,13 +520,14 @@ class _Observer:
         self.num_segments = flow.num_segments
 
     def key_segments(self, module: torch.nn.Module, batch: int, kv_len: int, device: torch.device) -> torch.Tensor:
-        return self.flow._key_segments(batch, kv_len, device)
+        return self.flow._key_segments(batch, kv_len, device, getattr(module, _KEYMAP_ATTR, None))
 
     def observe(
         self, module: torch.nn.Module, q_last: torch.Tensor, k: torch.Tensor, lse_last: torch.Tensor,
         mass_last: torch.Tensor, key_padding_mask: torch.Tensor | None, scale: float, causal: bool,
     ) -> None:
-        self.flow._observe(module.layer_idx, q_last, k, lse_last, mass_last, key_padding_mask, scale, causal)
+        self.flow._observe(module.layer_idx, q_last, k, lse_last, mass_last, key_padding_mask, scale, causal,
+                           getattr(module, _KEYMAP_ATTR, None))
 
 
 def trace(

@@ -19,12 +19,22 @@ Per-call context (segment labels of the keys, where to put the masses) comes fro
 stored on each traced attention module under :data:`OBSERVER_ATTR`: no global state, so two models can be
 traced at once. Without an observer the function is plain fused attention.
 
+Two more per-module attributes serve :mod:`flowkern.prune` (and anything else that needs them):
+
+- :data:`ROW_HOOKS_ATTR`: a list of callables that receive the last query row of every call (with its LSE), e.g.
+  to rank keys by the attention they receive (:func:`flowkern.key_attention_mass`);
+- :data:`KEYMAP_ATTR`: the *key map* of the call, int64 ``[B, Sk]``: for every key of this layer (its KV cache
+  plus the new tokens) the original token position it holds, or -1 for a hidden filler. A layer whose cache
+  holds only some of the tokens (pruned image tokens) has one; observers use it to label the keys, and this
+  function checks that it covers exactly the keys it gets. Layers without one hold every token (fast path).
+
 When autograd needs the output (inputs require grad) or dropout is active, the output comes from PyTorch SDPA
 (differentiable) and only the observed masses are computed by flowkern, under ``torch.no_grad``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -35,10 +45,16 @@ from flowkern import ops
 __all__ = [
     "ATTENTION_NAME",
     "OBSERVER_ATTR",
+    "ROW_HOOKS_ATTR",
+    "KEYMAP_ATTR",
     "AttentionObserver",
+    "RowHook",
     "flowkern_attention_forward",
     "flowkern_attention_mask",
     "register",
+    "use_flowkern_attention",
+    "restore_attention",
+    "language_attention_modules",
 ]
 
 ATTENTION_NAME = "flowkern"
@@ -46,6 +62,19 @@ ATTENTION_NAME = "flowkern"
 
 OBSERVER_ATTR = "_flowkern_observer"
 """Attribute of a traced attention module holding its :class:`AttentionObserver`."""
+
+ROW_HOOKS_ATTR = "_flowkern_row_hooks"
+"""Attribute of an attention module holding a list of :data:`RowHook` callables (called after each forward call)."""
+
+KEYMAP_ATTR = "_flowkern_keymap"
+"""Attribute of an attention module holding the key map (int64 ``[B, Sk]``) of the current call, or absent."""
+
+RowHook = Callable[
+    [torch.nn.Module, torch.Tensor, torch.Tensor, torch.Tensor, "torch.Tensor | None", float, bool], None
+]
+"""``hook(module, q_last [B,Hq,1,D], k [B,Hkv,Sk,D], lse_last f32 [B,Hq,1], key_padding_mask, scale, causal)``:
+receives the last query row of a call, under ``torch.no_grad`` (the same arguments as
+:meth:`AttentionObserver.observe` without the segment masses)."""
 
 _UNSUPPORTED_KWARGS = {
     "softcap": "logit softcapping",
@@ -179,6 +208,13 @@ def flowkern_attention_forward(
         raise NotImplementedError(
             f"flowkern attention does not support sliding-window layers (sliding_window={kwargs['sliding_window']})"
         )
+    keymap = getattr(module, KEYMAP_ATTR, None)
+    if keymap is not None and tuple(keymap.shape) != (query.shape[0], key.shape[2]):
+        raise RuntimeError(
+            f"layer {getattr(module, 'layer_idx', '?')}: its key map covers {tuple(keymap.shape)} tokens but the "
+            f"attention got [B={query.shape[0]}, Sk={key.shape[2]}] keys: the KV cache was changed behind "
+            "flowkern's back (cropped, or reused outside the flowkern.prune context that compacted it)"
+        )
     kpm, n_keys = _key_padding_mask(attention_mask, key.shape[2])
     if n_keys < key.shape[2]:  # static cache: the slots past the mask are unwritten
         key, value = key[:, :, :n_keys], value[:, :, :n_keys]
@@ -186,6 +222,7 @@ def flowkern_attention_forward(
     scale = float(scaling) if scaling is not None else query.shape[-1] ** -0.5
     dropout = float(dropout or 0.0)
     observer: AttentionObserver | None = getattr(module, OBSERVER_ATTR, None)
+    row_hooks: list[RowHook] = getattr(module, ROW_HOOKS_ATTR, None) or []
     B, sk = query.shape[0], key.shape[2]
 
     if observer is not None:
@@ -198,21 +235,28 @@ def flowkern_attention_forward(
     needs_grad = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)
     if needs_grad or dropout > 0.0:
         out = _sdpa_output(query, key, value, kpm, causal, scale, dropout)
-        if observer is not None:
+        if observer is not None or row_hooks:
             with torch.no_grad():
-                q_last = query[:, :, -1:].detach()
+                q_last, k_det = query[:, :, -1:].detach(), key.detach()
                 _, lse_last, mass_last = ops.segment_attention(
-                    q_last, key.detach(), value.detach(), segments, nseg, causal=causal, key_padding_mask=kpm,
-                    scale=scale,
+                    q_last, k_det, value.detach(), segments, nseg, causal=causal, key_padding_mask=kpm, scale=scale,
+                    validate=False,
                 )
-                observer.observe(module, q_last, key.detach(), lse_last, mass_last[:, -1], kpm, scale, causal)
+                if observer is not None:
+                    observer.observe(module, q_last, k_det, lse_last, mass_last[:, -1], kpm, scale, causal)
+                for hook in row_hooks:
+                    hook(module, q_last, k_det, lse_last, kpm, scale, causal)
     else:
         out, lse, mass = ops.segment_attention(
-            query, key, value, segments, nseg, causal=causal, key_padding_mask=kpm, scale=scale
+            query, key, value, segments, nseg, causal=causal, key_padding_mask=kpm, scale=scale, validate=False
         )
-        if observer is not None:
+        if observer is not None or row_hooks:
             with torch.no_grad():
-                observer.observe(module, query[:, :, -1:], key, lse[:, :, -1:], mass[:, -1], kpm, scale, causal)
+                q_last, lse_last = query[:, :, -1:], lse[:, :, -1:]
+                if observer is not None:
+                    observer.observe(module, q_last, key, lse_last, mass[:, -1], kpm, scale, causal)
+                for hook in row_hooks:
+                    hook(module, q_last, key, lse_last, kpm, scale, causal)
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -275,3 +319,43 @@ def register() -> str:
         AttentionMaskInterface.register(ATTENTION_NAME, flowkern_attention_mask)
         _registered = True
     return ATTENTION_NAME
+
+
+# ----------------------------------------------------------------------------------------------------------
+# switching a model's language model to "flowkern" and back (shared by flowkern.trace and flowkern.prune)
+
+
+def language_attention_modules(model: torch.nn.Module, text_config: Any) -> list[torch.nn.Module]:
+    """The language model's attention modules (those whose ``config`` is ``text_config`` and that have a
+    ``layer_idx``), in module order."""
+    return [m for m in model.modules() if getattr(m, "config", None) is text_config and hasattr(m, "layer_idx")]
+
+
+def use_flowkern_attention(model: torch.nn.Module, text_config_key: str, text_config: Any) -> str:
+    """Switch the language model (only) to the ``"flowkern"`` attention; returns the previous implementation name
+    for :func:`restore_attention`.
+
+    Raises:
+        RuntimeError: the model refused the implementation (its language model stays as it was).
+    """
+    name = register()
+    prev = text_config._attn_implementation
+    if prev != name:
+        model.set_attn_implementation({text_config_key: name})
+    if text_config._attn_implementation != name:
+        raise RuntimeError(
+            f"{type(model).__name__} refused attn_implementation={name!r} for its language model "
+            f"(it stays {text_config._attn_implementation!r})"
+        )
+    return prev
+
+
+def restore_attention(model: torch.nn.Module, text_config_key: str, text_config: Any, prev: str | None) -> None:
+    """Give the language model back the implementation ``prev`` returned by :func:`use_flowkern_attention`."""
+    if prev is None or text_config._attn_implementation == prev:
+        return
+    try:
+        model.set_attn_implementation({text_config_key: prev})
+    finally:
+        if text_config._attn_implementation != prev:
+            text_config._attn_implementation_internal = prev

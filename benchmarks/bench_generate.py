@@ -1,0 +1,233 @@
+"""End to end: ``generate`` with image tokens pruned from layer L on (``flowkern.prune``) vs unpruned, LLaVA-1.5.
+
+The model is built from a config with random weights (no download): on GPU the published geometry of
+``llava-hf/llava-1.5-7b-hf`` (``bench_trace.llava_15_config("7b")``: CLIP ViT-L/14-336, 576 image tokens,
+Llama-2-7B: 32 layers x 4096), bf16; on CPU a tiny config with the same token counts (``"tiny"``: 576 image tokens
+per image, 8 text layers of width 256, a 1-layer tower of width 128), fp32.
+
+Workload: 1 image + 64 text tokens per sample (S = 640), batch 1 and batch 32 (different random texts and images,
+no padding), ``--new-tokens`` greedy steps (end-of-sequence disabled). Methods, one process, same model and inputs:
+
+- ``sdpa``: plain ``generate`` (transformers' SDPA attention): the baseline;
+- ``flowkern``: ``generate`` inside ``flowkern.prune(model)`` with nothing pruned (flowkern attention only);
+- ``prune-k0``: ``flowkern.prune(model, layer=L, keep=0)``: every image token removed from layer L on (default
+  L = 2: the issue's target);
+- ``prune-k64``: ``flowkern.prune(model, layer=L, keep=64, rank="attention")``: FastV-style, top 64 kept.
+
+Per run a forward-hook timer (CUDA synchronised) splits the wall time into the prefill forward (vision tower +
+prompt) and the decode forwards; reported: median prefill seconds and median decode tokens/s (``B * steps / decode
+time``) over ``--repeats`` runs after one warm-up, and on CUDA the peak allocated memory above the weights and
+inputs. Ratios (``prefill_speedup``: sdpa prefill / method prefill; ``decode_speedup``: method tokens/s / sdpa
+tokens/s) are within one process (DESIGN.md §7). Targets (issue 4, GPU, 7B config, L=2, keep=0): prefill >= 2.5x,
+batch-32 decode >= 1.5x vs SDPA.
+
+    python benchmarks/bench_generate.py                  # CPU, tiny config; writes results/cpu-<n>core-generate.json
+    python benchmarks/bench_generate.py --device cuda    # GPU, LLaVA-1.5-7B geometry, bf16; results/h100-generate.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import transformers
+from bench_attention import RESULTS, device_label
+from bench_trace import llava_15_config
+from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+import flowkern
+from flowkern.prune import ForwardTimer
+
+METHODS = ("sdpa", "flowkern", "prune-k0", "prune-k64")
+TEXT_TOKENS = 64
+SYSTEM_TOKENS = 5
+
+
+def model_config(size: str) -> LlavaConfig:
+    """``"7b"``: LLaVA-1.5-7B (see ``bench_trace.llava_15_config``); ``"tiny"``: same token counts, small widths."""
+    if size == "7b":
+        return llava_15_config("7b")
+    if size != "tiny":
+        raise ValueError(f"unknown size {size!r}: '7b' or 'tiny'")
+    vision = CLIPVisionConfig(hidden_size=128, intermediate_size=512, num_hidden_layers=1, num_attention_heads=4,
+                              image_size=336, patch_size=14, projection_dim=128, hidden_act="quick_gelu")
+    text = LlamaConfig(hidden_size=256, intermediate_size=688, num_hidden_layers=8, num_attention_heads=4,
+                       num_key_value_heads=4, vocab_size=32064, max_position_embeddings=4096, rms_norm_eps=1e-5,
+                       pad_token_id=32001, bos_token_id=1, eos_token_id=2)
+    return LlavaConfig(vision_config=vision, text_config=text, image_token_index=32000, pad_token_id=32001,
+                       projector_hidden_act="gelu", vision_feature_select_strategy="default", vision_feature_layer=-1)
+
+
+def build_model(size: str, device: str, dtype: torch.dtype) -> LlavaForConditionalGeneration:
+    torch.manual_seed(0)
+    cfg = model_config(size)
+    with torch.device(device):
+        model = LlavaForConditionalGeneration._from_config(cfg, dtype=dtype, attn_implementation="sdpa")
+    model.eval()
+    model.generation_config.eos_token_id = None  # always decode --new-tokens steps
+    model.generation_config.pad_token_id = cfg.pad_token_id
+    return model
+
+
+def make_inputs(model: LlavaForConditionalGeneration, batch: int, device: str, dtype: torch.dtype) -> dict:
+    cfg = model.config
+    g = torch.Generator().manual_seed(batch)
+    n_img = (cfg.vision_config.image_size // cfg.vision_config.patch_size) ** 2
+    text = torch.randint(3, 32000, (batch, TEXT_TOKENS), generator=g)
+    text[:, 0] = cfg.text_config.bos_token_id
+    ids = torch.cat([text[:, :SYSTEM_TOKENS], torch.full((batch, n_img), cfg.image_token_index),
+                     text[:, SYSTEM_TOKENS:]], dim=1)
+    size = cfg.vision_config.image_size
+    pixels = torch.randn(batch, 3, size, size, generator=g)
+    return dict(input_ids=ids.to(device), attention_mask=torch.ones_like(ids).to(device),
+                pixel_values=pixels.to(device, dtype))
+
+
+def context(method: str, model, layer: int) -> contextlib.AbstractContextManager:
+    if method == "sdpa":
+        return contextlib.nullcontext()
+    if method == "flowkern":
+        return flowkern.prune(model, layer=None)
+    if method == "prune-k0":
+        return flowkern.prune(model, layer=layer, keep=0)
+    if method == "prune-k64":
+        return flowkern.prune(model, layer=layer, keep=64, rank="attention")
+    raise ValueError(method)
+
+
+def run(method: str, model, kwargs: dict, new_tokens: int, layer: int) -> tuple[float, float]:
+    """One generate: (prefill seconds, decode tokens/s)."""
+    with torch.inference_mode(), context(method, model, layer), ForwardTimer(model) as timer:
+        model.generate(**kwargs, max_new_tokens=new_tokens, do_sample=False)
+    return timer.prefill_seconds, timer.decode_tokens_per_second
+
+
+def measure(method: str, model, kwargs: dict, new_tokens: int, layer: int, repeats: int, gpu: bool) -> dict:
+    run(method, model, kwargs, new_tokens, layer)  # warm-up
+    prefill, tps = [], []
+    for _ in range(repeats):
+        p, t = run(method, model, kwargs, new_tokens, layer)
+        prefill.append(p)
+        tps.append(t)
+    out = dict(prefill_s=statistics.median(prefill), prefill_min_s=min(prefill),
+               decode_tok_s=statistics.median(tps), decode_max_tok_s=max(tps), repeats=repeats)
+    if gpu:
+        gc.collect()
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        run(method, model, kwargs, new_tokens, layer)
+        torch.cuda.synchronize()
+        out["peak_extra_mib"] = (torch.cuda.max_memory_allocated() - base) / 2**20
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    ap.add_argument("--size", choices=["7b", "tiny"], default=None, help="default: 7b on CUDA, tiny on CPU")
+    ap.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
+                    help="default: bfloat16 on CUDA, float32 on CPU")
+    ap.add_argument("--layer", type=int, default=2, help="first pruned decoder layer L (default 2)")
+    ap.add_argument("--batches", default="1,32", help="comma-separated batch sizes (default 1,32)")
+    ap.add_argument("--methods", default=",".join(METHODS), help=f"subset of {','.join(METHODS)}")
+    ap.add_argument("--new-tokens", type=int, default=None, help="default: 32 on CUDA, 8 on CPU")
+    ap.add_argument("--repeats", type=int, default=None, help="default: 5 on CUDA, 3 on CPU")
+    ap.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
+    ap.add_argument("--out", type=Path, default=None, help="default: benchmarks/results/<device>-generate.json")
+    args = ap.parse_args()
+
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is available")
+    gpu = device == "cuda"
+    size = args.size or ("7b" if gpu else "tiny")
+    dtype = getattr(torch, args.dtype or ("bfloat16" if gpu else "float32"))
+    repeats = args.repeats or (5 if gpu else 3)
+    new_tokens = args.new_tokens or (32 if gpu else 8)
+    methods = [m for m in args.methods.split(",") if m]
+    unknown = set(methods) - set(METHODS)
+    if unknown or "sdpa" not in methods:
+        raise SystemExit(f"--methods: expected a subset of {METHODS} including sdpa, got {methods}")
+    torch.set_num_threads(args.threads or os.cpu_count() or 1)
+    label = device_label(device)
+
+    model = build_model(size, device, dtype)
+    rows = []
+    for batch in [int(b) for b in args.batches.split(",")]:
+        kwargs = make_inputs(model, batch, device, dtype)
+        row = dict(batch=batch, prompt_tokens=int(kwargs["input_ids"].shape[1]),
+                   image_tokens=int((kwargs["input_ids"][0] == model.config.image_token_index).sum()),
+                   new_tokens=new_tokens)
+        for method in methods:
+            row[method] = measure(method, model, kwargs, new_tokens, args.layer, repeats, gpu)
+            r = row[method]
+            print(f"batch {batch:3d} {method:10s} prefill {1e3 * r['prefill_s']:9.1f} ms  decode "
+                  f"{r['decode_tok_s']:9.1f} tok/s" + (f"  peak +{r['peak_extra_mib']:.0f} MiB" if gpu else ""),
+                  flush=True)
+        base = row["sdpa"]
+        for method in methods:
+            if method != "sdpa":
+                row[method]["prefill_speedup"] = base["prefill_s"] / row[method]["prefill_s"]
+                row[method]["decode_speedup"] = row[method]["decode_tok_s"] / base["decode_tok_s"]
+        rows.append(row)
+        del kwargs
+        gc.collect()
+
+    t, v = model.config.text_config, model.config.vision_config
+    report = dict(
+        device=label, device_name=torch.cuda.get_device_name() if gpu else platform.processor() or platform.machine(),
+        threads=torch.get_num_threads(), torch=torch.__version__, transformers=transformers.__version__,
+        flowkern=flowkern.__version__, backend=flowkern.ops.backend_for(torch.device(device)),
+        dtype=str(dtype).removeprefix("torch."), layer=args.layer, methods=methods,
+        model=dict(size=size, text_layers=t.num_hidden_layers, hidden=t.hidden_size, heads=t.num_attention_heads,
+                   vision_layers=v.num_hidden_layers, vision_hidden=v.hidden_size,
+                   image_tokens_per_image=(v.image_size // v.patch_size) ** 2,
+                   parameters=sum(p.numel() for p in model.parameters())),
+        command=" ".join([Path(sys.executable).name, *sys.argv]), date=time.strftime("%Y-%m-%d"), results=rows,
+    )
+    out = args.out or RESULTS / f"{label}-generate.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print()
+    print(markdown_table(report))
+    print(f"\nwrote {out}")
+
+
+def markdown_table(report: dict) -> str:
+    m = report["model"]
+    lines = [
+        f"{report['device']} ({report['device_name']}, {report['threads']} threads, torch {report['torch']}, "
+        f"transformers {report['transformers']}, {report['dtype']}, backend {report['backend']}); LLaVA-1.5 "
+        f"{m['size']} config, random weights: {m['text_layers']} text layers x {m['hidden']}, "
+        f"{m['image_tokens_per_image']} image tokens + {TEXT_TOKENS} text tokens; pruned from layer "
+        f"{report['layer']}; {report['results'][0]['new_tokens']} new tokens",
+        "",
+        "| batch | method | prefill ms | prefill speed-up | decode tok/s | decode speed-up | peak extra MiB |",
+        "|---:|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in report["results"]:
+        for method in report["methods"]:
+            x = r[method]
+            lines.append(
+                f"| {r['batch']} | {method} | {1e3 * x['prefill_s']:.1f} | "
+                f"{x.get('prefill_speedup', 1.0):.2f}x | {x['decode_tok_s']:.1f} | {x.get('decode_speedup', 1.0):.2f}x "
+                f"| {x['peak_extra_mib']:.0f} |" if "peak_extra_mib" in x else
+                f"| {r['batch']} | {method} | {1e3 * x['prefill_s']:.1f} | {x.get('prefill_speedup', 1.0):.2f}x | "
+                f"{x['decode_tok_s']:.1f} | {x.get('decode_speedup', 1.0):.2f}x | - |"
+            )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,113 @@
+"""``flowkern generate`` (flowkern/cli_generate.py) end to end on a tiny LLaVA saved in the official format, and the
+pruning flags other commands share (``add_prune_arguments`` / ``prune_from_args``)."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import flowkern
+from flowkern import cli_generate
+from flowkern.cli import UsageError
+from flowkern.hf.loading import build_inputs, load_model
+from tests.test_cli_flow import PROMPT, save_llava
+
+NEW = 4
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("generate")
+    save_llava(root / "llava")
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)).save(root / "photo.png")
+    return root
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="flowkern")
+    cli_generate.add_parser(parser.add_subparsers(dest="command", required=True))
+    return parser
+
+
+def _run(files, *extra: str):
+    args = _parser().parse_args(["generate", "--model", str(files / "llava"), "--image", str(files / "photo.png"),
+                                 "--prompt", PROMPT, "--max-new-tokens", str(NEW), "--device", "cpu", *extra])
+    return args.func(args)
+
+
+@pytest.mark.parametrize("flags", [[], ["--prune-layer", "2", "--keep", "25%", "--rank", "attention"]],
+                         ids=["unpruned", "pruned"])
+def test_generate_command(files, capsys, tmp_path, flags):
+    out = tmp_path / "rec.json"
+    assert _run(files, *flags, "--json", str(out)) == 0
+    stdout = capsys.readouterr().out
+    model, processor = load_model(files / "llava")
+    inputs = build_inputs(processor, model, files / "photo.png", PROMPT)
+    with torch.no_grad(), (flowkern.prune(model, layer=2, keep=0.25) if flags else contextlib.nullcontext()) as p:
+        seq = model.generate(**inputs, max_new_tokens=NEW, do_sample=False)
+    answer = processor.batch_decode(seq[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)[0].strip()
+    record = json.loads(out.read_text())
+    assert record["answer"] == answer and f"answer: {answer}" in stdout
+    assert "prefill:" in stdout and "tokens/s" in stdout
+    assert record["decode_steps"] == NEW - 1 and record["decode_tokens_per_second"] > 0
+    if flags:
+        assert record["prune"]["num_kept_image_tokens"] == p.num_kept_image_tokens.tolist() == [4]  # 25% of 16
+        assert "keep 4 of 16 image tokens" in stdout
+    else:
+        assert "prune" not in record and "pruned" not in stdout
+
+
+def test_prune_flags():
+    parser = argparse.ArgumentParser()
+    cli_generate.add_prune_arguments(parser)
+    args = parser.parse_args([])
+    assert isinstance(cli_generate.prune_from_args(None, args), contextlib.nullcontext)
+    assert cli_generate.parse_keep("0") == 0 and cli_generate.parse_keep("64") == 64
+    assert cli_generate.parse_keep("0.25") == 0.25 and cli_generate.parse_keep("25%") == 0.25
+    for bad in ("-1", "1.5", "abc", "200%"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            cli_generate.parse_keep(bad)
+
+
+def test_bad_prune_combination_is_a_usage_error(files):
+    with pytest.raises(UsageError, match="layer >= 1"):
+        _run(files, "--prune-layer", "0", "--keep", "4", "--rank", "attention")
+
+
+def test_flow_command_with_pruning(files, tmp_path, capsys):
+    """`flowkern flow --prune-layer L --keep 0`: no layer >= L puts any attention on the (removed) image; for the first
+    answer row (the last prompt position, before pruning can change any generated token) layers < L are unchanged
+    against an unpruned `flow` run."""
+    from flowkern.cli import main
+
+    common = ["flow", "--model", str(files / "llava"), "--image", str(files / "photo.png"), "--prompt", PROMPT,
+              "--max-new-tokens", str(NEW), "--device", "cpu"]
+    assert main([*common, "--out", str(tmp_path / "full")]) == 0
+    assert main([*common, "--out", str(tmp_path / "pruned"), "--prune-layer", "1", "--keep", "0"]) == 0
+    capsys.readouterr()
+    full = json.loads((tmp_path / "full" / "shares.json").read_text())
+    pruned = json.loads((tmp_path / "pruned" / "shares.json").read_text())
+    image = full["segment_names"].index("image")
+    assert "prune" in pruned and "prune" not in full
+    assert pruned["prune"]["layer"] == 1
+    shares_full, shares_pruned = np.array(full["shares"]), np.array(pruned["shares"])
+    assert (shares_pruned[1:, image] == 0).all()
+    assert (shares_full[1:, image] > 0).all()
+    first_full, first_pruned = np.array(full["step_shares"])[0], np.array(pruned["step_shares"])[0]  # [L, B, 4]
+    np.testing.assert_allclose(first_pruned[0], first_full[0], atol=1e-5)
+    assert np.abs(first_pruned[1:] - first_full[1:]).max() > 1e-3
