@@ -49,6 +49,7 @@ SUBCOMMANDS: tuple[str, ...] = (
     "flowkern.cli:add_info_parser",
     "flowkern.cli:add_flow_parser",
     "flowkern.cli_generate",
+    "flowkern.cli_cam",
 )
 """One entry per subcommand: ``"module"`` (its ``add_parser``) or ``"module:function"``, imported lazily."""
 

@@ -1,0 +1,563 @@
+"""``flowkern.cam``: LLaVA-CAM, a Grad-CAM over the image-token features of every decoder layer (paper §3.1).
+
+.. code-block:: python
+
+    inputs = processor(images=image, text=prompt, return_tensors="pt")
+    result = flowkern.cam(model, inputs, processor=processor, samples=8, noise_std=0.1)
+    result.heatmaps          # float32 [num_layers, gh, gw] in [0, 1] (one image; a list per image otherwise)
+    result.raw               # the same, unnormalised: mean over noisy copies of ReLU(sum_k alpha_k A_k)
+    result.answer_ids        # long [T]: the answer the target is built from
+
+**Definition** (eq. 1-5). The prompt and the answer ``a_1..a_T`` run as one teacher-forced sequence; the target
+is ``z = sum_t logit[p_t, a_t]`` where ``p_t`` is the position whose logits predict ``a_t`` (the last prompt
+position for ``a_1``). ``A`` is the output of the chosen *site* of a decoder layer (default: its post-attention
+norm, Figure 7) at the image-token positions, ``[K, D]`` for an image of ``K`` tokens. For each image separately,
+``alpha = mean over the image's tokens of dz/dA`` (``[D]``) and ``heat = ReLU(A @ alpha)`` (``[K]``), laid out on
+the model's image grid (:class:`flowkern.hf.segments.ImageGrid`, the same layouts as :func:`flowkern.trace`).
+SmoothGrad: the heat is computed for ``samples`` copies of the image with Gaussian noise of std ``noise_std``
+added in [0, 1] pixel space (before the processor's mean/std normalisation) and averaged (``raw``); ``heatmaps``
+is ``raw`` divided by its maximum (per layer by default), optionally thresholded.
+
+**How.** One forward and one backward per batch of noisy copies give every layer at once: a forward hook on each
+layer's site keeps a reference to ``A`` (a tensor autograd saves anyway), and a tensor hook reduces the incoming
+gradient to ``alpha`` and the heat ``[n, K]`` the moment it is computed, so no gradient is kept per layer and no
+activation is kept longer than autograd keeps it. Model parameters do not require grad for the
+duration (the graph starts at the input of the first chosen layer), the language model's attention runs through a
+differentiable implementation (``sdpa`` unless it already is ``eager`` or ``sdpa``), ``use_cache=False``; every
+flag and the attention implementation are restored afterwards, also on error.
+
+**Pixel noise.** ``pixel_values`` are un-normalised with the processor's ``image_mean`` / ``image_std`` (pass
+``processor=`` or ``pixel_mean=`` / ``pixel_std=``), noise is added, and they are normalised again. Layouts:
+``[..., C, H, W]`` (LLaVA, LLaVA-NeXT, InternVL: channel at dim -3) or Qwen-VL's flattened patches ``[N, C*T*P*P]``
+(each row is ``(channel, temporal, patch, patch)``; one noise draw is shared by the ``T`` temporal copies of a
+patch, so it is i.i.d. noise on the resized image). For LLaVA-NeXT each processed view (base image, crops) gets
+its own noise. Values are not clamped to [0, 1] by default (``clamp=True`` to clamp): clamping would bias the noise
+near saturated pixels, and the paper's eq. 4 does not clamp. Video frames (``pixel_values_videos``) get no noise.
+Noise is reproducible: copy ``i`` uses the ``i``-th draw of ``torch.randn(shape, generator=g)`` (float32, CPU)
+with ``g = torch.Generator().manual_seed(seed)``, whatever ``batch_size``.
+
+One prompt per call (``input_ids`` ``[1, S]``); it may hold several images.
+
+**The last layer's map is 0** at every site: after the last layer's attention, an image token's features only
+reach the logits *at image positions*, never the answer logits, so ``dz/dA = 0`` there exactly.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+
+__all__ = ["cam", "Cam", "CamView", "SITES"]
+
+SITES: tuple[str, ...] = ("post_attention_layernorm", "attention", "layer")
+"""Where ``A`` is read in each decoder layer: the post-attention norm's output (the paper's choice, Figure 7), the
+attention block's output (after ``o_proj``, before the residual add), or the decoder layer's output."""
+
+_DIFFERENTIABLE = ("eager", "sdpa")
+
+
+@dataclass
+class CamView:
+    """LLaVA-CAM of one view of one image.
+
+    Attributes:
+        image: index of the image within the prompt.
+        name: the view (``"image"``, ``"base"`` / ``"crops"`` for LLaVA-NeXT, ``"frame{t}"``, ...).
+        index: long ``[gh, gw]``: ordinal of each cell's token among the prompt's image tokens (-1: no token).
+        raw: float32 ``[num_layers, gh, gw]``: mean over noisy copies of ``ReLU(sum_k alpha_k A_k)``.
+        heatmap: float32 ``[num_layers, gh, gw]`` in [0, 1]: ``raw`` max-normalised (and thresholded).
+    """
+
+    image: int
+    name: str
+    index: torch.Tensor
+    raw: torch.Tensor
+    heatmap: torch.Tensor
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """``(gh, gw)``."""
+        return int(self.index.shape[0]), int(self.index.shape[1])
+
+
+@dataclass
+class Cam:
+    """Result of :func:`cam`.
+
+    Attributes:
+        layers: decoder layer of each map row, in order.
+        site: where the features were read (one of :data:`SITES`).
+        answer_ids: long ``[T]``: the answer tokens of the target.
+        samples: number of noisy copies averaged.
+        noise_std: std of the pixel noise in [0, 1] space.
+        target: float32 ``[samples]``: the target ``z`` of each copy.
+        token_raw: float32 ``[num_layers, K]``: ``raw`` per image token (prompt order; 0 for tokens in no view,
+            e.g. LLaVA-NeXT's row-newline tokens).
+        views: every view of every image.
+    """
+
+    layers: list[int]
+    site: str
+    answer_ids: torch.Tensor
+    samples: int
+    noise_std: float
+    target: torch.Tensor
+    token_raw: torch.Tensor
+    views: list[CamView] = field(default_factory=list)
+
+    @property
+    def num_images(self) -> int:
+        """Images (and videos) in the prompt."""
+        return len({v.image for v in self.views})
+
+    def view(self, image: int = 0, view: int | str | None = None) -> CamView:
+        """One view of one image: by position among the image's views, by name, or None for the view that shows
+        the whole image (``"image"``, LLaVA-NeXT's ``"base"``, InternVL's thumbnail tile, else the first)."""
+        views = [v for v in self.views if v.image == image]
+        if not views:
+            raise ValueError(f"no image {image}; the prompt has {self.num_images}")
+        if view is None:
+            for name in ("image", "base"):
+                if any(v.name == name for v in views):
+                    return next(v for v in views if v.name == name)
+            tiles = [v for v in views if v.name.startswith("tile")]
+            return tiles[-1] if tiles else views[0]  # several InternVL tiles: the thumbnail is the last one
+        if isinstance(view, str):
+            match = [v for v in views if v.name == view]
+            if not match:
+                raise ValueError(f"image {image} has no view {view!r}; views: {[v.name for v in views]}")
+            return match[0]
+        return views[view]
+
+    @property
+    def heatmaps(self) -> torch.Tensor | list[torch.Tensor]:
+        """float32 ``[num_layers, gh, gw]`` in [0, 1] of the view showing the whole image (:meth:`view` with
+        ``view=None``; LLaVA-NeXT: ``"base"``); for a prompt with several images, a list of those, one per image."""
+        maps = [self.view(i).heatmap for i in range(self.num_images)]
+        return maps[0] if len(maps) == 1 else maps
+
+    @property
+    def raw(self) -> torch.Tensor | list[torch.Tensor]:
+        """Like :attr:`heatmaps`, unnormalised (``CamView.raw``)."""
+        maps = [self.view(i).raw for i in range(self.num_images)]
+        return maps[0] if len(maps) == 1 else maps
+
+    def peaks(self, image: int = 0, view: int | str | None = None) -> list[tuple[int, int, int, float]]:
+        """Per layer, ``(layer, row, col, value)`` of the heatmap's maximum (first in raster order on ties; an
+        all-zero map gives ``(layer, 0, 0, 0.0)``)."""
+        v = self.view(image, view)
+        out = []
+        for i, layer in enumerate(self.layers):
+            flat = int(torch.argmax(v.heatmap[i]))
+            row, col = divmod(flat, v.shape[1])
+            out.append((layer, row, col, float(v.heatmap[i, row, col])))
+        return out
+
+    def to_numpy(self) -> dict[str, Any]:
+        """Arrays for ``numpy.savez``: ``layers``, ``answer_ids``, ``target``, ``token_raw`` and per view
+        ``heatmap_{image}_{name}``, ``raw_{image}_{name}``, ``index_{image}_{name}``."""
+        out: dict[str, Any] = {
+            "layers": torch.tensor(self.layers).numpy(),
+            "answer_ids": self.answer_ids.numpy(),
+            "target": self.target.numpy(),
+            "token_raw": self.token_raw.numpy(),
+            "site": self.site,
+            "samples": self.samples,
+            "noise_std": self.noise_std,
+        }
+        for v in self.views:
+            out[f"heatmap_{v.image}_{v.name}"] = v.heatmap.numpy()
+            out[f"raw_{v.image}_{v.name}"] = v.raw.numpy()
+            out[f"index_{v.image}_{v.name}"] = v.index.numpy()
+        return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# model plumbing
+
+
+def _language_model(model: torch.nn.Module, text_config: Any) -> torch.nn.Module:
+    owned = [m for m in model.modules() if getattr(m, "config", None) is text_config]
+    lm = next((m for m in owned if hasattr(m, "get_input_embeddings") and hasattr(m, "layers")), None)
+    if lm is None:
+        raise ValueError(f"{type(model).__name__}: found no language model with a `layers` list")
+    return lm
+
+
+def _site_module(layer: torch.nn.Module, site: str) -> torch.nn.Module:
+    if site == "layer":
+        return layer
+    name = "post_attention_layernorm" if site == "post_attention_layernorm" else "self_attn"
+    module = getattr(layer, name, None)
+    if module is None:
+        raise ValueError(f"decoder layer {type(layer).__name__} has no `{name}` for site={site!r}")
+    return module
+
+
+def _first_tensor(output: Any) -> torch.Tensor:
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+def _norm_stats(
+    processor: Any, pixel_mean: Sequence[float] | None, pixel_std: Sequence[float] | None
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Per-channel mean / std of the processor's normalisation, or None when unknown."""
+    if pixel_mean is not None or pixel_std is not None:
+        if pixel_mean is None or pixel_std is None:
+            raise ValueError("pass both pixel_mean and pixel_std (or processor=)")
+        mean, std = torch.as_tensor(pixel_mean, dtype=torch.float32), torch.as_tensor(pixel_std, dtype=torch.float32)
+    elif processor is not None:
+        ip = getattr(processor, "image_processor", processor)
+        mean, std = getattr(ip, "image_mean", None), getattr(ip, "image_std", None)
+        if mean is None or std is None:
+            raise ValueError(f"{type(ip).__name__} has no image_mean / image_std; pass pixel_mean= and pixel_std=")
+        mean, std = torch.as_tensor(mean, dtype=torch.float32), torch.as_tensor(std, dtype=torch.float32)
+        if getattr(ip, "do_normalize", True) is False:
+            mean, std = torch.zeros_like(mean), torch.ones_like(std)
+    else:
+        return None
+    if mean.dim() != 1 or mean.shape != std.shape or bool((std <= 0).any()):
+        raise ValueError(f"pixel_mean / pixel_std must be per-channel 1D of equal length, std > 0; got {mean}, {std}")
+    return mean, std
+
+
+class _PixelNoise:
+    """Draws and applies the SmoothGrad noise for one ``pixel_values`` tensor (see the module docstring)."""
+
+    def __init__(self, pixel_values: torch.Tensor, stats: tuple[torch.Tensor, torch.Tensor], vision_config: Any,
+                 std: float, clamp: bool, seed: int) -> None:
+        self.pv = pixel_values
+        mean, pstd = stats
+        c = mean.numel()
+        if pixel_values.dim() == 2:  # Qwen-VL flattened patches [N, C*T*P*P]
+            n, feat = pixel_values.shape
+            t = int(getattr(vision_config, "temporal_patch_size", 1) or 1)
+            if feat % (c * t):
+                raise ValueError(f"pixel_values rows of {feat} values do not split into {c} channels x {t} frames")
+            self.view = (n, c, t, feat // (c * t))
+            self.noise_shape = (n, c, 1, feat // (c * t))
+            self.mean, self.pstd = mean.view(1, c, 1, 1), pstd.view(1, c, 1, 1)
+        else:
+            if pixel_values.dim() < 3 or pixel_values.shape[-3] != c:
+                raise ValueError(
+                    f"pixel_values {tuple(pixel_values.shape)}: expected the channel dim -3 to have {c} channels "
+                    "(the length of pixel_mean / pixel_std)"
+                )
+            self.view = tuple(pixel_values.shape)
+            self.noise_shape = self.view
+            self.mean, self.pstd = mean.view(c, 1, 1), pstd.view(c, 1, 1)
+        self.std, self.clamp = float(std), clamp
+        self.gen = torch.Generator().manual_seed(int(seed))
+        self.x01 = pixel_values.detach().float().cpu().reshape(self.view) * self.pstd + self.mean
+
+    def next(self) -> torch.Tensor:
+        """The next noisy copy, normalised, in the dtype / device / shape of ``pixel_values``."""
+        noise = torch.randn(self.noise_shape, generator=self.gen)
+        x = self.x01 + self.std * noise
+        if self.clamp:
+            x = x.clamp(0.0, 1.0)
+        x = (x - self.mean) / self.pstd
+        return x.reshape(self.pv.shape).to(device=self.pv.device, dtype=self.pv.dtype)
+
+
+class _Recorder:
+    """Hooks that keep the image-token rows of ``A`` and reduce the gradient to the heat as it arrives."""
+
+    def __init__(self, layers: list[int], positions: torch.Tensor, owner: torch.Tensor, weights: torch.Tensor) -> None:
+        self.row = {layer: i for i, layer in enumerate(layers)}
+        self.positions = positions  # long [K] on the model device
+        self.owner = owner  # long [K]: image of each token (0 where none)
+        self.weights = weights  # float32 [I, K]: 1/count of the image's view tokens, 0 elsewhere
+        self.in_view = weights.sum(dim=0) > 0  # bool [K]
+        self.feats: dict[int, tuple[torch.Tensor, int]] = {}
+        self.total = torch.zeros(len(layers), positions.numel(), dtype=torch.float32, device=positions.device)
+        self.seen: set[int] = set()
+        self.leaf: torch.Tensor | None = None
+
+    def input_hook(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        """Make the hidden states entering the first chosen layer a leaf that requires grad: the graph starts
+        there (parameters do not require grad, so nothing before it is recorded)."""
+        if args and isinstance(args[0], torch.Tensor):
+            self.leaf = args[0].detach().requires_grad_(True)
+            return (self.leaf, *args[1:]), kwargs
+        if isinstance(kwargs.get("hidden_states"), torch.Tensor):
+            self.leaf = kwargs["hidden_states"].detach().requires_grad_(True)
+            return args, dict(kwargs, hidden_states=self.leaf)
+        raise RuntimeError("flowkern.cam: found no hidden states entering the first chosen decoder layer")
+
+    def forward_hook(self, layer: int) -> Any:
+        def hook(module: torch.nn.Module, args: tuple, output: Any) -> None:
+            a = _first_tensor(output)
+            if not a.requires_grad:
+                raise RuntimeError(f"flowkern.cam: the features of layer {layer} are not part of the autograd graph")
+            # a reference, not a copy: autograd keeps this tensor for the next op's backward anyway (the MLP for the
+            # post-attention norm, the next layer's norm for a layer output), and the hook below fires right then
+            self.feats[layer] = (a.detach(), a._version)
+            a.register_hook(lambda grad: self._reduce(layer, grad))
+
+        return hook
+
+    def _reduce(self, layer: int, grad: torch.Tensor) -> None:
+        a, version = self.feats.pop(layer)
+        if a._version != version:
+            raise RuntimeError(f"flowkern.cam: the model modified the site output of layer {layer} in place; "
+                               "choose another site")
+        feats = a[:, self.positions].float()  # [n, K, D]
+        g = grad[:, self.positions].float()
+        alpha = torch.einsum("ik,nkd->nid", self.weights, g)  # per image: mean gradient over its tokens
+        heat = torch.relu((feats * alpha[:, self.owner]).sum(dim=-1)) * self.in_view  # [n, K]
+        self.total[self.row[layer]] += heat.sum(dim=0)
+        self.seen.add(layer)
+
+
+def _generate_answer(model: torch.nn.Module, inputs: dict, max_new_tokens: int) -> torch.Tensor:
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+    new = out[0, inputs["input_ids"].shape[1] :].cpu()
+    gen = getattr(model, "generation_config", None)
+    stop = []
+    for attr in ("eos_token_id", "pad_token_id"):
+        value = getattr(gen, attr, None)
+        stop += [value] if isinstance(value, int) else list(value or [])
+    if stop:
+        hits = torch.nonzero(torch.isin(new, torch.tensor(stop, dtype=new.dtype))).flatten()
+        if hits.numel():
+            new = new[: int(hits[0])]
+    return new
+
+
+def _expand(inputs: Mapping[str, Any], n: int, answer: torch.Tensor, pixel_values: torch.Tensor | None) -> dict:
+    """n copies of the prompt + answer: per-token tensors get the answer appended, every tensor is repeated n times
+    along dim 0 (for one prompt, per-image tensors like ``pixel_values`` / ``image_grid_thw`` are concatenations of
+    the copies' images, in order)."""
+    ids = inputs["input_ids"]
+    S, T = ids.shape[1], answer.numel()
+    out = {}
+    for key, value in inputs.items():
+        if key == "pixel_values" and pixel_values is not None:
+            out[key] = pixel_values
+            continue
+        if not isinstance(value, torch.Tensor) or value.dim() == 0:
+            out[key] = value
+            continue
+        if value.dim() == 2 and value.shape == ids.shape:  # per-token
+            fill = answer.to(ids.device, ids.dtype)[None] if key == "input_ids" else torch.full(
+                (1, T), 1 if key == "attention_mask" else 0, dtype=value.dtype, device=value.device)
+            value = torch.cat([value, fill], dim=1)
+        out[key] = value.repeat(n, *([1] * (value.dim() - 1)))
+    assert out["input_ids"].shape == (n, S + T)
+    return out
+
+
+def _check_layers(layers: Sequence[int] | None, num_layers: int) -> list[int]:
+    if layers is None:
+        return list(range(num_layers))
+    out = []
+    for layer in layers:
+        if not -num_layers <= int(layer) < num_layers:
+            raise ValueError(f"layer {layer} out of range for a language model of {num_layers} layers")
+        out.append(int(layer) % num_layers)
+    if not out or len(set(out)) != len(out):
+        raise ValueError(f"layers must be a non-empty list of distinct layers, got {list(layers)}")
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the entry point
+
+
+@torch.inference_mode(False)  # callers may be inside torch.inference_mode(): autograd must work here
+def cam(
+    model: torch.nn.Module,
+    inputs: Mapping[str, Any],
+    answer_ids: torch.Tensor | Sequence[int] | None = None,
+    *,
+    layers: Sequence[int] | None = None,
+    site: str = "post_attention_layernorm",
+    samples: int = 8,
+    noise_std: float = 0.1,
+    seed: int = 0,
+    batch_size: int = 4,
+    processor: Any = None,
+    pixel_mean: Sequence[float] | None = None,
+    pixel_std: Sequence[float] | None = None,
+    clamp: bool = False,
+    normalize: Literal["layer", "global"] = "layer",
+    threshold: float | None = None,
+    max_new_tokens: int = 16,
+    progress: bool = False,
+) -> Cam:
+    """LLaVA-CAM of every chosen decoder layer from one forward + backward per batch of noisy copies.
+
+    Args:
+        model: a supported Hugging Face VLM (``flowkern.hf.models.supported_model_types()``).
+        inputs: processor outputs for ONE prompt: ``input_ids`` ``[1, S]`` with image placeholder tokens,
+            ``pixel_values``, and what the model needs (``attention_mask``, ``image_sizes``, ``image_grid_thw``...).
+        answer_ids: the answer tokens ``[T]`` (or ``[1, T]``) the target sums the logits of; None generates the
+            answer greedily first (``max_new_tokens``, cut at the first end-of-sequence / padding token).
+        layers: decoder layers (negative counts from the end); None = all, in order.
+        site: where ``A`` is read, one of :data:`SITES`.
+        samples: noisy copies averaged (SmoothGrad ``N``); with ``noise_std=0`` use 1.
+        noise_std: std ``sigma`` of the Gaussian noise added in [0, 1] pixel space; 0 = plain Grad-CAM.
+        seed: seed of the noise generator.
+        batch_size: copies per forward/backward (memory grows linearly with it).
+        processor: the model's processor (or image processor): its ``image_mean`` / ``image_std`` undo the
+            normalisation; needed when ``noise_std > 0`` unless ``pixel_mean`` / ``pixel_std`` are given.
+        pixel_mean, pixel_std: per-channel normalisation constants, instead of ``processor``.
+        clamp: clamp the noisy image to [0, 1] before re-normalising (default off: unbiased noise, as eq. 4).
+        normalize: ``"layer"`` divides each layer's map by its own maximum (the paper's figures); ``"global"`` by
+            the maximum over all layers of the view, so that layers can be compared.
+        threshold: values of the normalised map below it become 0 (the paper's demo used 0.5); None = off.
+        max_new_tokens: answer length limit when generating.
+        progress: show a tqdm bar over the batches.
+
+    Returns:
+        a :class:`Cam`; ``.heatmaps`` float32 ``[num_layers, gh, gw]`` in [0, 1] (a list per image for several
+        images), ``.raw`` the unnormalised maps, ``.views`` every view (LLaVA-NeXT: ``"base"`` and ``"crops"``).
+
+    Raises:
+        ValueError: unknown site, no image tokens, more than one prompt, bad sample / noise / layer arguments,
+            noise without normalisation constants, an empty answer, or an unsupported model family.
+    """
+    from flowkern.hf.models import get_adapter
+    from flowkern.hf.segments import IMAGE, label_prompt
+
+    if site not in SITES:
+        raise ValueError(f"site must be one of {SITES}, got {site!r}")
+    if int(samples) < 1 or int(batch_size) < 1:
+        raise ValueError(f"samples and batch_size must be >= 1, got samples={samples}, batch_size={batch_size}")
+    if not noise_std >= 0:
+        raise ValueError(f"noise_std must be >= 0, got {noise_std}")
+    if normalize not in ("layer", "global"):
+        raise ValueError(f"normalize must be 'layer' or 'global', got {normalize!r}")
+    if threshold is not None and not 0 <= threshold <= 1:
+        raise ValueError(f"threshold must be in [0, 1] or None, got {threshold}")
+    adapter = get_adapter(model)
+    config = model.config
+    text_config = adapter.text_config(config)
+    ids = inputs.get("input_ids") if isinstance(inputs, Mapping) else None
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 2:
+        raise ValueError("inputs must be a mapping with input_ids of shape [1, S]")
+    if ids.shape[0] != 1:
+        raise ValueError(f"flowkern.cam takes one prompt (input_ids [1, S]), got batch {ids.shape[0]}")
+    inputs = dict(inputs)
+    segments = label_prompt(ids.cpu(), adapter.placeholder_token_ids(config))
+    positions = torch.nonzero(segments[0] == IMAGE).flatten()
+    if positions.numel() == 0:
+        raise ValueError(
+            f"the prompt has no image placeholder tokens (ids {adapter.placeholder_token_ids(config)}); "
+            "build inputs with the processor from an image and a prompt"
+        )
+    layout_inputs = {k: v.cpu() if isinstance(v, torch.Tensor) else v
+                     for k in adapter.layout_inputs if (v := inputs.get(k)) is not None}
+    grids = adapter.image_grids(config, ids.cpu(), segments, layout_inputs)[0]
+    stats = _norm_stats(processor, pixel_mean, pixel_std)
+    pixel_values = inputs.get("pixel_values")
+    if noise_std > 0 and stats is None:
+        raise ValueError(
+            "noise_std > 0 needs the processor's normalisation: pass processor=..., or pixel_mean= and pixel_std=, "
+            "or noise_std=0 for plain Grad-CAM"
+        )
+    if noise_std > 0 and not isinstance(pixel_values, torch.Tensor):
+        raise ValueError("noise_std > 0 needs inputs['pixel_values']")
+    num_layers = int(text_config.num_hidden_layers)
+    layers = _check_layers(layers, num_layers)
+
+    if answer_ids is None:
+        answer = _generate_answer(model, inputs, max_new_tokens)
+    else:
+        answer = torch.as_tensor(answer_ids).reshape(-1).long().cpu()
+    if answer.numel() == 0:
+        raise ValueError("the answer is empty (the model generated only an end-of-sequence token?)")
+
+    # per-token bookkeeping: owner image and alpha weights over each image's view tokens
+    K = positions.numel()
+    num_images = 1 + max(g.image for g in grids)
+    weights = torch.zeros(num_images, K)
+    for g in grids:
+        cells = g.index.flatten()
+        weights[g.image, cells[cells >= 0]] = 1.0
+    owner = weights.argmax(dim=0)
+    weights = weights / weights.sum(dim=1, keepdim=True).clamp(min=1)
+
+    device = ids.device
+    recorder = _Recorder(layers, positions.to(device), owner.to(device), weights.to(device))
+    lm = _language_model(model, text_config)
+    noise = None
+    if noise_std > 0:
+        noise = _PixelNoise(pixel_values, stats, getattr(config, "vision_config", None), noise_std, clamp, seed)
+    keep = "logits_to_keep" in inspect.signature(model.forward).parameters
+    T = answer.numel()
+    answer_dev = answer.to(device)
+
+    prev_impl = text_config._attn_implementation
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    handles = []
+    targets = []
+    try:
+        for p, _ in flags:
+            p.requires_grad_(False)
+        if prev_impl not in _DIFFERENTIABLE:
+            model.set_attn_implementation({adapter.text_config_key: "sdpa"})
+        handles.append(lm.layers[min(layers)].register_forward_pre_hook(recorder.input_hook, with_kwargs=True))
+        for layer in layers:
+            handles.append(_site_module(lm.layers[layer], site).register_forward_hook(recorder.forward_hook(layer)))
+        starts = list(range(0, int(samples), int(batch_size)))
+        if progress:
+            from tqdm.auto import tqdm
+
+            starts = tqdm(starts, desc="flowkern cam", unit="batch")
+        for start in starts:
+            n = min(int(batch_size), int(samples) - start)
+            with torch.enable_grad():
+                pv = torch.cat([noise.next() for _ in range(n)]) if noise is not None else None
+                batch = _expand(inputs, n, answer, pv)
+                extra = {"logits_to_keep": T + 1} if keep else {}
+                logits = model(**batch, use_cache=False, **extra).logits
+                rows = logits[:, -(T + 1) : -1].float()  # row t predicts answer token t
+                z = rows.gather(-1, answer_dev.expand(n, T)[..., None]).squeeze(-1).sum(dim=-1)  # [n]
+                torch.autograd.grad(z.sum(), recorder.leaf)
+            targets.append(z.detach().cpu())
+            recorder.leaf = None
+            del logits, rows, z, batch, pv
+            missing = set(layers) - recorder.seen
+            if missing:
+                raise RuntimeError(f"flowkern.cam: no gradient reached layers {sorted(missing)}")
+            recorder.seen.clear()
+    finally:
+        for h in handles:
+            h.remove()
+        recorder.leaf = None
+        recorder.feats.clear()
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        if text_config._attn_implementation != prev_impl:
+            try:
+                model.set_attn_implementation({adapter.text_config_key: prev_impl})
+            finally:
+                if text_config._attn_implementation != prev_impl:
+                    text_config._attn_implementation_internal = prev_impl
+
+    token_raw = (recorder.total / int(samples)).cpu()  # [L, K]
+    views = []
+    for g in grids:
+        cells = g.index.flatten()
+        raw = torch.where(cells >= 0, token_raw[:, cells.clamp(min=0)], 0.0).view(len(layers), *g.shape)
+        views.append(CamView(g.image, g.name, g.index.clone(), raw, _normalise(raw, normalize, threshold)))
+    return Cam(
+        layers=layers, site=site, answer_ids=answer, samples=int(samples), noise_std=float(noise_std),
+        target=torch.cat(targets), token_raw=token_raw, views=views,
+    )
+
+
+def _normalise(raw: torch.Tensor, mode: str, threshold: float | None) -> torch.Tensor:
+    """Max-normalise ``[L, gh, gw]`` per layer or globally; an all-zero map stays 0."""
+    peak = raw.flatten(1).amax(dim=1)[:, None, None] if mode == "layer" else raw.amax().expand(raw.shape[0], 1, 1)
+    out = torch.where(peak > 0, raw / peak.clamp(min=torch.finfo(raw.dtype).tiny), 0.0)
+    if threshold is not None:
+        out = torch.where(out < threshold, 0.0, out)
+    return out
