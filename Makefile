@@ -17,7 +17,13 @@ $(STAMP): setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h)
 demo: setup
 	$(PYTHON) benchmarks/bench_attention.py
 
-bench: demo
+# Every benchmark; each writes benchmarks/results/<device>[-<name>].json and prints a Markdown table.
+bench: setup
+	$(PYTHON) benchmarks/bench_attention.py
+	$(PYTHON) benchmarks/bench_compact.py
+	$(PYTHON) benchmarks/bench_trace.py
+	$(PYTHON) benchmarks/bench_generate.py
+	$(PYTHON) benchmarks/bench_cam.py
 
 lint: setup
 	$(PYTHON) -m ruff check .
