@@ -17,9 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import re
-import resource
 import statistics
 import subprocess
 import sys
@@ -28,21 +25,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from _common import device_label, make_report, peak_rss_kib, reset_peak_rss_kib, resolve_device, sync, write_report
 
 import flowkern
 
-RESULTS = Path(__file__).resolve().parent / "results"
 NSEG = 4  # system / image / user / generated
-
-
-def device_label(device: str) -> str:
-    if device == "cpu":
-        return f"cpu-{os.cpu_count()}core"
-    name = torch.cuda.get_device_name().lower()
-    for tag in ("h200", "h100", "a100", "l40", "4090"):
-        if tag in name:
-            return tag
-    return name.replace(" ", "-")
 
 
 def segments(b: int, sk: int, device: str) -> torch.Tensor:
@@ -110,11 +97,6 @@ def prepare(op: str, case: dict, device: str, dtype: torch.dtype) -> dict:
     return x
 
 
-def sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
 def time_method(op: str, method: str, x: dict, device: str, repeats: int, sdpa_backend: str | None = None) -> dict:
     run_method(op, method, x, sdpa_backend)  # warm-up (compilation, allocator, caches)
     sync(device)
@@ -158,31 +140,9 @@ def memory_probe(spec: str) -> None:
     if s["op"] == "key_attention_mass":  # the lse came from a segment_attention run; don't count that run
         x = {k: v.clone() for k, v in x.items()}
     run_method(s["op"], s["method"], x)  # warm-up: one-time allocations (BLAS buffers, thread pools)
-    base = _reset_peak_rss_kib()
+    base = reset_peak_rss_kib()
     run_method(s["op"], s["method"], x)
-    print((_peak_rss_kib() - base) / 1024)
-
-
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        return int(re.search(rf"^{field}:\s+(\d+) kB", f.read(), re.M).group(1))
-
-
-def _reset_peak_rss_kib() -> int:
-    """Reset the process's peak RSS to the current RSS (Linux: clear_refs 5) and return it in KiB."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return _status_kib("VmRSS")
-    except OSError:  # not Linux: fall back to the lifetime high-water mark (over-counts nothing, may under-count)
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-
-
-def _peak_rss_kib() -> int:
-    try:
-        return _status_kib("VmHWM")
-    except OSError:
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print((peak_rss_kib() - base) / 1024)
 
 
 # --------------------------------------------------------------------------------------------- driver
@@ -224,9 +184,7 @@ def main() -> None:
         memory_probe(args.memory_probe)
         return
 
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    if device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device is available")
+    device = resolve_device(args.device)
     gpu = device == "cuda"
     dtype = getattr(torch, args.dtype or ("bfloat16" if gpu else "float32"))
     seqs = args.seqs or ([1024, 2048, 4096, 16384] if gpu else [1024, 2048])
@@ -271,19 +229,7 @@ def main() -> None:
         rows.append(result)
         del x
 
-    report = dict(
-        device=label, device_name=torch.cuda.get_device_name() if gpu else platform.processor() or platform.machine(),
-        threads=torch.get_num_threads(), torch=torch.__version__, flowkern=flowkern.__version__,
-        backend=flowkern.ops.backend_for(torch.device(device)),
-        command=" ".join([Path(sys.executable).name, *sys.argv]),
-        date=time.strftime("%Y-%m-%d"), results=rows,
-    )
-    out = args.out or RESULTS / f"{label}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    print()
-    print(markdown_table(report))
-    print(f"\nwrote {out}")
+    write_report(make_report(label, device, results=rows), args.out, None, markdown_table)
 
 
 def markdown_table(report: dict) -> str:

@@ -22,7 +22,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -30,31 +29,20 @@ import time
 from pathlib import Path
 
 import torch
+from _common import llava_15_config, max_rss_mib, write_json
 
 PROMPT_LEN = 40  # system + user text tokens around the image (LLaVA-1.5 chat format is ~35-45)
 ANSWER_LEN = 8
 MEAN = (0.48145466, 0.4578275, 0.40821073)  # CLIP normalisation (LLaVA-1.5's processor)
 STD = (0.26862954, 0.26130258, 0.27577711)
+CONFIGS = {"llava-1.5-7b": "7b", "cpu-reduced": "cpu-reduced"}  # --config -> size in _common.LLAVA_15_SIZES
 
 
 def llava_config(name: str):
-    from transformers import LlavaConfig
-
-    if name == "llava-1.5-7b":
-        vision = dict(model_type="clip_vision_model", hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
-                      num_attention_heads=16, image_size=336, patch_size=14, projection_dim=768)
-        text = dict(model_type="llama", hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-                    num_attention_heads=32, num_key_value_heads=32, vocab_size=32064, max_position_embeddings=4096,
-                    rms_norm_eps=1e-5)
-        return LlavaConfig(vision_config=vision, text_config=text, image_token_index=32000, vision_feature_layer=-2,
-                           projector_hidden_act="gelu")
-    if name == "cpu-reduced":
-        vision = dict(model_type="clip_vision_model", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=2, image_size=336, patch_size=14, projection_dim=64)
-        text = dict(model_type="llama", hidden_size=256, intermediate_size=688, num_hidden_layers=32,
-                    num_attention_heads=4, num_key_value_heads=4, vocab_size=32064, max_position_embeddings=4096)
-        return LlavaConfig(vision_config=vision, text_config=text, image_token_index=32000, vision_feature_layer=-2)
-    raise ValueError(f"unknown config {name!r}")
+    """The ``--config`` model's LLaVA-1.5 config, without a pad token (this benchmark never pads)."""
+    if name not in CONFIGS:
+        raise ValueError(f"unknown config {name!r}")
+    return llava_15_config(CONFIGS[name], pad_token_id=None)
 
 
 def build(name: str, device: str, dtype: torch.dtype):
@@ -107,10 +95,6 @@ def per_layer_baseline(model, inputs, answer, layers):
         del logits, z, saved
 
 
-def _rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
-
-
 def measure(args) -> dict:
     """One measurement in this process (called through the --child flag)."""
     import flowkern
@@ -135,7 +119,7 @@ def measure(args) -> dict:
 
     if args.repeats > 1:
         once()  # warm-up (also the first-call allocations)
-    base_rss = _rss_mib()
+    base_rss = max_rss_mib()
     if cuda:
         torch.cuda.reset_peak_memory_stats()
         loaded = torch.cuda.memory_allocated() / 2**20
@@ -150,7 +134,7 @@ def measure(args) -> dict:
     if cuda:
         out.update(peak_alloc_mib=torch.cuda.max_memory_allocated() / 2**20, model_alloc_mib=loaded)
     else:
-        out.update(peak_rss_mib=_rss_mib(), rss_after_warmup_mib=base_rss)
+        out.update(peak_rss_mib=max_rss_mib(), rss_after_warmup_mib=base_rss)
     return out
 
 
@@ -169,7 +153,7 @@ def _loaded_rss(args) -> float:
     """Peak RSS of a process that only builds the model and inputs (the baseline of the CPU memory numbers)."""
     code = (f"import sys, torch; sys.path.insert(0, {str(Path(__file__).parent)!r}); import bench_cam as b; "
             f"torch.set_num_threads({args.threads}); b.build({args.config!r}, 'cpu', torch.float32); "
-            "import flowkern.cam; print(b._rss_mib())")
+            "import flowkern.cam; print(b.max_rss_mib())")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return float(res.stdout.strip().splitlines()[-1])
 
@@ -273,8 +257,7 @@ def main() -> None:
         extra = "" if base is None else f" (+{mem - base:.0f})"
         print(f"| {r['mode']} | {r['samples']} | {r['batch_size']} | {r['median_s']:.2f} | {mem:.0f}{extra} |")
     if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(record, indent=1) + "\n")
+        write_json(args.out, record, indent=1)
         print(f"wrote {args.out}")
 
 

@@ -24,9 +24,7 @@ before the first dropped position (5% here), which is counted anyway. Each time 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -34,20 +32,9 @@ import time
 from pathlib import Path
 
 import torch
+from _common import device_label, make_report, peak_rss_kib, reset_peak_rss_kib, resolve_device, sync, write_report
 
 import flowkern
-
-RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def device_label(device: str) -> str:
-    if device == "cpu":
-        return f"cpu-{os.cpu_count()}core"
-    name = torch.cuda.get_device_name().lower()
-    for tag in ("h200", "h100", "a100", "l40", "4090"):
-        if tag in name:
-            return tag
-    return name.replace(" ", "-")
 
 
 def make_inputs(args: argparse.Namespace, device: str, dtype: torch.dtype) -> tuple[list[torch.Tensor], torch.Tensor]:
@@ -62,11 +49,6 @@ def make_inputs(args: argparse.Namespace, device: str, dtype: torch.dtype) -> tu
     lo, hi = int(0.05 * args.seq), int((0.05 + args.drop) * args.seq)
     keep[:, lo:hi] = False
     return kv, keep.to(device)
-
-
-def sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
 
 
 def make_methods(kv: list[torch.Tensor], keep: torch.Tensor) -> dict:
@@ -114,14 +96,6 @@ def time_it(fn, device: str, repeats: int) -> dict:
     return dict(median_ms=statistics.median(times), min_ms=min(times), max_ms=max(times), repeats=repeats)
 
 
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise OSError(field)
-
-
 def peak_extra_mib(name: str, fn, device: str, argv: list[str]) -> float | None:
     """Peak memory a method allocates on top of the inputs (MiB)."""
     if device == "cuda":
@@ -147,11 +121,9 @@ def peak_extra_mib(name: str, fn, device: str, argv: list[str]) -> float | None:
 def memory_probe(name: str, fn) -> None:
     """Child process: print the peak RSS growth (MiB) of one run of ``fn`` after a warm-up (Linux)."""
     fn()
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    base = _status_kib("VmRSS")
+    base = reset_peak_rss_kib(fallback=False)
     out = fn()
-    peak = _status_kib("VmHWM")
+    peak = peak_rss_kib(fallback=False)
     del out
     print((peak - base) / 1024)
 
@@ -173,9 +145,7 @@ def main() -> None:
     ap.add_argument("--memory-probe", help=argparse.SUPPRESS)
     args = ap.parse_args()
 
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    if device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device is available")
+    device = resolve_device(args.device)
     gpu = device == "cuda"
     dtype = getattr(torch, args.dtype or ("float16" if gpu else "float32"))
     args.seq = args.seq or (2048 if gpu else 1024)
@@ -203,11 +173,8 @@ def main() -> None:
             print(f"{name:13s} {r['median_ms']:9.3f} ms  {r['GBps']:8.1f} GB/s", flush=True)
     for name in res:
         res[name]["pct_of_copy"] = 100 * res[name]["GBps"] / res["copy"]["GBps"]
-    report = dict(
-        device=label, device_name=torch.cuda.get_device_name() if gpu else platform.processor() or platform.machine(),
-        threads=torch.get_num_threads(), torch=torch.__version__, flowkern=flowkern.__version__,
-        backend=flowkern.ops.backend_for(torch.device(device)),
-        command=" ".join([Path(sys.executable).name, *sys.argv]), date=time.strftime("%Y-%m-%d"),
+    report = make_report(
+        label, device,
         shape=dict(layers=args.layers, tensors=len(kv), B=args.batch, H=args.heads, S=args.seq, D=args.head_dim,
                    dtype=str(dtype).removeprefix("torch."), kept=int(keep.sum()) // args.batch,
                    cache_mib=sum(t.numel() * t.element_size() for t in kv) / 2**20),
@@ -215,12 +182,7 @@ def main() -> None:
         flowkern_over_index_select=res["flowkern"]["median_ms"] / res["index_select"]["median_ms"],
         flowkern_over_copy=res["flowkern"]["median_ms"] / res["copy"]["median_ms"],
     )
-    out = args.out or RESULTS / f"{label}-compact.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    print()
-    print(markdown_table(report))
-    print(f"\nwrote {out}")
+    write_report(report, args.out, "compact", markdown_table)
 
 
 def markdown_table(report: dict) -> str:

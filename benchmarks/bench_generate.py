@@ -1,7 +1,7 @@
 """End to end: ``generate`` with image tokens pruned from layer L on (``flowkern.prune``) vs unpruned, LLaVA-1.5.
 
 The model is built from a config with random weights (no download): on GPU the published geometry of
-``llava-hf/llava-1.5-7b-hf`` (``bench_trace.llava_15_config("7b")``: CLIP ViT-L/14-336, 576 image tokens,
+``llava-hf/llava-1.5-7b-hf`` (``_common.llava_15_config("7b")``: CLIP ViT-L/14-336, 576 image tokens,
 Llama-2-7B: 32 layers x 4096), bf16; on CPU a tiny config with the same token counts (``"tiny"``: 576 image tokens
 per image, 8 text layers of width 256, a 1-layer tower of width 128), fp32.
 
@@ -30,19 +30,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
-import json
 import os
-import platform
 import statistics
-import sys
-import time
 from pathlib import Path
 
 import torch
-import transformers
-from bench_attention import RESULTS, device_label
-from bench_trace import llava_15_config
-from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+from _common import build_model, device_label, make_report, model_summary, resolve_device, write_report
+from transformers import LlavaForConditionalGeneration
 
 import flowkern
 from flowkern.prune import ForwardTimer
@@ -50,32 +44,6 @@ from flowkern.prune import ForwardTimer
 METHODS = ("sdpa", "flowkern", "prune-k0", "prune-k64")
 TEXT_TOKENS = 64
 SYSTEM_TOKENS = 5
-
-
-def model_config(size: str) -> LlavaConfig:
-    """``"7b"``: LLaVA-1.5-7B (see ``bench_trace.llava_15_config``); ``"tiny"``: same token counts, small widths."""
-    if size == "7b":
-        return llava_15_config("7b")
-    if size != "tiny":
-        raise ValueError(f"unknown size {size!r}: '7b' or 'tiny'")
-    vision = CLIPVisionConfig(hidden_size=128, intermediate_size=512, num_hidden_layers=1, num_attention_heads=4,
-                              image_size=336, patch_size=14, projection_dim=128, hidden_act="quick_gelu")
-    text = LlamaConfig(hidden_size=256, intermediate_size=688, num_hidden_layers=8, num_attention_heads=4,
-                       num_key_value_heads=4, vocab_size=32064, max_position_embeddings=4096, rms_norm_eps=1e-5,
-                       pad_token_id=32001, bos_token_id=1, eos_token_id=2)
-    return LlavaConfig(vision_config=vision, text_config=text, image_token_index=32000, pad_token_id=32001,
-                       projector_hidden_act="gelu", vision_feature_select_strategy="default", vision_feature_layer=-1)
-
-
-def build_model(size: str, device: str, dtype: torch.dtype) -> LlavaForConditionalGeneration:
-    torch.manual_seed(0)
-    cfg = model_config(size)
-    with torch.device(device):
-        model = LlavaForConditionalGeneration._from_config(cfg, dtype=dtype, attn_implementation="sdpa")
-    model.eval()
-    model.generation_config.eos_token_id = None  # always decode --new-tokens steps
-    model.generation_config.pad_token_id = cfg.pad_token_id
-    return model
 
 
 def make_inputs(model: LlavaForConditionalGeneration, batch: int, device: str, dtype: torch.dtype) -> dict:
@@ -147,9 +115,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None, help="default: benchmarks/results/<device>-generate.json")
     args = ap.parse_args()
 
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    if device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device is available")
+    device = resolve_device(args.device)
     gpu = device == "cuda"
     size = args.size or ("7b" if gpu else "tiny")
     dtype = getattr(torch, args.dtype or ("bfloat16" if gpu else "float32"))
@@ -184,24 +150,10 @@ def main() -> None:
         del kwargs
         gc.collect()
 
-    t, v = model.config.text_config, model.config.vision_config
-    report = dict(
-        device=label, device_name=torch.cuda.get_device_name() if gpu else platform.processor() or platform.machine(),
-        threads=torch.get_num_threads(), torch=torch.__version__, transformers=transformers.__version__,
-        flowkern=flowkern.__version__, backend=flowkern.ops.backend_for(torch.device(device)),
-        dtype=str(dtype).removeprefix("torch."), layer=args.layer, methods=methods,
-        model=dict(size=size, text_layers=t.num_hidden_layers, hidden=t.hidden_size, heads=t.num_attention_heads,
-                   vision_layers=v.num_hidden_layers, vision_hidden=v.hidden_size,
-                   image_tokens_per_image=(v.image_size // v.patch_size) ** 2,
-                   parameters=sum(p.numel() for p in model.parameters())),
-        command=" ".join([Path(sys.executable).name, *sys.argv]), date=time.strftime("%Y-%m-%d"), results=rows,
-    )
-    out = args.out or RESULTS / f"{label}-generate.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    print()
-    print(markdown_table(report))
-    print(f"\nwrote {out}")
+    setup = dict(dtype=str(dtype).removeprefix("torch."), layer=args.layer, methods=methods,
+                 model=model_summary(model, size))
+    report = make_report(label, device, with_transformers=True, setup=setup, results=rows)
+    write_report(report, args.out, "generate", markdown_table)
 
 
 def markdown_table(report: dict) -> str:

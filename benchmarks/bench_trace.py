@@ -1,7 +1,7 @@
 """End to end: one ``generate`` under ``flowkern.trace`` vs ``output_attentions=True`` (eager), LLaVA-1.5 geometry.
 
 The model is built from a config with random weights (no download): on GPU the published geometry of
-``llava-hf/llava-1.5-7b-hf`` (:func:`llava_15_config` ``"7b"``: CLIP ViT-L/14-336 tower, 576 image tokens per image,
+``llava-hf/llava-1.5-7b-hf`` (``_common.llava_15_config("7b")``: CLIP ViT-L/14-336 tower, 576 image tokens per image,
 Llama-2-7B text model: 32 layers, hidden 4096, 32 heads, vocab 32064), bf16; on CPU a reduced config with the same
 token counts (``"cpu"``: 576 image tokens per image, 4 text layers of width 512, a 2-layer tower), fp32.
 
@@ -18,7 +18,7 @@ model and inputs, so ratios are comparable (DESIGN.md §7):
 Time: median of ``--repeats`` runs after one warm-up (CUDA: synchronised wall time). Peak memory: on CUDA
 ``torch.cuda.max_memory_allocated`` above what was allocated before the call (weights, inputs), measured in this
 process; on CPU the growth of the peak RSS (``VmHWM`` after ``/proc/self/clear_refs``, helpers from
-``bench_attention.py``) during one run in a fresh process per method and workload (no warm-up there, so cached
+``_common.py``) during one run in a fresh process per method and workload (no warm-up there, so cached
 allocations of an earlier run cannot hide the peak).
 
     python benchmarks/bench_trace.py                  # CPU, reduced config; writes results/cpu-<n>core-trace.json
@@ -31,7 +31,6 @@ import argparse
 import gc
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -39,9 +38,18 @@ import time
 from pathlib import Path
 
 import torch
-import transformers
-from bench_attention import RESULTS, _peak_rss_kib, _reset_peak_rss_kib, device_label, sync
-from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+from _common import (
+    build_model,
+    device_label,
+    make_report,
+    model_summary,
+    peak_rss_kib,
+    reset_peak_rss_kib,
+    resolve_device,
+    sync,
+    write_report,
+)
+from transformers import LlavaForConditionalGeneration
 
 import flowkern
 
@@ -51,46 +59,6 @@ CASES = (
     dict(name="4 images + 64 text tokens", images=4, text=64),
 )
 SYSTEM_TOKENS = 5  # text tokens before the first image; the rest of the 64 text tokens follow the images
-
-
-def llava_15_config(size: str) -> LlavaConfig:
-    """LLaVA-1.5 configs.
-
-    ``"7b"``: the geometry ``llava-hf/llava-1.5-7b-hf`` publishes: CLIP ViT-L/14 at 336 px (24 layers, hidden 1024,
-    16 heads, MLP 4096; 24 x 24 = 576 patch tokens, CLS dropped by ``vision_feature_select_strategy="default"``,
-    features from layer -2), 2-layer GELU projector, Llama-2-7B (32 layers, hidden 4096, 32 heads, MLP 11008,
-    RMSNorm eps 1e-5, 4096 positions), vocab 32064 with image token 32000 and pad 32001.
-    ``"cpu"``: the same token counts (336 px / patch 14 = 576 image tokens, vocab 32064) with a 2-layer tower of
-    width 256 and a 4-layer text model of width 512 (8 heads of 64), for CPU runs.
-    """
-    if size == "7b":
-        vision = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
-                                  num_attention_heads=16, image_size=336, patch_size=14, projection_dim=768,
-                                  hidden_act="quick_gelu", layer_norm_eps=1e-5)
-        text = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-                           num_key_value_heads=32, vocab_size=32064, max_position_embeddings=4096, rms_norm_eps=1e-5,
-                           pad_token_id=32001, bos_token_id=1, eos_token_id=2)
-    elif size == "cpu":
-        vision = CLIPVisionConfig(hidden_size=256, intermediate_size=1024, num_hidden_layers=2, num_attention_heads=4,
-                                  image_size=336, patch_size=14, projection_dim=256, hidden_act="quick_gelu")
-        text = LlamaConfig(hidden_size=512, intermediate_size=1376, num_hidden_layers=4, num_attention_heads=8,
-                           num_key_value_heads=8, vocab_size=32064, max_position_embeddings=4096, rms_norm_eps=1e-5,
-                           pad_token_id=32001, bos_token_id=1, eos_token_id=2)
-    else:
-        raise ValueError(f"unknown size {size!r}: '7b' or 'cpu'")
-    return LlavaConfig(vision_config=vision, text_config=text, image_token_index=32000, pad_token_id=32001,
-                       projector_hidden_act="gelu", vision_feature_select_strategy="default", vision_feature_layer=-2)
-
-
-def build_model(size: str, device: str, dtype: torch.dtype) -> LlavaForConditionalGeneration:
-    torch.manual_seed(0)
-    cfg = llava_15_config(size)
-    with torch.device(device):
-        model = LlavaForConditionalGeneration._from_config(cfg, dtype=dtype, attn_implementation="sdpa")
-    model.eval()
-    model.generation_config.eos_token_id = None  # always decode --new-tokens steps
-    model.generation_config.pad_token_id = cfg.pad_token_id
-    return model
 
 
 def make_inputs(model: LlavaForConditionalGeneration, case: dict, device: str, dtype: torch.dtype) -> tuple:
@@ -185,9 +153,9 @@ def memory_probe(spec: str) -> None:
     model = build_model(s["size"], "cpu", dtype)
     kwargs, labels = make_inputs(model, s["case"], "cpu", dtype)
     gc.collect()
-    base = _reset_peak_rss_kib()
+    base = reset_peak_rss_kib()
     run(s["method"], model, kwargs, labels, s["new_tokens"])
-    peak = _peak_rss_kib()
+    peak = peak_rss_kib()
     print(json.dumps(dict(peak_extra_mib=(peak - base) / 1024, peak_total_mib=peak / 1024)))
 
 
@@ -207,9 +175,7 @@ def main() -> None:
         memory_probe(args.memory_probe)
         return
 
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    if device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device is available")
+    device = resolve_device(args.device)
     gpu = device == "cuda"
     size = args.size or ("7b" if gpu else "cpu")
     dtype = getattr(torch, args.dtype or ("bfloat16" if gpu else "float32"))
@@ -218,7 +184,6 @@ def main() -> None:
     label = device_label(device)
 
     model = build_model(size, device, dtype)
-    cfg = model.config
     rows = []
     for case in CASES:
         kwargs, labels = make_inputs(model, case, device, dtype)
@@ -246,24 +211,9 @@ def main() -> None:
         del kwargs
         gc.collect()
 
-    t, v = cfg.text_config, cfg.vision_config
-    report = dict(
-        device=label, device_name=torch.cuda.get_device_name() if gpu else platform.processor() or platform.machine(),
-        threads=torch.get_num_threads(), torch=torch.__version__, transformers=transformers.__version__,
-        flowkern=flowkern.__version__, backend=flowkern.ops.backend_for(torch.device(device)),
-        dtype=str(dtype).removeprefix("torch."),
-        model=dict(size=size, text_layers=t.num_hidden_layers, hidden=t.hidden_size, heads=t.num_attention_heads,
-                   vocab=t.vocab_size, vision_layers=v.num_hidden_layers, vision_hidden=v.hidden_size,
-                   image_tokens_per_image=(v.image_size // v.patch_size) ** 2,
-                   parameters=sum(p.numel() for p in model.parameters())),
-        command=" ".join([Path(sys.executable).name, *sys.argv]), date=time.strftime("%Y-%m-%d"), results=rows,
-    )
-    out = args.out or RESULTS / f"{label}-trace.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    print()
-    print(markdown_table(report))
-    print(f"\nwrote {out}")
+    setup = dict(dtype=str(dtype).removeprefix("torch."), model=model_summary(model, size, vocab=True))
+    report = make_report(label, device, with_transformers=True, setup=setup, results=rows)
+    write_report(report, args.out, "trace", markdown_table)
 
 
 def markdown_table(report: dict) -> str:
