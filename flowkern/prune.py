@@ -65,9 +65,12 @@ import time
 import weakref
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
+
+if TYPE_CHECKING:
+    from flowkern.hf.calls import ForwardCall
 
 __all__ = ["prune", "Pruning", "compact_cache_", "cache_keymaps", "ForwardTimer"]
 
@@ -366,6 +369,7 @@ class Pruning:
         when: When = "prefill",
         timing: bool = True,
     ) -> None:
+        from flowkern.hf.calls import ForwardWatcher
         from flowkern.hf.models import get_adapter
 
         self.model = model
@@ -415,8 +419,7 @@ class Pruning:
         self._row_hooked: list[torch.nn.Module] = []
         self._attn: dict[int, torch.nn.Module] = {}
         self._prev_impl: str | None = None
-        self._depth = 0
-        self._last_ids: torch.Tensor | None = None
+        self._calls = ForwardWatcher("flowkern.prune", self._on_call, self._on_return)
         self._fwd: _Forward | None = None
         self._prompt_ids: torch.Tensor | None = None
         self._prompt_keep: torch.Tensor | None = None
@@ -510,16 +513,7 @@ class Pruning:
                     setattr(ranker, ROW_HOOKS_ATTR, hooks)
                 hooks.append(self._row_hook)
                 self._row_hooked.append(ranker)
-            owned = [m for m in model.modules() if getattr(m, "config", None) is text_config]
-            language_model = next((m for m in owned if hasattr(m, "get_input_embeddings")), None)
-            for m in dict.fromkeys([model, language_model]):
-                if m is None:
-                    continue
-                self._handles.append(m.register_forward_pre_hook(self._pre_forward, with_kwargs=True))
-                self._handles.append(m.register_forward_hook(self._post_forward, always_call=True))
-            embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-            if embeddings is not None:
-                self._handles.append(embeddings.register_forward_pre_hook(self._pre_embed))
+            self._calls.install(model, text_config)
         except BaseException:
             self._uninstall()
             raise
@@ -532,6 +526,7 @@ class Pruning:
     def _uninstall(self) -> None:
         from flowkern.hf.attention import KEYMAP_ATTR, ROW_HOOKS_ATTR, restore_attention
 
+        self._calls.remove()
         for h in self._handles:
             h.remove()
         self._handles.clear()
@@ -550,34 +545,13 @@ class Pruning:
         restore_attention(self.model, self.adapter.text_config_key, self.text_config, self._prev_impl)
         self._prev_impl = None
         self._installed = False
-        self._depth = 0
         self._fwd = None
-        self._last_ids = None
 
     # ------------------------------------------------------------------------------------------------------
     # model-level hooks
 
-    def _pre_embed(self, module: torch.nn.Module, args: tuple) -> None:
-        if args and isinstance(args[0], torch.Tensor) and args[0].dim() == 2 and not args[0].is_floating_point():
-            self._last_ids = args[0]
-
-    def _pre_forward(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-        self._depth += 1
-        if self._depth > 1:  # the language model inside the VLM: handled by the outer call
-            return
-        ids = kwargs.get("input_ids")
-        if ids is None and args and isinstance(args[0], torch.Tensor) and not args[0].is_floating_point():
-            ids = args[0]
-        embeds = kwargs.get("inputs_embeds")
-        last_ids, self._last_ids = self._last_ids, None
-        if ids is None and embeds is not None and last_ids is not None and last_ids.shape == embeds.shape[:2]:
-            ids = last_ids
-        if ids is not None:
-            n_new, device = int(ids.shape[1]), ids.device
-        elif embeds is not None:
-            n_new, device = int(embeds.shape[1]), embeds.device
-        else:
-            raise ValueError("flowkern.prune: the forward got neither input_ids nor inputs_embeds")
+    def _on_call(self, call: ForwardCall) -> None:
+        ids, kwargs, n_new, device = call.ids, call.kwargs, call.length, call.device
         cache = kwargs.get("past_key_values")
         _check_cache(cache)
         past = int(cache.get_seq_length()) if cache is not None else 0
@@ -588,7 +562,7 @@ class Pruning:
             raise ValueError("flowkern.prune needs a 2D attention_mask [B, S] (or none); a 4D mask is not supported")
         capture = bool(kwargs.get("output_hidden_states", getattr(self.config, "output_hidden_states", False)))
         fwd = _Forward(past == 0, cache, n_new, capture)
-        self._batch = int(ids.shape[0]) if ids is not None else int(embeds.shape[0])
+        self._batch = call.batch
         self._fwd = fwd
         if fwd.prefill:
             if cache is not None:
@@ -620,12 +594,8 @@ class Pruning:
         fwd.device = device
         fwd.start = time.perf_counter()
 
-    def _post_forward(self, module: torch.nn.Module, args: tuple, output: Any) -> None:
-        self._depth = max(0, self._depth - 1)
-        if self._depth > 0:
-            return
+    def _on_return(self) -> None:
         fwd, self._fwd = self._fwd, None
-        self._last_ids = None
         if fwd is None:
             return
         if self.timing:

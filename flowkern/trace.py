@@ -37,9 +37,12 @@ on a non-empty cache (chunked prefill, assisted decoding) raises ``NotImplemente
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from flowkern.hf.calls import ForwardCall
 
 __all__ = ["trace", "Flow"]
 
@@ -91,6 +94,7 @@ class Flow:
         eos_token_id: int | Sequence[int] | None = None,
         image_inputs: Mapping[str, Any] | None = None,
     ) -> None:
+        from flowkern.hf.calls import ForwardWatcher
         from flowkern.hf.models import get_adapter
         from flowkern.hf.segments import NUM_SEGMENTS, SEGMENT_NAMES
 
@@ -113,8 +117,7 @@ class Flow:
         self._handles: list[Any] = []
         self._observed: list[torch.nn.Module] = []
         self._prev_impl: str | None = None
-        self._depth = 0
-        self._last_ids: torch.Tensor | None = None
+        self._calls = ForwardWatcher("flowkern.trace", self._on_call)
         # the record
         self._ids: torch.Tensor | None = None  # [B, T] token ids (-1 where unknown)
         self._prompt_len = 0
@@ -138,13 +141,12 @@ class Flow:
     # install / uninstall
 
     def __enter__(self) -> Flow:
-        from flowkern.hf.attention import OBSERVER_ATTR, use_flowkern_attention
+        from flowkern.hf.attention import OBSERVER_ATTR, language_attention_modules, use_flowkern_attention
 
         if self._installed:
             raise RuntimeError("this flowkern.trace is already active")
         model, text_config = self.model, self.text_config
-        owned = [m for m in model.modules() if getattr(m, "config", None) is text_config]
-        attn_modules = [m for m in owned if hasattr(m, "layer_idx")]
+        attn_modules = language_attention_modules(model, text_config)
         if not attn_modules:
             raise ValueError(f"{self.family}: found no attention module of the language model to trace")
         if any(hasattr(m, OBSERVER_ATTR) for m in attn_modules):
@@ -156,21 +158,13 @@ class Flow:
             for m in attn_modules:
                 setattr(m, OBSERVER_ATTR, observer)
                 self._observed.append(m)
-            language_model = next((m for m in owned if hasattr(m, "get_input_embeddings")), None)
-            for m in dict.fromkeys([model, language_model]):
-                if m is None:
-                    continue
-                self._handles.append(m.register_forward_pre_hook(self._pre_forward, with_kwargs=True))
-                self._handles.append(m.register_forward_hook(self._post_forward, always_call=True))
+            self._calls.install(model, text_config)
             vision_config = getattr(self.config, "vision_config", None)
             tower = None
             if vision_config is not None:
                 tower = next((m for m in model.modules() if getattr(m, "config", None) is vision_config), None)
             if tower is not None and self.adapter.tower_grid_kwarg is not None:
                 self._handles.append(tower.register_forward_pre_hook(self._pre_tower, with_kwargs=True))
-            embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-            if embeddings is not None:
-                self._handles.append(embeddings.register_forward_pre_hook(self._pre_embed))
         except BaseException:
             self._uninstall()
             raise
@@ -183,6 +177,7 @@ class Flow:
     def _uninstall(self) -> None:
         from flowkern.hf.attention import OBSERVER_ATTR, restore_attention
 
+        self._calls.remove()
         for h in self._handles:
             h.remove()
         self._handles.clear()
@@ -192,8 +187,6 @@ class Flow:
         self._observed.clear()
         restore_attention(self.model, self.adapter.text_config_key, self.text_config, self._prev_impl)
         self._installed = False
-        self._depth = 0
-        self._last_ids = None
 
     # ------------------------------------------------------------------------------------------------------
     # hooks
@@ -205,32 +198,8 @@ class Flow:
         if isinstance(grid, torch.Tensor):
             self._tower_grids.append(_to_cpu(grid))
 
-    def _pre_embed(self, module: torch.nn.Module, args: tuple) -> None:
-        if args and isinstance(args[0], torch.Tensor) and args[0].dim() == 2 and not args[0].is_floating_point():
-            self._last_ids = args[0]
-
-    def _post_forward(self, module: torch.nn.Module, args: tuple, output: Any) -> None:
-        self._depth = max(0, self._depth - 1)
-        if self._depth == 0:
-            self._last_ids = None
-
-    def _pre_forward(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-        self._depth += 1
-        if self._depth > 1:  # a nested call (the language model inside the VLM): already handled
-            return
-        ids = kwargs.get("input_ids")
-        if ids is None and args and isinstance(args[0], torch.Tensor) and not args[0].is_floating_point():
-            ids = args[0]
-        embeds = kwargs.get("inputs_embeds")
-        last_ids, self._last_ids = self._last_ids, None
-        if ids is None and embeds is not None and last_ids is not None and last_ids.shape == embeds.shape[:2]:
-            ids = last_ids  # e.g. InstructBLIP.generate embeds the prompt itself, then calls the LM with embeddings
-        if ids is not None:
-            n_new = ids.shape[1]
-        elif embeds is not None:
-            n_new = embeds.shape[1]
-        else:
-            raise ValueError("flowkern.trace: the traced forward got neither input_ids nor inputs_embeds")
+    def _on_call(self, call: ForwardCall) -> None:
+        ids, n_new, kwargs = call.ids, call.length, call.kwargs
         past = _cache_length(kwargs.get("past_key_values"))
         mask = kwargs.get("attention_mask")
         total = 0 if self._segments is None else self._segments.shape[1]
