@@ -183,6 +183,15 @@ def model_summary(model: LlavaForConditionalGeneration, size: str, *, vocab: boo
 # --------------------------------------------------------------------------------------------- reports
 
 
+def llava_caption(report: dict) -> str:
+    """First part of a LLaVA benchmark table's caption: machine, versions, dtype, backend and model geometry
+    (from :func:`make_report` with transformers and :func:`model_summary`); callers append the workload."""
+    m = report["model"]
+    return (f"{report['device']} ({report['device_name']}, {report['threads']} threads, torch {report['torch']}, "
+            f"transformers {report['transformers']}, {report['dtype']}, backend {report['backend']}); LLaVA-1.5 "
+            f"{m['size']} config, random weights: {m['text_layers']} text layers x {m['hidden']}, ")
+
+
 def make_report(label: str, device: str, *, with_transformers: bool = False, setup: dict | None = None,
                 **fields: Any) -> dict:
     """A results record: the machine (``device`` label, ``device_name``, ``threads``), the versions (``torch``,

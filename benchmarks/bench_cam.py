@@ -163,40 +163,16 @@ def save_demo_model(path: Path, layers: int = 8) -> None:
     weights) with its processor (CLIP image processor, word-level tokenizer, chat template) and a picture
     ``demo.png``: what the README's ``flowkern cam`` example runs on."""
     from PIL import Image, ImageDraw
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import (
-        CLIPImageProcessor,
-        LlavaConfig,
-        LlavaForConditionalGeneration,
-        LlavaProcessor,
-        PreTrainedTokenizerFast,
-    )
 
-    torch.manual_seed(0)
-    special = ["<pad>", "<s>", "</s>", "<unk>", "<image>"]
+    from flowkern.hf.tiny import save_tiny_llava
+
     words = "USER ASSISTANT : what is in the image ? where a the red ball blue sky green grass yes no".split()
-    vocab = {w: i for i, w in enumerate(special + words + [f"w{i}" for i in range(64)])}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.decoder = decoders.WordPiece()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
-                                        unk_token="<unk>", additional_special_tokens=["<image>"])
-    vision = dict(model_type="clip_vision_model", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                  num_attention_heads=2, image_size=336, patch_size=14, projection_dim=64)
-    text = dict(model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
-                num_attention_heads=4, num_key_value_heads=2, vocab_size=len(tokenizer), max_position_embeddings=1024,
-                pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    cfg = LlavaConfig(vision_config=vision, text_config=text, image_token_index=vocab["<image>"],
-                      vision_feature_layer=-2, vision_feature_select_strategy="default")
-    path.mkdir(parents=True, exist_ok=True)
-    LlavaForConditionalGeneration(cfg).save_pretrained(path)
-    template = ("{% for message in messages %}USER : {% for c in message['content'] %}{% if c['type'] == 'image' %}"
-                "<image> {% else %}{{ c['text'] }}{% endif %}{% endfor %}{% endfor %}"
-                "{% if add_generation_prompt %} ASSISTANT :{% endif %}")
-    ip = CLIPImageProcessor(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336},
-                            image_mean=list(MEAN), image_std=list(STD))
-    LlavaProcessor(image_processor=ip, tokenizer=tokenizer, patch_size=14, vision_feature_select_strategy="default",
-                   num_additional_image_tokens=1, chat_template=template).save_pretrained(path)
+    vision = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2, image_size=336,
+                  patch_size=14, projection_dim=64)
+    text = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=1024, eos_token_id=2)
+    save_tiny_llava(path, vision=vision, text=text, words=words, filler=64, vision_feature_layer=-2,
+                    image_mean=MEAN, image_std=STD)
     img = Image.new("RGB", (448, 336), (120, 170, 235))
     draw = ImageDraw.Draw(img)
     draw.rectangle([0, 230, 448, 336], fill=(70, 150, 60))

@@ -35,7 +35,15 @@ import statistics
 from pathlib import Path
 
 import torch
-from _common import build_model, device_label, make_report, model_summary, resolve_device, write_report
+from _common import (
+    build_model,
+    device_label,
+    llava_caption,
+    make_report,
+    model_summary,
+    resolve_device,
+    write_report,
+)
 from transformers import LlavaForConditionalGeneration
 
 import flowkern
@@ -159,10 +167,8 @@ def main() -> None:
 def markdown_table(report: dict) -> str:
     m = report["model"]
     lines = [
-        f"{report['device']} ({report['device_name']}, {report['threads']} threads, torch {report['torch']}, "
-        f"transformers {report['transformers']}, {report['dtype']}, backend {report['backend']}); LLaVA-1.5 "
-        f"{m['size']} config, random weights: {m['text_layers']} text layers x {m['hidden']}, "
-        f"{m['image_tokens_per_image']} image tokens + {TEXT_TOKENS} text tokens; pruned from layer "
+        llava_caption(report)
+        + f"{m['image_tokens_per_image']} image tokens + {TEXT_TOKENS} text tokens; pruned from layer "
         f"{report['layer']}; {report['results'][0]['new_tokens']} new tokens",
         "",
         "| batch | method | prefill ms | prefill speed-up | decode tok/s | decode speed-up | peak extra MiB |",

@@ -41,6 +41,7 @@ import torch
 from _common import (
     build_model,
     device_label,
+    llava_caption,
     make_report,
     model_summary,
     peak_rss_kib,
@@ -219,10 +220,8 @@ def main() -> None:
 def markdown_table(report: dict) -> str:
     m = report["model"]
     lines = [
-        f"{report['device']} ({report['device_name']}, {report['threads']} threads, torch {report['torch']}, "
-        f"transformers {report['transformers']}, {report['dtype']}, backend {report['backend']}); LLaVA-1.5 "
-        f"{m['size']} config, random weights: {m['text_layers']} text layers x {m['hidden']}, "
-        f"{m['image_tokens_per_image']} tokens per image; {report['results'][0]['new_tokens']} new tokens",
+        llava_caption(report)
+        + f"{m['image_tokens_per_image']} tokens per image; {report['results'][0]['new_tokens']} new tokens",
         "",
         "| workload | prompt tokens | SDPA s | flowkern.trace s | eager + output_attentions s | trace / SDPA "
         "| trace / eager | peak extra MiB SDPA / trace / eager | memory trace / eager |",

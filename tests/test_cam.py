@@ -353,28 +353,10 @@ def test_errors():
 
 def _save_tiny_llava(path) -> None:
     """CLIP 8x8 / patch 2 (a 4x4 grid), Llama text model, a word-level tokenizer and a LLaVA processor."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import CLIPImageProcessor, LlavaProcessor, PreTrainedTokenizerFast
+    from flowkern.hf.tiny import save_tiny_llava
 
-    torch.manual_seed(0)
-    special = ["<pad>", "<s>", "</s>", "<unk>", "<image>"]
     words = "USER ASSISTANT : what is in the image ? a cat dog red blue yes no".split()
-    vocab = {w: i for i, w in enumerate(special + words + [f"w{i}" for i in range(40)])}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.decoder = decoders.WordPiece()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
-                                        unk_token="<unk>", additional_special_tokens=["<image>"])
-    text = _text(vocab_size=len(tokenizer), pad_token_id=0, bos_token_id=1)
-    cfg = LlavaConfig(vision_config=_clip(8), text_config=text, image_token_index=vocab["<image>"],
-                      vision_feature_layer=-1, vision_feature_select_strategy="default")
-    LlavaForConditionalGeneration(cfg).save_pretrained(path)
-    template = ("{% for message in messages %}USER : {% for c in message['content'] %}{% if c['type'] == 'image' %}"
-                "<image> {% else %}{{ c['text'] }}{% endif %}{% endfor %}{% endfor %}"
-                "{% if add_generation_prompt %} ASSISTANT :{% endif %}")
-    ip = CLIPImageProcessor(size={"shortest_edge": 8}, crop_size={"height": 8, "width": 8})
-    LlavaProcessor(image_processor=ip, tokenizer=tokenizer, patch_size=2, vision_feature_select_strategy="default",
-                   num_additional_image_tokens=1, chat_template=template).save_pretrained(path)
+    save_tiny_llava(path, vision=_clip(8), text=_text(pad_token_id=0, bos_token_id=1), words=words)
 
 
 def test_cli_end_to_end(tmp_path, capsys):

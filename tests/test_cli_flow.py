@@ -16,28 +16,14 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import (
-    CLIPImageProcessor,
-    LlamaConfig,
-    LlavaConfig,
-    LlavaForConditionalGeneration,
-    LlavaProcessor,
-    PreTrainedTokenizerFast,
-)
+from transformers import LlamaConfig, PreTrainedTokenizerFast
 
 import flowkern
 from flowkern.cli import main, parse_layers
 from flowkern.hf.loading import build_inputs, input_image, load_model
+from flowkern.hf.tiny import CHAT_TEMPLATE, save_tiny_llava, word_tokenizer
 
 WORDS = "USER ASSISTANT USER: ASSISTANT: : what is in the image ? a cat dog red blue yes no describe color".split()
-LLAVA_TEMPLATE = (
-    "{% for message in messages %}{% if message['role'] == 'user' %}USER : "
-    "{% for c in message['content'] %}{% if c['type'] == 'image' %}<image> "
-    "{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}"
-    "{% else %}ASSISTANT : {{ message['content'][0]['text'] }} {% endif %}{% endfor %}"
-    "{% if add_generation_prompt %} ASSISTANT :{% endif %}"
-)
 TEXT_ONLY_TEMPLATE = (  # a template that drops image entries: the prompt ends up without an image slot
     "{% for message in messages %}USER : {% for c in message['content'] %}{% if c['type'] == 'text' %}"
     "{{ c['text'] }}{% endif %}{% endfor %}{% endfor %}{% if add_generation_prompt %} ASSISTANT :{% endif %}"
@@ -48,15 +34,7 @@ NEW_TOKENS = 4
 
 def make_tokenizer(extra_special: tuple[str, ...] = ()) -> PreTrainedTokenizerFast:
     """A word-level tokenizer with ``<image>`` (and ``extra_special``) as special tokens, built without files."""
-    special = ["<pad>", "<s>", "</s>", "<unk>", "<image>", *extra_special]
-    vocab = {w: i for i, w in enumerate(special + WORDS + [f"w{i}" for i in range(40)])}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.decoder = decoders.WordPiece()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-        additional_special_tokens=["<image>", *extra_special],
-    )
+    return word_tokenizer(WORDS, extra_special=extra_special)
 
 
 def _text_config(tok: PreTrainedTokenizerFast, **extra: object) -> dict:
@@ -67,19 +45,12 @@ def _text_config(tok: PreTrainedTokenizerFast, **extra: object) -> dict:
     return cfg
 
 
-def save_llava(path, *, chat_template: str | None = LLAVA_TEMPLATE) -> None:
+def save_llava(path, *, chat_template: str | None = CHAT_TEMPLATE) -> None:
     """A LLaVA-1.5 layout: CLIP tower 8x8 / patch 2 (16 image tokens, CLS dropped), Llama text model."""
-    torch.manual_seed(0)
-    tok = make_tokenizer()
-    vision = dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                  num_attention_heads=2, image_size=8, patch_size=2, projection_dim=32)
-    cfg = LlavaConfig(vision_config=vision, text_config=dict(_text_config(tok), model_type="llama"),
-                      image_token_index=tok.convert_tokens_to_ids("<image>"), vision_feature_layer=-1,
-                      vision_feature_select_strategy="default")
-    LlavaForConditionalGeneration(cfg).save_pretrained(path)
-    ip = CLIPImageProcessor(size={"shortest_edge": 8}, crop_size={"height": 8, "width": 8})
-    LlavaProcessor(image_processor=ip, tokenizer=tok, patch_size=2, vision_feature_select_strategy="default",
-                   num_additional_image_tokens=1, chat_template=chat_template).save_pretrained(path)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=8,
+                  patch_size=2, projection_dim=32)
+    save_tiny_llava(path, vision=vision, text=_text_config(make_tokenizer()), words=WORDS,
+                    chat_template=chat_template)
 
 
 @pytest.fixture(scope="module")
