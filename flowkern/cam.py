@@ -44,7 +44,6 @@ reach the logits *at image positions*, never the answer logits, so ``dz/dA = 0``
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -423,6 +422,7 @@ def cam(
         ValueError: unknown site, no image tokens, more than one prompt, bad sample / noise / layer arguments,
             noise without normalisation constants, an empty answer, or an unsupported model family.
     """
+    from flowkern.hf import compat
     from flowkern.hf.models import get_adapter
     from flowkern.hf.segments import IMAGE, label_prompt
 
@@ -490,11 +490,11 @@ def cam(
     noise = None
     if noise_std > 0:
         noise = _PixelNoise(pixel_values, stats, getattr(config, "vision_config", None), noise_std, clamp, seed)
-    keep = "logits_to_keep" in inspect.signature(model.forward).parameters
+    keep = compat.accepts_logits_to_keep(model)
     T = answer.numel()
     answer_dev = answer.to(device)
 
-    prev_impl = text_config._attn_implementation
+    prev_impl = compat.attn_implementation(text_config)
     flags = [(p, p.requires_grad) for p in model.parameters()]
     handles = []
     targets = []
@@ -535,12 +535,7 @@ def cam(
         recorder.feats.clear()
         for p, flag in flags:
             p.requires_grad_(flag)
-        if text_config._attn_implementation != prev_impl:
-            try:
-                model.set_attn_implementation({adapter.text_config_key: prev_impl})
-            finally:
-                if text_config._attn_implementation != prev_impl:
-                    text_config._attn_implementation_internal = prev_impl
+        compat.set_text_attn_implementation(model, adapter.text_config_key, text_config, prev_impl)
 
     token_raw = (recorder.total / int(samples)).cpu()  # [L, K]
     views = []

@@ -50,6 +50,7 @@ SUBCOMMANDS: tuple[str, ...] = (
     "flowkern.cli:add_flow_parser",
     "flowkern.cli_generate",
     "flowkern.cli_cam",
+    "flowkern.cli_score",
 )
 """One entry per subcommand: ``"module"`` (its ``add_parser``) or ``"module:function"``, imported lazily."""
 
@@ -194,6 +195,15 @@ def _cmd_info(args: argparse.Namespace) -> int:
         print(f"triton {triton.__version__}")
     except ImportError:
         print("triton: not installed (CUDA tensors need it)")
+    try:
+        from flowkern.hf import compat
+    except ImportError as exc:
+        print(f"transformers: not importable ({exc}); the model commands need it")
+    else:
+        version, _ = compat.version_report()
+        lo, hi = compat.TESTED_TRANSFORMERS
+        msg = compat.untested_message()
+        print(f"transformers {version} (tested range: {lo} to {hi})" if msg is None else f"WARNING: {msg}")
     print(f"C++ CPU kernels (flowkern._C): {'built' if ops.cpp_available() else 'NOT built: ' + str(ops._CPP_ERROR)}")
     print(f"default backend on cpu: {ops.backend_for(torch.device('cpu'))}")
     if torch.cuda.is_available():

@@ -116,23 +116,6 @@ def _group_of(cache: Any, layer: int) -> _Group | None:
     return None
 
 
-def _check_cache(cache: Any) -> None:
-    """A DynamicCache of plain full-attention DynamicLayers (not offloaded), else NotImplementedError."""
-    from transformers.cache_utils import DynamicCache, DynamicLayer
-
-    if cache is None:
-        return
-    if not isinstance(cache, DynamicCache) or getattr(cache, "offloading", False):
-        kind = type(cache).__name__ + (" (offloaded)" if getattr(cache, "offloading", False) else "")
-        raise NotImplementedError(
-            f"flowkern.prune supports transformers' DynamicCache (the generate default) only, got {kind}; a static, "
-            "offloaded or quantized cache cannot hold a different number of tokens per layer"
-        )
-    bad = [type(layer).__name__ for layer in cache.layers if type(layer) is not DynamicLayer]
-    if bad:
-        raise NotImplementedError(f"flowkern.prune: cache layers of type {sorted(set(bad))} are not supported")
-
-
 # ----------------------------------------------------------------------------------------------------------
 # choosing and compacting
 
@@ -232,29 +215,30 @@ def compact_cache_(
         ValueError: bad ``keep`` / ``layers``; NotImplementedError: not a plain DynamicCache.
     """
     from flowkern import ops
+    from flowkern.hf import compat
 
-    _check_cache(cache)
+    compat.check_dynamic_cache(cache)
     if cache is None:
         raise ValueError("cache must be a transformers DynamicCache, got None")
     layers = sorted({int(i) for i in layers})
     if not layers:
         raise ValueError("layers must name at least one decoder layer")
-    n_layers = len(cache.layers)
+    n_layers = compat.cache_num_layers(cache)
     if layers[0] < 1 or layers[-1] >= n_layers:
         raise ValueError(
             f"layers must be in 1..{n_layers - 1} (layer 0 keeps the whole sequence: transformers reads the cache "
             f"length from it), got {layers}"
         )
-    total = cache.get_seq_length()
+    total = compat.cache_length(cache)
     if not isinstance(keep, torch.Tensor) or keep.dtype != torch.bool or keep.dim() != 2:
         raise ValueError(f"keep must be a bool tensor [B, T] (T = {total} cached tokens), got {keep!r:.80}")
-    first = cache.layers[layers[0]]
-    if not first.is_initialized or first.keys.numel() == 0:
+    first = compat.layer_kv(cache, layers[0])
+    if first is None:
         raise ValueError(f"layer {layers[0]} of the cache is empty: fill the cache (prefill) first")
-    B = first.keys.shape[0]
+    B = first[0].shape[0]
     if tuple(keep.shape) != (B, total):
         raise ValueError(f"keep must be [B={B}, T={total}] (original token positions), got {tuple(keep.shape)}")
-    dev = first.keys.device
+    dev = first[0].device
     keep = keep.to(dev)
     if attention_mask is not None:
         if tuple(attention_mask.shape) != (B, total):
@@ -272,20 +256,20 @@ def compact_cache_(
     else:
         keymap = old.keymap
     slots = keymap.shape[1]
-    for i in layers:
-        lk = cache.layers[i]
-        if not lk.is_initialized or tuple(lk.keys.shape[:1]) != (B,) or lk.keys.shape[-2] != slots:
-            have = None if not lk.is_initialized else tuple(lk.keys.shape)
+    stored = [compat.layer_kv(cache, i) for i in layers]
+    for i, kv in zip(layers, stored, strict=True):
+        if kv is None or tuple(kv[0].shape[:1]) != (B,) or kv[0].shape[-2] != slots:
+            have = None if kv is None else tuple(kv[0].shape)
             raise ValueError(f"layer {i}'s cache holds {have}, expected [B={B}, H, {slots}, D]")
     held = keymap >= 0
     slot_keep = keep.gather(1, keymap.clamp(min=0)) & held
     keep_all, _, slot_map = _equalise(slot_keep)
     new_keymap = torch.where(slot_map >= 0, keymap.gather(1, slot_map.clamp(min=0)), -1)
-    tensors = [t for i in layers for t in (cache.layers[i].keys, cache.layers[i].values)]
+    tensors = [t for kv in stored for t in kv]
     with torch.no_grad():
         views, _ = ops.compact_(tensors, keep_all, -2)
     for j, i in enumerate(layers):
-        cache.layers[i].keys, cache.layers[i].values = views[2 * j], views[2 * j + 1]
+        compat.set_layer_kv(cache, i, views[2 * j], views[2 * j + 1])
     groups_now = [g for g in _KEYMAPS.get(cache, []) if not (g.layers & set(layers))]
     if old is not None and old.layers - set(layers):
         groups_now.append(_Group(old.layers - set(layers), old.keymap, old.hidden))
@@ -485,6 +469,7 @@ class Pruning:
     # install / uninstall
 
     def __enter__(self) -> Pruning:
+        from flowkern.hf import compat
         from flowkern.hf.attention import ROW_HOOKS_ATTR, language_attention_modules, use_flowkern_attention
 
         if self._installed:
@@ -496,7 +481,7 @@ class Pruning:
         if any(getattr(m, "_flowkern_pruning", None) is not None for m in attn_modules):
             raise RuntimeError("this model is already inside a flowkern.prune")
         names = {id(m): n for n, m in model.named_modules()}
-        self._prev_impl = text_config._attn_implementation
+        self._prev_impl = compat.attn_implementation(text_config)
         try:
             use_flowkern_attention(model, self.adapter.text_config_key, text_config)
             for m in attn_modules:
@@ -551,15 +536,13 @@ class Pruning:
     # model-level hooks
 
     def _on_call(self, call: ForwardCall) -> None:
+        from flowkern.hf import compat
+
         ids, kwargs, n_new, device = call.ids, call.kwargs, call.length, call.device
-        cache = kwargs.get("past_key_values")
-        _check_cache(cache)
-        past = int(cache.get_seq_length()) if cache is not None else 0
-        mask = kwargs.get("attention_mask")
-        if isinstance(mask, dict):
-            mask = mask.get("full_attention", next(iter(mask.values()), None))
-        if mask is not None and (not isinstance(mask, torch.Tensor) or mask.dim() != 2):
-            raise ValueError("flowkern.prune needs a 2D attention_mask [B, S] (or none); a 4D mask is not supported")
+        cache = compat.call_cache(kwargs)
+        compat.check_dynamic_cache(cache)
+        past = compat.cache_length(cache)
+        mask = compat.padding_mask_2d(kwargs.get("attention_mask"), "flowkern.prune")
         capture = bool(kwargs.get("output_hidden_states", getattr(self.config, "output_hidden_states", False)))
         fwd = _Forward(past == 0, cache, n_new, capture)
         self._batch = call.batch
@@ -689,6 +672,7 @@ class Pruning:
         return hook
 
     def _layer_pre(self, idx: int, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        from flowkern.hf import compat
         from flowkern.hf.attention import KEYMAP_ATTR
 
         attn = self._attn.get(idx)
@@ -699,8 +683,10 @@ class Pruning:
             if hasattr(attn, KEYMAP_ATTR):
                 delattr(attn, KEYMAP_ATTR)
             return None
-        cache = kwargs.get("past_key_values", fwd.cache)
-        if fwd.cache is None and cache is not None:
+        cache = compat.call_cache(kwargs)
+        if cache is None:
+            cache = fwd.cache
+        elif fwd.cache is None:
             fwd.cache = cache  # created inside the language model (a plain forward with use_cache)
         pruning_now = fwd.prefill and self.layer is not None and self.when == "prefill" and idx >= self.layer
         if fwd.prefill and fwd.keep_real is not None and self.layer is not None and idx >= self.layer:
@@ -722,9 +708,6 @@ class Pruning:
                 delattr(attn, KEYMAP_ATTR)
             return None
         kwargs["attention_mask"] = _on(group.mask(), args, kwargs)
-        if "cache_position" in kwargs and isinstance(kwargs["cache_position"], torch.Tensor):
-            sk = group.keymap.shape[1]
-            kwargs["cache_position"] = torch.arange(sk - fwd.n_new, sk, device=kwargs["cache_position"].device)
         setattr(attn, KEYMAP_ATTR, group.keymap)
         return args, kwargs
 
@@ -750,6 +733,7 @@ class Pruning:
     def _compact_inputs(self, plan: _Plan, fwd: _Forward, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         """At layer L: compact the hidden states and gather the per-token layer inputs (kept for layers > L)."""
         from flowkern import ops
+        from flowkern.hf import compat
 
         hidden = args[0] if args else kwargs["hidden_states"]
         B, S = plan.keep_all.shape
@@ -768,18 +752,13 @@ class Pruning:
         pe = kwargs.get("position_embeddings")
         if isinstance(pe, tuple | list) and all(isinstance(t, torch.Tensor) for t in pe):
             gathered["position_embeddings"] = tuple(_gather_tokens(t, index.to(t.device), -2) for t in pe)
-        for name in ("position_ids", "text_position_ids"):
+        for name in compat.LAYER_POSITION_INPUTS:
             t = kwargs.get(name)
             if isinstance(t, torch.Tensor) and t.shape[-1] == S:
                 gathered[name] = _gather_tokens(t, index.to(t.device), -1)
-        cp = kwargs.get("cache_position")
-        if isinstance(cp, torch.Tensor) and cp.dim() == 1 and cp.shape[0] == S:
-            gathered["cache_position"] = torch.arange(index.shape[1], device=cp.device)
-        known = {"hidden_states", "attention_mask", "past_key_values", "use_cache", "position_embeddings",
-                 "position_ids", "text_position_ids", "cache_position"}
         for name, value in kwargs.items():
-            if name not in known and isinstance(value, torch.Tensor) and value.dim() >= 2 and value.shape[-1] == S \
-                    and S > 1:
+            per_token = isinstance(value, torch.Tensor) and value.dim() >= 2 and value.shape[-1] == S and S > 1
+            if per_token and not compat.is_known_layer_input(name):
                 raise NotImplementedError(
                     f"flowkern.prune: decoder layer input `{name}` {tuple(value.shape)} looks per-token; pruning this "
                     "model is not supported"
@@ -842,8 +821,9 @@ class ForwardTimer:
         x = kwargs.get("input_ids", kwargs.get("inputs_embeds"))
         if x is None and args and isinstance(args[0], torch.Tensor):
             x = args[0]
-        cache = kwargs.get("past_key_values")
-        past = int(cache.get_seq_length()) if cache is not None and hasattr(cache, "get_seq_length") else 0
+        from flowkern.hf import compat
+
+        past = compat.cache_length(compat.call_cache(kwargs))
         device = x.device if isinstance(x, torch.Tensor) else torch.device("cpu")
         self.batch_size = int(x.shape[0]) if isinstance(x, torch.Tensor) else self.batch_size
         if self.sync:

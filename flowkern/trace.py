@@ -61,22 +61,6 @@ def _to_cpu(value: Any) -> Any:
     return value.detach().cpu().clone() if isinstance(value, torch.Tensor) else value
 
 
-def _feature_counts(output: Any) -> list[int] | None:
-    """Tokens per image/video in a pre-encoded ``mm_encoder_outputs`` entry (its ``pooler_output`` list)."""
-    pooled = getattr(output, "pooler_output", None)
-    if isinstance(pooled, (list, tuple)) and all(isinstance(p, torch.Tensor) for p in pooled):
-        return [int(p.shape[0]) for p in pooled]
-    return None
-
-
-def _cache_length(cache: Any) -> int:
-    if cache is None:
-        return 0
-    if hasattr(cache, "get_seq_length"):
-        return int(cache.get_seq_length())
-    raise NotImplementedError(f"flowkern.trace needs a transformers Cache object, got {type(cache).__name__}")
-
-
 class Flow:
     """Context manager that traces a Hugging Face VLM, and the record it fills. Create it with :func:`trace`.
 
@@ -141,6 +125,7 @@ class Flow:
     # install / uninstall
 
     def __enter__(self) -> Flow:
+        from flowkern.hf import compat
         from flowkern.hf.attention import OBSERVER_ATTR, language_attention_modules, use_flowkern_attention
 
         if self._installed:
@@ -151,7 +136,7 @@ class Flow:
             raise ValueError(f"{self.family}: found no attention module of the language model to trace")
         if any(hasattr(m, OBSERVER_ATTR) for m in attn_modules):
             raise RuntimeError("this model is already inside a flowkern.trace")
-        self._prev_impl = text_config._attn_implementation
+        self._prev_impl = compat.attn_implementation(text_config)
         try:
             use_flowkern_attention(model, self.adapter.text_config_key, text_config)
             observer = _Observer(self)
@@ -199,9 +184,11 @@ class Flow:
             self._tower_grids.append(_to_cpu(grid))
 
     def _on_call(self, call: ForwardCall) -> None:
+        from flowkern.hf import compat
+
         ids, n_new, kwargs = call.ids, call.length, call.kwargs
-        past = _cache_length(kwargs.get("past_key_values"))
-        mask = kwargs.get("attention_mask")
+        past = compat.cache_length(compat.call_cache(kwargs))
+        mask = compat.padding_mask_2d(kwargs.get("attention_mask"), "flowkern.trace")
         total = 0 if self._segments is None else self._segments.shape[1]
         if past == 0:
             if (
@@ -227,6 +214,7 @@ class Flow:
     # bookkeeping
 
     def _prefill(self, ids: torch.Tensor | None, mask: torch.Tensor | None, kwargs: dict) -> None:
+        from flowkern.hf import compat
         from flowkern.hf.segments import image_token_index, label_prompt
 
         if ids is None:
@@ -235,10 +223,6 @@ class Flow:
             raise RuntimeError(
                 "flowkern.trace records one prompt (one generate or forward call); open a new trace for the next"
             )
-        if isinstance(mask, dict):  # masks precomputed by generate (static cache): our mask function's 2D output
-            mask = mask.get("full_attention", next(iter(mask.values()), None))
-        if mask is not None and (not isinstance(mask, torch.Tensor) or mask.dim() != 2):
-            raise ValueError("flowkern.trace needs a 2D attention_mask [B, S] (or none)")
         if mask is not None:
             mask = mask[:, : ids.shape[1]]
         self._ids = ids.detach().clone()
@@ -248,9 +232,7 @@ class Flow:
         self._layout_inputs = dict(self._explicit_inputs)
         seen = {k: _to_cpu(v) for k in self.adapter.layout_inputs if (v := kwargs.get(k)) is not None}
         self._layout_inputs.update(seen)
-        for modality, output in (kwargs.get("mm_encoder_outputs") or {}).items():
-            if (counts := _feature_counts(output)) is not None:
-                self._layout_inputs[f"{modality}_token_counts"] = counts
+        self._layout_inputs.update(compat.encoder_token_counts(kwargs))
         self._finished = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
         self._begin_step()
 

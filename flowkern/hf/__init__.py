@@ -3,16 +3,20 @@
 - :mod:`flowkern.hf.attention`: the ``"flowkern"`` attention + mask functions (:func:`register`).
 - :mod:`flowkern.hf.segments`: token -> system/image/user/generated labels, image grid metadata.
 - :mod:`flowkern.hf.models`: one adapter per model family (every model-specific constant lives there).
+- :mod:`flowkern.hf.compat`: every version-dependent transformers internal (cache keyword, cache layout, mask
+  shapes, ...), with a table of what changed in which release; the only module that reads them.
 
 Importing this package registers the attention implementation, so ``model.set_attn_implementation(
 {"text_config": "flowkern"})`` works right after ``import flowkern.hf``.
 """
 
+from flowkern.hf import compat
 from flowkern.hf.attention import ATTENTION_NAME, flowkern_attention_forward, flowkern_attention_mask, register
 from flowkern.hf.models import ADAPTERS, ModelAdapter, get_adapter, supported_model_types
 from flowkern.hf.segments import NUM_SEGMENTS, SEGMENT_NAMES, ImageGrid, image_token_index, label_prompt
 
 register()
+compat.warn_if_untested()  # once per process: a transformers release outside TESTED_TRANSFORMERS
 
 __all__ = [
     "ATTENTION_NAME",

@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from flowkern import ops
+from flowkern.hf import compat
 
 __all__ = [
     "ATTENTION_NAME",
@@ -339,23 +340,17 @@ def use_flowkern_attention(model: torch.nn.Module, text_config_key: str, text_co
         RuntimeError: the model refused the implementation (its language model stays as it was).
     """
     name = register()
-    prev = text_config._attn_implementation
+    prev = compat.attn_implementation(text_config)
     if prev != name:
         model.set_attn_implementation({text_config_key: name})
-    if text_config._attn_implementation != name:
+    if compat.attn_implementation(text_config) != name:
         raise RuntimeError(
             f"{type(model).__name__} refused attn_implementation={name!r} for its language model "
-            f"(it stays {text_config._attn_implementation!r})"
+            f"(it stays {compat.attn_implementation(text_config)!r})"
         )
     return prev
 
 
 def restore_attention(model: torch.nn.Module, text_config_key: str, text_config: Any, prev: str | None) -> None:
     """Give the language model back the implementation ``prev`` returned by :func:`use_flowkern_attention`."""
-    if prev is None or text_config._attn_implementation == prev:
-        return
-    try:
-        model.set_attn_implementation({text_config_key: prev})
-    finally:
-        if text_config._attn_implementation != prev:
-            text_config._attn_implementation_internal = prev
+    compat.set_text_attn_implementation(model, text_config_key, text_config, prev)

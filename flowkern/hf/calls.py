@@ -24,7 +24,7 @@ class ForwardCall:
     Attributes:
         ids: int ``[B, S_new]`` token ids of the call, or None when only embeddings are known.
         embeds: float ``[B, S_new, hidden]`` input embeddings when the call passed them, else None.
-        kwargs: the call's keyword arguments (``attention_mask``, ``past_key_values``, ...).
+        kwargs: the call's keyword arguments (read them through :mod:`flowkern.hf.compat`).
     """
 
     ids: torch.Tensor | None

@@ -1,0 +1,285 @@
+"""The one place that knows transformers' version-dependent internals (DESIGN.md §5).
+
+Everything flowkern reads or writes that is not a stable public API of transformers goes through this module: the
+keyword a forward call carries its KV cache under, the cache's length and per-layer layout, the shape masks arrive
+in, the pre-encoded image features of ``generate``, the attention-implementation attribute, and the names of the
+per-token decoder-layer inputs that pruning must gather. No other flowkern file reads these by name; a new
+transformers release that moves one of them is mended here, and :data:`TESTED_TRANSFORMERS` says which releases
+were tested (``flowkern info`` warns outside that range).
+
+What changed in which release (transformers 5.x, as far as flowkern is concerned):
+
+========  ======================================================================================================
+release   change, and how this module handles it
+========  ======================================================================================================
+5.17      oldest supported. The cache reaches ``forward`` (model, language model, decoder layer, attention) as
+          ``past_key_values=``; outputs carry ``.past_key_values``. ``cache_position`` is no longer passed to the
+          decoder layers of any supported family (only remote-code models still get one from ``generate``), so
+          pruning has no cache positions to rewrite: layers compute positions from ``position_ids`` / the cache.
+          ``generate`` passes ``pixel_values`` / ``image_sizes`` / ``image_grid_thw`` to the prefill forward.
+          Beam search expands a multi-image sample's ``pixel_values`` per image instead of per sample, so the
+          beams of a two-image LLaVA sample see different images (a transformers bug, correct in 5.24; flowkern
+          cannot mend it).
+5.18      ``DynamicLayer.crop`` with a positive length and the ``device`` argument of rotary embeddings are gone
+          (flowkern uses neither).
+5.20      ``generate`` may encode the images *before* the first forward and pass the features as
+          ``mm_encoder_outputs={modality: output}`` instead of pixels; the token count per image then comes from
+          each output's ``pooler_output`` list (:func:`encoder_token_counts`).
+5.23      ``generate`` no longer passes ``image_sizes`` on to the forward when the images were pre-encoded, so
+          LLaVA-NeXT / OneVision crop layouts need the processor outputs (``flowkern.trace(image_inputs=...)``).
+5.24      the cache keyword is renamed ``cache=`` everywhere (``past_key_values=`` is still accepted by the
+          decorated ``forward`` methods with a deprecation warning, but forward hooks see the new name), outputs
+          carry ``.cache`` (``.past_key_values`` is a deprecated alias), ``Cache.update`` takes ``kwargs=``,
+          ``DynamicLayer.reset`` drops its tensors. :func:`call_cache` reads either keyword, :data:`CACHE_KWARG`
+          is the name to pass, :func:`output_cache` reads either attribute.
+========  ======================================================================================================
+
+Unchanged across 5.17-5.24 and relied on: the ``AttentionInterface`` / ``AttentionMaskInterface`` registries and
+the mask function's signature ``(batch_size, q_length, kv_length, q_offset, kv_offset, mask_function,
+attention_mask, **kwargs)``; ``DynamicCache.layers[i].keys / .values / .is_initialized`` as ``[B, H, S, D]``
+tensors; ``get_seq_length()`` reading layer 0; masks precomputed by ``generate`` as a dict keyed by layer type
+(``"full_attention"``); ``set_attn_implementation({"text_config": name})``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import warnings
+from typing import Any
+
+import torch
+
+__all__ = [
+    "TRANSFORMERS_VERSION",
+    "TESTED_TRANSFORMERS",
+    "CACHE_KWARG",
+    "LAYER_POSITION_INPUTS",
+    "version_report",
+    "untested_message",
+    "warn_if_untested",
+    "call_cache",
+    "cache_kwargs",
+    "output_cache",
+    "cache_length",
+    "check_dynamic_cache",
+    "cache_num_layers",
+    "layer_kv",
+    "set_layer_kv",
+    "padding_mask_2d",
+    "encoder_token_counts",
+    "is_known_layer_input",
+    "attn_implementation",
+    "set_text_attn_implementation",
+    "accepts_logits_to_keep",
+]
+
+
+def _parse(version: str) -> tuple[int, int]:
+    parts = version.split(".")
+    return int(parts[0]), int("".join(ch for ch in parts[1] if ch.isdigit()) or 0)
+
+
+def _installed_version() -> str:
+    import transformers
+
+    return str(transformers.__version__)
+
+
+TRANSFORMERS_VERSION: str = _installed_version()
+"""The installed transformers version string."""
+
+TESTED_TRANSFORMERS: tuple[str, str] = ("5.17", "5.24")
+"""Oldest and newest minor releases the test suite runs on (CI tests both ends); pyproject admits exactly these."""
+
+_MINOR = _parse(TRANSFORMERS_VERSION)
+
+CACHE_KWARG: str = "cache" if _MINOR >= (5, 24) else "past_key_values"
+"""Keyword under which this transformers version passes (and accepts) the KV cache in ``forward`` calls."""
+
+_CACHE_KWARGS = ("cache", "past_key_values")
+
+LAYER_POSITION_INPUTS: tuple[str, ...] = ("position_ids", "text_position_ids")
+"""Per-token position inputs of a decoder layer (``[..., B, S]``), gathered when tokens are pruned."""
+
+_KNOWN_LAYER_INPUTS = frozenset(
+    {"hidden_states", "attention_mask", "use_cache", "position_embeddings", *_CACHE_KWARGS, *LAYER_POSITION_INPUTS}
+)
+
+
+def version_report() -> tuple[str, bool]:
+    """``(version, tested)``: the installed transformers version and whether its minor release is in
+    :data:`TESTED_TRANSFORMERS`."""
+    lo, hi = (_parse(v) for v in TESTED_TRANSFORMERS)
+    return TRANSFORMERS_VERSION, lo <= _MINOR <= hi
+
+
+def untested_message() -> str | None:
+    """What to tell a user whose transformers is outside :data:`TESTED_TRANSFORMERS` (None inside it)."""
+    version, tested = version_report()
+    if tested:
+        return None
+    lo, hi = TESTED_TRANSFORMERS
+    return (
+        f"transformers {version} is outside the range flowkern was tested with ({lo} to {hi}.x); trace, prune and "
+        f"cam may fail or be wrong. Install a tested release: pip install 'transformers>={lo},<{_next_minor(hi)}'"
+    )
+
+
+def warn_if_untested() -> str | None:
+    """Warn (``UserWarning``) when the installed transformers is outside the tested range; returns the message."""
+    msg = untested_message()
+    if msg is not None:
+        warnings.warn(msg, UserWarning, stacklevel=2)
+    return msg
+
+
+def _next_minor(version: str) -> str:
+    major, minor = _parse(version)
+    return f"{major}.{minor + 1}"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the KV cache
+
+
+def call_cache(kwargs: dict) -> Any:
+    """The KV cache a forward call (model, language model or decoder layer) received, or None."""
+    for name in _CACHE_KWARGS:
+        cache = kwargs.get(name)
+        if cache is not None:
+            return cache
+    return None
+
+
+def cache_kwargs(cache: Any) -> dict[str, Any]:
+    """``{CACHE_KWARG: cache}``: to pass a cache to ``forward`` / ``generate`` under this version's keyword."""
+    return {CACHE_KWARG: cache}
+
+
+def output_cache(output: Any) -> Any:
+    """The cache a model output or ``generate`` output carries (``.cache`` from 5.24, ``.past_key_values`` before)."""
+    for name in _CACHE_KWARGS:  # the new name first: reading the old one on 5.24+ warns
+        value = getattr(output, name, None)
+        if value is not None:
+            return value
+    return None
+
+
+def cache_length(cache: Any) -> int:
+    """Tokens a cache holds (``get_seq_length()``, read from layer 0); 0 for None.
+
+    Raises:
+        NotImplementedError: not a transformers ``Cache`` (legacy tuple caches are not supported).
+    """
+    if cache is None:
+        return 0
+    if hasattr(cache, "get_seq_length"):
+        return int(cache.get_seq_length())
+    raise NotImplementedError(f"flowkern needs a transformers Cache object, got {type(cache).__name__}")
+
+
+def check_dynamic_cache(cache: Any, owner: str = "flowkern.prune") -> None:
+    """Accept None or a ``DynamicCache`` of plain full-attention ``DynamicLayer`` s (not offloaded).
+
+    Raises:
+        NotImplementedError: any other cache (static, offloaded, quantized, sliding-window layers).
+    """
+    from transformers.cache_utils import DynamicCache, DynamicLayer
+
+    if cache is None:
+        return
+    offloaded = bool(getattr(cache, "offloading", False))
+    if not isinstance(cache, DynamicCache) or offloaded:
+        kind = type(cache).__name__ + (" (offloaded)" if offloaded else "")
+        raise NotImplementedError(
+            f"{owner} supports transformers' DynamicCache (the generate default) only, got {kind}; a static, "
+            "offloaded or quantized cache cannot hold a different number of tokens per layer"
+        )
+    bad = [type(layer).__name__ for layer in cache.layers if type(layer) is not DynamicLayer]
+    if bad:
+        raise NotImplementedError(f"{owner}: cache layers of type {sorted(set(bad))} are not supported")
+
+
+def cache_num_layers(cache: Any) -> int:
+    """Number of decoder layers a (dynamic) cache has slots for."""
+    return len(cache.layers)
+
+
+def layer_kv(cache: Any, layer: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(keys, values)`` ``[B, Hkv, S, D]`` stored for one layer, or None when that layer holds nothing yet."""
+    entry = cache.layers[layer]
+    if not getattr(entry, "is_initialized", False) or entry.keys is None or entry.keys.numel() == 0:
+        return None
+    return entry.keys, entry.values
+
+
+def set_layer_kv(cache: Any, layer: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+    """Replace the stored keys and values of one layer (e.g. by narrowed views after compaction)."""
+    entry = cache.layers[layer]
+    entry.keys, entry.values = keys, values
+
+
+# ----------------------------------------------------------------------------------------------------------
+# masks, pre-encoded images, layer inputs
+
+
+def padding_mask_2d(mask: Any, owner: str) -> torch.Tensor | None:
+    """The 2D padding mask ``[B, S]`` of a forward call's ``attention_mask`` (or None).
+
+    ``generate`` with a static cache precomputes the masks as a dict keyed by layer type; with flowkern's mask
+    function each entry is already the 2D key padding mask, and the full-attention one is taken.
+
+    Raises:
+        ValueError: a 4D (or otherwise shaped) mask, naming ``owner``.
+    """
+    if isinstance(mask, dict):
+        mask = mask.get("full_attention", next(iter(mask.values()), None))
+    if mask is not None and (not isinstance(mask, torch.Tensor) or mask.dim() != 2):
+        raise ValueError(f"{owner} needs a 2D attention_mask [B, S] (or none); a 4D mask is not supported")
+    return mask
+
+
+def encoder_token_counts(kwargs: dict) -> dict[str, list[int]]:
+    """Tokens per image / video of images that ``generate`` encoded before the forward (5.20+:
+    ``mm_encoder_outputs``): ``{"image_token_counts": [...], "video_token_counts": [...]}`` for what is present."""
+    out: dict[str, list[int]] = {}
+    for modality, output in (kwargs.get("mm_encoder_outputs") or {}).items():
+        pooled = getattr(output, "pooler_output", None)
+        if isinstance(pooled, list | tuple) and all(isinstance(p, torch.Tensor) for p in pooled):
+            out[f"{modality}_token_counts"] = [int(p.shape[0]) for p in pooled]
+    return out
+
+
+def is_known_layer_input(name: str) -> bool:
+    """Whether ``name`` is a decoder-layer keyword flowkern's pruning knows how to treat (hidden states, masks,
+    the cache, rotary embeddings, :data:`LAYER_POSITION_INPUTS`); an unknown per-token input makes pruning refuse."""
+    return name in _KNOWN_LAYER_INPUTS
+
+
+# ----------------------------------------------------------------------------------------------------------
+# attention implementation, generation details
+
+
+def attn_implementation(config: Any) -> str | None:
+    """The attention implementation a (sub-)config currently selects."""
+    return config._attn_implementation
+
+
+def set_text_attn_implementation(model: torch.nn.Module, config_key: str, config: Any, name: str | None) -> None:
+    """Switch the sub-model owning ``config`` (``config_key``, e.g. ``"text_config"``) to implementation ``name``.
+
+    When transformers refuses to switch back (e.g. a name registered by a context that has ended), the config's
+    internal attribute is set directly so that the model is left exactly as it was found.
+    """
+    if name is None or config._attn_implementation == name:
+        return
+    try:
+        model.set_attn_implementation({config_key: name})
+    finally:
+        if config._attn_implementation != name:
+            config._attn_implementation_internal = name
+
+
+def accepts_logits_to_keep(model: torch.nn.Module) -> bool:
+    """Whether ``model.forward`` takes ``logits_to_keep`` (compute logits for the last rows only)."""
+    return "logits_to_keep" in inspect.signature(model.forward).parameters
