@@ -1,0 +1,119 @@
+"""ScienceQA-IMG (Lu et al., 2022): multiple-choice science questions, the test split's questions with an image.
+
+Data: the ScienceQA release folder — ``problems.json`` (pid -> question, choices, answer index, hint, image, ...),
+``pid_splits.json`` (split -> list of pids) and ``images/test/<pid>/image.png`` (LLaVA's
+``playground/data/eval/scienceqa`` layout). 2017 questions in the official test split have an image.
+
+Prompt (lmms-eval ``scienceqa_img``, the LLaVA-1.5 format)::
+
+    Context: {hint}            <- only when the hint is not empty
+    {question}
+    A. {choice 0}
+    B. {choice 1}
+    Answer with the option's letter from the given choices directly.
+
+Answer parsing = lmms-eval's ``sqa_process_results``: the stripped answer is right if it equals the target letter
+ignoring case (``"B"``, ``"b"``, ``" B "``), or if it starts with an upper-case letter followed by ``"."`` and that
+letter is the target (``"B."``, ``"B. sunlight"``); anything else is wrong (``"b."``, ``"(B)"``,
+``"The answer is B."``, the empty answer). Metric: accuracy.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from flowkern.eval.base import Sample, Task, ratio, read_json
+
+__all__ = ["SqaTask", "parse_option", "build_prompt", "PROMPT_SUFFIX"]
+
+PROMPT_SUFFIX = "\nAnswer with the option's letter from the given choices directly."
+
+
+def build_prompt(question: str, choices: list[str], hint: str | None) -> str:
+    """The LLaVA-1.5 / lmms-eval ScienceQA prompt (see the module docstring)."""
+    options = "\n".join(f"{chr(ord('A') + i)}. {choice}" for i, choice in enumerate(choices))
+    context = f"Context: {hint}\n" if hint else ""
+    return f"{context}{question}\n{options}{PROMPT_SUFFIX}"
+
+
+def parse_option(text: str) -> str | None:
+    """The option letter lmms-eval reads from an answer (upper case), or None when it reads none.
+
+    A lone letter in either case counts (``"b"`` -> ``"B"``); otherwise an upper-case letter followed by ``"."``
+    at the start (``"B. xyz"`` -> ``"B"``). A lone non-letter, ``"b."`` or ``"The answer is B."`` give None.
+    """
+    pred = text.strip()
+    if len(pred) == 1 and pred.isalpha():
+        return pred.upper()
+    if len(pred) >= 2 and pred[0].isupper() and pred[1] == ".":
+        return pred[0]
+    return None
+
+
+class SqaTask(Task):
+    """ScienceQA, one split (default ``test``), questions with an image only (``image_only=False`` keeps all).
+
+    ``data``: the folder with ``problems.json`` and ``pid_splits.json``. ``images``: the folder holding
+    ``<split>/<pid>/image.png`` (default ``<data>/images``).
+    """
+
+    name = "sqa"
+
+    def __init__(self, data: str | os.PathLike[str], images: str | os.PathLike[str] | None = None, *,
+                 split: str = "test", image_only: bool = True) -> None:
+        super().__init__()
+        self.data = Path(data)
+        if self.data.is_file():
+            self.data = self.data.parent
+        if not self.data.is_dir():
+            raise FileNotFoundError(f"--data: {self.data} not found (expected the ScienceQA folder with "
+                                    f"problems.json and pid_splits.json)")
+        self.images = Path(images) if images is not None else self.data / "images"
+        self.split = split
+        self.image_only = image_only
+
+    def _load(self) -> list[Sample]:
+        problems = read_json(self.data / "problems.json")
+        splits = read_json(self.data / "pid_splits.json")
+        if not isinstance(problems, dict):
+            raise ValueError(f"--data: {self.data / 'problems.json'}: expected an object pid -> problem")
+        if not isinstance(splits, dict) or self.split not in splits:
+            names = ", ".join(sorted(splits)) if isinstance(splits, dict) else "none"
+            raise ValueError(f"--data: {self.data / 'pid_splits.json'}: no split {self.split!r} (has {names})")
+        samples = []
+        for pid in splits[self.split]:
+            pid = str(pid)
+            if pid not in problems:
+                raise ValueError(f"--data: pid_splits.json lists {pid!r}, which is not in problems.json")
+            prob = problems[pid]
+            where = f"--data: problems.json: {pid}"
+            for name in ("question", "choices", "answer"):
+                if name not in prob:
+                    raise ValueError(f"{where}: missing field {name!r}")
+            image = prob.get("image")
+            if self.image_only and not image:
+                continue
+            choices = [str(c) for c in prob["choices"]]
+            answer = prob["answer"]
+            if not isinstance(answer, int) or isinstance(answer, bool) or not 0 <= answer < len(choices):
+                raise ValueError(f"{where}: answer {answer!r} is not an index into its {len(choices)} choices")
+            samples.append(Sample(
+                id=pid,
+                key=pid,
+                image=self.images / self.split / pid / image if image else None,
+                prompt=build_prompt(prob["question"], choices, prob.get("hint")),
+                reference=chr(ord("A") + answer),
+                split=self.split,
+                meta={"question": prob["question"], "choices": choices},
+            ))
+        return samples
+
+    def parse(self, text: str) -> str | None:
+        """The option letter read from the answer, or None (see :func:`parse_option`)."""
+        return parse_option(text)
+
+    def _metrics(self, pairs: list[tuple[Sample, str]]) -> dict[str, Any]:
+        correct = sum(parse_option(text) == sample.reference for sample, text in pairs)
+        return {"accuracy": ratio(correct, len(pairs)), "correct": correct}
