@@ -1,0 +1,92 @@
+"""``flowkern score``: score an answer file against a benchmark's official files (no model, no images needed).
+
+.. code-block:: console
+
+    flowkern score --task pope --data playground/data/eval/pope/coco --predictions answers.jsonl [--strict]
+    flowkern score --task sqa --data playground/data/eval/scienceqa --predictions answers.jsonl
+    flowkern score --task textvqa --data playground/data/eval/textvqa/TextVQA_0.5.1_val.json --predictions a.jsonl
+    flowkern score --task chair --data coco/annotations --predictions captions.jsonl --out chair.json
+
+Predictions are LLaVA answer files (JSON lines with ``question_id`` and ``text``; for chair ``image_id`` and
+``caption``), matched to the questions by id. Prints a summary, then the metrics as one JSON object on the last line
+of stdout, and writes the same object to ``--out`` (atomically; an existing file only with ``--overwrite``).
+User errors (missing file, malformed line, unknown task or id, duplicate id) print one line and exit 2.
+Registered in :data:`flowkern.cli.SUBCOMMANDS` as ``"flowkern.cli_score"``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+__all__ = ["add_parser", "run"]
+
+_TASK_NAMES = ("pope", "sqa", "textvqa", "chair")
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    """Register ``flowkern score`` on the ``flowkern`` command's subparsers."""
+    p = subparsers.add_parser(
+        "score",
+        help="score an answer file on POPE, ScienceQA-IMG, TextVQA or CHAIR (official files, community rules)",
+        description="Match the predictions to the benchmark's questions by id and print the metrics (fractions in "
+                    "[0, 1]) as one JSON object on the last line; --out writes the same object to a file.",
+    )
+    p.add_argument("--task", required=True, metavar="TASK", help=f"one of: {', '.join(_TASK_NAMES)}")
+    p.add_argument("--data", required=True, type=Path, metavar="PATH",
+                   help="pope: a coco_pope_<split>.json file or a folder of them; sqa: the folder with "
+                        "problems.json and pid_splits.json; textvqa: TextVQA_0.5.1_val.json (or its folder); "
+                        "chair: the folder with instances_val2014.json and captions_val2014.json")
+    p.add_argument("--predictions", required=True, type=Path, metavar="FILE",
+                   help="answer file: JSON lines with question_id and text (chair: image_id and caption)")
+    p.add_argument("--strict", action="store_true",
+                   help="pope only: lmms-eval's exact yes/no parsing instead of LLaVA eval_pope's lenient one")
+    p.add_argument("--split", default="test", help="sqa only: the pid_splits.json split to score (default test)")
+    p.add_argument("--out", type=Path, default=None, metavar="FILE", help="also write the metrics JSON here")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    p.set_defaults(func=run)
+
+
+def _summary(result: dict) -> str:
+    task = result["task"]
+    parts = [f"{task}: {result['n']} predictions scored"]
+    if result.get("missing"):
+        parts.append(f"{result['missing']} questions without a prediction (not scored)")
+    if "parsing" in result:
+        parts.append(f"parsing {result['parsing']}")
+    keys = {"pope": ("accuracy", "precision", "recall", "f1", "yes_ratio"), "chair": ("chair_s", "chair_i", "recall")}
+    metrics = ", ".join(f"{k} {result[k]:.4f}" for k in keys.get(task, ("accuracy",)))
+    lines = ["; ".join(parts), f"  {metrics}"]
+    for split, m in result.get("splits", {}).items():
+        lines.append(f"  {split}: " + ", ".join(f"{k} {m[k]:.4f}" for k in keys["pope"]) + f" (n={m['n']})")
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    """The ``score`` subcommand (see :func:`add_parser`)."""
+    from flowkern._io import atomic_write_json, check_output_path
+    from flowkern.cli import UsageError, user_errors
+    from flowkern.eval import get_task
+
+    with user_errors():
+        out = check_output_path(args.out, overwrite=args.overwrite) if args.out is not None else None
+        if args.task not in _TASK_NAMES:
+            raise UsageError(f"--task: unknown task {args.task!r} (choose from {', '.join(_TASK_NAMES)})")
+        if args.strict and args.task != "pope":
+            raise UsageError(f"--strict applies to --task pope only, not {args.task}")
+        if args.split != "test" and args.task != "sqa":
+            raise UsageError(f"--split applies to --task sqa only, not {args.task}")
+        options = {"pope": {"strict": args.strict}, "sqa": {"split": args.split}}.get(args.task, {})
+        if not args.predictions.is_file():
+            raise UsageError(f"--predictions: {args.predictions} not found")
+        task = get_task(args.task, args.data, **options)
+        predictions = task.read_predictions(args.predictions)
+        result = task.score(predictions)
+    print(_summary(result))
+    line = json.dumps(result, allow_nan=False)
+    if out is not None:
+        atomic_write_json(out, result)
+        print(f"wrote {out}")
+    print(line)
+    return 0
