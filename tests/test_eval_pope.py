@@ -132,6 +132,9 @@ def test_bad_pope_files(tmp_path):
     write_jsonl(path, [{"question_id": 1, "image": "a.jpg", "label": "yes"}])
     with pytest.raises(ValueError, match="'text'"):
         PopeTask(path).samples  # noqa: B018
+    write_jsonl(path, [{"question_id": 1.5, "image": "a.jpg", "text": "?", "label": "yes"}])
+    with pytest.raises(ValueError, match=r"coco_pope_random\.json:1: question_id"):
+        PopeTask(path).samples  # noqa: B018
     write_jsonl(path, [{"question_id": 1, "image": "a.jpg", "text": "?", "label": "yes"}] * 2)
     with pytest.raises(ValueError, match="twice"):
         PopeTask(path).samples  # noqa: B018

@@ -122,7 +122,12 @@ class PopeTask(Task):
         rows: list[tuple[str, Path, int, dict]] = []
         for split, path in self.files:
             rows.extend((split, path, number, obj) for number, obj in read_jsonl(path, what="--data"))
-        ids = [id_key(obj["question_id"]) if "question_id" in obj else None for _, _, _, obj in rows]
+        ids: list[str | None] = []
+        for _, path, number, obj in rows:
+            try:
+                ids.append(id_key(obj["question_id"]) if "question_id" in obj else None)
+            except ValueError as exc:
+                raise ValueError(f"--data: {path}:{number}: question_id: {exc}") from None
         # The official files each number their questions from 1: keyed by split when they collide.
         self._by_split = len(self.files) > 1 and len(set(ids)) < len(ids)
         samples = []
