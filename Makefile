@@ -2,7 +2,7 @@
 PYTHON ?= python3
 STAMP := build/.setup-stamp
 
-.PHONY: setup demo test bench lint
+.PHONY: setup demo test test-oldest gpu-check gpu-check-dry bench lint
 
 setup: $(STAMP)
 
@@ -28,6 +28,20 @@ bench: setup
 lint: setup
 	$(PYTHON) -m ruff check .
 
+# ruff, then the whole suite on the newest transformers pyproject admits (what a fresh install gets).
 test: setup
 	$(PYTHON) -m ruff check .
 	$(PYTHON) -m pytest -q
+
+# The Hugging Face tests on the oldest transformers pyproject admits, in build/venv-transformers-<version>.
+test-oldest: setup
+	PYTHON=$(PYTHON) bash .ci/test_oldest.sh
+
+# On a lent GPU machine with its own torch (no `setup`: it must not install torch there): build, CUDA tests,
+# sm_90 compile report and every benchmark with --device cuda, all files in $$OUT, within 8 minutes.
+gpu-check:
+	PYTHON=$(PYTHON) bash benchmarks/gpu_check.sh
+
+# The same steps on the CPU at toy sizes (CI): everything short of the GPU.
+gpu-check-dry: setup
+	PYTHON=$(PYTHON) OUT=$${OUT:-build/gpu-check-dry} bash benchmarks/gpu_check.sh --dry-run

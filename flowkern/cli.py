@@ -373,4 +373,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m flowkern.cli` runs this file as __main__, a second copy of the module: dispatch through the
+    # imported flowkern.cli so that the subcommands' UsageError is the class main() catches.
+    from flowkern.cli import main as _main
+
+    sys.exit(_main())
