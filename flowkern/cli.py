@@ -51,6 +51,7 @@ SUBCOMMANDS: tuple[str, ...] = (
     "flowkern.cli_generate",
     "flowkern.cli_cam",
     "flowkern.cli_score",
+    "flowkern.cli_eval",
 )
 """One entry per subcommand: ``"module"`` (its ``add_parser``) or ``"module:function"``, imported lazily."""
 

@@ -1,0 +1,597 @@
+"""The evaluation engine behind ``flowkern eval``: batched greedy answers to a task's questions, written as they come,
+resumable, then scored by the task.
+
+.. code-block:: python
+
+    from flowkern.eval.run import EvalConfig, run_eval
+
+    result = run_eval(EvalConfig(model="llava-hf/llava-1.5-7b-hf", task="pope", data="pope/coco",
+                                 images="pope/val2014", out="runs/pope-L2", batch_size=16, prune_layer=2, keep=0))
+    result.metrics            # the same dict `flowkern score` prints for result.answers_path
+    result.questions_per_second
+
+A sweep calls :func:`run_eval` once per point with the loaded ``model``/``processor`` passed in (and one ``out``
+folder per point).
+
+**The output folder** (``out``) holds three files:
+
+- ``answers.jsonl`` — LLaVA's answer-file format, one JSON object per line: ``question_id``, ``prompt`` (the task
+  prompt, without chat template), ``text`` (the answer), ``model_id`` (the model folder's name or the hub id), and
+  ``category`` (the split) for POPE; for CHAIR ``image_id`` and ``caption`` instead of ``question_id`` and ``text``.
+  Lines are appended batch by batch, each batch flushed and ``fsync``-ed before the next starts (and Ctrl-C held
+  off while it is written), so a killed run loses at most the batch in flight.
+- ``run.json`` — the settings the answers were generated under (:data:`SETTINGS_KEYS`), written atomically before
+  the first answer. A run on a folder whose answers were generated under other settings is refused
+  (:class:`EvalUsageError` naming each differing setting): answers of two configurations are never mixed.
+- ``metrics.json`` — :meth:`flowkern.eval.base.Task.score` of the whole answer file (exactly what
+  ``flowkern score --task T --data PATH --predictions answers.jsonl`` gives), written atomically at the end.
+
+**Resume.** A rerun with the same settings skips the questions already answered (matched by id, as scoring does) and
+only generates the rest. A torn last line (a run killed while writing) is detected (no final newline) and dropped
+before appending; any other malformed line is an error that leaves the file untouched. ``--limit``, the batch size,
+the device and ``--strict`` (scoring only) may change between runs; ``overwrite=True`` starts afresh.
+
+Every input is checked before a model is loaded: the task name, the question files, each selected question's image
+(exists and is an image file), the output folder (creatable, writable, not a file) and an existing answer file
+(parseable, ids known, settings equal). Those mistakes raise :class:`EvalUsageError` (a ``ValueError``) with a
+one-line message naming the option (``--data``, ``--images``, ``--out``, ...).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from flowkern.eval.base import Prediction, Sample, Task
+
+__all__ = [
+    "EvalConfig",
+    "EvalPlan",
+    "EvalResult",
+    "EvalUsageError",
+    "prepare",
+    "run_eval",
+    "build_batch_inputs",
+    "generate_answers",
+    "answer_record",
+    "ANSWERS_FILE",
+    "SETTINGS_FILE",
+    "METRICS_FILE",
+    "SETTINGS_KEYS",
+    "DEFAULT_MAX_NEW_TOKENS",
+]
+
+ANSWERS_FILE = "answers.jsonl"
+SETTINGS_FILE = "run.json"
+METRICS_FILE = "metrics.json"
+
+SETTINGS_KEYS: tuple[str, ...] = ("model", "task", "data", "images", "split", "ocr", "max_new_tokens",
+                                  "prune_layer", "keep", "rank", "prune_seed", "prune_when")
+"""The settings that change the answers: an answer file written under other values of any of them is refused."""
+
+DEFAULT_MAX_NEW_TOKENS: dict[str, int] = {"pope": 128, "sqa": 128, "textvqa": 128, "chair": 512}
+"""Answer length limit per task when none is given (LLaVA-1.5's ``model_vqa_loader`` uses 128; captions get 512)."""
+
+_FLAGS = {"model": "--model", "task": "--task", "data": "--data", "images": "--images", "split": "--split",
+          "ocr": "--ocr", "max_new_tokens": "--max-new-tokens", "prune_layer": "--prune-layer", "keep": "--keep",
+          "rank": "--rank", "prune_seed": "--prune-seed", "prune_when": "--prune-when"}
+
+
+class EvalUsageError(ValueError):
+    """A mistake the user can fix (bad path, unknown task, missing image, mismatched settings): one-line message."""
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """What to evaluate and where the answers go (the options of ``flowkern eval``).
+
+    Attributes:
+        model: a ``save_pretrained`` folder or a cached hub id (:func:`flowkern.hf.loading.load_model`).
+        task: ``pope``, ``sqa``, ``textvqa`` or ``chair`` (:data:`flowkern.eval.TASKS`).
+        data: the task's official files (see ``flowkern score --help``).
+        out: the output folder (answers.jsonl, run.json, metrics.json).
+        images: the image folder (default: the task's, e.g. ``<data>/images`` for sqa; pope needs it).
+        limit: answer only the first ``limit`` questions (in file order); None: all.
+        batch_size: questions per ``generate`` call (left padding).
+        max_new_tokens: answer length limit; None: :data:`DEFAULT_MAX_NEW_TOKENS` of the task.
+        prune_layer, keep, rank, prune_seed, prune_when: :func:`flowkern.prune` (off when ``prune_layer`` is None).
+        strict: pope only, scoring only: lmms-eval's exact yes/no parsing.
+        split: sqa only: the ``pid_splits.json`` split. ocr: textvqa only: the OCR-token prompt.
+        device, dtype: as for :func:`flowkern.hf.loading.load_model`.
+        overwrite: discard the folder's previous answers, settings and metrics and start afresh.
+    """
+
+    model: str
+    task: str
+    data: str | os.PathLike[str]
+    out: str | os.PathLike[str]
+    images: str | os.PathLike[str] | None = None
+    limit: int | None = None
+    batch_size: int = 1
+    max_new_tokens: int | None = None
+    prune_layer: int | None = None
+    keep: int | float = 0
+    rank: str = "attention"
+    prune_seed: int = 0
+    prune_when: str = "prefill"
+    strict: bool = False
+    split: str = "test"
+    ocr: bool = False
+    device: str = "auto"
+    dtype: str = "auto"
+    overwrite: bool = False
+
+
+@dataclass
+class EvalPlan:
+    """What :func:`prepare` found: the task, the selected questions, what is already answered and what remains."""
+
+    config: EvalConfig
+    task: Task
+    settings: dict[str, Any]
+    out: Path
+    samples: list[Sample]
+    todo: list[Sample]
+    answered: set[str]
+    valid_bytes: int | None
+    """Length of the answer file's valid part (None: no file); a torn last line lies past it."""
+    torn_line: bool = False
+    fresh: bool = True
+    """No answers to keep (no file, an empty one, or ``overwrite``): run.json is (re)written."""
+
+    @property
+    def answers_path(self) -> Path:
+        return self.out / ANSWERS_FILE
+
+    @property
+    def settings_path(self) -> Path:
+        return self.out / SETTINGS_FILE
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.out / METRICS_FILE
+
+
+@dataclass
+class EvalResult:
+    """What :func:`run_eval` did: the metrics (the task's score of the answer file) and the run's numbers."""
+
+    metrics: dict[str, Any]
+    out: Path
+    answers_path: Path
+    metrics_path: Path
+    settings: dict[str, Any]
+    generated: int
+    """Questions answered by this call."""
+    skipped: int
+    """Selected questions already answered in the folder (resume)."""
+    seconds: float
+    """Wall time of the generation loop (model loading and scoring excluded)."""
+    torn_line: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def questions_per_second(self) -> float | None:
+        """``generated / seconds`` (None when nothing was generated)."""
+        return self.generated / self.seconds if self.generated and self.seconds > 0 else None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# validation (no model)
+
+
+def _model_identity(model: str) -> str:
+    path = Path(model).expanduser()
+    return str(path.resolve()) if path.exists() else str(model)
+
+
+def _task_options(config: EvalConfig) -> dict[str, Any]:
+    if config.strict and config.task != "pope":
+        raise EvalUsageError(f"--strict applies to --task pope only, not {config.task}")
+    if config.split != "test" and config.task != "sqa":
+        raise EvalUsageError(f"--split applies to --task sqa only, not {config.task}")
+    if config.ocr and config.task != "textvqa":
+        raise EvalUsageError(f"--ocr applies to --task textvqa only, not {config.task}")
+    return {"pope": {"strict": config.strict}, "sqa": {"split": config.split},
+            "textvqa": {"ocr": config.ocr}}.get(config.task, {})
+
+
+def _check_numbers(config: EvalConfig) -> None:
+    def positive(value: Any, flag: str, *, allow_none: bool) -> None:
+        if value is None and allow_none:
+            return
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise EvalUsageError(f"{flag} {value!r}: expected an integer >= 1")
+
+    positive(config.batch_size, "--batch-size", allow_none=False)
+    positive(config.limit, "--limit", allow_none=True)
+    positive(config.max_new_tokens, "--max-new-tokens", allow_none=True)
+    if config.prune_layer is None:
+        given = [flag for flag, value, default in (("--keep", config.keep, 0), ("--rank", config.rank, "attention"),
+                                                   ("--prune-seed", config.prune_seed, 0),
+                                                   ("--prune-when", config.prune_when, "prefill"))
+                 if value != default]
+        if given:
+            raise EvalUsageError(f"{', '.join(given)} given without --prune-layer: pruning is off unless "
+                                 f"--prune-layer L is given")
+    elif isinstance(config.prune_layer, bool) or not isinstance(config.prune_layer, int):
+        raise EvalUsageError(f"--prune-layer {config.prune_layer!r}: expected a decoder layer index")
+
+
+def _check_out_dir(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise EvalUsageError(f"--out: {out} is a file, expected a folder")
+    ancestor = out
+    while not ancestor.exists() and ancestor.parent != ancestor:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise EvalUsageError(f"--out: cannot create {out}: {ancestor} is not a directory")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise EvalUsageError(f"--out: cannot write in {ancestor} (permission denied)")
+    for name in (ANSWERS_FILE, SETTINGS_FILE, METRICS_FILE):
+        p = out / name
+        if p.is_dir():
+            raise EvalUsageError(f"--out: {p} is a directory, expected a file")
+        if p.exists() and not os.access(p, os.R_OK | os.W_OK):
+            raise EvalUsageError(f"--out: {p} is not readable and writable")
+
+
+def _check_images(samples: Sequence[Sample], images_hint: str) -> None:
+    from PIL import Image, UnidentifiedImageError
+
+    missing: list[Sample] = []
+    checked: dict[Path, str | None] = {}
+    for s in samples:
+        if s.image is None:
+            raise EvalUsageError(f"--data: question {s.id!r} has no image; flowkern eval answers image questions only")
+        if s.image in checked:
+            continue
+        if not s.image.is_file():
+            checked[s.image] = "missing"
+            missing.append(s)
+            continue
+        try:
+            with Image.open(s.image):
+                checked[s.image] = None
+        except (UnidentifiedImageError, OSError) as exc:
+            raise EvalUsageError(f"--images: question {s.id!r}: {s.image} is not a readable image ({exc})") from None
+    if missing:
+        first = missing[0]
+        more = f" ({len(missing)} of {len(samples)} questions' images are missing)" if len(missing) > 1 else ""
+        raise EvalUsageError(f"--images: question {first.id!r}: image {first.image} not found{more}; {images_hint}")
+
+
+def _read_answers(path: Path, task: Task) -> tuple[set[str], int, bool]:
+    """(answered keys, valid byte length, torn last line?) of an existing answer file; nothing is modified."""
+    data = path.read_bytes()
+    torn = bool(data) and not data.endswith(b"\n")
+    valid = data.rfind(b"\n") + 1 if torn else len(data)
+    answered: set[str] = set()
+    where_first: dict[str, int] = {}
+    for number, raw in enumerate(data[:valid].split(b"\n")[:-1] if valid else [], start=1):
+        where = f"--out: {path}:{number}"
+        if not raw.strip():
+            continue
+        try:
+            obj = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise EvalUsageError(f"{where}: not a valid JSON line ({exc}); fix or remove the line, or pass "
+                                 f"--overwrite to start afresh") from None
+        if not isinstance(obj, dict) or task.id_field not in obj or not isinstance(obj.get(task.text_field), str):
+            raise EvalUsageError(f"{where}: not an answer line (needs {task.id_field!r} and a string "
+                                 f"{task.text_field!r}); pass --overwrite to start afresh")
+        try:
+            key = task.prediction_key(Prediction(obj[task.id_field], obj[task.text_field], obj, f"{path}:{number}"))
+            task.sample(key)
+        except (KeyError, ValueError):
+            raise EvalUsageError(f"{where}: {task.id_field} {obj[task.id_field]!r} is not in the {task.name} data "
+                                 f"(--data): the answers were written for other questions") from None
+        if key in where_first:
+            raise EvalUsageError(f"{where}: {task.id_field} {obj[task.id_field]!r} is answered twice (first at line "
+                                 f"{where_first[key]}); pass --overwrite to start afresh")
+        where_first[key] = number
+        answered.add(key)
+    return answered, valid, torn
+
+
+def _compare_settings(path: Path, settings: dict[str, Any], out: Path) -> None:
+    if not path.is_file():
+        raise EvalUsageError(f"--out: {out} has answers but no {SETTINGS_FILE} (not written by flowkern eval?): "
+                             f"use another --out, or pass --overwrite to start afresh")
+    try:
+        previous = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise EvalUsageError(f"--out: {path}: not valid JSON ({exc}); pass --overwrite to start afresh") from None
+    old = previous.get("settings") if isinstance(previous, dict) else None
+    if not isinstance(old, dict):
+        raise EvalUsageError(f"--out: {path}: no 'settings' object; pass --overwrite to start afresh")
+    diffs = [f"{_FLAGS[k]} was {old.get(k)!r}, now {settings[k]!r}" for k in SETTINGS_KEYS if old.get(k) != settings[k]]
+    if diffs:
+        raise EvalUsageError(f"--out: the answers in {out} were generated under other settings ({'; '.join(diffs)}): "
+                             f"use another --out, rerun with the same settings to resume, or pass --overwrite to "
+                             f"start afresh")
+
+
+def prepare(config: EvalConfig) -> EvalPlan:
+    """Check every input and the output folder, load the questions and read what is already answered. No model is
+    loaded and nothing is written.
+
+    Raises:
+        EvalUsageError: an unknown task, a missing or malformed data file, a question whose image is absent or
+            unreadable, an output folder that cannot be written, an answer file that is malformed or was written
+            under other settings (:data:`SETTINGS_KEYS`).
+    """
+    from flowkern.eval import TASKS, get_task
+
+    if config.task not in TASKS:
+        raise EvalUsageError(f"--task: unknown task {config.task!r} (choose from {', '.join(TASKS)})")
+    _check_numbers(config)
+    options = _task_options(config)
+    out = Path(config.out).expanduser().absolute()
+    _check_out_dir(out)
+    try:
+        task = get_task(config.task, config.data, config.images, **options)
+        samples = task.samples
+    except EvalUsageError:
+        raise
+    except (FileNotFoundError, ValueError) as exc:
+        raise EvalUsageError(str(exc)) from None
+    if not samples:
+        raise EvalUsageError(f"--data: {config.data}: no {config.task} questions found")
+    selected = samples[: config.limit] if config.limit is not None else list(samples)
+    images = getattr(task, "images", None)
+    settings = {
+        "model": _model_identity(config.model),
+        "task": config.task,
+        "data": str(Path(config.data).expanduser().resolve()),
+        "images": str(Path(images).expanduser().resolve()) if images is not None else None,
+        "split": config.split if config.task == "sqa" else None,
+        "ocr": bool(config.ocr) if config.task == "textvqa" else None,
+        "max_new_tokens": config.max_new_tokens or DEFAULT_MAX_NEW_TOKENS[config.task],
+        "prune_layer": config.prune_layer,
+        "keep": config.keep if config.prune_layer is not None else None,
+        "rank": config.rank if config.prune_layer is not None else None,
+        "prune_seed": config.prune_seed if config.prune_layer is not None else None,
+        "prune_when": config.prune_when if config.prune_layer is not None else None,
+    }
+    answered: set[str] = set()
+    valid: int | None = None
+    torn = False
+    answers_path = out / ANSWERS_FILE
+    if not config.overwrite and answers_path.is_file():
+        answered, valid, torn = _read_answers(answers_path, task)
+        if answered:
+            _compare_settings(out / SETTINGS_FILE, settings, out)
+    todo = [s for s in selected if s.key not in answered]
+    hint = ("pass --images with the COCO val2014 folder" if config.task == "pope" and config.images is None
+            else "check --images (the folder holding the task's images)")
+    _check_images(todo, hint)
+    return EvalPlan(config=config, task=task, settings=settings, out=out, samples=selected, todo=todo,
+                    answered=answered, valid_bytes=valid, torn_line=torn, fresh=config.overwrite or not answered)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# generation
+
+
+def build_batch_inputs(processor: Any, model: Any, images: Sequence[Any], prompts: Sequence[str]) -> Any:
+    """Processor outputs for a batch of one-image prompts, left-padded, on the model's device and dtype.
+
+    Each prompt is wrapped as :func:`flowkern.hf.loading.build_inputs` wraps a single one (the processor's chat
+    template with one image slot, or the family's plain format); the processor batches the images its own way.
+
+    Args:
+        processor: the model's processor (:func:`flowkern.hf.loading.load_model` sets left padding).
+        model: the model (family, image placeholder ids, device, dtype).
+        images: ``B`` paths or ``PIL.Image`` objects, one per prompt.
+        prompts: ``B`` user texts.
+
+    Returns:
+        a ``BatchFeature`` with ``input_ids [B, S]``, ``attention_mask [B, S]`` (0 on the left padding),
+        ``pixel_values`` and whatever else the processor returns.
+
+    Raises:
+        ValueError: a prompt without an image slot after templating, or a processor that rejects the batch.
+    """
+    import torch
+
+    from flowkern.hf.loading import _prompt_text, load_images
+    from flowkern.hf.models import get_adapter
+
+    if len(images) != len(prompts) or not prompts:
+        raise ValueError(f"expected one image per prompt, got {len(images)} images and {len(prompts)} prompts")
+    adapter = get_adapter(model)
+    pictures = load_images(list(images))
+    texts = [_prompt_text(processor, adapter.family, p, 1) for p in prompts]
+    tokenizer = getattr(processor, "tokenizer", None)
+    if tokenizer is not None and getattr(tokenizer, "padding_side", "left") != "left":
+        tokenizer.padding_side = "left"
+    inputs = processor(images=pictures, text=texts, padding=True, return_tensors="pt")
+    placeholders = torch.tensor(adapter.placeholder_token_ids(model.config))
+    has_slot = torch.isin(inputs["input_ids"], placeholders).any(dim=1)
+    if not bool(has_slot.all()):
+        row = int((~has_slot).nonzero()[0])
+        raise ValueError(f"the prompt has no image slot after templating: {texts[row]!r}")
+    param = next(model.parameters(), None)
+    dev = param.device if param is not None else torch.device("cpu")
+    dtype = param.dtype if param is not None and param.is_floating_point() else None
+    return inputs.to(device=dev, dtype=dtype) if dtype is not None else inputs.to(device=dev)
+
+
+def generate_answers(model: Any, processor: Any, images: Sequence[Any], prompts: Sequence[str], *,
+                     max_new_tokens: int, pruning: Any = None) -> list[str]:
+    """Greedy answers to a batch of one-image prompts (left padding), decoded without special tokens and stripped.
+
+    Args:
+        images, prompts: ``B`` each (see :func:`build_batch_inputs`).
+        max_new_tokens: answer length limit.
+        pruning: a :class:`flowkern.prune.Pruning` to run the batch under (entered and left here), or None.
+
+    Returns:
+        ``B`` answer strings, in the order of ``prompts``.
+    """
+    import torch
+
+    inputs = build_batch_inputs(processor, model, images, prompts)
+    kwargs: dict[str, Any] = dict(max_new_tokens=max_new_tokens, do_sample=False)
+    gen_cfg = getattr(model, "generation_config", None)
+    tokenizer = getattr(processor, "tokenizer", processor)
+    if gen_cfg is not None and gen_cfg.pad_token_id is None:
+        pad = getattr(tokenizer, "pad_token_id", None)
+        kwargs["pad_token_id"] = pad if pad is not None else getattr(tokenizer, "eos_token_id", None)
+    ctx = pruning if pruning is not None else contextlib.nullcontext()
+    with torch.inference_mode(), ctx:
+        sequences = model.generate(**inputs, **kwargs)
+    new = sequences[:, inputs["input_ids"].shape[1]:].cpu()
+    decoder = processor if hasattr(processor, "batch_decode") else tokenizer
+    return [t.strip() for t in decoder.batch_decode(new, skip_special_tokens=True)]
+
+
+def answer_record(task: Task, sample: Sample, text: str, model_id: str) -> dict[str, Any]:
+    """One answer-file line in LLaVA's format (see the module docstring)."""
+    if task.name == "chair":
+        return {"image_id": sample.id, "caption": text, "prompt": sample.prompt, "model_id": model_id}
+    record: dict[str, Any] = {"question_id": sample.id, "prompt": sample.prompt, "text": text, "model_id": model_id}
+    if task.name == "pope" and sample.split is not None:
+        record["category"] = sample.split
+    return record
+
+
+@contextlib.contextmanager
+def _sigint_held() -> Iterator[None]:
+    """Hold SIGINT off (delivered on exit) so that a Ctrl-C never tears a batch's lines."""
+    try:
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    except (AttributeError, ValueError, OSError):  # not POSIX, or not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def _append_lines(path: Path, records: Sequence[dict[str, Any]]) -> None:
+    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode("utf-8")
+    with _sigint_held():
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+        try:
+            view = memoryview(text)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _start_files(plan: EvalPlan) -> None:
+    """Make the folder ready to append: start afresh or drop a torn last line; write run.json when fresh."""
+    import flowkern
+    from flowkern._io import atomic_write_json
+
+    plan.out.mkdir(parents=True, exist_ok=True)
+    if plan.fresh:
+        for name in (METRICS_FILE, ANSWERS_FILE):
+            with contextlib.suppress(FileNotFoundError):
+                (plan.out / name).unlink()
+        atomic_write_json(plan.settings_path, {
+            "settings": plan.settings, "flowkern": flowkern.__version__,
+            "device": plan.config.device, "dtype": plan.config.dtype,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        })
+        plan.answers_path.touch()
+    elif plan.torn_line and plan.valid_bytes is not None:
+        os.truncate(plan.answers_path, plan.valid_bytes)
+        with _sigint_held():
+            fd = os.open(plan.answers_path, os.O_WRONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+
+def run_eval(
+    config: EvalConfig,
+    *,
+    model: Any = None,
+    processor: Any = None,
+    progress: bool = False,
+    on_batch: Callable[[int, int], None] | None = None,
+) -> EvalResult:
+    """Answer the task's (remaining) questions in batches, appending to the answer file, then score it.
+
+    Args:
+        config: what to run (:class:`EvalConfig`).
+        model, processor: an already loaded model and its processor (a sweep reuses one); None: loaded from
+            ``config.model`` with :func:`flowkern.hf.loading.load_model` after every input has been checked.
+        progress: show a tqdm bar (questions, rate, ETA) on stderr.
+        on_batch: called as ``on_batch(done, total)`` after each batch is on disk.
+
+    Returns:
+        an :class:`EvalResult`; ``metrics`` is also in ``<out>/metrics.json``.
+
+    Raises:
+        EvalUsageError: see :func:`prepare`; also a model that cannot be loaded or pruning settings the model does not
+            take (before anything is written).
+    """
+    plan = prepare(config)
+    task, settings = plan.task, plan.settings
+    pruning = None
+    if plan.todo:
+        if model is None or processor is None:
+            from flowkern.hf.loading import load_model
+
+            try:
+                model, processor = load_model(config.model, device=config.device, dtype=config.dtype)
+            except (FileNotFoundError, ValueError, ImportError) as exc:
+                raise EvalUsageError(str(exc)) from None
+        if config.prune_layer is not None:
+            import flowkern
+
+            try:
+                pruning = flowkern.prune(model, layer=config.prune_layer, keep=config.keep, rank=config.rank,
+                                         seed=config.prune_seed, when=config.prune_when)
+            except (ValueError, NotImplementedError) as exc:
+                raise EvalUsageError(f"--prune-layer {config.prune_layer}: {exc}") from None
+    _start_files(plan)
+
+    model_id = Path(str(config.model).rstrip("/")).name or str(config.model)
+    total, done = len(plan.samples), len(plan.samples) - len(plan.todo)
+    bar = None
+    if progress and plan.todo:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total, initial=done, unit="q", desc=f"{task.name}", dynamic_ncols=True, smoothing=0.1)
+    start = time.perf_counter()
+    generated = 0
+    try:
+        for i in range(0, len(plan.todo), config.batch_size):
+            batch = plan.todo[i: i + config.batch_size]
+            texts = generate_answers(model, processor, [s.image for s in batch], [s.prompt for s in batch],
+                                     max_new_tokens=settings["max_new_tokens"], pruning=pruning)
+            _append_lines(plan.answers_path, [answer_record(task, s, t, model_id)
+                                              for s, t in zip(batch, texts, strict=True)])
+            generated += len(batch)
+            if bar is not None:
+                bar.update(len(batch))
+            if on_batch is not None:
+                on_batch(done + generated, total)
+    finally:
+        if bar is not None:
+            bar.close()
+    seconds = time.perf_counter() - start
+
+    from flowkern._io import atomic_write_json
+
+    metrics = task.score(task.read_predictions(plan.answers_path))
+    atomic_write_json(plan.metrics_path, metrics)
+    return EvalResult(metrics=metrics, out=plan.out, answers_path=plan.answers_path, metrics_path=plan.metrics_path,
+                      settings=settings, generated=generated, skipped=len(plan.samples) - len(plan.todo),
+                      seconds=seconds, torn_line=plan.torn_line, extra={"config": asdict(config)})
