@@ -44,6 +44,8 @@ reach the logits *at image positions*, never the answer logits, so ``dz/dA = 0``
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -428,10 +430,11 @@ def cam(
 
     if site not in SITES:
         raise ValueError(f"site must be one of {SITES}, got {site!r}")
-    if int(samples) < 1 or int(batch_size) < 1:
-        raise ValueError(f"samples and batch_size must be >= 1, got samples={samples}, batch_size={batch_size}")
-    if not noise_std >= 0:
-        raise ValueError(f"noise_std must be >= 0, got {noise_std}")
+    for name, value in (("samples", samples), ("batch_size", batch_size), ("max_new_tokens", max_new_tokens)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    if isinstance(noise_std, bool) or not isinstance(noise_std, numbers.Real) or not 0 <= noise_std < math.inf:
+        raise ValueError(f"noise_std must be a finite number >= 0, got {noise_std!r}")
     if normalize not in ("layer", "global"):
         raise ValueError(f"normalize must be 'layer' or 'global', got {normalize!r}")
     if threshold is not None and not 0 <= threshold <= 1:
@@ -470,7 +473,15 @@ def cam(
     if answer_ids is None:
         answer = _generate_answer(model, inputs, max_new_tokens)
     else:
-        answer = torch.as_tensor(answer_ids).reshape(-1).long().cpu()
+        answer = torch.as_tensor(answer_ids).reshape(-1)
+        if answer.numel() and (answer.is_floating_point() or answer.is_complex()):
+            raise ValueError(f"answer_ids must be integer token ids, got dtype {answer.dtype}")
+        answer = answer.long().cpu()
+        vocab = int(model.get_output_embeddings().weight.shape[0]) if model.get_output_embeddings() is not None \
+            else None
+        bad = answer[(answer < 0) | (answer >= vocab)] if vocab is not None else answer[answer < 0]
+        if bad.numel():
+            raise ValueError(f"answer_ids {bad[:5].tolist()} are outside the vocabulary [0, {vocab})")
     if answer.numel() == 0:
         raise ValueError("the answer is empty (the model generated only an end-of-sequence token?)")
 

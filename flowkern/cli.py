@@ -39,6 +39,7 @@ __all__ = [
     "user_errors",
     "add_model_arguments",
     "load_from_args",
+    "check_output_dir",
     "LoadedInputs",
     "parse_layers",
     "build_parser",
@@ -133,13 +134,31 @@ def load_from_args(args: argparse.Namespace) -> LoadedInputs:
     Raises:
         UsageError: missing image / model directory, uncached hub id, unsupported model, prompt without an image slot.
     """
-    from flowkern.hf.loading import build_inputs, load_images, load_model
+    from flowkern.hf.loading import build_inputs, load_images, load_model, position_range_message
 
     with user_errors():
         images = load_images(args.image)
         model, processor = load_model(args.model, device=args.device, dtype=args.dtype)
         inputs = build_inputs(processor, model, images, getattr(args, "prompt", ""))
-    return LoadedInputs(model, processor, images, inputs)
+    loaded = LoadedInputs(model, processor, images, inputs)
+    warning = position_range_message(model, loaded.prompt_length + int(getattr(args, "max_new_tokens", 0) or 0))
+    if warning:
+        print(f"flowkern {getattr(args, 'command', '')}: warning: {warning}", file=sys.stderr)
+    return loaded
+
+
+def check_output_dir(args: argparse.Namespace, name: str = "out") -> Path:
+    """Validate a command's result folder (``args.<name>``, flag ``--<name>``) before any work, honouring
+    ``--overwrite``; returns the absolute path.
+
+    Raises:
+        UsageError: a file where the folder should be, no permission, or a previous run's files without --overwrite.
+    """
+    from flowkern import _io
+
+    with user_errors():
+        return _io.check_output_dir(getattr(args, name), overwrite=getattr(args, "overwrite", False),
+                                    what=f"--{name.replace('_', '-')}")
 
 
 def parse_layers(spec: str | None, num_layers: int, *, default_count: int = 8) -> list[int]:
@@ -239,6 +258,7 @@ def add_flow_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--threshold", type=float, default=0.1,
                    help="cliff layer = first layer whose image share is below this (default 0.1)")
     p.add_argument("--out", type=Path, default=Path("flowkern-flow"), help="output directory (default ./flowkern-flow)")
+    p.add_argument("--overwrite", action="store_true", help="replace the files of a previous run in --out")
     from flowkern.cli_generate import add_prune_arguments
 
     add_prune_arguments(p)
@@ -271,20 +291,20 @@ def run_flow(args: argparse.Namespace) -> int:
     import torch
 
     import flowkern
-    from flowkern import viz
-    from flowkern.hf.loading import input_image
+    from flowkern import _io, viz
+    from flowkern.cli_generate import check_prune_arguments, prune_from_args
     from flowkern.hf.models import get_adapter
 
     if not 0.0 <= args.threshold <= 1.0:
         raise UsageError(f"--threshold {args.threshold}: expected a share in [0, 1]")
     if args.max_new_tokens < 1:
         raise UsageError(f"--max-new-tokens {args.max_new_tokens}: expected >= 1")
+    check_prune_arguments(args)
+    target = check_output_dir(args)
     loaded = load_from_args(args)
     model, inputs = loaded.model, loaded.inputs
     num_layers = int(get_adapter(model).text_config(model.config).num_hidden_layers)
     layers = parse_layers(args.layers, num_layers)
-
-    from flowkern.cli_generate import prune_from_args
 
     with (
         torch.inference_mode(),
@@ -297,10 +317,30 @@ def run_flow(args: argparse.Namespace) -> int:
     names = list(flow.segment_names)
     cliff = viz.cliff_layer(shares, threshold=args.threshold, segment_names=names)
 
-    out: Path = args.out
-    out.mkdir(parents=True, exist_ok=True)
-    written = []
+    with _io.AtomicDir(target, info=dict(command="flowkern flow", args=_args_dict(args))) as out:
+        written, maps_note = _write_flow(out, args, loaded, flow, pruning, answer, shares, names, cliff, layers)
 
+    print(f"answer: {answer}")
+    print(f"\nattention share of the answer tokens per decoder layer (mean over {flow.num_steps} answer rows):")
+    print(_format_table(shares, names, cliff))
+    if cliff is None:
+        print(f"no layer has an image share below {args.threshold:g}")
+    else:
+        print(f"cliff layer (first layer with image share < {args.threshold:g}): {cliff}")
+    if maps_note:
+        print(maps_note, file=sys.stderr)
+    print(f"\nwrote {', '.join(str(target / n) for n in written)}")
+    return 0
+
+
+def _write_flow(out: Path, args: argparse.Namespace, loaded: LoadedInputs, flow: Any, pruning: Any, answer: str,
+                shares: Any, names: list, cliff: int | None, layers: list[int]) -> tuple[list[str], str | None]:
+    """Write the ``flow`` files into ``out``; returns the file names and a note when the maps were skipped."""
+    from flowkern import viz
+    from flowkern.hf.loading import input_image
+
+    inputs = loaded.inputs
+    written = []
     record = dict(answer=answer, args=_args_dict(args), threshold=args.threshold, cliff_layer=cliff)
     maps_note = None
     try:
@@ -329,19 +369,7 @@ def run_flow(args: argparse.Namespace) -> int:
             w.writerow([layer, *(f"{float(v):.6g}" for v in row)])
     title = f"{Path(str(args.model)).name}: attention share of the answer tokens ({flow.num_steps} rows)"
     viz.plot_shares(shares, names, threshold=args.threshold, title=title, path=out / "shares.png")
-    written = ["shares.json", "shares.csv", "shares.png", *written]
-
-    print(f"answer: {answer}")
-    print(f"\nattention share of the answer tokens per decoder layer (mean over {flow.num_steps} answer rows):")
-    print(_format_table(shares, names, cliff))
-    if cliff is None:
-        print(f"no layer has an image share below {args.threshold:g}")
-    else:
-        print(f"cliff layer (first layer with image share < {args.threshold:g}): {cliff}")
-    if maps_note:
-        print(maps_note, file=sys.stderr)
-    print(f"\nwrote {', '.join(str(out / n) for n in written)}")
-    return 0
+    return ["shares.json", "shares.csv", "shares.png", *written], maps_note
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -371,6 +399,9 @@ def main(argv: list[str] | None = None) -> int:
         message = " ".join(str(exc).split())  # one line
         print(f"flowkern {args.command}: error: {message}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: one line, no traceback; results are written atomically, nothing half-done
+        print(f"flowkern {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

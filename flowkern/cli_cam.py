@@ -13,6 +13,7 @@ and the peak cell of each layer's map. Registered in :data:`flowkern.cli.SUBCOMM
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 
 __all__ = ["add_parser", "run"]
@@ -48,6 +49,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--threshold", type=float, default=None, help="zero normalised values below it (e.g. 0.5)")
     p.add_argument("--alpha", type=float, default=0.5, help="heatmap opacity in the overlays (default 0.5)")
     p.add_argument("--out", type=Path, default=Path("flowkern-cam"), help="output directory (default ./flowkern-cam)")
+    p.add_argument("--overwrite", action="store_true", help="replace the files of a previous run in --out")
     p.set_defaults(func=run)
 
 
@@ -56,20 +58,21 @@ def run(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
 
-    from flowkern import viz
+    from flowkern import _io, viz
     from flowkern.cam import cam
-    from flowkern.cli import UsageError, load_from_args, parse_layers, user_errors
+    from flowkern.cli import UsageError, check_output_dir, load_from_args, parse_layers, user_errors
     from flowkern.hf.loading import input_image
     from flowkern.hf.models import get_adapter
 
     if args.samples < 1 or args.batch_size < 1 or args.max_new_tokens < 1:
         raise UsageError("--samples, --batch-size and --max-new-tokens must be >= 1")
-    if not args.noise_std >= 0:
-        raise UsageError(f"--noise-std {args.noise_std}: expected >= 0")
+    if not 0 <= args.noise_std < math.inf:
+        raise UsageError(f"--noise-std {args.noise_std}: expected a finite number >= 0")
     if not 0.0 <= args.alpha <= 1.0:
         raise UsageError(f"--alpha {args.alpha}: expected a value in [0, 1]")
     if args.threshold is not None and not 0.0 <= args.threshold <= 1.0:
         raise UsageError(f"--threshold {args.threshold}: expected a value in [0, 1]")
+    target = check_output_dir(args)
     loaded = load_from_args(args)
     model, processor, inputs = loaded.model, loaded.processor, loaded.inputs
     num_layers = int(get_adapter(model).text_config(model.config).num_hidden_layers)
@@ -89,15 +92,16 @@ def run(args: argparse.Namespace) -> int:
         )
     answer = tokenizer.batch_decode(result.answer_ids[None], skip_special_tokens=True)[0].strip()
 
-    out: Path = args.out
-    out.mkdir(parents=True, exist_ok=True)
     view = result.view(0)
     picture = None if view.name == "queries" else input_image(processor, inputs, loaded.images, 0)
     titles = [f"layer {layer}" for layer in result.layers]
-    viz.heatmap_grid(picture, view.heatmap, titles, alpha=args.alpha, normalize=None, path=out / "cam_grid.png")
-    for i, layer in enumerate(result.layers):
-        viz.save_heatmap(picture, view.heatmap[i], out / f"layer_{layer:02d}.png", alpha=args.alpha, normalize=None)
-    np.savez_compressed(out / "cam.npz", **result.to_numpy())
+    info = dict(command="flowkern cam", args={k: str(v) for k, v in vars(args).items() if k != "func"})
+    with _io.AtomicDir(target, info=info) as out:  # all files or none: never half a result, never two runs mixed
+        viz.heatmap_grid(picture, view.heatmap, titles, alpha=args.alpha, normalize=None, path=out / "cam_grid.png")
+        for i, layer in enumerate(result.layers):
+            viz.save_heatmap(picture, view.heatmap[i], out / f"layer_{layer:02d}.png", alpha=args.alpha,
+                             normalize=None)
+        np.savez_compressed(out / "cam.npz", **result.to_numpy())
 
     print(f"answer: {answer}")
     kind = "plain Grad-CAM" if args.noise_std == 0 else f"{args.samples} noisy copies, noise std {args.noise_std:g}"
@@ -113,5 +117,5 @@ def run(args: argparse.Namespace) -> int:
         print(f"{layer:5d}" + "".join(f"{c:>10}" for c in cells) + f"  {top:10.4g}")
     names = ["cam_grid.png", *(f"layer_{layer:02d}.png" for layer in result.layers), "cam.npz"]
     shown = names if len(names) <= 6 else [*names[:3], "...", *names[-2:]]
-    print(f"\nwrote {out}/: {', '.join(shown)}")
+    print(f"\nwrote {target}/: {', '.join(shown)}")
     return 0

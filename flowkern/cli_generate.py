@@ -18,7 +18,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-__all__ = ["add_parser", "run", "add_prune_arguments", "prune_from_args", "parse_keep"]
+__all__ = ["add_parser", "run", "add_prune_arguments", "check_prune_arguments", "prune_from_args", "parse_keep"]
+
+_PRUNE_DEFAULTS = {"keep": 0, "rank": "attention", "prune_seed": 0, "prune_when": "prefill"}
+_PRUNE_FLAGS = {"keep": "--keep", "rank": "--rank", "prune_seed": "--prune-seed", "prune_when": "--prune-when"}
 
 
 def parse_keep(text: str) -> int | float:
@@ -52,15 +55,36 @@ def add_prune_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("image-token pruning (flowkern.prune)")
     g.add_argument("--prune-layer", type=int, default=None, metavar="L",
                    help="remove image tokens from decoder layer L on (0-based; the paper's layer L+1); off by default")
-    g.add_argument("--keep", type=parse_keep, default=0, metavar="K",
+    g.add_argument("--keep", type=parse_keep, default=None, metavar="K",
                    help="image tokens kept per sample: 0 (drop all, default), a count (64) or a fraction (0.25, 25%%)")
-    g.add_argument("--rank", default="attention", choices=["attention", "random", "none"],
+    g.add_argument("--rank", default=None, choices=["attention", "random", "none"],
                    help="which to keep: attention received from the last prompt token at layer L-1 (default), "
                         "random (seeded control) or none (the first K)")
-    g.add_argument("--prune-seed", type=int, default=0, metavar="N", help="seed of --rank random (default 0)")
-    g.add_argument("--prune-when", default="prefill", choices=["prefill", "decode"],
+    g.add_argument("--prune-seed", type=int, default=None, metavar="N", help="seed of --rank random (default 0)")
+    g.add_argument("--prune-when", default=None, choices=["prefill", "decode"],
                    help="prefill: layers >= L never see the removed tokens (default); decode: full prefill, then "
                         "the KV cache of layers >= L is compacted for the decode steps")
+
+
+def check_prune_arguments(args: argparse.Namespace) -> None:
+    """Refuse pruning options given without ``--prune-layer`` (they would be silently ignored); with it, fill in the
+    defaults of the others (``--keep 0 --rank attention --prune-seed 0 --prune-when prefill``). Call before loading a
+    model; calling it again is harmless.
+
+    Raises:
+        flowkern.cli.UsageError: e.g. ``--keep 5`` without ``--prune-layer``.
+    """
+    from flowkern.cli import UsageError
+
+    given = [flag for name, flag in _PRUNE_FLAGS.items() if getattr(args, name, None) is not None]
+    if getattr(args, "prune_layer", None) is None:
+        if given:
+            raise UsageError(f"{', '.join(given)} {'has' if len(given) == 1 else 'have'} no effect without "
+                             "--prune-layer L")
+        return
+    for name, default in _PRUNE_DEFAULTS.items():
+        if getattr(args, name, None) is None:
+            setattr(args, name, default)
 
 
 def prune_from_args(model: Any, args: argparse.Namespace) -> contextlib.AbstractContextManager:
@@ -73,6 +97,7 @@ def prune_from_args(model: Any, args: argparse.Namespace) -> contextlib.Abstract
     """
     from flowkern.cli import user_errors
 
+    check_prune_arguments(args)
     if getattr(args, "prune_layer", None) is None:
         return contextlib.nullcontext()
     import flowkern
@@ -99,6 +124,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     add_model_arguments(p, max_new_tokens=32)
     add_prune_arguments(p)
     p.add_argument("--json", type=Path, default=None, metavar="PATH", help="also write the record as JSON")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
     p.set_defaults(func=run)
 
 
@@ -106,11 +132,16 @@ def run(args: argparse.Namespace) -> int:
     """The ``generate`` subcommand (see :func:`add_parser`)."""
     import torch
 
-    from flowkern.cli import UsageError, load_from_args
+    from flowkern import _io
+    from flowkern.cli import UsageError, load_from_args, user_errors
     from flowkern.prune import ForwardTimer, Pruning
 
     if args.max_new_tokens < 1:
         raise UsageError(f"--max-new-tokens {args.max_new_tokens}: expected >= 1")
+    check_prune_arguments(args)
+    if args.json is not None:  # before any work: a bad path must not cost a model load and a generation
+        with user_errors():
+            args.json = _io.check_output_path(args.json, overwrite=args.overwrite, what="--json")
     loaded = load_from_args(args)
     model, inputs = loaded.model, loaded.inputs
     pruning_ctx = prune_from_args(model, args)
@@ -138,7 +169,6 @@ def run(args: argparse.Namespace) -> int:
         print(f"pruned: {where} >= {pruning.layer} (of {pruning.num_layers}) keep {n_kept} of {n_img} image tokens "
               f"(rank={args.rank}, keep={args.keep})")
     if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(dict(record, args={k: str(v) for k, v in vars(args).items()
-                                                           if k != "func"}), indent=1) + "\n")
+        args_record = {k: str(v) for k, v in vars(args).items() if k != "func"}
+        _io.atomic_write_text(args.json, json.dumps(dict(record, args=args_record), indent=1) + "\n")
     return 0

@@ -225,6 +225,11 @@ class Flow:
             )
         if mask is not None:
             mask = mask[:, : ids.shape[1]]
+            if not bool(mask[:, -1].bool().all()):
+                raise ValueError(
+                    "flowkern.trace needs left padding (the last prompt position real in every row, since it is the "
+                    "answer row): set tokenizer.padding_side = 'left'"
+                )
         self._ids = ids.detach().clone()
         self._prompt_len = int(ids.shape[1])
         self._segments = label_prompt(self._ids, self.adapter.placeholder_token_ids(self.config), mask)

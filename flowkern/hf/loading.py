@@ -28,7 +28,17 @@ from typing import Any
 
 import torch
 
-__all__ = ["load_model", "load_images", "build_inputs", "input_image", "resolve_device", "resolve_dtype"]
+__all__ = [
+    "load_model", "load_images", "build_inputs", "input_image", "position_range_message", "resolve_device",
+    "resolve_dtype",
+]
+
+try:  # what safetensors raises for a truncated or corrupt file (its header or tensor offsets do not add up)
+    from safetensors import SafetensorError as _SafetensorError
+
+    _CORRUPT_WEIGHTS: tuple[type[BaseException], ...] = (_SafetensorError,)
+except ImportError:  # pragma: no cover - safetensors is a dependency
+    _CORRUPT_WEIGHTS = ()
 
 # Prompt formats for processors without a chat template, per adapter family; ``{images}`` is one image
 # placeholder per image (the processor's ``image_token``), ``{prompt}`` the user's text. Every current hub
@@ -199,6 +209,9 @@ def load_model(
             net = auto.from_pretrained(source, **kwargs)
     except OSError as exc:
         raise FileNotFoundError(f"--model {model}: could not load the weights ({exc})") from exc
+    except _CORRUPT_WEIGHTS as exc:  # a truncated or corrupt weights file
+        raise ValueError(f"--model {model}: the weights file is corrupt or truncated ({type(exc).__name__}: {exc})") \
+            from exc
     net = net.to(dev).eval()
 
     try:
@@ -243,6 +256,8 @@ def load_images(image: Any) -> list:
             out.append(item.convert("RGB"))
             continue
         path = Path(os.fspath(item)).expanduser()
+        if path.is_dir():
+            raise ValueError(f"--image {item}: is a directory, expected an image file")
         if not path.is_file():
             raise FileNotFoundError(f"--image {item}: no such file")
         try:
@@ -326,6 +341,18 @@ def build_inputs(
     dev = torch.device(device) if device is not None else (param.device if param is not None else torch.device("cpu"))
     dtype = param.dtype if param is not None and param.is_floating_point() else None
     return inputs.to(device=dev, dtype=dtype) if dtype is not None else inputs.to(device=dev)
+
+
+def position_range_message(model: torch.nn.Module, total_tokens: int) -> str | None:
+    """A warning when a run of ``total_tokens`` positions (prompt + new tokens) exceeds the language model's
+    ``max_position_embeddings`` (positions past it were never trained; RoPE extrapolates silently), else None."""
+    from flowkern.hf.models import get_adapter
+
+    limit = getattr(get_adapter(model).text_config(model.config), "max_position_embeddings", None)
+    if isinstance(limit, int) and total_tokens > limit:
+        return (f"the run needs {total_tokens} positions (prompt + new tokens) but the model was trained on at most "
+                f"max_position_embeddings={limit}: the answer past that is extrapolated and may be garbage")
+    return None
 
 
 def input_image(processor: Any, inputs: Any, images: Sequence[Any], index: int = 0) -> Any:
