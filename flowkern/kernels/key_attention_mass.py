@@ -109,13 +109,19 @@ def _config(dtype: torch.dtype, bd: int, sq: int, b_hkv: int, sk: int, sms: int)
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) for an H100/H200-class GPU.
 
     The K tile is the A operand (BLOCK_N rows, so BLOCK_N >= 64 gives wgmma); Q/lse tiles stream; the only
-    accumulator is a [BLOCK_N] vector, so registers are not the limit (all choices below compile for sm_90a
-    without spills, 48-220 registers). Few rows (the usual Sq=1, "last prompt row"): BLOCK_M=16..64 to fit Sq,
+    accumulator is a [BLOCK_N] vector. Few rows (the usual Sq=1, "last prompt row"): BLOCK_M=16..64 to fit Sq,
     BLOCK_N=64, halved while the grid has fewer programs than SMs. Many rows: 64x128 tiles and 8 warps, so
-    each Q tile is reused by 128 keys. fp32 uses exact FMA dots, which need small tiles.
+    each Q tile is reused by 128 keys (16-bit: 48-141 registers, no spills).
+
+    fp32 uses exact FMA dots (no tensor cores), whose operands live in registers: the earlier 32x32 tiles
+    (4 warps, 2 stages) spilled 0.7-0.8 KB at D=80/128 (Triton 3.9) and 16x16 spilled 24 B at D=256 (3.6).
+    Measured spill-free under Triton 3.6 and 3.9 over the sweep's grid: D <= 64: 16x32, 4 warps, 1 stage;
+    D > 64: 16x16, 4 warps, 1 stage (<= ~76 registers); neighbouring choices spill 8-24 B in some shapes.
+    Measured and re-measured with ``bash benchmarks/aot_check.sh`` (``benchmarks/aot_sm90.py`` on the
+    installed Triton and on 3.6.0), which fails on any spill.
     """
-    if dtype == torch.float32:
-        return (16 if (sq <= 16 or bd > 128) else 32), (16 if bd > 128 else 32), 4, 2
+    if dtype == torch.float32:  # see the docstring: measured spill-free, keep in step with the AOT sweep
+        return (16, 32, 4, 1) if bd <= 64 else (16, 16, 4, 1)
     if sq > 64:
         bm, bn, num_warps = (64, 128, 8) if bd <= 128 else (64, 64, 4)
     else:

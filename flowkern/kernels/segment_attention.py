@@ -231,8 +231,10 @@ def _combine_kernel(
 def _config(dtype: torch.dtype, head_dim: int, bd: int, rows: int) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) for an H100/H200-class GPU, for ``rows`` query rows per head.
 
-    Chosen by compiling for sm_90a (Triton 3.9) and reading register/spill/shared-memory usage, since no GPU
-    was available to time them; every choice below compiles without register spills:
+    Chosen by compiling for sm_90 and reading register/spill/shared-memory usage from ptxas, since no GPU was
+    available to time them. Measured with ``bash benchmarks/aot_check.sh`` (``benchmarks/aot_sm90.py``: every
+    config these launchers pick over its shape grid, under the installed Triton and Triton 3.6.0): no choice
+    below spills under either Triton; re-measure with that command after touching a kernel or a tile.
 
     - 16-bit, many rows (prefill): BLOCK_M=128, BLOCK_N=64, 8 warps (two warpgroups of wgmma), 3 stages
       (~190-250 registers, 67-134 KB shared) for D <= 128, like the FlashAttention Triton tutorial's Hopper
@@ -240,12 +242,18 @@ def _config(dtype: torch.dtype, head_dim: int, bd: int, rows: int) -> tuple[int,
     - 16-bit, <= 64 rows (decode, GQA-packed decode, short chunks): still BLOCK_M=64, the smallest wgmma tile
       (BLOCK_M=16 falls back to mma.sync and spills at D=128); these launches are bandwidth-bound, so the
       wasted rows cost nothing and deeper pipelines keep loads in flight (64x32 tiles, 4 stages at D=128).
-    - fp32 (exact "ieee" FMA dots): BLOCK_N=16 keeps the FMA dot's operands in registers (larger N spills).
+    - fp32 (exact "ieee" FMA dots, no tensor cores): small tiles, the same for every row count. The FMA dot
+      keeps both operands and the accumulator in registers; the earlier 64x16 / 32x16 tiles with 8 warps spilled
+      (up to ~27 KB per thread at D=256 with GQA packing, 0.5-2 KB at D=80/128, under both Tritons), and even
+      16x16 spills a few bytes in some shapes depending on warps/stages. Measured spill-free under Triton 3.6 and
+      3.9: D <= 64: 32x16, 8 warps, 1 stage (<= ~130 registers); D <= 128: 16x16, 8 warps, 2 stages (<= ~90);
+      D = 256: 16x16, 4 warps, 2 stages (<= ~210). The margins are small (a neighbouring choice spills 8-56 B),
+      so keep the sweep in CI.
     """
-    if dtype == torch.float32:
-        if rows <= 16:
-            return (16, 16, 4, 2)
-        return (64, 16, 8, 2) if bd == head_dim else (32, 16, 8, 2)  # masked-D loads spill at 64 rows
+    if dtype == torch.float32:  # see the docstring: measured spill-free, keep in step with the AOT sweep
+        if bd <= 64:
+            return (32, 16, 8, 1)
+        return (16, 16, 8, 2) if bd <= 128 else (16, 16, 4, 2)
     if rows <= 64:
         if bd <= 64:
             return (64, 64, 4, 3)
