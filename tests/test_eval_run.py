@@ -12,19 +12,15 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from flowkern.cli import main
 from flowkern.eval.run import ANSWERS_FILE, METRICS_FILE, SETTINGS_FILE, EvalConfig, run_eval
 from flowkern.hf.loading import load_model
-from flowkern.hf.tiny import save_tiny_llava
 from tests._eval_data import write_coco, write_pope, write_sqa, write_textvqa
+from tests._eval_models import save_eval_llava, save_image
 
-WORDS = ("Is there a dog cat car in the image? Answer question using single word or phrase. yes no Yes No "
-         "Please describe this detail. Context: A. B. Answer with option's letter from given choices directly.").split()
 NEW = "3"
 REPO = Path(__file__).resolve().parents[1]
 
@@ -37,24 +33,14 @@ def _one_thread():
     torch.set_num_threads(old)
 
 
-def _image(path: Path, seed: int) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    Image.fromarray(rng.integers(0, 256, (12 + seed % 5, 16, 3), dtype=np.uint8)).save(path)
-
-
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     """A tiny LLaVA (16 image tokens, 4 text layers) and POPE (two splits, ids repeating), ScienceQA, TextVQA and
     COCO/CHAIR files with their images."""
     root = tmp_path_factory.mktemp("eval_run")
-    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=8,
-                  patch_size=2, projection_dim=32)
-    text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
-                num_key_value_heads=2, max_position_embeddings=256, eos_token_id=None, initializer_range=0.3)
-    save_tiny_llava(root / "llava", vision=vision, text=text, words=WORDS)
+    save_eval_llava(root / "llava")
     for i in range(4):
-        _image(root / "val2014" / f"COCO_val2014_{i:012d}.jpg", i)
+        save_image(root / "val2014" / f"COCO_val2014_{i:012d}.jpg", i)
     objects = ["dog", "cat", "car", "red dog"]
     for split, shift in (("random", 0), ("popular", 1)):
         write_pope(root / "pope", split, [(q, f"COCO_val2014_{(q + shift) % 4:012d}.jpg", objects[(q + shift) % 4],
@@ -65,15 +51,15 @@ def files(tmp_path_factory):
         "8": {"question": "Which is a car?", "choices": ["car", "dog", "cat"], "answer": 0, "image": "image.png"},
         "9": {"question": "No image here?", "choices": ["yes", "no"], "answer": 0}}, {"test": ["7", "8", "9"]})
     for pid in ("7", "8"):
-        _image(root / "sqa" / "images" / "test" / pid / "image.png", int(pid))
+        save_image(root / "sqa" / "images" / "test" / pid / "image.png", int(pid))
     write_textvqa(root / "textvqa", [
         {"question_id": 11, "image_id": "t1", "question": "what word?", "answers": ["yes"] * 4 + ["no"] * 6},
         {"question_id": 12, "image_id": "t2", "question": "which car?", "answers": ["car"] * 10}])
     for name in ("t1", "t2"):
-        _image(root / "textvqa" / "train_images" / f"{name}.jpg", len(name))
+        save_image(root / "textvqa" / "train_images" / f"{name}.jpg", len(name))
     write_coco(root / "coco", {1: (["dog"], ["A dog on a couch."]), 2: (["car", "person"], ["A man by a car."])})
     for i in (1, 2):
-        _image(root / "coco" / "val2014" / f"COCO_val2014_{i:012d}.jpg", i)
+        save_image(root / "coco" / "val2014" / f"COCO_val2014_{i:012d}.jpg", i)
     return root
 
 

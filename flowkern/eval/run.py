@@ -382,15 +382,15 @@ def prepare(config: EvalConfig) -> EvalPlan:
 
 
 def build_batch_inputs(processor: Any, model: Any, images: Sequence[Any], prompts: Sequence[str]) -> Any:
-    """Processor outputs for a batch of one-image prompts, left-padded, on the model's device and dtype.
+    """Processor outputs for a batch of image prompts, left-padded, on the model's device and dtype.
 
     Each prompt is wrapped as :func:`flowkern.hf.loading.build_inputs` wraps a single one (the processor's chat
-    template with one image slot, or the family's plain format); the processor batches the images its own way.
+    template with one slot per image, or the family's plain format); the processor batches the images its own way.
 
     Args:
         processor: the model's processor (:func:`flowkern.hf.loading.load_model` sets left padding).
         model: the model (family, image placeholder ids, device, dtype).
-        images: ``B`` paths or ``PIL.Image`` objects, one per prompt.
+        images: ``B`` entries, one per prompt: a path or ``PIL.Image``, or a list of them (several images).
         prompts: ``B`` user texts.
 
     Returns:
@@ -406,10 +406,13 @@ def build_batch_inputs(processor: Any, model: Any, images: Sequence[Any], prompt
     from flowkern.hf.models import get_adapter
 
     if len(images) != len(prompts) or not prompts:
-        raise ValueError(f"expected one image per prompt, got {len(images)} images and {len(prompts)} prompts")
+        raise ValueError(f"expected one image entry per prompt, got {len(images)} for {len(prompts)} prompts")
     adapter = get_adapter(model)
-    pictures = load_images(list(images))
-    texts = [_prompt_text(processor, adapter.family, p, 1) for p in prompts]
+    groups = [list(item) if isinstance(item, (list, tuple)) else [item] for item in images]
+    if any(not g for g in groups):
+        raise ValueError("every prompt needs at least one image")
+    pictures = load_images([im for g in groups for im in g])
+    texts = [_prompt_text(processor, adapter.family, p, len(g)) for p, g in zip(prompts, groups, strict=True)]
     tokenizer = getattr(processor, "tokenizer", None)
     if tokenizer is not None and getattr(tokenizer, "padding_side", "left") != "left":
         tokenizer.padding_side = "left"
@@ -427,7 +430,7 @@ def build_batch_inputs(processor: Any, model: Any, images: Sequence[Any], prompt
 
 def generate_answers(model: Any, processor: Any, images: Sequence[Any], prompts: Sequence[str], *,
                      max_new_tokens: int, pruning: Any = None) -> list[str]:
-    """Greedy answers to a batch of one-image prompts (left padding), decoded without special tokens and stripped.
+    """Greedy answers to a batch of image prompts (left padding), decoded without special tokens and stripped.
 
     Args:
         images, prompts: ``B`` each (see :func:`build_batch_inputs`).

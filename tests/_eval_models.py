@@ -1,0 +1,32 @@
+"""The tiny offline LLaVA the ``flowkern eval`` tests answer with (16 image tokens, 4 text layers, random weights)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from flowkern.hf.tiny import save_tiny_llava
+
+WORDS = ("Is there a dog cat car in the image? Answer question using single word or phrase. yes no Yes No "
+         "Please describe this detail. Context: A. B. with option's letter from given choices directly.").split()
+assert len(set(WORDS)) == len(WORDS)  # word_tokenizer numbers words by position: a repeat would leave an id gap
+
+
+def save_eval_llava(path: Path) -> Path:
+    """A LLaVA-1.5 layout (CLIP 8x8 / patch 2, Llama 4 x 32) whose vocabulary has the benchmark prompts' words."""
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=8,
+                  patch_size=2, projection_dim=32)
+    text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=256, eos_token_id=None, initializer_range=0.3)
+    save_tiny_llava(path, vision=vision, text=text, words=WORDS)
+    return path
+
+
+def save_image(path: Path, seed: int) -> Path:
+    """A small random RGB image (size varies with the seed)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 256, (12 + seed % 5, 16, 3), dtype=np.uint8)).save(path)
+    return path
