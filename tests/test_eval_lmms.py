@@ -201,6 +201,22 @@ def test_registry_and_model_args(files):
     assert lm.pruning.keep == 0.25 and lm.pruning.rank == "random" and lm.batch_size == 1
 
 
+def test_entry_point_is_discovered(tmp_path, monkeypatch):
+    """With the pyproject entry point ``[project.entry-points."lmms_eval.models"] flowkern = ...`` installed (here: a
+    dist-info folder on sys.path carrying the same entry_points.txt), lmms-eval's own discovery finds the model."""
+    pytest.importorskip("lmms_eval.models.registry_v2")
+    from lmms_eval.models.registry_v2 import ModelRegistryV2
+
+    info = tmp_path / "flowkern_entry_point_check-0.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: flowkern-entry-point-check\nVersion: 0.0\n")
+    (info / "entry_points.txt").write_text('[lmms_eval.models]\nflowkern = flowkern.lmms_plugin:manifest\n')
+    monkeypatch.syspath_prepend(str(tmp_path))
+    registry = ModelRegistryV2()
+    registry.load_entrypoint_manifests()
+    assert registry.get_model_class("flowkern") is FlowkernLMM
+
+
 def test_imports_without_lmms_eval():
     """The module is importable either way; without lmms-eval only manifest()/register() refuse."""
     if lmms_plugin.HAVE_LMMS_EVAL:
