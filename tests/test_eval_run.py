@@ -330,3 +330,8 @@ def test_bad_input_is_one_line_exit_2_before_loading(files, tmp_path, capsys, mo
             "--out", str(out)]
     _one_line_error(*_run(capsys, argv)[::2], "--model", "no-model")
     assert not (out / ANSWERS_FILE).exists()
+    argv = [*base, "--task", "pope", "--data", str(files / "pope"), *img, "--prune-layer", "9", "--out", str(out)]
+    code, _, err = _run(capsys, argv)  # after loading: transformers' loading bar precedes the one error line
+    assert code == 2 and "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith("flowkern eval: error: --prune-layer 9:") and "[0, 4)" in err
+    assert not (out / ANSWERS_FILE).exists()
