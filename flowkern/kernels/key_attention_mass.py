@@ -7,6 +7,9 @@ Math (per batch ``b``, query head ``h``, kv head ``h // (Hq // Hkv)``; the same 
     p[i, j]       = exp(scale * <q[i], k[j]> - lse[i])   if visible[i, j] and lse[i] > -inf, else 0
     received[j]   = (1 / Sq) * sum_i p[i, j]             # rows with lse = -inf still count in Sq
 
+A row with ``lse = NaN`` (a NaN row of segment_attention) gives ``p = NaN`` at the keys it sees and 0 elsewhere:
+``lse`` is subtracted inside the visibility select, so invisible keys stay ``exp2(-inf) = 0``.
+
 ``lse`` is given (from :func:`flowkern.segment_attention` for the same rows), so no online softmax is needed:
 one pass, no ``Sq x Sk`` buffer.
 
@@ -99,8 +102,9 @@ def _key_attention_mass_kernel(
             visible = key_ok[:, None]
             if CAUSAL:
                 visible = visible & (offs_n[:, None] <= offs_m[None, :] + (SK - SQ))
-            st = tl.where(visible, st * qk_scale, float("-inf"))
-            received += tl.sum(tl.exp2(st - lse2[None, :]), 1)
+            # subtract lse inside the select: a NaN lse reaches only the keys its row sees (exp2(-inf) = 0)
+            st = tl.where(visible, st * qk_scale - lse2[None, :], float("-inf"))
+            received += tl.sum(tl.exp2(st), 1)
             qt_ptrs += BLOCK_M * stride_qm
         tl.store(Out + (b64 * H_Q + h64) * SK + offs_n, received * inv_sq, mask=n_ok)
 

@@ -10,6 +10,13 @@ as :func:`flowkern.reference.segment_attention`)::
     out[i]        = sum_j p[i, j] v[j]                        (0 for such a row)
     mass[i, c]    = sum_{j : key_ids[b, j] = c} p[i, j]       (0 for such a row)
 
+Non-finite values propagate (the policy in :mod:`flowkern.ops`, as in SDPA): a NaN or +inf score at a visible
+key makes ``l_i`` NaN (``exp2(NaN)``, or ``exp2(inf - inf)`` once the max is +inf), whether or not the GPU's
+``max`` keeps the NaN, and the epilogue treats only ``l_i == 0`` as "no visible key", so that row gets out, lse
+and mass NaN. A -inf score weighs 0. Scores at invisible keys are replaced by -inf before the max. A non-finite
+``v`` enters through ``P @ V``: at a visible key the row's out becomes non-finite; at a key it cannot see (in a
+key block the program visits) the zero weight still multiplies it, so that row's out is unspecified.
+
 Algorithm: the FlashAttention-2 forward (Dao, 2023; the Triton tutorial "Fused Attention") -- one program per
 (query block, batch*head), one loop over key blocks with the online softmax: running max ``m_i``, running
 sum ``l_i``, output accumulator ``acc``. The extra state is ``seg_acc [BLOCK_M, NSEG_PAD]``, the unnormalised
@@ -171,7 +178,7 @@ def _segment_attention_fwd_kernel(
         tl.store(AccPart + prow[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=row_ok[:, None] & d_ok[None, :])
         tl.store(SegPart + prow[:, None] * NSEG + offs_c[None, :], seg_acc, mask=row_ok[:, None] & c_ok[None, :])
     else:
-        alive = l_i > 0.0
+        alive = l_i != 0.0  # l = 0: no visible key; l = NaN (a NaN/+inf score): stays NaN in out, lse, mass
         inv_l = 1.0 / tl.where(alive, l_i, 1.0)  # dead rows: acc and seg_acc are 0 -> out 0, mass 0
         lse = tl.where(alive, (m_i + tl.log2(tl.where(alive, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
         tl.store(Out + row[:, None] * HEAD_DIM + offs_d[None, :], (acc * inv_l[:, None]).to(Out.dtype.element_ty),
@@ -219,7 +226,7 @@ def _combine_kernel(
         m = m_new
         prow += TOTAL_ROWS
 
-    alive = l > 0.0
+    alive = l != 0.0  # as in the main kernel: NaN rows stay NaN
     inv_l = 1.0 / tl.where(alive, l, 1.0)
     lse = tl.where(alive, (m + tl.log2(tl.where(alive, l, 1.0))) * 0.6931471805599453, float("-inf"))
     tl.store(Out + rows[:, None] * HEAD_DIM + offs_d[None, :], (acc * inv_l[:, None]).to(Out.dtype.element_ty),
