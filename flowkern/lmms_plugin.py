@@ -136,7 +136,8 @@ class FlowkernLMM(_LmmsBase):
         self.cache_hook = getattr(self, "cache_hook", None) or _NoCache()
         self.task_dict: dict = getattr(self, "task_dict", None) or {}
         self.pretrained = str(pretrained)
-        self.batch_size_per_gpu = max(1, _as_int("batch_size", 1 if batch_size in (None, "auto") else batch_size))
+        auto = batch_size is None or str(batch_size).startswith("auto")  # lmms-eval's auto batch sizing: 1
+        self.batch_size_per_gpu = max(1, _as_int("batch_size", 1 if auto else batch_size))
         self.max_new_tokens = _as_int("max_new_tokens", max_new_tokens)
         if model is None or processor is None:
             from flowkern.hf.loading import load_model
