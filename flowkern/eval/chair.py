@@ -4,6 +4,11 @@ Data: ``instances_val2014.json`` and ``captions_val2014.json`` (COCO 2014 annota
 its ``annotations/`` subfolder; images ``val2014/COCO_val2014_<id>.jpg``. Prompt: ``"Please describe this image in
 detail."``. Predictions: JSON lines with ``image_id`` and ``caption``.
 
+Object list: the 80 COCO classes and their synonyms by default. Another object list (:class:`ObjectVocabulary`) can be
+given as ``ChairTask(..., vocabulary=...)``, or as a ``chair_vocabulary.txt`` file beside the instance annotations
+(one class per line, ``class = synonym; synonym``, ``#`` comments), which the task then reads instead of the COCO
+list (the synthetic shapes-caption sets of :mod:`flowkern.eval.shapes` ship one). Without either, nothing changes.
+
 The algorithm is that of the reference ``chair.py`` (Rohrbach et al., as extended with recall by OPERA):
 
 1. a caption is lower-cased, tokenised and each token singularised;
@@ -33,14 +38,16 @@ import functools
 import os
 import re
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from flowkern.eval._coco_objects import ANIMAL_WORDS, COCO_OBJECTS, DOUBLE_WORDS, VEHICLE_WORDS
 from flowkern.eval.base import Sample, Task, id_key, ratio, read_json
 
-__all__ = ["ChairTask", "caption_objects", "singularize", "tokenize", "chair_metrics", "PROMPT"]
+__all__ = ["ChairTask", "ObjectVocabulary", "caption_objects", "singularize", "tokenize", "chair_metrics", "PROMPT",
+           "VOCABULARY_FILE"]
 
 PROMPT = "Please describe this image in detail."
 
@@ -55,6 +62,71 @@ for _w in VEHICLE_WORDS:
     _PAIRS[f"passenger {_w}"] = _w
 _PAIRS["bow tie"] = "tie"
 _PAIRS["toilet seat"] = "toilet"
+
+VOCABULARY_FILE = "chair_vocabulary.txt"
+"""A custom object list beside the instance annotations (see the module docstring)."""
+
+
+@dataclass(frozen=True)
+class ObjectVocabulary:
+    """The object list CHAIR reads captions with: every word naming a class -> the class, and the two-word rules
+    (a singularised word pair -> the word it stands for). :meth:`coco` is the default; :meth:`from_classes` builds
+    one from ``{class: [synonyms]}`` (a class name or synonym of two words becomes a pair rule)."""
+
+    synonyms: Mapping[str, str]
+    pairs: Mapping[str, str]
+    toilet_seat: bool = False  # COCO only: "toilet" and "seat" in one caption drop the seats
+
+    @classmethod
+    def coco(cls) -> ObjectVocabulary:
+        """The 80 COCO classes, their synonyms and the reference script's two-word rules."""
+        return _COCO_VOCABULARY
+
+    @classmethod
+    def from_classes(cls, classes: Mapping[str, Iterable[str]]) -> ObjectVocabulary:
+        """A vocabulary from ``{class: [synonym, ...]}`` (the class name always names itself; words lower-cased).
+
+        Raises:
+            ValueError: an empty class list, a word of more than two words, or a word naming two classes.
+        """
+        synonyms: dict[str, str] = {}
+        pairs: dict[str, str] = {}
+        for name, words in classes.items():
+            for word in (name, *words):
+                word = " ".join(word.lower().split())
+                if not word:
+                    continue
+                if len(word.split()) > 2:
+                    raise ValueError(f"CHAIR vocabulary: {word!r}: object words have one or two words")
+                if synonyms.get(word, name) != name:
+                    raise ValueError(f"CHAIR vocabulary: {word!r} names both {synonyms[word]!r} and {name!r}")
+                synonyms[word] = name
+                if " " in word:
+                    pairs[word] = word
+        if not synonyms:
+            raise ValueError("CHAIR vocabulary: no object classes")
+        return cls(synonyms, pairs)
+
+    @classmethod
+    def read(cls, path: str | os.PathLike[str]) -> ObjectVocabulary:
+        """Read a ``chair_vocabulary.txt``: one ``class = synonym; synonym`` (or just ``class``) per line."""
+        p = Path(path)
+        classes: dict[str, list[str]] = {}
+        for number, line in enumerate(p.read_text(encoding="utf-8").splitlines(), start=1):
+            line = line.split("#", 1)[0].strip()
+            if not line:
+                continue
+            name, _, rest = line.partition("=")
+            if not name.strip():
+                raise ValueError(f"--data: {p}:{number}: expected 'class = synonym; synonym'")
+            classes[name.strip()] = [w.strip() for w in rest.split(";") if w.strip()]
+        try:
+            return cls.from_classes(classes)
+        except ValueError as exc:
+            raise ValueError(f"--data: {p}: {exc}") from None
+
+
+_COCO_VOCABULARY = ObjectVocabulary(SYNONYM_TO_CLASS, _PAIRS, toilet_seat=True)
 
 _TOKEN = re.compile(r"[^\W_]+(?:-[^\W_]+)*|[^\w\s]|_")
 
@@ -89,29 +161,34 @@ def singularize(token: str) -> str:
     return lemma
 
 
-def caption_objects(caption: str) -> list[tuple[str, str]]:
-    """The object mentions of a caption as ``(word, coco_class)`` pairs, in order (steps 1-3 of the module doc)."""
+def caption_objects(caption: str, vocabulary: ObjectVocabulary | None = None) -> list[tuple[str, str]]:
+    """The object mentions of a caption as ``(word, class)`` pairs, in order (steps 1-3 of the module doc), with
+    the COCO object list unless ``vocabulary`` is given."""
+    vocab = vocabulary or _COCO_VOCABULARY
+    pairs, synonyms = vocab.pairs, vocab.synonyms
     words = [singularize(t) for t in tokenize(caption)]
     merged: list[str] = []
     i = 0
     while i < len(words):
         pair = " ".join(words[i:i + 2])
-        if pair in _PAIRS:
-            merged.append(_PAIRS[pair])
+        if pair in pairs:
+            merged.append(pairs[pair])
             i += 2
         else:
             merged.append(words[i])
             i += 1
-    if "toilet" in merged and "seat" in merged:
+    if vocab.toilet_seat and "toilet" in merged and "seat" in merged:
         merged = [w for w in merged if w != "seat"]
-    return [(w, SYNONYM_TO_CLASS[w]) for w in merged if w in SYNONYM_TO_CLASS]
+    return [(w, synonyms[w]) for w in merged if w in synonyms]
 
 
-def chair_metrics(items: Iterable[tuple[str, set[str] | frozenset[str]]]) -> dict[str, Any]:
-    """CHAIR_s, CHAIR_i and recall of ``(caption, ground-truth classes)`` pairs, with the counts behind them."""
+def chair_metrics(items: Iterable[tuple[str, set[str] | frozenset[str]]],
+                  vocabulary: ObjectVocabulary | None = None) -> dict[str, Any]:
+    """CHAIR_s, CHAIR_i and recall of ``(caption, ground-truth classes)`` pairs, with the counts behind them
+    (objects read with ``vocabulary``, COCO's by default)."""
     captions = hallucinated_captions = mentions = hallucinated = gt_total = recalled = 0
     for caption, truth in items:
-        found = caption_objects(caption)
+        found = caption_objects(caption, vocabulary)
         bad = [cls for _, cls in found if cls not in truth]
         captions += 1
         mentions += len(found)
@@ -139,15 +216,17 @@ class ChairTask(Task):
     """CHAIR on COCO val2014 from ``instances_val2014.json`` + ``captions_val2014.json``.
 
     ``data``: the folder holding them (or its ``annotations/`` subfolder). ``images``: the val2014 image folder
-    (default ``<data>/val2014``). Samples are every image of the annotation files, by ascending id; a run usually
-    captions a seeded subset (500 images in OPERA's protocol) and scores only those.
+    (default ``<data>/val2014``). ``vocabulary``: the object list (default: ``chair_vocabulary.txt`` beside the
+    instance file when there is one, else COCO's). Samples are every image of the annotation files, by ascending
+    id; a run usually captions a seeded subset (500 images in OPERA's protocol) and scores only those.
     """
 
     name = "chair"
     id_field = "image_id"
     text_field = "caption"
 
-    def __init__(self, data: str | os.PathLike[str], images: str | os.PathLike[str] | None = None) -> None:
+    def __init__(self, data: str | os.PathLike[str], images: str | os.PathLike[str] | None = None, *,
+                 vocabulary: ObjectVocabulary | None = None) -> None:
         super().__init__()
         self.data = Path(data)
         if not self.data.exists():
@@ -157,6 +236,10 @@ class ChairTask(Task):
         self.instances_file = _find(self.data, "instances_val2014.json")
         self.captions_file = _find(self.data, "captions_val2014.json")
         self.images = Path(images) if images is not None else self.data / "val2014"
+        vocab_file = self.instances_file.parent / VOCABULARY_FILE
+        if vocabulary is None and vocab_file.is_file():
+            vocabulary = ObjectVocabulary.read(vocab_file)
+        self.vocabulary = vocabulary or _COCO_VOCABULARY
         self._truth: dict[str, frozenset[str]] = {}
 
     def _load(self) -> list[Sample]:
@@ -167,9 +250,11 @@ class ChairTask(Task):
                 raise ValueError(f"--data: {what}: expected a COCO annotation file with 'images' and 'annotations'")
         categories = {}
         for cat in instances.get("categories", []):
-            if cat["name"] not in SYNONYM_TO_CLASS:
-                raise ValueError(f"--data: {self.instances_file}: category {cat['name']!r} is not a COCO class")
-            categories[cat["id"]] = SYNONYM_TO_CLASS[cat["name"]]
+            synonyms = self.vocabulary.synonyms
+            if cat["name"] not in synonyms:
+                what = "a COCO class" if self.vocabulary is _COCO_VOCABULARY else "in the object vocabulary"
+                raise ValueError(f"--data: {self.instances_file}: category {cat['name']!r} is not {what}")
+            categories[cat["id"]] = synonyms[cat["name"]]
         file_names: dict[str, str] = {}
         ids: dict[str, Any] = {}
         for image in list(captions["images"]) + list(instances["images"]):
@@ -198,13 +283,13 @@ class ChairTask(Task):
         if sample.key not in self._truth:
             found = set(sample.reference["classes"])
             for caption in sample.reference["captions"]:
-                found.update(cls for _, cls in caption_objects(caption))
+                found.update(cls for _, cls in caption_objects(caption, self.vocabulary))
             self._truth[sample.key] = frozenset(found)
         return self._truth[sample.key]
 
     def parse(self, text: str) -> list[tuple[str, str]]:
         """The object mentions of a caption (:func:`caption_objects`)."""
-        return caption_objects(text)
+        return caption_objects(text, self.vocabulary)
 
     def _metrics(self, pairs: list[tuple[Sample, str]]) -> dict[str, Any]:
-        return chair_metrics((text, self.ground_truth(sample)) for sample, text in pairs)
+        return chair_metrics(((text, self.ground_truth(sample)) for sample, text in pairs), self.vocabulary)
