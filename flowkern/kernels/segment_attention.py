@@ -15,7 +15,8 @@ key makes ``l_i`` NaN (``exp2(NaN)``, or ``exp2(inf - inf)`` once the max is +in
 ``max`` keeps the NaN, and the epilogue treats only ``l_i == 0`` as "no visible key", so that row gets out, lse
 and mass NaN. A -inf score weighs 0. Scores at invisible keys are replaced by -inf before the max. A non-finite
 ``v`` enters through ``P @ V``: at a visible key the row's out becomes non-finite; at a key it cannot see (in a
-key block the program visits) the zero weight still multiplies it, so that row's out is unspecified.
+key block the program visits) the zero weight still multiplies it, so that row's out is unspecified -- except
+for rows with no visible key, whose out is stored as 0 whatever ``acc`` holds.
 
 Algorithm: the FlashAttention-2 forward (Dao, 2023; the Triton tutorial "Fused Attention") -- one program per
 (query block, batch*head), one loop over key blocks with the online softmax: running max ``m_i``, running
@@ -181,7 +182,8 @@ def _segment_attention_fwd_kernel(
         alive = l_i != 0.0  # l = 0: no visible key; l = NaN (a NaN/+inf score): stays NaN in out, lse, mass
         inv_l = 1.0 / tl.where(alive, l_i, 1.0)  # dead rows: acc and seg_acc are 0 -> out 0, mass 0
         lse = tl.where(alive, (m_i + tl.log2(tl.where(alive, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
-        tl.store(Out + row[:, None] * HEAD_DIM + offs_d[None, :], (acc * inv_l[:, None]).to(Out.dtype.element_ty),
+        out = tl.where(alive[:, None], acc * inv_l[:, None], 0.0)  # dead rows: 0 even if v held NaN (0 * NaN)
+        tl.store(Out + row[:, None] * HEAD_DIM + offs_d[None, :], out.to(Out.dtype.element_ty),
                  mask=row_ok[:, None] & d_ok[None, :])
         tl.store(Lse + row, lse, mask=row_ok)
         tl.store(Mass + row[:, None] * NSEG + offs_c[None, :], seg_acc * inv_l[:, None],
@@ -229,8 +231,8 @@ def _combine_kernel(
     alive = l != 0.0  # as in the main kernel: NaN rows stay NaN
     inv_l = 1.0 / tl.where(alive, l, 1.0)
     lse = tl.where(alive, (m + tl.log2(tl.where(alive, l, 1.0))) * 0.6931471805599453, float("-inf"))
-    tl.store(Out + rows[:, None] * HEAD_DIM + offs_d[None, :], (acc * inv_l[:, None]).to(Out.dtype.element_ty),
-             mask=ad_mask)
+    out = tl.where(alive[:, None], acc * inv_l[:, None], 0.0)
+    tl.store(Out + rows[:, None] * HEAD_DIM + offs_d[None, :], out.to(Out.dtype.element_ty), mask=ad_mask)
     tl.store(Lse + rows, lse, mask=r_ok)
     tl.store(Mass + rows[:, None] * NSEG + offs_c[None, :], seg * inv_l[:, None], mask=sc_mask)
 
