@@ -53,6 +53,7 @@ SUBCOMMANDS: tuple[str, ...] = (
     "flowkern.cli_cam",
     "flowkern.cli_score",
     "flowkern.cli_eval",
+    "flowkern.cli_sweep",
     "flowkern.cli_shapes",
 )
 """One entry per subcommand: ``"module"`` (its ``add_parser``) or ``"module:function"``, imported lazily."""

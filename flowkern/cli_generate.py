@@ -57,9 +57,9 @@ def add_prune_arguments(parser: argparse.ArgumentParser) -> None:
                    help="remove image tokens from decoder layer L on (0-based; the paper's layer L+1); off by default")
     g.add_argument("--keep", type=parse_keep, default=None, metavar="K",
                    help="image tokens kept per sample: 0 (drop all, default), a count (64) or a fraction (0.25, 25%%)")
-    g.add_argument("--rank", default=None, choices=["attention", "random", "none"],
+    g.add_argument("--rank", default=None, choices=["attention", "random", "none", "grid"],
                    help="which to keep: attention received from the last prompt token at layer L-1 (default), "
-                        "random (seeded control) or none (the first K)")
+                        "random (seeded control), none (the first K) or grid (uniform on the image grid: control)")
     g.add_argument("--prune-seed", type=int, default=None, metavar="N", help="seed of --rank random (default 0)")
     g.add_argument("--prune-when", default=None, choices=["prefill", "decode"],
                    help="prefill: layers >= L never see the removed tokens (default); decode: full prefill, then "

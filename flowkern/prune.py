@@ -21,7 +21,12 @@ chosen by ``rank``:
   ``S x S`` matrix; ties go to the earlier token;
 - ``"random"``: a control; a random score per sequence position from ``torch.Generator().manual_seed(seed)``
   (identical rows get identical choices);
-- ``"none"``: the first ``k`` image tokens in sequence order.
+- ``"none"``: the first ``k`` image tokens in sequence order;
+- ``"grid"``: a control, plain spatial downsampling: on each image grid of the model's layout
+  (:class:`flowkern.hf.segments.ImageGrid`, from :mod:`flowkern.hf.models`) every ``s``-th row and column, ``s`` the
+  smallest stride whose sub-grid has at most ``k`` cells (offset ``(s-1)//2``, so a 24 x 24 grid at ``k = 64`` keeps
+  rows and columns 1, 4, ..., 22); the ``k`` - (sub-grid) remaining tokens are every n-th other cell in raster order,
+  so exactly ``k`` are kept. Several grids per sample (tiles, frames) share ``k`` in proportion to their sizes.
 
 Removed tokens are never keys of layers ``>= L`` again: the first answer token and every decoded token see only
 the kept ones there. Kept tokens keep their RoPE / M-RoPE positions (the layer inputs ``cos``/``sin`` and
@@ -74,9 +79,9 @@ if TYPE_CHECKING:
 
 __all__ = ["prune", "Pruning", "compact_cache_", "cache_keymaps", "ForwardTimer"]
 
-Rank = Literal["attention", "random", "none"]
+Rank = Literal["attention", "random", "none", "grid"]
 When = Literal["prefill", "decode"]
-_RANKS = ("attention", "random", "none")
+_RANKS = ("attention", "random", "none", "grid")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -130,10 +135,13 @@ def _num_to_keep(keep: int | float, n_image: torch.Tensor) -> torch.Tensor:
 def _choose(
     is_image: torch.Tensor, k: torch.Tensor, rank: str, scores: torch.Tensor | None, seed: int
 ) -> torch.Tensor:
-    """bool ``[B, S]``: the ``k[b]`` best image tokens of each row by ``rank`` (stable: ties -> earlier token)."""
+    """bool ``[B, S]``: the ``k[b]`` best image tokens of each row by ``rank`` (stable: ties -> earlier token).
+
+    ``scores`` float ``[B, S]``: the attention received (``rank="attention"``) or :func:`_grid_scores` (``"grid"``).
+    """
     B, S = is_image.shape
     dev = is_image.device
-    if rank == "attention":
+    if rank in ("attention", "grid"):
         assert scores is not None
         s = scores.float()
     elif rank == "random":
@@ -144,6 +152,64 @@ def _choose(
     order = torch.sort(s, dim=1, descending=True, stable=True).indices
     place = torch.empty_like(order).scatter_(1, order, torch.arange(S, device=dev).expand(B, S))
     return is_image & (place < k.to(dev)[:, None])
+
+
+def _grid_cells(index: torch.Tensor, q: int) -> torch.Tensor:
+    """bool ``[rows, cols]``: the ``min(q, cells)`` cells of one grid the ``"grid"`` rank keeps.
+
+    ``index`` long ``[rows, cols]`` (-1 = no token there). The cells at rows and columns ``o, o+s, o+2s, ...``
+    (``o = (s-1)//2``) for the smallest stride ``s`` with at most ``q`` such cells, then every n-th remaining cell
+    in raster order (``floor((i + 0.5) * remaining / rest)``) until ``q`` are chosen.
+    """
+    valid = index >= 0
+    n = int(valid.sum())
+    if q >= n:
+        return valid
+    chosen = torch.zeros_like(valid)
+    if q <= 0:
+        return chosen
+    rows, cols = valid.shape
+    r, c = torch.arange(rows)[:, None], torch.arange(cols)[None, :]
+    for s in range(1, max(rows, cols) + 1):
+        o = (s - 1) // 2
+        sub = valid & (r % s == o) & (c % s == o)
+        if int(sub.sum()) <= q:
+            chosen = sub
+            break
+    rest = q - int(chosen.sum())
+    if rest > 0:
+        others = torch.nonzero((valid & ~chosen).flatten()).flatten()
+        pick = ((torch.arange(rest, dtype=torch.float64) + 0.5) * others.numel() / rest).long()
+        flat = chosen.flatten().clone()
+        flat[others[pick]] = True
+        chosen = flat.view(rows, cols)
+    return chosen
+
+
+def _grid_scores(grids: list[list[torch.Tensor]], k: torch.Tensor, is_image: torch.Tensor) -> torch.Tensor:
+    """float ``[B, S]`` for :func:`_choose` with ``rank="grid"``: 1 at the ``k[b]`` image tokens of a spatially
+    uniform subsample of sample b's grids, 0 at its other image tokens (tokens on no grid, e.g. a CLS, come last).
+
+    Args:
+        grids: per sample, its image grids as long ``[rows, cols]`` *sequence positions* (-1 = no token).
+        k: long ``[B]`` image tokens to keep per sample.
+        is_image: bool ``[B, S]`` the image tokens.
+    """
+    B, S = is_image.shape
+    scores = torch.zeros(B, S, dtype=torch.float32)
+    on_grid = torch.zeros(B, S, dtype=torch.bool)
+    for b, views in enumerate(grids):
+        sizes = [int((g >= 0).sum()) for g in views]
+        total, kb = sum(sizes), min(int(k[b]), sum(sizes))
+        done = 0
+        for g, n in zip(views, sizes, strict=True):  # k shared in proportion to grid size (rounded half up)
+            q = (2 * kb * (done + n) + total) // (2 * total) - (2 * kb * done + total) // (2 * total)
+            done += n
+            cells = _grid_cells(g, q)
+            scores[b, g[cells]] = 1.0
+            on_grid[b, g[g >= 0]] = True
+    scores[~on_grid] = -0.5
+    return scores.to(is_image.device)
 
 
 def _equalise(keep_real: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -408,6 +474,7 @@ class Pruning:
         self._prompt_ids: torch.Tensor | None = None
         self._prompt_keep: torch.Tensor | None = None
         self._real: torch.Tensor | None = None
+        self._layout_inputs: dict[str, Any] = {}
         # the record
         self.keep_mask: torch.Tensor | None = None
         self.image_mask: torch.Tensor | None = None
@@ -566,6 +633,7 @@ class Pruning:
                 fwd.prefill = True
             elif self.layer is not None:
                 self._start_prompt(ids, mask, n_new)
+                self._layout_inputs = {k: v for k in self.adapter.layout_inputs if (v := kwargs.get(k)) is not None}
                 fwd.need_scores = self.rank == "attention" and self.keep != 0
             if not continuation:
                 self.decode_seconds = []
@@ -657,13 +725,30 @@ class Pruning:
             )
         n_image = image.sum(dim=1)
         k = _num_to_keep(self.keep, n_image)
-        chosen = _choose(image, k, self.rank, fwd.scores, self.seed) if self.keep != 0 else torch.zeros_like(image)
+        scores = self._grid_scores(image, k) if self.rank == "grid" and self.keep != 0 else fwd.scores
+        chosen = _choose(image, k, self.rank, scores, self.seed) if self.keep != 0 else torch.zeros_like(image)
         keep_real = real & (~image | chosen)
         keep_real[:, -1] = True  # the row that produces the next token
         self.keep_mask = keep_real
         self._prompt_keep = keep_real
         self.scores = None if fwd.scores is None else fwd.scores.float()
         return keep_real
+
+    def _grid_scores(self, image: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """``rank="grid"``: the image grids of the adapter's layout at this prompt, as scores (:func:`_grid_scores`)."""
+        from flowkern.hf.segments import IMAGE, USER
+
+        ids = self._need(self._prompt_ids)
+        segments = torch.where(image.to(ids.device), IMAGE, USER)
+        inputs = {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in self._layout_inputs.items()}
+        try:
+            grids = self.adapter.image_grids(self.config, ids.cpu(), segments.cpu(), inputs)
+        except ValueError as exc:
+            raise ValueError(f"flowkern.prune(rank='grid') needs the image grid layout: {exc}") from None
+        positions = [torch.nonzero(row).flatten() for row in image.cpu()]
+        as_positions = [[torch.where(g.index >= 0, pos[g.index.clamp(min=0)], -1) if pos.numel() else g.index
+                         for g in views] for views, pos in zip(grids, positions, strict=True)]
+        return _grid_scores(as_positions, k.cpu(), image)
 
     def _make_layer_hook(self, idx: int) -> Any:
         def hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
@@ -866,7 +951,8 @@ def prune(
         keep: image tokens kept per sample: 0 (drop all, the paper's k = 0), an int ``k`` (at most ``k``) or a float
             fraction in [0, 1] of the sample's image tokens (rounded half up).
         rank: which to keep: ``"attention"`` (received from the last prompt row at layer ``layer - 1``, head mean:
-            eq. 9-12), ``"random"`` (seeded control) or ``"none"`` (the first ``k``).
+            eq. 9-12), ``"random"`` (seeded control), ``"none"`` (the first ``k``) or ``"grid"`` (spatially uniform
+            downsampling on the image grid: the plain-downsampling control).
         seed: seed of ``rank="random"``.
         when: ``"prefill"``: layers ``>= layer`` never see the removed tokens (the paper's truncation; faster
             prefill and decode). ``"decode"``: the prefill sees everything (the first answer token is the unpruned

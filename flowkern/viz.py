@@ -32,6 +32,7 @@ __all__ = [
     "DEFAULT_SEGMENT_NAMES",
     "cliff_layer",
     "plot_shares",
+    "plot_sweep",
     "normalize_maps",
     "upsample",
     "overlay",
@@ -153,6 +154,66 @@ def plot_shares(
     ax.set_ylabel("attention share of the answer tokens")
     ax.set_xlim(-0.5, s.shape[0] - 0.5)
     ax.set_ylim(0, 1 if stacked else max(1e-6, float(np.nanmax(s))) * 1.05)
+    ax.grid(True, alpha=0.3)
+    ax.legend(loc="best", fontsize="small")
+    if title:
+        ax.set_title(title)
+    _save(fig, path, 150)
+    return fig
+
+
+def plot_sweep(
+    curve: dict[int, float],
+    baseline: float,
+    *,
+    controls: dict[str, dict[int, float]] | None = None,
+    cliff: int | None = None,
+    tolerance: float | None = 1.0,
+    metric: str = "metric",
+    scale: float = 100.0,
+    title: str | None = None,
+    path: str | os.PathLike | None = None,
+) -> Any:
+    """A truncation sweep like the paper's Figure 5: the task metric with image tokens dropped from layer L on.
+
+    Args:
+        curve: ``{L: metric}`` of the main series (0-based decoder layer L = first layer without the image).
+        baseline: the unpruned metric: a horizontal line (gid ``"baseline"``), with the ``tolerance`` band around it
+            (gid ``"tolerance"``) when given.
+        controls: ``{rank: {L: metric}}`` control series (e.g. ``"random"``, ``"grid"``), dashed.
+        cliff: the cliff layer: a red arrow down onto the curve (gid ``"cliff"``) and a dotted vertical line.
+        tolerance: in points (``tolerance / scale`` metric units); None: no band.
+        metric: y-axis label; values are shown times ``scale`` (points).
+        title, path: axes title; also save the figure there.
+
+    Returns:
+        the ``matplotlib.figure.Figure``.
+    """
+    fig = _new_figure((8.0, 4.5))
+    ax = fig.add_subplot()
+    xs = sorted(curve)
+    ys = [curve[x] * scale for x in xs]
+    ax.plot(xs, ys, marker="o", markersize=4, color="C0", label="image dropped from layer L on", gid="curve")
+    for i, (name, c) in enumerate(sorted((controls or {}).items())):
+        cx = sorted(c)
+        ax.plot(cx, [c[x] * scale for x in cx], marker="s", markersize=3, linestyle="--", color=f"C{i + 2}",
+                label=f"control: rank {name}", gid=f"control:{name}")
+    ax.axhline(baseline * scale, color="black", linewidth=1.2, label=f"baseline {baseline * scale:.2f}", gid="baseline")
+    if tolerance is not None and tolerance > 0:
+        ax.axhspan(baseline * scale - tolerance, baseline * scale + tolerance, color="0.5", alpha=0.15,
+                   label=f"baseline \u00b1 {tolerance:g}", gid="tolerance")
+    if cliff is not None and cliff in curve:
+        y = curve[cliff] * scale
+        lo, hi = ax.get_ylim()
+        ax.annotate(f"cliff: layer {cliff}", xy=(cliff, y), xytext=(cliff, y + 0.18 * (hi - lo)), color="red",
+                    ha="center", arrowprops=dict(arrowstyle="-|>", color="red", linewidth=2), gid="cliff")
+        ax.axvline(cliff, color="red", linestyle=":", linewidth=1)
+        ax.set_ylim(lo, max(hi, y + 0.25 * (hi - lo)))
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("truncation layer L (0-based; the paper's layer L+1)")
+    ax.set_ylabel(f"{metric} (points)")
     ax.grid(True, alpha=0.3)
     ax.legend(loc="best", fontsize="small")
     if title:

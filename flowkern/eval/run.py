@@ -429,20 +429,23 @@ def build_batch_inputs(processor: Any, model: Any, images: Sequence[Any], prompt
 
 
 def generate_answers(model: Any, processor: Any, images: Sequence[Any], prompts: Sequence[str], *,
-                     max_new_tokens: int, pruning: Any = None) -> list[str]:
+                     max_new_tokens: int, pruning: Any = None, inputs: Any = None) -> list[str]:
     """Greedy answers to a batch of image prompts (left padding), decoded without special tokens and stripped.
 
     Args:
         images, prompts: ``B`` each (see :func:`build_batch_inputs`).
         max_new_tokens: answer length limit.
         pruning: a :class:`flowkern.prune.Pruning` to run the batch under (entered and left here), or None.
+        inputs: :func:`build_batch_inputs` of these images and prompts, already built (a sweep builds them once per
+            batch for all its points); None: built here.
 
     Returns:
         ``B`` answer strings, in the order of ``prompts``.
     """
     import torch
 
-    inputs = build_batch_inputs(processor, model, images, prompts)
+    if inputs is None:
+        inputs = build_batch_inputs(processor, model, images, prompts)
     kwargs: dict[str, Any] = dict(max_new_tokens=max_new_tokens, do_sample=False)
     gen_cfg = getattr(model, "generation_config", None)
     tokenizer = getattr(processor, "tokenizer", processor)

@@ -219,6 +219,12 @@ def set_layer_kv(cache: Any, layer: int, keys: torch.Tensor, values: torch.Tenso
     entry.keys, entry.values = keys, values
 
 
+def append_layer_kv(cache: Any, layer: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+    """Append keys and values ``[B, Hkv, S, D]`` to one layer of a cache, as that layer's attention would
+    (``Cache.update``; an empty layer is initialised by it)."""
+    cache.update(keys, values, layer)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # masks, pre-encoded images, layer inputs
 

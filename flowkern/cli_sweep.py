@@ -1,0 +1,109 @@
+"""``flowkern sweep``: score a task unpruned and with the image dropped from each decoder layer L on; report the
+information-flow cliff layer and draw the curve (the paper's Figure 5).
+
+.. code-block:: console
+
+    flowkern sweep --model llava-hf/llava-1.5-7b-hf --task pope --data DIR --images DIR --layers all --out runs/pope
+    torchrun --nproc-per-node 8 -m flowkern.cli sweep ...            # batches sharded over 8 GPUs, merged on rank 0
+
+writes ``<out>/points/<point>/`` (each an ``flowkern eval`` folder), ``results.jsonl``, ``summary.csv``,
+``cliff.json`` and ``sweep.png``; the last stdout line is ``cliff.json``'s headline as JSON. A rerun resumes; other
+settings are refused. User errors print one line and exit 2 before a model is loaded; Ctrl-C exits 130 keeping the
+answers so far. The engine is :mod:`flowkern.eval.sweep`. Registered in :data:`flowkern.cli.SUBCOMMANDS`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+__all__ = ["add_parser", "run"]
+
+_TASK_NAMES = ("pope", "sqa", "textvqa", "chair")
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    """Register ``flowkern sweep`` on the ``flowkern`` command's subparsers."""
+    from flowkern.cli_generate import parse_keep
+
+    p = subparsers.add_parser(
+        "sweep", help="truncation sweep over decoder layers: the information-flow cliff layer (paper Figure 5)",
+        description="Scores the task unpruned (baseline) and with image tokens removed from each decoder layer L on "
+                    "(flowkern.prune, k = 0 by default). Cliff layer: the smallest L such that every L' >= L scores "
+                    "within --tolerance points of the baseline on the task's main metric (POPE F1, SQA/TextVQA "
+                    "accuracy, CHAIR_S). Reruns resume; works under torchrun.")
+    p.add_argument("--model", required=True, help="hub id (already cached; never downloaded) or local directory")
+    p.add_argument("--task", required=True, metavar="TASK", help=f"one of: {', '.join(_TASK_NAMES)}")
+    p.add_argument("--data", required=True, type=Path, metavar="PATH", help="the task's official files")
+    p.add_argument("--images", type=Path, default=None, metavar="DIR", help="image folder (as for flowkern eval)")
+    p.add_argument("--out", required=True, type=Path, metavar="DIR",
+                   help="sweep folder: points/, results.jsonl, summary.csv, cliff.json, sweep.png (resumed)")
+    p.add_argument("--layers", default="all", metavar="SPEC",
+                   help="0-based decoder layers: all (default), a range 0-31, or a list 0,2,4,8-12")
+    p.add_argument("--keep", type=parse_keep, default=0, metavar="K",
+                   help="image tokens kept from layer L on: 0 (drop all, default), a count (64) or a fraction (0.25)")
+    p.add_argument("--rank", default="attention", choices=["attention", "random", "none", "grid"],
+                   help="which K to keep (with --keep != 0): attention (default), random, none, grid")
+    p.add_argument("--control", default="", metavar="RANKS",
+                   help="control series at the same layers and K, e.g. random,grid (needs --keep != 0)")
+    p.add_argument("--seed", type=int, default=0, help="seed of rank random (default 0)")
+    p.add_argument("--search", default="full", choices=["full", "bisect"],
+                   help="full: every layer (default); bisect: O(log layers) points when the curve is monotone, "
+                        "every layer when it is not")
+    p.add_argument("--tolerance", type=float, default=1.0, metavar="POINTS",
+                   help="cliff tolerance in points of the main metric (default 1 = 0.01 of a ratio)")
+    p.add_argument("--limit", type=int, default=None, metavar="N", help="only the first N questions")
+    p.add_argument("--batch-size", type=int, default=1, metavar="B", help="questions per generate call (default 1)")
+    p.add_argument("--max-new-tokens", type=int, default=None, metavar="N",
+                   help="answer length limit (default 128; chair 512)")
+    p.add_argument("--strict", action="store_true", help="pope only: lmms-eval's exact yes/no parsing")
+    p.add_argument("--split", default="test", help="sqa only: the pid_splits.json split (default test)")
+    p.add_argument("--ocr", action="store_true", help="textvqa only: add the OCR tokens to the prompt")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (under torchrun: cuda:LOCAL_RANK)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
+    p.add_argument("--no-reuse", action="store_true",
+                   help="run each point on its own (no shared prefill below L): for checking, slower")
+    p.add_argument("--overwrite", action="store_true", help="discard the sweep in --out and start afresh")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """The ``sweep`` subcommand (see :func:`add_parser`)."""
+    from flowkern.cli import UsageError
+    from flowkern.eval.run import EvalUsageError
+    from flowkern.eval.sweep import SweepConfig, run_sweep
+
+    controls = tuple(r.strip() for r in args.control.split(",") if r.strip())
+    config = SweepConfig(
+        model=args.model, task=args.task, data=args.data, out=args.out, images=args.images, layers=args.layers,
+        keep=args.keep, rank=args.rank, seed=args.seed, controls=controls, search=args.search,
+        tolerance=args.tolerance, limit=args.limit, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+        strict=args.strict, split=args.split, ocr=args.ocr, device=args.device, dtype=args.dtype,
+        reuse=not args.no_reuse, overwrite=args.overwrite)
+    for flag, value in (("--batch-size", args.batch_size), ("--limit", args.limit),
+                        ("--max-new-tokens", args.max_new_tokens)):
+        if value is not None and value < 1:
+            raise UsageError(f"{flag} {value}: expected an integer >= 1")
+    try:
+        result = run_sweep(config, progress=int(os.environ.get("RANK", "0")) == 0)
+    except EvalUsageError as exc:
+        raise UsageError(str(exc)) from None
+    except KeyboardInterrupt:
+        print(f"flowkern sweep: interrupted; answers so far are kept in {args.out}, rerun the same command to resume",
+              file=sys.stderr)
+        return 130
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0
+    c = result.cliff
+    print(f"answered {result.generated} (point, question) pairs in {result.seconds:.1f} s")
+    print(f"baseline {c['metric']} {result.baseline * 100:.2f}; " + ", ".join(
+        f"L{x} {v * 100:.2f}" for x, v in sorted(result.curve.items())))
+    print(f"cliff layer: {c['cliff_layer']} (tolerance {c['tolerance_points']:g} points); no-harm layer: "
+          f"{c['no_harm_layer']}; {c['note']}")
+    print(f"wrote {', '.join(str(p) for p in result.files.values())}")
+    print(json.dumps({k: c[k] for k in ("task", "metric", "baseline", "cliff_layer", "no_harm_layer",
+                                        "first_no_harm_layer", "monotone", "tolerance_points")}, allow_nan=False))
+    return 0
