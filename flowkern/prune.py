@@ -24,8 +24,9 @@ chosen by ``rank``:
 - ``"none"``: the first ``k`` image tokens in sequence order;
 - ``"grid"``: a control, plain spatial downsampling: on each image grid of the model's layout
   (:class:`flowkern.hf.segments.ImageGrid`, from :mod:`flowkern.hf.models`) every ``s``-th row and column, ``s`` the
-  smallest stride whose sub-grid has at most ``k`` cells (offset ``(s-1)//2``, so a 24 x 24 grid at ``k = 64`` keeps
-  rows and columns 1, 4, ..., 22); the ``k`` - (sub-grid) remaining tokens are every n-th other cell in raster order,
+  smallest stride whose sub-grid has at most ``k`` cells, centred (a 24 x 24 grid at ``k = 64`` keeps rows and
+  columns 1, 4, ..., 22; at ``k = 1`` the cell (11, 11)); the ``k`` - (sub-grid) remaining tokens are every n-th other
+  cell in raster order,
   so exactly ``k`` are kept. Several grids per sample (tiles, frames) share ``k`` in proportion to their sizes.
 
 Removed tokens are never keys of layers ``>= L`` again: the first answer token and every decoded token see only
@@ -157,8 +158,9 @@ def _choose(
 def _grid_cells(index: torch.Tensor, q: int) -> torch.Tensor:
     """bool ``[rows, cols]``: the ``min(q, cells)`` cells of one grid the ``"grid"`` rank keeps.
 
-    ``index`` long ``[rows, cols]`` (-1 = no token there). The cells at rows and columns ``o, o+s, o+2s, ...``
-    (``o = (s-1)//2``) for the smallest stride ``s`` with at most ``q`` such cells, then every n-th remaining cell
+    ``index`` long ``[rows, cols]`` (-1 = no token there). The cells at rows ``o, o+s, o+2s, ...`` (centred:
+    ``o = ((rows-1) mod s) // 2``, columns alike) for the smallest stride ``s`` with at most ``q`` such cells, then
+    every n-th remaining cell
     in raster order (``floor((i + 0.5) * remaining / rest)``) until ``q`` are chosen.
     """
     valid = index >= 0
@@ -171,8 +173,7 @@ def _grid_cells(index: torch.Tensor, q: int) -> torch.Tensor:
     rows, cols = valid.shape
     r, c = torch.arange(rows)[:, None], torch.arange(cols)[None, :]
     for s in range(1, max(rows, cols) + 1):
-        o = (s - 1) // 2
-        sub = valid & (r % s == o) & (c % s == o)
+        sub = valid & (r % s == ((rows - 1) % s) // 2) & (c % s == ((cols - 1) % s) // 2)
         if int(sub.sum()) <= q:
             chosen = sub
             break

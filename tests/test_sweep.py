@@ -1,0 +1,321 @@
+"""``flowkern sweep`` (flowkern/eval/sweep.py, flowkern/cli_sweep.py) on a tiny LLaVA saved in the official format:
+points equal independent ``flowkern eval`` runs (answers byte for byte, ``flowkern score`` numbers), the cliff layer
+definition, bisection and its fallback, resume after a real SIGKILL, refused settings, torchrun with 2 gloo ranks."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from flowkern.cli import main
+from flowkern.eval import sweep as sw
+from flowkern.eval.run import ANSWERS_FILE, EvalConfig, run_eval
+from flowkern.eval.sweep import Point, SweepConfig, SweepUsageError, cliff_report, parse_layer_spec, run_sweep
+from flowkern.hf.loading import load_model
+from tests._eval_data import write_pope
+from tests._eval_models import save_eval_llava, save_image
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """A tiny LLaVA (16 image tokens on a 4 x 4 grid, 4 text layers) and 6 POPE questions on 4 images."""
+    root = tmp_path_factory.mktemp("sweep")
+    save_eval_llava(root / "llava")
+    for i in range(4):
+        save_image(root / "val2014" / f"COCO_val2014_{i:012d}.jpg", i)
+    objects = ["dog", "cat", "car", "red dog"]
+    write_pope(root / "pope", "random", [(q, f"COCO_val2014_{q % 4:012d}.jpg", objects[q % 4],
+                                          "yes" if q % 2 else "no") for q in range(1, 7)])
+    return root
+
+
+@pytest.fixture(scope="module")
+def llava(files):
+    return load_model(files / "llava", device="cpu")
+
+
+def _common(files: Path) -> dict:
+    return dict(model=str(files / "llava"), task="pope", data=str(files / "pope"), images=str(files / "val2014"),
+                max_new_tokens=3, batch_size=2, device="cpu")
+
+
+def _argv(files: Path, out: Path, *extra: str) -> list[str]:
+    return ["sweep", "--model", str(files / "llava"), "--task", "pope", "--data", str(files / "pope"), "--images",
+            str(files / "val2014"), "--max-new-tokens", "3", "--batch-size", "2", "--device", "cpu", "--out", str(out),
+            *extra]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# pure pieces
+
+
+def test_layer_spec():
+    assert parse_layer_spec("all", 4) == [0, 1, 2, 3]
+    assert parse_layer_spec("0,2,4,8-12", 32) == [0, 2, 4, 8, 9, 10, 11, 12]
+    assert parse_layer_spec(" 5, 1-2 ,1", 8) == [1, 2, 5]
+    for bad, needle in (("x", "expected"), ("3-1", "backwards"), ("0-40", "out of range"), (",", "no layer")):
+        with pytest.raises(SweepUsageError, match=needle):
+            parse_layer_spec(bad, 32)
+
+
+def test_cliff_definition():
+    base = 0.80
+    # monotone: far below, then within 1 point from layer 4 on
+    curve = {0: 0.50, 1: 0.55, 2: 0.70, 3: 0.78, 4: 0.795, 5: 0.805, 6: 0.80, 7: 0.80}
+    r = cliff_report(curve, base, tolerance=1.0)
+    assert r["cliff_layer"] == 4 and r["monotone"] and r["meaningful"]
+    assert r["no_harm_layer"] == 5 and r["first_no_harm_layer"] == 5
+    assert r["within"]["3"] is False and r["delta_points"]["3"] == pytest.approx(-2.0)
+    assert cliff_report(curve, base, tolerance=2.0)["cliff_layer"] == 3  # 2 points: layer 3 (-2.0) is within
+    # not monotone: layer 1 within, 2 far off again; last layer off -> no cliff at all
+    wobbly = {0: 0.5, 1: 0.80, 2: 0.60, 3: 0.80}
+    r = cliff_report(wobbly, base, tolerance=1.0)
+    assert r["cliff_layer"] == 3 and not r["monotone"] and not r["meaningful"]
+    assert r["within_below_cliff"] == [1] and "not monotone" in r["note"]
+    assert r["violations"][0]["from"] == 1 and r["violations"][0]["to"] == 2
+    none = cliff_report({0: 0.5, 1: 0.6}, base, tolerance=1.0)
+    assert none["cliff_layer"] is None and "no cliff" in none["note"]
+    # CHAIR: lower is better; a lower score does not "hurt"
+    chair = cliff_report({0: 0.30, 1: 0.12, 2: 0.125}, 0.13, tolerance=1.0, higher_is_better=False)
+    assert chair["cliff_layer"] == 1 and chair["no_harm_layer"] == 1
+    assert chair["within"]["2"] and chair["first_no_harm_layer"] == 1
+
+
+def test_grid_rank_cells():
+    from flowkern.prune import _grid_cells, _grid_scores
+
+    grid = torch.arange(576).view(24, 24)
+    rows = lambda m: sorted({int(i) // 24 for i in grid[m]})  # noqa: E731
+    m = _grid_cells(grid, 64)
+    assert int(m.sum()) == 64 and rows(m) == list(range(1, 24, 3))
+    assert sorted({int(i) % 24 for i in grid[m]}) == list(range(1, 24, 3))
+    assert int(_grid_cells(grid, 144).sum()) == 144 and rows(_grid_cells(grid, 144)) == list(range(0, 24, 2))
+    m100 = _grid_cells(grid, 100)
+    assert int(m100.sum()) == 100 and bool((m100 & m).sum() == 64)  # the 8 x 8 sub-grid plus 36 spread others
+    assert bool(_grid_cells(grid, 1)[11, 11]) and int(_grid_cells(grid, 1).sum()) == 1
+    assert bool(_grid_cells(grid, 576).all()) and int(_grid_cells(grid, 0).sum()) == 0
+    holes = grid.clone()
+    holes[:, 23] = -1  # a column without tokens (e.g. a newline column) is never chosen
+    assert not bool(_grid_cells(holes, 200)[:, 23].any()) and int(_grid_cells(holes, 200).sum()) == 200
+    # two grids in one sample share k in proportion to their sizes; tokens on no grid come last
+    is_image = torch.zeros(1, 30, dtype=torch.bool)
+    is_image[0, 2:27] = True
+    g1 = torch.arange(3, 19).view(4, 4)  # 16 cells
+    g2 = torch.arange(19, 27).view(2, 4)  # 8 cells; position 2 is an image token on no grid
+    s = _grid_scores([[g1, g2]], torch.tensor([6]), is_image)
+    assert int((s[0, 3:19] == 1).sum()) == 4 and int((s[0, 19:27] == 1).sum()) == 2 and s[0, 2] == -0.5
+
+
+def test_grid_rank_prunes_a_uniform_subgrid(llava):
+    import flowkern
+    from flowkern.eval.run import build_batch_inputs
+
+    model, processor = llava
+    images = [str(p) for p in sorted((Path(model.name_or_path).parent / "val2014").glob("*.jpg"))[:2]]
+    inputs = build_batch_inputs(processor, model, images, ["Is there a dog in the image?", "Is there a cat?"])
+    image_pos = torch.nonzero(inputs["input_ids"][1] == model.config.image_token_id).flatten()
+    for keep, ordinals in ((4, [0, 2, 8, 10]), (1, [5]), (0.5, None)):
+        with torch.inference_mode(), flowkern.prune(model, layer=2, keep=keep, rank="grid") as p:
+            model.generate(**inputs, max_new_tokens=2, do_sample=False)
+        assert p.num_kept_image_tokens.tolist() == [round(16 * keep) if isinstance(keep, float) else keep] * 2
+        if ordinals is not None:  # 4 x 4 grid: stride 2 -> cells (0,0) (0,2) (2,0) (2,2); k=1 -> the centre (1,1)
+            assert p.kept_image_positions[1].tolist() == image_pos[ordinals].tolist()
+    with pytest.raises(ValueError, match="rank must be one of"):
+        flowkern.prune(model, layer=2, keep=4, rank="grids")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the engine
+
+
+def test_points_equal_independent_eval_runs(files, llava, tmp_path, capsys):
+    """Every point's answer file is byte-identical to `flowkern eval` at that point (with and without the shared
+    prefill), and `flowkern score` on it gives the sweep's number; outputs are complete."""
+    model, processor = llava
+    kw = _common(files)
+    out = tmp_path / "sweep"
+    result = run_sweep(SweepConfig(out=out, keep=0.25, rank="attention", controls=("random", "grid"), **kw),
+                       model=model, processor=processor)
+    names = [r["point"] for r in result.points]
+    assert names == ["baseline"] + [f"L0{x}-{r}" for r in ("attention", "random", "grid") for x in (1, 2, 3)]
+    plain = run_sweep(SweepConfig(out=tmp_path / "plain", keep=0.25, rank="attention", controls=("random", "grid"),
+                                  reuse=False, **kw), model=model, processor=processor)
+    texts = set()
+    for rec in result.points:
+        prune = {} if rec["layer"] is None else dict(prune_layer=rec["layer"], keep=0.25, rank=rec["rank"])
+        ind = run_eval(EvalConfig(out=tmp_path / "ind" / rec["point"], **kw, **prune), model=model,
+                       processor=processor)
+        got = (out / rec["answers"]).read_text()
+        assert got == ind.answers_path.read_text(), rec["point"]
+        assert got == (tmp_path / "plain" / rec["answers"]).read_text(), rec["point"]
+        assert ind.metrics == rec["metrics"]
+        texts.update(json.loads(line)["text"] for line in got.splitlines())
+        assert main(["score", "--task", "pope", "--data", str(files / "pope"), "--predictions",
+                     str(out / rec["answers"])]) == 0
+        assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["f1"] == rec["value"]
+    assert len(texts) > 6  # the points really answer differently: the comparison is not vacuous
+    assert plain.curve == result.curve
+    cliff = json.loads((out / "cliff.json").read_text())
+    assert cliff["cliff_layer"] == result.cliff["cliff_layer"] and set(cliff["control_curves"]) == {"random", "grid"}
+    assert "layer 0" in cliff["skipped"]
+    rows = (out / "summary.csv").read_text().splitlines()
+    assert rows[0].startswith("point,series,layer,rank,keep,n,f1,") and len(rows) == 1 + 10
+    assert len((out / "results.jsonl").read_text().splitlines()) == 10
+    assert (out / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # a rerun does nothing and appends nothing
+    again = run_sweep(SweepConfig(out=out, keep=0.25, rank="attention", controls=("random", "grid"), **kw),
+                      model=model, processor=processor)
+    assert again.generated == 0 and len((out / "results.jsonl").read_text().splitlines()) == 10
+
+
+def _fake_engine(monkeypatch, curve: dict[int, float], base: float) -> list[list[str]]:
+    """Replace the model runs by a given curve: returns the list of point names evaluated per round."""
+    rounds: list[list[str]] = []
+
+    def run_points(self, points, progress):
+        rounds.append([p.name for p in points])
+
+    def finish(self, points):
+        return {p.name: {"point": p.name, "series": p.series, "layer": p.layer, "rank": p.rank, "keep": 0,
+                         "metric": "f1", "value": base if p.layer is None else curve[p.layer], "n": 10,
+                         "answers": "", "metrics": {}} for p in points}
+
+    monkeypatch.setattr(sw._Sweep, "run_points", run_points)
+    monkeypatch.setattr(sw._Sweep, "finish", finish)
+    return rounds
+
+
+def test_bisect_monotone_and_fallback(files, tmp_path, monkeypatch):
+    cfg = json.loads((files / "llava" / "config.json").read_text())
+    cfg["text_config"]["num_hidden_layers"] = 32
+    big = tmp_path / "llava32"
+    big.mkdir()
+    (big / "config.json").write_text(json.dumps(cfg))
+    kw = dict(_common(files), model=str(big))
+    monotone = {x: 0.5 + 0.3 * min(1.0, x / 20) for x in range(32)}  # reaches the baseline 0.8 at layer 20
+    rounds = _fake_engine(monkeypatch, monotone, 0.8)
+    r = run_sweep(SweepConfig(out=tmp_path / "b1", search="bisect", **kw))
+    evaluated = [n for rd in rounds for n in rd if n != "baseline"]
+    assert r.cliff["cliff_layer"] == 20 and not r.cliff["search"]["fallback"]
+    assert len(evaluated) <= 2 + 5 and len(set(evaluated)) == len(evaluated)  # first, last + log2(32)
+    assert cliff_report(monotone, 0.8)["cliff_layer"] == 20  # the full curve agrees
+
+    wobbly = dict(monotone)
+    wobbly[23] = 0.5  # a relapse the bisection steps on (its second point): it must say so and evaluate every layer
+    rounds = _fake_engine(monkeypatch, wobbly, 0.8)
+    r = run_sweep(SweepConfig(out=tmp_path / "b2", search="bisect", **kw))
+    assert r.cliff["search"]["fallback"] and "not monotone" in r.cliff["search"]["note"]
+    assert sorted(r.curve) == list(range(32)) and r.cliff["cliff_layer"] == 24 and not r.cliff["monotone"]
+
+    rounds = _fake_engine(monkeypatch, {x: 0.5 for x in range(32)}, 0.8)
+    r = run_sweep(SweepConfig(out=tmp_path / "b3", search="bisect", **kw))
+    assert r.cliff["cliff_layer"] is None and len(rounds) == 1  # the last layer is off: no cliff, nothing more
+
+
+def test_changed_setting_and_bad_options_are_refused(files, tmp_path, capsys):
+    out = tmp_path / "s"
+    assert main(_argv(files, out, "--layers", "2-3", "--limit", "2")) == 0
+    capsys.readouterr()
+    for extra, needle in ((["--keep", "4"], "--keep was 0, now 4"), (["--max-new-tokens", "5"], "--max-new-tokens"),
+                          (["--layers", "9"], "out of range"), (["--layers", "2-x"], "expected 'all'"),
+                          (["--control", "random"], "needs --keep"), (["--tolerance", "-1"], "--tolerance")):
+        argv = _argv(files, out, "--layers", "2-3", "--limit", "2")
+        argv[argv.index("--max-new-tokens") + 1] = "3"
+        code = main(argv + extra)
+        err = capsys.readouterr().err
+        assert code == 2 and len(err.strip().splitlines()) == 1 and needle in err, (extra, err)
+        assert "Traceback" not in err
+
+
+# ----------------------------------------------------------------------------------------------------------
+# processes: SIGKILL + resume, torchrun
+
+
+def _slow_sweep(argv: list[str], delay: float) -> list[str]:
+    code = ("import sys, time\n"
+            "import flowkern.eval.sweep as s\n"
+            "_gen = s.generate_answers\n"
+            "def slow(*a, **k):\n"
+            f"    time.sleep({delay})\n"
+            "    return _gen(*a, **k)\n"
+            "s.generate_answers = slow\n"
+            "from flowkern.cli import main\n"
+            "sys.exit(main(sys.argv[1:]))\n")
+    return [sys.executable, "-c", code, *argv]
+
+
+def _env() -> dict:
+    return dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+
+
+def _lines(folder: Path) -> int:
+    return sum(p.read_bytes().count(b"\n") for p in folder.glob(f"points/*/{ANSWERS_FILE}"))
+
+
+def test_kill_mid_run_then_resume_equals_uninterrupted(files, llava, tmp_path):
+    out = tmp_path / "killed"
+    argv = _argv(files, out, "--layers", "1-3")
+    proc = subprocess.Popen(_slow_sweep(argv, 0.25), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=_env())
+    deadline = time.monotonic() + 90
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            if out.is_dir() and _lines(out) >= 6:
+                proc.send_signal(signal.SIGKILL)
+                break
+            time.sleep(0.02)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == -signal.SIGKILL, err
+    kept = _lines(out)
+    assert 6 <= kept < 24 and kept % 2 == 0  # whole (point, batch) pieces only
+    assert not (out / "cliff.json").exists()
+    model, processor = llava
+    resumed = run_sweep(SweepConfig(out=out, layers="1-3", **_common(files)), model=model, processor=processor)
+    assert resumed.generated == 24 - kept
+    full = run_sweep(SweepConfig(out=tmp_path / "full", layers="1-3", **_common(files)), model=model,
+                     processor=processor)
+    for rec in full.points:
+        a = sorted((out / rec["answers"]).read_text().splitlines())
+        assert a == sorted((tmp_path / "full" / rec["answers"]).read_text().splitlines()), rec["point"]
+    assert resumed.points == [dict(r, answers=r["answers"]) for r in full.points]
+    assert json.loads((out / "cliff.json").read_text())["curve"] == json.loads(
+        (tmp_path / "full" / "cliff.json").read_text())["curve"]
+
+
+def test_torchrun_two_gloo_ranks_equal_one_process(files, llava, tmp_path):
+    out = tmp_path / "ddp"
+    argv = _argv(files, out, "--layers", "1,3", "--keep", "4", "--control", "grid")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "flowkern.cli",
+           *argv]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert not any((out / ".shards").glob("rank*/points/*/answers.jsonl"))
+    model, processor = llava
+    one = run_sweep(SweepConfig(out=tmp_path / "one", layers="1,3", keep=4, controls=("grid",), **_common(files)),
+                    model=model, processor=processor)
+    for rec in one.points:
+        assert (out / rec["answers"]).read_text() == (tmp_path / "one" / rec["answers"]).read_text(), rec["point"]
+        assert json.loads((out / "points" / rec["point"] / "metrics.json").read_text()) == rec["metrics"]
+    assert json.loads((out / "cliff.json").read_text())["curve"] == one.cliff["curve"]
+    assert Point(3, "grid", "control", 4).name == "L03-grid"
