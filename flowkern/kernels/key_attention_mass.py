@@ -99,7 +99,7 @@ def _key_attention_mass_kernel(
             st = tl.dot(k, qt, input_precision=DOT_PREC)  # [BLOCK_N, BLOCK_M] = scores^T
             lse = tl.load(lse_ptrs + start_m, mask=m_ok, other=float("-inf"))
             lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)  # dead row -> p = 0
-            visible = key_ok[:, None]
+            visible = key_ok[:, None] & m_ok[None, :]  # rows past SQ (loaded as 0) could give 0 * inf = NaN
             if CAUSAL:
                 visible = visible & (offs_n[:, None] <= offs_m[None, :] + (SK - SQ))
             # subtract lse inside the select: a NaN lse reaches only the keys its row sees (exp2(-inf) = 0)
