@@ -75,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
     """The ``eval`` subcommand (see :func:`add_parser`)."""
     from flowkern import cli_generate
     from flowkern.cli import UsageError
-    from flowkern.cli_score import _summary
+    from flowkern.cli_score import summary_text
     from flowkern.eval.run import ANSWERS_FILE, EvalConfig, EvalUsageError, run_eval
 
     check = getattr(cli_generate, "check_prune_arguments", None)
@@ -104,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
     resumed = f", {result.skipped} already answered" if result.skipped else ""
     torn = " (dropped a torn last line left by an interrupted run)" if result.torn_line else ""
     print(f"answered {result.generated} questions{speed}{resumed}{torn}")
-    print(_summary(result.metrics))
+    print(summary_text(result.metrics))
     print(f"wrote {result.answers_path}, {result.metrics_path}")
     print(json.dumps(result.metrics, allow_nan=False))
     return 0

@@ -48,7 +48,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def _summary(result: dict) -> str:
+def summary_text(result: dict) -> str:
     task = result["task"]
     parts = [f"{task}: {result['n']} predictions scored"]
     if result.get("missing"):
@@ -83,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
         task = get_task(args.task, args.data, **options)
         predictions = task.read_predictions(args.predictions)
         result = task.score(predictions)
-    print(_summary(result))
+    print(summary_text(result))
     line = json.dumps(result, allow_nan=False)
     if out is not None:
         atomic_write_json(out, result)

@@ -278,10 +278,10 @@ class FlowkernLMM(_LmmsBase):
 
     def _full_inputs(self, visuals: Sequence[Any], context: str, continuation: str) -> Any:
         """Processor inputs of the templated prompt followed by ``continuation``."""
-        from flowkern.hf.loading import _prompt_text
+        from flowkern.hf.loading import prompt_text
         from flowkern.hf.models import get_adapter
 
-        text = _prompt_text(self._processor, get_adapter(self._model).family, context, len(visuals)) + continuation
+        text = prompt_text(self._processor, get_adapter(self._model).family, context, len(visuals)) + continuation
         inputs = self._processor(images=list(visuals), text=[text], return_tensors="pt")
         param = next(self._model.parameters())
         return inputs.to(device=param.device, dtype=param.dtype)

@@ -402,7 +402,7 @@ def build_batch_inputs(processor: Any, model: Any, images: Sequence[Any], prompt
     """
     import torch
 
-    from flowkern.hf.loading import _prompt_text, load_images
+    from flowkern.hf.loading import load_images, prompt_text
     from flowkern.hf.models import get_adapter
 
     if len(images) != len(prompts) or not prompts:
@@ -412,7 +412,7 @@ def build_batch_inputs(processor: Any, model: Any, images: Sequence[Any], prompt
     if any(not g for g in groups):
         raise ValueError("every prompt needs at least one image")
     pictures = load_images([im for g in groups for im in g])
-    texts = [_prompt_text(processor, adapter.family, p, len(g)) for p, g in zip(prompts, groups, strict=True)]
+    texts = [prompt_text(processor, adapter.family, p, len(g)) for p, g in zip(prompts, groups, strict=True)]
     tokenizer = getattr(processor, "tokenizer", None)
     if tokenizer is not None and getattr(tokenizer, "padding_side", "left") != "left":
         tokenizer.padding_side = "left"

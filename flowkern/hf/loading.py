@@ -29,8 +29,8 @@ from typing import Any
 import torch
 
 __all__ = [
-    "load_model", "load_images", "build_inputs", "input_image", "position_range_message", "resolve_device",
-    "resolve_dtype",
+    "load_model", "load_images", "build_inputs", "prompt_text", "input_image", "position_range_message",
+    "resolve_device", "resolve_dtype",
 ]
 
 try:  # what safetensors raises for a truncated or corrupt file (its header or tensor offsets do not add up)
@@ -268,7 +268,10 @@ def load_images(image: Any) -> list:
     return out
 
 
-def _prompt_text(processor: Any, family: str, prompt: str, n_images: int) -> str:
+def prompt_text(processor: Any, family: str, prompt: str, n_images: int) -> str:
+    """The full prompt string for ``prompt`` about ``n_images`` images, as :func:`build_inputs` builds it: ``prompt``
+    itself when it already holds the image token, else the processor's chat template (one user turn, generation
+    prompt), else the family's plain format. Raises ``ValueError`` when there is no way to place the images."""
     image_token = getattr(processor, "image_token", None)
     if image_token and image_token in prompt:
         return prompt  # the user wrote the whole prompt, image placeholders included
@@ -322,7 +325,7 @@ def build_inputs(
 
     adapter = get_adapter(model)
     images = load_images(image)
-    text = _prompt_text(processor, adapter.family, prompt, len(images))
+    text = prompt_text(processor, adapter.family, prompt, len(images))
     placeholders = torch.tensor(adapter.placeholder_token_ids(model.config))
     no_slot = (
         f"the prompt has no image slot: its input_ids contain no image token {placeholders.tolist()} (prompt text "

@@ -33,13 +33,14 @@ def word_tokenizer(words: Sequence[str], *, filler: int = 40, extra_special: Seq
     """A whitespace word-level ``PreTrainedTokenizerFast`` built without files.
 
     Vocabulary: :data:`SPECIAL_TOKENS`, then ``extra_special``, then ``words``, then ``filler`` words
-    ``w0 .. w{filler-1}`` (what a random-weight model tends to generate).
+    ``w0 .. w{filler-1}`` (what a random-weight model tends to generate); a word given twice keeps its first id.
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     special = [*SPECIAL_TOKENS, *extra_special]
-    vocab = {w: i for i, w in enumerate(special + list(words) + [f"w{i}" for i in range(filler)])}
+    names = dict.fromkeys(special + list(words) + [f"w{i}" for i in range(filler)])  # a repeated word: one id, no gap
+    vocab = {w: i for i, w in enumerate(names)}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.decoder = decoders.WordPiece()
