@@ -15,6 +15,7 @@
 #include <ATen/cpu/vec/vec.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <limits>
@@ -24,6 +25,7 @@ namespace flowkern {
 
 using Vec = at::vec::Vectorized<float>;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
 
 // ---------------------------------------------------------------------------------------------------------
 // key runs
@@ -156,6 +158,10 @@ inline void gemm_nn(int64_t m, int64_t n, int64_t k, float alpha, const float* A
 // ---------------------------------------------------------------------------------------------------------
 // vectorised row primitives
 
+// max(a, b) that propagates NaN (std::max(a, NaN) returns a; at::vec::maximum already propagates).
+inline float max_nan(float a, float b) { return std::isnan(b) ? b : std::max(a, b); }
+
+// Largest element of x[0, n); NaN if any element is NaN (the kernels' NaN policy relies on it).
 inline float row_max(const float* x, int64_t n) {
   int64_t j = 0;
   float m = kNegInf;
@@ -164,9 +170,9 @@ inline float row_max(const float* x, int64_t n) {
     for (; j + Vec::size() <= n; j += Vec::size()) vm = at::vec::maximum(vm, Vec::loadu(x + j));
     alignas(32) float buf[Vec::size()];
     vm.store(buf);
-    for (int t = 0; t < Vec::size(); ++t) m = std::max(m, buf[t]);
+    for (int t = 0; t < Vec::size(); ++t) m = max_nan(m, buf[t]);
   }
-  for (; j < n; ++j) m = std::max(m, x[j]);
+  for (; j < n; ++j) m = max_nan(m, x[j]);
   return m;
 }
 
@@ -193,16 +199,19 @@ inline float exp_shift_sum(float* x, int64_t n, float shift) {
   return at::vec::vec_reduce_all<float>([](Vec& p, Vec& q) { return p + q; }, s0 + s1);
 }
 
-// acc[j] += exp(x[j] + shift)
+// exp_u20 clamps its input, so it maps NaN to +inf; this one keeps NaN NaN (inputs that may be NaN only).
+inline Vec exp_u20_nan(const Vec& x) { return Vec::blendv(x.exp_u20(), x, x.isnan()); }
+
+// acc[j] += exp(x[j] + shift), NaN-propagating (key_attention_mass: x may hold NaN scores)
 inline void exp_shift_accumulate(const float* x, float* acc, int64_t n, float shift) {
   const Vec vshift(shift);
   int64_t j = 0;
   for (; j + Vec::size() <= n; j += Vec::size()) {
-    (Vec::loadu(acc + j) + (Vec::loadu(x + j) + vshift).exp_u20()).store(acc + j);
+    (Vec::loadu(acc + j) + exp_u20_nan(Vec::loadu(x + j) + vshift)).store(acc + j);
   }
   if (j < n) {
     const int64_t c = n - j;
-    (Vec::loadu(acc + j, c) + (Vec::loadu(x + j, c) + vshift).exp_u20()).store(acc + j, c);
+    (Vec::loadu(acc + j, c) + exp_u20_nan(Vec::loadu(x + j, c) + vshift)).store(acc + j, c);
   }
 }
 

@@ -10,7 +10,8 @@
  *     received[b, h, j] = (1 / Sq) * sum_{i : visible(i, j), lse[i] > -inf} exp(scale * <q[i], k[j]> - lse[i])
  *
  * lse is taken as given (float32 [B, Hq, Sq], from segment_attention); rows with lse = -inf add 0 but still
- * count in the 1 / Sq. Output float32 [B, Hq, Sk]; masked keys receive exactly 0.
+ * count in the 1 / Sq; rows with lse = NaN (segment_attention's NaN rows) add NaN to every key they see and
+ * nothing to the others. Output float32 [B, Hq, Sk]; masked keys receive exactly 0.
  *
  * Algorithm: a work item is (batch b, kv head, block of BK keys); it owns the output columns of that block for
  * the G = Hq / Hkv query heads sharing the kv head, so no two threads write the same element. For the rows
@@ -87,13 +88,18 @@ void key_attention_mass_kernel(const at::Tensor& q, const at::Tensor& k, const a
         for (int64_t rr = 0; rr < rows; ++rr) {
           const float l = row_lse[rr];
           const int64_t e = key_end[rr];
-          if (!(l > kNegInf) || e <= 0) continue;  // row saw no key (lse = -inf) or none in this block
+          if (l == kNegInf || e <= 0) continue;  // row saw no key (lse = -inf) or none in this block
           const float* s = sbuf.data() + rr * kBlockK;
           float* acc = recv.data() + ((r0 + rr) % G) * n;
+          const bool poisoned = std::isnan(l);  // NaN lse (a NaN row): NaN to every key it sees
           for (size_t ri = run0; ri < brun.size() && brun[ri].begin < j0 + e; ++ri) {
             if (brun[ri].id < 0) continue;
             const int64_t a = std::max(brun[ri].begin, j0) - j0, z = std::min(brun[ri].end, j0 + e) - j0;
-            exp_shift_accumulate(s + a, acc + a, z - a, -l);
+            if (poisoned) {
+              fill(acc + a, z - a, kNaN);
+            } else {
+              exp_shift_accumulate(s + a, acc + a, z - a, -l);
+            }
           }
         }
       }

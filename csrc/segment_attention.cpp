@@ -6,7 +6,8 @@
  *
  *     visible(i, j) = key_ids[b, j] >= 0  and  (not causal or j <= i + (Sk - Sq))     (bottom-right causal)
  *     s[i, j]       = scale * <q[i], k[j]>       for visible (i, j)
- *     lse[i]        = log sum_{visible j} exp(s[i, j])                  (-inf if row i sees no key)
+ *     lse[i]        = log sum_{visible j} exp(s[i, j])                  (-inf if row i sees no key;
+ *                                                           NaN if any visible s[i, j] is NaN or +inf)
  *     p[i, j]       = exp(s[i, j] - lse[i])
  *     out[i]        = sum_j p[i, j] v[j]                                (0 if row i sees no key)
  *     mass[i, c]    = sum_{visible j : key_ids[b, j] = c} p[i, j]       (0 if row i sees no key)
@@ -31,7 +32,14 @@
  *     contiguous ranges (vectorised with at::vec) instead of per-key scatters. Key blocks past a row block's
  *     causal limit and keys outside the batch row's visible span (padding on either side) are never touched.
  *   - Finally out = acc / l_i, lse = m_i + log(l_i), mass = segacc / l_i; a row that saw no key (m_i = -inf,
- *     l_i = 0) gets out 0, lse -inf, mass 0, so nothing is ever NaN.
+ *     l_i = 0) gets out 0, lse -inf, mass 0.
+ *   - Non-finite values propagate, as in SDPA (flowkern/ops.py, "NaN/inf policy"): the block max over a row's
+ *     visible scores propagates NaN (row_max / max_nan); when it is NaN or +inf the row is marked poisoned
+ *     (m_i = NaN), skips the rest of its work, and gets out, lse and mass NaN. A -inf score weighs 0. Scores at
+ *     keys the row cannot see never enter the max or the sums. v enters only through P V: a non-finite v at a
+ *     visible key makes the row's out non-finite; at a key the row cannot see, the zero weight can still
+ *     multiply it inside a block's GEMM (0 * NaN = NaN), so such rows' out is unspecified (lse, mass unaffected),
+ *     except that a row with no visible key always gets out 0.
  *   - Memory: per thread one BQ x BK score block plus BQ x D accumulators; fp16/bf16 K and V are converted to
  *     fp32 once (O(Sk) memory), fp32 q/k/v are read in place through their strides.
  */
@@ -118,14 +126,23 @@ void segment_attention_kernel(const at::Tensor& q, const at::Tensor& k, const at
         for (int64_t rr = ra; rr < rows; ++rr) {
           float* s = S + rr * kBlockK;
           const int64_t e = std::min(n, key_end[rr] - j0);  // this row sees columns [0, e) minus masked runs
+          if (std::isnan(m_i[rr])) {  // row already poisoned (see below): its outputs will be NaN
+            fill(s, n, 0.f);
+            continue;
+          }
 
-          float mx = kNegInf;
+          float mx = kNegInf;  // NaN if any visible score is NaN
           for (size_t ri = run0; ri < brun.size() && brun[ri].begin < j0 + e; ++ri) {
             if (brun[ri].id < 0) continue;
             const int64_t a = std::max(brun[ri].begin, j0) - j0, z = std::min(brun[ri].end, j0 + e) - j0;
-            mx = std::max(mx, row_max(s + a, z - a));
+            mx = max_nan(mx, row_max(s + a, z - a));
           }
-          if (mx == kNegInf) {  // nothing visible in this block: contributes nothing
+          if (mx == kNegInf) {  // nothing visible in this block (or only -inf scores): contributes nothing
+            fill(s, n, 0.f);
+            continue;
+          }
+          if (!(mx < std::numeric_limits<float>::infinity())) {  // a visible score is NaN or +inf: softmax
+            m_i[rr] = kNaN;                                       // undefined, the row gets NaN (SDPA's policy)
             fill(s, n, 0.f);
             continue;
           }
@@ -155,14 +172,17 @@ void segment_attention_kernel(const at::Tensor& q, const at::Tensor& k, const at
         gemm_nn(rows - ra, D, n, 1.f, S + ra * kBlockK, kBlockK, vb + j0 * vs2, vs2, 1.f, acc.data() + ra * D, D);
       }
 
-      // out = acc / l, lse = m + log(l), mass = segacc / l; rows that saw no key get 0, -inf, 0.
+      // out = acc / l, lse = m + log(l), mass = segacc / l; rows that saw no key get 0, -inf, 0; poisoned rows
+      // (m = NaN) get NaN everywhere.
       for (int64_t rr = 0; rr < rows; ++rr) {
         const int64_t r = r0 + rr, i = r / G, h = kvh * G + r % G;
         const int64_t row = (b * Hq + h) * Sq + i;
+        const bool poisoned = std::isnan(m_i[rr]);
         const bool alive = l_i[rr] > 0.f;
-        const float inv = alive ? 1.f / l_i[rr] : 0.f;
+        const float inv = poisoned ? kNaN : alive ? 1.f / l_i[rr] : 0.f;
+        if (!alive && !poisoned) fill(acc.data() + rr * D, D, 0.f);  // out 0 even if masked v held NaN
         store_row_scaled(acc.data() + rr * D, out_ptr + row * D, D, inv, tmp.data());
-        lse_ptr[row] = alive ? m_i[rr] + std::log(l_i[rr]) : kNegInf;
+        lse_ptr[row] = poisoned ? kNaN : alive ? m_i[rr] + std::log(l_i[rr]) : kNegInf;
         for (int64_t c = 0; c < nseg; ++c) mass_ptr[row * nseg + c] = segacc[rr * nseg + c] * inv;
       }
     }

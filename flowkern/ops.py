@@ -11,6 +11,28 @@ implementation picks a backend per call:
 
 ``FLOWKERN_BACKEND=reference|cpp|triton`` forces one. Kernels receive one int32 ``key_ids [B, Sk]`` tensor:
 the segment id of each key, or ``-1`` for a key hidden by ``key_padding_mask``.
+
+Policies shared by every backend (tested in ``tests/test_ops_policy.py``):
+
+- **NaN/inf propagate, as in SDPA.** Let ``s[i, j] = scale * <q[i], k[j]>`` over the keys row ``i`` can see
+  (causal and ``key_padding_mask``). If any of them is NaN or +inf (a NaN anywhere in ``q[i]``, a NaN/inf in
+  ``k`` at a visible key), row ``i`` gets ``out``, ``lse`` and ``mass`` NaN, and in :func:`key_attention_mass`
+  that row adds NaN to every key it sees. A ``-inf`` score weighs 0, like a masked key (a row whose visible
+  scores are all ``-inf`` is a row with no visible key: out 0, lse -inf, mass 0, as SDPA's math backend gives).
+  A NaN/inf in ``v`` at a visible key makes that row's ``out`` non-finite; ``lse`` and ``mass`` never depend on
+  ``v``. Non-finite ``q``/``k`` values at keys a row cannot see are ignored on every backend. A non-finite ``v``
+  at a key a row cannot see leaves its ``lse`` and ``mass`` alone but may still reach its ``out`` through
+  ``0 * NaN`` (the reference multiplies the whole matrix, the C++ and Triton kernels the key blocks they visit,
+  as SDPA and FlashAttention do) -- except a row with no visible key, whose ``out`` is always 0: keep padded /
+  future ``v`` finite (e.g. zeros) if you read those rows' ``out``.
+- **Unchecked segment ids are clamped** into ``[0, num_segments)`` (:func:`_key_ids`, before the padding fill):
+  with ``validate=False`` or under ``torch.compile`` an id ``< 0`` counts in segment 0 and an id
+  ``>= num_segments`` in the last segment. Attention itself never depends on segment ids (only
+  ``key_padding_mask`` hides keys), and mass rows still sum to 1.
+- **Forward only.** The ops have no backward: with grad enabled, an input that requires grad raises
+  ``ValueError`` (call them under ``torch.no_grad()`` / ``torch.inference_mode()`` or on detached tensors, or use
+  ``torch.nn.functional.scaled_dot_product_attention`` where a differentiable output is needed).
+- ``causal``, ``per_head`` and ``validate`` must be bools (``causal="no"`` is an error, not "truthy").
 """
 
 from __future__ import annotations
@@ -128,12 +150,39 @@ def _resolve_scale(scale: float | None, d: int) -> float:
     return scale
 
 
+def _check_bool(name: str, value: object) -> None:
+    numpy_bool = type(value).__module__ == "numpy" and type(value).__name__ in ("bool", "bool_")
+    if not (isinstance(value, bool | torch.SymBool) or numpy_bool):
+        raise ValueError(f"{name} must be a bool (True or False), got {value!r}")
+
+
+def _check_no_grad(op: str, **tensors: torch.Tensor) -> None:
+    """Forward-only ops: refuse inputs that would need a backward (metadata only; also runs under compile)."""
+    if not torch.is_grad_enabled():
+        return
+    for name, t in tensors.items():
+        if t.requires_grad:
+            raise ValueError(
+                f"{name} requires grad, but {op} is forward-only (no backward): call it under torch.no_grad() or "
+                f"torch.inference_mode(), or pass {name}.detach(); for a differentiable attention output use "
+                "torch.nn.functional.scaled_dot_product_attention"
+            )
+
+
 def _key_ids(segment_ids: torch.Tensor | None, key_padding_mask: torch.Tensor | None, b: int, sk: int,
-             device: torch.device) -> torch.Tensor | None:
-    """int32 ``[B, Sk]``: segment id per key, -1 where masked (None when there is nothing to say)."""
+             device: torch.device, num_segments: int = 1) -> torch.Tensor | None:
+    """int32 ``[B, Sk]``: segment id per key, -1 where masked (None when there is nothing to say).
+
+    Segment ids are clamped into ``[0, num_segments)`` first (in their own dtype, so a huge int64 id cannot wrap
+    in the int32 cast): unchecked out-of-range ids count in the nearest segment and never hide a key, on every
+    backend. Only ``key_padding_mask`` produces -1.
+    """
     if segment_ids is None and key_padding_mask is None:
         return None
-    ids = torch.zeros(b, sk, dtype=torch.int32, device=device) if segment_ids is None else segment_ids.to(torch.int32)
+    if segment_ids is None:
+        ids = torch.zeros(b, sk, dtype=torch.int32, device=device)
+    else:
+        ids = segment_ids.clamp(0, num_segments - 1).to(torch.int32)
     if key_padding_mask is not None:
         ids = ids.masked_fill(~key_padding_mask, -1)
     return ids.contiguous()
@@ -210,17 +259,24 @@ def segment_attention(
         scale: softmax scale, default ``D ** -0.5``.
         per_head: return the mass per head instead of the head mean.
         validate: check that ``segment_ids`` lie in ``[0, num_segments)``. The check reads the values (a device
-            sync on CUDA); callers that build the labels themselves (the HF attention hook, once per layer and
-            decode step) pass False. Out-of-range labels then contribute to no segment.
+            sync on CUDA) and is skipped under ``torch.compile``; callers that build the labels themselves (the
+            HF attention hook, once per layer and decode step) pass False. Unchecked labels are clamped into
+            ``[0, num_segments)``: an id < 0 counts in segment 0, an id >= num_segments in the last one; the
+            attention output never depends on them (only ``key_padding_mask`` hides keys).
 
     Returns:
         ``(out, lse, mass)``: out ``[B, Hq, Sq, D]`` in q's dtype; lse float32 ``[B, Hq, Sq]`` (natural log);
         mass float32 ``[B, Sq, num_segments]`` head mean, or ``[B, Hq, Sq, num_segments]`` if ``per_head``.
         Each row with a visible key has mass summing to 1; a row with none gets out 0, mass 0, lse -inf.
+        Non-finite inputs propagate as in SDPA (see the module docstring): a row with a NaN or +inf score at a
+        visible key gets out, lse and mass NaN; a NaN/inf in v at a visible key makes the row's out non-finite.
 
     Raises:
-        ValueError: naming the bad argument, before any kernel runs.
+        ValueError: naming the bad argument, before any kernel runs; also when grad is enabled and q, k or v
+            requires grad (the op has no backward: use ``torch.no_grad()``, ``.detach()`` or SDPA).
     """
+    for name, flag in (("causal", causal), ("per_head", per_head), ("validate", validate)):
+        _check_bool(name, flag)
     _check_qk(q, k, causal)
     _check_float("v", v, 4)
     if v.dtype != q.dtype or v.device != q.device:
@@ -239,11 +295,12 @@ def segment_attention(
     if segment_ids.device != q.device:
         raise ValueError(f"segment_ids must be on q's device {q.device}, got {segment_ids.device}")
     _check_key_padding_mask(key_padding_mask, q, Sk)
+    _check_no_grad("segment_attention", q=q, k=k, v=v)
     if validate and not torch.compiler.is_compiling() and segment_ids.numel() > 0:
         lo, hi = int(segment_ids.min()), int(segment_ids.max())
         if lo < 0 or hi >= num_segments:
             raise ValueError(f"segment_ids must lie in [0, {num_segments}), got values in [{lo}, {hi}]")
-    key_ids = _key_ids(segment_ids, key_padding_mask, B, Sk, q.device)
+    key_ids = _key_ids(segment_ids, key_padding_mask, B, Sk, q.device, num_segments)
     return _segment_attention_op(
         _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v), key_ids, num_segments,
         bool(causal), _resolve_scale(scale, q.shape[-1]), bool(per_head),
@@ -307,8 +364,15 @@ def key_attention_mass(
 
     Returns:
         float32 ``[B, Sk]`` (or ``[B, Hq, Sk]``): ``exp(q_i.k_j * scale - lse_i)`` averaged over the Sq rows
-        and the heads. Rows with ``lse = -inf`` contribute 0; masked keys receive 0.
+        and the heads. Rows with ``lse = -inf`` contribute 0; masked keys receive 0. A row with ``lse = NaN``
+        (a NaN row of :func:`segment_attention`) makes every key it sees NaN, and no other key.
+
+    Raises:
+        ValueError: naming the bad argument, before any kernel runs; also when grad is enabled and q, k or lse
+            requires grad (the op has no backward: use ``torch.no_grad()`` or ``.detach()``).
     """
+    _check_bool("causal", causal)
+    _check_bool("per_head", per_head)
     _check_qk(q, k, causal)
     B, Hq, Sq, _ = q.shape
     if not isinstance(lse, torch.Tensor) or tuple(lse.shape) != (B, Hq, Sq):
@@ -318,6 +382,7 @@ def key_attention_mass(
         raise ValueError(f"lse must be float32 on q's device {q.device}, got {lse.dtype} on {lse.device}")
     Sk = k.shape[2]
     _check_key_padding_mask(key_padding_mask, q, Sk)
+    _check_no_grad("key_attention_mass", q=q, k=k, lse=lse)
     key_ids = _key_ids(None, key_padding_mask, B, Sk, q.device)
     return _key_attention_mass_op(
         _last_dim_contiguous(q), _last_dim_contiguous(k), lse.contiguous(), key_ids, bool(causal),

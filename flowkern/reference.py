@@ -10,10 +10,17 @@ Math (per batch ``b``, query head ``h``, kv head ``h // (Hq // Hkv)``, query row
     s[i, j]    = scale * <q[i], k[j]>                 if key j is visible to row i, else -inf
     visible    = (not causal or j <= i + (Sk - Sq)) and key_padding_mask[b, j]
     lse[i]     = log sum_j exp(s[i, j])               (-inf for a row with no visible key)
-    p[i, j]    = exp(s[i, j] - lse[i])                (0 for a row with no visible key)
+    p[i, j]    = exp(s[i, j] - lse[i])                (0 for a row with no visible key, and where j is not visible)
     out[i]     = sum_j p[i, j] v[j]
     mass[i, c] = sum_{j : segment_ids[b, j] = c} p[i, j]
     key_mass[j] = mean over heads and over the Sq given rows of p[i, j]
+
+Non-finite values (the policy of :mod:`flowkern.ops`, as in SDPA): a row with a NaN or +inf score at a visible
+key gets ``lse = NaN``, hence ``p = NaN`` at every key it sees (out, mass and key_mass NaN there); a ``-inf``
+score weighs 0; scores at keys a row cannot see are replaced by ``-inf`` before anything reads them. ``out`` is
+the plain matmul ``p @ v``, so a non-finite ``v`` at a key a row cannot see still reaches that row through
+``0 * NaN`` (like SDPA's math backend), except in a row with no visible key (out 0); lse and mass never
+depend on v.
 """
 
 from __future__ import annotations
@@ -57,10 +64,11 @@ def _probs(
     vis = visible_mask(q.shape[2], k.shape[2], causal=causal, key_padding_mask=key_padding_mask, device=q.device)
     s = s.masked_fill(~vis, float("-inf"))
     if lse is None:
-        lse = torch.logsumexp(s, dim=-1)
+        lse = torch.logsumexp(s, dim=-1)  # NaN if a score is NaN, +inf if one is +inf: both mean NaN here
+        lse = torch.where(lse == float("inf"), float("nan"), lse)
     lse = lse.to(cd)
-    alive = torch.isfinite(lse)[..., None] & vis
-    p = torch.where(alive, torch.exp(s - torch.where(torch.isfinite(lse), lse, 0)[..., None]), 0)
+    dead = lse == float("-inf")  # no visible key (or only -inf scores); NaN rows stay alive and give NaN
+    p = torch.where(vis & ~dead[..., None], torch.exp(s - torch.where(dead, 0, lse)[..., None]), 0)
     return p, lse
 
 
@@ -91,6 +99,7 @@ def segment_attention(
     p, lse = _probs(q, k, causal=causal, key_padding_mask=key_padding_mask, scale=scale)
     group = q.shape[1] // k.shape[1]
     out = torch.matmul(p, v.to(cd).repeat_interleave(group, dim=1))
+    out = torch.where((lse == float("-inf"))[..., None], 0, out)  # no visible key: 0, even if v held NaN
     onehot = torch.nn.functional.one_hot(segment_ids.long(), num_segments).to(cd)  # [B, Sk, nseg]
     mass = torch.matmul(p, onehot[:, None])  # [B, Hq, Sq, nseg]
     if not per_head:
