@@ -5,6 +5,7 @@
 # The venv (build/venv-transformers-<version>) gets the main environment's torch version and pyproject's other
 # dependencies with transformers pinned to the lower bound; flowkern itself comes from this checkout through
 # PYTHONPATH, using the flowkern._C that `make setup` built against the same torch. Reused when already right.
+# TRANSFORMERS_VERSION=X.Y.Z runs the same tests on another release (used to spot-check the releases in between).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -18,6 +19,7 @@ low = re.search(r">=\s*([0-9][0-9.]*)", spec).group(1)
 print(low + ".0" * (2 - low.count(".")), torch.__version__.split("+")[0])
 PYEOF
 )
+OLDEST=${TRANSFORMERS_VERSION:-$OLDEST}  # TRANSFORMERS_VERSION=5.20.0 bash .ci/test_oldest.sh tests any release
 VENV=build/venv-transformers-$OLDEST
 want() { "$VENV/bin/python" - "$OLDEST" "$TORCH" <<'PYEOF' 2>/dev/null
 import sys, torch, transformers, pytest, hypothesis

@@ -208,7 +208,8 @@ def test_interrupted_and_killed_runs_leave_the_old_result_or_the_new_one(files):
         kept_old.append(proc.returncode != 0 and now == first)  # else it was stopped after its rename: complete
         first = now
         if sig == signal.SIGINT and proc.returncode != 0:
-            assert proc.returncode == 130, err
+            # 130, or death by SIGINT when Python re-raises it at shutdown: a shell reports 130 for both
+            assert proc.returncode in (130, -signal.SIGINT), err
             assert "Traceback" not in err
             assert [ln for ln in err.splitlines() if "interrupted" in ln] == ["flowkern cam: interrupted"]
             assert "KeyboardInterrupt" not in err
