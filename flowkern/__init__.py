@@ -5,16 +5,18 @@ Public API:
 - ops (DESIGN.md §3): :func:`segment_attention`, :func:`key_attention_mass`, :func:`compact_`;
 - Hugging Face analysis: :func:`trace` (per-layer attention shares of the answer tokens, :class:`Flow`);
 - pruning: :func:`prune` (remove image tokens from layer L on, :class:`Pruning`), :func:`compact_cache_`;
-- LLaVA-CAM: :func:`cam` (per-layer Grad-CAM over the image, SmoothGrad-averaged, :class:`Cam`).
+- LLaVA-CAM: :func:`cam` (per-layer Grad-CAM over the image, SmoothGrad-averaged, :class:`Cam`);
+- the embedded demo model: :func:`demo_model_path` (a tiny LLaVA trained on the synthetic shapes world).
 """
 
 from flowkern.cam import Cam, CamView, cam
+from flowkern.demo import demo_model_path
 from flowkern.ops import compact_, key_attention_mass, segment_attention
 from flowkern.prune import Pruning, compact_cache_, prune
 from flowkern.trace import Flow, trace
 
 __all__ = [
     "segment_attention", "key_attention_mass", "compact_", "trace", "Flow", "prune", "Pruning", "compact_cache_",
-    "cam", "Cam", "CamView",
+    "cam", "Cam", "CamView", "demo_model_path",
 ]
 __version__ = "0.1.0"

@@ -282,10 +282,11 @@ def patch_targets(scene: Scene, grid: int) -> dict[str, list[int]]:
 
     ``color`` / ``shape``: 1 + the index in :data:`COLORS` / :data:`SHAPES` of the object whose area covers the
     patch centre, 0 for none; ``char``: 1 + the index in :data:`LABEL_CHARS` of the label character whose half of
-    the label box covers the patch centre, 0 for none.
+    the label box covers the patch centre, 0 for none; ``char_second``: 1 where that character is the second of a
+    two-character label.
     """
     colors, shapes = list(COLORS), list(SHAPES)
-    out = {"color": [0] * grid * grid, "shape": [0] * grid * grid, "char": [0] * grid * grid}
+    out = {k: [0] * grid * grid for k in ("color", "shape", "char", "char_second")}
     for gy in range(grid):
         for gx in range(grid):
             px, py = (gx + 0.5) / grid, (gy + 0.5) / grid
@@ -298,6 +299,7 @@ def patch_targets(scene: Scene, grid: int) -> dict[str, list[int]]:
             if lab is not None and abs(px - lab.x) <= lab.hw and abs(py - lab.y) <= lab.hh:
                 k = 0 if len(lab.text) == 1 or px < lab.x else 1
                 out["char"][i] = 1 + LABEL_CHARS.index(lab.text[k])
+                out["char_second"][i] = k
     return out
 
 

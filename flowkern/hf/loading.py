@@ -105,6 +105,10 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device, checkpoint_dty
 def _locate(model: str) -> tuple[str, dict]:
     """(directory or hub id to load from, the raw config.json) without any network access."""
     path = Path(model).expanduser()
+    if model == "demo" and not path.exists():  # the shapes-world demo model shipped in the package
+        from flowkern.demo import demo_model_path
+
+        path = demo_model_path()
     if path.is_dir():
         config_file = path / "config.json"
         if not config_file.is_file():

@@ -1,0 +1,37 @@
+"""The embedded demo model: a tiny LLaVA trained on the synthetic shapes world (:mod:`flowkern.eval.shapes`).
+
+``flowkern.demo_model_path()`` is the folder of the shipped checkpoint (``save_pretrained`` layout: config,
+safetensors, tokenizer, image processor, chat template), so
+
+.. code-block:: python
+
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+    model = LlavaForConditionalGeneration.from_pretrained(flowkern.demo_model_path())
+
+and ``--model demo`` on the command line work offline. :mod:`flowkern.demo.train` retrains it,
+:mod:`flowkern.demo.quality` measures it on fresh shapes sets.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+__all__ = ["demo_model_path", "DEMO_MODEL_NAME"]
+
+DEMO_MODEL_NAME = "demo"
+"""What ``--model`` accepts for the shipped model."""
+
+
+def demo_model_path() -> Path:
+    """The directory of the shipped demo model (``flowkern/demo/model``).
+
+    Raises:
+        FileNotFoundError: the package was installed without its model files (package data missing).
+    """
+    path = Path(__file__).resolve().parent / "model"
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(
+            f"--model demo: the demo model files are missing from {path} (an install without package data?); "
+            "retrain them with `python -m flowkern.demo.train --out DIR` and pass --model DIR"
+        )
+    return path
