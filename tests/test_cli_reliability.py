@@ -210,9 +210,10 @@ def test_interrupted_and_killed_runs_leave_the_old_result_or_the_new_one(files):
         if sig == signal.SIGINT and proc.returncode != 0:
             # 130, or death by SIGINT when Python re-raises it at shutdown: a shell reports 130 for both
             assert proc.returncode in (130, -signal.SIGINT), err
-            assert "Traceback" not in err
-            assert [ln for ln in err.splitlines() if "interrupted" in ln] == ["flowkern cam: interrupted"]
-            assert "KeyboardInterrupt" not in err
+            assert "Traceback" not in err and "KeyboardInterrupt" not in err
+            started = "flowkern cam" in err  # a signal during interpreter start-up (slow machine) precedes flowkern
+            if started or proc.returncode == 130:
+                assert [ln for ln in err.splitlines() if "interrupted" in ln] == ["flowkern cam: interrupted"]
     assert any(kept_old), f"no run was stopped before its result was in place ({outcomes}): the test is void"
     # a killed run's temporary folder is removed by the next run into the same place
     assert subprocess.run(_cam_cmd(files, out, "--overwrite"), env=env, capture_output=True).returncode == 0
