@@ -228,3 +228,44 @@ def write_report(report: dict, out: Path | None, name: str | None, markdown_tabl
     print()
     print(markdown_table(report))
     print(f"\nwrote {out}")
+
+# --------------------------------------------------------------------------------------------- saved POPE runs
+# (bench_eval, bench_sweep): a saved tiny LLaVA with LLaVA-1.5's 576 image tokens and a POPE question file
+
+OBJECTS = ("dog", "cat", "car", "person", "chair", "bottle", "bus", "cup")
+WORDS = ("Is there a in the image? Answer question using single word or phrase. yes no " + " ".join(OBJECTS)).split()
+
+
+def save_pope_model(path: Path, size: str = "tiny") -> None:
+    """The ``size`` geometry (default ``"tiny"``: 8 text layers) as a saved model + processor, 576 image tokens per
+    image (CLIP 336 px / 14 px patches), with a word tokenizer covering the POPE prompts of :func:`save_pope`."""
+    from flowkern.hf.tiny import save_tiny_llava
+
+    g = LLAVA_15_SIZES[size]
+    vision = dict(hidden_size=g["vision_hidden"], intermediate_size=g["vision_intermediate"],
+                  num_hidden_layers=g["vision_layers"], num_attention_heads=g["vision_heads"], image_size=336,
+                  patch_size=14, projection_dim=g["projection_dim"], hidden_act="quick_gelu")
+    text = dict(hidden_size=g["hidden"], intermediate_size=g["intermediate"], num_hidden_layers=g["layers"],
+                num_attention_heads=g["heads"], num_key_value_heads=g["heads"], max_position_embeddings=4096,
+                eos_token_id=None)
+    save_tiny_llava(path, vision=vision, text=text, words=WORDS, vision_feature_layer=g["vision_feature_layer"])
+
+
+def save_pope(root: Path, questions: int) -> tuple[Path, Path]:
+    """``coco_pope_random.json`` with ``questions`` questions over 8 images, and the image folder."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    images = root / "val2014"
+    images.mkdir(parents=True)
+    for i in range(8):
+        Image.fromarray(rng.integers(0, 256, (336, 336, 3), dtype=np.uint8)).save(images / f"COCO_val2014_{i:012d}.jpg")
+    data = root / "pope"
+    data.mkdir()
+    with open(data / "coco_pope_random.json", "w") as f:
+        for q in range(1, questions + 1):
+            f.write(json.dumps({"question_id": q, "image": f"COCO_val2014_{q % 8:012d}.jpg",
+                                "text": f"Is there a {OBJECTS[(q * 3) % len(OBJECTS)]} in the image?",
+                                "label": "yes" if q % 2 else "no"}) + "\n")
+    return data, images

@@ -28,49 +28,14 @@ import sys
 import tempfile
 from pathlib import Path
 
-import numpy as np
 import torch
-from _common import LLAVA_15_SIZES, device_label, make_report, model_summary, resolve_device, write_report
+from _common import device_label, make_report, model_summary, resolve_device, save_pope, save_pope_model, write_report
 from PIL import Image
 
 from flowkern.eval.run import ANSWERS_FILE, EvalConfig, run_eval
 from flowkern.hf.loading import load_model
-from flowkern.hf.tiny import save_tiny_llava
 
 SIZE = "tiny"
-OBJECTS = ("dog", "cat", "car", "person", "chair", "bottle", "bus", "cup")
-WORDS = ("Is there a in the image? Answer question using single word or phrase. yes no " + " ".join(OBJECTS)).split()
-
-
-def save_model(path: Path) -> None:
-    """The ``"tiny"`` geometry as a saved model + processor (576 image tokens per image)."""
-    g = LLAVA_15_SIZES[SIZE]
-    vision = dict(hidden_size=g["vision_hidden"], intermediate_size=g["vision_intermediate"],
-                  num_hidden_layers=g["vision_layers"], num_attention_heads=g["vision_heads"], image_size=336,
-                  patch_size=14, projection_dim=g["projection_dim"], hidden_act="quick_gelu")
-    text = dict(hidden_size=g["hidden"], intermediate_size=g["intermediate"], num_hidden_layers=g["layers"],
-                num_attention_heads=g["heads"], num_key_value_heads=g["heads"], max_position_embeddings=4096,
-                eos_token_id=None)
-    save_tiny_llava(path, vision=vision, text=text, words=WORDS, vision_feature_layer=g["vision_feature_layer"])
-
-
-def save_pope(root: Path, questions: int) -> tuple[Path, Path]:
-    """``coco_pope_random.json`` with ``questions`` questions over 8 images, and the image folder."""
-    rng = np.random.default_rng(0)
-    images = root / "val2014"
-    images.mkdir(parents=True)
-    for i in range(8):
-        Image.fromarray(rng.integers(0, 256, (336, 336, 3), dtype=np.uint8)).save(images / f"COCO_val2014_{i:012d}.jpg")
-    data = root / "pope"
-    data.mkdir()
-    with open(data / "coco_pope_random.json", "w") as f:
-        for q in range(1, questions + 1):
-            f.write(json.dumps({"question_id": q, "image": f"COCO_val2014_{q % 8:012d}.jpg",
-                                "text": f"Is there a {OBJECTS[(q * 3) % len(OBJECTS)]} in the image?",
-                                "label": "yes" if q % 2 else "no"}) + "\n")
-    return data, images
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", choices=["auto", "cpu", "cuda"], default="cpu")
@@ -87,7 +52,7 @@ def main() -> None:
     torch.set_num_threads(args.threads or os.cpu_count() or 1)
     batches = [int(b) for b in args.batches.split(",")]
     tmp = Path(tempfile.mkdtemp(prefix="bench-eval-"))
-    save_model(tmp / "model")
+    save_pope_model(tmp / "model")
     data, images = save_pope(tmp, args.questions)
     model, processor = load_model(tmp / "model", device=device, dtype="float32")
     prunings = {"unpruned": {}, f"prune L={args.layer} k=0": dict(prune_layer=args.layer, keep=0)}

@@ -27,6 +27,7 @@ import csv
 import importlib
 import json
 import math
+import signal
 import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -404,6 +405,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # Ctrl-C: one line, no traceback; results are written atomically, nothing half-done
         print(f"flowkern {args.command}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        # the work is done (or abandoned) and reported: a Ctrl-C during interpreter shutdown must not turn it into a
+        # death by SIGINT without a word
+        with contextlib.suppress(ValueError):  # not the main thread
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 if __name__ == "__main__":

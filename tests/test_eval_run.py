@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 from flowkern.cli import main
 from flowkern.eval.run import ANSWERS_FILE, METRICS_FILE, SETTINGS_FILE, EvalConfig, run_eval
@@ -25,12 +24,7 @@ NEW = "3"
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
