@@ -191,7 +191,7 @@ def _slow_eval_command(argv: list[str], delay: float) -> list[str]:
 
 def _start_and_signal(argv: list[str], out: Path, sig: int, min_lines: int) -> tuple[int, str]:
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    proc = subprocess.Popen(_slow_eval_command(argv, 0.3), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    proc = subprocess.Popen(_slow_eval_command(argv, 1.0), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env=env)
     answers = out / ANSWERS_FILE
     deadline = time.monotonic() + 90
