@@ -472,16 +472,21 @@ def answer_record(task: Task, sample: Sample, text: str, model_id: str) -> dict[
 
 @contextlib.contextmanager
 def _sigint_held() -> Iterator[None]:
-    """Hold SIGINT off (delivered on exit) so that a Ctrl-C never tears a batch's lines."""
+    """Hold a Ctrl-C off until the block is done (then raise ``KeyboardInterrupt``), so that it never tears a batch's
+    lines. A Python-level handler in the main thread: a blocked signal mask would let the kernel hand the signal to
+    another thread (torch's, tqdm's), where it can be lost."""
+    caught: list[int] = []
     try:
-        old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
-    except (AttributeError, ValueError, OSError):  # not POSIX, or not the main thread
+        old = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    except ValueError:  # not the main thread: nothing to hold
         yield
         return
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        signal.signal(signal.SIGINT, old)
+    if caught:
+        raise KeyboardInterrupt
 
 
 def _append_lines(path: Path, records: Sequence[dict[str, Any]]) -> None:
