@@ -45,6 +45,7 @@ __all__ = [
     "parse_layers",
     "build_parser",
     "main",
+    "entry",
 ]
 
 SUBCOMMANDS: tuple[str, ...] = (
@@ -405,16 +406,23 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # Ctrl-C: one line, no traceback; results are written atomically, nothing half-done
         print(f"flowkern {args.command}: interrupted", file=sys.stderr)
         return 130
-    finally:
-        # the work is done (or abandoned) and reported: a Ctrl-C during interpreter shutdown must not turn it into a
-        # death by SIGINT without a word
-        with contextlib.suppress(ValueError):  # not the main thread
-            signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+
+def entry() -> None:
+    """The ``flowkern`` console script: :func:`main`, then exit with its code. Once the work is done (or abandoned)
+    and reported, a Ctrl-C during interpreter shutdown is ignored, so it cannot turn the run into a death by SIGINT
+    without a word. (Only here, in the process's entry: :func:`main` called as a function leaves signals alone, since
+    an ignored SIGINT would be inherited by every subprocess the caller starts.)"""
+    code = main()
+    with contextlib.suppress(ValueError):  # not the main thread
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    sys.exit(code)
 
 
 if __name__ == "__main__":
     # `python -m flowkern.cli` runs this file as __main__, a second copy of the module: dispatch through the
     # imported flowkern.cli so that the subcommands' UsageError is the class main() catches.
-    from flowkern.cli import main as _main
+    from flowkern.cli import entry as _entry
 
-    sys.exit(_main())
+    _entry()
