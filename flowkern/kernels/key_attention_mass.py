@@ -114,8 +114,8 @@ def _config(dtype: torch.dtype, bd: int, sq: int, b_hkv: int, sk: int, sms: int)
 
     The K tile is the A operand (BLOCK_N rows, so BLOCK_N >= 64 gives wgmma); Q/lse tiles stream; the only
     accumulator is a [BLOCK_N] vector. Few rows (the usual Sq=1, "last prompt row"): BLOCK_M=16..64 to fit Sq,
-    BLOCK_N=64, halved while the grid has fewer programs than SMs. Many rows: 64x128 tiles and 8 warps, so
-    each Q tile is reused by 128 keys (16-bit: 48-141 registers, no spills).
+    BLOCK_N=64, halved (down to 32; D=256: not below 64) while the grid has fewer programs than SMs. Many rows:
+    64x128 tiles and 8 warps, so each Q tile is reused by 128 keys (16-bit: 48-141 registers, no spills).
 
     fp32 uses exact FMA dots (no tensor cores), whose operands live in registers: the earlier 32x32 tiles
     (4 warps, 2 stages) spilled 0.7-0.8 KB at D=80/128 (Triton 3.9) and 16x16 spilled 24 B at D=256 (3.6).
@@ -132,7 +132,8 @@ def _config(dtype: torch.dtype, bd: int, sq: int, b_hkv: int, sk: int, sms: int)
         bm, bn, num_warps = max(16, triton.next_power_of_2(sq)), 64, 4
         if bd > 128:
             bm = min(bm, 32)
-    while bn > 32 and triton.cdiv(sk, bn) * b_hkv < sms:
+    # D=256 keeps BLOCK_N=64: 32 spilled 8 B at Sq=1 under Triton 3.9 once the NaN-policy select went in
+    while bn > (64 if bd > 128 else 32) and triton.cdiv(sk, bn) * b_hkv < sms:
         bn //= 2
     return bm, bn, num_warps, 3
 
