@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -30,3 +31,18 @@ def save_image(path: Path, seed: int) -> Path:
     rng = np.random.default_rng(seed)
     Image.fromarray(rng.integers(0, 256, (12 + seed % 5, 16, 3), dtype=np.uint8)).save(path)
     return path
+
+
+def slowed_flowkern(module: str, argv: list[str], delay: float) -> list[str]:
+    """The command line of ``flowkern ARGV`` in a subprocess whose ``<module>.generate_answers`` (``flowkern.eval.run``
+    or ``flowkern.eval.sweep``) sleeps ``delay`` seconds per batch, so that a signal sent mid-run lands mid-run."""
+    code = ("import sys, time\n"
+            f"import {module} as m\n"
+            "_gen = m.generate_answers\n"
+            "def slow(*a, **k):\n"
+            f"    time.sleep({delay})\n"
+            "    return _gen(*a, **k)\n"
+            "m.generate_answers = slow\n"
+            "from flowkern.cli import main\n"
+            "sys.exit(main(sys.argv[1:]))\n")
+    return [sys.executable, "-c", code, *argv]

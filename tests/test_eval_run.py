@@ -8,7 +8,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -18,7 +17,7 @@ from flowkern.cli import main
 from flowkern.eval.run import ANSWERS_FILE, METRICS_FILE, SETTINGS_FILE, EvalConfig, run_eval
 from flowkern.hf.loading import load_model
 from tests._eval_data import write_coco, write_pope, write_sqa, write_textvqa
-from tests._eval_models import save_eval_llava, save_image
+from tests._eval_models import save_eval_llava, save_image, slowed_flowkern
 
 NEW = "3"
 REPO = Path(__file__).resolve().parents[1]
@@ -175,23 +174,10 @@ def test_other_tasks_eval_then_score(files, tmp_path, capsys, task):
         assert set(rows[0]) == {"question_id", "prompt", "text", "model_id"}
 
 
-def _slow_eval_command(argv: list[str], delay: float) -> list[str]:
-    """`flowkern` in a subprocess, each batch slowed by ``delay`` seconds so that a signal lands mid-run."""
-    code = ("import sys, time\n"
-            "import flowkern.eval.run as r\n"
-            "_gen = r.generate_answers\n"
-            "def slow(*a, **k):\n"
-            f"    time.sleep({delay})\n"
-            "    return _gen(*a, **k)\n"
-            "r.generate_answers = slow\n"
-            "from flowkern.cli import main\n"
-            "sys.exit(main(sys.argv[1:]))\n")
-    return [sys.executable, "-c", code, *argv]
-
-
 def _start_and_signal(argv: list[str], out: Path, sig: int, min_lines: int) -> tuple[int, str]:
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    proc = subprocess.Popen(_slow_eval_command(argv, 1.0), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    cmd = slowed_flowkern("flowkern.eval.run", argv, 1.0)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env=env)
     answers = out / ANSWERS_FILE
     deadline = time.monotonic() + 90

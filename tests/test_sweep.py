@@ -21,7 +21,7 @@ from flowkern.eval.run import ANSWERS_FILE, EvalConfig, run_eval
 from flowkern.eval.sweep import Point, SweepConfig, SweepUsageError, cliff_report, parse_layer_spec, run_sweep
 from flowkern.hf.loading import load_model
 from tests._eval_data import write_pope
-from tests._eval_models import save_eval_llava, save_image
+from tests._eval_models import save_eval_llava, save_image, slowed_flowkern
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -244,19 +244,6 @@ def test_changed_setting_and_bad_options_are_refused(files, tmp_path, capsys):
 # processes: SIGKILL + resume, torchrun
 
 
-def _slow_sweep(argv: list[str], delay: float) -> list[str]:
-    code = ("import sys, time\n"
-            "import flowkern.eval.sweep as s\n"
-            "_gen = s.generate_answers\n"
-            "def slow(*a, **k):\n"
-            f"    time.sleep({delay})\n"
-            "    return _gen(*a, **k)\n"
-            "s.generate_answers = slow\n"
-            "from flowkern.cli import main\n"
-            "sys.exit(main(sys.argv[1:]))\n")
-    return [sys.executable, "-c", code, *argv]
-
-
 def _env() -> dict:
     return dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
 
@@ -268,7 +255,8 @@ def _lines(folder: Path) -> int:
 def test_kill_mid_run_then_resume_equals_uninterrupted(files, llava, tmp_path):
     out = tmp_path / "killed"
     argv = _argv(files, out, "--layers", "1-3")
-    proc = subprocess.Popen(_slow_sweep(argv, 0.25), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    cmd = slowed_flowkern("flowkern.eval.sweep", argv, 0.25)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=_env())
     deadline = time.monotonic() + 90
     try:
