@@ -12,7 +12,7 @@ from flowkern.hf.tiny import save_tiny_llava
 
 WORDS = ("Is there a dog cat car in the image? Answer question using single word or phrase. yes no Yes No "
          "Please describe this detail. Context: A. B. with option's letter from given choices directly.").split()
-assert len(set(WORDS)) == len(WORDS)  # word_tokenizer numbers words by position: a repeat would leave an id gap
+assert len(set(WORDS)) == len(WORDS)  # each word listed once (word_tokenizer would merge a repeat)
 
 
 def save_eval_llava(path: Path) -> Path:
