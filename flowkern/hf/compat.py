@@ -71,6 +71,7 @@ __all__ = [
     "attn_implementation",
     "set_text_attn_implementation",
     "accepts_logits_to_keep",
+    "image_encoder",
 ]
 
 
@@ -289,3 +290,15 @@ def set_text_attn_implementation(model: torch.nn.Module, config_key: str, config
 def accepts_logits_to_keep(model: torch.nn.Module) -> bool:
     """Whether ``model.forward`` takes ``logits_to_keep`` (compute logits for the last rows only)."""
     return "logits_to_keep" in inspect.signature(model.forward).parameters
+
+
+def image_encoder(model: torch.nn.Module) -> tuple[torch.nn.Module, str] | None:
+    """Where the images are encoded: ``(module, method name)``, the vision tower plus projector as one call.
+
+    ``model.base_model.get_image_features``: ``generate`` calls it before the first forward (5.20+) and the
+    multimodal forward calls it when it gets pixels (5.17+), both by attribute lookup on that module, so an instance
+    attribute of that name sees every image encoding. None when the model has no such method.
+    """
+    owner = getattr(model, "base_model", model)
+    name = "get_image_features"
+    return (owner, name) if callable(getattr(owner, name, None)) else None
