@@ -65,7 +65,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (under torchrun: cuda:LOCAL_RANK)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
     p.add_argument("--no-reuse", action="store_true",
-                   help="run each point on its own (no shared prefill below L): for checking, slower")
+                   help="run each point on its own (no shared prefill below L, images encoded at every point): for "
+                        "checking, slower")
     p.add_argument("--overwrite", action="store_true", help="discard the sweep in --out and start afresh")
     p.set_defaults(func=run)
 

@@ -19,6 +19,7 @@ from flowkern.cli import main
 from flowkern.eval import sweep as sw
 from flowkern.eval.run import ANSWERS_FILE, EvalConfig, run_eval
 from flowkern.eval.sweep import Point, SweepConfig, SweepUsageError, cliff_report, parse_layer_spec, run_sweep
+from flowkern.hf import compat
 from flowkern.hf.loading import load_model
 from tests._eval_data import write_pope
 from tests._eval_models import save_eval_llava, save_image, slowed_flowkern
@@ -179,6 +180,58 @@ def test_points_equal_independent_eval_runs(files, llava, tmp_path, capsys):
     again = run_sweep(SweepConfig(out=out, keep=0.25, rank="attention", controls=("random", "grid"), **kw),
                       model=model, processor=processor)
     assert again.generated == 0 and len((out / "results.jsonl").read_text().splitlines()) == 10
+
+
+def test_images_encoded_once_per_batch_and_model_left_as_found(files, llava, tmp_path):
+    """With reuse the vision tower runs once per batch for all points (ImageCache), without it once per point and
+    batch, the answers are the same, and afterwards the model is as it was found (its own attention, no memo)."""
+    model, processor = llava
+    kw = _common(files)
+    owner, name = compat.image_encoder(model)
+    before = compat.attn_implementation(model.config.text_config)
+    calls: list[int] = []
+    handle = model.model.vision_tower.register_forward_hook(lambda module, args, output: calls.append(1))
+    try:
+        run_sweep(SweepConfig(out=tmp_path / "shared", **kw), model=model, processor=processor)
+        shared = len(calls)
+        calls.clear()
+        run_sweep(SweepConfig(out=tmp_path / "plain", reuse=False, **kw), model=model, processor=processor)
+        plain = len(calls)
+    finally:
+        handle.remove()
+    batches, points = 3, 1 + 4  # 6 questions at batch 2; the baseline and L = 0..3
+    assert (shared, plain) == (batches, batches * points)
+    for point in ["baseline", "L00", "L01", "L02", "L03"]:
+        answers = f"points/{point}/{ANSWERS_FILE}"
+        assert (tmp_path / "shared" / answers).read_text() == (tmp_path / "plain" / answers).read_text(), point
+    assert name not in vars(owner) and compat.attn_implementation(model.config.text_config) == before
+
+
+def test_image_cache_compares_arguments_by_value(llava):
+    """A call with equal arguments (a copy of the pixels, passed by position) is answered from the memo; pixels
+    changed in place after the first call are encoded again; outside the block the encoder is the model's own."""
+    model, _ = llava
+    owner, name = compat.image_encoder(model)
+    size = model.config.vision_config.image_size
+    pixels = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+    cache = sw.ImageCache(model)
+    with torch.inference_mode():
+        with cache.active():
+            first = getattr(owner, name)(pixel_values=pixels)
+            assert getattr(owner, name)(pixels.clone()) is first
+            assert (cache.computed, cache.reused) == (1, 1)
+            pixels.add_(0.5)
+            changed = getattr(owner, name)(pixel_values=pixels)
+            assert changed is not first and (cache.computed, cache.reused) == (2, 1)
+            assert getattr(owner, name)(pixel_values=pixels.double()) is not changed  # another dtype: computed
+            assert cache.computed == 3
+        assert name not in vars(owner)
+        fresh = getattr(owner, name)(pixel_values=pixels)
+    assert all(torch.equal(a, b) for a, b in zip(fresh.pooler_output, changed.pooler_output, strict=True))
+    assert not sw._same_value(torch.zeros(2), torch.zeros(3)) and sw._same_value({"a": [1, torch.ones(2)]},
+                                                                               {"a": [1, torch.ones(2)]})
+    cache.clear()
+    assert cache.entries == []
 
 
 def _fake_engine(monkeypatch, curve: dict[int, float], base: float) -> list[list[str]]:

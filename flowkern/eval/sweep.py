@@ -34,10 +34,14 @@ one batch, layers ``0 .. L-1`` compute the same thing at every point ``L`` (gree
 ``flowkern`` attention), so the point with the largest ``L`` runs first and :class:`PrefixShare` records, at its
 prefill, each decoder layer's keys and values and the hidden states the other points resume from; every other point
 then *skips* its layers below ``L`` at the prefill (their KV cache is filled with the recorded keys and values) and
-computes only layers ``>= L`` on the pruned sequence. Decode steps run every layer as usual. The answers are the ones
-an independent ``flowkern eval --prune-layer L`` gives (the test suite checks they are identical). The processor's
-output is built once per batch for all points. ``rank="attention"`` with ``keep > 0`` needs layer ``L-1``'s
-attention, so those points resume from ``L-1``.
+computes only layers ``>= L`` on the pruned sequence. Decode steps run every layer as usual. The images of a batch
+are encoded once for all its points (:class:`ImageCache`: the vision tower and projector do not depend on the point),
+the processor's output is built once per batch, and the language model stays on the ``flowkern`` attention across
+the pruned points of a batch instead of being switched there and back by each ``flowkern.prune``. The answers are
+the ones an independent ``flowkern eval --prune-layer L`` gives (the test suite checks they are identical).
+``rank="attention"`` with ``keep > 0`` needs layer ``L-1``'s attention, so those points resume from ``L-1``. What
+stays per batch: the baseline's full prefill (the model's own attention, which the points do not use, so it shares
+nothing), the recording point's, and ``L = 0``'s (removal by masking from layer 0 on: it shares no layer either).
 
 **Resume and safety.** Answers are appended per (point, batch) and fsync-ed (a killed run loses at most the batch in
 flight); a finished point's metrics are appended to ``results.jsonl``; a rerun skips what is done. ``sweep.json``
@@ -53,6 +57,8 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import functools
+import inspect
 import io
 import json
 import math
@@ -83,6 +89,7 @@ __all__ = [
     "SweepUsageError",
     "Point",
     "PrefixShare",
+    "ImageCache",
     "run_sweep",
     "parse_layer_spec",
     "cliff_report",
@@ -159,7 +166,8 @@ class SweepConfig:
         controls: extra ranks run at the same layers and ``keep`` (``"random"``, ``"grid"``); need ``keep != 0``.
         search: ``"full"`` (every layer) or ``"bisect"``.
         tolerance: the cliff tolerance in points of the main metric (1 point = 0.01 of a ratio).
-        reuse: share the layers below L between points (:class:`PrefixShare`); False runs each point on its own.
+        reuse: share the layers below L (:class:`PrefixShare`) and the image encoding (:class:`ImageCache`)
+            between points; False runs each point on its own.
         overwrite: discard the folder's previous sweep and start afresh.
     """
 
@@ -449,6 +457,113 @@ class PrefixShare:
                     del layer.forward
 
 
+class ImageCache:
+    """Encode a batch's images once for all the points that answer it.
+
+    .. code-block:: python
+
+        images = ImageCache(model)
+        with images.active():       # every point of one batch: the vision tower + projector run at the first only
+            for p in points:
+                generate(...)
+        images.clear()
+
+    Inside :meth:`active`, the model's image encoder (:func:`flowkern.hf.compat.image_encoder`: the vision tower and
+    the projector as one call) is memoised: a call whose arguments equal an earlier one's (tensors compared by
+    value: dtype, shape, device and every element) returns that call's output object instead of computing it
+    again. Every point runs the same vision tower (pruning and the baseline change only the language model's
+    attention), so its output is the same at every point; the memo only saves the computation. The arguments are
+    kept as copies, so an input changed in place later is not mistaken for the one recorded. Holds one batch's
+    image features (and whatever else the encoder returns) until :meth:`clear`.
+
+    Attributes:
+        computed, reused: encoder calls that ran, and calls answered from the memo.
+    """
+
+    def __init__(self, model: Any) -> None:
+        from flowkern.hf import compat
+
+        self.where = compat.image_encoder(model)
+        self.entries: list[tuple[Any, Any]] = []
+        self.computed = 0
+        self.reused = 0
+
+    def clear(self) -> None:
+        """Drop the memo."""
+        self.entries = []
+
+    @contextlib.contextmanager
+    def active(self) -> Iterator[None]:
+        """Memoise the image encoder inside the block (a no-op when the model has none)."""
+        if self.where is None:
+            yield
+            return
+        owner, name = self.where
+        had = name in owner.__dict__
+        prev = owner.__dict__.get(name)
+        orig = getattr(owner, name)
+        try:
+            signature = inspect.signature(orig)
+        except (TypeError, ValueError):
+            yield
+            return
+
+        @functools.wraps(orig)
+        def memo(*args: Any, **kwargs: Any) -> Any:
+            try:
+                key = dict(signature.bind(*args, **kwargs).arguments)
+            except TypeError:
+                return orig(*args, **kwargs)
+            for old, output in self.entries:
+                if _same_value(old, key):
+                    self.reused += 1
+                    return output
+            output = orig(*args, **kwargs)
+            self.computed += 1
+            self.entries.append((_copy_value(key), output))
+            return output
+
+        setattr(owner, name, memo)
+        try:
+            yield
+        finally:
+            if had:
+                setattr(owner, name, prev)
+            else:
+                delattr(owner, name)
+
+
+def _copy_value(x: Any) -> Any:
+    """``x`` with its tensors cloned (through dicts, lists and tuples)."""
+    import torch
+
+    if isinstance(x, torch.Tensor):
+        return x.detach().clone()
+    if isinstance(x, dict):
+        return {k: _copy_value(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return type(x)(_copy_value(v) for v in x) if type(x) in (list, tuple) else x
+    return x
+
+
+def _same_value(a: Any, b: Any) -> bool:
+    """Whether two call arguments are equal: tensors by dtype, shape, device and value, containers item by item."""
+    import torch
+
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.dtype == b.dtype
+                and a.shape == b.shape and a.device == b.device and bool(torch.equal(a, b)))
+    if isinstance(a, dict) or isinstance(b, dict):
+        return (isinstance(a, dict) and isinstance(b, dict) and a.keys() == b.keys()
+                and all(_same_value(a[k], b[k]) for k in a))
+    if isinstance(a, list | tuple) or isinstance(b, list | tuple):
+        return (type(a) is type(b) and len(a) == len(b) and all(_same_value(x, y) for x, y in zip(a, b, strict=True)))
+    try:
+        return bool(type(a) is type(b) and a == b)
+    except Exception:  # an argument whose == is not a plain bool
+        return a is b
+
+
 # ----------------------------------------------------------------------------------------------------------
 # distributed
 
@@ -526,6 +641,7 @@ class _Sweep:
         self.model: Any = None
         self.processor: Any = None
         self.share: PrefixShare | None = None
+        self.images: ImageCache | None = None
         self.generated = 0
         self.metric, self.higher = MAIN_METRIC[config.task]
         self.rank = config.rank if config.keep != 0 else "none"
@@ -630,24 +746,30 @@ class _Sweep:
                     batch = [by_key[k] for k in keys]
                     inputs = build_batch_inputs(self.processor, self.model, [s.image for s in batch],
                                                 [s.prompt for s in batch])
-                    for p, texts in self.run_group(group, batch, inputs, max_new):
-                        _append_lines(writers[p].answers_path, [answer_record(task, s, t, model_id)
-                                                                for s, t in zip(batch, texts, strict=True)])
-                        todo[p] -= set(keys)
-                        self.generated += len(batch)
-                        if bar is not None:
-                            bar.set_postfix_str(f"{p.name}, batch {j + 1}/{n_batches}", refresh=False)
-                            bar.update(len(batch))
+                    with contextlib.closing(self.run_group(group, batch, inputs, max_new)) as answered:
+                        for p, texts in answered:
+                            _append_lines(writers[p].answers_path, [answer_record(task, s, t, model_id)
+                                                                    for s, t in zip(batch, texts, strict=True)])
+                            todo[p] -= set(keys)
+                            self.generated += len(batch)
+                            if bar is not None:
+                                bar.set_postfix_str(f"{p.name}, batch {j + 1}/{n_batches}", refresh=False)
+                                bar.update(len(batch))
         finally:
             if bar is not None:
                 bar.close()
             if self.share is not None:
                 self.share.clear()
+            if self.images is not None:
+                self.images.clear()
 
     def run_group(self, group: Sequence[Point], batch: Sequence[Any], inputs: Any,
                   max_new: int) -> Iterator[tuple[Point, list[str]]]:
-        """Answers of one batch at each point of ``group`` (the baseline first, then pruned points by L descending,
-        the first of those recording the shared prefix for the others)."""
+        """Answers of one batch at each point of ``group``: the baseline first, then the pruned points by L
+        descending, the first of those recording the shared prefix for the others (:class:`PrefixShare`). With
+        reuse, the images are encoded once for all of them (:class:`ImageCache`) and the language model stays on
+        the ``flowkern`` attention across the pruned points (each ``flowkern.prune`` would switch it there and back:
+        the same computation, without the switches)."""
         import flowkern
 
         images, prompts = [s.image for s in batch], [s.prompt for s in batch]
@@ -660,26 +782,51 @@ class _Sweep:
             return generate_answers(self.model, self.processor, images, prompts, max_new_tokens=max_new,
                                     pruning=pruning, inputs=inputs)
 
+        reuse = self.config.reuse and self.share is not None
         pruned = sorted((p for p in group if p.layer is not None), key=lambda p: (-p.layer, p.depth()))
-        for p in group:
-            if p.layer is None:
-                yield p, answer(p)
-        if not pruned:
-            return
-        first, rest = pruned[0], pruned[1:]
-        depths = [p.depth() for p in rest if p.depth() >= 1]
-        if not self.config.reuse or not depths or self.share is None:
-            for p in pruned:
-                yield p, answer(p)
-            return
-        with self.share.capture(range(max(depths)), {d - 1 for d in depths}):
-            texts = answer(first)
-        yield first, texts
-        for p in rest:
-            with self.share.replay(p.depth()):
-                texts = answer(p)
-            yield p, texts
-        self.share.clear()
+        with contextlib.ExitStack() as stack:
+            if reuse and self.images is not None:
+                stack.callback(self.images.clear)
+                stack.enter_context(self.images.active())
+            for p in group:
+                if p.layer is None:
+                    yield p, answer(p)
+            if not pruned:
+                return
+            first, rest = pruned[0], pruned[1:]
+            depths = [p.depth() for p in rest if p.depth() >= 1]
+            if not reuse:
+                for p in pruned:
+                    yield p, answer(p)
+                return
+            stack.enter_context(self._flowkern_attention())
+            if not depths:
+                for p in pruned:
+                    yield p, answer(p)
+                return
+            assert self.share is not None
+            stack.callback(self.share.clear)
+            with self.share.capture(range(max(depths)), {d - 1 for d in depths}):
+                texts = answer(first)
+            yield first, texts
+            for p in rest:
+                with self.share.replay(p.depth()):
+                    texts = answer(p)
+                yield p, texts
+
+    @contextlib.contextmanager
+    def _flowkern_attention(self) -> Iterator[None]:
+        """The language model on the ``flowkern`` attention inside the block (what ``flowkern.prune`` selects)."""
+        from flowkern.hf.attention import restore_attention, use_flowkern_attention
+        from flowkern.hf.models import get_adapter
+
+        adapter = get_adapter(self.model)
+        text_config = adapter.text_config(self.model.config)
+        prev = use_flowkern_attention(self.model, adapter.text_config_key, text_config)
+        try:
+            yield
+        finally:
+            restore_attention(self.model, adapter.text_config_key, text_config, prev)
 
     def load_model(self) -> None:
         if self.model is not None:
@@ -692,6 +839,7 @@ class _Sweep:
         except (FileNotFoundError, ValueError, ImportError) as exc:
             raise SweepUsageError(str(exc)) from None
         self.share = PrefixShare(self.model) if self.config.reuse else None
+        self.images = ImageCache(self.model) if self.config.reuse else None
 
     # -- results ------------------------------------------------------------------------------------------
 
@@ -868,6 +1016,7 @@ def _run(config: SweepConfig, dist: _Dist, model: Any, processor: Any, progress:
     sweep.model, sweep.processor = model, processor
     if model is not None:
         sweep.share = PrefixShare(model) if config.reuse else None
+        sweep.images = ImageCache(model) if config.reuse else None
         num_layers = int(PrefixShare(model).layers.__len__())
     else:
         n = _num_layers(config.model)
