@@ -21,20 +21,22 @@ is ``raw`` divided by its maximum (per layer by default), optionally thresholded
 **How.** One forward and one backward per batch of noisy copies give every layer at once: a forward hook on each
 layer's site keeps a reference to ``A`` (a tensor autograd saves anyway), and a tensor hook reduces the incoming
 gradient to ``alpha`` and the heat ``[n, K]`` the moment it is computed, so no gradient is kept per layer and no
-activation is kept longer than autograd keeps it. Model parameters do not require grad for the
-duration (the graph starts at the input of the first chosen layer), the language model's attention runs through a
-differentiable implementation (``sdpa`` unless it already is ``eager`` or ``sdpa``), ``use_cache=False``; every
-flag and the attention implementation are restored afterwards, also on error.
+activation is kept longer than autograd keeps it. The run is a listener on the model's session
+(:mod:`flowkern.hf.session`), which for its duration freezes the parameters (the graph starts at the input of the
+first chosen layer), runs the language model's attention through a differentiable implementation (``sdpa``
+unless it already is ``eager`` or ``sdpa``) and installs the hooks at the sites the family's adapter names; every
+flag, hook and the attention implementation are restored afterwards, also on error. ``use_cache=False``.
 
 **Pixel noise.** ``pixel_values`` are un-normalised with the processor's ``image_mean`` / ``image_std`` (pass
-``processor=`` or ``pixel_mean=`` / ``pixel_std=``), noise is added, and they are normalised again. Layouts:
-``[..., C, H, W]`` (LLaVA, LLaVA-NeXT, InternVL: channel at dim -3) or Qwen-VL's flattened patches ``[N, C*T*P*P]``
-(each row is ``(channel, temporal, patch, patch)``; one noise draw is shared by the ``T`` temporal copies of a
-patch, so it is i.i.d. noise on the resized image). For LLaVA-NeXT each processed view (base image, crops) gets
-its own noise. Values are not clamped to [0, 1] by default (``clamp=True`` to clamp): clamping would bias the noise
-near saturated pixels, and the paper's eq. 4 does not clamp. Video frames (``pixel_values_videos``) get no noise.
-Noise is reproducible: copy ``i`` uses the ``i``-th draw of ``torch.randn(shape, generator=g)`` (float32, CPU)
-with ``g = torch.Generator().manual_seed(seed)``, whatever ``batch_size``.
+``processor=`` or ``pixel_mean=`` / ``pixel_std=``), noise is added, and they are normalised again. Layouts (the
+adapter's ``pixel_layout``): ``[..., C, H, W]`` (LLaVA, LLaVA-NeXT, InternVL: channel at dim -3) or Qwen-VL's
+flattened patches ``[N, C*T*P*P]`` (each row is ``(channel, temporal, patch, patch)``; one noise draw is shared by
+the ``T`` temporal copies of a patch, so it is i.i.d. noise on the resized image). For LLaVA-NeXT each processed
+view (base image, crops) gets its own noise. Values are not clamped to [0, 1] by default (``clamp=True`` to
+clamp): clamping would bias the noise near saturated pixels, and the paper's eq. 4 does not clamp. Video frames
+(``pixel_values_videos``) get no noise. Noise is reproducible: copy ``i`` uses the ``i``-th draw of
+``torch.randn(shape, generator=g)`` (float32, CPU) with ``g = torch.Generator().manual_seed(seed)``, whatever
+``batch_size``.
 
 One prompt per call (``input_ids`` ``[1, S]``); it may hold several images.
 
@@ -48,17 +50,21 @@ import math
 import numbers
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
+
+from flowkern.listener import Listener
+
+if TYPE_CHECKING:
+    from flowkern.hf.session import Session
 
 __all__ = ["cam", "Cam", "CamView", "SITES"]
 
 SITES: tuple[str, ...] = ("post_attention_layernorm", "attention", "layer")
 """Where ``A`` is read in each decoder layer: the post-attention norm's output (the paper's choice, Figure 7), the
-attention block's output (after ``o_proj``, before the residual add), or the decoder layer's output."""
-
-_DIFFERENTIABLE = ("eager", "sdpa")
+attention block's output (after ``o_proj``, before the residual add), or the decoder layer's output (the module of
+each site is the family adapter's: ``flowkern.hf.models.ModelAdapter.site_module``)."""
 
 
 @dataclass
@@ -71,6 +77,7 @@ class CamView:
         index: long ``[gh, gw]``: ordinal of each cell's token among the prompt's image tokens (-1: no token).
         raw: float32 ``[num_layers, gh, gw]``: mean over noisy copies of ``ReLU(sum_k alpha_k A_k)``.
         heatmap: float32 ``[num_layers, gh, gw]`` in [0, 1]: ``raw`` max-normalised (and thresholded).
+        whole: this view shows the whole image (``"image"``, ``"base"``, InternVL's thumbnail tile).
     """
 
     image: int
@@ -78,6 +85,7 @@ class CamView:
     index: torch.Tensor
     raw: torch.Tensor
     heatmap: torch.Tensor
+    whole: bool = False
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -117,16 +125,13 @@ class Cam:
 
     def view(self, image: int = 0, view: int | str | None = None) -> CamView:
         """One view of one image: by position among the image's views, by name, or None for the view that shows
-        the whole image (``"image"``, LLaVA-NeXT's ``"base"``, InternVL's thumbnail tile, else the first)."""
+        the whole image (``CamView.whole``: ``"image"``, LLaVA-NeXT's ``"base"``, InternVL's thumbnail tile; else
+        the first)."""
         views = [v for v in self.views if v.image == image]
         if not views:
             raise ValueError(f"no image {image}; the prompt has {self.num_images}")
         if view is None:
-            for name in ("image", "base"):
-                if any(v.name == name for v in views):
-                    return next(v for v in views if v.name == name)
-            tiles = [v for v in views if v.name.startswith("tile")]
-            return tiles[-1] if tiles else views[0]  # several InternVL tiles: the thumbnail is the last one
+            return next((v for v in views if v.whole), views[0])
         if isinstance(view, str):
             match = [v for v in views if v.name == view]
             if not match:
@@ -181,24 +186,6 @@ class Cam:
 # model plumbing
 
 
-def _language_model(model: torch.nn.Module, text_config: Any) -> torch.nn.Module:
-    owned = [m for m in model.modules() if getattr(m, "config", None) is text_config]
-    lm = next((m for m in owned if hasattr(m, "get_input_embeddings") and hasattr(m, "layers")), None)
-    if lm is None:
-        raise ValueError(f"{type(model).__name__}: found no language model with a `layers` list")
-    return lm
-
-
-def _site_module(layer: torch.nn.Module, site: str) -> torch.nn.Module:
-    if site == "layer":
-        return layer
-    name = "post_attention_layernorm" if site == "post_attention_layernorm" else "self_attn"
-    module = getattr(layer, name, None)
-    if module is None:
-        raise ValueError(f"decoder layer {type(layer).__name__} has no `{name}` for site={site!r}")
-    return module
-
-
 def _first_tensor(output: Any) -> torch.Tensor:
     return output[0] if isinstance(output, (tuple, list)) else output
 
@@ -227,16 +214,22 @@ def _norm_stats(
 
 
 class _PixelNoise:
-    """Draws and applies the SmoothGrad noise for one ``pixel_values`` tensor (see the module docstring)."""
+    """Draws and applies the SmoothGrad noise for one ``pixel_values`` tensor (see the module docstring).
 
-    def __init__(self, pixel_values: torch.Tensor, stats: tuple[torch.Tensor, torch.Tensor], vision_config: Any,
-                 std: float, clamp: bool, seed: int) -> None:
+    ``layout`` is the adapter's ``pixel_layout``: ``"patches"`` (Qwen-VL ``[N, C * temporal * P * P]``, one draw
+    per ``(patch, channel)`` shared by the ``temporal`` copies) or ``"channels"`` (channel at dim -3).
+    """
+
+    def __init__(self, pixel_values: torch.Tensor, stats: tuple[torch.Tensor, torch.Tensor], layout: str,
+                 temporal: int, std: float, clamp: bool, seed: int) -> None:
         self.pv = pixel_values
         mean, pstd = stats
         c = mean.numel()
-        if pixel_values.dim() == 2:  # Qwen-VL flattened patches [N, C*T*P*P]
+        if layout == "patches":
+            if pixel_values.dim() != 2:
+                raise ValueError(f"pixel_values {tuple(pixel_values.shape)}: expected flattened patches [N, C*T*P*P]")
             n, feat = pixel_values.shape
-            t = int(getattr(vision_config, "temporal_patch_size", 1) or 1)
+            t = max(1, int(temporal))
             if feat % (c * t):
                 raise ValueError(f"pixel_values rows of {feat} values do not split into {c} channels x {t} frames")
             self.view = (n, c, t, feat // (c * t))
@@ -424,9 +417,7 @@ def cam(
         ValueError: unknown site, no image tokens, more than one prompt, bad sample / noise / layer arguments,
             noise without normalisation constants, an empty answer, or an unsupported model family.
     """
-    from flowkern.hf import compat
     from flowkern.hf.models import get_adapter
-    from flowkern.hf.segments import IMAGE, label_prompt
 
     if site not in SITES:
         raise ValueError(f"site must be one of {SITES}, got {site!r}")
@@ -440,14 +431,65 @@ def cam(
     if threshold is not None and not 0 <= threshold <= 1:
         raise ValueError(f"threshold must be in [0, 1] or None, got {threshold}")
     adapter = get_adapter(model)
-    config = model.config
-    text_config = adapter.text_config(config)
     ids = inputs.get("input_ids") if isinstance(inputs, Mapping) else None
     if not isinstance(ids, torch.Tensor) or ids.dim() != 2:
         raise ValueError("inputs must be a mapping with input_ids of shape [1, S]")
     if ids.shape[0] != 1:
         raise ValueError(f"flowkern.cam takes one prompt (input_ids [1, S]), got batch {ids.shape[0]}")
     inputs = dict(inputs)
+    plan = _plan(adapter, model.config, ids, inputs)
+    stats = _norm_stats(processor, pixel_mean, pixel_std)
+    pixel_values = inputs.get("pixel_values")
+    if noise_std > 0 and stats is None:
+        raise ValueError(
+            "noise_std > 0 needs the processor's normalisation: pass processor=..., or pixel_mean= and pixel_std=, "
+            "or noise_std=0 for plain Grad-CAM"
+        )
+    if noise_std > 0 and not isinstance(pixel_values, torch.Tensor):
+        raise ValueError("noise_std > 0 needs inputs['pixel_values']")
+    layers = _check_layers(layers, int(adapter.text_config(model.config).num_hidden_layers))
+    answer = _answer(model, inputs, answer_ids, max_new_tokens)
+    noise = None
+    if noise_std > 0:
+        noise = _PixelNoise(pixel_values, stats, adapter.pixel_layout, adapter.temporal_patch_size(model.config),
+                            noise_std, clamp, seed)
+
+    device = ids.device
+    recorder = _Recorder(layers, plan.positions.to(device), plan.owner.to(device), plan.weights.to(device))
+    targets = _smoothgrad(model, _CamRun(layers, site, recorder), inputs, answer, noise, int(samples),
+                          int(batch_size), progress)
+    token_raw = (recorder.total / int(samples)).cpu()  # [L, K]
+    views = []
+    for g in plan.grids:
+        cells = g.index.flatten()
+        raw = torch.where(cells >= 0, token_raw[:, cells.clamp(min=0)], 0.0).view(len(layers), *g.shape)
+        views.append(CamView(g.image, g.name, g.index.clone(), raw, _normalise(raw, normalize, threshold), g.whole))
+    return Cam(
+        layers=layers, site=site, answer_ids=answer, samples=int(samples), noise_std=float(noise_std),
+        target=torch.cat(targets), token_raw=token_raw, views=views,
+    )
+
+
+@dataclass
+class _Plan:
+    """What one LLaVA-CAM computes, from the prompt alone: the image tokens, their views and the alpha weights.
+
+    Attributes:
+        positions: long ``[K]`` sequence positions of the prompt's image tokens.
+        grids: the views of every image (:class:`flowkern.hf.segments.ImageGrid`, ordinals into ``positions``).
+        owner: long ``[K]`` image of each token (0 where in no view).
+        weights: float32 ``[I, K]``: ``1 / count`` on the tokens of image i's views (alpha is their mean), else 0.
+    """
+
+    positions: torch.Tensor
+    grids: list
+    owner: torch.Tensor
+    weights: torch.Tensor
+
+
+def _plan(adapter: Any, config: Any, ids: torch.Tensor, inputs: dict) -> _Plan:
+    from flowkern.hf.segments import IMAGE, label_prompt
+
     segments = label_prompt(ids.cpu(), adapter.placeholder_token_ids(config))
     positions = torch.nonzero(segments[0] == IMAGE).flatten()
     if positions.numel() == 0:
@@ -458,34 +500,6 @@ def cam(
     layout_inputs = {k: v.cpu() if isinstance(v, torch.Tensor) else v
                      for k in adapter.layout_inputs if (v := inputs.get(k)) is not None}
     grids = adapter.image_grids(config, ids.cpu(), segments, layout_inputs)[0]
-    stats = _norm_stats(processor, pixel_mean, pixel_std)
-    pixel_values = inputs.get("pixel_values")
-    if noise_std > 0 and stats is None:
-        raise ValueError(
-            "noise_std > 0 needs the processor's normalisation: pass processor=..., or pixel_mean= and pixel_std=, "
-            "or noise_std=0 for plain Grad-CAM"
-        )
-    if noise_std > 0 and not isinstance(pixel_values, torch.Tensor):
-        raise ValueError("noise_std > 0 needs inputs['pixel_values']")
-    num_layers = int(text_config.num_hidden_layers)
-    layers = _check_layers(layers, num_layers)
-
-    if answer_ids is None:
-        answer = _generate_answer(model, inputs, max_new_tokens)
-    else:
-        answer = torch.as_tensor(answer_ids).reshape(-1)
-        if answer.numel() and (answer.is_floating_point() or answer.is_complex()):
-            raise ValueError(f"answer_ids must be integer token ids, got dtype {answer.dtype}")
-        answer = answer.long().cpu()
-        vocab = int(model.get_output_embeddings().weight.shape[0]) if model.get_output_embeddings() is not None \
-            else None
-        bad = answer[(answer < 0) | (answer >= vocab)] if vocab is not None else answer[answer < 0]
-        if bad.numel():
-            raise ValueError(f"answer_ids {bad[:5].tolist()} are outside the vocabulary [0, {vocab})")
-    if answer.numel() == 0:
-        raise ValueError("the answer is empty (the model generated only an end-of-sequence token?)")
-
-    # per-token bookkeeping: owner image and alpha weights over each image's view tokens
     K = positions.numel()
     num_images = 1 + max(g.image for g in grids)
     weights = torch.zeros(num_images, K)
@@ -494,36 +508,71 @@ def cam(
         weights[g.image, cells[cells >= 0]] = 1.0
     owner = weights.argmax(dim=0)
     weights = weights / weights.sum(dim=1, keepdim=True).clamp(min=1)
+    return _Plan(positions, grids, owner, weights)
 
-    device = ids.device
-    recorder = _Recorder(layers, positions.to(device), owner.to(device), weights.to(device))
-    lm = _language_model(model, text_config)
-    noise = None
-    if noise_std > 0:
-        noise = _PixelNoise(pixel_values, stats, getattr(config, "vision_config", None), noise_std, clamp, seed)
+
+def _answer(model: torch.nn.Module, inputs: dict, answer_ids: Any, max_new_tokens: int) -> torch.Tensor:
+    """The answer tokens long ``[T]`` (generated greedily when ``answer_ids`` is None), checked."""
+    if answer_ids is None:
+        answer = _generate_answer(model, inputs, max_new_tokens)
+    else:
+        answer = torch.as_tensor(answer_ids).reshape(-1)
+        if answer.numel() and (answer.is_floating_point() or answer.is_complex()):
+            raise ValueError(f"answer_ids must be integer token ids, got dtype {answer.dtype}")
+        answer = answer.long().cpu()
+        head = model.get_output_embeddings()
+        vocab = int(head.weight.shape[0]) if head is not None else None
+        bad = answer[(answer < 0) | (answer >= vocab)] if vocab is not None else answer[answer < 0]
+        if bad.numel():
+            raise ValueError(f"answer_ids {bad[:5].tolist()} are outside the vocabulary [0, {vocab})")
+    if answer.numel() == 0:
+        raise ValueError("the answer is empty (the model generated only an end-of-sequence token?)")
+    return answer
+
+
+class _CamRun(Listener):
+    """LLaVA-CAM's listener: differentiable attention and frozen parameters for the run, and the recorder's hooks
+    (the leaf at the first chosen layer's input, the site of every chosen layer)."""
+
+    owner = "flowkern.cam"
+    attention = "differentiable"
+    freezes_parameters = True
+
+    def __init__(self, layers: list[int], site: str, recorder: _Recorder) -> None:
+        self.layers, self.site, self.recorder = layers, site, recorder
+
+    def install(self, session: Session, handles: list[Any]) -> None:
+        decoder = session.layers
+        handles.append(decoder[min(self.layers)].register_forward_pre_hook(self.recorder.input_hook,
+                                                                           with_kwargs=True))
+        for layer in self.layers:
+            site = session.adapter.site_module(decoder[layer], self.site)
+            handles.append(site.register_forward_hook(self.recorder.forward_hook(layer)))
+
+
+def _smoothgrad(model: torch.nn.Module, run: _CamRun, inputs: dict, answer: torch.Tensor, noise: _PixelNoise | None,
+                samples: int, batch_size: int, progress: bool) -> list[torch.Tensor]:
+    """The SmoothGrad loop: one teacher-forced forward + backward per batch of noisy copies, inside ``run``'s
+    session; the recorder accumulates the heat. Returns the target ``z`` of each copy, per batch."""
+    from flowkern.hf import compat
+    from flowkern.hf.session import Session
+
+    recorder = run.recorder
     keep = compat.accepts_logits_to_keep(model)
     T = answer.numel()
-    answer_dev = answer.to(device)
-
-    prev_impl = compat.attn_implementation(text_config)
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    handles = []
+    answer_dev = answer.to(inputs["input_ids"].device)
     targets = []
+    session = Session.of(model)
+    session.add(run)
+    bar = None
     try:
-        for p, _ in flags:
-            p.requires_grad_(False)
-        if prev_impl not in _DIFFERENTIABLE:
-            model.set_attn_implementation({adapter.text_config_key: "sdpa"})
-        handles.append(lm.layers[min(layers)].register_forward_pre_hook(recorder.input_hook, with_kwargs=True))
-        for layer in layers:
-            handles.append(_site_module(lm.layers[layer], site).register_forward_hook(recorder.forward_hook(layer)))
-        starts = list(range(0, int(samples), int(batch_size)))
+        starts = list(range(0, samples, batch_size))
         if progress:
             from tqdm.auto import tqdm
 
-            starts = tqdm(starts, desc="flowkern cam", unit="batch")
+            starts = bar = tqdm(starts, desc="flowkern cam", unit="batch")
         for start in starts:
-            n = min(int(batch_size), int(samples) - start)
+            n = min(batch_size, samples - start)
             with torch.enable_grad():
                 pv = torch.cat([noise.next() for _ in range(n)]) if noise is not None else None
                 batch = _expand(inputs, n, answer, pv)
@@ -535,29 +584,17 @@ def cam(
             targets.append(z.detach().cpu())
             recorder.leaf = None
             del logits, rows, z, batch, pv
-            missing = set(layers) - recorder.seen
+            missing = set(run.layers) - recorder.seen
             if missing:
                 raise RuntimeError(f"flowkern.cam: no gradient reached layers {sorted(missing)}")
             recorder.seen.clear()
     finally:
-        for h in handles:
-            h.remove()
+        if bar is not None:
+            bar.close()  # also when interrupted: the caller's message starts on a line of its own
+        session.remove(run)
         recorder.leaf = None
         recorder.feats.clear()
-        for p, flag in flags:
-            p.requires_grad_(flag)
-        compat.set_text_attn_implementation(model, adapter.text_config_key, text_config, prev_impl)
-
-    token_raw = (recorder.total / int(samples)).cpu()  # [L, K]
-    views = []
-    for g in grids:
-        cells = g.index.flatten()
-        raw = torch.where(cells >= 0, token_raw[:, cells.clamp(min=0)], 0.0).view(len(layers), *g.shape)
-        views.append(CamView(g.image, g.name, g.index.clone(), raw, _normalise(raw, normalize, threshold)))
-    return Cam(
-        layers=layers, site=site, answer_ids=answer, samples=int(samples), noise_std=float(noise_std),
-        target=torch.cat(targets), token_raw=token_raw, views=views,
-    )
+    return targets
 
 
 def _normalise(raw: torch.Tensor, mode: str, threshold: float | None) -> torch.Tensor:

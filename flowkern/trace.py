@@ -17,14 +17,15 @@ is one *step* and contributes its last query row. For step ``t``, decoder layer 
 valid unless its sample already produced an end-of-sequence token (batched ``generate`` keeps running finished
 samples on padding). With ``max_new_tokens=N`` and no early stop there are N steps; a plain forward is 1 step.
 
-**How.** On enter, the language model's attention implementation switches to ``"flowkern"`` (the vision tower
-keeps its own), an observer is attached to each of its attention modules, and forward pre-hooks read
-``input_ids`` / ``attention_mask`` at prefill to label every prompt token; each decode step appends
-*generated* labels, so the labels follow the KV cache. The fused kernel returns each row's per-segment mass
-and log-sum-exp; only the answer row is kept, so memory is O(layers x steps x B) for the shares (plus
-O(layers x steps x B x image tokens) for the image maps: :func:`flowkern.key_attention_mass` on the answer
-row), never O(S^2). On exit (also on error) hooks and observers are removed and the previous attention
-implementation is restored.
+**How.** A :class:`Flow` is a listener on the model's session (:mod:`flowkern.hf.session`): while it is attached
+the language model runs the ``"flowkern"`` attention (the vision tower keeps its own). At each forward call it
+labels the tokens the call adds (the whole prompt at prefill; one *generated* label per fed-back token after),
+hands the labels to the session, which pushes each layer's key segment ids down to its attention, and asks for
+every layer's row event. The fused kernel returns each row's per-segment mass and log-sum-exp; the event carries
+the answer row's mass and (``image_attention``) the attention each key receives
+(:func:`flowkern.key_attention_mass`), which the flow only records: memory is O(layers x steps x B) for the
+shares (plus O(layers x steps x B x image tokens) for the image maps), never O(S^2). On exit (also on error) the
+session restores the previous attention implementation and removes its hooks.
 
 Inside :func:`flowkern.prune` a pruned layer's keys are labelled through its key map (the original token each
 cache slot holds), so its shares are over the tokens that layer still sees; removed image tokens get 0 in the
@@ -41,8 +42,12 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from flowkern.listener import Listener
+
 if TYPE_CHECKING:
-    from flowkern.hf.calls import ForwardCall
+    from flowkern.hf.attention import RowEvent
+    from flowkern.hf.calls import Call
+    from flowkern.hf.session import Session
 
 __all__ = ["trace", "Flow"]
 
@@ -61,7 +66,7 @@ def _to_cpu(value: Any) -> Any:
     return value.detach().cpu().clone() if isinstance(value, torch.Tensor) else value
 
 
-class Flow:
+class Flow(Listener):
     """Context manager that traces a Hugging Face VLM, and the record it fills. Create it with :func:`trace`.
 
     Attributes:
@@ -69,6 +74,12 @@ class Flow:
         family: the model family (``flowkern.hf.models`` adapter name).
         num_layers: decoder layers of the language model.
     """
+
+    owner = "flowkern.trace"
+    exclusive = True
+    attention = "flowkern"
+    watches_calls = True
+    tower_inputs = True
 
     def __init__(
         self,
@@ -78,7 +89,6 @@ class Flow:
         eos_token_id: int | Sequence[int] | None = None,
         image_inputs: Mapping[str, Any] | None = None,
     ) -> None:
-        from flowkern.hf.calls import ForwardWatcher
         from flowkern.hf.models import get_adapter
         from flowkern.hf.segments import NUM_SEGMENTS, SEGMENT_NAMES
 
@@ -96,25 +106,19 @@ class Flow:
         if isinstance(eos_token_id, int):
             eos_token_id = [eos_token_id]
         self.eos_token_ids: tuple[int, ...] = tuple(int(e) for e in (eos_token_id or ()))
-
-        self._installed = False
-        self._handles: list[Any] = []
-        self._observed: list[torch.nn.Module] = []
-        self._prev_impl: str | None = None
-        self._calls = ForwardWatcher("flowkern.trace", self._on_call)
+        self._explicit_inputs = {
+            k: _to_cpu(v) for k, v in (image_inputs or {}).items() if k in self.adapter.layout_inputs and v is not None
+        }
+        self._session: Session | None = None
         # the record
         self._ids: torch.Tensor | None = None  # [B, T] token ids (-1 where unknown)
         self._prompt_len = 0
         self._segments: torch.Tensor | None = None  # [B, T] long labels, -1 = padding
-        self._key_ids: dict[torch.device, torch.Tensor] = {}  # int32 [B, T] labels (padding -> 0) per device
         self._image_index: torch.Tensor | None = None  # [B, K] positions of image tokens
         self._image_valid: torch.Tensor | None = None  # [B, K]
         self._image_index_dev: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._prefill_call: Call | None = None  # until it returns: the vision tower may still add its grid_thw
         self._layout_inputs: dict[str, Any] = {}
-        self._explicit_inputs = {
-            k: _to_cpu(v) for k, v in (image_inputs or {}).items() if k in self.adapter.layout_inputs and v is not None
-        }
-        self._tower_grids: list[torch.Tensor] = []
         self._finished: torch.Tensor | None = None  # [B] bool
         self._valid: list[torch.Tensor] = []  # per step [B] bool
         self._steps: list[_Step] = []
@@ -122,101 +126,81 @@ class Flow:
         self._cache: dict[str, torch.Tensor] = {}
 
     # ------------------------------------------------------------------------------------------------------
-    # install / uninstall
+    # attach / detach
 
     def __enter__(self) -> Flow:
-        from flowkern.hf import compat
-        from flowkern.hf.attention import OBSERVER_ATTR, language_attention_modules, use_flowkern_attention
+        from flowkern.hf.session import Session
 
-        if self._installed:
+        if self._session is not None:
             raise RuntimeError("this flowkern.trace is already active")
-        model, text_config = self.model, self.text_config
-        attn_modules = language_attention_modules(model, text_config)
-        if not attn_modules:
-            raise ValueError(f"{self.family}: found no attention module of the language model to trace")
-        if any(hasattr(m, OBSERVER_ATTR) for m in attn_modules):
-            raise RuntimeError("this model is already inside a flowkern.trace")
-        self._prev_impl = compat.attn_implementation(text_config)
-        try:
-            use_flowkern_attention(model, self.adapter.text_config_key, text_config)
-            observer = _Observer(self)
-            for m in attn_modules:
-                setattr(m, OBSERVER_ATTR, observer)
-                self._observed.append(m)
-            self._calls.install(model, text_config)
-            vision_config = getattr(self.config, "vision_config", None)
-            tower = None
-            if vision_config is not None:
-                tower = next((m for m in model.modules() if getattr(m, "config", None) is vision_config), None)
-            if tower is not None and self.adapter.tower_grid_kwarg is not None:
-                self._handles.append(tower.register_forward_pre_hook(self._pre_tower, with_kwargs=True))
-        except BaseException:
-            self._uninstall()
-            raise
-        self._installed = True
+        session = Session.of(self.model)
+        session.add(self)
+        self._session = session
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._uninstall()
-
-    def _uninstall(self) -> None:
-        from flowkern.hf.attention import OBSERVER_ATTR, restore_attention
-
-        self._calls.remove()
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
-        for m in self._observed:
-            if hasattr(m, OBSERVER_ATTR):
-                delattr(m, OBSERVER_ATTR)
-        self._observed.clear()
-        restore_attention(self.model, self.adapter.text_config_key, self.text_config, self._prev_impl)
-        self._installed = False
+        session, self._session = self._session, None
+        if session is not None:
+            session.remove(self)
 
     # ------------------------------------------------------------------------------------------------------
-    # hooks
+    # listener callbacks
 
-    def _pre_tower(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-        grid = kwargs.get(self.adapter.tower_grid_kwarg)
-        if grid is None and len(args) > 1 and isinstance(args[1], torch.Tensor):
-            grid = args[1]
-        if isinstance(grid, torch.Tensor):
-            self._tower_grids.append(_to_cpu(grid))
-
-    def _on_call(self, call: ForwardCall) -> None:
-        from flowkern.hf import compat
-
-        ids, n_new, kwargs = call.ids, call.length, call.kwargs
-        past = compat.cache_length(compat.call_cache(kwargs))
-        mask = compat.padding_mask_2d(kwargs.get("attention_mask"), "flowkern.trace")
+    def on_call(self, call: Call) -> None:
+        ids, n_new = call.ids, call.length
         total = 0 if self._segments is None else self._segments.shape[1]
-        if past == 0:
+        if call.prefill:
             if (
                 self._segments is not None and ids is not None and n_new > total
                 and torch.equal(ids[:, :total].to(self._ids.device), self._ids)
             ):
                 self._decode(ids[:, total:], n_new - total)  # generate(use_cache=False): the whole sequence again
             else:
-                self._prefill(ids, mask, kwargs)
+                self._prefill(call)
         else:
             if self._segments is None:
                 raise RuntimeError("flowkern.trace: got a KV cache it did not see being filled; trace from the prompt")
-            if past != total:
-                raise RuntimeError(f"flowkern.trace: the cache holds {past} tokens but the trace labelled {total}")
+            if call.past != total:
+                raise RuntimeError(f"flowkern.trace: the cache holds {call.past} tokens but the trace labelled {total}")
             if n_new != 1:
                 raise NotImplementedError(
                     f"flowkern.trace: a {n_new}-token forward on a non-empty cache (chunked prefill or assisted "
                     "decoding) is not supported"
                 )
             self._decode(ids, n_new)
+        call.labels, call.num_segments = self._segments, self.num_segments
+        image = self.record_image_attention and self._image_index is not None and self._image_index.shape[1] > 0
+        call.observe(self, range(self.num_layers), key_mass=image)
+
+    def on_return(self, call: Call) -> None:
+        if call is self._prefill_call:
+            self._layout_inputs = {**self._explicit_inputs, **call.layout_inputs}
+            self._prefill_call = None
+
+    def on_row(self, event: RowEvent) -> None:
+        step = self._steps[-1]
+        step.mass[event.layer] = event.mass.float().clone()
+        if event.key_mass is None:
+            return
+        dev = self._image_index_dev.get(event.k.device)
+        if dev is None:
+            dev = (self._image_index.to(event.k.device), self._image_valid.to(event.k.device))
+            self._image_index_dev[event.k.device] = dev
+        received = event.key_mass
+        if event.keymap is not None:  # keys are a subset of the tokens: back to token positions (removed ones get 0)
+            keymap = event.keymap.to(received.device)
+            held = keymap >= 0
+            full = received.new_zeros(received.shape[0], self._segments.shape[1])
+            received = full.scatter_add_(1, keymap.clamp(min=0), torch.where(held, received, 0.0))
+        step.image[event.layer] = torch.where(dev[1], received.gather(1, dev[0]), 0.0)
 
     # ------------------------------------------------------------------------------------------------------
     # bookkeeping
 
-    def _prefill(self, ids: torch.Tensor | None, mask: torch.Tensor | None, kwargs: dict) -> None:
-        from flowkern.hf import compat
+    def _prefill(self, call: Call) -> None:
         from flowkern.hf.segments import image_token_index, label_prompt
 
+        ids, mask = call.ids, call.mask
         if ids is None:
             raise ValueError("flowkern.trace needs input_ids at prefill to label system/image/user tokens")
         if self._steps:
@@ -234,10 +218,7 @@ class Flow:
         self._prompt_len = int(ids.shape[1])
         self._segments = label_prompt(self._ids, self.adapter.placeholder_token_ids(self.config), mask)
         self._image_index, self._image_valid = image_token_index(self._segments)
-        self._layout_inputs = dict(self._explicit_inputs)
-        seen = {k: _to_cpu(v) for k in self.adapter.layout_inputs if (v := kwargs.get(k)) is not None}
-        self._layout_inputs.update(seen)
-        self._layout_inputs.update(compat.encoder_token_counts(kwargs))
+        self._prefill_call = call
         self._finished = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
         self._begin_step()
 
@@ -257,54 +238,9 @@ class Flow:
         self._begin_step()
 
     def _begin_step(self) -> None:
-        self._key_ids.clear()
         self._valid.append(~self._finished)
         self._steps.append(_Step(self.num_layers))
         self._cache.clear()
-
-    def _key_segments(
-        self, batch: int, kv_len: int, device: torch.device, keymap: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        if self._segments is None:
-            raise RuntimeError("flowkern.trace: attention ran before any prompt was seen; call the traced model")
-        B, T = self._segments.shape
-        if keymap is not None and batch == B:
-            # a layer that holds only some tokens (flowkern.prune): label each key by the token it holds
-            key_ids = self._key_ids.get(device)
-            if key_ids is None:
-                key_ids = self._segments.clamp(min=0).to(device=device, dtype=torch.int32)
-                self._key_ids[device] = key_ids
-            return key_ids.gather(1, keymap.clamp(min=0).to(device))
-        if batch != B or kv_len != T:
-            raise RuntimeError(
-                f"flowkern.trace: attention got [B={batch}, Sk={kv_len}] keys but the trace labelled [B={B}, T={T}] "
-                "tokens (was the model called outside the traced module, or does it change the sequence length?)"
-            )
-        key_ids = self._key_ids.get(device)
-        if key_ids is None:
-            key_ids = self._segments.clamp(min=0).to(device=device, dtype=torch.int32)
-            self._key_ids[device] = key_ids
-        return key_ids
-
-    def _observe(
-        self, layer: int, q_last: torch.Tensor, k: torch.Tensor, lse_last: torch.Tensor, mass_last: torch.Tensor,
-        kpm: torch.Tensor | None, scale: float, causal: bool, keymap: torch.Tensor | None = None,
-    ) -> None:
-        from flowkern import ops
-
-        step = self._steps[-1]
-        step.mass[layer] = mass_last.float().clone()
-        if self.record_image_attention and self._image_index is not None and self._image_index.shape[1] > 0:
-            dev = self._image_index_dev.get(k.device)
-            if dev is None:
-                dev = (self._image_index.to(k.device), self._image_valid.to(k.device))
-                self._image_index_dev[k.device] = dev
-            received = ops.key_attention_mass(q_last, k, lse_last, causal=causal, key_padding_mask=kpm, scale=scale)
-            if keymap is not None:  # keys are a subset of the tokens: back to token positions (removed ones get 0)
-                held = keymap >= 0
-                full = received.new_zeros(received.shape[0], self._segments.shape[1])
-                received = full.scatter_add_(1, keymap.clamp(min=0), torch.where(held, received, 0.0))
-            step.image[layer] = torch.where(dev[1], received.gather(1, dev[0]), 0.0)
 
     # ------------------------------------------------------------------------------------------------------
     # results
@@ -397,8 +333,6 @@ class Flow:
             prompt_ids = self._ids[:, :prompt_len]
             prompt_seg = self._segments[:, :prompt_len]
             inputs = dict(self._layout_inputs)
-            if self._tower_grids:
-                inputs["tower_grid_thw"] = list(self._tower_grids)
             self._grids = self.adapter.image_grids(self.config, prompt_ids.cpu(), prompt_seg.cpu(), inputs)
         return self._grids
 
@@ -463,27 +397,6 @@ class Flow:
             "valid": self.valid.tolist(),
             "image_grids": grids,
         }
-
-
-_KEYMAP_ATTR = "_flowkern_keymap"  # flowkern.hf.attention.KEYMAP_ATTR (not imported here: that imports transformers)
-
-
-class _Observer:
-    """Bridges the attention function to a :class:`Flow` (an ``AttentionObserver``)."""
-
-    def __init__(self, flow: Flow) -> None:
-        self.flow = flow
-        self.num_segments = flow.num_segments
-
-    def key_segments(self, module: torch.nn.Module, batch: int, kv_len: int, device: torch.device) -> torch.Tensor:
-        return self.flow._key_segments(batch, kv_len, device, getattr(module, _KEYMAP_ATTR, None))
-
-    def observe(
-        self, module: torch.nn.Module, q_last: torch.Tensor, k: torch.Tensor, lse_last: torch.Tensor,
-        mass_last: torch.Tensor, key_padding_mask: torch.Tensor | None, scale: float, causal: bool,
-    ) -> None:
-        self.flow._observe(module.layer_idx, q_last, k, lse_last, mass_last, key_padding_mask, scale, causal,
-                           getattr(module, _KEYMAP_ATTR, None))
 
 
 def trace(

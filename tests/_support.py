@@ -1,4 +1,5 @@
-"""Helpers for op tests: backends to run, input builders, tolerance checks against the float64 reference."""
+"""Test helpers: backends to run, op input builders, tolerance checks against the float64 reference, and the
+prompt / grid builders of the Hugging Face tests (the tiny models themselves come from :mod:`flowkern.hf.tiny`)."""
 
 from __future__ import annotations
 
@@ -105,3 +106,43 @@ def max_abs(x: torch.Tensor, ref: torch.Tensor) -> float:
     both_inf = torch.isinf(x) & torch.isinf(ref) & (torch.sign(x) == torch.sign(ref))
     diff = torch.where(both_inf, 0.0, (x - ref).abs())
     return float(diff.max()) if diff.numel() else 0.0
+
+
+# ----------------------------------------------------------------------------------------------------------
+# prompts and grids for the tiny-model tests
+
+
+def left_pad(rows: list[list[int]], pad: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded ``input_ids`` and ``attention_mask`` ``[B, max len]`` from token lists."""
+    width = max(map(len, rows))
+    ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    return ids, mask
+
+
+SEGMENT = {"sys": 0, "img": 1, "user": 2}
+"""Hand-written segment labels (flowkern.hf.segments' ids, written out)."""
+
+
+def labelled_prompts(samples: list[list[tuple[str, list[int]]]], pad: int = 0
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Left-padded ``input_ids``, ``attention_mask`` and hand-written labels (-1 = padding) from pieces
+    ``(segment name, tokens)``."""
+    rows, labels = [], []
+    for pieces in samples:
+        ids, lab = [], []
+        for name, toks in pieces:
+            ids += toks
+            lab += [SEGMENT[name]] * len(toks)
+        rows.append(ids)
+        labels.append(lab)
+    ids, mask = left_pad(rows, pad)
+    width = ids.shape[1]
+    lab = torch.tensor([[-1] * (width - len(r)) + r for r in labels])
+    return ids, mask, lab
+
+
+def raster(start: int, rows: int, cols: int, row_stride: int | None = None) -> torch.Tensor:
+    """Sequence positions of a row-major token grid starting at ``start`` (``row_stride`` skips newline tokens)."""
+    stride = cols if row_stride is None else row_stride
+    return start + torch.arange(rows)[:, None] * stride + torch.arange(cols)[None, :]

@@ -10,44 +10,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import (
-    LlavaConfig,
-    LlavaForConditionalGeneration,
-    LlavaNextConfig,
-    LlavaNextForConditionalGeneration,
-    Qwen2VLConfig,
-    Qwen2VLForConditionalGeneration,
-)
 
 import flowkern.hf  # noqa: F401  (registers the "flowkern" attention implementation)
 from flowkern.cam import _PixelNoise, cam
+from flowkern.hf.tiny import IMAGE_TOKEN as IMG
+from flowkern.hf.tiny import clip_config, text_config, tiny_vlm
+from tests._support import raster as _raster
 
-IMG = 100
 ATOL = 1e-5
 MEAN, STD = (0.48, 0.46, 0.41), (0.27, 0.26, 0.28)
 ANSWER = torch.tensor([17, 42, 99])
-
-
-def _text(model_type: str | None = "llama", **extra: object) -> dict:
-    cfg = dict(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
-        vocab_size=128, max_position_embeddings=1024, pad_token_id=0, bos_token_id=1, eos_token_id=None,
-        initializer_range=0.3,
-    )
-    if model_type is not None:
-        cfg["model_type"] = model_type
-    cfg.update(extra)
-    return cfg
-
-
-def _clip(image_size: int, patch_size: int = 2) -> dict:
-    return dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                num_attention_heads=2, image_size=image_size, patch_size=patch_size, projection_dim=32)
-
-
-def _raster(start: int, rows: int, cols: int, row_stride: int | None = None) -> torch.Tensor:
-    stride = cols if row_stride is None else row_stride
-    return start + torch.arange(rows)[:, None] * stride + torch.arange(cols)[None, :]
 
 
 class Case:
@@ -55,15 +27,11 @@ class Case:
 
     def __init__(self, model: torch.nn.Module, inputs: dict, images: list[dict[str, torch.Tensor]]) -> None:
         self.model, self.inputs, self.images = model, inputs, images
-        model.generation_config.eos_token_id = None
-        model.generation_config.pad_token_id = 0
 
 
 def _llava() -> Case:
     """LLaVA-1.5 layout: a 24 x 24 raster (48 / 2) after 3 system tokens."""
-    torch.manual_seed(0)
-    cfg = LlavaConfig(vision_config=_clip(48), text_config=_text(), image_token_index=IMG, vision_feature_layer=-1)
-    model = LlavaForConditionalGeneration(cfg).eval()
+    model = tiny_vlm("llava", image_size=48, max_position_embeddings=1024)
     ids = torch.tensor([[5, 6, 7] + [IMG] * 576 + [8, 9, 10]])
     inputs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=torch.randn(1, 3, 48, 48))
     return Case(model, inputs, [{"image": _raster(3, 24, 24)}])
@@ -71,10 +39,7 @@ def _llava() -> Case:
 
 def _llava_next() -> Case:
     """Base 4x4, then (6, 30) -> 1x2 crops of 4x4, unpadded to 2x8, each row followed by a newline token."""
-    torch.manual_seed(0)
-    cfg = LlavaNextConfig(vision_config=_clip(8), text_config=_text(), image_token_index=IMG, vision_feature_layer=-1,
-                          image_grid_pinpoints=[[16, 16], [8, 16], [16, 8]])
-    model = LlavaNextForConditionalGeneration(cfg).eval()
+    model = tiny_vlm("llava_next", max_position_embeddings=1024)
     n = 16 + 2 * (8 + 1)
     ids = torch.tensor([[5, 6] + [IMG] * n + [8, 9, 10]])
     inputs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=torch.randn(1, 3, 3, 8, 8),
@@ -84,13 +49,7 @@ def _llava_next() -> Case:
 
 def _qwen2_vl() -> Case:
     """Two images: (1, 8, 12) patches -> a non-square 4 x 6 grid (merge 2), then (1, 4, 4) -> 2 x 2."""
-    torch.manual_seed(0)
-    vision = dict(depth=1, embed_dim=16, hidden_size=32, num_heads=2, patch_size=2, spatial_merge_size=2,
-                  temporal_patch_size=2, in_channels=3)
-    rope = {"rope_type": "default", "mrope_section": [1, 1, 2], "rope_theta": 10000.0}
-    cfg = Qwen2VLConfig(vision_config=vision, text_config=_text(None, rope_parameters=rope), image_token_id=IMG,
-                        video_token_id=101, vision_start_token_id=102, vision_end_token_id=103)
-    model = Qwen2VLForConditionalGeneration(cfg).eval()
+    model = tiny_vlm("qwen2_vl", max_position_embeddings=1024)
     ids = torch.tensor([[5, 102] + [IMG] * 24 + [103, 8, 102] + [IMG] * 4 + [103, 9, 10]])
     inputs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=torch.randn(96 + 16, 24),
                   image_grid_thw=torch.tensor([[1, 8, 12], [1, 4, 4]]), mm_token_type_ids=(ids == IMG).int())
@@ -250,7 +209,7 @@ def test_qwen_noise_is_shared_by_temporal_copies():
     c = case("qwen2_vl")
     pv = c.inputs["pixel_values"].view(-1, 3, 2, 4)
     pv = pv[:, :, :1].expand(-1, -1, 2, -1).reshape(-1, 24)  # a still image: temporal copies equal
-    noise = _PixelNoise(pv, (torch.tensor(MEAN), torch.tensor(STD)), c.model.config.vision_config, 0.3, False, 0)
+    noise = _PixelNoise(pv, (torch.tensor(MEAN), torch.tensor(STD)), "patches", 2, 0.3, False, 0)
     noisy = noise.next().view(-1, 3, 2, 4)
     torch.testing.assert_close(noisy[:, :, 0], noisy[:, :, 1])
     delta = (noisy.reshape(-1, 24) - pv).view(-1, 3, 2, 4) * torch.tensor(STD).view(1, 3, 1, 1)
@@ -356,7 +315,7 @@ def _save_tiny_llava(path) -> None:
     from flowkern.hf.tiny import save_tiny_llava
 
     words = "USER ASSISTANT : what is in the image ? a cat dog red blue yes no".split()
-    save_tiny_llava(path, vision=_clip(8), text=_text(pad_token_id=0, bos_token_id=1), words=words)
+    save_tiny_llava(path, vision=clip_config(8), text=text_config(max_position_embeddings=1024), words=words)
 
 
 def test_cli_end_to_end(tmp_path, capsys):

@@ -16,8 +16,8 @@ from transformers.masking_utils import (
 from flowkern import reference
 from flowkern.hf.attention import (
     ATTENTION_NAME,
-    OBSERVER_ATTR,
-    AttentionObserver,
+    STATE_ATTR,
+    LayerState,
     flowkern_attention_forward,
     flowkern_attention_mask,
     register,
@@ -32,18 +32,16 @@ class Attn(torch.nn.Module):
         self.layer_idx = 0
 
 
-class Recorder(AttentionObserver):
-    num_segments = 3
+class Recorder:
+    """A session stand-in: pushes a LayerState with the given labels onto a module and keeps the row events."""
 
-    def __init__(self, segments: torch.Tensor) -> None:
-        self.segments = segments
+    def __init__(self, module: torch.nn.Module, segments: torch.Tensor | None, num_segments: int = 3,
+                 key_mass: bool = True) -> None:
         self.seen: list = []
-
-    def key_segments(self, module, batch, kv_len, device):
-        return self.segments[:, :kv_len].to(device=device, dtype=torch.int32)
-
-    def observe(self, module, q_last, k, lse_last, mass_last, key_padding_mask, scale, causal):
-        self.seen.append((q_last.clone(), lse_last.clone(), mass_last.clone(), key_padding_mask, scale, causal))
+        state = LayerState(0, key_ids=None if segments is None else segments.to(torch.int32),
+                           num_segments=num_segments, observe=True, key_mass=key_mass, sink=self.seen.append)
+        setattr(module, STATE_ATTR, state)
+        self.state = state
 
 
 def _inputs(b=2, hq=4, hkv=2, sq=5, past=3, d=8, seed=0, grad=False):
@@ -90,41 +88,75 @@ def test_mask_rejects_other_patterns():
         flowkern_attention_mask(1, 4, 4, mask_function=sliding_window_causal_mask_function(2))
 
 
+@pytest.mark.parametrize("observed", [False, True], ids=["fast-path", "observed"])
+@pytest.mark.parametrize("padded", [False, True], ids=["unpadded", "padded"])
 @pytest.mark.parametrize("sq,past", [(6, 0), (5, 3), (1, 7)], ids=["prefill", "chunk", "decode"])
 @pytest.mark.parametrize("hq,hkv", [(4, 4), (4, 2), (4, 1)], ids=["mha", "gqa", "mqa"])
-def test_matches_sdpa_attention_forward(sq, past, hq, hkv):
+def test_matches_sdpa_attention_forward(sq, past, hq, hkv, padded, observed):
+    """Both paths (nobody listens: SDPA or flowkern's kernel; a listener: the fused kernel) give transformers'
+    SDPA output, with and without key padding."""
     q, k, v, padding = _inputs(hq=hq, hkv=hkv, sq=sq, past=past)
+    if not padded:
+        padding = torch.ones_like(padding)
     module = Attn(hq, hkv)
+    if observed:
+        rec = Recorder(module, torch.zeros(2, past + sq, dtype=torch.long), num_segments=1, key_mass=False)
     ours_mask, sdpa_4d = _masks(padding, sq, past)
     out, weights = flowkern_attention_forward(module, q, k, v, ours_mask, scaling=0.3)
     expect, _ = sdpa_attention_forward(module, q, k, v, sdpa_4d, scaling=0.3)
     assert weights is None and out.shape == (2, sq, hq, 8)
-    real_rows = padding[:, past:]  # left-padding query rows see no key: flowkern gives 0 there
+    real_rows = padding[:, past:]  # left-padding query rows see no key: their output is never read
     torch.testing.assert_close(out[real_rows], expect[real_rows], atol=1e-5, rtol=1e-5)
+    if observed:
+        assert len(rec.seen) == 1 and rec.seen[0].key_mass is None
 
 
 def test_observer_gets_the_last_row():
     q, k, v, padding = _inputs(sq=5, past=3)
     segments = torch.randint(0, 3, (2, 8), generator=torch.Generator().manual_seed(1))
     module = Attn(4, 2)
-    rec = Recorder(segments)
-    setattr(module, OBSERVER_ATTR, rec)
+    rec = Recorder(module, segments)
     mask, _ = _masks(padding, 5, 3)
     flowkern_attention_forward(module, q, k, v, mask, scaling=0.4)
-    (q_last, lse_last, mass_last, kpm, scale, causal), = rec.seen
+    (event,) = rec.seen
     _, lse, mass = reference.segment_attention(q.double(), k.double(), v.double(), segments, 3, causal=True,
                                                key_padding_mask=padding, scale=0.4)
-    assert torch.equal(q_last, q[:, :, -1:]) and scale == 0.4 and causal and torch.equal(kpm, padding)
-    torch.testing.assert_close(mass_last, mass[:, -1].float(), atol=1e-5, rtol=0)
-    torch.testing.assert_close(lse_last, lse[:, :, -1:].float(), atol=1e-5, rtol=0)
+    received = reference.key_attention_mass(q[:, :, -1:].double(), k.double(), lse[:, :, -1:], causal=True,
+                                            key_padding_mask=padding, scale=0.4)
+    assert torch.equal(event.q, q[:, :, -1:]) and event.scale == 0.4 and event.causal and event.layer == 0
+    assert torch.equal(event.key_padding_mask, padding) and event.keymap is None
+    torch.testing.assert_close(event.mass, mass[:, -1].float(), atol=1e-5, rtol=0)
+    torch.testing.assert_close(event.lse, lse[:, :, -1:].float(), atol=1e-5, rtol=0)
+    torch.testing.assert_close(event.key_mass, received.float(), atol=1e-5, rtol=0)
+    assert float(event.key_mass[1, :2].abs().max()) == 0  # padding keys receive nothing
+
+
+def test_key_map_state_replaces_the_mask_and_is_checked():
+    """A layer holding only some tokens: its state's key padding applies (not the mask transformers passes), and
+    keys that do not match its key map are an error."""
+    q, k, v, padding = _inputs(sq=1, past=7)
+    module = Attn(4, 2)
+    rec = Recorder(module, None, num_segments=1, key_mass=True)
+    keymap = torch.arange(8).expand(2, 8).clone()
+    keymap[0, 2:4] = -1  # two hidden fillers in row 0
+    rec.state.keymap, rec.state.key_padding = keymap, keymap >= 0
+    out, _ = flowkern_attention_forward(module, q, k, v, None)
+    expect, _ = flowkern_attention_forward(Attn(4, 2), q, k, v, keymap >= 0)
+    torch.testing.assert_close(out, expect)
+    assert torch.equal(rec.seen[0].keymap, keymap) and float(rec.seen[0].key_mass[0, 2:4].abs().max()) == 0
+    with pytest.raises(RuntimeError, match="key map covers"):
+        flowkern_attention_forward(module, q, k[:, :, 1:], v[:, :, 1:], None)
+    rec.state.keymap = None
+    with pytest.raises(RuntimeError, match="labelled"):  # labels of 8 keys, 7 keys given
+        rec.state.key_ids = torch.zeros(2, 8, dtype=torch.int32)
+        flowkern_attention_forward(module, q, k[:, :, 1:], v[:, :, 1:], None)
 
 
 def test_grad_path_is_differentiable_and_still_observed():
     q, k, v, padding = _inputs(sq=5, past=3, grad=True)
     module = Attn(4, 2)
     segments = torch.randint(0, 3, (2, 8), generator=torch.Generator().manual_seed(2))
-    rec = Recorder(segments)
-    setattr(module, OBSERVER_ATTR, rec)
+    rec = Recorder(module, segments)
     mask, sdpa_4d = _masks(padding, 5, 3)
     out, _ = flowkern_attention_forward(module, q, k, v, mask)
     expect, _ = sdpa_attention_forward(module, q, k, v, sdpa_4d)
@@ -136,8 +168,8 @@ def test_grad_path_is_differentiable_and_still_observed():
         torch.testing.assert_close(got, exp, atol=1e-5, rtol=1e-5)
     _, _, mass = reference.segment_attention(q.detach().double(), k.detach().double(), v.detach().double(), segments,
                                              3, key_padding_mask=padding)
-    torch.testing.assert_close(rec.seen[0][2], mass[:, -1].float(), atol=1e-5, rtol=0)
-    assert not rec.seen[0][2].requires_grad
+    torch.testing.assert_close(rec.seen[0].mass, mass[:, -1].float(), atol=1e-5, rtol=0)
+    assert not rec.seen[0].mass.requires_grad and not rec.seen[0].key_mass.requires_grad
 
 
 def test_static_cache_slots_past_the_mask_are_ignored():

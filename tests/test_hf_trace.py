@@ -16,73 +16,18 @@ import json
 
 import pytest
 import torch
-from transformers import (
-    InstructBlipConfig,
-    InstructBlipForConditionalGeneration,
-    InternVLConfig,
-    InternVLForConditionalGeneration,
-    LlamaConfig,
-    LlamaForCausalLM,
-    LlavaConfig,
-    LlavaForConditionalGeneration,
-    LlavaNextConfig,
-    LlavaNextForConditionalGeneration,
-    LlavaOnevisionConfig,
-    LlavaOnevisionForConditionalGeneration,
-    Qwen2_5_VLConfig,
-    Qwen2_5_VLForConditionalGeneration,
-    Qwen2VLConfig,
-    Qwen2VLForConditionalGeneration,
-    Qwen3VLConfig,
-    Qwen3VLForConditionalGeneration,
-)
+from transformers import LlamaConfig, LlamaForCausalLM
 
 import flowkern
-from flowkern.hf.attention import OBSERVER_ATTR
+from flowkern.hf.attention import STATE_ATTR
+from flowkern.hf.tiny import IMAGE_TOKEN as IMG
+from flowkern.hf.tiny import VIDEO_TOKEN as VID
+from flowkern.hf.tiny import text_config, tiny_vlm
+from tests._support import labelled_prompts as _prompts
+from tests._support import raster as _raster
 
-PAD, IMG, VID = 0, 100, 101
-SEG = {"sys": 0, "img": 1, "user": 2}
 NEW_TOKENS = 4
 ATOL = 1e-4
-
-
-def _text(model_type: str | None = "llama", **extra: object) -> dict:
-    cfg = dict(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
-        vocab_size=128, max_position_embeddings=256, pad_token_id=PAD, bos_token_id=1, eos_token_id=None,
-        initializer_range=0.3,  # peaky attention, so that wrong labels or rows show
-    )
-    if model_type is not None:
-        cfg["model_type"] = model_type
-    cfg.update(extra)
-    return cfg
-
-
-def _clip(image_size: int = 8, patch_size: int = 2) -> dict:
-    return dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                num_attention_heads=2, image_size=image_size, patch_size=patch_size, projection_dim=32)
-
-
-def _prompts(samples: list[list[tuple[str, list[int]]]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Left-padded ``input_ids``, ``attention_mask`` and hand-written labels (-1 = padding) from labelled pieces."""
-    rows, labels = [], []
-    for pieces in samples:
-        ids, lab = [], []
-        for name, toks in pieces:
-            ids += toks
-            lab += [SEG[name]] * len(toks)
-        rows.append(ids)
-        labels.append(lab)
-    width = max(map(len, rows))
-    ids = torch.tensor([[PAD] * (width - len(r)) + r for r in rows])
-    lab = torch.tensor([[-1] * (width - len(r)) + r for r in labels])
-    return ids, (lab >= 0).long(), lab
-
-
-def _raster(start: int, rows: int, cols: int, row_stride: int | None = None) -> torch.Tensor:
-    """Sequence positions of a row-major token grid starting at ``start`` (``row_stride`` skips newline tokens)."""
-    stride = cols if row_stride is None else row_stride
-    return start + torch.arange(rows)[:, None] * stride + torch.arange(cols)[None, :]
 
 
 class Case:
@@ -90,14 +35,10 @@ class Case:
 
     def __init__(self, model: torch.nn.Module, kwargs: dict, labels: torch.Tensor, grids: list[list[tuple]]) -> None:
         self.model, self.kwargs, self.labels, self.grids = model, kwargs, labels, grids
-        model.generation_config.eos_token_id = None
-        model.generation_config.pad_token_id = PAD
 
 
 def _llava() -> Case:
-    torch.manual_seed(0)
-    cfg = LlavaConfig(vision_config=_clip(), text_config=_text(), image_token_index=IMG, vision_feature_layer=-1)
-    model = LlavaForConditionalGeneration(cfg).eval()
+    model = tiny_vlm("llava")
     n = 16  # (8 / 2) ** 2, CLS dropped
     ids, mask, labels = _prompts([
         [("sys", [5, 6, 7]), ("img", [IMG] * n), ("user", [8, 9]), ("img", [IMG] * n), ("user", [10, 11, 12])],
@@ -114,10 +55,7 @@ def _llava() -> Case:
 
 
 def _llava_next() -> Case:
-    torch.manual_seed(0)
-    cfg = LlavaNextConfig(vision_config=_clip(), text_config=_text(), image_token_index=IMG, vision_feature_layer=-1,
-                          image_grid_pinpoints=[[16, 16], [8, 16], [16, 8]])
-    model = LlavaNextForConditionalGeneration(cfg).eval()
+    model = tiny_vlm("llava_next")
     # base 4x4; (6, 30) -> 1x2 crops of 4x4 = 4x8, unpadded to 2x8 rows; (20, 6) -> 2x1 = 8x4, unpadded to 8x2
     sizes = torch.tensor([[6, 30], [20, 6]])
     n0, n1 = 16 + 2 * (8 + 1), 16 + 8 * (2 + 1)
@@ -139,13 +77,7 @@ def _llava_next() -> Case:
 
 
 def _llava_onevision() -> Case:
-    torch.manual_seed(0)
-    vision = dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                  num_attention_heads=2, image_size=8, patch_size=2)
-    cfg = LlavaOnevisionConfig(vision_config=vision, text_config=_text("qwen2"), image_token_index=IMG,
-                               video_token_index=VID, vision_feature_layer=-1, vision_aspect_ratio="anyres_max_1",
-                               image_grid_pinpoints=[[16, 16], [8, 16], [16, 8]])
-    model = LlavaOnevisionForConditionalGeneration(cfg).eval()
+    model = tiny_vlm("llava_onevision")
     # base 4x4 (SigLIP: no CLS); (6, 30) -> crops 2x8 (+ newlines); (30, 30) -> 2x2 crops = 8x8, shrunk to at most
     # 1 base image: 4x4 (+ newlines); video: 2 frames pooled to 2x2, then one newline
     sizes = torch.tensor([[6, 30], [30, 30]])
@@ -168,13 +100,8 @@ def _llava_onevision() -> Case:
     return Case(model, kwargs, labels, grids)
 
 
-def _qwen(config_cls: type, model_cls: type, vision: dict, video: bool, **text_extra: object) -> Case:
-    torch.manual_seed(0)
-    rope = {"rope_type": "default", "mrope_section": [1, 1, 2], "rope_theta": 10000.0}
-    rope.update(text_extra.pop("rope", {}))
-    cfg = config_cls(vision_config=vision, text_config=_text(None, rope_parameters=rope, **text_extra),
-                     image_token_id=IMG, video_token_id=VID, vision_start_token_id=102, vision_end_token_id=103)
-    model = model_cls(cfg).eval()
+def _qwen(family: str, video: bool) -> Case:
+    model = tiny_vlm(family)
     # merge 2: image (1, 4, 6) -> 2x3 tokens, image (1, 4, 4) -> 2x2, video (2, 4, 4) -> 2 frames of 2x2
     s1 = [("sys", [5, 6, 102]), ("img", [IMG] * 4), ("user", [103, 8, 9])]
     if video:
@@ -193,31 +120,19 @@ def _qwen(config_cls: type, model_cls: type, vision: dict, video: bool, **text_e
 
 
 def _qwen2_vl() -> Case:
-    vision = dict(depth=1, embed_dim=16, hidden_size=32, num_heads=2, patch_size=2, spatial_merge_size=2,
-                  temporal_patch_size=2, in_channels=3)
-    return _qwen(Qwen2VLConfig, Qwen2VLForConditionalGeneration, vision, video=True)
+    return _qwen("qwen2_vl", video=True)
 
 
 def _qwen2_5_vl() -> Case:
-    vision = dict(depth=2, hidden_size=16, out_hidden_size=32, intermediate_size=32, num_heads=2, patch_size=2,
-                  spatial_merge_size=2, temporal_patch_size=2, in_channels=3, window_size=8, fullatt_block_indexes=[1])
-    return _qwen(Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, vision, video=False)
+    return _qwen("qwen2_5_vl", video=False)
 
 
 def _qwen3_vl() -> Case:
-    vision = dict(depth=2, hidden_size=16, intermediate_size=32, num_heads=2, patch_size=2, spatial_merge_size=2,
-                  temporal_patch_size=2, in_channels=3, out_hidden_size=32, num_position_embeddings=16,
-                  deepstack_visual_indexes=[0])
-    return _qwen(Qwen3VLConfig, Qwen3VLForConditionalGeneration, vision, video=False, head_dim=8,
-                 rope={"mrope_interleaved": True})
+    return _qwen("qwen3_vl", video=False)
 
 
 def _internvl() -> Case:
-    torch.manual_seed(0)
-    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=[8, 8],
-                  patch_size=[2, 2])
-    cfg = InternVLConfig(vision_config=vision, text_config=_text("qwen2"), image_token_id=IMG, downsample_ratio=0.5)
-    model = InternVLForConditionalGeneration(cfg).eval()
+    model = tiny_vlm("internvl")
     # tiles of (8 / 2 * 0.5)^2 = 2x2 tokens; <img>=101, </img>=102
     ids, mask, labels = _prompts([
         [("sys", [5, 6, 101]), ("img", [IMG] * 8), ("user", [102, 8, 9, 10])],
@@ -233,15 +148,7 @@ def _internvl() -> Case:
 
 
 def _instructblip() -> Case:
-    torch.manual_seed(0)
-    cfg = InstructBlipConfig(
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                           image_size=8, patch_size=2),
-        qformer_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                            encoder_hidden_size=32, vocab_size=64, max_position_embeddings=64),
-        text_config=_text(), num_query_tokens=4, image_token_index=IMG,
-    )
-    model = InstructBlipForConditionalGeneration(cfg).eval()
+    model = tiny_vlm("instructblip")
     # the processor puts the query placeholders first: no system tokens
     ids, mask, labels = _prompts([[("img", [IMG] * 4), ("user", [1, 8, 9, 10])],
                                   [("img", [IMG] * 4), ("user", [1, 7, 8, 9, 10, 11])]])
@@ -431,7 +338,7 @@ def test_restores_attention_implementation(before):
                 raise RuntimeError("boom")
         assert model.config.text_config._attn_implementation == before
         assert model.config.vision_config._attn_implementation == before
-        assert not any(hasattr(m, OBSERVER_ATTR) for m in model.modules())
+        assert not any(STATE_ATTR in vars(m) for m in model.modules())
         assert hooks() == hooks_before
     finally:
         model.set_attn_implementation("sdpa")
@@ -450,6 +357,6 @@ def test_one_prompt_per_trace():
 
 
 def test_unsupported_model_lists_supported():
-    model = LlamaForCausalLM(LlamaConfig(**{k: v for k, v in _text().items() if k != "model_type"}))
+    model = LlamaForCausalLM(LlamaConfig(**text_config(None)))
     with pytest.raises(ValueError, match="llava.*qwen2_vl"):
         flowkern.trace(model)

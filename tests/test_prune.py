@@ -16,25 +16,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import (
-    AttentionInterface,
-    DynamicCache,
-    LlavaConfig,
-    LlavaForConditionalGeneration,
-    LlavaNextConfig,
-    LlavaNextForConditionalGeneration,
-    Qwen2_5_VLConfig,
-    Qwen2_5_VLForConditionalGeneration,
-    Qwen2VLConfig,
-    Qwen2VLForConditionalGeneration,
-)
+from transformers import AttentionInterface, DynamicCache
 from transformers.masking_utils import AttentionMaskInterface
 
 import flowkern
 from flowkern.hf.compat import cache_kwargs, output_cache
+from flowkern.hf.tiny import IMAGE_TOKEN as IMG
+from flowkern.hf.tiny import text_config, tiny_vlm
 from flowkern.prune import cache_keymaps
+from tests._support import left_pad as _left_pad
 
-PAD, IMG, VID = 0, 100, 101
 N_LAYERS = 4
 NEW = 4
 ATOL = 1e-4
@@ -128,40 +119,14 @@ def assert_same_generation(got, expect, atol=ATOL):
 # tiny models
 
 
-def _text(model_type="llama", **extra):
-    cfg = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=N_LAYERS, num_attention_heads=4,
-               num_key_value_heads=2, vocab_size=128, max_position_embeddings=256, pad_token_id=PAD, bos_token_id=1,
-               eos_token_id=None, initializer_range=0.3)
-    if model_type is not None:
-        cfg["model_type"] = model_type
-    cfg.update(extra)
-    return cfg
-
-
-def _clip():
-    return dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                num_attention_heads=2, image_size=8, patch_size=2, projection_dim=32)
-
-
-def _left_pad(rows):
-    width = max(map(len, rows))
-    ids = torch.tensor([[PAD] * (width - len(r)) + r for r in rows])
-    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
-    return ids, mask
-
-
 class Case:
     def __init__(self, model, batches):
         self.model = model
         self.batches = batches  # {1: kwargs, 2: kwargs}
-        model.generation_config.eos_token_id = None
-        model.generation_config.pad_token_id = PAD
 
 
 def _llava():
-    torch.manual_seed(0)
-    cfg = LlavaConfig(vision_config=_clip(), text_config=_text(), image_token_index=IMG, vision_feature_layer=-1)
-    model = LlavaForConditionalGeneration(cfg).eval()
+    model = tiny_vlm("llava", layers=N_LAYERS)
     r0 = [5, 6, 7] + [IMG] * 16 + [8, 9] + [IMG] * 16 + [10, 11, 12]  # two images: 32 image tokens
     r1 = [5, 6] + [IMG] * 16 + [9, 10, 11, 12]
     pv = torch.randn(3, 3, 8, 8)
@@ -173,10 +138,7 @@ def _llava():
 
 
 def _llava_next():
-    torch.manual_seed(0)
-    cfg = LlavaNextConfig(vision_config=_clip(), text_config=_text(), image_token_index=IMG, vision_feature_layer=-1,
-                          image_grid_pinpoints=[[16, 16], [8, 16], [16, 8]])
-    model = LlavaNextForConditionalGeneration(cfg).eval()
+    model = tiny_vlm("llava_next", layers=N_LAYERS)
     sizes = torch.tensor([[6, 30], [20, 6]])
     n0, n1 = 16 + 2 * (8 + 1), 16 + 8 * (2 + 1)  # base 4x4 + unpadded crops with one newline per row
     pv = torch.randn(2, 3, 3, 8, 8)
@@ -189,12 +151,8 @@ def _llava_next():
     return Case(model, {1: b1, 2: b2})
 
 
-def _qwen(config_cls, model_cls, vision):
-    torch.manual_seed(0)
-    rope = {"rope_type": "default", "mrope_section": [1, 1, 2], "rope_theta": 10000.0}
-    cfg = config_cls(vision_config=vision, text_config=_text(None, rope_parameters=rope), image_token_id=IMG,
-                     video_token_id=VID, vision_start_token_id=102, vision_end_token_id=103)
-    model = model_cls(cfg).eval()
+def _qwen(family):
+    model = tiny_vlm(family, layers=N_LAYERS)
     # merge 2: image (1, 8, 8) -> 4x4 = 16 tokens, image (1, 4, 8) -> 2x4 = 8 tokens
     r0 = [5, 102] + [IMG] * 16 + [103, 8, 9, 10]
     r1 = [5, 6, 102] + [IMG] * 8 + [103, 8, 9]
@@ -210,15 +168,11 @@ def _qwen(config_cls, model_cls, vision):
 
 
 def _qwen2_vl():
-    vision = dict(depth=1, embed_dim=16, hidden_size=32, num_heads=2, patch_size=2, spatial_merge_size=2,
-                  temporal_patch_size=2, in_channels=3)
-    return _qwen(Qwen2VLConfig, Qwen2VLForConditionalGeneration, vision)
+    return _qwen("qwen2_vl")
 
 
 def _qwen2_5_vl():
-    vision = dict(depth=2, hidden_size=16, out_hidden_size=32, intermediate_size=32, num_heads=2, patch_size=2,
-                  spatial_merge_size=2, temporal_patch_size=2, in_channels=3, window_size=8, fullatt_block_indexes=[1])
-    return _qwen(Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, vision)
+    return _qwen("qwen2_5_vl")
 
 
 BUILDERS = {"llava": _llava, "llava_next": _llava_next, "qwen2_vl": _qwen2_vl, "qwen2_5_vl": _qwen2_5_vl}
@@ -547,7 +501,8 @@ def test_deepstack_layers_refused():
     vision = dict(depth=2, hidden_size=16, intermediate_size=32, num_heads=2, patch_size=2, spatial_merge_size=2,
                   temporal_patch_size=2, in_channels=3, out_hidden_size=32, num_position_embeddings=16,
                   deepstack_visual_indexes=[0, 1])
-    cfg = Qwen3VLConfig(vision_config=vision, text_config=_text(None, head_dim=8), image_token_id=IMG)
+    cfg = Qwen3VLConfig(vision_config=vision, text_config=text_config(None, num_hidden_layers=N_LAYERS, head_dim=8),
+                        image_token_id=IMG)
 
     class Stub(torch.nn.Module):
         config = cfg

@@ -4,7 +4,7 @@ Two functions are registered under the name :data:`ATTENTION_NAME`:
 
 - :func:`flowkern_attention_forward` with ``AttentionInterface.register``: fused attention through
   :func:`flowkern.ops.segment_attention` (GQA without ``repeat_kv``, no ``Sq x Sk`` matrix), which also yields
-  the per-segment softmax mass and the row LSE that :mod:`flowkern.trace` records;
+  the per-segment softmax mass and the row LSE that the analyses record;
 - :func:`flowkern_attention_mask` with ``AttentionMaskInterface.register``: instead of a 4D mask it returns
   the 2D boolean *key padding mask* ``[B, Sk]`` (``None`` when nothing is padded), the same contract as
   transformers' flash-attention mask; causality is applied inside the kernel, bottom-right aligned, which
@@ -13,28 +13,30 @@ Two functions are registered under the name :data:`ATTENTION_NAME`:
 Only plain causal decoder masks are supported: a sliding window, chunked attention, softcapping, attention
 sinks, packed sequences or a custom mask overlay raise an error that says so, rather than computing
 something else. A model opts in with ``model.set_attn_implementation({"text_config": "flowkern"})``; the
-vision tower keeps its own implementation. :func:`flowkern.trace` does this for you.
+vision tower keeps its own implementation. :mod:`flowkern.hf.session` does this for every analysis.
 
-Per-call context (segment labels of the keys, where to put the masses) comes from an :class:`AttentionObserver`
-stored on each traced attention module under :data:`OBSERVER_ATTR`: no global state, so two models can be
-traced at once. Without an observer the function is plain fused attention.
+**The data path runs one way.** The session (:mod:`flowkern.hf.session`) pushes a :class:`LayerState` down to
+each attention module of the language model once per forward call (attribute :data:`STATE_ATTR`): the segment id
+of every key, the layer's *key map* (int64 ``[B, Sk]``: the original token position each key holds, -1 for a hidden
+filler, when the layer's cache holds only some of the tokens, as after :func:`flowkern.prune`) with its key padding
+mask, and whether anyone listens to this layer. This function reads that state, computes, and -- only where
+asked -- emits one :class:`RowEvent` for the last query row (its LSE, per-segment mass and, on request, the
+attention each key receives) to the session, which hands it to its listeners. It never calls back for labels and
+never knows who listens; without a state it is plain fused attention.
 
-Two more per-module attributes serve :mod:`flowkern.prune` (and anything else that needs them):
-
-- :data:`ROW_HOOKS_ATTR`: a list of callables that receive the last query row of every call (with its LSE), e.g.
-  to rank keys by the attention they receive (:func:`flowkern.key_attention_mass`);
-- :data:`KEYMAP_ATTR`: the *key map* of the call, int64 ``[B, Sk]``: for every key of this layer (its KV cache
-  plus the new tokens) the original token position it holds, or -1 for a hidden filler. A layer whose cache
-  holds only some of the tokens (pruned image tokens) has one; observers use it to label the keys, and this
-  function checks that it covers exactly the keys it gets. Layers without one hold every token (fast path).
-
-When autograd needs the output (inputs require grad) or dropout is active, the output comes from PyTorch SDPA
-(differentiable) and only the observed masses are computed by flowkern, under ``torch.no_grad``.
+**Fast path.** A call nobody listens to needs only the attention output. Then, where PyTorch's
+``scaled_dot_product_attention`` needs no materialised mask (no key padding and ``Sq == 1`` or ``Sq == Sk``, or a
+``[B, 1, 1, Sk]`` padding mask at ``Sq == 1``), it computes the output (the same bottom-right causal softmax,
+GQA through ``enable_gqa``): the cheapest kernel there is for a decode step. Otherwise (a padded prefill, a chunk on
+a cache) flowkern's kernel does, with one segment. When autograd needs the output (inputs require grad) or dropout
+is active, the output comes from SDPA (differentiable) and the observed statistics are computed by flowkern under
+``torch.no_grad``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -45,14 +47,13 @@ from flowkern.hf import compat
 
 __all__ = [
     "ATTENTION_NAME",
-    "OBSERVER_ATTR",
-    "ROW_HOOKS_ATTR",
-    "KEYMAP_ATTR",
-    "AttentionObserver",
-    "RowHook",
+    "STATE_ATTR",
+    "LayerState",
+    "RowEvent",
     "flowkern_attention_forward",
     "flowkern_attention_mask",
     "register",
+    "switch_attention",
     "use_flowkern_attention",
     "restore_attention",
     "language_attention_modules",
@@ -61,21 +62,71 @@ __all__ = [
 ATTENTION_NAME = "flowkern"
 """Name under which both functions are registered (must not contain "flash": transformers treats those specially)."""
 
-OBSERVER_ATTR = "_flowkern_observer"
-"""Attribute of a traced attention module holding its :class:`AttentionObserver`."""
+STATE_ATTR = "_flowkern_state"
+"""Attribute of a language-model attention module holding its :class:`LayerState` while a session is attached."""
 
-ROW_HOOKS_ATTR = "_flowkern_row_hooks"
-"""Attribute of an attention module holding a list of :data:`RowHook` callables (called after each forward call)."""
 
-KEYMAP_ATTR = "_flowkern_keymap"
-"""Attribute of an attention module holding the key map (int64 ``[B, Sk]``) of the current call, or absent."""
+@dataclass(slots=True)
+class RowEvent:
+    """The last query row of one attention call (the row that produces the next token), as the listeners get it.
 
-RowHook = Callable[
-    [torch.nn.Module, torch.Tensor, torch.Tensor, torch.Tensor, "torch.Tensor | None", float, bool], None
-]
-"""``hook(module, q_last [B,Hq,1,D], k [B,Hkv,Sk,D], lse_last f32 [B,Hq,1], key_padding_mask, scale, causal)``:
-receives the last query row of a call, under ``torch.no_grad`` (the same arguments as
-:meth:`AttentionObserver.observe` without the segment masses)."""
+    Attributes:
+        layer: decoder layer (``module.layer_idx``).
+        q: ``[B, Hq, 1, D]`` the last query row (detached).
+        k: ``[B, Hkv, Sk, D]`` all keys of the call (cache included; detached).
+        lse: float32 ``[B, Hq, 1]`` the row's log-sum-exp (natural log).
+        mass: float32 ``[B, num_segments]`` head-mean softmax mass of the row per key segment.
+        key_mass: float32 ``[B, Sk]`` head-mean softmax probability each key receives from the row
+            (:func:`flowkern.key_attention_mass`), or None when no listener asked for it.
+        key_padding_mask: bool ``[B, Sk]`` (True = real key) or None.
+        keymap: int64 ``[B, Sk]`` original token position of each key (-1 = hidden), or None when the layer holds
+            every token in order.
+        scale: softmax scale used.
+        causal: whether the call was causal (bottom-right aligned).
+    """
+
+    layer: int
+    q: torch.Tensor
+    k: torch.Tensor
+    lse: torch.Tensor
+    mass: torch.Tensor
+    key_mass: torch.Tensor | None
+    key_padding_mask: torch.Tensor | None
+    keymap: torch.Tensor | None
+    scale: float
+    causal: bool
+
+
+@dataclass(slots=True)
+class LayerState:
+    """What the session pushes down to one attention module for the current forward call.
+
+    Attributes:
+        layer: decoder layer index.
+        key_ids: int32 ``[B, Sk]`` segment id of every key (None: all 0, one segment).
+        num_segments: range of ``key_ids`` (1..8).
+        keymap: int64 ``[B, Sk]`` original token position of each key, -1 = hidden (None: every token, in order);
+            when set, the keys must be exactly these and ``key_padding`` replaces the mask transformers passes.
+        key_padding: bool ``[B, Sk]`` (True = real key) or None, used with ``keymap``.
+        observe: emit a :class:`RowEvent` to ``sink`` after this layer's attention.
+        key_mass: include ``key_mass`` in the event.
+        sink: receives the event.
+    """
+
+    layer: int
+    key_ids: torch.Tensor | None = None
+    num_segments: int = 1
+    keymap: torch.Tensor | None = None
+    key_padding: torch.Tensor | None = None
+    observe: bool = False
+    key_mass: bool = False
+    sink: Callable[[RowEvent], None] | None = None
+
+    def clear(self) -> None:
+        """Back to plain attention (nothing pushed)."""
+        self.key_ids, self.num_segments, self.keymap, self.key_padding = None, 1, None, None
+        self.observe, self.key_mass = False, False
+
 
 _UNSUPPORTED_KWARGS = {
     "softcap": "logit softcapping",
@@ -84,50 +135,6 @@ _UNSUPPORTED_KWARGS = {
     "cu_seq_lens_q": "packed (varlen) sequences",
     "cu_seq_lens_k": "packed (varlen) sequences",
 }
-
-
-class AttentionObserver:
-    """What :func:`flowkern_attention_forward` asks of a tracer. Subclass and override both methods.
-
-    Attributes:
-        num_segments: number of key segments (1..8) the labels of :meth:`key_segments` range over.
-    """
-
-    num_segments: int = 1
-
-    def key_segments(self, module: torch.nn.Module, batch: int, kv_len: int, device: torch.device) -> torch.Tensor:
-        """Segment label of every key of this call.
-
-        Returns:
-            int32 ``[batch, kv_len]`` on ``device``, values in ``[0, num_segments)`` (padding keys may carry any
-            valid label: they are hidden by the key padding mask).
-        """
-        raise NotImplementedError
-
-    def observe(
-        self,
-        module: torch.nn.Module,
-        q_last: torch.Tensor,
-        k: torch.Tensor,
-        lse_last: torch.Tensor,
-        mass_last: torch.Tensor,
-        key_padding_mask: torch.Tensor | None,
-        scale: float,
-        causal: bool,
-    ) -> None:
-        """Receive the last query row of this call (the row that produces the next token), under ``no_grad``.
-
-        Args:
-            module: the attention module (``module.layer_idx`` is its decoder layer).
-            q_last: ``[B, Hq, 1, D]`` the last query row.
-            k: ``[B, Hkv, Sk, D]`` all keys of this call (cache included).
-            lse_last: float32 ``[B, Hq, 1]`` the row's log-sum-exp.
-            mass_last: float32 ``[B, num_segments]`` head-mean softmax mass of the row per key segment.
-            key_padding_mask: bool ``[B, Sk]`` (True = real key) or None.
-            scale: softmax scale used.
-            causal: whether the call was causal (bottom-right aligned).
-        """
-        raise NotImplementedError
 
 
 def _key_padding_mask(attention_mask: torch.Tensor | None, sk: int) -> tuple[torch.Tensor | None, int]:
@@ -172,6 +179,26 @@ def _sdpa_output(
     )
 
 
+def _fast_output(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kpm: torch.Tensor | None, causal: bool, scale: float
+) -> torch.Tensor:
+    """The attention output ``[B, Hq, Sq, D]`` alone (nobody listens): SDPA where it needs no materialised mask,
+    else flowkern's kernel with one segment (bottom-right causal either way)."""
+    sq, sk = q.shape[2], k.shape[2]
+    gqa = q.shape[1] != k.shape[1]
+    if kpm is None and (sq == 1 or not causal):
+        return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=gqa)
+    if kpm is None and sq == sk:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
+    if kpm is not None and sq == 1:
+        mask = kpm[:, None, None, :]
+        mask = mask | ~mask.any(dim=-1, keepdim=True)  # a row without keys: finite (its output is never read)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
+    ids = torch.zeros(q.shape[0], sk, dtype=torch.int32, device=q.device)
+    return ops.segment_attention(q, k, v, ids, 1, causal=causal, key_padding_mask=kpm, scale=scale,
+                                 validate=False)[0]
+
+
 def flowkern_attention_forward(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -186,11 +213,12 @@ def flowkern_attention_forward(
     """Attention function for ``AttentionInterface`` (same contract as transformers' ``sdpa_attention_forward``).
 
     Args:
-        module: the calling attention module; may carry an :class:`AttentionObserver` in :data:`OBSERVER_ATTR`.
+        module: the calling attention module; may carry a :class:`LayerState` in :data:`STATE_ATTR`.
         query: ``[B, Hq, Sq, D]``.
         key, value: ``[B, Hkv, Sk, D]`` with ``Hq % Hkv == 0`` (never expanded).
         attention_mask: the 2D bool key padding mask ``[B, Sk']`` from :func:`flowkern_attention_mask` (or None).
-            ``Sk' < Sk`` happens with a static cache: only the first ``Sk'`` keys exist and are used.
+            ``Sk' < Sk`` happens with a static cache: only the first ``Sk'`` keys exist and are used. Ignored when
+            the layer state carries a key map (its own mask applies).
         dropout: attention dropout probability (0 in eval); when > 0 the output comes from SDPA.
         scaling: softmax scale (default ``D ** -0.5``).
         is_causal: overrides ``module.is_causal`` (default True). Causal is bottom-right aligned.
@@ -201,63 +229,75 @@ def flowkern_attention_forward(
     Raises:
         NotImplementedError: for a sliding window, softcapping, sinks or packed sequences.
         ValueError: for a mask this function cannot interpret.
+        RuntimeError: the keys do not match the layer's key map or key labels (a cache changed behind flowkern's
+            back).
     """
-    for name, what in _UNSUPPORTED_KWARGS.items():
-        if kwargs.get(name) is not None:
-            raise NotImplementedError(f"flowkern attention does not support {what} (`{name}` was set)")
-    if kwargs.get("sliding_window") is not None:
-        raise NotImplementedError(
-            f"flowkern attention does not support sliding-window layers (sliding_window={kwargs['sliding_window']})"
-        )
-    keymap = getattr(module, KEYMAP_ATTR, None)
-    if keymap is not None and tuple(keymap.shape) != (query.shape[0], key.shape[2]):
-        raise RuntimeError(
-            f"layer {getattr(module, 'layer_idx', '?')}: its key map covers {tuple(keymap.shape)} tokens but the "
-            f"attention got [B={query.shape[0]}, Sk={key.shape[2]}] keys: the KV cache was changed behind "
-            "flowkern's back (cropped, or reused outside the flowkern.prune context that compacted it)"
-        )
-    kpm, n_keys = _key_padding_mask(attention_mask, key.shape[2])
-    if n_keys < key.shape[2]:  # static cache: the slots past the mask are unwritten
-        key, value = key[:, :, :n_keys], value[:, :, :n_keys]
+    if kwargs:
+        for name, what in _UNSUPPORTED_KWARGS.items():
+            if kwargs.get(name) is not None:
+                raise NotImplementedError(f"flowkern attention does not support {what} (`{name}` was set)")
+        if kwargs.get("sliding_window") is not None:
+            raise NotImplementedError(
+                f"flowkern attention does not support sliding-window layers (sliding_window={kwargs['sliding_window']})"
+            )
+    state: LayerState | None = getattr(module, STATE_ATTR, None)
+    B = query.shape[0]
+    keymap = None if state is None else state.keymap
+    if keymap is not None:
+        if keymap.shape[0] != B or keymap.shape[1] != key.shape[2]:
+            raise RuntimeError(
+                f"layer {getattr(module, 'layer_idx', '?')}: its key map covers {tuple(keymap.shape)} tokens but the "
+                f"attention got [B={B}, Sk={key.shape[2]}] keys: the KV cache was changed behind flowkern's back "
+                "(cropped, or reused outside the flowkern.prune context that compacted it)"
+            )
+        kpm = state.key_padding
+    else:
+        kpm, n_keys = _key_padding_mask(attention_mask, key.shape[2])
+        if n_keys < key.shape[2]:  # static cache: the slots past the mask are unwritten
+            key, value = key[:, :, :n_keys], value[:, :, :n_keys]
     causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
     scale = float(scaling) if scaling is not None else query.shape[-1] ** -0.5
     dropout = float(dropout or 0.0)
-    observer: AttentionObserver | None = getattr(module, OBSERVER_ATTR, None)
-    row_hooks: list[RowHook] = getattr(module, ROW_HOOKS_ATTR, None) or []
-    B, sk = query.shape[0], key.shape[2]
-
-    if observer is not None:
-        segments = observer.key_segments(module, B, sk, query.device)
-        nseg = observer.num_segments
-    else:
-        segments = torch.zeros(B, sk, dtype=torch.int32, device=query.device)
-        nseg = 1
-
     needs_grad = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)
+    if state is None or not state.observe:
+        if needs_grad or dropout > 0.0:
+            out = _sdpa_output(query, key, value, kpm, causal, scale, dropout)
+        else:
+            out = _fast_output(query, key, value, kpm, causal, scale)
+        return out.transpose(1, 2).contiguous(), None
+
+    sk = key.shape[2]
+    segments = state.key_ids
+    if segments is None:
+        segments = torch.zeros(B, sk, dtype=torch.int32, device=query.device)
+    elif segments.shape[0] != B or segments.shape[1] != sk:
+        raise RuntimeError(
+            f"layer {state.layer}: attention got [B={B}, Sk={sk}] keys but the trace labelled "
+            f"{list(segments.shape)} tokens (was the model called outside the traced module, or does it change the "
+            "sequence length?)"
+        )
+    nseg = state.num_segments
     if needs_grad or dropout > 0.0:
         out = _sdpa_output(query, key, value, kpm, causal, scale, dropout)
-        if observer is not None or row_hooks:
-            with torch.no_grad():
-                q_last, k_det = query[:, :, -1:].detach(), key.detach()
-                _, lse_last, mass_last = ops.segment_attention(
-                    q_last, k_det, value.detach(), segments, nseg, causal=causal, key_padding_mask=kpm, scale=scale,
-                    validate=False,
-                )
-                if observer is not None:
-                    observer.observe(module, q_last, k_det, lse_last, mass_last[:, -1], kpm, scale, causal)
-                for hook in row_hooks:
-                    hook(module, q_last, k_det, lse_last, kpm, scale, causal)
+        with torch.no_grad():
+            q_last, k_obs = query[:, :, -1:].detach(), key.detach()
+            _, lse_last, mass = ops.segment_attention(
+                q_last, k_obs, value.detach(), segments, nseg, causal=causal, key_padding_mask=kpm, scale=scale,
+                validate=False,
+            )
     else:
         out, lse, mass = ops.segment_attention(
             query, key, value, segments, nseg, causal=causal, key_padding_mask=kpm, scale=scale, validate=False
         )
-        if observer is not None or row_hooks:
-            with torch.no_grad():
-                q_last, lse_last = query[:, :, -1:], lse[:, :, -1:]
-                if observer is not None:
-                    observer.observe(module, q_last, key, lse_last, mass[:, -1], kpm, scale, causal)
-                for hook in row_hooks:
-                    hook(module, q_last, key, lse_last, kpm, scale, causal)
+        q_last, k_obs, lse_last = query[:, :, -1:], key, lse[:, :, -1:]
+    with torch.no_grad():
+        key_mass = None
+        if state.key_mass:
+            key_mass = ops.key_attention_mass(q_last, k_obs, lse_last, causal=causal, key_padding_mask=kpm,
+                                              scale=scale)
+        if state.sink is not None:
+            state.sink(RowEvent(state.layer, q_last, k_obs, lse_last, mass[:, -1], key_mass, kpm, keymap, scale,
+                                causal))
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -323,7 +363,7 @@ def register() -> str:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# switching a model's language model to "flowkern" and back (shared by flowkern.trace and flowkern.prune)
+# switching a model's language model to "flowkern" and back (used by flowkern.hf.session)
 
 
 def language_attention_modules(model: torch.nn.Module, text_config: Any) -> list[torch.nn.Module]:
@@ -332,25 +372,40 @@ def language_attention_modules(model: torch.nn.Module, text_config: Any) -> list
     return [m for m in model.modules() if getattr(m, "config", None) is text_config and hasattr(m, "layer_idx")]
 
 
-def use_flowkern_attention(model: torch.nn.Module, text_config_key: str, text_config: Any) -> str:
-    """Switch the language model (only) to the ``"flowkern"`` attention; returns the previous implementation name
-    for :func:`restore_attention`.
+def switch_attention(model: torch.nn.Module, text_config_key: str, text_config: Any, name: str) -> None:
+    """Switch the language model (only) to the attention implementation ``name`` (``"flowkern"`` is registered
+    first); vision towers keep theirs.
 
     Raises:
         RuntimeError: the model refused the implementation (its language model stays as it was).
     """
-    name = register()
-    prev = compat.attn_implementation(text_config)
-    if prev != name:
+    if name == ATTENTION_NAME:
+        register()
+    current = compat.attn_implementation(text_config)
+    if current == name:
+        return
+    try:
         model.set_attn_implementation({text_config_key: name})
+    except ValueError as exc:
+        raise RuntimeError(f"{type(model).__name__} refused attn_implementation={name!r} for its language model "
+                           f"({exc})") from exc
     if compat.attn_implementation(text_config) != name:
         raise RuntimeError(
             f"{type(model).__name__} refused attn_implementation={name!r} for its language model "
             f"(it stays {compat.attn_implementation(text_config)!r})"
         )
+
+
+def use_flowkern_attention(model: torch.nn.Module, text_config_key: str, text_config: Any) -> str:
+    """Switch the language model to the ``"flowkern"`` attention (:func:`switch_attention`); returns the previous
+    implementation name for :func:`restore_attention` (for code that holds the switch across several analyses,
+    e.g. a sweep: their sessions then find it already switched)."""
+    prev = compat.attn_implementation(text_config)
+    switch_attention(model, text_config_key, text_config, ATTENTION_NAME)
     return prev
 
 
 def restore_attention(model: torch.nn.Module, text_config_key: str, text_config: Any, prev: str | None) -> None:
-    """Give the language model back the implementation ``prev`` returned by :func:`use_flowkern_attention`."""
+    """Give the language model back the implementation ``prev`` it had before :func:`switch_attention` (set
+    directly when transformers refuses the name, so that the model is left exactly as it was found)."""
     compat.set_text_attn_implementation(model, text_config_key, text_config, prev)

@@ -1,69 +1,49 @@
-"""Watching a VLM's forward calls: which tokens each outermost call feeds (shared by trace and prune).
+"""Watching a VLM's forward calls: which tokens each outermost call feeds, normalised (used by the session).
 
 A VLM's forward calls its language model's forward, and some ``generate`` implementations (InstructBLIP) embed
 the prompt themselves and call the language model with ``inputs_embeds`` only. :class:`ForwardWatcher` hooks the
 model, its language model and the input embeddings, and reports each *outermost* call once, with the prompt's
 token ids recovered from the embedding layer when the call itself carries only embeddings.
+
+:class:`Call` is what every listener of :mod:`flowkern.hf.session` receives: the call's tokens and its inputs
+read once through :mod:`flowkern.hf.compat` (the cache, how many tokens it already holds, the 2D padding mask,
+whether hidden states are captured, the inputs an image layout needs), plus what the listeners ask the session to
+do during this forward (:meth:`Call.observe`, :meth:`Call.narrow`) and its wall time.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-__all__ = ["ForwardCall", "ForwardWatcher"]
+from flowkern.hf import compat
+
+if TYPE_CHECKING:
+    from flowkern.plan import Narrowing
+
+__all__ = ["ForwardCall", "ForwardWatcher", "Call"]
 
 
-@dataclass
 class ForwardCall:
-    """The inputs of one outermost forward call.
+    """The raw inputs of one outermost forward call: ``ids`` (int ``[B, S_new]`` or None when only embeddings
+    are known), ``embeds`` (float ``[B, S_new, hidden]`` or None) and the keyword arguments."""
 
-    Attributes:
-        ids: int ``[B, S_new]`` token ids of the call, or None when only embeddings are known.
-        embeds: float ``[B, S_new, hidden]`` input embeddings when the call passed them, else None.
-        kwargs: the call's keyword arguments (read them through :mod:`flowkern.hf.compat`).
-    """
+    __slots__ = ("ids", "embeds", "kwargs")
 
-    ids: torch.Tensor | None
-    embeds: torch.Tensor | None
-    kwargs: dict
-
-    @property
-    def _tokens(self) -> torch.Tensor:
-        return self.ids if self.ids is not None else self.embeds  # type: ignore[return-value]
-
-    @property
-    def length(self) -> int:
-        """``S_new``: tokens this call adds."""
-        return int(self._tokens.shape[1])
-
-    @property
-    def batch(self) -> int:
-        """``B``."""
-        return int(self._tokens.shape[0])
-
-    @property
-    def device(self) -> torch.device:
-        return self._tokens.device
+    def __init__(self, ids: torch.Tensor | None, embeds: torch.Tensor | None, kwargs: dict) -> None:
+        self.ids, self.embeds, self.kwargs = ids, embeds, kwargs
 
 
 class ForwardWatcher:
-    """Calls ``on_call(ForwardCall)`` before, and ``on_return()`` after, each outermost forward of a model.
-
-    Args:
-        owner: name used in error messages (``"flowkern.trace"``).
-        on_call: called before the outermost forward runs.
-        on_return: called after it, also when it raised (optional).
+    """Calls ``on_call(ForwardCall)`` before, and ``on_return(output)`` after, each outermost forward of a model
+    (``output`` is None when the forward raised).
 
     Raises (from the hook): ValueError when a call carries neither ``input_ids`` nor ``inputs_embeds``.
     """
 
-    def __init__(
-        self, owner: str, on_call: Callable[[ForwardCall], None], on_return: Callable[[], None] | None = None
-    ) -> None:
+    def __init__(self, owner: str, on_call: Callable[[ForwardCall], None], on_return: Callable[[Any], None]) -> None:
         self.owner = owner
         self.on_call = on_call
         self.on_return = on_return
@@ -71,20 +51,11 @@ class ForwardWatcher:
         self._depth = 0
         self._last_ids: torch.Tensor | None = None
 
-    def install(self, model: torch.nn.Module, text_config: Any) -> None:
-        """Hook ``model``, its language model (the module owning ``text_config`` with input embeddings) and the
-        input embedding layer."""
-        language_model = next(
-            (m for m in model.modules() if getattr(m, "config", None) is text_config
-             and hasattr(m, "get_input_embeddings")),
-            None,
-        )
-        for m in dict.fromkeys([model, language_model]):
-            if m is None:
-                continue
+    def install(self, modules: list[torch.nn.Module], embeddings: torch.nn.Module | None) -> None:
+        """Hook ``modules`` (the model and its language model's entry) and the input embedding layer."""
+        for m in dict.fromkeys(modules):
             self._handles.append(m.register_forward_pre_hook(self._pre_forward, with_kwargs=True))
             self._handles.append(m.register_forward_hook(self._post_forward, always_call=True))
-        embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
         if embeddings is not None:
             self._handles.append(embeddings.register_forward_pre_hook(self._pre_embed))
 
@@ -120,5 +91,86 @@ class ForwardWatcher:
         if self._depth > 0:
             return
         self._last_ids = None
-        if self.on_return is not None:
-            self.on_return()
+        self.on_return(output)
+
+
+class Call:
+    """One outermost forward call as the session's listeners see it.
+
+    Attributes:
+        ids: int ``[B, S_new]`` token ids of the call, or None when only embeddings are known.
+        embeds: float ``[B, S_new, hidden]`` input embeddings when the call passed them, else None.
+        batch, length, device: ``B``, ``S_new`` and the tokens' device.
+        cache: the KV cache the call received (None: none, or one the language model creates itself).
+        past: tokens that cache already holds (0 for none); ``prefill`` is ``past == 0``.
+        mask: the 2D padding mask ``[B, past + S_new]`` (1/True = real token) or None.
+        use_cache: the call's ``use_cache`` argument (None when not given).
+        capture_hidden: whether the call returns every layer's hidden states (``output_hidden_states``).
+        labels: long ``[B, past + S_new]`` segment label of every token seen so far (-1 = padding), set by the
+            listener that labels tokens (:func:`flowkern.trace`), with ``num_segments``; None otherwise.
+        seconds: wall time of the forward (set before ``on_return``; None if it raised).
+        output_cache: the cache the forward returned (set before ``on_return``), else None.
+    """
+
+    def __init__(self, raw: ForwardCall, config: Any, layout_names: tuple[str, ...], owner: str) -> None:
+        self.ids, self.embeds, self.kwargs = raw.ids, raw.embeds, raw.kwargs
+        tokens = raw.ids if raw.ids is not None else raw.embeds
+        self.batch, self.length, self.device = int(tokens.shape[0]), int(tokens.shape[1]), tokens.device
+        kwargs = raw.kwargs
+        self.cache = compat.call_cache(kwargs)
+        self.past = compat.cache_length(self.cache)
+        self.prefill = self.past == 0
+        self.mask = compat.padding_mask_2d(kwargs.get("attention_mask"), owner)
+        self.use_cache = kwargs.get("use_cache")
+        self.capture_hidden = bool(kwargs.get("output_hidden_states", getattr(config, "output_hidden_states", False)))
+        self.labels: torch.Tensor | None = None
+        self.num_segments = 1
+        self.seconds: float | None = None
+        self.output_cache: Any = None
+        self._layout_names = layout_names
+        self._layout: dict[str, Any] | None = None
+        self.tower_grids: list[torch.Tensor] = []
+        # requests for this forward (read by the session)
+        self.observers: dict[int, list[tuple[Any, bool]]] = {}
+        self.narrowing: tuple[int, Callable[[], Narrowing]] | None = None
+        # the session's bookkeeping
+        self.entered: list[Any] = []  # listeners whose on_call ran (they get on_return)
+        self.start: float | None = None
+        self.narrowed: Any = None
+
+    @property
+    def layout_inputs(self) -> dict[str, Any]:
+        """The forward inputs the model's image layout needs (``image_sizes``, ``image_grid_thw``, ...; CPU
+        copies), the per-image token counts of images encoded before the forward, and ``tower_grid_thw``: the
+        ``grid_thw`` of each vision-tower call during this forward (filled while it runs)."""
+        if self._layout is None:
+            out = {k: _to_cpu(v) for k in self._layout_names if (v := self.kwargs.get(k)) is not None}
+            out.update(compat.encoder_token_counts(self.kwargs))
+            self._layout = out
+        out = dict(self._layout)
+        if self.tower_grids:
+            out["tower_grid_thw"] = list(self.tower_grids)
+        return out
+
+    def check_dynamic_cache(self, owner: str) -> None:
+        """Raise ``NotImplementedError`` (naming ``owner``) unless the call's cache is None or a plain
+        ``DynamicCache``."""
+        compat.check_dynamic_cache(self.cache, owner)
+
+    def observe(self, listener: Any, layers: range | list[int], *, key_mass: bool = False) -> None:
+        """Ask for a row event (:class:`flowkern.hf.attention.RowEvent`) of each of ``layers`` in this forward,
+        delivered to ``listener.on_row``; ``key_mass``: with the attention each key receives."""
+        for layer in layers:
+            self.observers.setdefault(int(layer), []).append((listener, bool(key_mass)))
+
+    def narrow(self, from_layer: int, plan: Callable[[], Narrowing]) -> None:
+        """From decoder layer ``from_layer`` on, run this forward on the positions of the :class:`flowkern.plan.
+        Narrowing` that ``plan()`` returns; it is called right before that layer runs (so it may use the row event
+        of an earlier layer). One narrowing per forward."""
+        if self.narrowing is not None:
+            raise RuntimeError("only one flowkern.prune can narrow a forward")
+        self.narrowing = (int(from_layer), plan)
+
+
+def _to_cpu(value: Any) -> Any:
+    return value.detach().cpu().clone() if isinstance(value, torch.Tensor) else value

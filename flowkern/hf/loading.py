@@ -40,15 +40,6 @@ try:  # what safetensors raises for a truncated or corrupt file (its header or t
 except ImportError:  # pragma: no cover - safetensors is a dependency
     _CORRUPT_WEIGHTS = ()
 
-# Prompt formats for processors without a chat template, per adapter family; ``{images}`` is one image
-# placeholder per image (the processor's ``image_token``), ``{prompt}`` the user's text. Every current hub
-# checkpoint of these families ships a chat template; this is the fallback for older exports.
-_PROMPT_FORMATS: dict[str, str] = {
-    "llava": "USER: {images}\n{prompt} ASSISTANT:",  # LLaVA-1.5 (vicuna v1 format)
-    "instructblip": "{prompt}",  # the processor inserts the Q-Former query placeholders itself
-}
-_DEFAULT_PROMPT_FORMAT = "{images}\n{prompt}"
-
 _DTYPES = {
     "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
     "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
@@ -275,7 +266,8 @@ def load_images(image: Any) -> list:
 def prompt_text(processor: Any, family: str, prompt: str, n_images: int) -> str:
     """The full prompt string for ``prompt`` about ``n_images`` images, as :func:`build_inputs` builds it: ``prompt``
     itself when it already holds the image token, else the processor's chat template (one user turn, generation
-    prompt), else the family's plain format. Raises ``ValueError`` when there is no way to place the images."""
+    prompt), else the family's :attr:`~flowkern.hf.models.ModelAdapter.prompt_format`. Raises ``ValueError`` when there
+    is no way to place the images."""
     image_token = getattr(processor, "image_token", None)
     if image_token and image_token in prompt:
         return prompt  # the user wrote the whole prompt, image placeholders included
@@ -285,7 +277,9 @@ def prompt_text(processor: Any, family: str, prompt: str, n_images: int) -> str:
             [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
         )
         return text[0] if isinstance(text, list) else text
-    fmt = _PROMPT_FORMATS.get(family, _DEFAULT_PROMPT_FORMAT)
+    from flowkern.hf.models import ADAPTERS, ModelAdapter
+
+    fmt = ADAPTERS[family].prompt_format if family in ADAPTERS else ModelAdapter.prompt_format
     if "{images}" in fmt and not image_token:
         raise ValueError(
             f"the {family} processor has neither a chat template nor an image_token; write the image placeholder "

@@ -6,7 +6,17 @@ One :class:`ModelAdapter` per family says
   switches to the ``"flowkern"`` attention; vision towers and Q-Formers keep theirs);
 - which config attributes hold the image/video *placeholder* token ids (read from the config, never hard-coded);
 - how a sample's image tokens are laid out on a 2D grid for heatmaps (paper Figure 2B), from the vision config
-  and the processor outputs captured at prefill (``image_sizes``, ``image_grid_thw``, ``video_grid_thw``).
+  and the processor outputs captured at prefill (``image_sizes``, ``image_grid_thw``, ``video_grid_thw``), and
+  which view shows the whole image (InternVL: the thumbnail tile, last) or shows no picture at all (InstructBLIP's
+  Q-Former queries);
+- where the language model, its decoder layers, their attention / post-attention norm and the vision tower sit in
+  the module tree (:meth:`ModelAdapter.language_model`, :meth:`ModelAdapter.decoder_layers`, ...), so that
+  :mod:`flowkern.hf.session` finds them one way for every family;
+- what else pruning, LLaVA-CAM and prompting must know: Qwen3-VL's DeepStack layers, the pixel layout SmoothGrad
+  adds noise to (Qwen-VL's flattened patches), the plain prompt format of processors without a chat template.
+
+A new family is one more entry in :data:`ADAPTERS` (plus a layout function when its image tokens form a new
+pattern); nothing outside this file needs to change.
 
 Supported families: LLaVA-1.5 (``llava``), LLaVA-NeXT (``llava_next``), LLaVA-OneVision, Qwen2-VL, Qwen2.5-VL,
 Qwen3-VL, InternVL and InstructBLIP (decoder-only language models). :func:`get_adapter` raises ``ValueError`` for
@@ -15,15 +25,15 @@ anything else.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from flowkern.hf.segments import ImageGrid
 
-__all__ = ["ModelAdapter", "ADAPTERS", "get_adapter", "supported_model_types"]
+__all__ = ["ModelAdapter", "ADAPTERS", "SITES", "get_adapter", "supported_model_types"]
 
 # a layout function: (config, placeholder ids per sample, their sequence positions per sample, captured inputs)
 # -> per sample, the grids of its images (ImageGrid.index = ordinals into that sample's placeholder tokens)
@@ -31,6 +41,11 @@ LayoutFn = Callable[[Any, list[torch.Tensor], list[torch.Tensor], dict[str, Any]
 
 # vision towers whose sequence starts with a CLS token (kept by vision_feature_select_strategy="full")
 _TOWERS_WITH_CLS = ("clip_vision_model",)
+
+
+SITES: dict[str, str] = {"post_attention_layernorm": "post_attention_layernorm", "attention": "self_attn", "layer": ""}
+"""Where LLaVA-CAM reads a decoder layer's features: site name -> attribute of the decoder layer ("" = the layer's own
+output). Every supported family's decoder layer is Llama-shaped (``self_attn``, ``post_attention_layernorm``)."""
 
 
 @dataclass(frozen=True)
@@ -45,6 +60,15 @@ class ModelAdapter:
         layout_inputs: forward kwargs the layout needs, captured at prefill.
         tower_grid_kwarg: argument of the vision tower's forward to capture for the layout (``"grid_thw"``).
         text_config_key: the sub-config of the language model.
+        prompt_format: the prompt for a processor without a chat template: ``{images}`` is one placeholder per image
+            (the processor's ``image_token``), ``{prompt}`` the user's text.
+        pixel_layout: ``"channels"`` (``pixel_values [..., C, H, W]``) or ``"patches"`` (Qwen-VL's flattened
+            patches ``[N, C * T * P * P]``, ``T = vision_config.temporal_patch_size``): where SmoothGrad adds noise.
+        spatial_grids: False when the image tokens have no spatial layout (InstructBLIP's Q-Former queries): their
+            "grid" is one row, not a picture to draw on.
+        deepstack: the vision tower adds features to the image tokens after the first decoder layers
+            (Qwen3-VL's ``vision_config.deepstack_visual_indexes``); pruning must start after them.
+        sites: decoder-layer attribute of each LLaVA-CAM site (:data:`SITES`).
     """
 
     family: str
@@ -54,6 +78,11 @@ class ModelAdapter:
     layout_inputs: tuple[str, ...] = ()
     tower_grid_kwarg: str | None = None
     text_config_key: str = "text_config"
+    prompt_format: str = "{images}\n{prompt}"
+    pixel_layout: str = "channels"
+    spatial_grids: bool = True
+    deepstack: bool = False
+    sites: Mapping[str, str] = field(default_factory=lambda: dict(SITES))
 
     def text_config(self, config: Any) -> Any:
         """The language model's config object (``config.<text_config_key>``)."""
@@ -85,7 +114,8 @@ class ModelAdapter:
             inputs: the captured ``layout_inputs`` (CPU tensors or None).
 
         Returns:
-            per sample, a list of :class:`ImageGrid` (several per image for multi-view layouts).
+            per sample, a list of :class:`ImageGrid` (several per image for multi-view layouts; the one that shows
+            the whole image has ``whole=True``).
 
         Raises:
             ValueError: when the placeholder tokens do not match the layout the config and inputs describe.
@@ -98,6 +128,73 @@ class ModelAdapter:
             ids.append(input_ids[b][is_image].cpu())
             positions.append(torch.nonzero(is_image).flatten().cpu())
         return self.layout(config, ids, positions, inputs)
+
+    # ------------------------------------------------------------------------------------------------------
+    # where things sit in the module tree
+
+    def language_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        """The language model's decoder stack: the first module owning the text config that holds the decoder
+        layers (``.layers``), e.g. ``LlamaModel``.
+
+        Raises:
+            ValueError: none found.
+        """
+        text_config = self.text_config(model.config)
+        for m in model.modules():
+            layers = getattr(m, "layers", None)
+            if getattr(m, "config", None) is text_config and isinstance(layers, torch.nn.ModuleList):
+                return m
+        raise ValueError(f"{self.family}: found no language model with a `layers` list in {type(model).__name__}")
+
+    def language_model_entry(self, model: torch.nn.Module) -> torch.nn.Module | None:
+        """The outermost module owning the text config with input embeddings: what a VLM's forward (or an
+        InstructBLIP ``generate``, which calls its causal LM directly) enters the language model through."""
+        text_config = self.text_config(model.config)
+        return next((m for m in model.modules()
+                     if getattr(m, "config", None) is text_config and hasattr(m, "get_input_embeddings")), None)
+
+    def decoder_layers(self, model: torch.nn.Module) -> list[torch.nn.Module]:
+        """The decoder layers of the language model, in order (index = ``layer_idx``)."""
+        return list(self.language_model(model).layers)
+
+    def vision_tower(self, model: torch.nn.Module) -> torch.nn.Module | None:
+        """The module owning the vision config (the vision tower), or None."""
+        vision_config = getattr(model.config, "vision_config", None)
+        if vision_config is None:
+            return None
+        return next((m for m in model.modules() if getattr(m, "config", None) is vision_config), None)
+
+    def site_module(self, layer: torch.nn.Module, site: str) -> torch.nn.Module:
+        """The module of one decoder layer whose output LLaVA-CAM reads at ``site`` (a key of :attr:`sites`).
+
+        Raises:
+            ValueError: an unknown site, or a layer without that submodule.
+        """
+        if site not in self.sites:
+            raise ValueError(f"site must be one of {tuple(self.sites)}, got {site!r}")
+        name = self.sites[site]
+        if not name:
+            return layer
+        module = getattr(layer, name, None)
+        if not isinstance(module, torch.nn.Module):
+            raise ValueError(f"decoder layer {type(layer).__name__} has no `{name}` for site={site!r}")
+        return module
+
+    # ------------------------------------------------------------------------------------------------------
+    # what pruning and LLaVA-CAM must know
+
+    def deepstack_layers(self, config: Any) -> int:
+        """Decoder layers ``0 .. n-1`` after which the vision tower adds features to the image tokens (Qwen3-VL's
+        DeepStack), 0 for other families."""
+        if not self.deepstack:
+            return 0
+        return len(getattr(getattr(config, "vision_config", None), "deepstack_visual_indexes", None) or [])
+
+    def temporal_patch_size(self, config: Any) -> int:
+        """Frames per flattened patch row for ``pixel_layout="patches"`` (1 otherwise)."""
+        if self.pixel_layout != "patches":
+            return 1
+        return int(getattr(getattr(config, "vision_config", None), "temporal_patch_size", 1) or 1)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -159,7 +256,7 @@ def _llava_layout(config: Any, ids: list[torch.Tensor], positions: list[torch.Te
         grids = []
         for i in range(n // per_image):
             start = i * per_image + int(has_cls)
-            grids.append(ImageGrid(i, "image", torch.arange(start, start + rows * cols).view(rows, cols)))
+            grids.append(ImageGrid(i, "image", torch.arange(start, start + rows * cols).view(rows, cols), whole=True))
         out.append(grids)
     return out
 
@@ -206,7 +303,7 @@ def _llava_next_layout(config: Any, ids: list[torch.Tensor], positions: list[tor
                 crops = None
             if length < n_base or used + length > tok.numel():
                 _check_consumed("llava_next", b, used + length, tok.numel())
-            grids.append(ImageGrid(i, "base", torch.arange(used, used + n_base).view(base)))
+            grids.append(ImageGrid(i, "base", torch.arange(used, used + n_base).view(base), whole=True))
             if crops is not None:
                 grids.append(ImageGrid(i, "crops", crops))
             used += length
@@ -268,7 +365,7 @@ def _llava_onevision_layout(config: Any, ids: list[torch.Tensor], positions: lis
             found.append((int(ords.flatten()[0]), [(f"frame{f}", ords[f]) for f in range(ords.shape[0])]))
         grids = []
         for i, (_, views) in enumerate(sorted(found, key=lambda x: x[0])):
-            grids.extend(ImageGrid(i, name, index) for name, index in views)
+            grids.extend(ImageGrid(i, name, index, whole=name in ("image", "base")) for name, index in views)
         out.append(grids)
     return out
 
@@ -328,7 +425,7 @@ def _qwen_vl_layout(config: Any, ids: list[torch.Tensor], positions: list[torch.
         _check_consumed("qwen_vl", b, used, tok.numel())
         grids = []
         for i, (_, views) in enumerate(sorted(found, key=lambda x: x[0])):
-            grids.extend(ImageGrid(i, name, index) for name, index in views)
+            grids.extend(ImageGrid(i, name, index, whole=name in ("image", "base")) for name, index in views)
         out.append(grids)
     return out
 
@@ -345,9 +442,11 @@ def _internvl_layout(config: Any, ids: list[torch.Tensor], positions: list[torch
         for i, (start, length) in enumerate(_runs(pos)):
             if length % per_tile:
                 _check_consumed("internvl", b, length - length % per_tile, length)
-            for t in range(length // per_tile):
+            tiles = length // per_tile
+            for t in range(tiles):  # the last tile shows the whole image (the thumbnail, or the only tile)
                 s = start + t * per_tile
-                grids.append(ImageGrid(i, f"tile{t}", torch.arange(s, s + per_tile).view(rows, cols)))
+                grids.append(ImageGrid(i, f"tile{t}", torch.arange(s, s + per_tile).view(rows, cols),
+                                       whole=t == tiles - 1))
         out.append(grids)
     return out
 
@@ -370,17 +469,24 @@ _QWEN_INPUTS = ("image_grid_thw", "video_grid_thw")
 ADAPTERS: dict[str, ModelAdapter] = {
     a.family: a
     for a in (
-        ModelAdapter("llava", ("llava",), ("image_token_id",), _llava_layout),
+        # LLaVA-1.5 (vicuna v1 format) for exports without a chat template
+        ModelAdapter("llava", ("llava",), ("image_token_id",), _llava_layout,
+                     prompt_format="USER: {images}\n{prompt} ASSISTANT:"),
         ModelAdapter("llava_next", ("llava_next",), ("image_token_id",), _llava_next_layout, ("image_sizes",)),
         ModelAdapter(
             "llava_onevision", ("llava_onevision",), ("image_token_id", "video_token_id"), _llava_onevision_layout,
             ("image_sizes",),
         ),
-        ModelAdapter("qwen2_vl", ("qwen2_vl",), _QWEN_PLACEHOLDERS, _qwen_vl_layout, _QWEN_INPUTS, "grid_thw"),
-        ModelAdapter("qwen2_5_vl", ("qwen2_5_vl",), _QWEN_PLACEHOLDERS, _qwen_vl_layout, _QWEN_INPUTS, "grid_thw"),
-        ModelAdapter("qwen3_vl", ("qwen3_vl",), _QWEN_PLACEHOLDERS, _qwen_vl_layout, _QWEN_INPUTS, "grid_thw"),
+        ModelAdapter("qwen2_vl", ("qwen2_vl",), _QWEN_PLACEHOLDERS, _qwen_vl_layout, _QWEN_INPUTS, "grid_thw",
+                     pixel_layout="patches"),
+        ModelAdapter("qwen2_5_vl", ("qwen2_5_vl",), _QWEN_PLACEHOLDERS, _qwen_vl_layout, _QWEN_INPUTS, "grid_thw",
+                     pixel_layout="patches"),
+        ModelAdapter("qwen3_vl", ("qwen3_vl",), _QWEN_PLACEHOLDERS, _qwen_vl_layout, _QWEN_INPUTS, "grid_thw",
+                     pixel_layout="patches", deepstack=True),
         ModelAdapter("internvl", ("internvl",), ("image_token_id",), _internvl_layout),
-        ModelAdapter("instructblip", ("instructblip",), ("image_token_id",), _instructblip_layout),
+        # the processor inserts the Q-Former query placeholders itself; they have no spatial layout
+        ModelAdapter("instructblip", ("instructblip",), ("image_token_id",), _instructblip_layout,
+                     prompt_format="{prompt}", spatial_grids=False),
     )
 }
 

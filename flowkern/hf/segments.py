@@ -53,11 +53,14 @@ class ImageGrid:
             ``"tile{i}"`` (InternVL), ``"queries"`` (InstructBLIP: no spatial layout).
         index: long ``[rows, cols]``: for each grid cell, the ordinal of its token among the sample's image
             tokens (in sequence order, i.e. the columns of :func:`image_token_index`), -1 where no token.
+        whole: this view shows the whole image (``"image"``, ``"base"``, InternVL's thumbnail tile): the one to
+            draw when a single view is wanted (set by the family's layout in :mod:`flowkern.hf.models`).
     """
 
     image: int
     name: str
     index: torch.Tensor
+    whole: bool = False
 
     @property
     def shape(self) -> tuple[int, int]:

@@ -1,20 +1,31 @@
-"""Tiny offline LLaVA-1.5-layout models with a real processor, written with ``save_pretrained``.
+"""Tiny offline models: the one builder the tests, the benchmarks and the demo share.
 
-For the tests, the benchmarks' demo model and examples that must run without network: a word-level tokenizer
-built in memory (no vocabulary files to download), a CLIP image processor, a chat template with an image slot and
-a ``LlavaForConditionalGeneration`` with random weights, all saved in the official format so that
-:func:`flowkern.hf.loading.load_model` and the CLIs load them like any checkpoint.
+- :func:`build_model`: a random-weight model of any supported family from its config (seeded, eval mode,
+  optionally decoding every step): what every tiny model in this project is made with;
+- :func:`tiny_vlm`: a tiny model of each supported family (width 32, a few layers, image placeholder id
+  :data:`IMAGE_TOKEN`), from :func:`text_config` / :func:`clip_config` and the family's vision config: the test
+  suite's models;
+- :func:`save_tiny_llava`: a LLaVA-1.5-layout model with a real processor (a word-level tokenizer built in memory,
+  a CLIP image processor, a chat template with an image slot), saved in the official format so that
+  :func:`flowkern.hf.loading.load_model` and the CLIs load it like any checkpoint (the demo model, the CLI and
+  evaluation tests).
+
+Nothing is downloaded.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 
-__all__ = ["CHAT_TEMPLATE", "SPECIAL_TOKENS", "word_tokenizer", "save_tiny_llava"]
+__all__ = [
+    "CHAT_TEMPLATE", "SPECIAL_TOKENS", "PAD_TOKEN", "IMAGE_TOKEN", "VIDEO_TOKEN", "FAMILIES", "text_config",
+    "clip_config", "build_model", "tiny_vlm", "word_tokenizer", "save_tiny_llava",
+]
 
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>", "<image>")
 """Ids 0..4 of every tiny tokenizer: pad, bos, eos, unk, the image placeholder."""
@@ -76,9 +87,8 @@ def save_tiny_llava(
         chat_template: the processor's chat template (None: no template).
         seed: ``torch.manual_seed`` before the weights are drawn.
     """
-    from transformers import CLIPImageProcessor, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+    from transformers import CLIPImageProcessor, LlavaConfig, LlavaProcessor
 
-    torch.manual_seed(seed)
     tokenizer = word_tokenizer(words, filler=filler)
     text = dict(text, vocab_size=len(tokenizer))
     text.setdefault("model_type", "llama")
@@ -89,10 +99,158 @@ def save_tiny_llava(
                       image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
                       vision_feature_layer=vision_feature_layer, vision_feature_select_strategy="default")
     os.makedirs(path, exist_ok=True)
-    LlavaForConditionalGeneration(cfg).save_pretrained(path)
+    build_model(cfg, seed=seed).save_pretrained(path)
     size = int(vision["image_size"])
     norm = {} if image_mean is None else dict(image_mean=list(image_mean), image_std=list(image_std or ()))
     ip = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size}, **norm)
     LlavaProcessor(image_processor=ip, tokenizer=tokenizer, patch_size=int(vision["patch_size"]),
                    vision_feature_select_strategy="default", num_additional_image_tokens=1,
                    chat_template=chat_template).save_pretrained(path)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# in-memory tiny models of every family
+
+PAD_TOKEN, IMAGE_TOKEN, VIDEO_TOKEN = 0, 100, 101
+"""Token ids of :func:`tiny_vlm` models: padding, the image placeholder, the video placeholder (Qwen-VL: the vision
+start / end markers are 102 / 103)."""
+
+FAMILIES = ("llava", "llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "internvl", "instructblip")
+"""The families :func:`tiny_vlm` builds."""
+
+
+def text_config(model_type: str | None = "llama", **overrides: Any) -> dict:
+    """A tiny language-model config (width 32, 3 layers, 4 query / 2 key-value heads, vocabulary 128, peaky
+    attention: ``initializer_range=0.3``), ``overrides`` applied last; ``model_type=None`` leaves it out (for
+    families whose text config has its own class)."""
+    cfg: dict[str, Any] = dict(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=128, max_position_embeddings=256, pad_token_id=PAD_TOKEN, bos_token_id=1, eos_token_id=None,
+        initializer_range=0.3,
+    )
+    if model_type is not None:
+        cfg["model_type"] = model_type
+    cfg.update(overrides)
+    return cfg
+
+
+def clip_config(image_size: int = 8, patch_size: int = 2) -> dict:
+    """A one-layer CLIP vision tower of width 32: ``(image_size / patch_size)^2`` patch tokens."""
+    return dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                num_attention_heads=2, image_size=image_size, patch_size=patch_size, projection_dim=32)
+
+
+def build_model(
+    config: Any,
+    *,
+    seed: int = 0,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+    attn_implementation: str | None = None,
+    decode_all: bool = False,
+) -> Any:
+    """A model with random weights from ``config``, in eval mode: ``torch.manual_seed(seed)``, then the family's
+    image-text-to-text class (transformers' auto mapping) built on ``device`` in ``dtype``.
+
+    Args:
+        attn_implementation: every sub-model's attention (None: transformers' default).
+        decode_all: no end-of-sequence token (``generate`` always decodes ``max_new_tokens`` steps) and the text
+            config's pad token for ``generate``.
+
+    Raises:
+        ValueError: transformers has no image-text-to-text class for the config.
+    """
+    from flowkern.hf.loading import _auto_class
+
+    cls = _auto_class(config)._model_mapping[type(config)]
+    torch.manual_seed(seed)
+    extra = {} if attn_implementation is None else dict(attn_implementation=attn_implementation)
+    with torch.device(device) if device is not None else contextlib.nullcontext():
+        model = cls._from_config(config, **({"dtype": dtype} if dtype is not None else {}), **extra)
+    model.eval()
+    if decode_all:
+        model.generation_config.eos_token_id = None
+        pad = getattr(config, "pad_token_id", None)
+        model.generation_config.pad_token_id = pad if pad is not None else config.get_text_config().pad_token_id
+    return model
+
+
+def tiny_vlm(family: str, *, layers: int = 3, image_size: int = 8, seed: int = 0, deepstack: Sequence[int] = (0,),
+             **text: Any) -> Any:
+    """A tiny random-weight VLM of ``family`` (one of :data:`FAMILIES`), fp32, eval mode, decoding every step.
+
+    Image placeholder :data:`IMAGE_TOKEN`, video :data:`VIDEO_TOKEN`. Towers: LLaVA / LLaVA-NeXT: CLIP
+    ``image_size`` px, patch 2 (NeXT: pinpoints 16x16, 8x16, 16x8); OneVision: SigLIP 8 px, ``anyres_max_1``;
+    Qwen-VL: patch 2, spatial merge 2, temporal patch 2 (Qwen3-VL: DeepStack after the ``deepstack`` tower
+    layers, head dim 8, interleaved M-RoPE); InternVL: 8 px tiles, patch 2, downsample 0.5 (2x2 tokens per tile);
+    InstructBLIP: 4 Q-Former queries.
+
+    Args:
+        layers: decoder layers of the language model.
+        text: more :func:`text_config` fields (e.g. ``max_position_embeddings``).
+    """
+    from transformers import (
+        InstructBlipConfig,
+        InternVLConfig,
+        LlavaConfig,
+        LlavaNextConfig,
+        LlavaOnevisionConfig,
+        Qwen2_5_VLConfig,
+        Qwen2VLConfig,
+        Qwen3VLConfig,
+    )
+
+    text = dict(text, num_hidden_layers=layers)
+    pinpoints = [[16, 16], [8, 16], [16, 8]]
+    rope = {"rope_type": "default", "mrope_section": [1, 1, 2], "rope_theta": 10000.0}
+    qwen_ids = dict(image_token_id=IMAGE_TOKEN, video_token_id=VIDEO_TOKEN, vision_start_token_id=102,
+                    vision_end_token_id=103)
+    if family == "llava":
+        cfg = LlavaConfig(vision_config=clip_config(image_size), text_config=text_config(**text),
+                          image_token_index=IMAGE_TOKEN, vision_feature_layer=-1)
+    elif family == "llava_next":
+        cfg = LlavaNextConfig(vision_config=clip_config(image_size), text_config=text_config(**text),
+                              image_token_index=IMAGE_TOKEN, vision_feature_layer=-1, image_grid_pinpoints=pinpoints)
+    elif family == "llava_onevision":
+        vision = dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=2, image_size=8, patch_size=2)
+        cfg = LlavaOnevisionConfig(vision_config=vision, text_config=text_config("qwen2", **text),
+                                   image_token_index=IMAGE_TOKEN, video_token_index=VIDEO_TOKEN,
+                                   vision_feature_layer=-1, vision_aspect_ratio="anyres_max_1",
+                                   image_grid_pinpoints=pinpoints)
+    elif family == "qwen2_vl":
+        vision = dict(depth=1, embed_dim=16, hidden_size=32, num_heads=2, patch_size=2, spatial_merge_size=2,
+                      temporal_patch_size=2, in_channels=3)
+        cfg = Qwen2VLConfig(vision_config=vision, text_config=text_config(None, rope_parameters=rope, **text),
+                            **qwen_ids)
+    elif family == "qwen2_5_vl":
+        vision = dict(depth=2, hidden_size=16, out_hidden_size=32, intermediate_size=32, num_heads=2, patch_size=2,
+                      spatial_merge_size=2, temporal_patch_size=2, in_channels=3, window_size=8,
+                      fullatt_block_indexes=[1])
+        cfg = Qwen2_5_VLConfig(vision_config=vision, text_config=text_config(None, rope_parameters=rope, **text),
+                               **qwen_ids)
+    elif family == "qwen3_vl":
+        vision = dict(depth=2, hidden_size=16, intermediate_size=32, num_heads=2, patch_size=2, spatial_merge_size=2,
+                      temporal_patch_size=2, in_channels=3, out_hidden_size=32, num_position_embeddings=16,
+                      deepstack_visual_indexes=list(deepstack))
+        text.setdefault("head_dim", 8)
+        cfg = Qwen3VLConfig(vision_config=vision, text_config=text_config(
+            None, rope_parameters=dict(rope, mrope_interleaved=True), **text), **qwen_ids)
+    elif family == "internvl":
+        vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                      image_size=[8, 8], patch_size=[2, 2])
+        cfg = InternVLConfig(vision_config=vision, text_config=text_config("qwen2", **text),
+                             image_token_id=IMAGE_TOKEN, downsample_ratio=0.5)
+    elif family == "instructblip":
+        cfg = InstructBlipConfig(
+            vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                               image_size=8, patch_size=2),
+            qformer_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                encoder_hidden_size=32, vocab_size=64, max_position_embeddings=64),
+            text_config=text_config(**text), num_query_tokens=4, image_token_index=IMAGE_TOKEN,
+        )
+    else:
+        raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
+    model = build_model(cfg, seed=seed, decode_all=True)
+    model.generation_config.pad_token_id = PAD_TOKEN
+    return model

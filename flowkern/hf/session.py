@@ -1,0 +1,519 @@
+"""One session between a model and every analysis that runs on it (trace, prune, cam, timers).
+
+.. code-block:: python
+
+    with flowkern.prune(model, layer=2) as p, flowkern.trace(model) as flow:   # two listeners, one session
+        model.generate(**inputs)
+
+An analysis is a small :class:`Listener`: its configuration, a record of results, and a few callbacks. It attaches
+to the model's one :class:`Session` (:meth:`Session.of`) on enter and detaches on exit; the session owns everything
+that touches the model, and undoes all of it when the last listener leaves (also on error):
+
+- **attention**: the language model (only) switches to the ``"flowkern"`` attention when a listener needs its
+  masses, or to a differentiable implementation (``sdpa``, or ``eager`` if it already was) for LLaVA-CAM; the
+  previous implementation comes back afterwards;
+- **structure**, found once through the family's adapter (:mod:`flowkern.hf.models`): the language model, its
+  decoder layers and their attention modules, the vision tower;
+- **forward calls**: :class:`flowkern.hf.calls.ForwardWatcher` reports each outermost forward once, normalised into a
+  :class:`flowkern.hf.calls.Call` through :mod:`flowkern.hf.compat` (cache, past length, 2D padding mask, the inputs
+  an image layout needs, ``grid_thw`` of the vision tower's calls); the call's wall time is measured here, once,
+  for every listener;
+- **key maps**: a cache whose layers hold only some tokens (after :func:`flowkern.prune`) carries
+  :class:`flowkern.plan.KeyMapGroup` s (:func:`cache_groups`); every forward on it extends them by its new tokens;
+- **layer state, pushed down**: before the forward runs, each attention module gets its
+  :class:`flowkern.hf.attention.LayerState` -- key segment ids (from the labelling listener, gathered through the
+  layer's key map), key map, key padding, and whether a listener asked for this layer's row event; the attention
+  function reads it and emits one :class:`flowkern.hf.attention.RowEvent`, which the session hands to the listeners
+  that asked. A forward nobody listens to leaves every state empty, and attention takes its fastest path;
+- **narrowing**: a listener may ask that layers ``>= L`` of this forward run on fewer positions
+  (:meth:`flowkern.hf.calls.Call.narrow`); the session then hooks those decoder layers for this forward only,
+  compacts the hidden states and the per-token layer inputs at layer ``L`` (:func:`compact_layer_inputs`), pushes
+  the narrowed layers' key maps, and records them on the cache when the forward returns;
+- **parameters and hooks** a listener needs for the duration (LLaVA-CAM freezes the parameters and hooks layer
+  sites): installed on attach, removed on detach.
+
+Several listeners on one model (trace inside prune, a timer around both) share one forward hook, one layer state
+and one row event per layer; attach and detach in any order. At most one listener of an ``exclusive`` kind (one
+trace, one prune) per model. Where a new analysis goes: a :class:`Listener` subclass next to :mod:`flowkern.trace`;
+a new model family: an entry in :mod:`flowkern.hf.models`.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+import weakref
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from flowkern.hf import compat
+from flowkern.hf.attention import (
+    ATTENTION_NAME,
+    STATE_ATTR,
+    LayerState,
+    RowEvent,
+    language_attention_modules,
+    restore_attention,
+    switch_attention,
+)
+from flowkern.hf.calls import Call, ForwardWatcher
+from flowkern.hf.models import get_adapter
+from flowkern.listener import Listener
+from flowkern.plan import KeyMapGroup, extend_groups, gather_tokens
+
+if TYPE_CHECKING:
+    from flowkern.plan import Narrowing
+
+__all__ = ["Session", "Listener", "Call", "RowEvent", "cache_groups", "set_cache_groups", "compact_layer_inputs"]
+
+DIFFERENTIABLE = ("eager", "sdpa")
+"""Attention implementations autograd can go through (what ``attention="differentiable"`` keeps or picks)."""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# key maps of a cache
+
+
+_GROUPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # cache -> list[KeyMapGroup]
+
+
+def cache_groups(cache: Any) -> list[KeyMapGroup]:
+    """The key-map groups of a cache's pruned layers (empty: every layer holds every token). The list is the one
+    stored: extending a group's key map in place is seen by every later forward."""
+    return _GROUPS.get(cache, []) if cache is not None else []
+
+
+def set_cache_groups(cache: Any, groups: list[KeyMapGroup]) -> None:
+    """Record what the layers of ``cache`` hold (an empty list forgets it)."""
+    if groups:
+        _GROUPS[cache] = list(groups)
+    else:
+        _GROUPS.pop(cache, None)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the session
+
+
+_SESSIONS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> Session
+_UNSET = object()
+
+
+class Session:
+    """The one session of a model: see the module docstring. Get it with :meth:`Session.of`.
+
+    Attributes:
+        model, adapter, config, text_config: the model, its family adapter and configs.
+        num_layers: decoder layers of the language model.
+    """
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model = model
+        self.adapter = get_adapter(model)
+        self.config = model.config
+        self.text_config = self.adapter.text_config(model.config)
+        self.num_layers = int(self.text_config.num_hidden_layers)
+        self._listeners: list[Listener] = []
+        self._handles: dict[int, list[Any]] = {}
+        self._watcher: ForwardWatcher | None = None
+        self._states: dict[int, LayerState] = {}
+        self._devices: dict[int, torch.device] = {}
+        self._orig_attention: Any = _UNSET
+        self._frozen: list[tuple[torch.nn.Parameter, bool]] | None = None
+        self._tower_handle: Any = None
+        self._pending_tower: list[torch.Tensor] = []
+        self._call: Call | None = None
+        self._forward_handles: list[Any] = []
+        self._dirty = False
+
+    @classmethod
+    def of(cls, model: torch.nn.Module) -> Session:
+        """The session of ``model`` (created on first use; forgotten when its last listener detaches).
+
+        Raises:
+            ValueError: the model family is not supported (the message lists the supported ones).
+        """
+        session = _SESSIONS.get(model)
+        if session is None:
+            session = cls(model)
+            _SESSIONS[model] = session
+        return session
+
+    # ------------------------------------------------------------------------------------------------------
+    # structure, found through the adapter
+
+    @functools.cached_property
+    def layers(self) -> list[torch.nn.Module]:
+        """The decoder layers of the language model (index = layer)."""
+        return self.adapter.decoder_layers(self.model)
+
+    @functools.cached_property
+    def attention_modules(self) -> dict[int, torch.nn.Module]:
+        """``{layer: attention module}`` of the language model.
+
+        Raises:
+            ValueError: none found.
+        """
+        found = {int(m.layer_idx): m for m in language_attention_modules(self.model, self.text_config)}
+        if not found:
+            raise ValueError(f"{self.adapter.family}: found no attention module of the language model")
+        return found
+
+    @functools.cached_property
+    def vision_tower(self) -> torch.nn.Module | None:
+        """The vision tower (the module owning the vision config), or None."""
+        return self.adapter.vision_tower(self.model)
+
+    @property
+    def listeners(self) -> tuple[Listener, ...]:
+        """The attached listeners, in attach order."""
+        return tuple(self._listeners)
+
+    # ------------------------------------------------------------------------------------------------------
+    # attach / detach
+
+    def add(self, listener: Listener) -> None:
+        """Attach ``listener``: install what it needs (attention, hooks, frozen parameters).
+
+        Raises:
+            RuntimeError: it is already attached, another listener of an ``exclusive`` kind is, or the model refused
+                the attention implementation (nothing is left changed).
+        """
+        if any(x is listener for x in self._listeners):
+            raise RuntimeError(f"this {listener.owner} is already active")
+        if listener.exclusive and any(type(x) is type(listener) for x in self._listeners):
+            raise RuntimeError(f"this model is already inside a {listener.owner}")
+        self._listeners.append(listener)
+        handles: list[Any] = []
+        self._handles[id(listener)] = handles
+        try:
+            self._sync()
+            listener.install(self, handles)
+        except BaseException:
+            self.remove(listener)
+            raise
+
+    def remove(self, listener: Listener) -> None:
+        """Detach ``listener`` (no-op if it is not attached); when it was the last one, the model is restored."""
+        if not any(x is listener for x in self._listeners):
+            return
+        self._listeners = [x for x in self._listeners if x is not listener]
+        for h in self._handles.pop(id(listener), []):
+            h.remove()
+        try:
+            self._sync()
+        finally:
+            if not self._listeners and _SESSIONS.get(self.model) is self:
+                del _SESSIONS[self.model]
+
+    def _sync(self) -> None:
+        """Install or remove each part so that it matches what the attached listeners need."""
+        need_calls = any(x.watches_calls for x in self._listeners)
+        need_states = need_calls and any(x.attention == ATTENTION_NAME for x in self._listeners)
+        need_tower = need_calls and any(x.tower_inputs for x in self._listeners)
+        need_frozen = any(x.freezes_parameters for x in self._listeners)
+        errors: list[BaseException] = []
+        for step in (
+            lambda: self._set_watcher(need_calls),
+            lambda: self._set_states(need_states),
+            lambda: self._set_tower(need_tower and self.adapter.tower_grid_kwarg is not None),
+            lambda: self._set_frozen(need_frozen),
+            self._set_attention,
+        ):
+            try:
+                step()
+            except BaseException as exc:  # keep restoring the other parts, then raise the first error
+                errors.append(exc)
+        if errors:
+            raise errors[0]
+
+    def _set_watcher(self, on: bool) -> None:
+        if on and self._watcher is None:
+            owner = next(x.owner for x in self._listeners if x.watches_calls)
+            watcher = ForwardWatcher(owner, self._on_call, self._on_return)
+            entry = self.adapter.language_model_entry(self.model)
+            modules = [self.model] + ([entry] if entry is not None else [])
+            embeddings = self.model.get_input_embeddings() if hasattr(self.model, "get_input_embeddings") else None
+            self._watcher = watcher
+            watcher.install(modules, embeddings)
+        elif not on and self._watcher is not None:
+            self._watcher.remove()
+            self._watcher = None
+            self._end_forward()
+            self._call = None
+            self._pending_tower = []
+
+    def _set_states(self, on: bool) -> None:
+        if on and not self._states:
+            for layer, m in self.attention_modules.items():
+                state = LayerState(layer, sink=self._dispatch)
+                setattr(m, STATE_ATTR, state)
+                self._states[layer] = state
+                param = next(m.parameters(), None)
+                self._devices[layer] = param.device if param is not None else torch.device("cpu")
+            self._dirty = False
+        elif not on and self._states:
+            for m in self.attention_modules.values():
+                if STATE_ATTR in vars(m):
+                    delattr(m, STATE_ATTR)
+            self._states.clear()
+            self._devices.clear()
+
+    def _set_tower(self, on: bool) -> None:
+        if on and self._tower_handle is None and self.vision_tower is not None:
+            self._tower_handle = self.vision_tower.register_forward_pre_hook(self._pre_tower, with_kwargs=True)
+        elif not on and self._tower_handle is not None:
+            self._tower_handle.remove()
+            self._tower_handle = None
+
+    def _set_frozen(self, on: bool) -> None:
+        if on and self._frozen is None:
+            self._frozen = [(p, p.requires_grad) for p in self.model.parameters()]
+            for p, _ in self._frozen:
+                p.requires_grad_(False)
+        elif not on and self._frozen is not None:
+            frozen, self._frozen = self._frozen, None
+            for p, flag in frozen:
+                p.requires_grad_(flag)
+
+    def _set_attention(self) -> None:
+        wanted = [x.attention for x in self._listeners if x.attention is not None]
+        if not wanted:
+            if self._orig_attention is not _UNSET:
+                orig, self._orig_attention = self._orig_attention, _UNSET
+                restore_attention(self.model, self.adapter.text_config_key, self.text_config, orig)
+            return
+        current = compat.attn_implementation(self.text_config)
+        if self._orig_attention is _UNSET:
+            self._orig_attention = current
+        target = self._orig_attention
+        for want in wanted:  # in attach order: the last listener's need wins, "differentiable" keeps eager / sdpa
+            target = want if want != "differentiable" else (target if target in DIFFERENTIABLE else "sdpa")
+        if target != current:
+            switch_attention(self.model, self.adapter.text_config_key, self.text_config, target)
+
+    # ------------------------------------------------------------------------------------------------------
+    # forward calls
+
+    def _pre_tower(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        grid = kwargs.get(self.adapter.tower_grid_kwarg)
+        if grid is None and len(args) > 1 and isinstance(args[1], torch.Tensor):
+            grid = args[1]
+        if isinstance(grid, torch.Tensor):
+            target = self._call.tower_grids if self._call is not None else self._pending_tower
+            target.append(grid.detach().cpu().clone())
+
+    def _on_call(self, raw: Any) -> None:
+        watching = [x for x in self._listeners if x.watches_calls]
+        call = Call(raw, self.config, self.adapter.layout_inputs, watching[0].owner if watching else "flowkern")
+        call.tower_grids, self._pending_tower = self._pending_tower, []
+        self._call = call
+        if call.cache is not None:
+            if call.prefill:
+                set_cache_groups(call.cache, [])  # an empty cache: whatever it held before is gone
+            else:
+                groups = cache_groups(call.cache)
+                if groups:
+                    n = call.length
+                    real = call.mask[:, -n:].bool() if call.mask is not None and call.mask.shape[1] >= n else None
+                    extend_groups(groups, call.past, n, real)
+        for listener in watching:
+            listener.on_call(call)
+            call.entered.append(listener)
+        self._push(call)
+        if call.narrowing is not None:
+            self._install_narrowing(call)
+        if any(x.sync for x in watching):
+            _cuda_sync(call.device)
+        call.start = time.perf_counter()
+
+    def _on_return(self, output: Any) -> None:
+        call, self._call = self._call, None
+        if call is None:
+            return
+        try:
+            if output is not None and call.start is not None:
+                if any(x.sync for x in call.entered):
+                    _cuda_sync(call.device)
+                call.seconds = time.perf_counter() - call.start
+            self._end_forward()
+            if output is not None:
+                call.output_cache = compat.output_cache(output)
+                narrowed = call.narrowed
+                if narrowed is not None and narrowed.plan is not None:
+                    cache = call.cache or narrowed.cache or call.output_cache
+                    if cache is not None:
+                        plan, first = narrowed.plan, call.narrowing[0]  # type: ignore[index]
+                        set_cache_groups(cache, [KeyMapGroup(frozenset(range(first, self.num_layers)), plan.keymap,
+                                                             plan.hidden)])
+        finally:
+            for listener in call.entered:
+                listener.on_return(call)
+
+    def _end_forward(self) -> None:
+        for h in self._forward_handles:
+            h.remove()
+        self._forward_handles.clear()
+        if self._dirty:
+            for state in self._states.values():
+                state.clear()
+            self._dirty = False
+
+    # ------------------------------------------------------------------------------------------------------
+    # the state pushed down to each attention module
+
+    def _push(self, call: Call, layers: range | None = None, narrowing: Narrowing | None = None) -> None:
+        """Write every layer's state for this forward (or, with ``narrowing``, the state of ``layers``)."""
+        if not self._states:
+            return
+        labels = call.labels
+        groups = cache_groups(call.cache) if call.cache is not None and not call.prefill else []
+        observers = call.observers
+        if narrowing is None and labels is None and not groups and not observers and not self._dirty:
+            return  # nothing to say: every layer stays plain (the fast path)
+        by_layer: dict[int, tuple[torch.Tensor, bool] | None] = {}
+        for g in groups:
+            for i in g.layers:
+                by_layer[i] = (g.keymap, g.hidden)
+        if narrowing is not None:
+            for i in layers or ():
+                by_layer[i] = (narrowing.keymap, narrowing.hidden)
+        entries: dict[tuple[int, torch.device], tuple] = {}
+        labels_on: dict[torch.device, torch.Tensor] = {}
+        for i in (layers if layers is not None else self._states):
+            state = self._states.get(i)
+            if state is None:
+                continue
+            held = by_layer.get(i)
+            dev = self._devices[i]
+            key = (id(held[0]) if held is not None else 0, dev)
+            entry = entries.get(key)
+            if entry is None:
+                entry = entries[key] = self._layer_entry(labels, held, dev, labels_on)
+            state.key_ids, state.keymap, state.key_padding = entry
+            state.num_segments = call.num_segments if labels is not None else 1
+            wants = observers.get(i)
+            state.observe = bool(wants)
+            state.key_mass = any(k for _, k in wants) if wants else False
+        self._dirty = True
+
+    @staticmethod
+    def _layer_entry(
+        labels: torch.Tensor | None, held: tuple[torch.Tensor, bool] | None, dev: torch.device,
+        labels_on: dict[torch.device, torch.Tensor],
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        """``(key_ids int32, keymap, key_padding)`` of the layers holding ``held`` (key map, any hidden) on ``dev``."""
+        keymap = padding = ids = None
+        if held is not None:
+            keymap = held[0] if held[0].device == dev else held[0].to(dev)
+            padding = (keymap >= 0) if held[1] else None
+        if labels is not None:
+            lab = labels_on.get(dev)
+            if lab is None:
+                lab = labels_on[dev] = labels.to(dev).clamp(min=0).to(torch.int32)
+            ids = lab.gather(1, keymap.clamp(min=0)) if keymap is not None and keymap.shape[0] == lab.shape[0] \
+                else lab
+        return ids, keymap, padding
+
+    def _dispatch(self, event: RowEvent) -> None:
+        call = self._call
+        if call is None:
+            return
+        for listener, _ in call.observers.get(event.layer, ()):
+            listener.on_row(event)
+
+    # ------------------------------------------------------------------------------------------------------
+    # narrowing layers >= L for one forward
+
+    def _install_narrowing(self, call: Call) -> None:
+        first, plan_fn = call.narrowing  # type: ignore[misc]
+        narrowed = _Narrowed(plan_fn)
+        call.narrowed = narrowed
+        for i in range(first, self.num_layers):
+            hook = functools.partial(self._narrow_pre, call, narrowed, first, i)
+            self._forward_handles.append(self.layers[i].register_forward_pre_hook(hook, with_kwargs=True))
+
+    def _narrow_pre(self, call: Call, narrowed: _Narrowed, first: int, idx: int, module: torch.nn.Module,
+                    args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        if narrowed.plan is None:
+            narrowed.plan = narrowed.plan_fn()
+            self._push(call, range(first, self.num_layers), narrowed.plan)
+        cache = compat.call_cache(kwargs)
+        if cache is not None:
+            narrowed.cache = cache  # created inside the language model (a plain forward with use_cache)
+        plan = narrowed.plan
+        if not plan.compact:
+            return None
+        if idx == first:
+            args, kwargs, narrowed.inputs = compact_layer_inputs(plan, args, kwargs, idx, call.capture_hidden)
+        else:
+            kwargs.update(narrowed.inputs)
+        return args, kwargs
+
+
+class _Narrowed:
+    """A narrowing in flight: its planner, the plan once made, the gathered layer inputs, the cache seen."""
+
+    __slots__ = ("plan_fn", "plan", "inputs", "cache")
+
+    def __init__(self, plan_fn: Any) -> None:
+        self.plan_fn, self.plan, self.inputs, self.cache = plan_fn, None, {}, None
+
+
+def compact_layer_inputs(
+    plan: Narrowing, args: tuple, kwargs: dict, layer: int, capture_hidden: bool
+) -> tuple[tuple, dict, dict[str, Any]]:
+    """At the first narrowed decoder layer: compact its hidden states to ``plan.index`` and gather the per-token
+    layer inputs (rotary ``position_embeddings``, :data:`flowkern.hf.compat.LAYER_POSITION_INPUTS`).
+
+    The hidden states are compacted in place (:func:`flowkern.compact_`) unless every layer's hidden states are
+    returned (``capture_hidden``) or autograd needs them; then they are gathered into a new tensor.
+
+    Returns:
+        ``(args, kwargs, gathered)``: the layer's new arguments and the gathered inputs, which later layers reuse.
+
+    Raises:
+        RuntimeError: hidden states of another shape than the plan's ``[B, S]``.
+        NotImplementedError: a per-token layer input flowkern does not know how to gather.
+    """
+    from flowkern import ops
+
+    hidden = args[0] if args else kwargs["hidden_states"]
+    B, S = plan.keep_all.shape
+    if hidden.shape[:2] != (B, S):
+        raise RuntimeError(f"flowkern.prune: layer {layer} got hidden states {tuple(hidden.shape)}, "
+                           f"expected [B={B}, S={S}, D]")
+    keep_all = plan.keep_all.to(hidden.device)
+    index = plan.index.to(hidden.device)
+    if not capture_hidden and not (torch.is_grad_enabled() and hidden.requires_grad):
+        with torch.no_grad():
+            hidden, _ = ops.compact_(hidden, keep_all, 1)
+    else:
+        hidden = hidden.gather(1, index[:, :, None].expand(-1, -1, hidden.shape[-1]))
+    gathered: dict[str, Any] = {}
+    pe = kwargs.get("position_embeddings")
+    if isinstance(pe, tuple | list) and all(isinstance(t, torch.Tensor) for t in pe):
+        gathered["position_embeddings"] = tuple(gather_tokens(t, index.to(t.device), -2) for t in pe)
+    for name in compat.LAYER_POSITION_INPUTS:
+        t = kwargs.get(name)
+        if isinstance(t, torch.Tensor) and t.shape[-1] == S:
+            gathered[name] = gather_tokens(t, index.to(t.device), -1)
+    for name, value in kwargs.items():
+        per_token = isinstance(value, torch.Tensor) and value.dim() >= 2 and value.shape[-1] == S and S > 1
+        if per_token and not compat.is_known_layer_input(name):
+            raise NotImplementedError(
+                f"flowkern.prune: decoder layer input `{name}` {tuple(value.shape)} looks per-token; pruning this "
+                "model is not supported"
+            )
+    kwargs.update(gathered)
+    if args:
+        args = (hidden, *args[1:])
+    else:
+        kwargs["hidden_states"] = hidden
+    return args, kwargs, gathered
+
+
+def _cuda_sync(device: torch.device | None) -> None:
+    if device is not None and device.type == "cuda":
+        torch.cuda.synchronize(device)

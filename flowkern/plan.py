@@ -1,0 +1,332 @@
+"""Pure planning for :mod:`flowkern.prune`: how many image tokens to keep, which, and the key maps that describe
+what each layer then holds. Tensors in, tensors out: no model, no hooks, no transformers (``tests/test_plan.py``
+checks every function on hand-made inputs).
+
+Vocabulary (see :mod:`flowkern.prune` for the method itself):
+
+- ``keep_real`` bool ``[B, S]``: the prompt positions a pruned layer keeps (text tokens, kept image tokens, each
+  row's last position), False for padding;
+- a *key map* long ``[B, L]``: for each slot of a layer's sequence (its KV cache), the original token position it
+  holds, or -1 for a hidden filler; rows are equally long (``L = max_b kept_b``): shorter rows carry their
+  earliest removed positions as fillers, hidden from attention;
+- a :class:`Narrowing`: how a forward's layers ``>= L`` differ from the full prompt (which positions, compacted
+  or only masked);
+- a :class:`KeyMapGroup`: layers of one cache that hold the same tokens, with their key map.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+__all__ = [
+    "RANKS",
+    "check_prune_args",
+    "num_to_keep",
+    "choose",
+    "grid_cells",
+    "grid_scores",
+    "prompt_keep",
+    "equalise",
+    "Narrowing",
+    "narrowing",
+    "gather_tokens",
+    "KeyMapGroup",
+    "extend_groups",
+    "compact_keymap",
+    "is_continuation",
+]
+
+RANKS = ("attention", "random", "none", "grid")
+"""The ``rank`` values of :func:`flowkern.prune`."""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# arguments
+
+
+def check_prune_args(
+    layer: int | None, keep: int | float, rank: str, when: str, num_layers: int, deepstack: int = 0,
+    family: str = "model",
+) -> int | None:
+    """Validate :func:`flowkern.prune`'s arguments; returns ``layer`` in ``[0, num_layers)`` (or None).
+
+    Args:
+        deepstack: decoder layers after which the vision tower still adds image features (Qwen3-VL's DeepStack).
+
+    Raises:
+        ValueError: naming the bad argument. NotImplementedError: pruning before the DeepStack layers end.
+    """
+    if rank not in RANKS:
+        raise ValueError(f"rank must be one of {RANKS}, got {rank!r}")
+    if when not in ("prefill", "decode"):
+        raise ValueError(f"when must be 'prefill' or 'decode', got {when!r}")
+    if isinstance(keep, bool) or not isinstance(keep, int | float):
+        raise ValueError(f"keep must be an int >= 0 or a float fraction in [0, 1], got {keep!r}")
+    if isinstance(keep, float) and not 0.0 <= keep <= 1.0 or isinstance(keep, int) and keep < 0:
+        raise ValueError(f"keep must be an int >= 0 or a float fraction in [0, 1], got {keep!r}")
+    if layer is None:
+        return None
+    if isinstance(layer, bool) or not isinstance(layer, int) or not -num_layers <= layer < num_layers:
+        raise ValueError(
+            f"layer must be a decoder layer index in [0, {num_layers}) (negative counts from the end), got {layer!r}"
+        )
+    layer %= num_layers
+    if layer == 0 and rank == "attention" and keep != 0:
+        raise ValueError(
+            "rank='attention' ranks image tokens by the attention they receive at layer L-1, so it needs "
+            "layer >= 1; at layer=0 use keep=0, rank='none' or rank='random'"
+        )
+    if layer == 0 and when == "decode":
+        raise ValueError("when='decode' compacts the cache of layers >= 1: use layer >= 1")
+    if deepstack and when == "prefill" and 0 < layer < deepstack:
+        raise NotImplementedError(
+            f"{family}: DeepStack adds visual features to the image tokens after decoder layers 0..{deepstack - 1}; "
+            f"pruning before that (layer={layer}) is not supported: use layer >= {deepstack}"
+        )
+    return layer
+
+
+# ----------------------------------------------------------------------------------------------------------
+# which image tokens
+
+
+def num_to_keep(keep: int | float, n_image: torch.Tensor) -> torch.Tensor:
+    """Image tokens to keep per sample: long ``[B]`` from the ``keep`` spec (an int = at most that many, a float =
+    that fraction, rounded half up) and the image-token counts ``n_image`` ``[B]``."""
+    if isinstance(keep, float):
+        return torch.floor(n_image.double() * keep + 0.5).long().clamp(max=n_image)
+    return n_image.clamp(max=int(keep))
+
+
+def choose(is_image: torch.Tensor, k: torch.Tensor, rank: str, scores: torch.Tensor | None, seed: int) -> torch.Tensor:
+    """bool ``[B, S]``: the ``k[b]`` best image tokens of each row by ``rank`` (stable: ties -> earlier token).
+
+    Args:
+        is_image: bool ``[B, S]``.
+        k: long ``[B]``.
+        rank: one of :data:`RANKS`; ``"random"`` draws one score per position from
+            ``torch.Generator().manual_seed(seed)`` (identical rows get identical choices), ``"none"`` takes the
+            first ``k``.
+        scores: float ``[B, S]`` for ``"attention"`` (attention received) and ``"grid"`` (:func:`grid_scores`).
+    """
+    B, S = is_image.shape
+    dev = is_image.device
+    if rank in ("attention", "grid"):
+        if scores is None:
+            raise ValueError(f"rank={rank!r} needs scores [B, S]")
+        s = scores.float()
+    elif rank == "random":
+        s = torch.rand(S, generator=torch.Generator().manual_seed(int(seed))).to(dev).expand(B, S)
+    else:
+        s = -torch.arange(S, device=dev, dtype=torch.float32).expand(B, S)
+    s = s.masked_fill(~is_image, float("-inf"))
+    order = torch.sort(s, dim=1, descending=True, stable=True).indices
+    place = torch.empty_like(order).scatter_(1, order, torch.arange(S, device=dev).expand(B, S))
+    return is_image & (place < k.to(dev)[:, None])
+
+
+def grid_cells(index: torch.Tensor, q: int) -> torch.Tensor:
+    """bool ``[rows, cols]``: the ``min(q, cells)`` cells of one grid the ``"grid"`` rank keeps.
+
+    ``index`` long ``[rows, cols]`` (-1 = no token there). The cells at rows ``o, o+s, o+2s, ...`` (centred:
+    ``o = ((rows-1) mod s) // 2``, columns alike) for the smallest stride ``s`` with at most ``q`` such cells, then
+    every n-th remaining cell in raster order (``floor((i + 0.5) * remaining / rest)``) until ``q`` are chosen.
+    """
+    valid = index >= 0
+    n = int(valid.sum())
+    if q >= n:
+        return valid
+    chosen = torch.zeros_like(valid)
+    if q <= 0:
+        return chosen
+    rows, cols = valid.shape
+    r, c = torch.arange(rows)[:, None], torch.arange(cols)[None, :]
+    for s in range(1, max(rows, cols) + 1):
+        sub = valid & (r % s == ((rows - 1) % s) // 2) & (c % s == ((cols - 1) % s) // 2)
+        if int(sub.sum()) <= q:
+            chosen = sub
+            break
+    rest = q - int(chosen.sum())
+    if rest > 0:
+        others = torch.nonzero((valid & ~chosen).flatten()).flatten()
+        pick = ((torch.arange(rest, dtype=torch.float64) + 0.5) * others.numel() / rest).long()
+        flat = chosen.flatten().clone()
+        flat[others[pick]] = True
+        chosen = flat.view(rows, cols)
+    return chosen
+
+
+def grid_scores(grids: list[list[torch.Tensor]], k: torch.Tensor, is_image: torch.Tensor) -> torch.Tensor:
+    """float ``[B, S]`` for :func:`choose` with ``rank="grid"``: 1 at the ``k[b]`` image tokens of a spatially
+    uniform subsample of sample b's grids, 0 at its other image tokens (tokens on no grid, e.g. a CLS, come last).
+
+    Args:
+        grids: per sample, its image grids as long ``[rows, cols]`` *sequence positions* (-1 = no token).
+        k: long ``[B]`` image tokens to keep per sample; several grids share it in proportion to their sizes.
+        is_image: bool ``[B, S]`` the image tokens.
+    """
+    B, S = is_image.shape
+    scores = torch.zeros(B, S, dtype=torch.float32)
+    on_grid = torch.zeros(B, S, dtype=torch.bool)
+    for b, views in enumerate(grids):
+        sizes = [int((g >= 0).sum()) for g in views]
+        total, kb = sum(sizes), min(int(k[b]), sum(sizes))
+        done = 0
+        for g, n in zip(views, sizes, strict=True):  # k shared in proportion to grid size (rounded half up)
+            q = (2 * kb * (done + n) + total) // (2 * total) - (2 * kb * done + total) // (2 * total)
+            done += n
+            cells = grid_cells(g, q)
+            scores[b, g[cells]] = 1.0
+            on_grid[b, g[g >= 0]] = True
+    scores[~on_grid] = -0.5
+    return scores.to(is_image.device)
+
+
+def prompt_keep(
+    image: torch.Tensor, real: torch.Tensor, keep: int | float, rank: str, scores: torch.Tensor | None, seed: int
+) -> torch.Tensor:
+    """``keep_real`` bool ``[B, S]``: every real text token, the chosen image tokens, and each row's last position
+    (the row that produces the next token).
+
+    Args:
+        image: bool ``[B, S]`` the (real) image tokens; real: bool ``[B, S]`` (False = padding).
+        keep, rank, seed: as in :func:`flowkern.prune`; scores: as in :func:`choose`.
+    """
+    k = num_to_keep(keep, image.sum(dim=1))
+    chosen = choose(image, k, rank, scores, seed) if keep != 0 else torch.zeros_like(image)
+    keep_real = real & (~image | chosen)
+    keep_real[:, -1] = True
+    return keep_real
+
+
+# ----------------------------------------------------------------------------------------------------------
+# key maps
+
+
+def equalise(keep_real: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Make every row keep the same number of positions.
+
+    Args:
+        keep_real: bool ``[B, S]``, the positions to keep (real tokens).
+
+    Returns:
+        ``(keep_all, index, keymap)``: bool ``[B, S]`` with exactly ``Lmax = max_b keep_real[b].sum()`` True per
+        row (the kept positions plus, in shorter rows, their earliest other positions as fillers); long
+        ``[B, Lmax]`` the kept positions in order; long ``[B, Lmax]`` the same with -1 at fillers.
+    """
+    n = keep_real.sum(dim=1)
+    lmax = int(n.max()) if n.numel() else 0
+    other = ~keep_real
+    filler = other & (other.long().cumsum(dim=1) <= (lmax - n)[:, None])
+    keep_all = keep_real | filler
+    index = torch.sort((~keep_all).to(torch.int8), dim=1, stable=True).indices[:, :lmax]
+    keymap = torch.where(keep_real.gather(1, index), index, torch.full_like(index, -1))
+    return keep_all, index, keymap
+
+
+@dataclass
+class Narrowing:
+    """How the layers ``>= from_layer`` of one forward differ from the full sequence.
+
+    Attributes:
+        keep_all: bool ``[B, S]``: positions those layers compute on (kept tokens + fillers); all True when
+            ``compact`` is False.
+        index: long ``[B, L]``: the original position of each row of the narrowed sequence.
+        keymap: long ``[B, L]``: ``index`` with -1 at the slots hidden from attention (fillers, removed tokens).
+        compact: True: the hidden states are compacted to ``index`` at ``from_layer`` (a real speed-up); False:
+            the sequence stays whole and the removed tokens are only hidden (pruning at layer 0, whose cache
+            length transformers reads).
+        hidden: whether any slot is hidden (else no key padding mask is needed: the fast path).
+    """
+
+    keep_all: torch.Tensor
+    index: torch.Tensor
+    keymap: torch.Tensor
+    compact: bool
+    hidden: bool
+
+
+def narrowing(keep_real: torch.Tensor, *, compact: bool) -> Narrowing:
+    """The :class:`Narrowing` that keeps ``keep_real`` (bool ``[B, S]``): compacted (:func:`equalise`), or the whole
+    sequence with the other positions hidden."""
+    if not compact:
+        S = keep_real.shape[1]
+        index = torch.arange(S, device=keep_real.device).expand_as(keep_real)
+        keymap = torch.where(keep_real, index, -1)
+        return Narrowing(torch.ones_like(keep_real), index, keymap, False, bool((~keep_real).any()))
+    keep_all, index, keymap = equalise(keep_real)
+    return Narrowing(keep_all, index, keymap, True, bool((keymap < 0).any()))
+
+
+def gather_tokens(t: torch.Tensor, index: torch.Tensor, seq_dim: int) -> torch.Tensor:
+    """Gather positions ``index [B, L]`` along ``seq_dim`` of a per-token tensor ``[..., B or 1, S, ...]`` (a
+    ``[S]`` tensor is shared by the batch); returns ``[..., B, L, ...]``."""
+    if t.dim() == 1:
+        t = t.unsqueeze(0)
+    nd = t.dim()
+    sd = seq_dim % nd
+    if sd == 0:
+        raise ValueError(f"per-token tensor of shape {tuple(t.shape)} has no batch dim before its sequence dim")
+    B, lmax = index.shape
+    shape = list(t.shape)
+    shape[sd - 1] = B
+    t = t.expand(shape)
+    view = [1] * nd
+    view[sd - 1], view[sd] = B, lmax
+    out_shape = list(shape)
+    out_shape[sd] = lmax
+    return t.gather(sd, index.view(view).expand(out_shape))
+
+
+@dataclass
+class KeyMapGroup:
+    """Layers of one KV cache that hold the same tokens: their key map (long ``[B, Sk]``, -1 = hidden) and whether
+    any slot is hidden (else no key padding mask is needed)."""
+
+    layers: frozenset[int]
+    keymap: torch.Tensor
+    hidden: bool
+
+    def mask(self) -> torch.Tensor | None:
+        """bool ``[B, Sk]`` (True = a real key), or None when nothing is hidden."""
+        return (self.keymap >= 0) if self.hidden else None
+
+
+def extend_groups(groups: list[KeyMapGroup], past: int, n_new: int, real: torch.Tensor | None) -> None:
+    """A forward of ``n_new`` tokens on a cache of ``past``: every group's key map gets their positions
+    ``past .. past + n_new - 1`` (-1 where ``real`` bool ``[B, n_new]`` says padding), in place."""
+    for g in groups:
+        B = g.keymap.shape[0]
+        pos = torch.arange(past, past + n_new, device=g.keymap.device).expand(B, n_new)
+        if real is not None:
+            r = real.to(g.keymap.device)
+            pos = torch.where(r, pos, -1)
+            g.hidden = g.hidden or not bool(r.all())
+        g.keymap = torch.cat([g.keymap, pos], dim=1)
+
+
+def compact_keymap(keymap: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Compact slots that already hold ``keymap`` (long ``[B, Sk]``) to the original positions ``keep`` (bool
+    ``[B, T]``) says to keep.
+
+    Returns:
+        ``(keep_slots, new_keymap)``: bool ``[B, Sk]`` the slots to move to the front (:func:`flowkern.compact_`),
+        and long ``[B, L]`` the key map of the compacted slots (-1 = filler).
+    """
+    held = keymap >= 0
+    slot_keep = keep.gather(1, keymap.clamp(min=0)) & held
+    keep_all, _, slot_map = equalise(slot_keep)
+    new_keymap = torch.where(slot_map >= 0, keymap.gather(1, slot_map.clamp(min=0)), -1)
+    return keep_all, new_keymap
+
+
+def is_continuation(ids: torch.Tensor | None, prompt_ids: torch.Tensor | None) -> bool:
+    """Whether a cache-free forward of ``ids`` ``[B, S']`` re-feeds the prompt ``prompt_ids`` ``[B, S]`` plus
+    generated tokens (``generate(use_cache=False)``), rather than a new prompt."""
+    if ids is None or prompt_ids is None:
+        return False
+    S = prompt_ids.shape[1]
+    return ids.shape[1] > S and ids.shape[0] == prompt_ids.shape[0] and torch.equal(
+        ids[:, :S], prompt_ids.to(ids.device))

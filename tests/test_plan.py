@@ -1,0 +1,142 @@
+"""flowkern.plan: pruning's planning as pure functions, on hand-made tensors (no model). Expected values are
+written out by hand from the definitions in flowkern/prune.py's docstring."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from flowkern import plan
+
+T, F = True, False
+
+
+def test_check_prune_args():
+    assert plan.check_prune_args(None, 0, "attention", "prefill", 4) is None
+    assert plan.check_prune_args(-1, 0, "attention", "prefill", 4) == 3
+    assert plan.check_prune_args(0, 0, "attention", "prefill", 4) == 0  # keep=0 needs no ranking
+    assert plan.check_prune_args(0, 3, "random", "prefill", 4) == 0
+    for layer in (4, -5, True, 1.0):
+        with pytest.raises(ValueError, match="layer must be"):
+            plan.check_prune_args(layer, 0, "attention", "prefill", 4)
+    for keep in (-1, 1.5, True, "2"):
+        with pytest.raises(ValueError, match="keep must be"):
+            plan.check_prune_args(1, keep, "attention", "prefill", 4)
+    with pytest.raises(ValueError, match="rank must be"):
+        plan.check_prune_args(1, 0, "topk", "prefill", 4)
+    with pytest.raises(ValueError, match="when must be"):
+        plan.check_prune_args(1, 0, "none", "later", 4)
+    with pytest.raises(ValueError, match="layer >= 1"):
+        plan.check_prune_args(0, 2, "attention", "prefill", 4)
+    with pytest.raises(ValueError, match="when='decode'"):
+        plan.check_prune_args(0, 0, "none", "decode", 4)
+    with pytest.raises(NotImplementedError, match="DeepStack"):
+        plan.check_prune_args(2, 0, "none", "prefill", 4, deepstack=3, family="qwen3_vl")
+    assert plan.check_prune_args(3, 0, "none", "prefill", 4, deepstack=3) == 3
+    assert plan.check_prune_args(2, 0, "none", "decode", 4, deepstack=3) == 2  # the prefill sees everything
+
+
+def test_num_to_keep():
+    n = torch.tensor([10, 3, 0, 5])
+    assert plan.num_to_keep(4, n).tolist() == [4, 3, 0, 4]
+    assert plan.num_to_keep(0, n).tolist() == [0, 0, 0, 0]
+    assert plan.num_to_keep(0.25, n).tolist() == [3, 1, 0, 1]  # 2.5 -> 3, 0.75 -> 1, 1.25 -> 1 (half up)
+    assert plan.num_to_keep(1.0, n).tolist() == [10, 3, 0, 5]
+
+
+def test_choose_by_rank():
+    image = torch.tensor([[F, T, T, T, T, F], [T, T, F, T, F, F]])
+    k = torch.tensor([2, 1])
+    scores = torch.tensor([[9.0, 0.1, 0.5, 0.5, 0.3, 9.0], [0.2, 0.2, 9.0, 0.1, 0.0, 0.0]])
+    # top 2 of row 0: 0.5, 0.5 (positions 2, 3; text positions never count); row 1: a tie -> the earlier token
+    assert plan.choose(image, k, "attention", scores, 0).tolist() == [[F, F, T, T, F, F], [T, F, F, F, F, F]]
+    assert plan.choose(image, k, "none", None, 0).tolist() == [[F, T, T, F, F, F], [T, F, F, F, F, F]]
+    same = torch.tensor([[F, T, T, T, T, F], [F, T, T, T, T, F]])
+    a = plan.choose(same, torch.tensor([2, 2]), "random", None, 7)
+    assert torch.equal(a[0], a[1]) and int(a[0].sum()) == 2 and not (a & ~same).any()
+    assert torch.equal(a, plan.choose(same, torch.tensor([2, 2]), "random", None, 7))
+    draws = {tuple(plan.choose(same, torch.tensor([2, 2]), "random", None, s)[0].tolist()) for s in range(8)}
+    assert len(draws) > 1  # the seed matters
+    with pytest.raises(ValueError, match="needs scores"):
+        plan.choose(image, k, "grid", None, 0)
+
+
+def test_prompt_keep_keeps_text_and_the_last_row():
+    image = torch.tensor([[F, T, T, T, F], [F, F, T, T, T]])
+    real = torch.tensor([[T, T, T, T, T], [F, F, T, T, T]])
+    got = plan.prompt_keep(image, real, 0, "none", None, 0)
+    assert got.tolist() == [[T, F, F, F, T], [F, F, F, F, T]]  # row 1: its last position is an image token: kept
+    got = plan.prompt_keep(image, real, 1, "none", None, 0)
+    assert got.tolist() == [[T, T, F, F, T], [F, F, T, F, T]]
+
+
+def test_equalise_fills_short_rows_with_their_earliest_removed_positions():
+    keep = torch.tensor([[T, F, T, F, T], [F, T, F, F, T]])
+    keep_all, index, keymap = plan.equalise(keep)
+    assert keep_all.tolist() == [[T, F, T, F, T], [T, T, F, F, T]]
+    assert index.tolist() == [[0, 2, 4], [0, 1, 4]]
+    assert keymap.tolist() == [[0, 2, 4], [-1, 1, 4]]
+
+
+def test_narrowing_compacts_or_masks():
+    keep = torch.tensor([[T, F, T, T], [F, T, F, T]])
+    n = plan.narrowing(keep, compact=True)
+    assert n.compact and n.hidden and n.keep_all.tolist() == [[T, F, T, T], [T, T, F, T]]
+    assert n.index.tolist() == [[0, 2, 3], [0, 1, 3]] and n.keymap.tolist() == [[0, 2, 3], [-1, 1, 3]]
+    m = plan.narrowing(keep, compact=False)
+    assert not m.compact and m.hidden and m.keep_all.all()
+    assert m.keymap.tolist() == [[0, -1, 2, 3], [-1, 1, -1, 3]]
+    assert not plan.narrowing(torch.ones(2, 3, dtype=torch.bool), compact=False).hidden
+    assert not plan.narrowing(torch.tensor([[T, F, T], [F, T, T]]), compact=True).hidden  # equal rows: no filler
+
+
+def test_gather_tokens_per_token_inputs():
+    index = torch.tensor([[0, 2], [1, 3]])
+    pos = torch.arange(4)  # [S], shared by the batch
+    assert plan.gather_tokens(pos, index, -1).tolist() == [[0, 2], [1, 3]]
+    mrope = torch.arange(24).view(3, 2, 4)  # [3, B, S]
+    assert plan.gather_tokens(mrope, index, -1)[:, 1].tolist() == [[5, 7], [13, 15], [21, 23]]
+    cos = torch.arange(8.0).view(1, 4, 2)  # [1, S, D]: expanded to the batch
+    assert plan.gather_tokens(cos, index, -2).tolist() == [[[0, 1], [4, 5]], [[2, 3], [6, 7]]]
+    with pytest.raises(ValueError, match="no batch dim"):
+        plan.gather_tokens(torch.zeros(4, 3), index, 0)
+
+
+def test_extend_groups_appends_the_new_positions():
+    g = plan.KeyMapGroup(frozenset({2, 3}), torch.tensor([[0, 2], [-1, 1]]), hidden=True)
+    h = plan.KeyMapGroup(frozenset({1}), torch.tensor([[0, 1, 2], [0, 1, 2]]), hidden=False)
+    plan.extend_groups([g, h], past=3, n_new=2, real=torch.tensor([[T, T], [T, F]]))
+    assert g.keymap.tolist() == [[0, 2, 3, 4], [-1, 1, 3, -1]]
+    assert h.keymap.tolist() == [[0, 1, 2, 3, 4], [0, 1, 2, 3, -1]] and h.hidden  # a padded new token hides
+    assert h.mask().tolist() == [[T] * 5, [T, T, T, T, F]]
+    plan.extend_groups([g], past=5, n_new=1, real=None)
+    assert g.keymap[:, -1].tolist() == [5, 5]
+
+
+def test_compact_keymap_of_a_compacted_cache():
+    keymap = torch.tensor([[0, 2, 4], [-1, 1, 4]])
+    keep = torch.tensor([[T, T, F, T, T], [T, T, T, T, T]])  # over original positions
+    slots, new = plan.compact_keymap(keymap, keep)
+    assert slots.tolist() == [[T, F, T], [F, T, T]]
+    assert new.tolist() == [[0, 4], [1, 4]]
+    slots, new = plan.compact_keymap(torch.arange(4).expand(2, 4), torch.tensor([[T, F, F, T], [T, T, F, T]]))
+    assert slots.tolist() == [[T, T, F, T], [T, T, F, T]] and new.tolist() == [[0, -1, 3], [0, 1, 3]]
+
+
+def test_is_continuation():
+    prompt = torch.tensor([[5, 6, 7], [5, 8, 9]])
+    assert plan.is_continuation(torch.tensor([[5, 6, 7, 1], [5, 8, 9, 2]]), prompt)
+    assert not plan.is_continuation(prompt, prompt)  # the same prompt again: a new prompt
+    assert not plan.is_continuation(torch.tensor([[5, 6, 0, 1], [5, 8, 9, 2]]), prompt)
+    assert not plan.is_continuation(torch.tensor([[5, 6, 7, 1]]), prompt)
+    assert not plan.is_continuation(None, prompt) and not plan.is_continuation(prompt, None)
+
+
+def test_grid_scores_share_k_between_grids():
+    """Two grids of 4 and 2 cells share k = 3 in proportion (2 + 1); tokens on no grid score below the rest."""
+    g1 = torch.tensor([[1, 2], [3, 4]])
+    g2 = torch.tensor([[6, 7]])
+    is_image = torch.tensor([[F, T, T, T, T, T, T, T]])  # position 5 is on no grid
+    s = plan.grid_scores([[g1, g2]], torch.tensor([3]), is_image)
+    assert int((s[0, 1:5] == 1).sum()) == 2 and int((s[0, 6:8] == 1).sum()) == 1
+    assert float(s[0, 5]) == -0.5
