@@ -157,17 +157,12 @@ def _llava_15_config(*, vision_hidden: int = 1024, vision_intermediate: int = 40
 
 def build_model(size: str, device: str, dtype: torch.dtype) -> LlavaForConditionalGeneration:
     """``llava_15_config(size)`` with random weights (seed 0) on ``device`` in ``dtype``, SDPA attention, eval mode;
-    end-of-sequence disabled so that ``generate`` always decodes ``max_new_tokens`` steps."""
-    from transformers import LlavaForConditionalGeneration
+    end-of-sequence disabled so that ``generate`` always decodes ``max_new_tokens`` steps (the project's one
+    tiny-model builder, :func:`flowkern.hf.tiny.build_model`)."""
+    from flowkern.hf.tiny import build_model as build
 
-    torch.manual_seed(0)
-    cfg = llava_15_config(size)
-    with torch.device(device):
-        model = LlavaForConditionalGeneration._from_config(cfg, dtype=dtype, attn_implementation="sdpa")
-    model.eval()
-    model.generation_config.eos_token_id = None  # always decode --new-tokens steps
-    model.generation_config.pad_token_id = cfg.pad_token_id
-    return model
+    return build(llava_15_config(size), seed=0, device=device, dtype=dtype, attn_implementation="sdpa",
+                 decode_all=True)
 
 
 def model_summary(model: LlavaForConditionalGeneration, size: str, *, vocab: bool = False) -> dict:

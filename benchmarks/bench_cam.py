@@ -46,19 +46,10 @@ def llava_config(name: str):
 
 
 def build(name: str, device: str, dtype: torch.dtype):
-    from transformers import LlavaForConditionalGeneration
+    from flowkern.hf.tiny import build_model
 
     cfg = llava_config(name)
-    torch.manual_seed(0)
-    prev = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            model = LlavaForConditionalGeneration(cfg)
-    finally:
-        torch.set_default_dtype(prev)
-    model.eval()
-    model.generation_config.eos_token_id = None
+    model = build_model(cfg, seed=0, device=device, dtype=dtype, decode_all=True)
     g = torch.Generator().manual_seed(1)
     n_img = (cfg.vision_config.image_size // cfg.vision_config.patch_size) ** 2
     text = torch.randint(2, 31000, (PROMPT_LEN,), generator=g)

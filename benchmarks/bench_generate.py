@@ -14,12 +14,14 @@ no padding), ``--new-tokens`` greedy steps (end-of-sequence disabled). Methods, 
   L = 2: the issue's target);
 - ``prune-k64``: ``flowkern.prune(model, layer=L, keep=64, rank="attention")``: FastV-style, top 64 kept.
 
-Per run a forward-hook timer (CUDA synchronised) splits the wall time into the prefill forward (vision tower +
-prompt) and the decode forwards; reported: median prefill seconds and median decode tokens/s (``B * steps / decode
-time``) over ``--repeats`` runs after one warm-up, and on CUDA the peak allocated memory above the weights and
-inputs. Ratios (``prefill_speedup``: sdpa prefill / method prefill; ``decode_speedup``: method tokens/s / sdpa
-tokens/s) are within one process (DESIGN.md §7). Targets (issue 4, GPU, 7B config, L=2, keep=0): prefill >= 2.5x,
-batch-32 decode >= 1.5x vs SDPA.
+Per run a forward-hook timer (:class:`flowkern.prune.ForwardTimer`, CUDA synchronised) splits the wall time into
+the prefill forward (vision tower + prompt) and the decode forwards; reported: median prefill seconds and median
+decode tokens/s (``B * steps / decode time``) over ``--repeats`` rounds after one warm-up, and on CUDA the peak
+allocated memory above the weights and inputs. In each round every method runs once, the order rotated; ratios
+(``prefill_speedup``: sdpa prefill / method prefill; ``decode_speedup``: method tokens/s / sdpa tokens/s) are the
+medians of the per-round ratios, within one process (DESIGN.md §7), so that a shared machine's drifting load
+biases no method. Targets: issue 4 (GPU, 7B config, L=2, keep=0): prefill >= 2.5x, batch-32 decode >= 1.5x vs
+SDPA; issue 11 (CPU, tiny config, batch 1): ``flowkern`` decode >= 0.97x, ``prune-k0`` decode >= 1.0x.
 
     python benchmarks/bench_generate.py                  # CPU, tiny config; writes results/cpu-<n>core-generate.json
     python benchmarks/bench_generate.py --device cuda    # GPU, LLaVA-1.5-7B geometry, bf16; results/h100-generate.json
@@ -87,24 +89,37 @@ def run(method: str, model, kwargs: dict, new_tokens: int, layer: int) -> tuple[
     return timer.prefill_seconds, timer.decode_tokens_per_second
 
 
-def measure(method: str, model, kwargs: dict, new_tokens: int, layer: int, repeats: int, gpu: bool) -> dict:
-    run(method, model, kwargs, new_tokens, layer)  # warm-up
-    prefill, tps = [], []
-    for _ in range(repeats):
-        p, t = run(method, model, kwargs, new_tokens, layer)
-        prefill.append(p)
-        tps.append(t)
-    out = dict(prefill_s=statistics.median(prefill), prefill_min_s=min(prefill),
-               decode_tok_s=statistics.median(tps), decode_max_tok_s=max(tps), repeats=repeats)
+def measure(methods: list[str], model, kwargs: dict, new_tokens: int, layer: int, repeats: int, gpu: bool) -> dict:
+    """Per method: median prefill seconds and decode tokens/s over ``repeats`` rounds after one warm-up each; in
+    every round each method runs once, the order rotated, and the speed-ups vs SDPA are medians of the per-round
+    ratios (a shared machine's load drifting during the run biases no method)."""
+    for method in methods:
+        run(method, model, kwargs, new_tokens, layer)  # warm-up
+    prefill: dict[str, list[float]] = {m: [] for m in methods}
+    tps: dict[str, list[float]] = {m: [] for m in methods}
+    for i in range(repeats):
+        for method in methods[i % len(methods):] + methods[: i % len(methods)]:
+            p, t = run(method, model, kwargs, new_tokens, layer)
+            prefill[method].append(p)
+            tps[method].append(t)
+    out = {}
+    for m in methods:
+        out[m] = dict(prefill_s=statistics.median(prefill[m]), prefill_min_s=min(prefill[m]),
+                      decode_tok_s=statistics.median(tps[m]), decode_max_tok_s=max(tps[m]), repeats=repeats)
+        if m != "sdpa":
+            out[m]["prefill_speedup"] = statistics.median(
+                b / a for a, b in zip(prefill[m], prefill["sdpa"], strict=True))
+            out[m]["decode_speedup"] = statistics.median(a / b for a, b in zip(tps[m], tps["sdpa"], strict=True))
     if gpu:
-        gc.collect()
-        torch.cuda.synchronize()
-        torch.cuda.empty_cache()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        run(method, model, kwargs, new_tokens, layer)
-        torch.cuda.synchronize()
-        out["peak_extra_mib"] = (torch.cuda.max_memory_allocated() - base) / 2**20
+        for m in methods:
+            gc.collect()
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+            base = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            run(m, model, kwargs, new_tokens, layer)
+            torch.cuda.synchronize()
+            out[m]["peak_extra_mib"] = (torch.cuda.max_memory_allocated() - base) / 2**20
     return out
 
 
@@ -143,17 +158,12 @@ def main() -> None:
         row = dict(batch=batch, prompt_tokens=int(kwargs["input_ids"].shape[1]),
                    image_tokens=int((kwargs["input_ids"][0] == model.config.image_token_index).sum()),
                    new_tokens=new_tokens)
+        row.update(measure(methods, model, kwargs, new_tokens, args.layer, repeats, gpu))
         for method in methods:
-            row[method] = measure(method, model, kwargs, new_tokens, args.layer, repeats, gpu)
             r = row[method]
             print(f"batch {batch:3d} {method:10s} prefill {1e3 * r['prefill_s']:9.1f} ms  decode "
                   f"{r['decode_tok_s']:9.1f} tok/s" + (f"  peak +{r['peak_extra_mib']:.0f} MiB" if gpu else ""),
                   flush=True)
-        base = row["sdpa"]
-        for method in methods:
-            if method != "sdpa":
-                row[method]["prefill_speedup"] = base["prefill_s"] / row[method]["prefill_s"]
-                row[method]["decode_speedup"] = row[method]["decode_tok_s"] / base["decode_tok_s"]
         rows.append(row)
         del kwargs
         gc.collect()

@@ -15,7 +15,9 @@ model and inputs, so ratios are comparable (DESIGN.md §7):
   SDPA), ``generate(output_attentions=True, return_dict_in_generate=True)``, then the same shares reduced from
   the returned attention matrices. The two methods' shares are compared (``shares_max_abs_diff``).
 
-Time: median of ``--repeats`` runs after one warm-up (CUDA: synchronised wall time). Peak memory: on CUDA
+Time: median of ``--repeats`` runs after one warm-up (CUDA: synchronised wall time); the methods take turns
+(one run each per round, the order rotated), and the ratios are medians of the per-round ratios, so that the load
+of a shared machine drifting during the run biases no method. Peak memory: on CUDA
 ``torch.cuda.max_memory_allocated`` above what was allocated before the call (weights, inputs), measured in this
 process; on CPU the growth of the peak RSS (``VmHWM`` after ``/proc/self/clear_refs``, helpers from
 ``_common.py``) during one run in a fresh process per method and workload (no warm-up there, so cached
@@ -113,16 +115,21 @@ def run(method: str, model: LlavaForConditionalGeneration, kwargs: dict, labels:
     raise ValueError(method)
 
 
-def time_method(method: str, model, kwargs, labels, new_tokens: int, device: str, repeats: int) -> dict:
-    run(method, model, kwargs, labels, new_tokens)  # warm-up
-    times = []
-    for _ in range(repeats):
-        sync(device)
-        t0 = time.perf_counter()
-        run(method, model, kwargs, labels, new_tokens)
-        sync(device)
-        times.append(time.perf_counter() - t0)
-    return dict(median_s=statistics.median(times), min_s=min(times), max_s=max(times), repeats=repeats)
+def time_methods(methods, model, kwargs, labels, new_tokens: int, device: str, repeats: int) -> dict:
+    """Wall time of each method: one warm-up each, then ``repeats`` rounds in which every method runs once, the
+    order rotated per round, so that a machine whose load drifts biases no method (ratios are per round)."""
+    for method in methods:
+        run(method, model, kwargs, labels, new_tokens)  # warm-up
+    times: dict[str, list[float]] = {m: [] for m in methods}
+    for i in range(repeats):
+        for method in methods[i % len(methods):] + methods[: i % len(methods)]:
+            sync(device)
+            t0 = time.perf_counter()
+            run(method, model, kwargs, labels, new_tokens)
+            sync(device)
+            times[method].append(time.perf_counter() - t0)
+    return {m: dict(median_s=statistics.median(t), min_s=min(t), max_s=max(t), repeats=repeats, times_s=t)
+            for m, t in times.items()}
 
 
 def cuda_peak(method: str, model, kwargs, labels, new_tokens: int) -> dict:
@@ -194,8 +201,8 @@ def main() -> None:
         _, eager = run("eager", model, kwargs, labels, args.new_tokens)
         result["shares_max_abs_diff"] = float((fk_shares - eager).abs().max())
         result["image_share_per_layer"] = [round(float(v), 4) for v in fk_shares[:, 1]]
+        result.update(time_methods(list(METHODS), model, kwargs, labels, args.new_tokens, device, repeats))
         for method in METHODS:
-            result[method] = time_method(method, model, kwargs, labels, args.new_tokens, device, repeats)
             if not args.no_memory:
                 if gpu:
                     result[method].update(cuda_peak(method, model, kwargs, labels, args.new_tokens))
@@ -203,8 +210,9 @@ def main() -> None:
                     result[method].update(cpu_peak(method, case, size, dtype, args.new_tokens))
             print(f"{case['name']:26s} {method:9s} {result[method]['median_s']:8.3f} s"
                   + (f"  peak +{result[method]['peak_extra_mib']:.0f} MiB" if not args.no_memory else ""), flush=True)
-        for other in ("sdpa", "eager"):
-            result[f"time_flowkern_over_{other}"] = result["flowkern"]["median_s"] / result[other]["median_s"]
+        for other in ("sdpa", "eager"):  # the median of the per-round ratios
+            result[f"time_flowkern_over_{other}"] = statistics.median(
+                a / b for a, b in zip(result["flowkern"]["times_s"], result[other]["times_s"], strict=True))
             if not args.no_memory and result[other]["peak_extra_mib"] > 0:
                 result[f"memory_flowkern_over_{other}"] = (
                     result["flowkern"]["peak_extra_mib"] / result[other]["peak_extra_mib"])
