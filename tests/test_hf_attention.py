@@ -88,13 +88,17 @@ def test_mask_rejects_other_patterns():
         flowkern_attention_mask(1, 4, 4, mask_function=sliding_window_causal_mask_function(2))
 
 
-@pytest.mark.parametrize("observed", [False, True], ids=["fast-path", "observed"])
+@pytest.mark.parametrize("path", ["fast-small", "fast-large", "observed"])
 @pytest.mark.parametrize("padded", [False, True], ids=["unpadded", "padded"])
 @pytest.mark.parametrize("sq,past", [(6, 0), (5, 3), (1, 7)], ids=["prefill", "chunk", "decode"])
 @pytest.mark.parametrize("hq,hkv", [(4, 4), (4, 2), (4, 1)], ids=["mha", "gqa", "mqa"])
-def test_matches_sdpa_attention_forward(sq, past, hq, hkv, padded, observed):
-    """Both paths (nobody listens: SDPA or flowkern's kernel; a listener: the fused kernel) give transformers'
-    SDPA output, with and without key padding."""
+def test_matches_sdpa_attention_forward(sq, past, hq, hkv, padded, path, monkeypatch):
+    """Every path (nobody listens: SDPA for a small call, flowkern's kernel for a large one; a listener: the fused
+    kernel) gives transformers' SDPA output, with and without key padding."""
+    from flowkern.hf import attention
+
+    monkeypatch.setattr(attention, "SMALL_CALL", 0 if path == "fast-large" else 2**40)
+    observed = path == "observed"
     q, k, v, padding = _inputs(hq=hq, hkv=hkv, sq=sq, past=past)
     if not padded:
         padding = torch.ones_like(padding)

@@ -24,13 +24,13 @@ asked -- emits one :class:`RowEvent` for the last query row (its LSE, per-segmen
 attention each key receives) to the session, which hands it to its listeners. It never calls back for labels and
 never knows who listens; without a state it is plain fused attention.
 
-**Fast path.** A call nobody listens to needs only the attention output. Then, where PyTorch's
-``scaled_dot_product_attention`` needs no materialised mask (no key padding and ``Sq == 1`` or ``Sq == Sk``, or a
-``[B, 1, 1, Sk]`` padding mask at ``Sq == 1``), it computes the output (the same bottom-right causal softmax,
-GQA through ``enable_gqa``): the cheapest kernel there is for a decode step. Otherwise (a padded prefill, a chunk on
-a cache) flowkern's kernel does, with one segment. When autograd needs the output (inputs require grad) or dropout
-is active, the output comes from SDPA (differentiable) and the observed statistics are computed by flowkern under
-``torch.no_grad``.
+**Fast path.** A call nobody listens to needs only the attention output, from whichever kernel is faster for it:
+PyTorch's ``scaled_dot_product_attention`` (the same bottom-right causal softmax, GQA through ``enable_gqa``) where
+it needs no materialised mask (no key padding and ``Sq == 1`` or ``Sq == Sk``, or a ``[B, 1, 1, Sk]`` padding mask
+at ``Sq == 1``) and the call is on CUDA or small (:data:`SMALL_CALL`: per-call overhead dominates), else flowkern's
+kernel with one segment (on CPU it beats SDPA at every larger size measured). When autograd needs the output
+(inputs require grad) or dropout is active, the output comes from SDPA (differentiable) and the observed statistics
+are computed by flowkern under ``torch.no_grad``.
 """
 
 from __future__ import annotations
@@ -48,6 +48,7 @@ from flowkern.hf import compat
 __all__ = [
     "ATTENTION_NAME",
     "STATE_ATTR",
+    "SMALL_CALL",
     "LayerState",
     "RowEvent",
     "flowkern_attention_forward",
@@ -179,21 +180,32 @@ def _sdpa_output(
     )
 
 
+SMALL_CALL = 2**20
+"""``Hq * Sq * Sk * D`` up to which a CPU call nobody listens to runs on SDPA: below it the per-call overhead
+dominates and SDPA's is lower; above it flowkern's C++ kernel is faster. Measured on the project's 2-core CPU, one
+thread, fp32 (flowkern time / SDPA time): decode Hq=4, D=64, Sk=640 (0.16 M): 1.32; a 64-token prefill at Hq=4,
+D=64 (1 M): 1.39; a 128-token one (4 M): 0.96; decode Hq=8, Sk=1280 (0.6 M): 0.85; decode Hq=32, D=128, Sk=640:
+0.44; a 640-token prefill at Hq=4, D=64: 0.80."""
+
+
 def _fast_output(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kpm: torch.Tensor | None, causal: bool, scale: float
 ) -> torch.Tensor:
-    """The attention output ``[B, Hq, Sq, D]`` alone (nobody listens): SDPA where it needs no materialised mask,
-    else flowkern's kernel with one segment (bottom-right causal either way)."""
+    """The attention output ``[B, Hq, Sq, D]`` alone (nobody listens), from the faster kernel for this call:
+    PyTorch SDPA where it needs no materialised mask and either the tensors are on CUDA (its flash / cuDNN
+    kernels) or the call is small (:data:`SMALL_CALL`), else flowkern's kernel with one segment. Bottom-right
+    causal either way."""
     sq, sk = q.shape[2], k.shape[2]
-    gqa = q.shape[1] != k.shape[1]
-    if kpm is None and (sq == 1 or not causal):
-        return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=gqa)
-    if kpm is None and sq == sk:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
-    if kpm is not None and sq == 1:
-        mask = kpm[:, None, None, :]
-        mask = mask | ~mask.any(dim=-1, keepdim=True)  # a row without keys: finite (its output is never read)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
+    if q.device.type == "cuda" or q.shape[1] * sq * sk * q.shape[3] <= SMALL_CALL:
+        gqa = q.shape[1] != k.shape[1]
+        if kpm is None and (sq == 1 or not causal):
+            return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=gqa)
+        if kpm is None and sq == sk:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
+        if kpm is not None and sq == 1:
+            mask = kpm[:, None, None, :]
+            mask = mask | ~mask.any(dim=-1, keepdim=True)  # a row without keys: finite (its output is never read)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
     ids = torch.zeros(q.shape[0], sk, dtype=torch.int32, device=q.device)
     return ops.segment_attention(q, k, v, ids, 1, causal=causal, key_padding_mask=kpm, scale=scale,
                                  validate=False)[0]
