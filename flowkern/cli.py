@@ -57,6 +57,7 @@ SUBCOMMANDS: tuple[str, ...] = (
     "flowkern.cli_eval",
     "flowkern.cli_sweep",
     "flowkern.cli_shapes",
+    "flowkern.cli_demo",
 )
 """One entry per subcommand: ``"module"`` (its ``add_parser``) or ``"module:function"``, imported lazily."""
 
