@@ -342,7 +342,7 @@ class Session:
                 call.output_cache = compat.output_cache(output)
                 narrowed = call.narrowed
                 if narrowed is not None and narrowed.plan is not None:
-                    cache = call.cache or narrowed.cache or call.output_cache
+                    cache = next((c for c in (call.cache, narrowed.cache, call.output_cache) if c is not None), None)
                     if cache is not None:
                         plan, first = narrowed.plan, call.narrowing[0]  # type: ignore[index]
                         set_cache_groups(cache, [KeyMapGroup(frozenset(range(first, self.num_layers)), plan.keymap,
