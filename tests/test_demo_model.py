@@ -88,9 +88,9 @@ def test_training_batches_match_inference_inputs(demo):
         train.answer_ids(tok, "banana")
 
 
-# The quality bar of issue 10 on a small fresh sample. The shipped checkpoint MISSES it (see
-# docs/_pending/demo-model.md: it reads object counts from the image, not yet colours, shapes or labels), so the test is
-# an expected failure; strict, so that a retrained model that passes turns it into an error until the marker goes.
+# The quality bar of issue 10 on a small fresh sample. The shipped checkpoint MISSES it (README: POPE 85 %, SQA 47 %,
+# TextVQA 25 %, CHAIR_s 29.5 % on the 200-image held-out sets), so the test is an expected failure; strict, so that a
+# retrained model that passes turns it into an error until the marker goes.
 BAR = {"pope": ("accuracy", ">=", 0.95), "sqa": ("accuracy", ">=", 0.85), "textvqa": ("accuracy", ">=", 0.80),
        "caption": ("chair_s", "<=", 0.10)}
 
@@ -122,8 +122,72 @@ def test_smoke_quality_bar(smoke):
 
 
 def test_the_image_matters_for_what_the_model_does_read(smoke):
-    # what the shipped model does get from the image: the number of objects, and some of them
+    # what the shipped model does get from the image (held-out, README: POPE 85 %, CHAIR_s 29.5 %, recall 71.5 %):
+    # far above chance on POPE with the image, chance without; captions name the objects only when they see them
+    assert smoke["pope"]["accuracy"] >= 0.7, smoke["pope"]
+    assert abs(smoke["pope-noimage"]["accuracy"] - 0.5) <= 0.10, smoke["pope-noimage"]
     with_image, without = smoke["caption"], smoke["caption-noimage"]
-    assert with_image["count_accuracy"] >= 0.6 and without["count_accuracy"] <= 0.45, (with_image, without)
-    assert with_image["recall"] >= without["recall"] + 0.1, (with_image, without)
-    assert abs(smoke["pope-noimage"]["accuracy"] - 0.5) <= 0.10
+    assert with_image["recall"] >= 0.5 and with_image["recall"] >= without["recall"] + 0.3, (with_image, without)
+    assert with_image["count_accuracy"] >= 0.5, with_image
+
+
+def _scene(objects, label=None):
+    objs = tuple(world.ShapeObject(shape, color, x, y, r, 0.0, world.COLORS[color])
+                 for shape, color, x, y, r in objects)
+    return world.Scene(objs, "white", "plain", label, "test", 0)
+
+
+def test_object_and_label_patches():
+    small = world.ShapeObject("star", "red", 0.30, 0.30, 0.02, 0.0, world.COLORS["red"])
+    assert world.object_patches(small, 8) == [2 * 8 + 2]  # no patch centre inside: the patch under its centre
+    big = world.ShapeObject("circle", "blue", 0.5, 0.5, 0.13, 0.0, world.COLORS["blue"])
+    assert world.object_patches(big, 8) == [27, 28, 35, 36]  # the four patch centres within 0.13 of the middle
+    lab = world.Label("7K", 0.5, 0.5, 0.12, 0.095)
+    left, right = world.label_patches(lab, 8, 0), world.label_patches(lab, 8, 1)
+    assert left and right and not set(left) & set(right)
+    assert all(c % 8 < 4 for c in left) and all(c % 8 >= 4 for c in right)
+    assert sorted(left + right) == world.label_patches(lab, 8)
+
+
+def test_attention_targets_point_each_answer_token_at_its_patches(demo):
+    model, processor = demo
+    tok = processor.tokenizer
+    scene = _scene([("circle", "red", 0.2, 0.3, 0.1), ("square", "blue", 0.7, 0.7, 0.12)],
+                   world.Label("7K", 0.7, 0.2, 0.12, 0.095))
+    red, blue = (world.object_patches(o, 8) for o in scene.objects)
+    pope_yes = {"task": "pope", "scene": scene, "answer": "Yes", "focus": ["blue square"]}
+    assert train.attention_targets(tok, pope_yes, 8) == [(0, blue)]
+    assert train.attention_targets(tok, dict(pope_yes, answer="No", focus=[]), 8) == []
+    text = {"task": "textvqa", "scene": scene, "answer": "7K", "focus": []}
+    assert train.attention_targets(tok, text, 8) == [(0, world.label_patches(scene.label, 8, 0)),
+                                                      (1, world.label_patches(scene.label, 8, 1))]
+    caption = {"task": "caption", "scene": scene, "answer": world.caption_text(scene), "focus": []}
+    words = caption["answer"].split()  # There are two shapes : a red circle and a blue square . There is ... 7K .
+    got = dict(train.attention_targets(tok, caption, 8))
+    assert got[2] == sorted(set(red + blue))  # the count word: every object
+    assert got[words.index("red")] == got[words.index("circle")] == red
+    assert got[words.index("blue")] == got[words.index("square")] == blue
+    assert got[words.index("7K")] == world.label_patches(scene.label, 8, 0)
+    assert got[words.index("7K") + 1] == world.label_patches(scene.label, 8, 1)  # "##K": the token after "7"
+
+    # encode: each guided row is the query position that predicts its answer token; keys are image positions
+    ex = dict(train.training_example(0, 1), **caption, image=world.render(scene))
+    batch = train.encode(processor, [ex])
+    image = batch["input_ids"][0] == model.config.image_token_id
+    prompt_len = int((batch["labels"][0] == -100).sum())
+    rows = batch["focus_rows"].tolist()
+    assert [q - (prompt_len - 1) for _, q in rows] == [t for t, _ in train.attention_targets(tok, caption, 8)]
+    assert batch["focus_keys"].shape == (len(rows), batch["input_ids"].shape[1])
+    assert bool((batch["focus_keys"].bool() <= image).all())
+    first_image = int(image.nonzero()[0])
+    assert sorted((batch["focus_keys"][0].nonzero()[:, 0] - first_image).tolist()) == sorted(set(red + blue))
+
+
+def test_training_stream_is_the_same_in_a_worker(demo):
+    _, processor = demo
+    plan = [("vision", 1, 3), ("full", 2, 2)]
+    inline = list(train._Batches(processor, 0, 8, plan))
+    loader = torch.utils.data.DataLoader(train._Batches(processor, 0, 8, plan), batch_size=None, num_workers=1)
+    for (s1, b1, t1), (s2, b2, t2) in zip(inline, loader, strict=True):
+        assert s1 == s2 and b1.keys() == b2.keys()
+        assert all(torch.equal(b1[k], b2[k]) for k in b1) and all(torch.equal(t1[k], t2[k]) for k in t1)

@@ -2,26 +2,40 @@
 
 .. code-block:: console
 
-    nice -n 10 python -m flowkern.demo.train --out flowkern/demo/model --seed 0   # 18-27 min on a shared 2-core CPU
+    python -m flowkern.demo.train --out flowkern/demo/model --seed 0      # see training.json for the run time
 
 What it builds (:func:`write_initial`, through :func:`flowkern.hf.tiny.save_tiny_llava`): a
-``LlavaForConditionalGeneration`` with a CLIP vision tower (96 x 96 pixels, 12 x 12 patches -> 64 image tokens,
-3 layers, width 96), LLaVA-1.5's two-layer GELU MLP projector and a Llama language model (8 decoder layers,
-width 128, 4 heads), a word-level tokenizer over the shapes vocabulary (:func:`flowkern.eval.shapes.vocabulary`),
-a CLIP image processor and a chat template in LLaVA-1.5's layout *with its system prompt*:
-``<system prompt> USER : <image> <question> ASSISTANT :`` (so system / image / user segments exist as in the paper).
+``LlavaForConditionalGeneration`` with a CLIP vision tower (the 192 x 192 canvas at full resolution, 24-pixel
+patches -> 8 x 8 = 64 image tokens, 4 layers, width 128), LLaVA-1.5's two-layer GELU MLP projector and a Llama
+language model (8 decoder layers, width 128, 4 heads), a word-level tokenizer over the shapes vocabulary
+(:func:`flowkern.eval.shapes.vocabulary`), a CLIP image processor and a chat template in LLaVA-1.5's layout *with
+its system prompt*: ``<system prompt> USER : <image> <question> ASSISTANT :`` (so system / image / user segments
+exist as in the paper).
 
 Training data are drawn on the fly, example ``i`` from ``random.Random(f"train:{seed}:{i}")``: a scene and one of
 the four task analogues (POPE yes/no, SQA multiple choice, TextVQA label reading, caption), with the prompts the
-:mod:`flowkern.eval` loaders build, so evaluation sees exactly the training format. Loss: next-token cross-entropy on
-the answer and ``</s>`` (each example weighted by ``1 / sqrt(answer tokens)``, so captions do not drown the one-word
-answers), plus an auxiliary dense loss on the projector output (the image tokens the language model reads): each image
-token must point, by cosine similarity with the language model's own input embeddings, to the words of what lies
-under its patch -- its colour word, its shape word, its label character (``##K`` for the second character of a
-two-character label) -- or to a learned "nothing" vector (:func:`flowkern.eval.shapes.patch_targets`). Image tokens
-thus start out near the words the answers use, and the language model learns to read them in minutes instead of
-hours. (A first run with plain linear heads instead, 26 min, came out image-blind: POPE 50 %.) The "nothing" vectors
-are a training aid and are not saved.
+:mod:`flowkern.eval` loaders build, so evaluation sees exactly the training format. A worker process draws them
+while the optimizer runs (``--workers``; the stream is the same with 0).
+
+Two stages, like LLaVA's (whose vision tower comes pretrained):
+
+1. **Vision** (``--vision-steps``): the vision tower and projector alone, on a dense patch loss: each image token
+   must point, by cosine similarity with the language model's (fixed) input embeddings, to the words of what lies
+   under its patch -- its colour word, its shape word, its label character (``##K`` for the second character of a
+   two-character label) -- or to a learned "nothing" vector (:func:`flowkern.eval.shapes.patch_targets`; patches
+   on something and empty ones weigh half each).
+2. **Full** (``--steps``): everything, on next-token cross-entropy over the answer and ``</s>`` (the mean over each
+   example's answer tokens: a one-word answer weighs as much as a caption), plus the patch loss, plus an
+   *attention guide*: in decoder layers :data:`ATTENTION_LAYERS`, the mean of the first :data:`ATTENTION_HEADS`
+   heads' attention from the position that predicts an answer token should fall on the patches that token is
+   about (:func:`attention_targets`: POPE "Yes" and the SQA letter on the objects asked about, a label character
+   on its half of the label, a caption's colour and shape words on that object); loss ``-log(mass)``.
+
+Why the aids: trained on the answers alone (two 18-26 minute runs at 96 x 96 pixels) the model stayed image-blind
+-- POPE 50 %, the loss on the answer-only plateau -- because nothing pulls the answer's attention to the right
+patches until the language model has already learnt to read them. The guide and the embedding-aligned patch loss
+give that gradient from the first step. They shape where the guided heads look (the demo's attention maps and
+cliff layer are those of a model trained this way) and are not saved: the shipped files are a plain LLaVA.
 
 Reproducible from ``--seed`` with the same torch version and ``--threads`` (float summation order depends on both).
 The files written are exactly what ``save_pretrained`` writes for the model and ``LlavaProcessor`` (config.json,
@@ -38,6 +52,7 @@ import platform
 import random
 import sys
 import time
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -50,15 +65,16 @@ from flowkern.eval import shapes as world
 __all__ = ["VISION", "TEXT", "TASK_MIX", "CHAT_TEMPLATE", "write_initial", "answer_ids", "training_example",
            "encode", "train", "main"]
 
-VISION: dict[str, Any] = dict(image_size=96, patch_size=12, hidden_size=96, intermediate_size=384,
-                              num_hidden_layers=3, num_attention_heads=4)
-"""The CLIP vision tower: 8 x 8 = 64 image tokens (the CLS token is dropped, as in LLaVA-1.5)."""
+VISION: dict[str, Any] = dict(image_size=192, patch_size=24, hidden_size=128, intermediate_size=512,
+                              num_hidden_layers=4, num_attention_heads=4)
+"""The CLIP vision tower: the shapes canvas at full resolution (192 x 192), 8 x 8 = 64 image tokens (the CLS token
+is dropped, as in LLaVA-1.5)."""
 
 TEXT: dict[str, Any] = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=8, num_attention_heads=4,
                             num_key_value_heads=4, max_position_embeddings=256, tie_word_embeddings=False)
 """The Llama language model."""
 
-TASK_MIX: dict[str, float] = {"pope": 0.3, "sqa": 0.3, "textvqa": 0.15, "caption": 0.25}
+TASK_MIX: dict[str, float] = {"pope": 0.3, "sqa": 0.3, "textvqa": 0.2, "caption": 0.2}
 """Share of each task analogue in the training stream."""
 
 CHAT_TEMPLATE = (
@@ -76,6 +92,12 @@ CHAT_TEMPLATE = (
 """LLaVA-1.5's conversation layout (vicuna v1: system prompt, ``USER:``, image, question, ``ASSISTANT:``) spelled
 with the word-level tokenizer's words; a ``system`` message replaces the default system prompt."""
 
+ATTENTION_LAYERS: tuple[int, ...] = (1, 2, 3)
+"""Decoder layers whose first :data:`ATTENTION_HEADS` heads are guided, during training only, to look at the image
+patches an answer token is about (see :func:`attention_targets`)."""
+
+ATTENTION_HEADS = 2
+
 _POPE_ANSWER = {"yes": "Yes", "no": "No"}
 
 
@@ -88,61 +110,117 @@ def write_initial(out: str | Path, seed: int) -> None:
                     chat_template=CHAT_TEMPLATE, seed=seed)
 
 
-def answer_ids(tokenizer: Any, text: str) -> list[int]:
-    """Token ids of an answer: whitespace words of the vocabulary; a two-character label missing from it becomes
-    its first character and the ``##`` continuation of the second (decoded without a space).
+def word_spans(tokenizer: Any, text: str) -> list[list[int]]:
+    """Token ids of each whitespace word of ``text``: a word of the vocabulary is one token; a two-character label
+    missing from it is its first character and the ``##`` continuation of the second (decoded without a space).
 
     Raises:
         ValueError: a word the vocabulary cannot spell.
     """
     vocab = tokenizer.get_vocab()
-    ids: list[int] = []
+    spans: list[list[int]] = []
     for word in text.split():
         if word in vocab:
-            ids.append(vocab[word])
+            spans.append([vocab[word]])
         elif len(word) == 2 and word[0] in vocab and f"##{word[1]}" in vocab:
-            ids += [vocab[word[0]], vocab[f"##{word[1]}"]]
+            spans.append([vocab[word[0]], vocab[f"##{word[1]}"]])
         else:
             raise ValueError(f"answer word {word!r} is not in the demo vocabulary")
-    return ids
+    return spans
+
+
+def answer_ids(tokenizer: Any, text: str) -> list[int]:
+    """Token ids of an answer (the words of :func:`word_spans`, concatenated).
+
+    Raises:
+        ValueError: a word the vocabulary cannot spell.
+    """
+    return [i for span in word_spans(tokenizer, text) for i in span]
 
 
 def training_example(seed: int, index: int) -> dict[str, Any]:
     """Training example ``index`` of stream ``seed``: ``task``, ``scene``, ``image`` (PIL, JPEG round trip for
-    TextVQA like its files), ``prompt`` (the loaders' user text) and ``answer``."""
+    TextVQA like its files), ``prompt`` (the loaders' user text), ``answer`` and ``focus`` (POPE / SQA: the names
+    of the objects the one-word answer is about)."""
     rng = random.Random(f"train:{seed}:{index}")
+    focus: list[str] = []
     task = rng.choices(list(TASK_MIX), weights=list(TASK_MIX.values()))[0]
     scene = world.make_scene(rng, label=True if task == "textvqa" else None, seed=f"train:{seed}:{index}")
     image = world.render(scene)
     if task == "pope":
         split = rng.choice(["random", "adversarial", "popular"])
-        obj, label = rng.choice(world.pope_questions(scene, rng, _UNIFORM)[split])
+        # training's "popular" negatives: a random ranking per example (any absent pair), drawn from its own rng
+        ranking = Counter({c: rng.random() for c in world.ALL_CLASSES})
+        obj, label = rng.choice(world.pope_questions(scene, rng, ranking)[split])
         prompt, answer = world.pope_question_text(obj) + pope.PROMPT_SUFFIX, _POPE_ANSWER[label]
+        focus = [obj] if label == "yes" else []
     elif task == "sqa":
         p = world.sqa_problem(scene, rng)
         prompt, answer = sqa.build_prompt(p["question"], p["choices"], p["hint"]), chr(ord("A") + p["answer"])
+        focus = p["focus"]
     elif task == "textvqa":
         question, _ = world.textvqa_question(scene, rng)
         prompt, answer = textvqa.build_prompt(question), scene.label.text
         image = world.jpeg_roundtrip(image)
     else:
         prompt, answer = chair.PROMPT, world.caption_text(scene)
-    return {"task": task, "scene": scene, "image": image, "prompt": prompt, "answer": answer}
+    return {"task": task, "scene": scene, "image": image, "prompt": prompt, "answer": answer, "focus": focus}
 
 
-class _Uniform(dict):
-    """A ``Counter`` stand-in whose ranking is random per call (training's *popular* negatives: any absent pair)."""
-
-    def get(self, key: Any, default: Any = None) -> float:  # noqa: D102 - dict API
-        return random.random()
 
 
-_UNIFORM = _Uniform()
+def attention_targets(tokenizer: Any, example: dict[str, Any], grid: int) -> list[tuple[int, list[int]]]:
+    """Where each answer token should look: ``[(answer token index, image patch indices), ...]`` (patches
+    row-major on the ``grid x grid`` image grid; tokens about nothing in the image are left out).
+
+    POPE "Yes" and the SQA letter look at the objects of ``focus``; a TextVQA or caption label character at its
+    half of the label; in a caption, an object's colour and shape words at that object and the count word at every
+    object.
+    """
+    scene = example["scene"]
+    by_name = {o.name: o for o in scene.objects}
+    spans = word_spans(tokenizer, example["answer"])
+    starts = [sum(len(sp) for sp in spans[:k]) for k in range(len(spans))]
+    out: list[tuple[int, list[int]]] = []
+
+    def objects(names: Sequence[str]) -> list[int]:
+        return sorted({c for n in names for c in world.object_patches(by_name[n], grid)})
+
+    def label_word(k: int) -> None:
+        for j in range(len(spans[k])):
+            out.append((starts[k] + j, world.label_patches(scene.label, grid, j)))
+
+    task = example["task"]
+    if task in ("pope", "sqa"):
+        if example["focus"]:
+            out.append((0, objects(example["focus"])))
+    elif task == "textvqa":
+        label_word(0)
+    else:
+        words = example["answer"].split()
+        out.append((starts[2], objects(scene.names)))  # "There are <two> shapes" / "There is <one> shape"
+        k, obj = 0, 0
+        while k < len(words):
+            if words[k] == "a" and k + 2 < len(words) and obj < len(scene.objects) and \
+                    f"{words[k + 1]} {words[k + 2]}" == scene.objects[obj].name:
+                cells = world.object_patches(scene.objects[obj], grid)
+                out += [(starts[k + 1], cells), (starts[k + 2], cells)]
+                k, obj = k + 3, obj + 1
+            elif words[k] == "says" and scene.label is not None and k + 1 < len(words):
+                label_word(k + 1)
+                k += 2
+            else:
+                k += 1
+    return out
 
 
 def encode(processor: Any, examples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
-    """A right-padded training batch: ``input_ids``, ``attention_mask``, ``pixel_values``, ``labels`` (-100 on
-    the prompt and padding) and ``weights`` (per example, ``1 / sqrt(answer tokens)``).
+    """A right-padded training batch: ``input_ids`` ``[B, S]``, ``attention_mask`` ``[B, S]``, ``pixel_values``,
+    ``labels`` ``[B, S]`` (-100 on the prompt and padding), ``weights`` ``[B]`` (``1 / answer tokens``: every example
+    weighs the same, a one-word answer as much as a caption) and
+    the attention guide: ``focus_rows`` ``[T, 2]`` (batch row, query position that predicts the answer token) and
+    ``focus_keys`` ``[T, S]`` (1.0 on the image positions that token should look at; see
+    :func:`attention_targets`).
 
     The prompt goes through the processor exactly as at inference (chat template with the generation prompt, the
     image placeholder expanded to the image tokens), then the answer ids and ``</s>`` are appended.
@@ -152,13 +230,19 @@ def encode(processor: Any, examples: Sequence[dict[str, Any]]) -> dict[str, torc
         [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": ex["prompt"]}]}],
         add_generation_prompt=True, tokenize=False) for ex in examples]
     enc = processor(images=[ex["image"] for ex in examples], text=texts, return_tensors="pt", padding=True)
-    rows, labels, weights = [], [], []
+    rows, labels, weights, guides = [], [], [], []
+    image_id = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
     for k, ex in enumerate(examples):
         prompt_ids = enc["input_ids"][k][enc["attention_mask"][k].bool()].tolist()
         ans = answer_ids(tok, ex["answer"]) + [tok.eos_token_id]
         rows.append(prompt_ids + ans)
         labels.append([-100] * len(prompt_ids) + ans)
-        weights.append(1.0 / math.sqrt(len(ans)))
+        weights.append(1.0 / len(ans))
+        if "scene" in ex:
+            image_pos = [i for i, t in enumerate(prompt_ids) if t == image_id]
+            grid = math.isqrt(len(image_pos))
+            guides += [(k, len(prompt_ids) - 1 + t, [image_pos[c] for c in cells])
+                       for t, cells in attention_targets(tok, ex, grid)]
     width = max(len(r) for r in rows)
     input_ids = torch.full((len(rows), width), tok.pad_token_id, dtype=torch.long)
     label_t = torch.full((len(rows), width), -100, dtype=torch.long)
@@ -167,8 +251,12 @@ def encode(processor: Any, examples: Sequence[dict[str, Any]]) -> dict[str, torc
         input_ids[k, :len(r)] = torch.tensor(r)
         label_t[k, :len(r)] = torch.tensor(lab)
         mask[k, :len(r)] = 1
+    focus_keys = torch.zeros((len(guides), width))
+    for n, (_, _, keys) in enumerate(guides):
+        focus_keys[n, keys] = 1.0
+    focus_rows = torch.tensor([[k, q] for k, q, _ in guides], dtype=torch.long).reshape(-1, 2)
     return {"input_ids": input_ids, "attention_mask": mask, "pixel_values": enc["pixel_values"],
-            "labels": label_t, "weights": torch.tensor(weights)}
+            "labels": label_t, "weights": torch.tensor(weights), "focus_rows": focus_rows, "focus_keys": focus_keys}
 
 
 def _patch_batch(examples: Sequence[dict[str, Any]], grid: int) -> dict[str, torch.Tensor]:
@@ -179,7 +267,8 @@ def _patch_batch(examples: Sequence[dict[str, Any]], grid: int) -> dict[str, tor
 def _aux_loss(feats: torch.Tensor, targets: dict[str, torch.Tensor], cands: dict[str, list[int]],
               nothing: torch.nn.ParameterDict, embeddings: torch.Tensor, scale: float = 10.0) -> torch.Tensor:
     """Mean over colour / shape / character of the patch-wise cross-entropy of ``scale * cos(image token, word)``
-    over ["nothing", candidate words]; the second character of a two-character label is the ``##`` word."""
+    over ["nothing", candidate words]; the second character of a two-character label is the ``##`` word. Patches
+    on something and empty patches weigh half each (most patches are empty)."""
     f = torch.nn.functional.normalize(feats.reshape(-1, feats.shape[-1]), dim=-1)
     total = feats.new_zeros(())
     for key, ids in cands.items():
@@ -189,8 +278,22 @@ def _aux_loss(feats: torch.Tensor, targets: dict[str, torch.Tensor], cands: dict
         if key == "char":
             target = torch.where(targets["char_second"].reshape(-1).bool() & (target > 0),
                                  target + len(world.LABEL_CHARS), target)
-        total = total + torch.nn.functional.cross_entropy(logits, target)
+        ce = torch.nn.functional.cross_entropy(logits, target, reduction="none")
+        on = target > 0
+        total = total + 0.5 * ce[~on].mean() + (0.5 * ce[on].mean() if on.any() else 0.0)
     return total / len(cands)
+
+
+def _attention_loss(attentions: Sequence[torch.Tensor], rows: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """``-log`` of the attention mass the guided heads of :data:`ATTENTION_LAYERS` put on each answer token's
+    patches (``rows`` ``[T, 2]``, ``keys`` ``[T, S]`` from :func:`encode`), averaged."""
+    if rows.numel() == 0:
+        return attentions[0].new_zeros(())
+    losses = []
+    for layer in ATTENTION_LAYERS:
+        probs = attentions[layer][rows[:, 0], :ATTENTION_HEADS, rows[:, 1]].mean(1)  # [T, S]
+        losses.append(-torch.log((probs * keys).sum(-1) + 1e-4))
+    return torch.stack(losses).mean()
 
 
 def _lr(step: int, steps: int, peak: float, warmup: int) -> float:
@@ -200,9 +303,38 @@ def _lr(step: int, steps: int, peak: float, warmup: int) -> float:
     return peak * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def train(out: str | Path, *, seed: int = 0, steps: int = 1200, batch_size: int = 32, lr: float = 1.5e-3,
-          warmup: int = 60, aux_weight: float = 0.5, threads: int = 1, log_every: int = 25) -> dict[str, Any]:
-    """Train the demo model into ``out`` (see the module docstring); returns the ``training.json`` record."""
+class _Batches(torch.utils.data.IterableDataset):
+    """The training stream as batches, drawn in a worker process so that drawing overlaps the optimizer steps:
+    ``("vision", pixel_values, patch targets)`` for stage 1, then ``("full", encoded batch, patch targets)``."""
+
+    def __init__(self, processor: Any, seed: int, grid: int, plan: Sequence[tuple[str, int, int]]) -> None:
+        self.processor, self.seed, self.grid, self.plan = processor, seed, grid, list(plan)
+
+    def __iter__(self) -> Any:
+        index = 0
+        for stage, steps, size in self.plan:
+            for _ in range(steps):
+                examples = [training_example(self.seed, index + k) for k in range(size)]
+                index += size
+                targets = _patch_batch(examples, self.grid)
+                if stage == "vision":
+                    pixels = self.processor.image_processor(images=[ex["image"] for ex in examples],
+                                                            return_tensors="pt")["pixel_values"]
+                    yield stage, {"pixel_values": pixels}, targets
+                else:
+                    yield stage, encode(self.processor, examples), targets
+
+
+def train(out: str | Path, *, seed: int = 0, steps: int = 1500, batch_size: int = 32, lr: float = 1.5e-3,
+          warmup: int = 60, aux_weight: float = 0.5, attention_weight: float = 0.5, vision_steps: int = 500,
+          vision_batch_size: int = 64, vision_lr: float = 2e-3, threads: int = 1, workers: int = 1,
+          log_every: int = 25) -> dict[str, Any]:
+    """Train the demo model into ``out`` (see the module docstring); returns the ``training.json`` record.
+
+    ``workers`` processes draw the examples (0: the training process itself; the stream is the same).
+    Stage 1 (``vision_steps``): the vision tower and projector alone, on the dense patch loss. Stage 2 (``steps``):
+    everything, on the answer loss + ``aux_weight`` x the patch loss + ``attention_weight`` x the attention guide.
+    """
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
     torch.set_num_threads(threads)
@@ -210,7 +342,9 @@ def train(out: str | Path, *, seed: int = 0, steps: int = 1200, batch_size: int 
     start = time.time()
     write_initial(out, seed)
     processor = AutoProcessor.from_pretrained(out, local_files_only=True)
-    model = LlavaForConditionalGeneration.from_pretrained(out, local_files_only=True, dtype=torch.float32)
+    # eager attention while training: the attention guide needs the probabilities.
+    model = LlavaForConditionalGeneration.from_pretrained(out, local_files_only=True, dtype=torch.float32,
+                                                          attn_implementation="eager")
     model.train()
     grid = VISION["image_size"] // VISION["patch_size"]
     width = TEXT["hidden_size"]
@@ -223,25 +357,59 @@ def train(out: str | Path, *, seed: int = 0, steps: int = 1200, batch_size: int 
     captured: dict[str, torch.Tensor] = {}
     projector = model.model.multi_modal_projector
     hook = projector.register_forward_hook(lambda _m, _i, o: captured.__setitem__("image", o))
+    history: list[dict[str, Any]] = []
+    data_time = 0.0
+    plan = [("vision", vision_steps, vision_batch_size), ("full", steps, batch_size)]
+    batches = iter(torch.utils.data.DataLoader(_Batches(processor, seed, grid, plan), batch_size=None,
+                                               num_workers=workers, prefetch_factor=4 if workers else None))
+
+    def log(stage: str, step: int, total: int, t_stage: float, **losses: torch.Tensor) -> None:
+        elapsed = time.time() - start
+        rec = {"stage": stage, "step": step, **{k: round(v.item(), 4) for k, v in losses.items()},
+               "elapsed_s": round(elapsed, 1)}
+        history.append(rec)
+        eta = (time.time() - t_stage) / (step + 1) * (total - step - 1)
+        print(f"{stage} {step:5d}/{total}  " + "  ".join(f"{k} {v.item():.4f}" for k, v in losses.items())
+              + f"  {elapsed / 60:.1f} min  eta {eta / 60:.1f} min", flush=True)
+
+    # ---- stage 1: vision tower + projector on the dense patch loss (the language model's embeddings are fixed)
+    vision_params = [p for n, p in model.named_parameters() if "vision_tower" in n or "multi_modal_projector" in n]
+    opt = torch.optim.AdamW(vision_params + list(nothing.parameters()), lr=vision_lr, betas=(0.9, 0.98),
+                            weight_decay=0.01)
+    t_stage = time.time()
+    for step in range(vision_steps):
+        t0 = time.time()
+        _, batch, targets = next(batches)
+        pixels = batch["pixel_values"]
+        data_time += time.time() - t0
+        for group in opt.param_groups:
+            group["lr"] = _lr(step, vision_steps, vision_lr, warmup)
+        model.model.get_image_features(pixel_values=pixels)
+        feats = captured.pop("image").reshape(vision_batch_size, grid * grid, -1)
+        aux = _aux_loss(feats, targets, cands, nothing, embed.weight.detach())
+        opt.zero_grad(set_to_none=True)
+        aux.backward()
+        torch.nn.utils.clip_grad_norm_(vision_params, 1.0)
+        opt.step()
+        if step % log_every == 0 or step == vision_steps - 1:
+            log("vision", step, vision_steps, t_stage, aux=aux)
+
+    # ---- stage 2: everything
     params = list(model.parameters()) + list(nothing.parameters())
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}],
                             lr=lr, betas=(0.9, 0.98), eps=1e-8)
-    history = []
-    data_time = 0.0
-    index = 0
+    t_stage = time.time()
     for step in range(steps):
         t0 = time.time()
-        examples = [training_example(seed, index + k) for k in range(batch_size)]
-        index += batch_size
-        batch = encode(processor, examples)
-        targets = _patch_batch(examples, grid)
+        _, batch, targets = next(batches)
         data_time += time.time() - t0
         for group in opt.param_groups:
             group["lr"] = _lr(step, steps, lr, warmup)
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                       pixel_values=batch["pixel_values"]).logits
+        output = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                       pixel_values=batch["pixel_values"], output_attentions=attention_weight > 0)
+        logits = output.logits
         shift_logits, shift_labels = logits[:, :-1], batch["labels"][:, 1:]
         token_loss = torch.nn.functional.cross_entropy(
             shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1), ignore_index=-100,
@@ -250,20 +418,15 @@ def train(out: str | Path, *, seed: int = 0, steps: int = 1200, batch_size: int 
         lm_loss = per_example.sum() / (shift_labels != -100).sum(1).float().mul(batch["weights"]).sum()
         feats = captured.pop("image").reshape(batch_size, grid * grid, -1)
         aux = _aux_loss(feats, targets, cands, nothing, embed.weight)
-        loss = lm_loss + aux_weight * aux
+        guide = (_attention_loss(output.attentions, batch["focus_rows"], batch["focus_keys"])
+                 if attention_weight > 0 else lm_loss.new_zeros(()))
+        loss = lm_loss + aux_weight * aux + attention_weight * guide
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         if step % log_every == 0 or step == steps - 1:
-            elapsed = time.time() - start
-            rec = {"step": step, "loss": round(loss.item(), 4), "lm": round(lm_loss.item(), 4),
-                   "aux": round(aux.item(), 4), "lr": round(opt.param_groups[0]["lr"], 6),
-                   "elapsed_s": round(elapsed, 1)}
-            history.append(rec)
-            eta = elapsed / (step + 1) * (steps - step - 1)
-            print(f"step {step:5d}/{steps}  loss {rec['loss']:.4f}  lm {rec['lm']:.4f}  aux {rec['aux']:.4f}  "
-                  f"lr {rec['lr']:.2e}  {elapsed / 60:.1f} min  eta {eta / 60:.1f} min", flush=True)
+            log("full", step, steps, t_stage, loss=loss, lm=lm_loss, aux=aux, guide=guide)
     hook.remove()
     model.eval()
     tok = processor.tokenizer
@@ -273,8 +436,12 @@ def train(out: str | Path, *, seed: int = 0, steps: int = 1200, batch_size: int 
     model.save_pretrained(out)
     record = {
         "seed": seed, "steps": steps, "batch_size": batch_size, "lr": lr, "warmup": warmup, "aux_weight": aux_weight,
-        "threads": threads, "examples": index, "task_mix": TASK_MIX, "train_seconds": round(time.time() - start, 1),
-        "data_seconds": round(data_time, 1), "torch": torch.__version__, "python": platform.python_version(),
+        "attention_weight": attention_weight, "attention_layers": list(ATTENTION_LAYERS),
+        "attention_heads": ATTENTION_HEADS, "vision_steps": vision_steps, "vision_batch_size": vision_batch_size,
+        "vision_lr": vision_lr, "threads": threads,
+        "examples": vision_steps * vision_batch_size + steps * batch_size, "task_mix": TASK_MIX,
+        "workers": workers, "train_seconds": round(time.time() - start, 1), "data_wait_seconds": round(data_time, 1),
+        "torch": torch.__version__, "python": platform.python_version(),
         "parameters": sum(p.numel() for p in model.parameters()), "history": history,
         "command": "python -m flowkern.demo.train " + " ".join(sys.argv[1:]),
     }
@@ -287,15 +454,19 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m flowkern.demo.train", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, type=Path, help="output directory (the model is written here)")
     p.add_argument("--seed", type=int, default=0, help="weights and data stream seed (default 0)")
-    p.add_argument("--steps", type=int, default=1200, help="optimizer steps (default 1200)")
+    p.add_argument("--steps", type=int, default=1500, help="optimizer steps of the full model (default 1500)")
+    p.add_argument("--vision-steps", type=int, default=500,
+                   help="optimizer steps of the vision tower alone, before (default 500)")
     p.add_argument("--batch-size", type=int, default=32, help="examples per step (default 32)")
     p.add_argument("--lr", type=float, default=1.5e-3, help="peak learning rate (default 1.5e-3)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (default 1: on a shared or 2-core machine one thread is faster; the "
                         "result depends on it)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="processes drawing the training examples (default 1; 0: the training process; same stream)")
     args = p.parse_args(argv)
-    record = train(args.out, seed=args.seed, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                   threads=args.threads)
+    record = train(args.out, seed=args.seed, steps=args.steps, vision_steps=args.vision_steps,
+                   batch_size=args.batch_size, lr=args.lr, threads=args.threads, workers=args.workers)
     print(f"trained {record['parameters'] / 1e6:.2f} M parameters in {record['train_seconds'] / 60:.1f} min; "
           f"wrote {args.out}")
     return 0

@@ -48,7 +48,8 @@ from typing import Any
 
 __all__ = [
     "COLORS", "SHAPES", "LABEL_CHARS", "CANVAS", "TASKS", "NUMBER_WORDS", "SYSTEM_PROMPT",
-    "ShapeObject", "Label", "Scene", "make_scene", "scenes", "render", "patch_targets",
+    "ShapeObject", "Label", "Scene", "make_scene", "scenes", "render", "patch_targets", "object_patches",
+    "label_patches",
     "pope_questions", "sqa_problem", "textvqa_question", "caption_text", "reference_captions",
     "write_pope", "write_sqa", "write_textvqa", "write_caption", "write_task", "eval_command",
     "chair_vocabulary", "vocabulary", "object_class",
@@ -273,7 +274,8 @@ def render(scene: Scene, size: int = CANVAS, *, supersample: int = 2) -> Any:
         box = [(lab.x - lab.hw) * big, (lab.y - lab.hh) * big, (lab.x + lab.hw) * big, (lab.y + lab.hh) * big]
         draw.rectangle(box, fill=(255, 255, 255), outline=(30, 30, 30), width=max(1, big // 120))
         font = _font(int(lab.hh * 2 * big * 0.78))
-        draw.text((lab.x * big, lab.y * big), lab.text, fill=(0, 0, 0), font=font, anchor="mm")
+        draw.text((lab.x * big, lab.y * big), lab.text, fill=(0, 0, 0), font=font, anchor="mm",
+                  stroke_width=max(1, big // 128), stroke_fill=(0, 0, 0))
     return img.resize((size, size), Image.Resampling.LANCZOS) if supersample > 1 else img
 
 
@@ -301,6 +303,33 @@ def patch_targets(scene: Scene, grid: int) -> dict[str, list[int]]:
                 out["char"][i] = 1 + LABEL_CHARS.index(lab.text[k])
                 out["char_second"][i] = k
     return out
+
+
+def object_patches(obj: ShapeObject, grid: int) -> list[int]:
+    """Row-major indices on a ``grid x grid`` patch grid of the patches ``obj`` covers: those whose centre lies
+    within its radius, and always the patch under its centre (a small object may cover no patch centre)."""
+    cells = {min(grid - 1, int(obj.y * grid)) * grid + min(grid - 1, int(obj.x * grid))}
+    for gy in range(grid):
+        for gx in range(grid):
+            if math.hypot((gx + 0.5) / grid - obj.x, (gy + 0.5) / grid - obj.y) <= obj.r:
+                cells.add(gy * grid + gx)
+    return sorted(cells)
+
+
+def label_patches(label: Label, grid: int, char: int | None = None) -> list[int]:
+    """Patches (row-major, ``grid x grid``) of the label box, or of the half that holds character ``char`` (0 or
+    1) of a two-character label; always at least the patch under that box's centre."""
+    x0, x1 = label.x - label.hw, label.x + label.hw
+    if char is not None and len(label.text) == 2:
+        x0, x1 = (x0, label.x) if char == 0 else (label.x, x1)
+    cx = (x0 + x1) / 2
+    cells = {min(grid - 1, int(label.y * grid)) * grid + min(grid - 1, int(cx * grid))}
+    for gy in range(grid):
+        for gx in range(grid):
+            px, py = (gx + 0.5) / grid, (gy + 0.5) / grid
+            if x0 <= px <= x1 and abs(py - label.y) <= label.hh:
+                cells.add(gy * grid + gx)
+    return sorted(cells)
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -379,7 +408,8 @@ def _options(correct: str, pool: Sequence[str], rng: random.Random, k: int) -> t
 
 def sqa_problem(scene: Scene, rng: random.Random) -> dict[str, Any]:
     """One ScienceQA-style problem about the scene: ``question``, ``choices``, ``answer`` (index), ``hint``,
-    ``kind`` (relation / count / colour / names / context-count), ``solution``.
+    ``kind`` (relation / count / colour / names / context-count), ``solution``, ``focus`` (the names of the
+    objects the answer is about: a training aid, not written to the files).
 
     Relations need a centre distance above a margin, so the right option is unambiguous; wrong options are
     objects of the image that do not satisfy the relation (or absent colour-shape pairs when there are too few).
@@ -406,6 +436,7 @@ def sqa_problem(scene: Scene, rng: random.Random) -> dict[str, Any]:
         pool = others + rng.sample(absent, 3)
         choices, answer = _options(a.name, pool, rng, rng.randint(2, 4))
         solution = f"The {a.name} is {phrase} the {b.name}."
+        focus = [a.name, b.name]
         if rng.random() < 0.3:
             hint = f"There {'is' if len(objs) == 1 else 'are'} {NUMBER_WORDS[len(objs)]} " \
                    f"shape{'s' if len(objs) > 1 else ''} in the picture."
@@ -415,9 +446,11 @@ def sqa_problem(scene: Scene, rng: random.Random) -> dict[str, Any]:
             shape = rng.choice(SHAPES)
             n = sum(o.shape == shape for o in objs)
             question = f"How many {_plural(shape)} are there?"
+            focus = [o.name for o in objs if o.shape == shape]
         else:
             n = len(objs)
             question = "How many shapes are there?"
+            focus = [o.name for o in objs]
         choices, answer = _options(str(n), [str(k) for k in range(5)], rng, rng.randint(2, 4))
         solution = f"Count them: {n}."
     elif kind == "color":
@@ -425,6 +458,7 @@ def sqa_problem(scene: Scene, rng: random.Random) -> dict[str, Any]:
         question = f"What colour is the {o.shape}?"
         choices, answer = _options(o.color, list(COLORS), rng, rng.randint(2, 4))
         solution = f"The {o.shape} is {o.color}."
+        focus = [o.name]
     else:  # names: the answer needs the context and the image
         a, b = rng.choice(named)
         n1, n2 = rng.sample(_NAMES, 2)
@@ -434,8 +468,9 @@ def sqa_problem(scene: Scene, rng: random.Random) -> dict[str, Any]:
         correct = n1 if (a.x < b.x) == (side == "left") else n2
         choices, answer = _options(correct, [n1, n2], rng, 2)
         solution = f"{correct} drew the shape further to the {side}."
+        focus = [a.name, b.name]
     return {"question": question, "choices": choices, "answer": answer, "hint": hint, "kind": kind,
-            "solution": solution}
+            "solution": solution, "focus": focus}
 
 
 _TEXT_QUESTIONS = ("What is written in the image?", "What does the label say?", "What is written on the label?",
