@@ -151,6 +151,7 @@ def main() -> None:
     torch.set_num_threads(args.threads or os.cpu_count() or 1)
     label = device_label(device)
 
+    load_before = os.getloadavg()[0]  # a shared machine: say how busy it was
     model = build_model(size, device, dtype)
     rows = []
     for batch in [int(b) for b in args.batches.split(",")]:
@@ -169,6 +170,7 @@ def main() -> None:
         gc.collect()
 
     setup = dict(dtype=str(dtype).removeprefix("torch."), layer=args.layer, methods=methods,
+                 load_average_1m=[round(load_before, 2), round(os.getloadavg()[0], 2)],
                  model=model_summary(model, size))
     report = make_report(label, device, with_transformers=True, setup=setup, results=rows)
     write_report(report, args.out, "generate", markdown_table)

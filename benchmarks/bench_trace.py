@@ -191,6 +191,7 @@ def main() -> None:
     torch.set_num_threads(os.cpu_count() or 1)
     label = device_label(device)
 
+    load_before = os.getloadavg()[0]  # a shared machine: say how busy it was
     model = build_model(size, device, dtype)
     rows = []
     for case in CASES:
@@ -220,7 +221,8 @@ def main() -> None:
         del kwargs
         gc.collect()
 
-    setup = dict(dtype=str(dtype).removeprefix("torch."), model=model_summary(model, size, vocab=True))
+    setup = dict(dtype=str(dtype).removeprefix("torch."), model=model_summary(model, size, vocab=True),
+                 load_average_1m=[round(load_before, 2), round(os.getloadavg()[0], 2)])
     report = make_report(label, device, with_transformers=True, setup=setup, results=rows)
     write_report(report, args.out, "trace", markdown_table)
 
