@@ -9,13 +9,18 @@ geometry of ``_common.LLAVA_15_SIZES``: CLIP 336 px / patch 14 = 576 image token
 - **independent**: the baseline and each point ``L = 0..7`` (k = 0) as its own :func:`flowkern.eval.run.run_eval`
   (what ``flowkern eval --prune-layer L`` runs after loading the model), one after the other;
 - **sweep**: :func:`flowkern.eval.sweep.run_sweep` over the same points: per batch, the processor runs once, the
-  point with the largest L records the prefill's per-layer keys/values and hidden states, and every other point skips
-  its layers below L (``PrefixShare``);
-- **sweep, no reuse**: ``run_sweep(reuse=False)``: the same engine, every point computing all its layers.
+  images are encoded once (``ImageCache``), the point with the largest L records the prefill's per-layer keys/values
+  and hidden states, and every other point skips its layers below L (``PrefixShare``);
+- **sweep, no reuse**: ``run_sweep(reuse=False)``: the same engine, every point encoding the images and computing all
+  its layers.
 
 The model is loaded once and passed in. Reported: the median over ``--repeats`` (round-robin, after a warm-up) of
 the wall time of each, the ratio sweep / independent, and whether every point's answer file is identical between the
-three (the script exits 1 if not).
+three (the script exits 1 if not). The modes run round-robin in a rotated order; each round's ratio to that round's
+independent run is kept too (``round_ratios``, ``round_ratio_median``: a drifting load biases it less). Also the
+process CPU time of each run (``cpu_seconds``, ``cpu_ratio``): on a
+machine shared with other work the wall times stretch unevenly, the CPU times much less (``--note`` records the
+conditions in the results file).
 
     python benchmarks/bench_sweep.py                 # CPU; writes results/cpu-<n>core-sweep.json
     python benchmarks/bench_sweep.py --device cuda   # results/<gpu>-sweep.json
@@ -48,6 +53,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="timed runs of each mode (default 3), after a warm-up")
     ap.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
     ap.add_argument("--out", type=Path, default=None, help="default: benchmarks/results/<device>-sweep.json")
+    ap.add_argument("--note", default=None, help="measuring conditions to record in the results file")
     args = ap.parse_args()
 
     device = resolve_device(args.device)
@@ -64,42 +70,51 @@ def main() -> None:
     def answers(folder: Path) -> dict[str, str]:
         return {n: (folder / n / "answers.jsonl").read_text() for n in names}
 
-    def independent(tag: str, limit: int | None = None) -> tuple[float, dict]:
+    def independent(tag: str, limit: int | None = None) -> tuple[float, float, dict]:
         out = tmp / tag
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         for layer in [None, *layers]:
             name = "baseline" if layer is None else f"L{layer:02d}"
             run_eval(EvalConfig(out=out / name, limit=limit, prune_layer=layer, overwrite=True, **common), model=model,
                      processor=processor)
-        return time.perf_counter() - start, answers(out)
+        return time.perf_counter() - start, time.process_time() - cpu, answers(out)
 
-    def sweep(tag: str, reuse: bool, limit: int | None = None) -> tuple[float, dict]:
+    def sweep(tag: str, reuse: bool, limit: int | None = None) -> tuple[float, float, dict]:
         out = tmp / tag
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         run_sweep(SweepConfig(out=out, layers="all", limit=limit, reuse=reuse, overwrite=True, **common),
                   model=model, processor=processor)
-        return time.perf_counter() - start, answers(out / "points")
+        return time.perf_counter() - start, time.process_time() - cpu, answers(out / "points")
 
     modes = {"independent": lambda: independent("ind"), "sweep": lambda: sweep("sweep", True),
              "sweep, no reuse": lambda: sweep("plain", False)}
     independent("warm-ind", args.batch_size)
     sweep("warm-sweep", True, args.batch_size)
     times: dict[str, list[float]] = {m: [] for m in modes}
+    cpu_times: dict[str, list[float]] = {m: [] for m in modes}
     got: dict[str, dict] = {}
-    for _ in range(args.repeats):
-        for mode, fn in modes.items():
-            seconds, ans = fn()
+    load_before = list(os.getloadavg())
+    order = list(modes)
+    for r in range(args.repeats):
+        for mode in order[r % len(order):] + order[:r % len(order)]:  # rotated: no mode always runs first
+            seconds, cpu, ans = modes[mode]()
             times[mode].append(seconds)
+            cpu_times[mode].append(cpu)
             if got.setdefault(mode, ans) != ans:
                 raise SystemExit(f"{mode}: answers differ between repeats")
     ref = statistics.median(times["independent"])
+    cpu_ref = statistics.median(cpu_times["independent"])
     rows = []
     for mode in modes:
-        median = statistics.median(times[mode])
+        median, cpu = statistics.median(times[mode]), statistics.median(cpu_times[mode])
+        rounds = [t / i for t, i in zip(times[mode], times["independent"], strict=True)]
         row = dict(mode=mode, points=len(names), questions=args.questions, seconds=median, times=times[mode],
-                   ratio_to_independent=median / ref, answers_equal_independent=got[mode] == got["independent"])
+                   ratio_to_independent=median / ref, round_ratios=rounds,
+                   round_ratio_median=statistics.median(rounds), cpu_seconds=cpu, cpu_times=cpu_times[mode],
+                   cpu_ratio=cpu / cpu_ref, answers_equal_independent=got[mode] == got["independent"])
         rows.append(row)
-        print(f"{mode:16s}: {median:7.2f} s  x{median / ref:.3f} of independent  answers equal: "
+        print(f"{mode:16s}: {median:7.2f} s  x{median / ref:.3f} of independent (per round: median "
+              f"x{row['round_ratio_median']:.3f})  CPU {cpu:6.2f} s x{cpu / cpu_ref:.3f}  answers equal: "
               f"{row['answers_equal_independent']}", flush=True)
     prompt_tokens = int(processor(images=Image.new("RGB", (336, 336)), text="USER : <image> Is there a dog in the "
                                   "image? Answer the question using a single word or phrase. ASSISTANT :",
@@ -107,7 +122,8 @@ def main() -> None:
     setup = dict(dtype="float32", task="pope", new_tokens=1, batch_size=args.batch_size, layers=layers,
                  model=model_summary(model, SIZE, vocab=True), prompt_tokens=prompt_tokens)
     report = make_report(device_label(device), device, with_transformers=True, setup=setup, results=rows,
-                         load_average=list(os.getloadavg()))
+                         load_average_before=load_before, load_average=list(os.getloadavg()),
+                         **({"note": args.note} if args.note else {}))
     write_report(report, args.out, "sweep", markdown_table)
     if not all(r["answers_equal_independent"] for r in rows):
         print("ERROR: sweep answers differ from independent points", file=sys.stderr)
@@ -122,10 +138,11 @@ def markdown_table(report: dict) -> str:
              f"{report['results'][0]['questions']} questions, batch {report['batch_size']}, 1 new token; "
              f"{report['results'][0]['points']} points (baseline + L = 0..{len(report['layers']) - 1}, k = 0); median "
              f"of {len(report['results'][0]['times'])}", "",
-             "| mode | seconds | x independent | answers identical |", "|---|---:|---:|---|"]
+             "| mode | seconds | x independent | CPU seconds | x independent (CPU) | answers identical |",
+             "|---|---:|---:|---:|---:|---|"]
     for r in report["results"]:
-        lines.append(f"| {r['mode']} | {r['seconds']:.2f} | {r['ratio_to_independent']:.3f} | "
-                     f"{'yes' if r['answers_equal_independent'] else 'NO'} |")
+        lines.append(f"| {r['mode']} | {r['seconds']:.2f} | {r['ratio_to_independent']:.3f} | {r['cpu_seconds']:.2f} | "
+                     f"{r['cpu_ratio']:.3f} | {'yes' if r['answers_equal_independent'] else 'NO'} |")
     return "\n".join(lines)
 
 
