@@ -181,11 +181,11 @@ def _sdpa_output(
 
 
 SMALL_CALL = 2**20
-"""``Hq * Sq * Sk * D`` up to which a CPU call nobody listens to runs on SDPA: below it the per-call overhead
+"""``B * Hq * Sq * Sk * D`` up to which a CPU call nobody listens to runs on SDPA: below it the per-call overhead
 dominates and SDPA's is lower; above it flowkern's C++ kernel is faster. Measured on the project's 2-core CPU, one
-thread, fp32 (flowkern time / SDPA time): decode Hq=4, D=64, Sk=640 (0.16 M): 1.32; a 64-token prefill at Hq=4,
-D=64 (1 M): 1.39; a 128-token one (4 M): 0.96; decode Hq=8, Sk=1280 (0.6 M): 0.85; decode Hq=32, D=128, Sk=640:
-0.44; a 640-token prefill at Hq=4, D=64: 0.80."""
+thread, fp32 (flowkern time / SDPA time): decode B=1, Hq=4, D=64, Sk=640 (0.16 M): 1.32; a 64-token prefill at
+Hq=4, D=64 (1 M): 1.39; a 128-token one (4 M): 0.96; decode Hq=8, Sk=1280 (0.6 M): 0.85; decode B=32, Hq=4, D=64,
+Sk=640: 0.53; decode Hq=32, D=128, Sk=640: 0.44; a 640-token prefill at Hq=4, D=64: 0.80."""
 
 
 def _fast_output(
@@ -196,7 +196,7 @@ def _fast_output(
     kernels) or the call is small (:data:`SMALL_CALL`), else flowkern's kernel with one segment. Bottom-right
     causal either way."""
     sq, sk = q.shape[2], k.shape[2]
-    if q.device.type == "cuda" or q.shape[1] * sq * sk * q.shape[3] <= SMALL_CALL:
+    if q.device.type == "cuda" or q.shape[0] * q.shape[1] * sq * sk * q.shape[3] <= SMALL_CALL:
         gqa = q.shape[1] != k.shape[1]
         if kpm is None and (sq == 1 or not causal):
             return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=gqa)
