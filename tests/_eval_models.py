@@ -36,7 +36,10 @@ def save_image(path: Path, seed: int) -> Path:
 def slowed_flowkern(module: str, argv: list[str], delay: float) -> list[str]:
     """The command line of ``flowkern ARGV`` in a subprocess whose ``<module>.generate_answers`` (``flowkern.eval.run``
     or ``flowkern.eval.sweep``) sleeps ``delay`` seconds per batch, so that a signal sent mid-run lands mid-run."""
-    code = ("import sys, time\n"
+    # SIGINT back to Python's default: a shell's background job (``cmd &``, nohup) starts with SIGINT ignored, and the
+    # child would inherit that (the tests send Ctrl-C as a terminal would)
+    code = ("import signal, sys, time\n"
+            "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
             f"import {module} as m\n"
             "_gen = m.generate_answers\n"
             "def slow(*a, **k):\n"
