@@ -53,6 +53,22 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def cuda_peak_mib(fn: Callable[[], Any]) -> dict:
+    """Run ``fn()`` on a cleared CUDA allocator; ``peak_extra_mib`` (peak growth over what was allocated before)
+    and ``peak_total_mib``."""
+    import gc
+
+    gc.collect()
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated()
+    return dict(peak_extra_mib=(peak - base) / 2**20, peak_total_mib=peak / 2**20)
+
+
 # --------------------------------------------------------------------------------------------- peak RSS (CPU)
 
 

@@ -39,6 +39,7 @@ from pathlib import Path
 import torch
 from _common import (
     build_model,
+    cuda_peak_mib,
     device_label,
     llava_caption,
     make_report,
@@ -112,14 +113,8 @@ def measure(methods: list[str], model, kwargs: dict, new_tokens: int, layer: int
             out[m]["decode_speedup"] = statistics.median(a / b for a, b in zip(tps[m], tps["sdpa"], strict=True))
     if gpu:
         for m in methods:
-            gc.collect()
-            torch.cuda.synchronize()
-            torch.cuda.empty_cache()
-            base = torch.cuda.memory_allocated()
-            torch.cuda.reset_peak_memory_stats()
-            run(m, model, kwargs, new_tokens, layer)
-            torch.cuda.synchronize()
-            out[m]["peak_extra_mib"] = (torch.cuda.max_memory_allocated() - base) / 2**20
+            peak = cuda_peak_mib(lambda m=m: run(m, model, kwargs, new_tokens, layer))
+            out[m]["peak_extra_mib"] = peak["peak_extra_mib"]
     return out
 
 

@@ -42,6 +42,7 @@ from pathlib import Path
 import torch
 from _common import (
     build_model,
+    cuda_peak_mib,
     device_label,
     llava_caption,
     make_report,
@@ -133,15 +134,7 @@ def time_methods(methods, model, kwargs, labels, new_tokens: int, device: str, r
 
 
 def cuda_peak(method: str, model, kwargs, labels, new_tokens: int) -> dict:
-    gc.collect()
-    torch.cuda.synchronize()
-    torch.cuda.empty_cache()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    run(method, model, kwargs, labels, new_tokens)
-    torch.cuda.synchronize()
-    peak = torch.cuda.max_memory_allocated()
-    return dict(peak_extra_mib=(peak - base) / 2**20, peak_total_mib=peak / 2**20)
+    return cuda_peak_mib(lambda: run(method, model, kwargs, labels, new_tokens))
 
 
 def cpu_peak(method: str, case: dict, size: str, dtype: torch.dtype, new_tokens: int) -> dict:
