@@ -1,4 +1,4 @@
-"""``flowkern eval`` (flowkern/cli_eval.py, flowkern/eval/run.py) end to end on a tiny LLaVA saved in the official
+"""``flowkern eval`` (flowkern/cli/eval.py, flowkern/eval/run.py) end to end on a tiny LLaVA saved in the official
 format, on benchmark files written in the official formats: answer file -> the same metrics as ``flowkern score``,
 batch sizes agree, pruning, resume after a real SIGKILL / SIGINT, settings mismatch, bad input."""
 

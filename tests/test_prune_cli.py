@@ -1,4 +1,4 @@
-"""``flowkern generate`` (flowkern/cli_generate.py) end to end on a tiny LLaVA saved in the official format, and the
+"""``flowkern generate`` (flowkern/cli/generate.py) end to end on a tiny LLaVA saved in the official format, and the
 pruning flags other commands share (``add_prune_arguments`` / ``prune_from_args``)."""
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import torch
 from PIL import Image
 
 import flowkern
-from flowkern import cli_generate
 from flowkern.cli import UsageError
+from flowkern.cli import generate as cli_generate
 from flowkern.hf.loading import build_inputs, load_model
 from tests.test_cli_flow import PROMPT, save_llava
 

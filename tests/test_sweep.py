@@ -1,4 +1,4 @@
-"""``flowkern sweep`` (flowkern/eval/sweep.py, flowkern/cli_sweep.py) on a tiny LLaVA saved in the official format:
+"""``flowkern sweep`` (flowkern/eval/sweep.py, flowkern/cli/sweep.py) on a tiny LLaVA saved in the official format:
 points equal independent ``flowkern eval`` runs (answers byte for byte, ``flowkern score`` numbers), the cliff layer
 definition, bisection and its fallback, resume after a real SIGKILL, refused settings, torchrun with 2 gloo ranks."""
 

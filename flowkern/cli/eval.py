@@ -11,7 +11,7 @@ same numbers ``flowkern score`` gives on that answer file) to ``--out``, and pri
 the last line. A rerun with the same settings resumes (questions already answered are skipped); one with other
 settings is refused. User errors print one line and exit 2 before any model is loaded; Ctrl-C prints one line and
 exits 130, keeping the answers so far. The engine is :func:`flowkern.eval.run.run_eval`. Registered in
-:data:`flowkern.cli.SUBCOMMANDS` as ``"flowkern.cli_eval"``.
+:data:`flowkern.cli.SUBCOMMANDS` as ``"flowkern.cli.eval"``.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ _TASK_NAMES = ("pope", "sqa", "textvqa", "chair")
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     """Register ``flowkern eval`` on the ``flowkern`` command's subparsers."""
-    from flowkern.cli_generate import add_prune_arguments
+    from flowkern.cli.generate import add_prune_arguments
 
     p = subparsers.add_parser(
         "eval",
@@ -73,9 +73,9 @@ def _count_lines(path: Path) -> int:
 
 def run(args: argparse.Namespace) -> int:
     """The ``eval`` subcommand (see :func:`add_parser`)."""
-    from flowkern import cli_generate
     from flowkern.cli import UsageError
-    from flowkern.cli_score import summary_text
+    from flowkern.cli import generate as cli_generate
+    from flowkern.cli.score import summary_text
     from flowkern.eval.run import ANSWERS_FILE, EvalConfig, EvalUsageError, run_eval
 
     check = getattr(cli_generate, "check_prune_arguments", None)

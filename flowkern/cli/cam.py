@@ -7,7 +7,7 @@
 
 writes ``cam_grid.png`` (one panel per layer), ``layer_NN.png`` (one overlay per layer) and ``cam.npz``
 (:meth:`flowkern.cam.Cam.to_numpy`: heatmaps, raw maps, grid indices, answer ids, targets), and prints the answer
-and the peak cell of each layer's map. Registered in :data:`flowkern.cli.SUBCOMMANDS` as ``"flowkern.cli_cam"``.
+and the peak cell of each layer's map. Registered in :data:`flowkern.cli.SUBCOMMANDS` as ``"flowkern.cli.cam"``.
 """
 
 from __future__ import annotations

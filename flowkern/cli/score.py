@@ -11,7 +11,7 @@ Predictions are LLaVA answer files (JSON lines with ``question_id`` and ``text``
 ``caption``), matched to the questions by id. Prints a summary, then the metrics as one JSON object on the last line
 of stdout, and writes the same object to ``--out`` (atomically; an existing file only with ``--overwrite``).
 User errors (missing file, malformed line, unknown task or id, duplicate id) print one line and exit 2.
-Registered in :data:`flowkern.cli.SUBCOMMANDS` as ``"flowkern.cli_score"``.
+Registered in :data:`flowkern.cli.SUBCOMMANDS` as ``"flowkern.cli.score"``.
 """
 
 from __future__ import annotations

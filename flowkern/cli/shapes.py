@@ -9,7 +9,7 @@ Tasks (:mod:`flowkern.eval.shapes`): ``pope`` (POPE question files), ``sqa`` (Sc
 pid_splits.json + images tree), ``textvqa`` (TextVQA_0.5.1_val.json + train_images) and ``caption`` (COCO
 instances + captions for CHAIR, with the shapes object vocabulary). The same seed writes the same files; a fresh
 seed gives a held-out set. Prints what was written and, on the last line, the ``flowkern eval`` command that scores
-the set. Registered in :data:`flowkern.cli.SUBCOMMANDS` as ``"flowkern.cli_shapes"``.
+the set. Registered in :data:`flowkern.cli.SUBCOMMANDS` as ``"flowkern.cli.shapes"``.
 """
 
 from __future__ import annotations

@@ -51,13 +51,13 @@ __all__ = [
 SUBCOMMANDS: tuple[str, ...] = (
     "flowkern.cli:add_info_parser",
     "flowkern.cli:add_flow_parser",
-    "flowkern.cli_generate",
-    "flowkern.cli_cam",
-    "flowkern.cli_score",
-    "flowkern.cli_eval",
-    "flowkern.cli_sweep",
-    "flowkern.cli_shapes",
-    "flowkern.cli_demo",
+    "flowkern.cli.generate",
+    "flowkern.cli.cam",
+    "flowkern.cli.score",
+    "flowkern.cli.eval",
+    "flowkern.cli.sweep",
+    "flowkern.cli.shapes",
+    "flowkern.cli.demo",
 )
 """One entry per subcommand: ``"module"`` (its ``add_parser``) or ``"module:function"``, imported lazily."""
 
@@ -264,7 +264,7 @@ def add_flow_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="cliff layer = first layer whose image share is below this (default 0.1)")
     p.add_argument("--out", type=Path, default=Path("flowkern-flow"), help="output directory (default ./flowkern-flow)")
     p.add_argument("--overwrite", action="store_true", help="replace the files of a previous run in --out")
-    from flowkern.cli_generate import add_prune_arguments
+    from flowkern.cli.generate import add_prune_arguments
 
     add_prune_arguments(p)
     p.set_defaults(func=run_flow)
@@ -297,7 +297,7 @@ def run_flow(args: argparse.Namespace) -> int:
 
     import flowkern
     from flowkern import _io, viz
-    from flowkern.cli_generate import check_prune_arguments, prune_from_args
+    from flowkern.cli.generate import check_prune_arguments, prune_from_args
     from flowkern.hf.models import get_adapter
 
     if not 0.0 <= args.threshold <= 1.0:
@@ -419,11 +419,3 @@ def entry() -> None:
     with contextlib.suppress(ValueError):  # not the main thread
         signal.signal(signal.SIGINT, signal.SIG_IGN)
     sys.exit(code)
-
-
-if __name__ == "__main__":
-    # `python -m flowkern.cli` runs this file as __main__, a second copy of the module: dispatch through the
-    # imported flowkern.cli so that the subcommands' UsageError is the class main() catches.
-    from flowkern.cli import entry as _entry
-
-    _entry()

@@ -6,7 +6,7 @@
         --prune-layer 2 --keep 0
 
 prints the answer, the prefill time, the decode speed (tokens/s, forward time) and what was pruned. Registered in
-:data:`flowkern.cli.SUBCOMMANDS` as ``"flowkern.cli_generate"``. Other commands take the same pruning flags with
+:data:`flowkern.cli.SUBCOMMANDS` as ``"flowkern.cli.generate"``. Other commands take the same pruning flags with
 :func:`add_prune_arguments` and wrap their run in :func:`prune_from_args`.
 """
 

@@ -27,7 +27,7 @@ _TASK_NAMES = ("pope", "sqa", "textvqa", "chair")
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     """Register ``flowkern sweep`` on the ``flowkern`` command's subparsers."""
-    from flowkern.cli_generate import parse_keep
+    from flowkern.cli.generate import parse_keep
 
     p = subparsers.add_parser(
         "sweep", help="truncation sweep over decoder layers: the information-flow cliff layer (paper Figure 5)",
