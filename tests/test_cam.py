@@ -325,7 +325,7 @@ def test_cli_end_to_end(tmp_path, capsys):
     import flowkern.cli as cli
     from flowkern.hf.loading import build_inputs, load_model
 
-    assert "flowkern.cli.cam" in cli.SUBCOMMANDS
+    assert "cam" in cli.SUBCOMMANDS
     _save_tiny_llava(tmp_path / "llava")
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (30, 40, 3), dtype=np.uint8)).save(tmp_path / "a.png")
     out = tmp_path / "out"

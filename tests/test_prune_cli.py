@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 import flowkern
-from flowkern.cli import UsageError
+from flowkern.cli import UsageError, common
 from flowkern.cli import generate as cli_generate
 from flowkern.hf.loading import build_inputs, load_model
 from tests.test_cli_flow import PROMPT, save_llava
@@ -69,14 +69,14 @@ def test_generate_command(files, capsys, tmp_path, flags):
 
 def test_prune_flags():
     parser = argparse.ArgumentParser()
-    cli_generate.add_prune_arguments(parser)
+    common.add_prune_arguments(parser)
     args = parser.parse_args([])
-    assert isinstance(cli_generate.prune_from_args(None, args), contextlib.nullcontext)
-    assert cli_generate.parse_keep("0") == 0 and cli_generate.parse_keep("64") == 64
-    assert cli_generate.parse_keep("0.25") == 0.25 and cli_generate.parse_keep("25%") == 0.25
+    assert isinstance(common.prune_from_args(None, args), contextlib.nullcontext)
+    assert common.parse_keep("0") == 0 and common.parse_keep("64") == 64
+    assert common.parse_keep("0.25") == 0.25 and common.parse_keep("25%") == 0.25
     for bad in ("-1", "1.5", "abc", "200%"):
         with pytest.raises(argparse.ArgumentTypeError):
-            cli_generate.parse_keep(bad)
+            common.parse_keep(bad)
 
 
 def test_bad_prune_combination_is_a_usage_error(files):

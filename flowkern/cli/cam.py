@@ -7,7 +7,7 @@
 
 writes ``cam_grid.png`` (one panel per layer), ``layer_NN.png`` (one overlay per layer) and ``cam.npz``
 (:meth:`flowkern.cam.Cam.to_numpy`: heatmaps, raw maps, grid indices, answer ids, targets), and prints the answer
-and the peak cell of each layer's map. Registered in :data:`flowkern.cli.SUBCOMMANDS` as ``"flowkern.cli.cam"``.
+and the peak cell of each layer's map. Registered in :data:`flowkern.cli.SUBCOMMANDS` as ``"cam"``.
 """
 
 from __future__ import annotations
@@ -16,13 +16,21 @@ import argparse
 import math
 from pathlib import Path
 
+from flowkern.cli.common import (
+    UsageError,
+    add_model_arguments,
+    check_output_dir,
+    load_from_args,
+    parse_layers,
+    user_errors,
+)
+
 __all__ = ["add_parser", "run"]
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     """Register ``flowkern cam`` on the ``flowkern`` command's subparsers."""
     from flowkern.cam import SITES
-    from flowkern.cli import add_model_arguments
 
     p = subparsers.add_parser(
         "cam",
@@ -60,7 +68,6 @@ def run(args: argparse.Namespace) -> int:
 
     from flowkern import _io, viz
     from flowkern.cam import cam
-    from flowkern.cli import UsageError, check_output_dir, load_from_args, parse_layers, user_errors
     from flowkern.hf.loading import input_image
     from flowkern.hf.models import get_adapter
 

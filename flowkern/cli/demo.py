@@ -8,7 +8,8 @@
 writes ``<out>/report.html`` (self-contained: figures embedded, no network), ``figures/*.png``, ``tables/*.csv``
 and ``.json``, ``summary.json`` and the sweep folders, all at once (:class:`flowkern._io.AtomicDir`): an interrupted
 run leaves the previous report or nothing. Prints the headline and the plain-words conclusions; the last stdout line
-is the headline as JSON. The engine is :mod:`flowkern.demo.report`. Registered in :data:`flowkern.cli.SUBCOMMANDS`.
+is the headline as JSON. The engine is :mod:`flowkern.demo.report`. Registered in :data:`flowkern.cli.SUBCOMMANDS`
+as ``"demo"``.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+
+from flowkern.cli.common import config_from_args, user_errors
 
 __all__ = ["add_parser", "run"]
 
@@ -51,11 +54,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """The ``demo`` subcommand (see :func:`add_parser`)."""
-    from flowkern.cli import user_errors
     from flowkern.demo.report import DemoConfig, check_config, load, run_demo
 
-    config = DemoConfig(out=args.out, model=args.model, quick=args.quick, seed=args.seed, keep=args.keep,
-                        tolerance=args.tolerance, threads=args.threads, device=args.device, overwrite=args.overwrite)
+    config = config_from_args(DemoConfig, args)
     with user_errors():  # every mistake the user can fix is found here, before any work
         check_config(config)
         model, processor = load(config)

@@ -11,7 +11,7 @@ Predictions are LLaVA answer files (JSON lines with ``question_id`` and ``text``
 ``caption``), matched to the questions by id. Prints a summary, then the metrics as one JSON object on the last line
 of stdout, and writes the same object to ``--out`` (atomically; an existing file only with ``--overwrite``).
 User errors (missing file, malformed line, unknown task or id, duplicate id) print one line and exit 2.
-Registered in :data:`flowkern.cli.SUBCOMMANDS` as ``"flowkern.cli.score"``.
+Registered in :data:`flowkern.cli.SUBCOMMANDS` as ``"score"``.
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ import argparse
 import json
 from pathlib import Path
 
-__all__ = ["add_parser", "run"]
+from flowkern.cli.common import TASKS, UsageError, summary_text, user_errors
 
-_TASK_NAMES = ("pope", "sqa", "textvqa", "chair")
+__all__ = ["add_parser", "run"]
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -33,7 +33,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         description="Match the predictions to the benchmark's questions by id and print the metrics (fractions in "
                     "[0, 1]) as one JSON object on the last line; --out writes the same object to a file.",
     )
-    p.add_argument("--task", required=True, metavar="TASK", help=f"one of: {', '.join(_TASK_NAMES)}")
+    p.add_argument("--task", required=True, metavar="TASK", help=f"one of: {', '.join(TASKS)}")
     p.add_argument("--data", required=True, type=Path, metavar="PATH",
                    help="pope: a coco_pope_<split>.json file or a folder of them; sqa: the folder with "
                         "problems.json and pid_splits.json; textvqa: TextVQA_0.5.1_val.json (or its folder); "
@@ -48,31 +48,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def summary_text(result: dict) -> str:
-    task = result["task"]
-    parts = [f"{task}: {result['n']} predictions scored"]
-    if result.get("missing"):
-        parts.append(f"{result['missing']} questions without a prediction (not scored)")
-    if "parsing" in result:
-        parts.append(f"parsing {result['parsing']}")
-    keys = {"pope": ("accuracy", "precision", "recall", "f1", "yes_ratio"), "chair": ("chair_s", "chair_i", "recall")}
-    metrics = ", ".join(f"{k} {result[k]:.4f}" for k in keys.get(task, ("accuracy",)))
-    lines = ["; ".join(parts), f"  {metrics}"]
-    for split, m in result.get("splits", {}).items():
-        lines.append(f"  {split}: " + ", ".join(f"{k} {m[k]:.4f}" for k in keys["pope"]) + f" (n={m['n']})")
-    return "\n".join(lines)
-
-
 def run(args: argparse.Namespace) -> int:
     """The ``score`` subcommand (see :func:`add_parser`)."""
     from flowkern._io import atomic_write_json, check_output_path
-    from flowkern.cli import UsageError, user_errors
     from flowkern.eval import get_task
 
     with user_errors():
         out = check_output_path(args.out, overwrite=args.overwrite) if args.out is not None else None
-        if args.task not in _TASK_NAMES:
-            raise UsageError(f"--task: unknown task {args.task!r} (choose from {', '.join(_TASK_NAMES)})")
+        if args.task not in TASKS:
+            raise UsageError(f"--task: unknown task {args.task!r} (choose from {', '.join(TASKS)})")
         if args.strict and args.task != "pope":
             raise UsageError(f"--strict applies to --task pope only, not {args.task}")
         if args.split != "test" and args.task != "sqa":

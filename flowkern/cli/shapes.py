@@ -9,13 +9,15 @@ Tasks (:mod:`flowkern.eval.shapes`): ``pope`` (POPE question files), ``sqa`` (Sc
 pid_splits.json + images tree), ``textvqa`` (TextVQA_0.5.1_val.json + train_images) and ``caption`` (COCO
 instances + captions for CHAIR, with the shapes object vocabulary). The same seed writes the same files; a fresh
 seed gives a held-out set. Prints what was written and, on the last line, the ``flowkern eval`` command that scores
-the set. Registered in :data:`flowkern.cli.SUBCOMMANDS` as ``"flowkern.cli.shapes"``.
+the set. Registered in :data:`flowkern.cli.SUBCOMMANDS` as ``"shapes"``.
 """
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
+
+from flowkern.cli.common import UsageError, user_errors
 
 __all__ = ["add_parser", "run"]
 
@@ -43,7 +45,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """The ``shapes`` subcommand (see :func:`add_parser`)."""
-    from flowkern.cli import UsageError, user_errors
     from flowkern.eval.shapes import eval_command, write_task
 
     if args.num < 1:

@@ -9,7 +9,7 @@ information-flow cliff layer and draw the curve (the paper's Figure 5).
 writes ``<out>/points/<point>/`` (each an ``flowkern eval`` folder), ``results.jsonl``, ``summary.csv``,
 ``cliff.json`` and ``sweep.png``; the last stdout line is ``cliff.json``'s headline as JSON. A rerun resumes; other
 settings are refused. User errors print one line and exit 2 before a model is loaded; Ctrl-C exits 130 keeping the
-answers so far. The engine is :mod:`flowkern.eval.sweep`. Registered in :data:`flowkern.cli.SUBCOMMANDS`.
+answers so far. The engine is :mod:`flowkern.eval.sweep`. Registered in :data:`flowkern.cli.SUBCOMMANDS` as ``"sweep"``.
 """
 
 from __future__ import annotations
@@ -20,25 +20,27 @@ import os
 import sys
 from pathlib import Path
 
-__all__ = ["add_parser", "run"]
+from flowkern.cli.common import (
+    UsageError,
+    add_answer_arguments,
+    add_device_arguments,
+    add_task_arguments,
+    config_from_args,
+    parse_keep,
+)
 
-_TASK_NAMES = ("pope", "sqa", "textvqa", "chair")
+__all__ = ["add_parser", "run"]
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     """Register ``flowkern sweep`` on the ``flowkern`` command's subparsers."""
-    from flowkern.cli.generate import parse_keep
-
     p = subparsers.add_parser(
         "sweep", help="truncation sweep over decoder layers: the information-flow cliff layer (paper Figure 5)",
         description="Scores the task unpruned (baseline) and with image tokens removed from each decoder layer L on "
                     "(flowkern.prune, k = 0 by default). Cliff layer: the smallest L such that every L' >= L scores "
                     "within --tolerance points of the baseline on the task's main metric (POPE F1, SQA/TextVQA "
                     "accuracy, CHAIR_S). Reruns resume; works under torchrun.")
-    p.add_argument("--model", required=True, help="hub id (already cached; never downloaded) or local directory")
-    p.add_argument("--task", required=True, metavar="TASK", help=f"one of: {', '.join(_TASK_NAMES)}")
-    p.add_argument("--data", required=True, type=Path, metavar="PATH", help="the task's official files")
-    p.add_argument("--images", type=Path, default=None, metavar="DIR", help="image folder (as for flowkern eval)")
+    add_task_arguments(p)
     p.add_argument("--out", required=True, type=Path, metavar="DIR",
                    help="sweep folder: points/, results.jsonl, summary.csv, cliff.json, sweep.png (resumed)")
     p.add_argument("--layers", default="all", metavar="SPEC",
@@ -55,15 +57,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         "every layer when it is not")
     p.add_argument("--tolerance", type=float, default=1.0, metavar="POINTS",
                    help="cliff tolerance in points of the main metric (default 1 = 0.01 of a ratio)")
-    p.add_argument("--limit", type=int, default=None, metavar="N", help="only the first N questions")
-    p.add_argument("--batch-size", type=int, default=1, metavar="B", help="questions per generate call (default 1)")
-    p.add_argument("--max-new-tokens", type=int, default=None, metavar="N",
-                   help="answer length limit (default 128; chair 512)")
-    p.add_argument("--strict", action="store_true", help="pope only: lmms-eval's exact yes/no parsing")
-    p.add_argument("--split", default="test", help="sqa only: the pid_splits.json split (default test)")
-    p.add_argument("--ocr", action="store_true", help="textvqa only: add the OCR tokens to the prompt")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (under torchrun: cuda:LOCAL_RANK)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
+    add_answer_arguments(p)
+    add_device_arguments(p, torchrun=True)
     p.add_argument("--no-reuse", action="store_true",
                    help="run each point on its own (no shared prefill below L, images encoded at every point): for "
                         "checking, slower")
@@ -73,17 +68,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """The ``sweep`` subcommand (see :func:`add_parser`)."""
-    from flowkern.cli import UsageError
     from flowkern.eval.run import EvalUsageError
     from flowkern.eval.sweep import SweepConfig, run_sweep
 
     controls = tuple(r.strip() for r in args.control.split(",") if r.strip())
-    config = SweepConfig(
-        model=args.model, task=args.task, data=args.data, out=args.out, images=args.images, layers=args.layers,
-        keep=args.keep, rank=args.rank, seed=args.seed, controls=controls, search=args.search,
-        tolerance=args.tolerance, limit=args.limit, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
-        strict=args.strict, split=args.split, ocr=args.ocr, device=args.device, dtype=args.dtype,
-        reuse=not args.no_reuse, overwrite=args.overwrite)
+    config = config_from_args(SweepConfig, args, controls=controls, reuse=not args.no_reuse)
     for flag, value in (("--batch-size", args.batch_size), ("--limit", args.limit),
                         ("--max-new-tokens", args.max_new_tokens)):
         if value is not None and value < 1:

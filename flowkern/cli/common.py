@@ -1,0 +1,352 @@
+"""What the ``flowkern`` subcommands share: user errors, argument groups, loading a model and its inputs.
+
+Every command module of :mod:`flowkern.cli` imports from here (and from the library), never from a sibling command
+module or from the package's ``__init__``, so the commands load in any order and on their own:
+
+- errors: :class:`UsageError` (one line on stderr, exit 2) and :func:`user_errors`, which turns the
+  ``FileNotFoundError`` / ``ValueError`` / ``ImportError`` of the steps a user can fix into one;
+- argument groups: :func:`add_model_arguments` (``flow``, ``generate``, ``cam``: one prompt on a model),
+  :func:`add_device_arguments`, :func:`add_task_arguments` and :func:`add_answer_arguments` (``eval``, ``sweep``:
+  a benchmark's questions), :func:`add_prune_arguments` with :func:`check_prune_arguments`,
+  :func:`prune_from_args` and :func:`parse_keep` (``flow``, ``generate``, ``eval``; ``sweep`` parses ``--keep``);
+- from arguments to work: :func:`load_from_args` (:class:`LoadedInputs`), :func:`check_output_dir`,
+  :func:`parse_layers`, :func:`config_from_args` (an engine's config dataclass from the same-named options), and
+  :func:`summary_text` (the metrics summary ``score`` and ``eval`` print).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+__all__ = [
+    "TASKS",
+    "UsageError",
+    "user_errors",
+    "add_model_arguments",
+    "add_device_arguments",
+    "add_task_arguments",
+    "add_answer_arguments",
+    "add_prune_arguments",
+    "check_prune_arguments",
+    "prune_from_args",
+    "parse_keep",
+    "LoadedInputs",
+    "load_from_args",
+    "check_output_dir",
+    "parse_layers",
+    "config_from_args",
+    "summary_text",
+]
+
+TASKS = ("pope", "sqa", "textvqa", "chair")
+"""The benchmarks ``score``, ``eval`` and ``sweep`` take as ``--task``."""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# errors
+
+
+class UsageError(Exception):
+    """A mistake the user can fix (missing file, unsupported model, bad option): one line on stderr, exit 2."""
+
+
+@contextlib.contextmanager
+def user_errors() -> Iterator[None]:
+    """Turn ``FileNotFoundError``, ``ValueError`` and ``ImportError`` raised inside into :class:`UsageError`.
+
+    Wrap only the steps whose failures are the user's to fix (argument checks, loading, building inputs), not the
+    analysis itself, so that bugs keep their tracebacks.
+    """
+    try:
+        yield
+    except UsageError:
+        raise
+    except FileNotFoundError as exc:
+        msg = str(exc) if exc.args and not exc.filename else f"{exc.filename}: {exc.strerror or exc}"
+        raise UsageError(msg) from exc
+    except (ValueError, ImportError) as exc:
+        raise UsageError(str(exc)) from exc
+
+
+# ----------------------------------------------------------------------------------------------------------
+# argument groups
+
+
+def add_device_arguments(parser: argparse.ArgumentParser, *, torchrun: bool = False) -> None:
+    """Add ``--device`` (default auto) and ``--dtype`` (default auto); ``torchrun``: say what a process of a
+    ``torchrun`` job uses."""
+    where = " (under torchrun: cuda:LOCAL_RANK)" if torchrun else ""
+    parser.add_argument("--device", default="auto", help=f"auto (cuda if available), cpu, cuda or cuda:N{where}")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
+                        help="weights dtype (auto: float32 on CPU, the checkpoint's dtype on CUDA)")
+
+
+def add_model_arguments(
+    parser: argparse.ArgumentParser, *, prompt: bool = True, max_new_tokens: int | None = 16
+) -> None:
+    """Add ``--model --image --prompt --device --dtype`` (and ``--max-new-tokens`` unless None) to a subparser."""
+    parser.add_argument("--model", required=True,
+                        help="hub id (already in the Hugging Face cache; never downloaded) or local directory")
+    parser.add_argument("--image", required=True, nargs="+", metavar="PATH",
+                        help="input image(s); heatmaps are drawn for the first one")
+    if prompt:
+        parser.add_argument("--prompt", required=True,
+                            help="the question; wrapped in the model's chat template with an image slot, unless it "
+                                 "already contains the image placeholder (e.g. <image>)")
+    add_device_arguments(parser)
+    if max_new_tokens is not None:
+        parser.add_argument("--max-new-tokens", type=int, default=max_new_tokens, metavar="N",
+                            help=f"answer length limit, greedy decoding (default {max_new_tokens})")
+
+
+def add_task_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add ``--model --task --data --images``: which model answers which benchmark's questions (``eval``,
+    ``sweep``)."""
+    parser.add_argument("--model", required=True,
+                        help="hub id (already in the Hugging Face cache; never downloaded) or local directory")
+    parser.add_argument("--task", required=True, metavar="TASK", help=f"one of: {', '.join(TASKS)}")
+    parser.add_argument("--data", required=True, type=Path, metavar="PATH",
+                        help="the task's official files, as for `flowkern score --data`")
+    parser.add_argument("--images", type=Path, default=None, metavar="DIR",
+                        help="image folder (pope: COCO val2014, required; sqa: default <data>/images; textvqa: "
+                             "default <data folder>/train_images; chair: default <data>/val2014)")
+
+
+def add_answer_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add ``--limit --batch-size --max-new-tokens --strict --split --ocr``: how the questions are answered and
+    scored (``eval``, ``sweep``)."""
+    parser.add_argument("--limit", type=int, default=None, metavar="N", help="answer only the first N questions")
+    parser.add_argument("--batch-size", type=int, default=1, metavar="B",
+                        help="questions per generate call (default 1)")
+    parser.add_argument("--max-new-tokens", type=int, default=None, metavar="N",
+                        help="answer length limit (default 128; chair 512)")
+    parser.add_argument("--strict", action="store_true",
+                        help="pope only: score with lmms-eval's exact yes/no parsing (scoring only; answers "
+                             "unchanged)")
+    parser.add_argument("--split", default="test", help="sqa only: the pid_splits.json split (default test)")
+    parser.add_argument("--ocr", action="store_true", help="textvqa only: add the OCR tokens to the prompt")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# pruning flags (flow, generate, eval; sweep parses --keep)
+
+_PRUNE_DEFAULTS = {"keep": 0, "rank": "attention", "prune_seed": 0, "prune_when": "prefill"}
+_PRUNE_FLAGS = {"keep": "--keep", "rank": "--rank", "prune_seed": "--prune-seed", "prune_when": "--prune-when"}
+
+
+def parse_keep(text: str) -> int | float:
+    """``--keep``: ``"0"`` / ``"64"`` (image tokens per sample), ``"0.25"`` or ``"25%"`` (a fraction).
+
+    Raises:
+        argparse.ArgumentTypeError: anything else.
+    """
+    value = text.strip()
+    try:
+        if value.endswith("%"):
+            frac = float(value[:-1]) / 100.0
+        elif any(c in value for c in ".eE"):
+            frac = float(value)
+        else:
+            k = int(value)
+            if k < 0:
+                raise ValueError
+            return k
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: expected a count >= 0 (e.g. 0 or 64) or a fraction in [0, 1] (e.g. 0.25 or 25%)"
+        ) from None
+    if not 0.0 <= frac <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text!r}: a fraction must be in [0, 1]")
+    return frac
+
+
+def add_prune_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add ``--prune-layer --keep --rank --prune-seed --prune-when`` (pruning is off unless --prune-layer is given)."""
+    g = parser.add_argument_group("image-token pruning (flowkern.prune)")
+    g.add_argument("--prune-layer", type=int, default=None, metavar="L",
+                   help="remove image tokens from decoder layer L on (0-based; the paper's layer L+1); off by default")
+    g.add_argument("--keep", type=parse_keep, default=None, metavar="K",
+                   help="image tokens kept per sample: 0 (drop all, default), a count (64) or a fraction (0.25, 25%%)")
+    g.add_argument("--rank", default=None, choices=["attention", "random", "none", "grid"],
+                   help="which to keep: attention received from the last prompt token at layer L-1 (default), "
+                        "random (seeded control), none (the first K) or grid (uniform on the image grid: control)")
+    g.add_argument("--prune-seed", type=int, default=None, metavar="N", help="seed of --rank random (default 0)")
+    g.add_argument("--prune-when", default=None, choices=["prefill", "decode"],
+                   help="prefill: layers >= L never see the removed tokens (default); decode: full prefill, then "
+                        "the KV cache of layers >= L is compacted for the decode steps")
+
+
+def check_prune_arguments(args: argparse.Namespace) -> None:
+    """Refuse pruning options given without ``--prune-layer`` (they would be silently ignored); with it, fill in the
+    defaults of the others (``--keep 0 --rank attention --prune-seed 0 --prune-when prefill``). Call before loading a
+    model; calling it again is harmless.
+
+    Raises:
+        UsageError: e.g. ``--keep 5`` without ``--prune-layer``.
+    """
+    given = [flag for name, flag in _PRUNE_FLAGS.items() if getattr(args, name, None) is not None]
+    if getattr(args, "prune_layer", None) is None:
+        if given:
+            raise UsageError(f"{', '.join(given)} {'has' if len(given) == 1 else 'have'} no effect without "
+                             "--prune-layer L")
+        return
+    for name, default in _PRUNE_DEFAULTS.items():
+        if getattr(args, name, None) is None:
+            setattr(args, name, default)
+
+
+def prune_from_args(model: Any, args: argparse.Namespace) -> contextlib.AbstractContextManager:
+    """``flowkern.prune(model, ...)`` from the flags of :func:`add_prune_arguments`, or a null context when
+    ``--prune-layer`` is not given. Use as ``with prune_from_args(model, args) as pruning: ...`` (``pruning`` is a
+    :class:`flowkern.prune.Pruning` or None).
+
+    Raises:
+        UsageError: a bad combination (e.g. ``--rank attention`` with ``--prune-layer 0``).
+    """
+    check_prune_arguments(args)
+    if getattr(args, "prune_layer", None) is None:
+        return contextlib.nullcontext()
+    import flowkern
+
+    with user_errors():
+        try:
+            return flowkern.prune(model, layer=args.prune_layer, keep=args.keep, rank=args.rank,
+                                  seed=args.prune_seed, when=args.prune_when)
+        except NotImplementedError as exc:
+            raise ValueError(str(exc)) from exc
+
+
+# ----------------------------------------------------------------------------------------------------------
+# from arguments to work
+
+
+@dataclass
+class LoadedInputs:
+    """What :func:`load_from_args` returns: the model, its processor, the RGB images and the processor outputs."""
+
+    model: Any
+    processor: Any
+    images: list
+    inputs: Any
+
+    @property
+    def prompt_length(self) -> int:
+        """Tokens in the prompt (``input_ids.shape[1]``)."""
+        return int(self.inputs["input_ids"].shape[1])
+
+    def decode(self, sequences: Any) -> str:
+        """The answer text of the first sample of ``generate``'s output (prompt tokens removed)."""
+        ids = self.inputs["input_ids"]
+        seq = sequences[0]
+        n = ids.shape[1]
+        if seq.shape[0] >= n and bool((seq[:n].to(ids.device) == ids[0]).all()):
+            seq = seq[n:]
+        decoder = self.processor if hasattr(self.processor, "batch_decode") else self.processor.tokenizer
+        return decoder.batch_decode(seq[None].cpu(), skip_special_tokens=True)[0].strip()
+
+
+def load_from_args(args: argparse.Namespace) -> LoadedInputs:
+    """Load the images (first, so a typo fails fast), the model and its processor, and build the inputs.
+
+    Raises:
+        UsageError: missing image / model directory, uncached hub id, unsupported model, prompt without an image slot.
+    """
+    from flowkern.hf.loading import build_inputs, load_images, load_model, position_range_message
+
+    with user_errors():
+        images = load_images(args.image)
+        model, processor = load_model(args.model, device=args.device, dtype=args.dtype)
+        inputs = build_inputs(processor, model, images, getattr(args, "prompt", ""))
+    loaded = LoadedInputs(model, processor, images, inputs)
+    warning = position_range_message(model, loaded.prompt_length + int(getattr(args, "max_new_tokens", 0) or 0))
+    if warning:
+        print(f"flowkern {getattr(args, 'command', '')}: warning: {warning}", file=sys.stderr)
+    return loaded
+
+
+def check_output_dir(args: argparse.Namespace, name: str = "out") -> Path:
+    """Validate a command's result folder (``args.<name>``, flag ``--<name>``) before any work, honouring
+    ``--overwrite``; returns the absolute path.
+
+    Raises:
+        UsageError: a file where the folder should be, no permission, or a previous run's files without --overwrite.
+    """
+    from flowkern import _io
+
+    with user_errors():
+        return _io.check_output_dir(getattr(args, name), overwrite=getattr(args, "overwrite", False),
+                                    what=f"--{name.replace('_', '-')}")
+
+
+def parse_layers(spec: str | None, num_layers: int, *, default_count: int = 8) -> list[int]:
+    """Decoder layers from ``"0,4,8"`` (negative counts from the end), ``"all"``, or None/``"auto"``: up to
+    ``default_count`` evenly spaced layers, the first and the last included.
+
+    Raises:
+        UsageError: a malformed spec or a layer outside ``[-num_layers, num_layers)``.
+    """
+    if spec is None or spec.strip().lower() == "auto":
+        count = min(default_count, num_layers)
+        if count <= 1:
+            return [0]
+        return sorted({round(i * (num_layers - 1) / (count - 1)) for i in range(count)})
+    if spec.strip().lower() == "all":
+        return list(range(num_layers))
+    layers = []
+    for part in spec.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        try:
+            layer = int(part)
+        except ValueError:
+            raise UsageError(f"--layers {spec!r}: expected comma-separated integers, 'all' or 'auto'") from None
+        if not -num_layers <= layer < num_layers:
+            raise UsageError(f"--layers: layer {layer} is out of range; the model has {num_layers} decoder layers")
+        layers.append(layer % num_layers)
+    if not layers:
+        raise UsageError(f"--layers {spec!r}: no layer given")
+    return list(dict.fromkeys(layers))
+
+
+_Config = TypeVar("_Config")
+
+
+def config_from_args(cls: type[_Config], args: argparse.Namespace, **values: Any) -> _Config:
+    """An engine's config dataclass (``EvalConfig``, ``SweepConfig``, ``DemoConfig``, ...) from the options of the
+    same names: each field takes ``values[name]`` if given, else ``args.<name>`` unless that is missing or None
+    (an option left unset keeps the field's default).
+
+    Raises:
+        TypeError: ``cls`` is not a dataclass, or ``values`` names a field it does not have.
+    """
+    names = {f.name for f in dataclasses.fields(cls) if f.init}
+    unknown = set(values) - names
+    if unknown:
+        raise TypeError(f"{cls.__name__} has no field {', '.join(sorted(unknown))}")
+    kwargs = {n: getattr(args, n) for n in names if n not in values and getattr(args, n, None) is not None}
+    return cls(**kwargs, **values)
+
+
+def summary_text(result: dict) -> str:
+    """Human-readable lines of a task's metrics (a :meth:`flowkern.eval.base.Task.score` result): counts, parsing,
+    the main metrics, POPE's per-split numbers."""
+    task = result["task"]
+    parts = [f"{task}: {result['n']} predictions scored"]
+    if result.get("missing"):
+        parts.append(f"{result['missing']} questions without a prediction (not scored)")
+    if "parsing" in result:
+        parts.append(f"parsing {result['parsing']}")
+    keys = {"pope": ("accuracy", "precision", "recall", "f1", "yes_ratio"), "chair": ("chair_s", "chair_i", "recall")}
+    metrics = ", ".join(f"{k} {result[k]:.4f}" for k in keys.get(task, ("accuracy",)))
+    lines = ["; ".join(parts), f"  {metrics}"]
+    for split, m in result.get("splits", {}).items():
+        lines.append(f"  {split}: " + ", ".join(f"{k} {m[k]:.4f}" for k in keys["pope"]) + f" (n={m['n']})")
+    return "\n".join(lines)

@@ -1,0 +1,54 @@
+"""``flowkern info``: versions, the built kernels and the backend each device uses (no model needed).
+
+.. code-block:: console
+
+    flowkern info
+
+Registered in :data:`flowkern.cli.SUBCOMMANDS` as ``"info"``.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+__all__ = ["add_parser", "run"]
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    """Register ``flowkern info`` on the ``flowkern`` command's subparsers."""
+    p = subparsers.add_parser("info", help="versions, built kernels and the backend each device uses")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """The ``info`` subcommand (see :func:`add_parser`)."""
+    import platform
+
+    import torch
+
+    import flowkern
+    from flowkern import ops
+
+    print(f"flowkern {flowkern.__version__}  python {platform.python_version()}  torch {torch.__version__}")
+    try:
+        import triton
+
+        print(f"triton {triton.__version__}")
+    except ImportError:
+        print("triton: not installed (CUDA tensors need it)")
+    try:
+        from flowkern.hf import compat
+    except ImportError as exc:
+        print(f"transformers: not importable ({exc}); the model commands need it")
+    else:
+        version, _ = compat.version_report()
+        lo, hi = compat.TESTED_TRANSFORMERS
+        msg = compat.untested_message()
+        print(f"transformers {version} (tested range: {lo} to {hi})" if msg is None else f"WARNING: {msg}")
+    print(f"C++ CPU kernels (flowkern._C): {'built' if ops.cpp_available() else 'NOT built: ' + str(ops._CPP_ERROR)}")
+    print(f"default backend on cpu: {ops.backend_for(torch.device('cpu'))}")
+    if torch.cuda.is_available():
+        print(f"default backend on cuda: {ops.backend_for(torch.device('cuda'))} ({torch.cuda.get_device_name()})")
+    else:
+        print("cuda: not available")
+    return 0
