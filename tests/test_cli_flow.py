@@ -305,3 +305,22 @@ def test_qwen2_vl_local_dir(tmp_path, capsys):
     assert record["family"] == "qwen2_vl"
     assert record["image_attention"]["grid"] == [h // 2, w // 2]
     assert (tmp_path / "out" / "image_attention.png").is_file()
+
+
+def test_flow_draws_the_view_the_layout_marks_whole():
+    """The image view `flow` draws is the one the family's layout marks whole (no view names in the CLI), of the
+    requested image: InternVL's thumbnail of image 0 even when image 1 has tiles too."""
+    from flowkern.cli.flow import _whole_view
+    from flowkern.hf.segments import ImageGrid
+
+    def grid(image, name, whole=False):
+        return ImageGrid(image, name, torch.arange(4).view(2, 2), whole=whole)
+
+    next_views = [grid(0, "base", True), grid(0, "crops")]
+    assert _whole_view(next_views) is next_views[0]
+    tiles = [grid(i, f"tile{t}", t == 2) for i in (0, 1) for t in range(3)]
+    assert _whole_view(tiles) is tiles[2] and _whole_view(tiles, image=1) is tiles[5]
+    queries = [grid(0, "queries")]  # InstructBLIP: no view shows a picture; the adapter says so (spatial_grids)
+    assert _whole_view(queries) is queries[0]
+    with pytest.raises(ValueError, match="no image 1"):
+        _whole_view(queries, image=1)

@@ -100,7 +100,8 @@ def run(args: argparse.Namespace) -> int:
     answer = tokenizer.batch_decode(result.answer_ids[None], skip_special_tokens=True)[0].strip()
 
     view = result.view(0)
-    picture = None if view.name == "queries" else input_image(processor, inputs, loaded.images, 0)
+    spatial = get_adapter(model).spatial_grids  # False: a row of query tokens, no picture to draw on
+    picture = input_image(processor, inputs, loaded.images, 0) if spatial else None
     titles = [f"layer {layer}" for layer in result.layers]
     info = dict(command="flowkern cam", args={k: str(v) for k, v in vars(args).items() if k != "func"})
     with _io.AtomicDir(target, info=info) as out:  # all files or none: never half a result, never two runs mixed

@@ -116,16 +116,18 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _base_view(grids: list) -> Any:
-    """The view of an image to draw: the whole image (``image`` / ``base``; InternVL: the thumbnail tile)."""
-    for name in ("image", "base"):
-        for g in grids:
-            if g.name == name:
-                return g
-    tiles = [g for g in grids if g.name.startswith("tile")]
-    if tiles:
-        return tiles[-1]  # several tiles: the thumbnail (the whole image) is the last one
-    return grids[0]
+def _whole_view(grids: list, image: int = 0) -> Any:
+    """The :class:`flowkern.hf.segments.ImageGrid` of image ``image`` to draw: the one the family's layout marks
+    ``whole`` (the whole image: LLaVA's ``image``, LLaVA-NeXT's ``base``, InternVL's thumbnail tile), else its first
+    view (a video's first frame, InstructBLIP's query row), as :meth:`flowkern.cam.Cam.view` chooses.
+
+    Raises:
+        ValueError: the sample has no image ``image``.
+    """
+    views = [g for g in grids if g.image == image]
+    if not views:
+        raise ValueError(f"the prompt has no image {image}")
+    return next((g for g in views if g.whole), views[0])
 
 
 def _write_flow(out: Path, args: argparse.Namespace, loaded: LoadedInputs, flow: Any, pruning: Any, answer: str,
@@ -133,16 +135,18 @@ def _write_flow(out: Path, args: argparse.Namespace, loaded: LoadedInputs, flow:
     """Write the ``flow`` files into ``out``; returns the file names and a note when the maps were skipped."""
     from flowkern import viz
     from flowkern.hf.loading import input_image
+    from flowkern.hf.models import get_adapter
 
     inputs = loaded.inputs
     written = []
     record = dict(answer=answer, args=_args_dict(args), threshold=args.threshold, cliff_layer=cliff)
     maps_note = None
     try:
-        view = _base_view(flow.image_grids[0])
+        view = _whole_view(flow.image_grids[0], image=0)
         maps = [flow.image_attention(layer, image=0, view=view.name) for layer in layers]
         titles = [f"layer {layer}  (image {shares[layer, names.index('image')]:.1%})" for layer in layers]
-        picture = None if view.name == "queries" else input_image(loaded.processor, inputs, loaded.images, 0)
+        spatial = get_adapter(loaded.model).spatial_grids  # False: a row of query tokens, no picture to draw on
+        picture = input_image(loaded.processor, inputs, loaded.images, 0) if spatial else None
         viz.heatmap_grid(picture, maps, titles, normalize="each", path=out / "image_attention.png")
         written.append("image_attention.png")
         record["image_attention"] = dict(
