@@ -174,6 +174,35 @@ def test_trace_refuses_right_padding(files):
 # interrupts: a real subprocess, SIGINT and SIGKILL at spread-out moments
 
 
+@pytest.mark.parametrize("bar", ["none", "drawn", "tqdm", "closed"])
+def test_messages_start_a_line_of_their_own(monkeypatch, capsys, bar):
+    """Ctrl-C while a progress bar's line is unfinished (drawn, or its close() cut short before the newline): the
+    message still starts a line of its own; with the line already ended, no blank line is added."""
+    from tqdm import tqdm
+
+    import flowkern.cli.info as info
+
+    def run(args):
+        if bar == "drawn":
+            sys.stderr.write("\r 50%|#####     | 1/2 [00:01<00:01]")
+        elif bar in ("tqdm", "closed"):
+            progress = tqdm(total=2, mininterval=0, desc="work")
+            progress.update(1)
+            if bar == "closed":
+                progress.close()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(info, "run", run)
+    stderr = sys.stderr
+    assert main(["info"]) == 130
+    assert sys.stderr is stderr  # put back
+    err = capsys.readouterr().err
+    assert [ln for ln in err.splitlines() if "interrupted" in ln] == ["flowkern info: interrupted"], repr(err)
+    assert "\nflowkern info: interrupted\n" in err or err.startswith("flowkern info: interrupted\n")
+    assert "\n\n" not in err, repr(err)  # the line was ended once, not twice
+
+
+
 def _cam_cmd(files: Path, out: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "flowkern.cli", "cam", "--model", str(files / "llava"), "--image",
             str(files / "photo.png"), "--prompt", PROMPT, "--device", "cpu", "--max-new-tokens", "2", "--samples",

@@ -25,7 +25,9 @@ A new subcommand is a module ``flowkern/cli/<name>.py`` plus its name in :data:`
 Import heavy libraries (torch, transformers) inside ``run``, so that ``flowkern --help`` and a mistyped option stay
 fast. Errors the user can fix are raised as :class:`UsageError` (or turned into one by :func:`user_errors`):
 :func:`main` prints ``flowkern <command>: error: <message>`` on one line to stderr and returns 2, no traceback;
-Ctrl-C prints ``flowkern <command>: interrupted`` and returns 130. Anything else is a bug and keeps its traceback.
+Ctrl-C prints ``flowkern <command>: interrupted`` and returns 130 (a command that says more on Ctrl-C catches
+``KeyboardInterrupt`` itself and prints with :func:`flowkern.cli.common.error_line`). Anything else is a bug and keeps
+its traceback.
 
 The shared helpers are re-exported here (``from flowkern.cli import main, UsageError, parse_layers`` works).
 """
@@ -43,8 +45,10 @@ from flowkern.cli.common import (
     UsageError,
     add_model_arguments,
     check_output_dir,
+    error_line,
     load_from_args,
     parse_layers,
+    track_stderr,
     user_errors,
 )
 
@@ -79,15 +83,16 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``flowkern`` console script; returns the exit code (2 for user errors, 130 for Ctrl-C)."""
     args = build_parser().parse_args(argv)
-    try:
-        return int(args.func(args) or 0)
-    except UsageError as exc:
-        message = " ".join(str(exc).split())  # one line
-        print(f"flowkern {args.command}: error: {message}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:  # Ctrl-C: one line, no traceback; results are written atomically, nothing half-done
-        print(f"flowkern {args.command}: interrupted", file=sys.stderr)
-        return 130
+    with track_stderr():  # the message lines below start on a line of their own, also after a cut-short progress bar
+        try:
+            return int(args.func(args) or 0)
+        except UsageError as exc:
+            message = " ".join(str(exc).split())  # one line
+            error_line(f"flowkern {args.command}: error: {message}")
+            return 2
+        except KeyboardInterrupt:  # Ctrl-C: one line, no traceback; results are written atomically, nothing half-done
+            error_line(f"flowkern {args.command}: interrupted")
+            return 130
 
 
 def entry() -> None:

@@ -5,6 +5,8 @@ module or from the package's ``__init__``, so the commands load in any order and
 
 - errors: :class:`UsageError` (one line on stderr, exit 2) and :func:`user_errors`, which turns the
   ``FileNotFoundError`` / ``ValueError`` / ``ImportError`` of the steps a user can fix into one;
+  :func:`error_line` prints a message on a line of its own, also after a progress bar cut short by Ctrl-C
+  (:func:`track_stderr`, which :func:`flowkern.cli.main` runs every command under);
 - argument groups: :func:`add_model_arguments` (``flow``, ``generate``, ``cam``: one prompt on a model),
   :func:`add_device_arguments`, :func:`add_task_arguments` and :func:`add_answer_arguments` (``eval``, ``sweep``:
   a benchmark's questions), :func:`add_prune_arguments` with :func:`check_prune_arguments`,
@@ -29,6 +31,8 @@ __all__ = [
     "TASKS",
     "UsageError",
     "user_errors",
+    "error_line",
+    "track_stderr",
     "add_model_arguments",
     "add_device_arguments",
     "add_task_arguments",
@@ -73,6 +77,48 @@ def user_errors() -> Iterator[None]:
         raise UsageError(msg) from exc
     except (ValueError, ImportError) as exc:
         raise UsageError(str(exc)) from exc
+
+
+class _LineTracker:
+    """``sys.stderr`` seen through: every write is passed on, and :attr:`line_open` says whether the last one left
+    a line unfinished (a progress bar draws ``\\r<bar>`` without a newline). Set before the write and settled after
+    it, so an interrupt between the two can only err towards an extra line break, never towards a missing one."""
+
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+        self.line_open = False
+
+    def write(self, text: str) -> int:
+        if text:
+            self.line_open = True
+        n = self.stream.write(text)
+        if text:
+            self.line_open = not text.endswith(("\n", "\r"))
+        return n
+
+    def __getattr__(self, name: str) -> Any:  # flush, fileno, isatty, encoding, ...
+        return getattr(self.stream, name)
+
+
+@contextlib.contextmanager
+def track_stderr() -> Iterator[None]:
+    """Inside, ``sys.stderr`` remembers whether its current line is unfinished, for :func:`error_line` (progress
+    bars made inside write through it). Restored on exit (unless something replaced it meanwhile)."""
+    tracker = _LineTracker(sys.stderr)
+    sys.stderr = tracker
+    try:
+        yield
+    finally:
+        if sys.stderr is tracker:
+            sys.stderr = tracker.stream
+
+
+def error_line(message: str) -> None:
+    """Print ``message`` on stderr on a line of its own: after a line break when the current line is unfinished
+    (a progress bar that a Ctrl-C stopped between drawing itself and ending its line; see :func:`track_stderr`)."""
+    if getattr(sys.stderr, "line_open", False):
+        sys.stderr.write("\n")
+    print(message, file=sys.stderr)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 from flowkern.cli.common import (
@@ -29,6 +28,7 @@ from flowkern.cli.common import (
     add_task_arguments,
     check_prune_arguments,
     config_from_args,
+    error_line,
     summary_text,
 )
 
@@ -76,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         kept = _count_lines(answers)
         where = f"; {kept} answers kept in {answers}, rerun the same command to resume" if answers.exists() else ""
-        print(f"flowkern eval: interrupted{where}", file=sys.stderr)
+        error_line(f"flowkern eval: interrupted{where}")
         return 130
     rate = result.questions_per_second
     speed = f" in {result.seconds:.1f} s ({rate:.2f} questions/s)" if rate else ""

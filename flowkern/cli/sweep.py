@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 from pathlib import Path
 
 from flowkern.cli.common import (
@@ -26,6 +25,7 @@ from flowkern.cli.common import (
     add_device_arguments,
     add_task_arguments,
     config_from_args,
+    error_line,
     parse_keep,
 )
 
@@ -82,8 +82,8 @@ def run(args: argparse.Namespace) -> int:
     except EvalUsageError as exc:
         raise UsageError(str(exc)) from None
     except KeyboardInterrupt:
-        print(f"flowkern sweep: interrupted; answers so far are kept in {args.out}, rerun the same command to resume",
-              file=sys.stderr)
+        error_line(f"flowkern sweep: interrupted; answers so far are kept in {args.out}, rerun the same command to "
+                   "resume")
         return 130
     if int(os.environ.get("RANK", "0")) != 0:
         return 0
