@@ -339,14 +339,10 @@ class PrefixShare:
     """
 
     def __init__(self, model: Any) -> None:
-        from flowkern.hf.attention import language_attention_modules
         from flowkern.hf.models import get_adapter
 
         self.model = model
-        text_config = get_adapter(model).text_config(model.config)
-        names = {id(m): n for n, m in model.named_modules()}
-        attn = sorted(language_attention_modules(model, text_config), key=lambda m: int(m.layer_idx))
-        self.layers = [model.get_submodule(names[id(m)].rpartition(".")[0]) for m in attn]
+        self.layers = get_adapter(model).decoder_layers(model)  # index = layer_idx
         self.kv: dict[int, tuple[Any, Any]] = {}
         self.outputs: dict[int, Any] = {}
         self.tuple_output = False
