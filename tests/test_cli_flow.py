@@ -1,8 +1,9 @@
 """``flowkern flow`` end to end on tiny random-weight models saved in the official formats, and its error handling.
 
 Each model directory is written by ``save_pretrained`` (model + processor: image processor, a tokenizer built
-offline with ``tokenizers`` and a chat template), then loaded back by ``flowkern.hf.loading`` exactly as a
-downloaded checkpoint would be. No network.
+offline with ``tokenizers`` and a chat template; the models from :mod:`flowkern.hf.tiny`, through
+``tests/_cli_support.py``), then loaded back by ``flowkern.hf.loading`` exactly as a downloaded checkpoint would be.
+No network.
 """
 
 from __future__ import annotations
@@ -16,49 +17,26 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from transformers import LlamaConfig, PreTrainedTokenizerFast
+from transformers import LlamaConfig
 
 import flowkern
 from flowkern.cli import main, parse_layers
 from flowkern.hf.loading import build_inputs, input_image, load_model
-from flowkern.hf.tiny import CHAT_TEMPLATE, save_tiny_llava, word_tokenizer
+from flowkern.hf.tiny import build_model
+from tests._cli_support import LAYERS, PROMPT, llm_config, make_tokenizer, save_llava, save_photo
 
-WORDS = "USER ASSISTANT USER: ASSISTANT: : what is in the image ? a cat dog red blue yes no describe color".split()
 TEXT_ONLY_TEMPLATE = (  # a template that drops image entries: the prompt ends up without an image slot
     "{% for message in messages %}USER : {% for c in message['content'] %}{% if c['type'] == 'text' %}"
     "{{ c['text'] }}{% endif %}{% endfor %}{% endfor %}{% if add_generation_prompt %} ASSISTANT :{% endif %}"
 )
-PROMPT = "what is in the image ?"
 NEW_TOKENS = 4
-
-
-def make_tokenizer(extra_special: tuple[str, ...] = ()) -> PreTrainedTokenizerFast:
-    """A word-level tokenizer with ``<image>`` (and ``extra_special``) as special tokens, built without files."""
-    return word_tokenizer(WORDS, extra_special=extra_special)
-
-
-def _text_config(tok: PreTrainedTokenizerFast, **extra: object) -> dict:
-    cfg = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-               vocab_size=len(tok), max_position_embeddings=256, pad_token_id=tok.pad_token_id,
-               bos_token_id=tok.bos_token_id, eos_token_id=None, initializer_range=0.3)
-    cfg.update(extra)
-    return cfg
-
-
-def save_llava(path, *, chat_template: str | None = CHAT_TEMPLATE) -> None:
-    """A LLaVA-1.5 layout: CLIP tower 8x8 / patch 2 (16 image tokens, CLS dropped), Llama text model."""
-    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=8,
-                  patch_size=2, projection_dim=32)
-    save_tiny_llava(path, vision=vision, text=_text_config(make_tokenizer()), words=WORDS,
-                    chat_template=chat_template)
 
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     root = tmp_path_factory.mktemp("flow")
     save_llava(root / "llava")
-    rng = np.random.default_rng(0)
-    Image.fromarray(rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)).save(root / "photo.png")
+    save_photo(root / "photo.png")
     return root
 
 
@@ -92,7 +70,7 @@ def test_flow_end_to_end(files, llava, capsys):
     record = json.loads((out / "shares.json").read_text())
     assert record["answer"] == answer
     assert record["segment_names"] == ["system", "image", "user", "generated"]
-    assert record["num_layers"] == 4 and record["num_steps"] == NEW_TOKENS
+    assert record["num_layers"] == LAYERS and record["num_steps"] == NEW_TOKENS
     torch.testing.assert_close(torch.tensor(record["shares"]), flow.shares, atol=1e-6, rtol=0)
     torch.testing.assert_close(torch.tensor(record["step_shares"]), flow.step_shares, atol=1e-6, rtol=0)
     assert record["args"]["prompt"] == PROMPT and record["args"]["max_new_tokens"] == NEW_TOKENS
@@ -108,7 +86,7 @@ def test_flow_end_to_end(files, llava, capsys):
     with open(out / "shares.csv") as f:
         rows = list(csv.reader(f))
     assert rows[0] == ["layer", "system", "image", "user", "generated"]
-    assert len(rows) == 1 + 4
+    assert len(rows) == 1 + LAYERS
     np.testing.assert_allclose(np.array(rows[1:], dtype=float)[:, 1:], flow.shares.numpy(), atol=1e-5)
 
     with Image.open(out / "shares.png") as im:
@@ -119,7 +97,7 @@ def test_flow_end_to_end(files, llava, capsys):
     assert f"answer: {answer}" in stdout
     assert "layer" in stdout and "generated" in stdout
     table = [line.split() for line in stdout.splitlines() if line.strip()[:1].isdigit()]
-    assert [int(r[0]) for r in table] == [0, 1, 2, 3]
+    assert [int(r[0]) for r in table] == list(range(LAYERS))
     np.testing.assert_allclose(np.array([r[1:5] for r in table], dtype=float), flow.shares.numpy(), atol=1e-4)
 
 
@@ -262,25 +240,18 @@ def test_parse_layers():
 def test_qwen2_vl_local_dir(tmp_path, capsys):
     """Qwen2-VL: M-RoPE, merged-patch grid from image_grid_thw, chat template with vision start/end tokens."""
     pytest.importorskip("torchvision", reason="Qwen2-VL's processor includes a video processor that needs torchvision")
-    from transformers import (
-        Qwen2VLConfig,
-        Qwen2VLForConditionalGeneration,
-        Qwen2VLImageProcessor,
-        Qwen2VLProcessor,
-        Qwen2VLVideoProcessor,
-    )
+    from transformers import Qwen2VLConfig, Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor
 
-    torch.manual_seed(0)
     tok = make_tokenizer(("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"))
     ids = {t: tok.convert_tokens_to_ids(t) for t in ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
                                                       "<|video_pad|>")}
     rope = {"rope_type": "default", "mrope_section": [1, 1, 2], "rope_theta": 10000.0}
     vision = dict(depth=1, embed_dim=16, hidden_size=32, num_heads=2, patch_size=2, spatial_merge_size=2,
                   temporal_patch_size=2, in_channels=3)
-    cfg = Qwen2VLConfig(vision_config=vision, text_config=_text_config(tok, rope_parameters=rope),
+    cfg = Qwen2VLConfig(vision_config=vision, text_config=llm_config(tok, model_type=None, rope_parameters=rope),
                         image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
                         vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
-    Qwen2VLForConditionalGeneration(cfg).save_pretrained(tmp_path / "qwen")
+    build_model(cfg).save_pretrained(tmp_path / "qwen")
     template = (
         "{% for message in messages %}USER : {% for c in message['content'] %}{% if c['type'] == 'image' %}"
         "<|vision_start|><|image_pad|><|vision_end|> {% else %}{{ c['text'] }}{% endif %}{% endfor %}{% endfor %}"

@@ -12,7 +12,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -21,8 +20,7 @@ import flowkern
 from flowkern import _io
 from flowkern.cli import main
 from flowkern.hf.loading import build_inputs, load_model
-from flowkern.hf.tiny import save_tiny_llava
-from tests.test_cli_flow import PROMPT, WORDS, _text_config, make_tokenizer, save_llava
+from tests._cli_support import PROMPT, save_llava, save_photo
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -31,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def files(tmp_path_factory):
     root = tmp_path_factory.mktemp("reliability")
     save_llava(root / "llava")
-    Image.fromarray(np.random.default_rng(0).integers(0, 256, (30, 40, 3), dtype=np.uint8)).save(root / "photo.png")
+    save_photo(root / "photo.png")
     corrupt = root / "corrupt"
     save_llava(corrupt)
     weights = corrupt / "model.safetensors"
@@ -123,11 +121,7 @@ def test_generate_json_written_atomically_and_validated_first(files, capsys):
 
 
 def test_position_range_warning(tmp_path, capsys):
-    tok = make_tokenizer()
-    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=8,
-                  patch_size=2, projection_dim=32)
-    save_tiny_llava(tmp_path / "short", vision=vision, text=_text_config(tok, max_position_embeddings=24),
-                    words=WORDS)
+    save_llava(tmp_path / "short", max_position_embeddings=24)
     Image.new("RGB", (8, 8), "red").save(tmp_path / "red.png")
     rc = main(["generate", "--model", str(tmp_path / "short"), "--image", str(tmp_path / "red.png"), "--prompt",
                PROMPT, "--device", "cpu", "--max-new-tokens", "8"])

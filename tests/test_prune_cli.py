@@ -10,13 +10,12 @@ import json
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 import flowkern
 from flowkern.cli import UsageError, common
 from flowkern.cli import generate as cli_generate
 from flowkern.hf.loading import build_inputs, load_model
-from tests.test_cli_flow import PROMPT, save_llava
+from tests._cli_support import PROMPT, save_llava, save_photo
 
 NEW = 4
 
@@ -28,8 +27,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def files(tmp_path_factory):
     root = tmp_path_factory.mktemp("generate")
     save_llava(root / "llava")
-    rng = np.random.default_rng(0)
-    Image.fromarray(rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)).save(root / "photo.png")
+    save_photo(root / "photo.png")
     return root
 
 
