@@ -1,10 +1,17 @@
 """Hugging Face integration: the only flowkern package that imports transformers (DESIGN.md §2, §5).
 
-- :mod:`flowkern.hf.attention`: the ``"flowkern"`` attention + mask functions (:func:`register`).
-- :mod:`flowkern.hf.segments`: token -> system/image/user/generated labels, image grid metadata.
+- :mod:`flowkern.hf.session`: the one session between a model and every analysis (trace, prune, cam, timers):
+  attention switching and restoring, forward-call watching, KV-cache key maps, per-layer state pushed down, row
+  events handed to the listeners.
+- :mod:`flowkern.hf.attention`: the ``"flowkern"`` attention + mask functions (:func:`register`): read the pushed
+  layer state, emit one row event.
+- :mod:`flowkern.hf.calls`: one outermost forward call, normalised (cache, past length, 2D mask, layout inputs).
 - :mod:`flowkern.hf.models`: one adapter per model family (every model-specific constant lives there).
+- :mod:`flowkern.hf.segments`: token -> system/image/user/generated labels, image grid metadata.
 - :mod:`flowkern.hf.compat`: every version-dependent transformers internal (cache keyword, cache layout, mask
   shapes, ...), with a table of what changed in which release; the only module that reads them.
+- :mod:`flowkern.hf.loading`: load a model and its processor from local files (never the network), build inputs.
+- :mod:`flowkern.hf.tiny`: the one tiny-model builder (tests, benchmarks, the demo model).
 
 Importing this package registers the attention implementation, so ``model.set_attn_implementation(
 {"text_config": "flowkern"})`` works right after ``import flowkern.hf``.
