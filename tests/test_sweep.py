@@ -182,10 +182,17 @@ def test_points_equal_independent_eval_runs(files, llava, tmp_path, capsys):
     assert again.generated == 0 and len((out / "results.jsonl").read_text().splitlines()) == 10
 
 
-def test_images_encoded_once_per_batch_and_model_left_as_found(files, llava, tmp_path):
+def test_images_encoded_once_per_batch_and_model_left_as_found(files, llava, tmp_path, monkeypatch):
     """With reuse the vision tower runs once per batch for all points (ImageCache), without it once per point and
-    batch, the answers are the same, and afterwards the model is as it was found (its own attention, no memo)."""
+    batch, the answers are the same, and afterwards the model is as it was found (its own attention, no memo, no
+    session). With reuse the model's session lasts across a batch's pruned points, so its attention modules are
+    looked for once per batch, not at every point's flowkern.prune."""
+    from flowkern.hf import session as session_module
+
     model, processor = llava
+    walks: list[int] = []
+    find = session_module.language_attention_modules
+    monkeypatch.setattr(session_module, "language_attention_modules", lambda *a: walks.append(1) or find(*a))
     kw = _common(files)
     owner, name = compat.image_encoder(model)
     before = compat.attn_implementation(model.config.text_config)
@@ -193,18 +200,21 @@ def test_images_encoded_once_per_batch_and_model_left_as_found(files, llava, tmp
     handle = model.model.vision_tower.register_forward_hook(lambda module, args, output: calls.append(1))
     try:
         run_sweep(SweepConfig(out=tmp_path / "shared", **kw), model=model, processor=processor)
-        shared = len(calls)
+        shared, shared_walks = len(calls), len(walks)
         calls.clear()
+        walks.clear()
         run_sweep(SweepConfig(out=tmp_path / "plain", reuse=False, **kw), model=model, processor=processor)
-        plain = len(calls)
+        plain, plain_walks = len(calls), len(walks)
     finally:
         handle.remove()
     batches, points = 3, 1 + 4  # 6 questions at batch 2; the baseline and L = 0..3
     assert (shared, plain) == (batches, batches * points)
+    assert (shared_walks, plain_walks) == (batches, batches * (points - 1))  # the pruned points
     for point in ["baseline", "L00", "L01", "L02", "L03"]:
         answers = f"points/{point}/{ANSWERS_FILE}"
         assert (tmp_path / "shared" / answers).read_text() == (tmp_path / "plain" / answers).read_text(), point
     assert name not in vars(owner) and compat.attn_implementation(model.config.text_config) == before
+    assert model not in session_module._SESSIONS
 
 
 def test_image_cache_compares_arguments_by_value(llava):

@@ -82,6 +82,7 @@ from flowkern.eval.run import (
     generate_answers,
     prepare,
 )
+from flowkern.listener import Listener
 
 __all__ = [
     "SweepConfig",
@@ -318,6 +319,15 @@ def cliff_report(curve: Mapping[int, float], baseline: float, *, tolerance: floa
 
 # ----------------------------------------------------------------------------------------------------------
 # sharing the layers below L between points
+
+
+class _AttentionHold(Listener):
+    """A listener that only asks for the ``flowkern`` attention (``flowkern.hf.attention.ATTENTION_NAME``): held
+    across a batch's pruned points, it keeps the language model switched and the model's session alive."""
+
+    owner = "flowkern.sweep"
+    attention = "flowkern"
+
 
 
 class PrefixShare:
@@ -812,17 +822,18 @@ class _Sweep:
 
     @contextlib.contextmanager
     def _flowkern_attention(self) -> Iterator[None]:
-        """The language model on the ``flowkern`` attention inside the block (what ``flowkern.prune`` selects)."""
-        from flowkern.hf.attention import restore_attention, use_flowkern_attention
-        from flowkern.hf.models import get_adapter
+        """The language model on the ``flowkern`` attention inside the block (what ``flowkern.prune`` selects),
+        held by a listener on the model's session: the session, and the decoder layers and attention modules it
+        found, then last across the block's ``flowkern.prune`` enters instead of being found again at each one."""
+        from flowkern.hf.session import Session
 
-        adapter = get_adapter(self.model)
-        text_config = adapter.text_config(self.model.config)
-        prev = use_flowkern_attention(self.model, adapter.text_config_key, text_config)
+        session = Session.of(self.model)
+        hold = _AttentionHold()
+        session.add(hold)
         try:
             yield
         finally:
-            restore_attention(self.model, adapter.text_config_key, text_config, prev)
+            session.remove(hold)
 
     def load_model(self) -> None:
         if self.model is not None:

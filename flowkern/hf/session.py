@@ -12,8 +12,11 @@ that touches the model, and undoes all of it when the last listener leaves (also
 - **attention**: the language model (only) switches to the ``"flowkern"`` attention when a listener needs its
   masses, or to a differentiable implementation (``sdpa``, or ``eager`` if it already was) for LLaVA-CAM; the
   previous implementation comes back afterwards;
-- **structure**, found once through the family's adapter (:mod:`flowkern.hf.models`): the language model, its
-  decoder layers and their attention modules, the vision tower;
+- **structure**, found once per session through the family's adapter (:mod:`flowkern.hf.models`): the language
+  model and where the forward enters it, its decoder layers and their attention modules, the vision tower (each a
+  walk over the model's modules: a caller that attaches many short-lived listeners one after another, like a
+  sweep's pruning per point, keeps the session and what it found by holding one listener across them, e.g.
+  :class:`flowkern.eval.sweep`'s attention hold; a model edited in between is seen afresh by the next session);
 - **forward calls**: :class:`flowkern.hf.calls.ForwardWatcher` reports each outermost forward once, normalised into a
   :class:`flowkern.hf.calls.Call` through :mod:`flowkern.hf.compat` (cache, past length, 2D padding mask, the inputs
   an image layout needs, ``grid_thw`` of the vision tower's calls); the call's wall time is measured here, once,
@@ -161,6 +164,12 @@ class Session:
         return found
 
     @functools.cached_property
+    def language_model_entry(self) -> torch.nn.Module | None:
+        """The module the model's forward enters the language model through (the adapter's
+        ``language_model_entry``), or None."""
+        return self.adapter.language_model_entry(self.model)
+
+    @functools.cached_property
     def vision_tower(self) -> torch.nn.Module | None:
         """The vision tower (the module owning the vision config), or None."""
         return self.adapter.vision_tower(self.model)
@@ -232,7 +241,7 @@ class Session:
         if on and self._watcher is None:
             owner = next(x.owner for x in self._listeners if x.watches_calls)
             watcher = ForwardWatcher(owner, self._on_call, self._on_return)
-            entry = self.adapter.language_model_entry(self.model)
+            entry = self.language_model_entry
             modules = [self.model] + ([entry] if entry is not None else [])
             embeddings = self.model.get_input_embeddings() if hasattr(self.model, "get_input_embeddings") else None
             self._watcher = watcher
