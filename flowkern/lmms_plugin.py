@@ -90,7 +90,7 @@ def _as_int(name: str, value: Any, *, allow_none: bool = False) -> int | None:
 
 
 def _as_keep(value: Any) -> int | float:
-    from flowkern.cli.generate import parse_keep
+    from flowkern.cli.common import parse_keep
 
     if isinstance(value, bool):
         raise ValueError(f"flowkern model_args: keep={value!r}: expected a count or a fraction")
