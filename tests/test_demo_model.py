@@ -207,3 +207,17 @@ def test_text_guide_points_the_sqa_answer_at_the_right_option_line(demo):
     others = [train.training_example(0, i) for i in range(20)]
     no_text = train.encode(processor, [e for e in others if e["task"] != "sqa"][:3])
     assert no_text["text_rows"].shape == (0, 2) and no_text["text_keys"].shape[0] == 0
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--task-mix", "pope=x"], "--task-mix"), (["--task-mix", "foo=1"], "--task-mix"),
+    (["--task-mix", "pope=0,sqa=0"], "not all zero"), (["--init", "/nonexistent/model"], "--init"),
+])
+def test_training_cli_rejects_bad_arguments_in_one_line(tmp_path, capsys, args, message):
+    with pytest.raises(SystemExit) as exc:
+        train.main(["--out", str(tmp_path / "out"), *args])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert message in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()  # nothing written before the arguments are checked
+    assert train.check_task_mix(None) == train.TASK_MIX

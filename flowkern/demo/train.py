@@ -71,8 +71,8 @@ import torch
 from flowkern.eval import chair, pope, sqa, textvqa
 from flowkern.eval import shapes as world
 
-__all__ = ["VISION", "TEXT", "TASK_MIX", "CHAT_TEMPLATE", "write_initial", "answer_ids", "training_example",
-           "encode", "train", "main"]
+__all__ = ["VISION", "TEXT", "TASK_MIX", "GUIDES", "CHAT_TEMPLATE", "check_task_mix", "write_initial", "answer_ids",
+           "training_example", "encode", "train", "main"]
 
 VISION: dict[str, Any] = dict(image_size=192, patch_size=24, hidden_size=128, intermediate_size=512,
                               num_hidden_layers=4, num_attention_heads=4)
@@ -324,11 +324,10 @@ def _aux_loss(feats: torch.Tensor, targets: dict[str, torch.Tensor], cands: dict
 
 
 def _attention_loss(attentions: Sequence[torch.Tensor], rows: torch.Tensor, keys: torch.Tensor,
-                    layers: Sequence[int] = ATTENTION_LAYERS, heads: tuple[int, int] = (0, ATTENTION_HEADS)
-                    ) -> torch.Tensor:
+                    layers: Sequence[int], heads: tuple[int, int]) -> torch.Tensor:
     """``-log`` of the attention mass heads ``heads[0]:heads[1]`` of ``layers`` put (on average over the heads) on
     each guided row's targets (``rows`` ``[T, 2]``, ``keys`` ``[T, S]`` from :func:`encode`), averaged."""
-    if rows.numel() == 0 or not layers:
+    if rows.numel() == 0:
         return attentions[0].new_zeros(())
     losses = []
     for layer in layers:
@@ -367,6 +366,23 @@ class _Batches(torch.utils.data.IterableDataset):
                     yield stage, encode(self.processor, examples), targets
 
 
+def check_task_mix(task_mix: dict[str, float] | None) -> dict[str, float]:
+    """The training stream's task shares: ``task_mix`` checked (None: :data:`TASK_MIX`).
+
+    Raises:
+        ValueError: a task not in :data:`TASK_MIX`, a negative share, or all shares zero.
+    """
+    mix = dict(TASK_MIX if task_mix is None else task_mix)
+    if set(mix) - set(TASK_MIX) or not all(v >= 0 for v in mix.values()) or sum(mix.values()) <= 0:
+        raise ValueError(f"task_mix: shares of {sorted(TASK_MIX)}, none negative, not all zero; got {mix}")
+    return mix
+
+
+def _check_init(init: str | Path | None) -> None:
+    if init is not None and not (Path(init) / "model.safetensors").is_file():
+        raise FileNotFoundError(f"init: no model.safetensors in {init}")
+
+
 def train(out: str | Path, *, seed: int = 0, steps: int = 3800, batch_size: int = 32, lr: float = 1.5e-3,
           warmup: int = 60, aux_weight: float = 0.5, attention_weight: float = 0.5, vision_steps: int = 2000,
           vision_batch_size: int = 64, vision_lr: float = 2e-3, threads: int = 2, workers: int = 1,
@@ -384,6 +400,7 @@ def train(out: str | Path, *, seed: int = 0, steps: int = 3800, batch_size: int 
 
     if threads < 1 or workers < 0:
         raise ValueError(f"threads must be >= 1 and workers >= 0, got threads={threads}, workers={workers}")
+    _check_init(init)
     # stage 1 is bound by drawing images: leave the worker its core
     torch.set_num_threads(max(1, threads - workers))
     out = Path(out)
@@ -394,8 +411,6 @@ def train(out: str | Path, *, seed: int = 0, steps: int = 3800, batch_size: int 
     model = LlavaForConditionalGeneration.from_pretrained(out, local_files_only=True, dtype=torch.float32,
                                                           attn_implementation="eager")
     if init is not None:
-        if not (Path(init) / "model.safetensors").is_file():
-            raise FileNotFoundError(f"init: no model.safetensors in {init}")
         trained = LlavaForConditionalGeneration.from_pretrained(init, local_files_only=True, dtype=torch.float32)
         model.load_state_dict(trained.state_dict(), strict=True)
         del trained
@@ -414,9 +429,7 @@ def train(out: str | Path, *, seed: int = 0, steps: int = 3800, batch_size: int 
     history: list[dict[str, Any]] = []
     data_time = 0.0
     plan = [("vision", vision_steps, vision_batch_size), ("full", steps, batch_size)]
-    mix = dict(TASK_MIX if task_mix is None else task_mix)
-    if set(mix) - set(TASK_MIX) or not all(v >= 0 for v in mix.values()) or sum(mix.values()) <= 0:
-        raise ValueError(f"task_mix: shares of {sorted(TASK_MIX)}, none negative, not all zero; got {mix}")
+    mix = check_task_mix(task_mix)
     batches = iter(torch.utils.data.DataLoader(_Batches(processor, seed, grid, plan, mix), batch_size=None,
                                                num_workers=workers, prefetch_factor=4 if workers else None))
 
@@ -538,11 +551,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=60, help="warm-up steps of each stage (default 60)")
     args = p.parse_args(argv)
     mix = None
-    if args.task_mix:
-        try:
-            mix = {k: float(v) for k, v in (part.split("=") for part in args.task_mix.split(","))}
-        except ValueError:
-            p.error(f"--task-mix: expected task=share,..., got {args.task_mix!r}")
+    try:
+        if args.task_mix:
+            mix = check_task_mix({k: float(v) for k, v in (part.split("=") for part in args.task_mix.split(","))})
+        _check_init(args.init)
+    except (ValueError, FileNotFoundError) as exc:
+        p.error(f"--task-mix {args.task_mix!r}: {exc}" if isinstance(exc, ValueError) else f"--{exc}")
     record = train(args.out, seed=args.seed, steps=args.steps, vision_steps=args.vision_steps,
                    batch_size=args.batch_size, lr=args.lr, threads=args.threads, workers=args.workers,
                    init=args.init, task_mix=mix, warmup=args.warmup)
