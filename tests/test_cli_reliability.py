@@ -251,3 +251,25 @@ def test_interrupted_and_killed_runs_leave_the_old_result_or_the_new_one(files):
     # a killed run's temporary folder is removed by the next run into the same place
     assert subprocess.run(_cam_cmd(files, out, "--overwrite"), env=env, capture_output=True).returncode == 0
     assert not list(out.parent.glob(".cam.tmp-*"))
+
+
+@pytest.mark.parametrize("interrupted", [True, False])
+def test_an_import_error_raised_by_ctrl_c_is_an_interrupt(monkeypatch, capsys, interrupted):
+    # a SIGINT inside a C extension's import (matplotlib's ft2font) surfaces as "ImportError: initialization
+    # failed" raised from the KeyboardInterrupt: the command must still exit 130 with its one line
+    import flowkern.cli.info as info
+
+    def run(_args):
+        try:
+            raise KeyboardInterrupt if interrupted else OSError("disk")
+        except BaseException as exc:
+            raise ImportError("initialization failed") from exc
+
+    monkeypatch.setattr(info, "run", run)
+    if interrupted:
+        assert main(["info"]) == 130
+        err = capsys.readouterr().err
+        assert [ln for ln in err.splitlines() if ln.strip()] == ["flowkern info: interrupted"]
+    else:  # any other error is not hidden
+        with pytest.raises(ImportError):
+            main(["info"])

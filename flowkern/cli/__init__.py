@@ -93,6 +93,25 @@ def main(argv: list[str] | None = None) -> int:
         except KeyboardInterrupt:  # Ctrl-C: one line, no traceback; results are written atomically, nothing half-done
             error_line(f"flowkern {args.command}: interrupted")
             return 130
+        except Exception as exc:
+            if not _caused_by_interrupt(exc):
+                raise
+            # a Ctrl-C inside a C extension's import surfaces as that import's error ("ImportError: initialization
+            # failed", raised from the KeyboardInterrupt): still an interrupt
+            error_line(f"flowkern {args.command}: interrupted")
+            return 130
+
+
+def _caused_by_interrupt(exc: BaseException) -> bool:
+    """Whether ``exc`` was raised while handling a KeyboardInterrupt (its ``__cause__`` / ``__context__`` chain)."""
+    seen: set[int] = set()
+    link: BaseException | None = exc
+    while link is not None and id(link) not in seen:
+        if isinstance(link, KeyboardInterrupt):
+            return True
+        seen.add(id(link))
+        link = link.__cause__ or link.__context__
+    return False
 
 
 def entry() -> None:
