@@ -178,13 +178,9 @@ shares its colour with an object of the image (``red circle`` beside a red squar
 
 
 def _binding_negative(scene: Any, rng: random.Random) -> str:
-    """An absent colour-shape pair that shares its colour with a present object (else one sharing a shape, else
-    any absent pair): a "No" that needs the colour and the shape bound together."""
-    present = set(scene.names)
-    absent = [c for c in world.ALL_CLASSES if c not in present]
-    colour = [c for c in absent if any(c.split()[0] == o.color for o in scene.objects)]
-    shape = [c for c in absent if any(c.split()[1] == o.shape for o in scene.objects)]
-    return rng.choice(colour or shape or absent)
+    """An absent colour-shape pair that shares its colour with a present object (else one sharing a shape): a "No"
+    that needs the colour and the shape bound together."""
+    return rng.choice(world.near_misses(scene, shape=False) or world.near_misses(scene))
 
 
 def training_example(seed: int, index: int, mix: dict[str, float] | None = None) -> dict[str, Any]:
@@ -204,9 +200,9 @@ def training_example(seed: int, index: int, mix: dict[str, float] | None = None)
         # training's "popular" negatives: a random ranking per example (any absent pair), drawn from its own rng
         ranking = Counter({c: rng.random() for c in world.ALL_CLASSES})
         questions = world.pope_questions(scene, rng, ranking)
-        if split == "binding":
-            questions["binding"] = [questions["random"][0], (_binding_negative(scene, rng), "no")]
-        obj, label = rng.choice(questions[split])
+        pairs = ([questions["random"][0], (_binding_negative(scene, rng), "no")] if split == "binding"
+                 else questions[split])
+        obj, label = rng.choice(pairs)
         prompt, answer = world.pope_question_text(obj) + pope.PROMPT_SUFFIX, _POPE_ANSWER[label]
         focus = [obj] if label == "yes" else []
     elif task == "sqa":

@@ -50,7 +50,7 @@ __all__ = [
     "COLORS", "SHAPES", "LABEL_CHARS", "CANVAS", "TASKS", "NUMBER_WORDS", "SYSTEM_PROMPT",
     "ShapeObject", "Label", "Scene", "make_scene", "scenes", "render", "patch_targets", "object_patches",
     "label_patches",
-    "pope_questions", "sqa_problem", "textvqa_question", "caption_text", "reference_captions",
+    "near_misses", "pope_questions", "sqa_problem", "textvqa_question", "caption_text", "reference_captions",
     "write_pope", "write_sqa", "write_textvqa", "write_caption", "write_task", "eval_command",
     "chair_vocabulary", "vocabulary", "object_class",
 ]
@@ -365,6 +365,15 @@ def reference_captions(scene: Scene, rng: random.Random) -> list[str]:
     return out
 
 
+def near_misses(scene: Scene, *, colour: bool = True, shape: bool = True) -> list[str]:
+    """The absent colour-shape pairs (in :data:`ALL_CLASSES` order) that share the colour (``colour``) or the shape
+    (``shape``) of an object of ``scene``: POPE's adversarial negatives."""
+    present = set(scene.names)
+    return [c for c in ALL_CLASSES if c not in present
+            and any((shape and c.split()[1] == o.shape) or (colour and c.split()[0] == o.color)
+                    for o in scene.objects)]
+
+
 def pope_questions(scene: Scene, rng: random.Random, counts: Counter) -> dict[str, list[tuple[str, str]]]:
     """Per POPE split, ``[(object, label), ...]``: one present object (yes) and one absent one (no).
 
@@ -373,8 +382,7 @@ def pope_questions(scene: Scene, rng: random.Random, counts: Counter) -> dict[st
     present = set(scene.names)
     absent = [c for c in ALL_CLASSES if c not in present]
     pos = rng.choice(scene.names)
-    near = [c for c in absent
-            if any(c.split()[1] == o.shape or c.split()[0] == o.color for o in scene.objects)]
+    near = near_misses(scene)
     ranked = sorted(absent, key=lambda c: (-counts.get(c, 0), ALL_CLASSES.index(c)))
     top = ranked[:3]
     return {
