@@ -128,6 +128,9 @@ of a multiple-choice answer (which option names what the image shows), after the
 GUIDES: dict[str, tuple[tuple[int, ...], tuple[int, int]]] = {
     "focus": (ATTENTION_LAYERS, (0, ATTENTION_HEADS)),
     "text": (TEXT_ATTENTION_LAYERS, (0, ATTENTION_HEADS)),
+    "owner": ((1, 2), (2, 4)),
+    "pick": ((3,), (2, 4)),
+    "link": ((3,), (2, 4)),
 }
 """Every attention guide (training only): name -> (decoder layers, head range ``[first, last)``). ``focus``: an
 answer token to the image patches it is about (:func:`attention_targets`); ``text``: the SQA letter to the right
@@ -177,6 +180,10 @@ POPE_TRAIN_SPLITS: tuple[str, ...] = ("random", "adversarial", "popular", "bindi
 shares its colour with an object of the image (``red circle`` beside a red square; see :func:`_binding_negative`)."""
 
 
+SQA_BOOST: tuple[str, float] = ("names", 0.15)
+"""(kind, share): that share of training SQA problems asks that kind (when the scene allows it)."""
+
+
 def _binding_negative(scene: Any, rng: random.Random) -> str:
     """An absent colour-shape pair that shares its colour with a present object (else one sharing a shape): a "No"
     that needs the colour and the shape bound together."""
@@ -206,7 +213,8 @@ def training_example(seed: int, index: int, mix: dict[str, float] | None = None)
         prompt, answer = world.pope_question_text(obj) + pope.PROMPT_SUFFIX, _POPE_ANSWER[label]
         focus = [obj] if label == "yes" else []
     elif task == "sqa":
-        p = world.sqa_problem(scene, rng)
+        boost, share = SQA_BOOST
+        p = world.sqa_problem(scene, rng, kind=boost if rng.random() < share else None)
         prompt, answer = sqa.build_prompt(p["question"], p["choices"], p["hint"]), chr(ord("A") + p["answer"])
         focus, kind = p["focus"], p["kind"]
         option = f"{answer}. {p['choices'][p['answer']]}"
@@ -290,6 +298,30 @@ def _mention_targets(tok: Any, example: dict[str, Any], prompt_ids: Sequence[int
     return out
 
 
+def _names_targets(tok: Any, example: dict[str, Any],
+                   prompt_ids: Sequence[int]) -> dict[str, list[tuple[int, list[int]]]]:
+    """Guide targets of a "whose shape" SQA problem (``<Name> drew the <colour> <shape>.`` sentences in the context,
+    options naming the people): ``owner``: each sentence's shape word at its name; ``pick``: the position that
+    predicts the letter at the shape word of the right name's sentence; ``link``: each option's name at the shape
+    word of that name's sentence."""
+    if example.get("kind") != "names":
+        return {}
+    words = [w.rstrip(".?,") for w in tok.convert_ids_to_tokens(list(prompt_ids))]
+    drew: dict[str, int] = {}  # name -> its sentence's shape-word position
+    out: dict[str, list[tuple[int, list[int]]]] = {"owner": [], "pick": [], "link": []}
+    for i in range(len(words) - 4):
+        if words[i + 1] == "drew" and words[i + 2] == "the" and words[i + 4] in world.SHAPES:
+            drew[words[i]] = i + 4
+            out["owner"].append((i + 4, [i]))
+    right = example["option"].split()[1]
+    out["pick"].append((len(prompt_ids) - 1, [drew[right]]))
+    last = max(drew.values())
+    for j in range(last + 1, len(words) - 1):
+        if len(words[j]) == 1 and words[j].isupper() and words[j + 1] in drew:  # "A." "Ben" (the dot stripped)
+            out["link"].append((j + 1, [drew[words[j + 1]]]))
+    return out
+
+
 def encode(processor: Any, examples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
     """A right-padded training batch: ``input_ids`` ``[B, S]``, ``attention_mask`` ``[B, S]``, ``pixel_values``,
     ``labels`` ``[B, S]`` (-100 on the prompt and padding), ``weights`` ``[B]`` (``1 / answer tokens``: every example
@@ -321,6 +353,9 @@ def encode(processor: Any, examples: Sequence[dict[str, Any]]) -> dict[str, torc
             guides["focus"] += [(k, len(prompt_ids) - 1 + t, [image_pos[c] for c in cells])
                                 for t, cells in attention_targets(tok, ex, grid)]
             guides["focus"] += [(k, q, keys) for q, keys in _mention_targets(tok, ex, prompt_ids, image_pos, grid)]
+            for name, entries in _names_targets(tok, ex, prompt_ids).items():
+                if name in guides:
+                    guides[name] += [(k, q, keys) for q, keys in entries]
         if ex.get("task") == "sqa" and ex.get("option"):
             option = tok(ex["option"], add_special_tokens=False)["input_ids"]
             at = max(i for i in range(len(prompt_ids) - len(option) + 1)
@@ -370,6 +405,41 @@ def _aux_loss(feats: torch.Tensor, targets: dict[str, torch.Tensor], cands: dict
         on = target > 0
         total = total + 0.5 * ce[~on].mean() + (0.5 * ce[on].mean() if on.any() else 0.0)
     return total / len(cands)
+
+
+def grid_positions(grid: int, width: int) -> torch.Tensor:
+    """The vision tower's initial position embeddings, ``[1 + grid * grid, width]`` (CLS first, zero; then the
+    patches row-major): a 2-D sine / cosine code, the first half of the width for the column, the second for the
+    row, ``sin(w_k * c), cos(w_k * c)`` at frequencies ``w_k`` from pi / (2 grid) (one monotone quarter period
+    across the image) to pi. Each patch's vector has norm ``sqrt(width / 2)``: at the scale of the patch content, so
+    the image tokens start out knowing where they are (a random init of CLIP's scale is drowned by the content and
+    the tokens never learn their column)."""
+    if width % 4:
+        raise ValueError(f"grid_positions: width must be a multiple of 4, got {width}")
+    k = width // 4
+    freqs = (math.pi / (2 * grid)) * (2 * grid) ** (torch.arange(k, dtype=torch.float64) / max(1, k - 1))
+    cells = torch.arange(grid * grid)
+
+    def code(coord: torch.Tensor) -> torch.Tensor:
+        angles = coord[:, None].double() * freqs[None]
+        return torch.cat([angles.sin(), angles.cos()], dim=1)
+
+    table = torch.cat([code(cells % grid), code(cells // grid)], dim=1)
+    return torch.cat([torch.zeros(1, width, dtype=torch.float64), table]).float()
+
+
+POSITION_WEIGHT = 1.0
+"""Weight of the patch-position term of the patch loss (:func:`_position_loss`)."""
+
+
+def _position_loss(feats: torch.Tensor, head: torch.nn.Linear, grid: int) -> torch.Tensor:
+    """Cross-entropy of a linear read-out (``head``: width -> 2 x grid) of each image token's column and row
+    (``feats`` ``[B, grid * grid, width]``, row-major): the image tokens must carry where they are, so that a
+    word that looks at an object can read off where it lies."""
+    logits = head(feats.reshape(-1, feats.shape[-1]))
+    index = torch.arange(grid * grid, device=feats.device).repeat(feats.shape[0])
+    return 0.5 * (torch.nn.functional.cross_entropy(logits[:, :grid], index % grid)
+                  + torch.nn.functional.cross_entropy(logits[:, grid:], index // grid))
 
 
 def _attention_loss(attentions: Sequence[torch.Tensor], rows: torch.Tensor, keys: torch.Tensor,
@@ -470,6 +540,12 @@ def train(out: str | Path, *, seed: int = 0, steps: int = 5200, batch_size: int 
         trained = LlavaForConditionalGeneration.from_pretrained(init, local_files_only=True, dtype=torch.float32)
         model.load_state_dict(trained.state_dict(), strict=True)
         del trained
+    else:
+        tower = model.model.vision_tower
+        embeddings = getattr(tower, "vision_model", tower).embeddings
+        with torch.no_grad():
+            embeddings.position_embedding.weight.copy_(grid_positions(VISION["image_size"] // VISION["patch_size"],
+                                                                     VISION["hidden_size"]))
     model.train()
     grid = VISION["image_size"] // VISION["patch_size"]
     width = TEXT["hidden_size"]
@@ -478,6 +554,7 @@ def train(out: str | Path, *, seed: int = 0, steps: int = 5200, batch_size: int 
     cands = {"color": [vocab[c] for c in world.COLORS], "shape": [vocab[s] for s in world.SHAPES],
              "char": [vocab[c] for c in world.LABEL_CHARS] + [vocab[f"##{c}"] for c in world.LABEL_CHARS]}
     nothing = torch.nn.ParameterDict({k: torch.nn.Parameter(torch.randn(width) * 0.02) for k in cands})
+    position_head = torch.nn.Linear(width, 2 * grid)
     embed = model.get_input_embeddings()
     captured: dict[str, torch.Tensor] = {}
     projector = model.model.multi_modal_projector
@@ -500,7 +577,8 @@ def train(out: str | Path, *, seed: int = 0, steps: int = 5200, batch_size: int 
 
     # ---- stage 1: vision tower + projector on the dense patch loss (the language model's embeddings are fixed)
     vision_params = [p for n, p in model.named_parameters() if "vision_tower" in n or "multi_modal_projector" in n]
-    opt = torch.optim.AdamW(vision_params + list(nothing.parameters()), lr=vision_lr, betas=(0.9, 0.98),
+    opt = torch.optim.AdamW(vision_params + list(nothing.parameters()) + list(position_head.parameters()),
+                            lr=vision_lr, betas=(0.9, 0.98),
                             weight_decay=0.01)
     t_stage = time.time()
     for step in range(vision_steps):
@@ -514,6 +592,8 @@ def train(out: str | Path, *, seed: int = 0, steps: int = 5200, batch_size: int 
             model.model.get_image_features(pixel_values=pixels)
         feats = captured.pop("image").float().reshape(vision_batch_size, grid * grid, -1)
         aux = _aux_loss(feats, targets, cands, nothing, embed.weight.detach())
+        if POSITION_WEIGHT:
+            aux = aux + POSITION_WEIGHT * _position_loss(feats, position_head, grid)
         opt.zero_grad(set_to_none=True)
         aux.backward()
         torch.nn.utils.clip_grad_norm_(vision_params, 1.0)
@@ -523,7 +603,7 @@ def train(out: str | Path, *, seed: int = 0, steps: int = 5200, batch_size: int 
 
     # ---- stage 2: everything
     torch.set_num_threads(threads)
-    params = list(model.parameters()) + list(nothing.parameters())
+    params = list(model.parameters()) + list(nothing.parameters()) + list(position_head.parameters())
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}],
@@ -547,6 +627,8 @@ def train(out: str | Path, *, seed: int = 0, steps: int = 5200, batch_size: int 
         lm_loss = per_example.sum() / (shift_labels != -100).sum(1).float().mul(batch["weights"]).sum()
         feats = captured.pop("image").float().reshape(batch_size, grid * grid, -1)
         aux = _aux_loss(feats, targets, cands, nothing, embed.weight)
+        if POSITION_WEIGHT:
+            aux = aux + POSITION_WEIGHT * _position_loss(feats, position_head, grid)
         guide = (sum((_attention_loss(output.attentions, batch[f"{name}_rows"], batch[f"{name}_keys"], layers, heads)
                       for name, (layers, heads) in GUIDES.items()), lm_loss.new_zeros(()))
                  if attention_weight > 0 else lm_loss.new_zeros(()))
@@ -572,6 +654,7 @@ def train(out: str | Path, *, seed: int = 0, steps: int = 5200, batch_size: int 
         "vision_lr": vision_lr, "threads": threads, "init": None if init is None else str(init),
         "examples": vision_steps * vision_batch_size + steps * batch_size, "task_mix": mix,
         "workers": workers, "precision": precision, "pope_train_splits": list(POPE_TRAIN_SPLITS),
+        "sqa_boost": list(SQA_BOOST), "position_weight": POSITION_WEIGHT,
         "train_seconds": round(time.time() - start, 1), "data_wait_seconds": round(data_time, 1),
         "torch": torch.__version__, "python": platform.python_version(),
         "parameters": sum(p.numel() for p in model.parameters()), "history": history,

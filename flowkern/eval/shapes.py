@@ -414,10 +414,13 @@ def _options(correct: str, pool: Sequence[str], rng: random.Random, k: int) -> t
     return choices, choices.index(correct)
 
 
-def sqa_problem(scene: Scene, rng: random.Random) -> dict[str, Any]:
+def sqa_problem(scene: Scene, rng: random.Random, *, kind: str | None = None) -> dict[str, Any]:
     """One ScienceQA-style problem about the scene: ``question``, ``choices``, ``answer`` (index), ``hint``,
     ``kind`` (relation / count / colour / names / context-count), ``solution``, ``focus`` (the names of the
     objects the answer is about: a training aid, not written to the files).
+
+    ``kind``: ask this kind (``relation``, ``count``, ``color`` or ``names``) when the scene allows it, else one
+    drawn as usual (training uses it to ask more of a kind; the files never do).
 
     Relations need a centre distance above a margin, so the right option is unambiguous; wrong options are
     objects of the image that do not satisfy the relation (or absent colour-shape pairs when there are too few).
@@ -434,7 +437,7 @@ def sqa_problem(scene: Scene, rng: random.Random) -> dict[str, Any]:
     named = [(a, b) for a in objs for b in objs if a is not b and abs(a.x - b.x) > _RELATION_MARGIN]
     if named:
         kinds.append("names")
-    kind = rng.choice(kinds)
+    kind = kind if kind in kinds else rng.choice(kinds)
     hint = ""
     if kind == "relation":
         rel, a, b = rng.choice(pairs)
