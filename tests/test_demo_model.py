@@ -263,3 +263,95 @@ def test_training_cli_rejects_bad_arguments_in_one_line(tmp_path, capsys, args, 
     assert message in err and "Traceback" not in err
     assert not (tmp_path / "out").exists()  # nothing written before the arguments are checked
     assert train.check_task_mix(None) == train.TASK_MIX
+
+
+def test_names_guides_tie_shape_words_to_their_drawers_and_the_letter_to_the_right_one(demo):
+    import random
+    _, processor = demo
+    tok = processor.tokenizer
+    scene = _scene([("circle", "red", 0.2, 0.3, 0.1), ("square", "blue", 0.7, 0.7, 0.12)])
+    p = world.sqa_problem(scene, random.Random(0), kind="names")
+    assert p["kind"] == "names"
+    ex = dict(train.training_example(0, 0), task="sqa", scene=scene, image=world.render(scene), kind="names",
+              prompt=_sqa_prompt(p), answer=chr(ord("A") + p["answer"]), focus=p["focus"],
+              option=f"{chr(ord('A') + p['answer'])}. {p['choices'][p['answer']]}")
+    batch = train.encode(processor, [ex])
+    words = [w.rstrip(".?") for w in tok.convert_ids_to_tokens(batch["input_ids"][0].tolist())]
+    prompt_len = int((batch["labels"][0] == -100).sum())
+
+    def pairs(name):
+        return [(q, batch[f"{name}_keys"][n].nonzero()[:, 0].tolist())
+                for n, (_, q) in enumerate(batch[f"{name}_rows"].tolist())]
+
+    drew = {}  # "<Name> drew the <colour> <shape>.": the shape word looks at the name
+    for q, keys in pairs("owner"):
+        assert words[q] in world.SHAPES and len(keys) == 1 and words[keys[0] + 1] == "drew"
+        drew[words[keys[0]]] = q
+    assert len(drew) == 2
+    right = p["choices"][p["answer"]]
+    further = max if "right" in p["question"] else min
+    assert right == [n for n, q in drew.items()
+                     if scene.objects[[o.name for o in scene.objects].index(f"{words[q - 1]} {words[q]}")].x
+                     == further(o.x for o in scene.objects)][0]  # the ground truth the guide rests on
+    assert pairs("pick") == [(prompt_len - 1, [drew[right]])]  # the letter looks at the right drawer's shape
+    link = pairs("link")
+    assert len(link) == 2 and all(keys == [drew[words[q]]] for q, keys in link)  # each option name, its shape
+    other = next(e for e in (train.training_example(0, i) for i in range(50)) if e["task"] == "pope")
+    assert train._names_targets(tok, other, [0, 1, 2]) == {}
+
+
+def _sqa_prompt(p):
+    from flowkern.eval import sqa
+    return sqa.build_prompt(p["question"], p["choices"], p["hint"])
+
+
+def test_sqa_problem_asks_a_requested_kind_when_the_scene_allows_it():
+    import random
+    two = _scene([("circle", "red", 0.2, 0.3, 0.1), ("square", "blue", 0.7, 0.7, 0.12)])
+    one = _scene([("circle", "red", 0.2, 0.3, 0.1)])
+    assert {world.sqa_problem(two, random.Random(i), kind="names")["kind"] for i in range(20)} == {"names"}
+    # one object: no one to compare with, so the kind is drawn as usual
+    assert "names" not in {world.sqa_problem(one, random.Random(i), kind="names")["kind"] for i in range(20)}
+
+
+def test_grid_positions_give_each_patch_its_column_and_row():
+    table = train.grid_positions(8, 128)
+    assert table.shape == (65, 128) and not table[0].any()  # the CLS token: zero
+    assert torch.allclose(table[1:].norm(dim=-1), torch.full((64,), 8.0))
+    # the lowest frequency is a quarter period across the image: monotone in the column / the row
+    col, row = table[1:, 0].reshape(8, 8), table[1:, 64].reshape(8, 8)
+    assert bool((col[:, 1:] > col[:, :-1]).all()) and bool((row[1:] > row[:-1]).all())
+    assert torch.allclose(col, col[:1].expand(8, 8)) and torch.allclose(row, row[:, :1].expand(8, 8))
+    with pytest.raises(ValueError, match="width"):
+        train.grid_positions(8, 130)
+
+
+def test_position_loss_reads_column_and_row():
+    grid, width = 4, 2 * 4
+    head = torch.nn.Linear(width, 2 * grid, bias=False)
+    with torch.no_grad():
+        head.weight.copy_(torch.eye(2 * grid) * 20)
+    cells = torch.arange(grid * grid)
+    one_hot = torch.nn.functional.one_hot
+    code = torch.cat([one_hot(cells % grid, grid), one_hot(cells // grid, grid)], dim=1).float()
+    with torch.no_grad():
+        assert float(train._position_loss(code[None].repeat(3, 1, 1), head, grid)) < 1e-3
+        blank = torch.zeros(3, grid * grid, width)  # tokens that do not know where they are: chance
+        assert abs(float(train._position_loss(blank, head, grid)) - torch.log(torch.tensor(4.0)).item()) < 1e-5
+
+
+def test_training_runs_and_records_its_aids(tmp_path):
+    threads = torch.get_num_threads()
+    try:
+        record = train.train(tmp_path / "m", seed=0, steps=2, batch_size=2, vision_steps=2, vision_batch_size=2,
+                             threads=1, workers=0, lr=1e-5, vision_lr=1e-5, warmup=1, log_every=1)
+    finally:
+        torch.set_num_threads(threads)  # train() sets the process's thread count
+    assert record["sqa_boost"] == list(train.SQA_BOOST) and record["position_weight"] == train.POSITION_WEIGHT
+    assert set(record["guides"]) == set(train.GUIDES)
+    from safetensors.torch import load_file
+    weights = load_file(tmp_path / "m" / "model.safetensors")
+    pos = next(v for k, v in weights.items() if k.endswith("position_embedding.weight"))
+    # four steps at a tiny learning rate: still the 2-D code it started from
+    assert torch.allclose(pos, train.grid_positions(8, 128), atol=1e-3)
+    assert json.loads((tmp_path / "m" / "training.json").read_text())["steps"] == 2
