@@ -254,6 +254,8 @@ def test_text_guide_points_the_sqa_answer_at_the_right_option_line(demo):
 @pytest.mark.parametrize("args, message", [
     (["--task-mix", "pope=x"], "--task-mix"), (["--task-mix", "foo=1"], "--task-mix"),
     (["--task-mix", "pope=0,sqa=0"], "not all zero"), (["--init", "/nonexistent/model"], "--init"),
+    (["--sqa-boost", "names"], "--sqa-boost"), (["--sqa-boost", "colour=0.2"], "--sqa-boost"),
+    (["--sqa-boost", "names=1.5"], "--sqa-boost"),
 ])
 def test_training_cli_rejects_bad_arguments_in_one_line(tmp_path, capsys, args, message):
     with pytest.raises(SystemExit) as exc:
@@ -347,7 +349,7 @@ def test_training_runs_and_records_its_aids(tmp_path):
                              threads=1, workers=0, lr=1e-5, vision_lr=1e-5, warmup=1, log_every=1)
     finally:
         torch.set_num_threads(threads)  # train() sets the process's thread count
-    assert record["sqa_boost"] == list(train.SQA_BOOST) and record["position_weight"] == train.POSITION_WEIGHT
+    assert record["sqa_boost"] is None and record["position_weight"] == train.POSITION_WEIGHT
     assert set(record["guides"]) == set(train.GUIDES)
     from safetensors.torch import load_file
     weights = load_file(tmp_path / "m" / "model.safetensors")

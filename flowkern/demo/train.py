@@ -180,17 +180,14 @@ POPE_TRAIN_SPLITS: tuple[str, ...] = ("random", "adversarial", "popular", "bindi
 shares its colour with an object of the image (``red circle`` beside a red square; see :func:`_binding_negative`)."""
 
 
-SQA_BOOST: tuple[str, float] = ("names", 0.15)
-"""(kind, share): that share of training SQA problems asks that kind (when the scene allows it)."""
-
-
 def _binding_negative(scene: Any, rng: random.Random) -> str:
     """An absent colour-shape pair that shares its colour with a present object (else one sharing a shape): a "No"
     that needs the colour and the shape bound together."""
     return rng.choice(world.near_misses(scene, shape=False) or world.near_misses(scene))
 
 
-def training_example(seed: int, index: int, mix: dict[str, float] | None = None) -> dict[str, Any]:
+def training_example(seed: int, index: int, mix: dict[str, float] | None = None,
+                     boost: tuple[str, float] | None = None) -> dict[str, Any]:
     """Training example ``index`` of stream ``seed``: ``task``, ``scene``, ``image`` (PIL, JPEG round trip for
     TextVQA like its files), ``prompt`` (the loaders' user text), ``answer``, ``focus`` (POPE / SQA: the names
     of the objects the one-word answer is about), ``kind`` (SQA: the problem kind) and ``option`` (SQA: the right
@@ -213,8 +210,7 @@ def training_example(seed: int, index: int, mix: dict[str, float] | None = None)
         prompt, answer = world.pope_question_text(obj) + pope.PROMPT_SUFFIX, _POPE_ANSWER[label]
         focus = [obj] if label == "yes" else []
     elif task == "sqa":
-        boost, share = SQA_BOOST
-        p = world.sqa_problem(scene, rng, kind=boost if rng.random() < share else None)
+        p = world.sqa_problem(scene, rng, kind=boost[0] if boost is not None and rng.random() < boost[1] else None)
         prompt, answer = sqa.build_prompt(p["question"], p["choices"], p["hint"]), chr(ord("A") + p["answer"])
         focus, kind = p["focus"], p["kind"]
         option = f"{answer}. {p['choices'][p['answer']]}"
@@ -340,6 +336,7 @@ def encode(processor: Any, examples: Sequence[dict[str, Any]]) -> dict[str, torc
     enc = processor(images=[ex["image"] for ex in examples], text=texts, return_tensors="pt", padding=True)
     rows, labels, weights = [], [], []
     guides: dict[str, list[tuple[int, int, list[int]]]] = {name: [] for name in GUIDES}
+    places: list[tuple[int, int, int, int]] = []  # (batch row, shape-word position, column, row)
     image_id = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
     for k, ex in enumerate(examples):
         prompt_ids = enc["input_ids"][k][enc["attention_mask"][k].bool()].tolist()
@@ -352,7 +349,10 @@ def encode(processor: Any, examples: Sequence[dict[str, Any]]) -> dict[str, torc
             grid = math.isqrt(len(image_pos))
             guides["focus"] += [(k, len(prompt_ids) - 1 + t, [image_pos[c] for c in cells])
                                 for t, cells in attention_targets(tok, ex, grid)]
-            guides["focus"] += [(k, q, keys) for q, keys in _mention_targets(tok, ex, prompt_ids, image_pos, grid)]
+            mentions = _mention_targets(tok, ex, prompt_ids, image_pos, grid)
+            guides["focus"] += [(k, q, keys) for q, keys in mentions]
+            places += [(k, q, *_cell(ex["scene"], tok.convert_ids_to_tokens(prompt_ids[q - 1:q + 1]), grid))
+                       for q, keys in mentions if set(keys) <= set(image_pos)]
             for name, entries in _names_targets(tok, ex, prompt_ids).items():
                 if name in guides:
                     guides[name] += [(k, q, keys) for q, keys in entries]
@@ -379,7 +379,16 @@ def encode(processor: Any, examples: Sequence[dict[str, Any]]) -> dict[str, torc
              "labels": label_t, "weights": torch.tensor(weights)}
     for name, entries in guides.items():
         batch[f"{name}_rows"], batch[f"{name}_keys"] = targets(entries)
+    batch["place_rows"] = torch.tensor([p[:2] for p in places], dtype=torch.long).reshape(-1, 2)
+    batch["place_cells"] = torch.tensor([p[2:] for p in places], dtype=torch.long).reshape(-1, 2)
     return batch
+
+
+def _cell(scene: Any, words: Sequence[str], grid: int) -> tuple[int, int]:
+    """(column, row) on the ``grid x grid`` patch grid of the centre of the object ``words`` (colour, shape) name."""
+    name = f"{words[0]} {words[1].rstrip('.?,')}"
+    o = next(o for o in scene.objects if o.name == name)
+    return min(grid - 1, int(o.x * grid)), min(grid - 1, int(o.y * grid))
 
 
 def _patch_batch(examples: Sequence[dict[str, Any]], grid: int) -> dict[str, torch.Tensor]:
@@ -432,6 +441,14 @@ POSITION_WEIGHT = 1.0
 """Weight of the patch-position term of the patch loss (:func:`_position_loss`)."""
 
 
+PLACE_WEIGHT = 1.0
+"""Weight of the *place* read-out: at each mention of an object of the image, a linear read-out of the shape
+word's hidden state entering decoder layer :data:`PLACE_LAYER` must name the object's column and row (so the
+text knows where what it names lies, for the relations and "whose shape" questions)."""
+
+PLACE_LAYER = 3
+
+
 def _position_loss(feats: torch.Tensor, head: torch.nn.Linear, grid: int) -> torch.Tensor:
     """Cross-entropy of a linear read-out (``head``: width -> 2 x grid) of each image token's column and row
     (``feats`` ``[B, grid * grid, width]``, row-major): the image tokens must carry where they are, so that a
@@ -470,14 +487,15 @@ class _Batches(torch.utils.data.IterableDataset):
     ``("vision", pixel_values, patch targets)`` for stage 1, then ``("full", encoded batch, patch targets)``."""
 
     def __init__(self, processor: Any, seed: int, grid: int, plan: Sequence[tuple[str, int, int]],
-                 mix: dict[str, float] | None = None) -> None:
+                 mix: dict[str, float] | None = None, boost: tuple[str, float] | None = None) -> None:
         self.processor, self.seed, self.grid, self.plan, self.mix = processor, seed, grid, list(plan), mix
+        self.boost = boost
 
     def __iter__(self) -> Any:
         index = 0
         for stage, steps, size in self.plan:
             for _ in range(steps):
-                examples = [training_example(self.seed, index + k, self.mix) for k in range(size)]
+                examples = [training_example(self.seed, index + k, self.mix, self.boost) for k in range(size)]
                 index += size
                 targets = _patch_batch(examples, self.grid)
                 if stage == "vision":
@@ -505,16 +523,18 @@ def _check_init(init: str | Path | None) -> None:
         raise FileNotFoundError(f"init: no model.safetensors in {init}")
 
 
-def train(out: str | Path, *, seed: int = 0, steps: int = 5200, batch_size: int = 32, lr: float = 1.5e-3,
+def train(out: str | Path, *, seed: int = 0, steps: int = 4600, batch_size: int = 32, lr: float = 1.5e-3,
           warmup: int = 60, aux_weight: float = 0.5, attention_weight: float = 0.5, vision_steps: int = 2000,
           vision_batch_size: int = 64, vision_lr: float = 2e-3, threads: int = 2, workers: int = 1,
           init: str | Path | None = None, task_mix: dict[str, float] | None = None,
-          precision: str = "bf16", log_every: int = 25) -> dict[str, Any]:
+          precision: str = "bf16", sqa_boost: tuple[str, float] | None = None,
+          log_every: int = 25) -> dict[str, Any]:
     """Train the demo model into ``out`` (see the module docstring); returns the ``training.json`` record.
 
     ``workers`` processes draw the examples (0: the training process itself; the stream is the same). ``init``: a
     trained demo model's folder to start from instead of random weights (to train it longer; the stream starts
     again at example 0 unless ``seed`` differs).
+    ``sqa_boost``: ``(kind, share)``, that share of the training SQA problems asks that kind.
     Stage 1 (``vision_steps``): the vision tower and projector alone, on the dense patch loss. Stage 2 (``steps``):
     everything, on the answer loss + ``aux_weight`` x the patch loss + ``attention_weight`` x the attention guide.
     """
@@ -555,6 +575,7 @@ def train(out: str | Path, *, seed: int = 0, steps: int = 5200, batch_size: int 
              "char": [vocab[c] for c in world.LABEL_CHARS] + [vocab[f"##{c}"] for c in world.LABEL_CHARS]}
     nothing = torch.nn.ParameterDict({k: torch.nn.Parameter(torch.randn(width) * 0.02) for k in cands})
     position_head = torch.nn.Linear(width, 2 * grid)
+    place_head = torch.nn.Linear(width, 2 * grid)
     embed = model.get_input_embeddings()
     captured: dict[str, torch.Tensor] = {}
     projector = model.model.multi_modal_projector
@@ -563,7 +584,7 @@ def train(out: str | Path, *, seed: int = 0, steps: int = 5200, batch_size: int 
     data_time = 0.0
     plan = [("vision", vision_steps, vision_batch_size), ("full", steps, batch_size)]
     mix = check_task_mix(task_mix)
-    batches = iter(torch.utils.data.DataLoader(_Batches(processor, seed, grid, plan, mix), batch_size=None,
+    batches = iter(torch.utils.data.DataLoader(_Batches(processor, seed, grid, plan, mix, sqa_boost), batch_size=None,
                                                num_workers=workers, prefetch_factor=4 if workers else None))
 
     def log(stage: str, step: int, total: int, t_stage: float, **losses: torch.Tensor) -> None:
@@ -603,7 +624,8 @@ def train(out: str | Path, *, seed: int = 0, steps: int = 5200, batch_size: int 
 
     # ---- stage 2: everything
     torch.set_num_threads(threads)
-    params = list(model.parameters()) + list(nothing.parameters()) + list(position_head.parameters())
+    params = (list(model.parameters()) + list(nothing.parameters()) + list(position_head.parameters())
+              + list(place_head.parameters()))
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}],
@@ -617,7 +639,8 @@ def train(out: str | Path, *, seed: int = 0, steps: int = 5200, batch_size: int 
             group["lr"] = _lr(step, steps, lr, warmup)
         with autocast:
             output = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                           pixel_values=batch["pixel_values"], output_attentions=attention_weight > 0)
+                           pixel_values=batch["pixel_values"], output_attentions=attention_weight > 0,
+                           output_hidden_states=PLACE_WEIGHT > 0)
         logits = output.logits.float()
         shift_logits, shift_labels = logits[:, :-1], batch["labels"][:, 1:]
         token_loss = torch.nn.functional.cross_entropy(
@@ -632,6 +655,13 @@ def train(out: str | Path, *, seed: int = 0, steps: int = 5200, batch_size: int 
         guide = (sum((_attention_loss(output.attentions, batch[f"{name}_rows"], batch[f"{name}_keys"], layers, heads)
                       for name, (layers, heads) in GUIDES.items()), lm_loss.new_zeros(()))
                  if attention_weight > 0 else lm_loss.new_zeros(()))
+        if PLACE_WEIGHT and batch["place_rows"].numel():
+            rows = batch["place_rows"]
+            hidden = output.hidden_states[PLACE_LAYER][rows[:, 0], rows[:, 1]].float()
+            logits = place_head(hidden)
+            aux = aux + PLACE_WEIGHT * 0.5 * (
+                torch.nn.functional.cross_entropy(logits[:, :grid], batch["place_cells"][:, 0])
+                + torch.nn.functional.cross_entropy(logits[:, grid:], batch["place_cells"][:, 1]))
         loss = lm_loss + aux_weight * aux + attention_weight * guide
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -654,7 +684,7 @@ def train(out: str | Path, *, seed: int = 0, steps: int = 5200, batch_size: int 
         "vision_lr": vision_lr, "threads": threads, "init": None if init is None else str(init),
         "examples": vision_steps * vision_batch_size + steps * batch_size, "task_mix": mix,
         "workers": workers, "precision": precision, "pope_train_splits": list(POPE_TRAIN_SPLITS),
-        "sqa_boost": list(SQA_BOOST), "position_weight": POSITION_WEIGHT,
+        "sqa_boost": None if sqa_boost is None else list(sqa_boost), "position_weight": POSITION_WEIGHT,
         "train_seconds": round(time.time() - start, 1), "data_wait_seconds": round(data_time, 1),
         "torch": torch.__version__, "python": platform.python_version(),
         "parameters": sum(p.numel() for p in model.parameters()), "history": history,
@@ -674,7 +704,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m flowkern.demo.train", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, type=Path, help="output directory (the model is written here)")
     p.add_argument("--seed", type=int, default=0, help="weights and data stream seed (default 0)")
-    p.add_argument("--steps", type=int, default=5200, help="optimizer steps of the full model (default 5200)")
+    p.add_argument("--steps", type=int, default=4600, help="optimizer steps of the full model (default 4600)")
     p.add_argument("--vision-steps", type=int, default=2000,
                    help="optimizer steps of the vision tower alone, before (default 2000)")
     p.add_argument("--batch-size", type=int, default=32, help="examples per step (default 32)")
@@ -694,9 +724,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--precision", choices=PRECISIONS, default="bf16",
                    help="bf16 (default): bfloat16 autocast of the matmuls, float32 weights and optimizer; "
                         "fp32: everything in float32 (2x slower on the 2-core CPU)")
+    p.add_argument("--sqa-boost", default=None, metavar="KIND=SHARE",
+                   help="ask that share of the training SQA problems as that kind (relation, count, color, names), "
+                        "e.g. names=0.3 (default: none, every kind as often as the files ask it)")
     args = p.parse_args(argv)
-    mix = None
+    mix = boost = None
     try:
+        if args.sqa_boost:
+            kind, _, share = args.sqa_boost.partition("=")
+            try:
+                boost = (kind, float(share))
+            except ValueError:
+                boost = None
+            if boost is None or kind not in world.SQA_KINDS or not 0 <= boost[1] <= 1:
+                p.error(f"--sqa-boost {args.sqa_boost!r}: KIND=SHARE with KIND one of {', '.join(world.SQA_KINDS)}"
+                        " and SHARE in [0, 1]")
         if args.task_mix:
             mix = check_task_mix({k: float(v) for k, v in (part.split("=") for part in args.task_mix.split(","))})
         _check_init(args.init)
@@ -704,7 +746,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--task-mix {args.task_mix!r}: {exc}" if isinstance(exc, ValueError) else f"--{exc}")
     record = train(args.out, seed=args.seed, steps=args.steps, vision_steps=args.vision_steps,
                    batch_size=args.batch_size, lr=args.lr, threads=args.threads, workers=args.workers,
-                   init=args.init, task_mix=mix, warmup=args.warmup, precision=args.precision)
+                   init=args.init, task_mix=mix, warmup=args.warmup, precision=args.precision, sqa_boost=boost)
     print(f"trained {record['parameters'] / 1e6:.2f} M parameters in {record['train_seconds'] / 60:.1f} min; "
           f"wrote {args.out}")
     return 0

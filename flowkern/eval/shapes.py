@@ -50,7 +50,8 @@ __all__ = [
     "COLORS", "SHAPES", "LABEL_CHARS", "CANVAS", "TASKS", "NUMBER_WORDS", "SYSTEM_PROMPT",
     "ShapeObject", "Label", "Scene", "make_scene", "scenes", "render", "patch_targets", "object_patches",
     "label_patches",
-    "near_misses", "pope_questions", "sqa_problem", "textvqa_question", "caption_text", "reference_captions",
+    "near_misses", "pope_questions", "sqa_problem", "SQA_KINDS", "textvqa_question", "caption_text",
+    "reference_captions",
     "write_pope", "write_sqa", "write_textvqa", "write_caption", "write_task", "eval_command",
     "chair_vocabulary", "vocabulary", "object_class",
 ]
@@ -404,6 +405,8 @@ _RELATIONS = {
     "below": ("below", lambda a, b: a.y - b.y > _RELATION_MARGIN),
 }
 _NAMES = ("Anna", "Ben", "Chen", "Dara")
+SQA_KINDS = ("relation", "count", "color", "names")
+"""The kinds of problem :func:`sqa_problem` asks (a relation becomes ``context-relation`` when it has a context)."""
 
 
 def _options(correct: str, pool: Sequence[str], rng: random.Random, k: int) -> tuple[list[str], int]:
