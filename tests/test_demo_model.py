@@ -342,18 +342,22 @@ def test_position_loss_reads_column_and_row():
         assert abs(float(train._position_loss(blank, head, grid)) - torch.log(torch.tensor(4.0)).item()) < 1e-5
 
 
-def test_training_runs_and_records_its_aids(tmp_path):
+@pytest.mark.parametrize("aids", [False, True])
+def test_training_runs_and_records_its_aids(tmp_path, aids):
     threads = torch.get_num_threads()
     try:
         record = train.train(tmp_path / "m", seed=0, steps=2, batch_size=2, vision_steps=2, vision_batch_size=2,
-                             threads=1, workers=0, lr=1e-5, vision_lr=1e-5, warmup=1, log_every=1)
+                             threads=1, workers=0, lr=1e-5, vision_lr=1e-5, warmup=1, log_every=1,
+                             position_aids=aids)
     finally:
         torch.set_num_threads(threads)  # train() sets the process's thread count
-    assert record["sqa_boost"] is None and record["position_weight"] == train.POSITION_WEIGHT
-    assert set(record["guides"]) == set(train.GUIDES)
+    assert record["sqa_boost"] is None and record["position_aids"] is aids
+    assert record["position_weight"] == (train.POSITION_WEIGHT if aids else 0.0)
+    assert set(record["guides"]) == set(train.GUIDES) | (set(train.NAMES_GUIDES) if aids else set())
     from safetensors.torch import load_file
     weights = load_file(tmp_path / "m" / "model.safetensors")
     pos = next(v for k, v in weights.items() if k.endswith("position_embedding.weight"))
-    # four steps at a tiny learning rate: still the 2-D code it started from
-    assert torch.allclose(pos, train.grid_positions(8, 128), atol=1e-3)
+    # four steps at a tiny learning rate: still the 2-D code it started from (or CLIP's small random init)
+    code = train.grid_positions(8, 128)
+    assert torch.allclose(pos, code, atol=1e-3) is aids
     assert json.loads((tmp_path / "m" / "training.json").read_text())["steps"] == 2
