@@ -475,10 +475,16 @@ def _position_loss(feats: torch.Tensor, head: torch.nn.Linear, grid: int) -> tor
     """Cross-entropy of a linear read-out (``head``: width -> 2 x grid) of each image token's column and row
     (``feats`` ``[B, grid * grid, width]``, row-major): the image tokens must carry where they are, so that a
     word that looks at an object can read off where it lies."""
-    logits = head(feats.reshape(-1, feats.shape[-1]))
     index = torch.arange(grid * grid, device=feats.device).repeat(feats.shape[0])
-    return 0.5 * (torch.nn.functional.cross_entropy(logits[:, :grid], index % grid)
-                  + torch.nn.functional.cross_entropy(logits[:, grid:], index // grid))
+    return _cell_loss(head(feats.reshape(-1, feats.shape[-1])), index % grid, index // grid)
+
+
+def _cell_loss(logits: torch.Tensor, columns: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of a column / row read-out: ``logits`` ``[N, 2 * grid]`` (columns first), ``columns`` and
+    ``rows`` ``[N]``."""
+    grid = logits.shape[1] // 2
+    return 0.5 * (torch.nn.functional.cross_entropy(logits[:, :grid], columns)
+                  + torch.nn.functional.cross_entropy(logits[:, grid:], rows))
 
 
 def _attention_loss(attentions: Sequence[torch.Tensor], rows: torch.Tensor, keys: torch.Tensor,
@@ -685,10 +691,8 @@ def train(out: str | Path, *, seed: int = 0, steps: int = 5200, batch_size: int 
         if place_weight and batch["place_rows"].numel():
             rows = batch["place_rows"]
             hidden = output.hidden_states[PLACE_LAYER][rows[:, 0], rows[:, 1]].float()
-            logits = heads["place"](hidden)
-            aux = aux + place_weight * 0.5 * (
-                torch.nn.functional.cross_entropy(logits[:, :grid], batch["place_cells"][:, 0])
-                + torch.nn.functional.cross_entropy(logits[:, grid:], batch["place_cells"][:, 1]))
+            cells = batch["place_cells"]
+            aux = aux + place_weight * _cell_loss(heads["place"](hidden), cells[:, 0], cells[:, 1])
         loss = lm_loss + aux_weight * aux + attention_weight * guide
         opt.zero_grad(set_to_none=True)
         loss.backward()
