@@ -376,8 +376,7 @@ def encode(processor: Any, examples: Sequence[dict[str, Any]]) -> dict[str, torc
             places += [(k, q, *_cell(ex["scene"], tok.convert_ids_to_tokens(prompt_ids[q - 1:q + 1]), grid))
                        for q, keys in mentions if set(keys) <= set(image_pos)]
             for name, entries in _names_targets(tok, ex, prompt_ids).items():
-                if name in guides:
-                    guides[name] += [(k, q, keys) for q, keys in entries]
+                guides[name] += [(k, q, keys) for q, keys in entries]
         if ex.get("task") == "sqa" and ex.get("option"):
             option = tok(ex["option"], add_special_tokens=False)["input_ids"]
             at = max(i for i in range(len(prompt_ids) - len(option) + 1)
@@ -409,8 +408,7 @@ def encode(processor: Any, examples: Sequence[dict[str, Any]]) -> dict[str, torc
 def _cell(scene: Any, words: Sequence[str], grid: int) -> tuple[int, int]:
     """(column, row) on the ``grid x grid`` patch grid of the centre of the object ``words`` (colour, shape) name."""
     name = f"{words[0]} {words[1].rstrip('.?,')}"
-    o = next(o for o in scene.objects if o.name == name)
-    return min(grid - 1, int(o.x * grid)), min(grid - 1, int(o.y * grid))
+    return world.centre_cell(next(o for o in scene.objects if o.name == name), grid)
 
 
 def _patch_batch(examples: Sequence[dict[str, Any]], grid: int) -> dict[str, torch.Tensor]:

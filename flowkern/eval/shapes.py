@@ -48,7 +48,7 @@ from typing import Any
 
 __all__ = [
     "COLORS", "SHAPES", "LABEL_CHARS", "CANVAS", "TASKS", "NUMBER_WORDS", "SYSTEM_PROMPT",
-    "ShapeObject", "Label", "Scene", "make_scene", "scenes", "render", "patch_targets", "object_patches",
+    "ShapeObject", "Label", "Scene", "make_scene", "scenes", "render", "patch_targets", "centre_cell", "object_patches",
     "label_patches",
     "near_misses", "pope_questions", "sqa_problem", "SQA_KINDS", "textvqa_question", "caption_text",
     "reference_captions",
@@ -306,10 +306,16 @@ def patch_targets(scene: Scene, grid: int) -> dict[str, list[int]]:
     return out
 
 
+def centre_cell(obj: ShapeObject, grid: int) -> tuple[int, int]:
+    """``(column, row)`` on a ``grid x grid`` patch grid of the patch under ``obj``'s centre."""
+    return min(grid - 1, int(obj.x * grid)), min(grid - 1, int(obj.y * grid))
+
+
 def object_patches(obj: ShapeObject, grid: int) -> list[int]:
     """Row-major indices on a ``grid x grid`` patch grid of the patches ``obj`` covers: those whose centre lies
     within its radius, and always the patch under its centre (a small object may cover no patch centre)."""
-    cells = {min(grid - 1, int(obj.y * grid)) * grid + min(grid - 1, int(obj.x * grid))}
+    column, row = centre_cell(obj, grid)
+    cells = {row * grid + column}
     for gy in range(grid):
         for gx in range(grid):
             if math.hypot((gx + 0.5) / grid - obj.x, (gy + 0.5) / grid - obj.y) <= obj.r:
