@@ -273,3 +273,38 @@ def test_an_import_error_raised_by_ctrl_c_is_an_interrupt(monkeypatch, capsys, i
     else:  # any other error is not hidden
         with pytest.raises(ImportError):
             main(["info"])
+
+
+@pytest.mark.parametrize("code", [0, 2, 130])
+def test_entry_leaves_an_interrupted_run_without_finalization(monkeypatch, code):
+    # exit 130: flush, then os._exit (a native library's at-exit teardown once aborted an interrupted run with
+    # "Fatal Python error: PyThreadState_Get", exit -6); every other code leaves through sys.exit as usual
+    import flowkern.cli as cli
+
+    flushed, left = [], []
+
+    class Stream:
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        def flush(self) -> None:
+            flushed.append(self.name)
+
+    def fake_exit(status: int) -> None:
+        left.append(status)
+        raise SystemExit("os._exit")
+
+    monkeypatch.setattr(cli, "main", lambda: code)
+    monkeypatch.setattr(cli.os, "_exit", fake_exit)
+    monkeypatch.setattr(cli.sys, "stdout", Stream("stdout"))
+    monkeypatch.setattr(cli.sys, "stderr", Stream("stderr"))
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        with pytest.raises(SystemExit) as leaving:
+            cli.entry()
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if code == 130:
+        assert left == [130] and flushed == ["stdout", "stderr"] and leaving.value.code == "os._exit"
+    else:
+        assert left == [] and leaving.value.code == code

@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
+import os
 import signal
 import sys
 
@@ -118,8 +119,18 @@ def entry() -> None:
     """The ``flowkern`` console script: :func:`main`, then exit with its code. Once the work is done (or abandoned)
     and reported, a Ctrl-C during interpreter shutdown is ignored, so it cannot turn the run into a death by SIGINT
     without a word. (Only here, in the process's entry: :func:`main` called as a function leaves signals alone, since
-    an ignored SIGINT would be inherited by every subprocess the caller starts.)"""
+    an ignored SIGINT would be inherited by every subprocess the caller starts.)
+
+    An interrupted run (exit code 130) leaves without the interpreter's finalization, once stdout and stderr are
+    flushed: its results are already whole or absent (the atomic writer cleans up in :func:`main`), and a native
+    library's at-exit teardown after an interrupt was seen to abort the process once in many runs ("Fatal Python
+    error: PyThreadState_Get", exit -6 instead of 130)."""
     code = main()
     with contextlib.suppress(ValueError):  # not the main thread
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if code == 130:
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        os._exit(130)
     sys.exit(code)
