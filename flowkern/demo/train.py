@@ -579,8 +579,8 @@ def train(out: str | Path, *, seed: int = 0, steps: int = 5200, batch_size: int 
     again at example 0 unless ``seed`` differs).
     ``sqa_boost``: ``(kind, share)``, that share of the training SQA problems asks that kind. ``position_aids``:
     the 2-D position code (from random weights only) and the position and place read-outs. ``names_guides``: the
-    "whose shape" guides :data:`NAMES_GUIDES` as well (they did not help: see the README).
-    (off by default: the shipped model was trained without them; see the module docstring for what they did).
+    "whose shape" guides :data:`NAMES_GUIDES` as well. Both are off by default: the shipped model was trained
+    without them (see the module docstring for what they did).
     Stage 1 (``vision_steps``): the vision tower and projector alone, on the dense patch loss. Stage 2 (``steps``):
     everything, on the answer loss + ``aux_weight`` x the patch loss + ``attention_weight`` x the attention guide.
     """
@@ -774,8 +774,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="bf16 (default): bfloat16 autocast of the matmuls, float32 weights and optimizer; "
                         "fp32: everything in float32 (2x slower on the 2-core CPU)")
     p.add_argument("--position-aids", action="store_true",
-                   help="the 2-D position code, the position and place read-outs and the 'whose shape' guides "
-                        "(not used for the shipped model; see the README)")
+                   help="the 2-D position code and the position and place read-outs (not used for the shipped "
+                        "model; see the README)")
     p.add_argument("--names-guides", action="store_true",
                    help="the three 'whose shape' attention guides as well (they did not help; see the README)")
     p.add_argument("--sqa-boost", default=None, metavar="KIND=SHARE",
