@@ -55,10 +55,8 @@ def probe(model_dir: str, num: int = 128) -> dict[str, float]:
 
     result = {key: agreement(list(words), targets[key].reshape(-1))
               for key, words in (("color", world.COLORS), ("shape", world.SHAPES))}
-    chars = targets["char"].reshape(-1)
-    second = targets["char_second"].reshape(-1).bool() & (chars > 0)
     result["char"] = agreement(list(world.LABEL_CHARS) + [f"##{c}" for c in world.LABEL_CHARS],
-                               torch.where(second, chars + len(world.LABEL_CHARS), chars))
+                               T._char_targets(targets))
     x = torch.cat([feats, torch.ones(len(feats), 1)], dim=1).double()
     column = (torch.arange(grid * grid).repeat(num) % grid).double()[:, None]
     half = len(x) // 2

@@ -421,6 +421,15 @@ def _patch_batch(examples: Sequence[dict[str, Any]], grid: int) -> dict[str, tor
     return {k: torch.tensor([t[k] for t in targets]) for k in ("color", "shape", "char", "char_second")}
 
 
+def _char_targets(targets: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The label-character class of each patch, flat ``[B * grid * grid]``, from :func:`_patch_batch`'s ``targets``:
+    0 off the label, ``k`` for ``LABEL_CHARS[k - 1]`` (:mod:`flowkern.eval.shapes`), ``k + len(LABEL_CHARS)`` for its
+    ``##`` word (the second character of a two-character label): the order of the candidates ``[chars, ##chars]``."""
+    chars = targets["char"].reshape(-1)
+    second = targets["char_second"].reshape(-1).bool() & (chars > 0)
+    return torch.where(second, chars + len(world.LABEL_CHARS), chars)
+
+
 def _aux_loss(feats: torch.Tensor, targets: dict[str, torch.Tensor], cands: dict[str, list[int]],
               nothing: torch.nn.ParameterDict, embeddings: torch.Tensor, scale: float = 10.0) -> torch.Tensor:
     """Mean over colour / shape / character of the patch-wise cross-entropy of ``scale * cos(image token, word)``
@@ -431,10 +440,7 @@ def _aux_loss(feats: torch.Tensor, targets: dict[str, torch.Tensor], cands: dict
     for key, ids in cands.items():
         words = torch.cat([nothing[key][None], embeddings[ids]], dim=0)
         logits = scale * f @ torch.nn.functional.normalize(words, dim=-1).T
-        target = targets[key].reshape(-1)
-        if key == "char":
-            target = torch.where(targets["char_second"].reshape(-1).bool() & (target > 0),
-                                 target + len(world.LABEL_CHARS), target)
+        target = _char_targets(targets) if key == "char" else targets[key].reshape(-1)
         ce = torch.nn.functional.cross_entropy(logits, target, reduction="none")
         on = target > 0
         total = total + 0.5 * ce[~on].mean() + (0.5 * ce[on].mean() if on.any() else 0.0)
