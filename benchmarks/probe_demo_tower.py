@@ -29,7 +29,6 @@ def probe(model_dir: str, num: int = 128) -> dict[str, float]:
     """The read-outs above for the model in ``model_dir`` (or ``demo``) on ``num`` scenes; values in [0, 1]
     (``col_R2`` may be negative)."""
     from flowkern.demo import train as T
-    from flowkern.eval import shapes as world
     from flowkern.hf.loading import load_model
 
     model, processor = load_model(model_dir, device="cpu")
@@ -53,10 +52,7 @@ def probe(model_dir: str, num: int = 128) -> dict[str, float]:
         predicted = (unit @ table.T).argmax(-1) + 1
         return float((predicted[on] == target[on]).float().mean())
 
-    result = {key: agreement(list(words), targets[key].reshape(-1))
-              for key, words in (("color", world.COLORS), ("shape", world.SHAPES))}
-    result["char"] = agreement(list(world.LABEL_CHARS) + [f"##{c}" for c in world.LABEL_CHARS],
-                               T._char_targets(targets))
+    result = {key: agreement(list(words), T._patch_classes(targets, key)) for key, words in T.PATCH_WORDS.items()}
     x = torch.cat([feats, torch.ones(len(feats), 1)], dim=1).double()
     column = (torch.arange(grid * grid).repeat(num) % grid).double()[:, None]
     half = len(x) // 2

@@ -421,13 +421,23 @@ def _patch_batch(examples: Sequence[dict[str, Any]], grid: int) -> dict[str, tor
     return {k: torch.tensor([t[k] for t in targets]) for k in ("color", "shape", "char", "char_second")}
 
 
-def _char_targets(targets: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The label-character class of each patch, flat ``[B * grid * grid]``, from :func:`_patch_batch`'s ``targets``:
-    0 off the label, ``k`` for ``LABEL_CHARS[k - 1]`` (:mod:`flowkern.eval.shapes`), ``k + len(LABEL_CHARS)`` for its
-    ``##`` word (the second character of a two-character label): the order of the candidates ``[chars, ##chars]``."""
-    chars = targets["char"].reshape(-1)
-    second = targets["char_second"].reshape(-1).bool() & (chars > 0)
-    return torch.where(second, chars + len(world.LABEL_CHARS), chars)
+PATCH_WORDS: dict[str, tuple[str, ...]] = {
+    "color": tuple(world.COLORS), "shape": tuple(world.SHAPES),
+    "char": tuple(world.LABEL_CHARS) + tuple(f"##{c}" for c in world.LABEL_CHARS),
+}
+"""The candidate words of the patch loss, per kind: class ``k > 0`` of :func:`_patch_classes` is word ``k - 1``
+(a label's second character is its ``##`` word, after the characters); class 0 is "nothing"."""
+
+
+def _patch_classes(targets: dict[str, torch.Tensor], key: str) -> torch.Tensor:
+    """The class of each patch for one kind of :data:`PATCH_WORDS`, flat ``[B * grid * grid]``, from
+    :func:`_patch_batch`'s ``targets``: 0 for nothing, ``k`` for ``PATCH_WORDS[key][k - 1]`` (for ``char``, the
+    second character of a two-character label is shifted to its ``##`` word)."""
+    classes = targets[key].reshape(-1)
+    if key != "char":
+        return classes
+    second = targets["char_second"].reshape(-1).bool() & (classes > 0)
+    return torch.where(second, classes + len(world.LABEL_CHARS), classes)
 
 
 def _aux_loss(feats: torch.Tensor, targets: dict[str, torch.Tensor], cands: dict[str, list[int]],
@@ -440,7 +450,7 @@ def _aux_loss(feats: torch.Tensor, targets: dict[str, torch.Tensor], cands: dict
     for key, ids in cands.items():
         words = torch.cat([nothing[key][None], embeddings[ids]], dim=0)
         logits = scale * f @ torch.nn.functional.normalize(words, dim=-1).T
-        target = _char_targets(targets) if key == "char" else targets[key].reshape(-1)
+        target = _patch_classes(targets, key)
         ce = torch.nn.functional.cross_entropy(logits, target, reduction="none")
         on = target > 0
         total = total + 0.5 * ce[~on].mean() + (0.5 * ce[on].mean() if on.any() else 0.0)
@@ -623,8 +633,7 @@ def train(out: str | Path, *, seed: int = 0, steps: int = 5200, batch_size: int 
     width = TEXT["hidden_size"]
     torch.manual_seed(seed + 1)
     vocab = processor.tokenizer.get_vocab()
-    cands = {"color": [vocab[c] for c in world.COLORS], "shape": [vocab[s] for s in world.SHAPES],
-             "char": [vocab[c] for c in world.LABEL_CHARS] + [vocab[f"##{c}"] for c in world.LABEL_CHARS]}
+    cands = {key: [vocab[w] for w in words] for key, words in PATCH_WORDS.items()}
     nothing = torch.nn.ParameterDict({k: torch.nn.Parameter(torch.randn(width) * 0.02) for k in cands})
     # the read-out heads exist only with the aids (creating them draws from the global RNG)
     heads = torch.nn.ModuleDict({"position": torch.nn.Linear(width, 2 * grid),
