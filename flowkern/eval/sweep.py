@@ -1011,7 +1011,11 @@ def run_sweep(config: SweepConfig, *, model: Any = None, processor: Any = None,
     _check(config)
     dist = _Dist(config.device)
     try:
-        return _run(config, dist, model, processor, progress)
+        result = _run(config, dist, model, processor, progress)
+        # every rank past its last collective before any tears the process group down: a rank that exits while
+        # its peer still reads from it makes gloo abort the peer ("Connection closed by peer", SIGABRT)
+        dist.barrier()
+        return result
     finally:
         dist.close()
 
