@@ -42,7 +42,12 @@ Two stages, like LLaVA's (whose vision tower comes pretrained):
    three *names guides* (:data:`NAMES_GUIDES`, :func:`_names_targets`) walk the "whose shape is further left"
    problems (``Anna drew the red circle. Ben drew ...``): ``owner`` (layers 1-2, heads 2-3) from each sentence's
    shape word to its name, ``pick`` (layer 3) from the letter's position to the right name's shape word, ``link``
-   (layer 3) from each option's name to its sentence's shape word. Training POPE questions add a ``binding`` split
+   (layer 3) from each option's name to its sentence's shape word. With ``--names-place`` the place read-out also
+   asks each option's name (``B. Anna``) for the column and row of the object that person drew, in layer
+   :data:`NAMES_PLACE_LAYER`; with ``--names-compare`` a two-way read-out asks the second option, in layer
+   :data:`COMPARE_LAYER`, whether it is the answer (its object further to the side asked than the first option's),
+   and a ``read`` guide (:data:`COMPARE_GUIDES`, layers 6-7) sends the letter's position to that option's name.
+   Training POPE questions add a ``binding`` split
    (:data:`POPE_TRAIN_SPLITS`) whose "No" shares its colour with an object of the image; ``--sqa-boost names=0.3``
    asks that share of the SQA problems as "whose shape" ones.
 
@@ -80,6 +85,15 @@ right on 72 % of label patches instead of 92 %). Today's lighter aids (:data:`PO
 column (R^2 0.95), but SQA stays where the shipped model is (82.6 % of 1000 fresh problems, seed 3000; 82.9 % after
 250 SQA-heavy steps, 58.7 min in all); 1000 SQA-heavy steps reach 85.5 % of 1000 (84.5 % of the 200 of seed 1000)
 in 66.9 min, over the budget. Without the flag the script is bit-for-bit the recipe of the shipped model.
+
+The "whose shape" problems needed every hop taught (``benchmarks/probe_demo_names.py`` reads each hop off the
+residual stream; records in ``benchmarks/results/demo-names-hops/``): from a 52.9-minute ``--position-aids`` run,
+1000-step SQA-heavy continuations (``--sqa-boost names=0.3``) with ``--names-place`` alone left the options not
+knowing their object's column (R^2 ~0); adding the names guides gave the drawer at the shape word (accuracy 1.0) and
+the column at the option (R^2 0.70, then 0.90 after 1000 more steps), with the letter still at chance; adding
+``--names-compare``'s read-out gave the second option its verdict (0.91) and, with the ``read`` guide, the letter
+(1.0): SQA 93.0 % (seed 1000), 94.2 % of 1000 (seed 3000; "whose shape" 99.2 %), but after 100 minutes of training
+in five commands, over the budget: not shipped.
 
 Reproducible from ``--seed`` with the same torch version and ``--threads`` (float summation order depends on both).
 The files written are exactly what ``save_pretrained`` writes for the model and ``LlavaProcessor`` (config.json,
@@ -162,6 +176,10 @@ NAMES_GUIDES: dict[str, tuple[tuple[int, ...], tuple[int, int]]] = {
     "link": ((3,), (2, 4)),
 }
 """The "whose shape" guides (:func:`_names_targets`), on heads 2-3; used with ``names_guides`` only."""
+
+COMPARE_GUIDES: dict[str, tuple[tuple[int, ...], tuple[int, int]]] = {"read": ((6, 7), (0, 2))}
+"""With ``names_compare``: ``read``, from the position that predicts the letter of a "whose shape" problem to the
+second option's name, whose read-out (:data:`COMPARE_LAYER`) says whether it is the answer."""
 
 _POPE_ANSWER = {"yes": "Yes", "no": "No"}
 
@@ -345,6 +363,22 @@ def _names_targets(tok: Any, example: dict[str, Any],
     return out
 
 
+def _option_owners(tok: Any, example: dict[str, Any], prompt_ids: Sequence[int]) -> list[tuple[int, str]]:
+    """The options of a "whose shape" SQA problem, each as ``(position of the option's name, the name of the object
+    that person drew)`` (``Anna drew the red circle.`` ... ``B. Anna`` -> ``(position of Anna, "red circle")``);
+    ``[]`` for any other example."""
+    if example.get("kind") != "names":
+        return []
+    words = [w.rstrip(".?,") for w in tok.convert_ids_to_tokens(list(prompt_ids))]
+    drew: dict[str, tuple[int, str]] = {}  # name -> (its sentence's shape-word position, the object it drew)
+    for i in range(len(words) - 4):
+        if words[i + 1] == "drew" and words[i + 2] == "the" and words[i + 4] in world.SHAPES:
+            drew[words[i]] = (i + 4, f"{words[i + 3]} {words[i + 4]}")
+    last = max(at for at, _ in drew.values())
+    return [(j + 1, drew[words[j + 1]][1]) for j in range(last + 1, len(words) - 1)
+            if len(words[j]) == 1 and words[j].isupper() and words[j + 1] in drew]
+
+
 def encode(processor: Any, examples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
     """A right-padded training batch: ``input_ids`` ``[B, S]``, ``attention_mask`` ``[B, S]``, ``pixel_values``,
     ``labels`` ``[B, S]`` (-100 on the prompt and padding), ``weights`` ``[B]`` (``1 / answer tokens``: every example
@@ -362,8 +396,10 @@ def encode(processor: Any, examples: Sequence[dict[str, Any]]) -> dict[str, torc
         add_generation_prompt=True, tokenize=False) for ex in examples]
     enc = processor(images=[ex["image"] for ex in examples], text=texts, return_tensors="pt", padding=True)
     rows, labels, weights = [], [], []
-    guides: dict[str, list[tuple[int, int, list[int]]]] = {name: [] for name in {**GUIDES, **NAMES_GUIDES}}
-    places: list[tuple[int, int, int, int]] = []  # (batch row, shape-word position, column, row)
+    guides: dict[str, list[tuple[int, int, list[int]]]] = {
+        name: [] for name in {**GUIDES, **NAMES_GUIDES, **COMPARE_GUIDES}}
+    places: list[tuple[int, int, int, int, int]] = []  # (batch row, position, column, row, decoder layer)
+    compares: list[tuple[int, int, int]] = []  # (batch row, second option's name position, 1: it is the answer)
     image_id = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
     for k, ex in enumerate(examples):
         prompt_ids = enc["input_ids"][k][enc["attention_mask"][k].bool()].tolist()
@@ -378,8 +414,16 @@ def encode(processor: Any, examples: Sequence[dict[str, Any]]) -> dict[str, torc
                                 for t, cells in attention_targets(tok, ex, grid)]
             mentions = _mention_targets(tok, ex, prompt_ids, image_pos, grid)
             guides["focus"] += [(k, q, keys) for q, keys in mentions]
-            places += [(k, q, *_cell(ex["scene"], tok.convert_ids_to_tokens(prompt_ids[q - 1:q + 1]), grid))
-                       for q, keys in mentions if set(keys) <= set(image_pos)]
+            places += [(k, q, *_cell(ex["scene"], tok.convert_ids_to_tokens(prompt_ids[q - 1:q + 1]), grid),
+                        PLACE_LAYER) for q, keys in mentions if set(keys) <= set(image_pos)]
+            owners = _option_owners(tok, ex, prompt_ids)
+            places += [(k, q, *_cell(ex["scene"], name.split(), grid), NAMES_PLACE_LAYER) for q, name in owners]
+            if len(owners) == 2:  # the second option: is its person's object further to the side asked?
+                x = {o.name: o.x for o in ex["scene"].objects}
+                (_, first), (q, second) = owners
+                further = x[second] < x[first] if "left?" in ex["prompt"] else x[second] > x[first]
+                compares.append((k, q, int(further)))
+                guides["read"].append((k, len(prompt_ids) - 1, [q]))
             for name, entries in _names_targets(tok, ex, prompt_ids).items():
                 guides[name] += [(k, q, keys) for q, keys in entries]
         if ex.get("task") == "sqa" and ex.get("option"):
@@ -406,7 +450,10 @@ def encode(processor: Any, examples: Sequence[dict[str, Any]]) -> dict[str, torc
     for name, entries in guides.items():
         batch[f"{name}_rows"], batch[f"{name}_keys"] = targets(entries)
     batch["place_rows"] = torch.tensor([p[:2] for p in places], dtype=torch.long).reshape(-1, 2)
-    batch["place_cells"] = torch.tensor([p[2:] for p in places], dtype=torch.long).reshape(-1, 2)
+    batch["place_cells"] = torch.tensor([p[2:4] for p in places], dtype=torch.long).reshape(-1, 2)
+    batch["place_layers"] = torch.tensor([p[4] for p in places], dtype=torch.long)
+    batch["compare_rows"] = torch.tensor([c[:2] for c in compares], dtype=torch.long).reshape(-1, 2)
+    batch["compare_labels"] = torch.tensor([c[2] for c in compares], dtype=torch.long)
     return batch
 
 
@@ -501,6 +548,17 @@ text knows where what it names lies, for the relations and "whose shape" questio
 
 PLACE_LAYER = 3
 
+NAMES_PLACE_LAYER = 5
+"""With ``names_place``: the decoder layer whose input, at each option of a "whose shape" problem (``B. Anna``), must
+name (through the same place read-out) the column and row of the object that person drew (the context's ``Anna
+drew the red circle.``): the option carries where its object lies, as a shape option of a relation does."""
+
+COMPARE_LAYER = 6
+"""With ``names_compare``: the decoder layer whose input, at the second option of a "whose shape" problem, must say
+(a linear two-way read-out) whether that person's object lies further to the side asked than the first option's:
+the second option, which sees the question and the first option, makes the comparison, as a relation's option
+checks itself against the object named in the question."""
+
 
 def _position_loss(feats: torch.Tensor, head: torch.nn.Linear, grid: int) -> torch.Tensor:
     """Cross-entropy of a linear read-out (``head``: width -> 2 x grid) of each image token's column and row
@@ -587,7 +645,8 @@ def train(out: str | Path, *, seed: int = 0, steps: int = 5200, batch_size: int 
           vision_batch_size: int = 64, vision_lr: float = 2e-3, threads: int = 2, workers: int = 1,
           init: str | Path | None = None, task_mix: dict[str, float] | None = None,
           precision: str = "bf16", sqa_boost: tuple[str, float] | None = None, position_aids: bool = False,
-          names_guides: bool = False, log_every: int = 25) -> dict[str, Any]:
+          names_guides: bool = False, names_place: bool = False, names_compare: bool = False,
+          log_every: int = 25) -> dict[str, Any]:
     """Train the demo model into ``out`` (see the module docstring); returns the ``training.json`` record.
 
     ``workers`` processes draw the examples (0: the training process itself; the stream is the same). ``init``: a
@@ -595,13 +654,16 @@ def train(out: str | Path, *, seed: int = 0, steps: int = 5200, batch_size: int 
     again at example 0 unless ``seed`` differs).
     ``sqa_boost``: ``(kind, share)``, that share of the training SQA problems asks that kind. ``position_aids``:
     the 2-D position code (from random weights only) and the position and place read-outs. ``names_guides``: the
-    "whose shape" guides :data:`NAMES_GUIDES` as well. Both are off by default: the shipped model was trained
-    without them (see the module docstring for what they did).
+    "whose shape" guides :data:`NAMES_GUIDES` as well. ``names_place`` (with ``position_aids``): the place read-out
+    also at each "whose shape" option, in decoder layer :data:`NAMES_PLACE_LAYER`. All are off by default: the
+    shipped model was trained without them (see the module docstring for what they did).
     Stage 1 (``vision_steps``): the vision tower and projector alone, on the dense patch loss. Stage 2 (``steps``):
     everything, on the answer loss + ``aux_weight`` x the patch loss + ``attention_weight`` x the attention guide.
     """
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
+    if (names_place or names_compare) and not position_aids:
+        raise ValueError("names_place and names_compare need position_aids (they extend their place read-out)")
     if threads < 1 or workers < 0:
         raise ValueError(f"threads must be >= 1 and workers >= 0, got threads={threads}, workers={workers}")
     _check_init(init)
@@ -638,7 +700,9 @@ def train(out: str | Path, *, seed: int = 0, steps: int = 5200, batch_size: int 
     # the read-out heads exist only with the aids (creating them draws from the global RNG)
     heads = torch.nn.ModuleDict({"position": torch.nn.Linear(width, 2 * grid),
                                  "place": torch.nn.Linear(width, 2 * grid)} if position_aids else {})
-    guides = {**GUIDES, **NAMES_GUIDES} if names_guides else GUIDES
+    if names_compare:
+        heads["compare"] = torch.nn.Linear(width, 2)
+    guides = {**GUIDES, **(NAMES_GUIDES if names_guides else {}), **(COMPARE_GUIDES if names_compare else {})}
     position_weight = POSITION_WEIGHT if position_aids else 0.0
     place_weight = PLACE_WEIGHT if position_aids else 0.0
     embed = model.get_input_embeddings()
@@ -719,11 +783,18 @@ def train(out: str | Path, *, seed: int = 0, steps: int = 5200, batch_size: int 
                                       head_range)
                       for name, (layers, head_range) in guides.items()), lm_loss.new_zeros(()))
                  if attention_weight > 0 else lm_loss.new_zeros(()))
-        if place_weight and batch["place_rows"].numel():
-            rows = batch["place_rows"]
-            hidden = output.hidden_states[PLACE_LAYER][rows[:, 0], rows[:, 1]].float()
-            cells = batch["place_cells"]
-            aux = aux + place_weight * _cell_loss(heads["place"](hidden), cells[:, 0], cells[:, 1])
+        layers = batch["place_layers"]
+        keep = (layers == PLACE_LAYER) | (layers == NAMES_PLACE_LAYER) if names_place else layers == PLACE_LAYER
+        if place_weight and keep.any():
+            rows, cells = batch["place_rows"][keep], batch["place_cells"][keep]
+            hidden = torch.stack([output.hidden_states[int(layer)][row, at]
+                                  for layer, (row, at) in zip(layers[keep].tolist(), rows.tolist(), strict=True)])
+            aux = aux + place_weight * _cell_loss(heads["place"](hidden.float()), cells[:, 0], cells[:, 1])
+        if names_compare and batch["compare_rows"].numel():
+            rows = batch["compare_rows"]
+            hidden = output.hidden_states[COMPARE_LAYER][rows[:, 0], rows[:, 1]].float()
+            aux = aux + place_weight * torch.nn.functional.cross_entropy(heads["compare"](hidden),
+                                                                         batch["compare_labels"])
         loss = lm_loss + aux_weight * aux + attention_weight * guide
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -748,7 +819,7 @@ def train(out: str | Path, *, seed: int = 0, steps: int = 5200, batch_size: int 
         "workers": workers, "precision": precision, "pope_train_splits": list(POPE_TRAIN_SPLITS),
         "sqa_boost": None if sqa_boost is None else list(sqa_boost), "position_aids": position_aids,
         "position_dims": POSITION_DIMS if position_aids else 0, "position_weight": position_weight,
-        "place_weight": place_weight,
+        "place_weight": place_weight, "names_place": names_place, "names_compare": names_compare,
         "train_seconds": round(time.time() - start, 1), "data_wait_seconds": round(data_time, 1),
         "torch": torch.__version__, "python": platform.python_version(),
         "parameters": sum(p.numel() for p in model.parameters()), "history": history,
@@ -793,6 +864,12 @@ def main(argv: list[str] | None = None) -> int:
                         "model; see the README)")
     p.add_argument("--names-guides", action="store_true",
                    help="the three 'whose shape' attention guides as well (they did not help; see the README)")
+    p.add_argument("--names-place", action="store_true",
+                   help="with --position-aids: the place read-out at each 'whose shape' option as well (the option "
+                        "names must carry where the person's object lies)")
+    p.add_argument("--names-compare", action="store_true",
+                   help="with --position-aids: the second 'whose shape' option must say whether it is the answer "
+                        "(a read-out in layer COMPARE_LAYER)")
     p.add_argument("--sqa-boost", default=None, metavar="KIND=SHARE",
                    help="ask that share of the training SQA problems as that kind (relation, count, color, names), "
                         "e.g. names=0.3 (default: none, every kind as often as the files ask it)")
@@ -813,10 +890,13 @@ def main(argv: list[str] | None = None) -> int:
         _check_init(args.init)
     except (ValueError, FileNotFoundError) as exc:
         p.error(f"--task-mix {args.task_mix!r}: {exc}" if isinstance(exc, ValueError) else f"--{exc}")
+    if (args.names_place or args.names_compare) and not args.position_aids:
+        p.error("--names-place and --names-compare need --position-aids (they extend their place read-out)")
     record = train(args.out, seed=args.seed, steps=args.steps, vision_steps=args.vision_steps,
                    batch_size=args.batch_size, lr=args.lr, threads=args.threads, workers=args.workers,
                    init=args.init, task_mix=mix, warmup=args.warmup, precision=args.precision, sqa_boost=boost,
-                   position_aids=args.position_aids, names_guides=args.names_guides)
+                   position_aids=args.position_aids, names_guides=args.names_guides, names_place=args.names_place,
+                   names_compare=args.names_compare)
     print(f"trained {record['parameters'] / 1e6:.2f} M parameters in {record['train_seconds'] / 60:.1f} min; "
           f"wrote {args.out}")
     return 0
