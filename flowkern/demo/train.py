@@ -339,6 +339,14 @@ def _mention_targets(tok: Any, example: dict[str, Any], prompt_ids: Sequence[int
     return out
 
 
+def _drawn(tok: Any, prompt_ids: Sequence[int]) -> tuple[list[str], dict[str, tuple[int, str]]]:
+    """A prompt's words (punctuation stripped) and its ``<Name> drew the <colour> <shape>.`` sentences: name ->
+    (position of the sentence's shape word, ``"<colour> <shape>"``)."""
+    words = [w.rstrip(".?,") for w in tok.convert_ids_to_tokens(list(prompt_ids))]
+    return words, {words[i]: (i + 4, f"{words[i + 3]} {words[i + 4]}") for i in range(len(words) - 4)
+                   if words[i + 1] == "drew" and words[i + 2] == "the" and words[i + 4] in world.SHAPES}
+
+
 def _names_targets(tok: Any, example: dict[str, Any],
                    prompt_ids: Sequence[int]) -> dict[str, list[tuple[int, list[int]]]]:
     """Guide targets of a "whose shape" SQA problem (``<Name> drew the <colour> <shape>.`` sentences in the context,
@@ -347,13 +355,10 @@ def _names_targets(tok: Any, example: dict[str, Any],
     word of that name's sentence."""
     if example.get("kind") != "names":
         return {}
-    words = [w.rstrip(".?,") for w in tok.convert_ids_to_tokens(list(prompt_ids))]
-    drew: dict[str, int] = {}  # name -> its sentence's shape-word position
-    out: dict[str, list[tuple[int, list[int]]]] = {"owner": [], "pick": [], "link": []}
-    for i in range(len(words) - 4):
-        if words[i + 1] == "drew" and words[i + 2] == "the" and words[i + 4] in world.SHAPES:
-            drew[words[i]] = i + 4
-            out["owner"].append((i + 4, [i]))
+    words, drawn = _drawn(tok, prompt_ids)
+    drew = {name: at for name, (at, _) in drawn.items()}  # name -> its sentence's shape-word position
+    out: dict[str, list[tuple[int, list[int]]]] = {"owner": [(at, [at - 4]) for at in drew.values()], "pick": [],
+                                                   "link": []}
     right = example["option"].split()[1]
     out["pick"].append((len(prompt_ids) - 1, [drew[right]]))
     last = max(drew.values())
@@ -369,11 +374,7 @@ def _option_owners(tok: Any, example: dict[str, Any], prompt_ids: Sequence[int])
     ``[]`` for any other example."""
     if example.get("kind") != "names":
         return []
-    words = [w.rstrip(".?,") for w in tok.convert_ids_to_tokens(list(prompt_ids))]
-    drew: dict[str, tuple[int, str]] = {}  # name -> (its sentence's shape-word position, the object it drew)
-    for i in range(len(words) - 4):
-        if words[i + 1] == "drew" and words[i + 2] == "the" and words[i + 4] in world.SHAPES:
-            drew[words[i]] = (i + 4, f"{words[i + 3]} {words[i + 4]}")
+    words, drew = _drawn(tok, prompt_ids)
     last = max(at for at, _ in drew.values())
     return [(j + 1, drew[words[j + 1]][1]) for j in range(last + 1, len(words) - 1)
             if len(words[j]) == 1 and words[j].isupper() and words[j + 1] in drew]
@@ -655,7 +656,9 @@ def train(out: str | Path, *, seed: int = 0, steps: int = 5200, batch_size: int 
     ``sqa_boost``: ``(kind, share)``, that share of the training SQA problems asks that kind. ``position_aids``:
     the 2-D position code (from random weights only) and the position and place read-outs. ``names_guides``: the
     "whose shape" guides :data:`NAMES_GUIDES` as well. ``names_place`` (with ``position_aids``): the place read-out
-    also at each "whose shape" option, in decoder layer :data:`NAMES_PLACE_LAYER`. All are off by default: the
+    also at each "whose shape" option, in decoder layer :data:`NAMES_PLACE_LAYER`; ``names_compare`` (with
+    ``position_aids``): the second option's verdict read-out (:data:`COMPARE_LAYER`) and the letter's ``read`` guide
+    (:data:`COMPARE_GUIDES`). All are off by default: the
     shipped model was trained without them (see the module docstring for what they did).
     Stage 1 (``vision_steps``): the vision tower and projector alone, on the dense patch loss. Stage 2 (``steps``):
     everything, on the answer loss + ``aux_weight`` x the patch loss + ``attention_weight`` x the attention guide.
@@ -863,7 +866,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="the 2-D position code and the position and place read-outs (not used for the shipped "
                         "model; see the README)")
     p.add_argument("--names-guides", action="store_true",
-                   help="the three 'whose shape' attention guides as well (they did not help; see the README)")
+                   help="the three 'whose shape' attention guides as well (alone they did not help; with "
+                        "--names-place and --names-compare they solve those problems; see the README)")
     p.add_argument("--names-place", action="store_true",
                    help="with --position-aids: the place read-out at each 'whose shape' option as well (the option "
                         "names must carry where the person's object lies)")
