@@ -32,7 +32,8 @@ def write_sqa(folder: Path, problems: dict[str, dict], splits: dict[str, list[st
     for pid, p in problems.items():
         full[pid] = {"question": p["question"], "choices": p["choices"], "answer": p["answer"],
                      "hint": p.get("hint", ""), "image": p.get("image"), "task": "closed choice",
-                     "grade": "grade2", "subject": "natural science", "topic": "biology", "category": "Animals",
+                     "grade": "grade2", "subject": "natural science", "topic": "biology",
+                     "category": p.get("category", "Animals"),
                      "skill": "Identify animals", "lecture": "", "solution": "", "split": p.get("split", "test")}
     (folder / "problems.json").write_text(json.dumps(full), encoding="utf-8")
     (folder / "pid_splits.json").write_text(json.dumps(splits), encoding="utf-8")

@@ -131,6 +131,7 @@ def test_the_image_matters_for_what_the_model_does_read(smoke):
             value = smoke[task][metric]
             assert (value >= threshold) if op == ">=" else (value <= threshold), (task, smoke[task])
     assert abs(smoke["pope-noimage"]["accuracy"] - 0.5) <= 0.10, smoke["pope-noimage"]
+    assert smoke["sqa"]["by_category"].keys() >= {"color", "count", "relation"}, smoke["sqa"]  # problems.json kinds
     with_image, without = smoke["caption"], smoke["caption-noimage"]
     assert with_image["recall"] >= 0.5 and with_image["recall"] >= without["recall"] + 0.3, (with_image, without)
     assert with_image["count_accuracy"] >= 0.5, with_image
@@ -387,6 +388,15 @@ def test_training_runs_and_records_its_aids(tmp_path, aids, names, place):
     code = train.grid_positions(8, 128, train.POSITION_DIMS)
     assert torch.allclose(pos, code, atol=1e-3) is aids
     assert json.loads((tmp_path / "m" / "training.json").read_text())["steps"] == 2
+
+
+def test_quality_table_lists_sqa_by_problem_kind():
+    metrics = {"accuracy": 0.75, "correct": 3, "n": 4, "by_category": {
+        "count": {"accuracy": 0.5, "correct": 1, "n": 2}, "names": {"accuracy": 1.0, "correct": 2, "n": 2}}}
+    row = quality.table({"sqa": {"metric": "accuracy", "value": 0.75, "passed": False, "bar": ">= 0.85", "n": 4,
+                                 "metrics": metrics}}).splitlines()[-1]
+    assert row.startswith("| shapes-sqa | 4 | accuracy | 75.0 % | >= 0.85 | NO |")
+    assert "count 50.0 % of 2, names 100.0 % of 2" in row
 
 
 def test_tower_probe_reads_what_the_shipped_image_tokens_carry():

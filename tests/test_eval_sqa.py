@@ -63,6 +63,14 @@ def test_accuracy_hand_computed(sqa, answers, accuracy):
     assert m["n"] == len(answers) and m["missing"] == 3 - len(answers)
 
 
+def test_accuracy_by_category(tmp_path):
+    problems = {**PROBLEMS, "2": {**PROBLEMS["2"], "category": "Classification"}}
+    m = get_task("sqa", write_sqa(tmp_path / "s", problems, SPLITS)).score({"1": "B", "2": "C", "5": "A"})
+    assert m["by_category"] == {"Animals": {"accuracy": 0.5, "correct": 1, "n": 2},
+                                "Classification": {"accuracy": 0.0, "correct": 0, "n": 1}}
+    assert m["accuracy"] == pytest.approx(1 / 3, abs=1e-12)
+
+
 def test_bad_input(sqa, tmp_path):
     task = SqaTask(sqa)
     with pytest.raises(ValueError, match="'3' is not in"):  # a question without an image is not scored

@@ -15,7 +15,8 @@ Prompt (lmms-eval ``scienceqa_img``, the LLaVA-1.5 format)::
 Answer parsing = lmms-eval's ``sqa_process_results``: the stripped answer is right if it equals the target letter
 ignoring case (``"B"``, ``"b"``, ``" B "``), or if it starts with an upper-case letter followed by ``"."`` and that
 letter is the target (``"B."``, ``"B. sunlight"``); anything else is wrong (``"b."``, ``"(B)"``,
-``"The answer is B."``, the empty answer). Metric: accuracy.
+``"The answer is B."``, the empty answer). Metric: accuracy; ``by_category``: the accuracy per ``problems.json``
+``category`` (``{category: {"accuracy", "correct", "n"}}``, when the problems have one).
 """
 
 from __future__ import annotations
@@ -106,7 +107,7 @@ class SqaTask(Task):
                 prompt=build_prompt(prob["question"], choices, prob.get("hint")),
                 reference=chr(ord("A") + answer),
                 split=self.split,
-                meta={"question": prob["question"], "choices": choices},
+                meta={"question": prob["question"], "choices": choices, "category": prob.get("category")},
             ))
         return samples
 
@@ -115,5 +116,13 @@ class SqaTask(Task):
         return parse_option(text)
 
     def _metrics(self, pairs: list[tuple[Sample, str]]) -> dict[str, Any]:
-        correct = sum(parse_option(text) == sample.reference for sample, text in pairs)
-        return {"accuracy": ratio(correct, len(pairs)), "correct": correct}
+        right = [parse_option(text) == sample.reference for sample, text in pairs]
+        by: dict[str, list[bool]] = {}
+        for (sample, _), ok in zip(pairs, right, strict=True):
+            if sample.meta.get("category") is not None:
+                by.setdefault(str(sample.meta["category"]), []).append(ok)
+        metrics: dict[str, Any] = {"accuracy": ratio(sum(right), len(pairs)), "correct": sum(right)}
+        if by:  # problems.json's `category` (ScienceQA: e.g. "Weather and climate"; shapes-SQA: the problem kind)
+            metrics["by_category"] = {c: {"accuracy": ratio(sum(v), len(v)), "correct": sum(v), "n": len(v)}
+                                      for c, v in sorted(by.items())}
+        return metrics
