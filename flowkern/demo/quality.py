@@ -169,9 +169,10 @@ def table(results: dict[str, Any]) -> str:
         m = r["metrics"]
         other = {"pope": ("f1", "yes_ratio"), "caption": ("chair_i", "recall", "count_accuracy")}.get(
             row.removesuffix("-noimage"), ())
-        others = ", ".join(f"{k} {100 * m[k]:.1f} %" for k in other if k in m)
-        others += ", ".join(f"{kind} {100 * c['accuracy']:.1f} % of {c['n']}"  # shapes-SQA: by problem kind
-                            for kind, c in m.get("by_category", {}).items())
+        parts = [f"{k} {100 * m[k]:.1f} %" for k in other if k in m]
+        parts += [f"{kind} {100 * c['accuracy']:.1f} % of {c['n']}"  # shapes-SQA: by problem kind
+                  for kind, c in m.get("by_category", {}).items()]
+        others = ", ".join(parts)
         verdict = "-" if r["passed"] is None else ("yes" if r["passed"] else "NO")
         lines.append(f"| shapes-{row} | {r['n']} | {r['metric']} | {100 * r['value']:.1f} % | {r['bar']} | "
                      f"{verdict} | {others} |")
