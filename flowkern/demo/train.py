@@ -76,15 +76,15 @@ init against patch content of norm ~13, were never needed by the patch loss), so
 object lies. With the 2-D code and the position read-out the image tokens' column is linear (R^2 0.83 after 600
 vision and 1200 full steps); the place read-out carries it on to the words that name the objects.
 
-``--position-aids`` is off by default: neither of its runs passed every bar inside the budget (AMD EPYC 2-core
-machine, fresh seed 1000 sets; records in ``benchmarks/results/demo-position-aids*/``). The first (the code over the
+The position aids alone did not pass every bar inside the budget (AMD EPYC 2-core machine, fresh seed 1000 sets;
+records in ``benchmarks/results/demo-position-aids*/``). The first (the code over the
 whole width at norm 8, read-out weight 1.0, with the names guides; ``--steps 4600`` then 1000 SQA-heavy steps, 76
 min) reached SQA 89.5 % (relations 99 %) but cost the tower its label reading: TextVQA 65.5 % (label characters read
 right on 72 % of label patches instead of 92 %). Today's lighter aids (:data:`POSITION_DIMS` channels,
 :data:`POSITION_WEIGHT` 0.2; ``--steps 4000``, 55.8 min) keep it (92 %, TextVQA 87-88 %) and give the tokens their
 column (R^2 0.95), but SQA stays where the shipped model is (82.6 % of 1000 fresh problems, seed 3000; 82.9 % after
 250 SQA-heavy steps, 58.7 min in all); 1000 SQA-heavy steps reach 85.5 % of 1000 (84.5 % of the 200 of seed 1000)
-in 66.9 min, over the budget. Without the flag the script is bit-for-bit the recipe of the shipped model.
+in 66.9 min, over the budget.
 
 The "whose shape" problems needed every hop taught (``benchmarks/probe_demo_names.py`` reads each hop off the
 residual stream; records in ``benchmarks/results/demo-names-hops/``): from a 52.9-minute ``--position-aids`` run,
@@ -93,7 +93,11 @@ knowing their object's column (R^2 ~0); adding the names guides gave the drawer 
 the column at the option (R^2 0.70, then 0.90 after 1000 more steps), with the letter still at chance; adding
 ``--names-compare``'s read-out gave the second option its verdict (0.91) and, with the ``read`` guide, the letter
 (1.0): SQA 93.0 % (seed 1000), 94.2 % of 1000 (seed 3000; "whose shape" 99.2 %), but after 100 minutes of training
-in five commands, over the budget: not shipped.
+in five commands, over the budget. Every aid from the start, in one command, is today's default (the shipped model:
+``--steps 4000 --vision-steps 1800``, :data:`TASK_MIX`, :data:`SQA_BOOST`; @@TIME@@); ``--no-position-aids
+--no-names-guides --no-names-place --no-names-compare --sqa-boost none`` with the earlier mix and step counts
+(``--task-mix pope=0.35,sqa=0.35,textvqa=0.15,caption=0.15 --vision-steps 2000 --steps 5200``) is the previous
+shipped model's first command.
 
 Reproducible from ``--seed`` with the same torch version and ``--threads`` (float summation order depends on both).
 The files written are exactly what ``save_pretrained`` writes for the model and ``LlavaProcessor`` (config.json,
@@ -120,8 +124,8 @@ import torch
 from flowkern.eval import chair, pope, sqa, textvqa
 from flowkern.eval import shapes as world
 
-__all__ = ["VISION", "TEXT", "TASK_MIX", "GUIDES", "CHAT_TEMPLATE", "check_task_mix", "write_initial", "answer_ids",
-           "training_example", "encode", "train", "main"]
+__all__ = ["VISION", "TEXT", "TASK_MIX", "SQA_BOOST", "GUIDES", "CHAT_TEMPLATE", "check_task_mix", "write_initial",
+           "answer_ids", "training_example", "encode", "train", "main"]
 
 VISION: dict[str, Any] = dict(image_size=192, patch_size=24, hidden_size=128, intermediate_size=512,
                               num_hidden_layers=4, num_attention_heads=4)
@@ -132,8 +136,13 @@ TEXT: dict[str, Any] = dict(hidden_size=128, intermediate_size=384, num_hidden_l
                             num_key_value_heads=4, max_position_embeddings=256, tie_word_embeddings=False)
 """The Llama language model."""
 
-TASK_MIX: dict[str, float] = {"pope": 0.35, "sqa": 0.35, "textvqa": 0.15, "caption": 0.15}
-"""Share of each task analogue in the training stream."""
+TASK_MIX: dict[str, float] = {"pope": 0.19, "sqa": 0.56, "textvqa": 0.18, "caption": 0.07}
+"""Share of each task analogue in the training stream (SQA's multi-hop problems need the most; POPE and the captions
+are learnt fastest)."""
+
+SQA_BOOST: tuple[str, float] = ("names", 0.3)
+"""The default ``sqa_boost``: that share of the training SQA problems asks the "whose shape" kind (the hardest: three
+hops, see :data:`NAMES_GUIDES`)."""
 
 CHAT_TEMPLATE = (
     '{% set system = "' + world.SYSTEM_PROMPT + '" %}'
@@ -641,25 +650,26 @@ def _check_init(init: str | Path | None) -> None:
         raise FileNotFoundError(f"init: no model.safetensors in {init}")
 
 
-def train(out: str | Path, *, seed: int = 0, steps: int = 5200, batch_size: int = 32, lr: float = 1.5e-3,
-          warmup: int = 60, aux_weight: float = 0.5, attention_weight: float = 0.5, vision_steps: int = 2000,
+def train(out: str | Path, *, seed: int = 0, steps: int = 4000, batch_size: int = 32, lr: float = 1.5e-3,
+          warmup: int = 60, aux_weight: float = 0.5, attention_weight: float = 0.5, vision_steps: int = 1800,
           vision_batch_size: int = 64, vision_lr: float = 2e-3, threads: int = 2, workers: int = 1,
           init: str | Path | None = None, task_mix: dict[str, float] | None = None,
-          precision: str = "bf16", sqa_boost: tuple[str, float] | None = None, position_aids: bool = False,
-          names_guides: bool = False, names_place: bool = False, names_compare: bool = False,
+          precision: str = "bf16", sqa_boost: tuple[str, float] | None = SQA_BOOST, position_aids: bool = True,
+          names_guides: bool = True, names_place: bool = True, names_compare: bool = True,
           log_every: int = 25) -> dict[str, Any]:
     """Train the demo model into ``out`` (see the module docstring); returns the ``training.json`` record.
 
     ``workers`` processes draw the examples (0: the training process itself; the stream is the same). ``init``: a
     trained demo model's folder to start from instead of random weights (to train it longer; the stream starts
     again at example 0 unless ``seed`` differs).
-    ``sqa_boost``: ``(kind, share)``, that share of the training SQA problems asks that kind. ``position_aids``:
+    ``sqa_boost``: ``(kind, share)``, that share of the training SQA problems asks that kind (None: every kind as
+    often as the files ask it). ``position_aids``:
     the 2-D position code (from random weights only) and the position and place read-outs. ``names_guides``: the
     "whose shape" guides :data:`NAMES_GUIDES` as well. ``names_place`` (with ``position_aids``): the place read-out
     also at each "whose shape" option, in decoder layer :data:`NAMES_PLACE_LAYER`; ``names_compare`` (with
     ``position_aids``): the second option's verdict read-out (:data:`COMPARE_LAYER`) and the letter's ``read`` guide
-    (:data:`COMPARE_GUIDES`). All are off by default: the
-    shipped model was trained without them (see the module docstring for what they did).
+    (:data:`COMPARE_GUIDES`). The defaults are the shipped model's recipe: every aid on (see the module docstring for
+    what each did).
     Stage 1 (``vision_steps``): the vision tower and projector alone, on the dense patch loss. Stage 2 (``steps``):
     everything, on the answer loss + ``aux_weight`` x the patch loss + ``attention_weight`` x the attention guide.
     """
@@ -842,9 +852,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m flowkern.demo.train", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, type=Path, help="output directory (the model is written here)")
     p.add_argument("--seed", type=int, default=0, help="weights and data stream seed (default 0)")
-    p.add_argument("--steps", type=int, default=5200, help="optimizer steps of the full model (default 5200)")
-    p.add_argument("--vision-steps", type=int, default=2000,
-                   help="optimizer steps of the vision tower alone, before (default 2000)")
+    p.add_argument("--steps", type=int, default=4000, help="optimizer steps of the full model (default 4000)")
+    p.add_argument("--vision-steps", type=int, default=1800,
+                   help="optimizer steps of the vision tower alone, before (default 1800)")
     p.add_argument("--batch-size", type=int, default=32, help="examples per step (default 32)")
     p.add_argument("--lr", type=float, default=1.5e-3, help="peak learning rate (default 1.5e-3)")
     p.add_argument("--threads", type=int, default=2,
@@ -862,25 +872,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--precision", choices=PRECISIONS, default="bf16",
                    help="bf16 (default): bfloat16 autocast of the matmuls, float32 weights and optimizer; "
                         "fp32: everything in float32 (2x slower on the 2-core CPU)")
-    p.add_argument("--position-aids", action="store_true",
-                   help="the 2-D position code and the position and place read-outs (not used for the shipped "
-                        "model; see the README)")
-    p.add_argument("--names-guides", action="store_true",
-                   help="the three 'whose shape' attention guides as well (alone they did not help; with "
+    on = argparse.BooleanOptionalAction
+    p.add_argument("--position-aids", action=on, default=True,
+                   help="the 2-D position code and the position and place read-outs (default: on)")
+    p.add_argument("--names-guides", action=on, default=True,
+                   help="the three 'whose shape' attention guides (default: on; alone they did not help; with "
                         "--names-place and --names-compare they solve those problems; see the README)")
-    p.add_argument("--names-place", action="store_true",
+    p.add_argument("--names-place", action=on, default=True,
                    help="with --position-aids: the place read-out at each 'whose shape' option as well (the option "
-                        "names must carry where the person's object lies)")
-    p.add_argument("--names-compare", action="store_true",
+                        "names must carry where the person's object lies; default: on)")
+    p.add_argument("--names-compare", action=on, default=True,
                    help="with --position-aids: the second 'whose shape' option must say whether it is the answer "
-                        "(a read-out in layer COMPARE_LAYER)")
-    p.add_argument("--sqa-boost", default=None, metavar="KIND=SHARE",
-                   help="ask that share of the training SQA problems as that kind (relation, count, color, names), "
-                        "e.g. names=0.3 (default: none, every kind as often as the files ask it)")
+                        "(a read-out in layer COMPARE_LAYER; default: on)")
+    p.add_argument("--sqa-boost", default="=".join(map(str, SQA_BOOST)), metavar="KIND=SHARE",
+                   help="ask that share of the training SQA problems as that kind (relation, count, color, names); "
+                        "'none': every kind as often as the files ask it (default: "
+                        + "=".join(map(str, SQA_BOOST)) + ")")
     args = p.parse_args(argv)
     mix = boost = None
     try:
-        if args.sqa_boost:
+        if args.sqa_boost != "none":
             kind, _, share = args.sqa_boost.partition("=")
             try:
                 boost = (kind, float(share))
@@ -895,7 +906,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as exc:
         p.error(f"--task-mix {args.task_mix!r}: {exc}" if isinstance(exc, ValueError) else f"--{exc}")
     if (args.names_place or args.names_compare) and not args.position_aids:
-        p.error("--names-place and --names-compare need --position-aids (they extend their place read-out)")
+        p.error("--names-place and --names-compare need --position-aids (they extend their place read-out); "
+                "with --no-position-aids add --no-names-place --no-names-compare")
     record = train(args.out, seed=args.seed, steps=args.steps, vision_steps=args.vision_steps,
                    batch_size=args.batch_size, lr=args.lr, threads=args.threads, workers=args.workers,
                    init=args.init, task_mix=mix, warmup=args.warmup, precision=args.precision, sqa_boost=boost,
