@@ -17,6 +17,12 @@ MODEL = flowkern.demo_model_path()
 TRAIN = train.train  # before any test monkeypatches it
 
 
+def _train_defaults():
+    import inspect
+
+    return {k: v.default for k, v in inspect.signature(TRAIN).parameters.items() if k != "out"}
+
+
 @pytest.fixture(scope="module")
 def demo():
     from flowkern.hf.loading import load_model
@@ -247,14 +253,12 @@ def test_text_guide_points_the_sqa_answer_at_the_right_option_line(demo):
 
 
 def test_training_cli_defaults_are_the_train_defaults(tmp_path, monkeypatch):
-    import inspect
-
     seen = []
     monkeypatch.setattr(train, "train", lambda out, **kw: seen.append(kw) or {"parameters": 1, "train_seconds": 1})
     assert train.main(["--out", str(tmp_path / "a")]) == 0
     assert train.main(["--out", str(tmp_path / "b"), "--sqa-boost", "none", "--no-position-aids", "--no-names-guides",
                        "--no-names-place", "--no-names-compare"]) == 0
-    defaults = {k: v.default for k, v in inspect.signature(TRAIN).parameters.items() if k != "out"}
+    defaults = _train_defaults()
     assert all(defaults[k] == v for k, v in seen[0].items()), (defaults, seen[0])
     assert seen[0]["task_mix"] is None and seen[0]["sqa_boost"] == train.SQA_BOOST
     assert seen[1]["sqa_boost"] is None
@@ -264,10 +268,8 @@ def test_training_cli_defaults_are_the_train_defaults(tmp_path, monkeypatch):
 def test_the_shipped_model_is_what_the_defaults_train():
     # the README's one command (python -m flowkern.demo.train --out flowkern/demo/model --seed 0) made the shipped
     # files: its record holds train()'s defaults, inside the issue's hour on 2 CPU cores
-    import inspect
-
     record = json.loads((MODEL / "training.json").read_text())
-    defaults = {k: v.default for k, v in inspect.signature(TRAIN).parameters.items() if k != "out"}
+    defaults = _train_defaults()
     for key in ("seed", "steps", "batch_size", "lr", "warmup", "aux_weight", "attention_weight", "vision_steps",
                 "vision_batch_size", "vision_lr", "threads", "workers", "init", "precision", "position_aids",
                 "names_place", "names_compare"):

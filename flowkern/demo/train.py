@@ -885,10 +885,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--names-compare", action=on, default=True,
                    help="with --position-aids: the second 'whose shape' option must say whether it is the answer "
                         "(a read-out in layer COMPARE_LAYER; default: on)")
-    p.add_argument("--sqa-boost", default="=".join(map(str, SQA_BOOST)), metavar="KIND=SHARE",
+    boost_default = "=".join(map(str, SQA_BOOST))
+    p.add_argument("--sqa-boost", default=boost_default, metavar="KIND=SHARE",
                    help="ask that share of the training SQA problems as that kind (relation, count, color, names); "
-                        "'none': every kind as often as the files ask it (default: "
-                        + "=".join(map(str, SQA_BOOST)) + ")")
+                        f"'none': every kind as often as the files ask it (default: {boost_default})")
     args = p.parse_args(argv)
     mix = boost = None
     try:
