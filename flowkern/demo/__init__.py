@@ -6,10 +6,11 @@ safetensors, tokenizer, image processor, chat template), so
 .. code-block:: python
 
     from transformers import AutoProcessor, LlavaForConditionalGeneration
-    model = LlavaForConditionalGeneration.from_pretrained(flowkern.demo_model_path())
+    model = LlavaForConditionalGeneration.from_pretrained(flowkern.demo_model_path(), use_kernels=False)
 
-and ``--model demo`` on the command line work offline. :mod:`flowkern.demo.train` retrains it,
-:mod:`flowkern.demo.quality` measures it on fresh shapes sets.
+and ``--model demo`` on the command line work offline (``use_kernels=False`` keeps transformers >= 5.25 from
+swapping hub kernels into the layers, which fails without the ``kernels`` package).
+:mod:`flowkern.demo.train` retrains it, :mod:`flowkern.demo.quality` measures it on fresh shapes sets.
 """
 
 from __future__ import annotations

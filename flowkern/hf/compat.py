@@ -32,9 +32,14 @@ release   change, and how this module handles it
           carry ``.cache`` (``.past_key_values`` is a deprecated alias), ``Cache.update`` takes ``kwargs=``,
           ``DynamicLayer.reset`` drops its tensors. :func:`call_cache` reads either keyword, :data:`CACHE_KWARG`
           is the name to pass, :func:`output_cache` reads either attribute.
+5.25      ``from_pretrained`` defaults to ``use_kernels=True``: it swaps hub kernels (the ``kernels`` package) into
+          the model's layers, and raises ``ValueError("Kernels are not available ...")`` when that package is not
+          installed. Every load flowkern makes passes :func:`pretrained_kwargs` (``use_kernels=False``, accepted
+          since 5.17), so the modules flowkern hooks and differentiates through (CAM) stay plain torch. The
+          modeling files of every supported family are unchanged.
 ========  ======================================================================================================
 
-Unchanged across 5.17-5.24 and relied on: the ``AttentionInterface`` / ``AttentionMaskInterface`` registries and
+Unchanged across 5.17-5.25 and relied on: the ``AttentionInterface`` / ``AttentionMaskInterface`` registries and
 the mask function's signature ``(batch_size, q_length, kv_length, q_offset, kv_offset, mask_function,
 attention_mask, **kwargs)``; ``DynamicCache.layers[i].keys / .values / .is_initialized`` as ``[B, H, S, D]``
 tensors; ``get_seq_length()`` reading layer 0; masks precomputed by ``generate`` as a dict keyed by layer type
@@ -56,6 +61,7 @@ __all__ = [
     "LAYER_POSITION_INPUTS",
     "version_report",
     "untested_message",
+    "pretrained_kwargs",
     "warn_if_untested",
     "call_cache",
     "cache_kwargs",
@@ -89,7 +95,7 @@ def _installed_version() -> str:
 TRANSFORMERS_VERSION: str = _installed_version()
 """The installed transformers version string."""
 
-TESTED_TRANSFORMERS: tuple[str, str] = ("5.17", "5.24")
+TESTED_TRANSFORMERS: tuple[str, str] = ("5.17", "5.25")
 """Oldest and newest minor releases the test suite runs on (CI tests both ends); pyproject admits exactly these."""
 
 _MINOR = _parse(TRANSFORMERS_VERSION)
@@ -141,6 +147,16 @@ def _next_minor(version: str) -> str:
 
 # ----------------------------------------------------------------------------------------------------------
 # the KV cache
+
+
+def pretrained_kwargs() -> dict[str, Any]:
+    """Keywords every ``from_pretrained`` call of flowkern passes: no hub kernels swapped into the layers.
+
+    From 5.25, ``from_pretrained`` replaces layers with hub kernels by default (and fails without the ``kernels``
+    package); flowkern hooks those layers and differentiates through them, so it keeps transformers' own torch
+    modules. ``use_kernels`` is accepted (default False) by every release flowkern supports.
+    """
+    return {"use_kernels": False}
 
 
 def call_cache(kwargs: dict) -> Any:

@@ -183,6 +183,8 @@ def load_model(
     """
     import transformers
 
+    from flowkern.hf.compat import pretrained_kwargs
+
     model = os.fspath(model)
     source, raw_config = _locate(model)
     _check_supported(model, raw_config)
@@ -194,7 +196,7 @@ def load_model(
 
     config = transformers.AutoConfig.from_pretrained(source, local_files_only=True)
     auto = _auto_class(config)
-    kwargs: dict[str, Any] = dict(config=config, dtype=torch_dtype, local_files_only=True)
+    kwargs: dict[str, Any] = dict(config=config, dtype=torch_dtype, local_files_only=True, **pretrained_kwargs())
     try:
         try:
             net = auto.from_pretrained(source, attn_implementation=attn_implementation, **kwargs)
