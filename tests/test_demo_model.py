@@ -10,7 +10,7 @@ import torch
 
 import flowkern
 from flowkern.demo import quality, train
-from flowkern.eval import chair
+from flowkern.eval.tasks import chair
 from flowkern.eval import shapes as world
 
 MODEL = flowkern.demo_model_path()
@@ -346,7 +346,7 @@ def test_names_guides_tie_shape_words_to_their_drawers_and_the_letter_to_the_rig
 
 
 def _sqa_prompt(p):
-    from flowkern.eval import sqa
+    from flowkern.eval.tasks import sqa
     return sqa.build_prompt(p["question"], p["choices"], p["hint"])
 
 

@@ -12,7 +12,7 @@ import pytest
 
 from flowkern.eval import get_task
 from flowkern.eval import shapes as world
-from flowkern.eval.chair import ChairTask, ObjectVocabulary, caption_objects
+from flowkern.eval.tasks.chair import ChairTask, ObjectVocabulary, caption_objects
 
 
 def _digest(folder: Path) -> dict[str, str]:

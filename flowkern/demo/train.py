@@ -122,7 +122,7 @@ from typing import Any
 
 import torch
 
-from flowkern.eval import chair, pope, sqa, textvqa
+from flowkern.eval.tasks import chair, pope, sqa, textvqa
 from flowkern.eval import shapes as world
 
 __all__ = ["VISION", "TEXT", "TASK_MIX", "SQA_BOOST", "GUIDES", "CHAT_TEMPLATE", "check_task_mix", "write_initial",

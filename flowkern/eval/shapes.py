@@ -678,7 +678,7 @@ def vocabulary() -> list[str]:
     """Every whitespace word of the shapes prompts and answers (LLaVA-1.5 prompt suffixes and system prompt
     included), sorted: the demo model's word-level vocabulary. Label characters come twice: ``"K"`` and the
     continuation piece ``"##K"`` (two-character labels are two tokens that decode without a space)."""
-    from flowkern.eval import chair, pope, sqa, textvqa
+    from flowkern.eval.tasks import chair, pope, sqa, textvqa
 
     texts = [SYSTEM_PROMPT, pope.PROMPT_SUFFIX, sqa.PROMPT_SUFFIX, textvqa.PROMPT_SUFFIX, textvqa.OCR_PREFIX,
              chair.PROMPT, "USER : ASSISTANT : Yes No Context: There is are one shape shapes : a and , . label",

@@ -43,8 +43,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from flowkern.eval._coco_objects import ANIMAL_WORDS, COCO_OBJECTS, DOUBLE_WORDS, VEHICLE_WORDS
-from flowkern.eval.base import Sample, Task, id_key, ratio, read_json
+from flowkern.eval.tasks._coco_objects import ANIMAL_WORDS, COCO_OBJECTS, DOUBLE_WORDS, VEHICLE_WORDS
+from flowkern.eval.tasks.base import Sample, Task, id_key, ratio, read_json
 
 __all__ = ["ChairTask", "ObjectVocabulary", "caption_objects", "singularize", "tokenize", "chair_metrics", "PROMPT",
            "VOCABULARY_FILE"]
