@@ -9,9 +9,9 @@ import pytest
 import torch
 
 import flowkern
+from flowkern import shapes as world
 from flowkern.demo import quality, train
 from flowkern.eval.tasks import chair
-from flowkern.eval import shapes as world
 
 MODEL = flowkern.demo_model_path()
 TRAIN = train.train  # before any test monkeypatches it

@@ -8,7 +8,7 @@ What it builds (:func:`write_initial`, through :func:`flowkern.hf.tiny.save_tiny
 ``LlavaForConditionalGeneration`` with a CLIP vision tower (the 192 x 192 canvas at full resolution, 24-pixel
 patches -> 8 x 8 = 64 image tokens, 4 layers, width 128), LLaVA-1.5's two-layer GELU MLP projector and a Llama
 language model (8 decoder layers, width 128, 4 heads), a word-level tokenizer over the shapes vocabulary
-(:func:`flowkern.eval.shapes.vocabulary`), a CLIP image processor and a chat template in LLaVA-1.5's layout *with
+(:func:`flowkern.shapes.vocabulary`), a CLIP image processor and a chat template in LLaVA-1.5's layout *with
 its system prompt*: ``<system prompt> USER : <image> <question> ASSISTANT :`` (so system / image / user segments
 exist as in the paper).
 
@@ -22,7 +22,7 @@ Two stages, like LLaVA's (whose vision tower comes pretrained):
 1. **Vision** (``--vision-steps``): the vision tower and projector alone, on a dense patch loss: each image token
    must point, by cosine similarity with the language model's (fixed) input embeddings, to the words of what lies
    under its patch -- its colour word, its shape word, its label character (``##K`` for the second character of a
-   two-character label) -- or to a learned "nothing" vector (:func:`flowkern.eval.shapes.patch_targets`; patches
+   two-character label) -- or to a learned "nothing" vector (:func:`flowkern.shapes.patch_targets`; patches
    on something and empty ones weigh half each). With ``--position-aids``, a linear read-out of each image token
    must also name its column and row (:func:`_position_loss`, weight :data:`POSITION_WEIGHT`), and the tower's
    position embeddings start as a 2-D sine / cosine code in :data:`POSITION_DIMS` channels (:func:`grid_positions`),
@@ -122,8 +122,8 @@ from typing import Any
 
 import torch
 
+from flowkern import shapes as world
 from flowkern.eval.tasks import chair, pope, sqa, textvqa
-from flowkern.eval import shapes as world
 
 __all__ = ["VISION", "TEXT", "TASK_MIX", "SQA_BOOST", "GUIDES", "CHAT_TEMPLATE", "check_task_mix", "write_initial",
            "answer_ids", "training_example", "encode", "train", "main"]
