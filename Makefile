@@ -18,6 +18,11 @@ $(STAMP): setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h)
 demo: setup
 	$(PYTHON) -m flowkern.cli demo --out runs/demo --overwrite
 
+# Retrain the shipped demo model into flowkern/demo/model (tools/demo_model/README.md: the recipe; ~55 min on 2 cores).
+.PHONY: demo-model
+demo-model: setup
+	$(PYTHON) -m tools.demo_model.train --out flowkern/demo/model --seed 0
+
 # Every benchmark; each writes benchmarks/results/<device>[-<name>].json and prints a Markdown table.
 bench: setup
 	$(PYTHON) benchmarks/bench_attention.py

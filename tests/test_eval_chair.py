@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from flowkern.eval import ChairTask, get_task
-from flowkern.eval._coco_objects import COCO_OBJECTS
-from flowkern.eval.chair import SYNONYM_TO_CLASS, caption_objects, singularize, tokenize
+from flowkern.eval.tasks._coco_objects import COCO_OBJECTS
+from flowkern.eval.tasks.chair import SYNONYM_TO_CLASS, caption_objects, singularize, tokenize
 from tests._eval_data import write_coco, write_jsonl
 
 pytest.importorskip("lemminflect")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from flowkern.eval import PopeTask, get_task
-from flowkern.eval.pope import parse_lenient, parse_strict, pope_metrics
+from flowkern.eval.tasks.pope import parse_lenient, parse_strict, pope_metrics
 from tests._eval_data import write_jsonl, write_pope
 
 # (question_id, label, answer): lenient / strict readings in the comments

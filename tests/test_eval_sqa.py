@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from flowkern.eval import SqaTask, get_task
-from flowkern.eval.sqa import parse_option
+from flowkern.eval.tasks.sqa import parse_option
 from tests._eval_data import write_sqa
 
 PROBLEMS = {

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from flowkern.eval import TextVqaTask, get_task
-from flowkern.eval.textvqa import normalize_answer, soft_accuracy
+from flowkern.eval.tasks.textvqa import normalize_answer, soft_accuracy
 from tests._eval_data import write_jsonl, write_textvqa
 
 

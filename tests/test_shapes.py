@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from flowkern import shapes as world
 from flowkern.eval import get_task
-from flowkern.eval import shapes as world
-from flowkern.eval.chair import ChairTask, ObjectVocabulary, caption_objects
+from flowkern.eval.tasks.chair import ChairTask, ObjectVocabulary, caption_objects
 
 
 def _digest(folder: Path) -> dict[str, str]:
@@ -20,7 +20,7 @@ def _digest(folder: Path) -> dict[str, str]:
             for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-@pytest.mark.parametrize("task", world.TASKS)
+@pytest.mark.parametrize("task", world.ANALOGUES)
 def test_same_seed_same_files_fresh_seed_other_files(tmp_path, task):
     a = _digest(world.write_task(task, tmp_path / "a", seed=3, num=4))
     b = _digest(world.write_task(task, tmp_path / "b", seed=3, num=4))
@@ -108,8 +108,8 @@ def test_sqa_answers_are_true_of_the_scene():
         if p["kind"] in ("relation", "context-relation"):
             phrase = p["question"].removeprefix("Which shape is ").removesuffix("?")
             anchor = next(o for o in scene.objects if phrase.endswith(o.name))
-            rel = next(k for k, (ph, _) in world._RELATIONS.items() if phrase.startswith(ph + " the"))
-            ok = world._RELATIONS[rel][1]
+            rel = next(k for k, (ph, _) in world.RELATIONS.items() if phrase.startswith(ph + " the"))
+            ok = world.RELATIONS[rel][1]
             by_name = {o.name: o for o in scene.objects}
             assert ok(by_name[right], anchor)
             assert not any(c in by_name and ok(by_name[c], anchor) for c in p["choices"] if c != right)
@@ -173,7 +173,7 @@ def test_chair_vocabulary_hook_is_backward_compatible(tmp_path):
 
 def test_vocabulary_spells_every_prompt(tmp_path):
     vocab = set(world.vocabulary())
-    for task in world.TASKS:
+    for task in world.ANALOGUES:
         out = world.write_task(task, tmp_path / task, seed=8, num=30)
         loaded = get_task("chair" if task == "caption" else task, out, out / "images" if task == "pope" else None)
         for s in loaded.samples:

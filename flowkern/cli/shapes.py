@@ -5,7 +5,7 @@
     flowkern shapes --task pope --seed 1000 --num 100 --out shapes-pope
     flowkern shapes --task caption --seed 7 --num 500 --out shapes-caption
 
-Tasks (:mod:`flowkern.eval.shapes`): ``pope`` (POPE question files), ``sqa`` (ScienceQA problems.json +
+Tasks (:mod:`flowkern.shapes`): ``pope`` (POPE question files), ``sqa`` (ScienceQA problems.json +
 pid_splits.json + images tree), ``textvqa`` (TextVQA_0.5.1_val.json + train_images) and ``caption`` (COCO
 instances + captions for CHAIR, with the shapes object vocabulary). The same seed writes the same files; a fresh
 seed gives a held-out set. Prints what was written and, on the last line, the ``flowkern eval`` command that scores
@@ -24,7 +24,7 @@ __all__ = ["add_parser", "run"]
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     """Register ``flowkern shapes`` on the ``flowkern`` command's subparsers."""
-    from flowkern.eval.shapes import TASKS
+    from flowkern.shapes import ANALOGUES
 
     p = subparsers.add_parser(
         "shapes",
@@ -33,7 +33,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                     "task analogue to --out, in the official layout of POPE, ScienceQA, TextVQA or COCO/CHAIR, so "
                     "`flowkern eval` and `flowkern score` read them like the real benchmark. Prints the eval command.",
     )
-    p.add_argument("--task", required=True, choices=TASKS, help="the task analogue to write")
+    p.add_argument("--task", required=True, choices=ANALOGUES, help="the task analogue to write")
     p.add_argument("--seed", type=int, default=0, help="the set's seed (default 0; a fresh seed = a held-out set)")
     p.add_argument("--num", type=int, default=100, metavar="N",
                    help="images (pope: 2 questions per image and split; others: one question per image; "
@@ -45,7 +45,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """The ``shapes`` subcommand (see :func:`add_parser`)."""
-    from flowkern.eval.shapes import eval_command, write_task
+    from flowkern.shapes import eval_command, write_task
 
     if args.num < 1:
         raise UsageError(f"--num {args.num}: expected at least 1")

@@ -4,7 +4,7 @@
 
     python -m flowkern.demo.quality --model demo --seed 1000 --num 200 --out quality/
 
-For each task analogue a set is written with :func:`flowkern.eval.shapes.write_task` (``seed`` fresh: no one has
+For each task analogue a set is written with :func:`flowkern.shapes.write_task` (``seed`` fresh: no one has
 tuned on it), read back with the :mod:`flowkern.eval` loader of the real benchmark, answered with greedy decoding
 (LLaVA answer-file records) and scored by the task's own ``score``. ``pope-noimage`` is shapes-POPE again with
 every image token removed from decoder layer 0 on (``flowkern.prune(model, layer=0, keep=0)``): it should sit near
@@ -27,8 +27,8 @@ from typing import Any
 
 import torch
 
+from flowkern import shapes as world
 from flowkern.eval import Task, get_task
-from flowkern.eval import shapes as world
 
 __all__ = ["MAX_NEW_TOKENS", "BARS", "answer_task", "shapes_task", "evaluate", "table", "figure", "main"]
 

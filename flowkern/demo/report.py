@@ -538,7 +538,7 @@ def check_model(config: DemoConfig, model: Any, processor: Any) -> int:
     import torch
     from PIL import Image
 
-    from flowkern.eval import shapes as world
+    from flowkern import shapes as world
     from flowkern.eval.run import build_batch_inputs
     from flowkern.hf.models import get_adapter
 
@@ -604,11 +604,11 @@ def run_demo(config: DemoConfig, *, model: Any = None, processor: Any = None, pr
 def _run(config: DemoConfig, sizes: DemoSizes, model: Any, processor: Any, model_id: str, facts: dict[str, Any],
          tmp: Path, scratch: Path, steps: _Progress, progress: bool) -> dict[str, Any]:
     """The five analysis stages; figures need the shapes images, so they are drawn here too."""
+    from flowkern import shapes as world
     from flowkern.demo import report_figures as figs
     from flowkern.demo.quality import MAX_NEW_TOKENS as max_new
     from flowkern.demo.report_words import image_use, standard_error_points
     from flowkern.eval import get_task
-    from flowkern.eval import shapes as world
 
     num_layers = facts["num_layers"]
     tasks: dict[str, dict[str, Any]] = {}

@@ -49,7 +49,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from flowkern.eval.base import Prediction, Sample, Task
+from flowkern.eval.tasks.base import Prediction, Sample, Task
 
 __all__ = [
     "EvalConfig",

@@ -878,7 +878,7 @@ class _Sweep:
 
 
 def _prediction(task: Any, obj: dict) -> Any:
-    from flowkern.eval.base import Prediction
+    from flowkern.eval.tasks.base import Prediction
 
     return Prediction(obj[task.id_field], obj[task.text_field], obj)
 

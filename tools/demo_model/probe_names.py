@@ -24,7 +24,7 @@ and for the last hop, at the position that predicts the letter:
   between the two options; the text guide of training pulls it up);
 - ``letter``: the share of letters predicted right (greedy over the vocabulary; chance 0.5).
 
-    python benchmarks/probe_demo_names.py demo /tmp/my-run --num 256
+    python -m tools.demo_model.probe_names demo RUN --num 256
 
 Prints one line per model, e.g. ``demo {'owner': [...], 'place': [...], 'option': [...], 'verdict': [...],
 'side': [...], 'text_mass': 0.5, 'letter': 0.47}`` (lists: one value per decoder-layer input).
@@ -58,17 +58,18 @@ def probe(model_dir: str, num: int = 256, batch_size: int = 32) -> dict[str, obj
     """The read-outs above for the model in ``model_dir`` (or ``demo``) on ``num`` "whose shape" problems:
     ``owner`` / ``place`` / ``option`` / ``verdict`` / ``side``: one value per decoder-layer input
     (``num_layers + 1``); ``text_mass`` and ``letter`` in [0, 1]."""
-    from flowkern.demo import train as T
-    from flowkern.eval import shapes as world
+    from flowkern import shapes as world
     from flowkern.hf.loading import load_model
+    from tools.demo_model.config import ATTENTION_HEADS, NAMES_PLACE_LAYER, TEXT_ATTENTION_LAYERS
+    from tools.demo_model.data import encode, training_example
 
     # eager attention: the probe reads the attention weights
     model, processor = load_model(model_dir, device="cpu", attn_implementation="eager")
     tok = processor.tokenizer
-    names = list(world._NAMES)
+    names = list(world.PEOPLE)
     examples, i = [], 0
     while len(examples) < num:
-        ex = T.training_example(99, i, {"sqa": 1.0}, ("names", 1.0))
+        ex = training_example(99, i, {"sqa": 1.0}, ("names", 1.0))
         i += 1
         if ex["kind"] == "names":
             examples.append(ex)
@@ -81,14 +82,14 @@ def probe(model_dir: str, num: int = 256, batch_size: int = 32) -> dict[str, obj
     right = 0
     for start in range(0, num, batch_size):
         chunk = examples[start:start + batch_size]
-        batch = T.encode(processor, chunk)
+        batch = encode(processor, chunk)
         with torch.no_grad():
             out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                         pixel_values=batch["pixel_values"], output_hidden_states=True, output_attentions=True)
         states = out.hidden_states
         for (row, pos), (col, _), layer in zip(batch["place_rows"].tolist(), batch["place_cells"].tolist(),
                                                batch["place_layers"].tolist(), strict=True):
-            (option if layer == T.NAMES_PLACE_LAYER else place).append(([h[row, pos].float() for h in states], col))
+            (option if layer == NAMES_PLACE_LAYER else place).append(([h[row, pos].float() for h in states], col))
         for (row, pos), keys in zip(batch["owner_rows"].tolist(), batch["owner_keys"], strict=True):
             drawer = tok.convert_ids_to_tokens([int(batch["input_ids"][row, int(keys.nonzero()[0, 0])])])[0]
             owner.append(([h[row, pos].float() for h in states], names.index(drawer)))
@@ -98,8 +99,8 @@ def probe(model_dir: str, num: int = 256, batch_size: int = 32) -> dict[str, obj
             last = int((batch["labels"][k] == -100).sum()) - 1
             side.append(([h[k, last].float() for h in states], int("left?" in ex["prompt"])))
         rows, keys = batch["text_rows"], batch["text_keys"]
-        for layer in T.TEXT_ATTENTION_LAYERS:
-            probs = out.attentions[layer][rows[:, 0], 0:T.ATTENTION_HEADS, rows[:, 1]].float().mean(1)
+        for layer in TEXT_ATTENTION_LAYERS:
+            probs = out.attentions[layer][rows[:, 0], 0:ATTENTION_HEADS, rows[:, 1]].float().mean(1)
             mass += (probs * keys).sum(-1).tolist()
         for k, ex in enumerate(chunk):
             n = int((batch["labels"][k] == -100).sum())
@@ -125,7 +126,7 @@ def probe(model_dir: str, num: int = 256, batch_size: int = 32) -> dict[str, obj
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="probe_demo_names.py", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m tools.demo_model.probe_names", description=__doc__.split("\n\n")[0])
     p.add_argument("models", nargs="+", help="model directories, or demo (the shipped model)")
     p.add_argument("--num", type=int, default=256, help="'whose shape' problems (default 256; at least 16)")
     args = p.parse_args(argv)

@@ -28,7 +28,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from flowkern.eval.base import Prediction, Sample, Task, id_key, ratio, read_jsonl
+from flowkern.eval.tasks.base import Prediction, Sample, Task, id_key, ratio, read_jsonl
 
 __all__ = ["PopeTask", "parse_lenient", "parse_strict", "pope_metrics", "POPE_SPLITS", "PROMPT_SUFFIX"]
 

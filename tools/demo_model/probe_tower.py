@@ -12,7 +12,7 @@ by cosine similarity, with the language model's input embeddings of the candidat
   the first half of the tokens and scored (R^2 = 1 - SSE / SST) on the second half: whether the tokens know where
   they are (0 or below: not at all; 1: exactly).
 
-    python benchmarks/probe_demo_tower.py demo /tmp/my-run --num 128
+    python -m tools.demo_model.probe_tower demo RUN --num 128
 
 Prints one line per model, e.g. ``demo {'color': 1.0, 'shape': 0.997, 'char': 0.925, 'col_R2': -0.044}``.
 """
@@ -28,13 +28,15 @@ import torch
 def probe(model_dir: str, num: int = 128) -> dict[str, float]:
     """The read-outs above for the model in ``model_dir`` (or ``demo``) on ``num`` scenes; values in [0, 1]
     (``col_R2`` may be negative)."""
-    from flowkern.demo import train as T
     from flowkern.hf.loading import load_model
+    from tools.demo_model.config import VISION
+    from tools.demo_model.data import patch_batch, training_example
+    from tools.demo_model.losses import PATCH_WORDS, patch_classes
 
     model, processor = load_model(model_dir, device="cpu")
-    grid = T.VISION["image_size"] // T.VISION["patch_size"]
-    examples = [T.training_example(777, i, {"textvqa": 1.0}) for i in range(num)]
-    targets = T._patch_batch(examples, grid)
+    grid = VISION["image_size"] // VISION["patch_size"]
+    examples = [training_example(777, i, {"textvqa": 1.0}) for i in range(num)]
+    targets = patch_batch(examples, grid)
     pixels = processor.image_processor(images=[e["image"] for e in examples], return_tensors="pt")["pixel_values"]
     captured: dict[str, torch.Tensor] = {}
     hook = model.model.multi_modal_projector.register_forward_hook(lambda _m, _i, o: captured.__setitem__("x", o))
@@ -52,7 +54,7 @@ def probe(model_dir: str, num: int = 128) -> dict[str, float]:
         predicted = (unit @ table.T).argmax(-1) + 1
         return float((predicted[on] == target[on]).float().mean())
 
-    result = {key: agreement(list(words), T._patch_classes(targets, key)) for key, words in T.PATCH_WORDS.items()}
+    result = {key: agreement(list(words), patch_classes(targets, key)) for key, words in PATCH_WORDS.items()}
     x = torch.cat([feats, torch.ones(len(feats), 1)], dim=1).double()
     column = (torch.arange(grid * grid).repeat(num) % grid).double()[:, None]
     half = len(x) // 2
@@ -63,7 +65,7 @@ def probe(model_dir: str, num: int = 128) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m tools.demo_model.probe_tower", description=__doc__.split("\n\n")[0])
     p.add_argument("models", nargs="+", help="model directories (or demo)")
     p.add_argument("--num", type=int, default=128, help="scenes (default 128)")
     args = p.parse_args(argv)

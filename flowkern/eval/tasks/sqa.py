@@ -25,7 +25,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from flowkern.eval.base import Sample, Task, ratio, read_json
+from flowkern.eval.tasks.base import Sample, Task, ratio, read_json
 
 __all__ = ["SqaTask", "parse_option", "build_prompt", "PROMPT_SUFFIX"]
 

@@ -7,7 +7,7 @@ detail."``. Predictions: JSON lines with ``image_id`` and ``caption``.
 Object list: the 80 COCO classes and their synonyms by default. Another object list (:class:`ObjectVocabulary`) can be
 given as ``ChairTask(..., vocabulary=...)``, or as a ``chair_vocabulary.txt`` file beside the instance annotations
 (one class per line, ``class = synonym; synonym``, ``#`` comments), which the task then reads instead of the COCO
-list (the synthetic shapes-caption sets of :mod:`flowkern.eval.shapes` ship one). Without either, nothing changes.
+list (the synthetic shapes-caption sets of :mod:`flowkern.shapes` ship one). Without either, nothing changes.
 
 The algorithm is that of the reference ``chair.py`` (Rohrbach et al., as extended with recall by OPERA):
 
@@ -43,8 +43,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from flowkern.eval._coco_objects import ANIMAL_WORDS, COCO_OBJECTS, DOUBLE_WORDS, VEHICLE_WORDS
-from flowkern.eval.base import Sample, Task, id_key, ratio, read_json
+from flowkern.eval.tasks._coco_objects import ANIMAL_WORDS, COCO_OBJECTS, DOUBLE_WORDS, VEHICLE_WORDS
+from flowkern.eval.tasks.base import Sample, Task, id_key, ratio, read_json
 
 __all__ = ["ChairTask", "ObjectVocabulary", "caption_objects", "singularize", "tokenize", "chair_metrics", "PROMPT",
            "VOCABULARY_FILE"]

@@ -26,7 +26,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from flowkern.eval.base import Prediction, Sample, Task, id_key, ratio, read_json
+from flowkern.eval.tasks.base import Prediction, Sample, Task, id_key, ratio, read_json
 
 __all__ = ["TextVqaTask", "normalize_answer", "soft_accuracy", "build_prompt", "PROMPT_SUFFIX"]
 

@@ -1,0 +1,42 @@
+"""Benchmark task scoring: the official release files read, prompts built, answers parsed and scored the way the
+community scores them. Pure Python: nothing here imports torch or transformers.
+
+Tasks (:data:`TASKS`): ``pope`` (:mod:`flowkern.eval.tasks.pope`), ``sqa`` (:mod:`flowkern.eval.tasks.sqa`),
+``textvqa`` (:mod:`flowkern.eval.tasks.textvqa`), ``chair`` (:mod:`flowkern.eval.tasks.chair`). Each module's
+docstring gives the data layout, the prompt, the answer parsing and the metrics; :mod:`flowkern.eval.tasks.base`
+holds the :class:`Task` interface and the answer-file reader.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from flowkern.eval.tasks.base import Prediction, Sample, Task, read_predictions
+from flowkern.eval.tasks.chair import ChairTask
+from flowkern.eval.tasks.pope import PopeTask
+from flowkern.eval.tasks.sqa import SqaTask
+from flowkern.eval.tasks.textvqa import TextVqaTask
+
+__all__ = ["TASKS", "get_task", "Task", "Sample", "Prediction", "read_predictions",
+           "PopeTask", "SqaTask", "TextVqaTask", "ChairTask"]
+
+TASKS: dict[str, type[Task]] = {"pope": PopeTask, "sqa": SqaTask, "textvqa": TextVqaTask, "chair": ChairTask}
+"""Task name -> class: the benchmarks ``flowkern eval``, ``flowkern score`` and ``flowkern sweep`` take."""
+
+
+def get_task(name: str, data: str | os.PathLike[str], images: str | os.PathLike[str] | None = None,
+             **options: Any) -> Task:
+    """The task ``name`` reading ``data`` (options: ``strict`` for pope, ``ocr`` for textvqa, ``split`` for sqa).
+
+    ``ValueError`` for an unknown task name (listing the known ones) or an option the task does not take.
+    """
+    if name not in TASKS:
+        raise ValueError(f"--task: unknown task {name!r} (choose from {', '.join(TASKS)})")
+    cls = TASKS[name]
+    try:
+        return cls(data, images, **options)
+    except TypeError as exc:
+        if "unexpected keyword argument" in str(exc):
+            raise ValueError(f"--task {name}: {exc}") from None
+        raise

@@ -1,0 +1,1 @@
+"""Development tools that live beside the flowkern package, not in it (run from the repository root)."""
