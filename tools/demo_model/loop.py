@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from flowkern import shapes as world
+from flowkern.hf.compat import pretrained_kwargs
 from tools.demo_model.config import (
     ATTENTION_HEADS,
     ATTENTION_LAYERS,
@@ -101,11 +102,11 @@ class _Run:
         self.processor = AutoProcessor.from_pretrained(out, local_files_only=True)
         # eager attention while training: the attention guide needs the probabilities.
         model = LlavaForConditionalGeneration.from_pretrained(out, local_files_only=True, dtype=torch.float32,
-                                                              attn_implementation="eager")
+                                                              attn_implementation="eager", **pretrained_kwargs())
         self.grid = VISION["image_size"] // VISION["patch_size"]
         if c.init is not None:
             trained = LlavaForConditionalGeneration.from_pretrained(c.init, local_files_only=True,
-                                                                    dtype=torch.float32)
+                                                                    dtype=torch.float32, **pretrained_kwargs())
             model.load_state_dict(trained.state_dict(), strict=True)
             del trained
         elif c.position_aids:
