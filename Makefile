@@ -2,7 +2,7 @@
 PYTHON ?= python3
 STAMP := build/.setup-stamp
 
-.PHONY: setup demo test test-oldest gpu-check gpu-check-dry bench lint
+.PHONY: setup demo test test-oldest gpu-check gpu-check-dry bench lint docs
 
 setup: $(STAMP)
 
@@ -46,3 +46,15 @@ gpu-check:
 # The same steps on the CPU at toy sizes (CI): everything short of the GPU.
 gpu-check-dry: setup
 	PYTHON=$(PYTHON) OUT=$${OUT:-build/gpu-check-dry} bash benchmarks/gpu_check.sh --dry-run
+
+# The documentation site (mkdocs.yml, docs/) into build/site; --strict fails on a broken link, anchor or API
+# reference. Installs only pyproject's `docs` extra (no torch: the API pages read the sources statically).
+DOCS_STAMP := build/.docs-stamp
+$(DOCS_STAMP): pyproject.toml
+	@mkdir -p build
+	$(PYTHON) -c 'import tomllib; print("\n".join(tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"]["docs"]))' > build/docs-requirements.txt
+	$(PYTHON) -m pip install --quiet -r build/docs-requirements.txt
+	@touch $(DOCS_STAMP)
+
+docs: $(DOCS_STAMP)
+	NO_MKDOCS_2_WARNING=1 $(PYTHON) -m mkdocs build --strict --site-dir build/site
