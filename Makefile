@@ -18,13 +18,16 @@ $(STAMP): setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h)
 demo: setup
 	$(PYTHON) -m flowkern.cli demo --out runs/demo --overwrite
 
-# Every benchmark; each writes benchmarks/results/<device>[-<name>].json and prints a Markdown table.
+# Every benchmark (each benchmarks/bench_*.py); each writes benchmarks/results/<device>[-<name>].json and prints a
+# Markdown table (docs/benchmarks.md quotes them).
 bench: setup
 	$(PYTHON) benchmarks/bench_attention.py
 	$(PYTHON) benchmarks/bench_compact.py
 	$(PYTHON) benchmarks/bench_trace.py
 	$(PYTHON) benchmarks/bench_generate.py
 	$(PYTHON) benchmarks/bench_cam.py
+	$(PYTHON) benchmarks/bench_eval.py
+	$(PYTHON) benchmarks/bench_sweep.py
 
 lint: setup
 	$(PYTHON) -m ruff check .
