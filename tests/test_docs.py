@@ -42,7 +42,7 @@ def _blocks(path: Path) -> list[tuple[int, str, str | None]]:
             end += 1
         if lang == "python":
             before = next((line for line in reversed(lines[:i]) if line.strip()), "")
-            skip = SKIP.search(before)
+            skip = SKIP.fullmatch(before.strip())
             code = "\n".join(line[len(indent):] for line in lines[i + 1:end])
             out.append((i + 2, code, skip["why"] if skip else None))
         i = end + 1
@@ -75,7 +75,7 @@ def test_skipped_examples_are_rare_and_say_why() -> None:
     assert len(skipped) <= MAX_SKIPPED, skipped
     assert all(len(why) >= 10 for _, _, why in skipped), skipped
     # a marker must sit right above a python block: one anywhere else would silently skip nothing
-    markers = sum(len(SKIP.findall(p.read_text(encoding="utf-8"))) for p in _pages())
+    markers = sum(bool(SKIP.fullmatch(line.strip())) for p in _pages() for line in p.read_text("utf-8").splitlines())
     assert markers == len(skipped), "a docs-test: skip marker that is not right above a ```python block"
 
 
