@@ -98,3 +98,21 @@ def test_extractor_reads_markers_and_indented_fences(tmp_path: Path) -> None:
         encoding="utf-8",
     )
     assert _blocks(page) == [(4, "a = 1", None), (10, "b = 2", "needs a CUDA device"), (16, "c = 3", None)]
+
+
+def test_sources_point_only_at_pages_that_exist() -> None:
+    """A docstring or comment that cites a docs page names one that exists, and none cites a design file that is not
+    in the repository."""
+    page = re.compile(r"\bdocs/[\w/.-]+\.md\b")
+    outside = re.compile(r"\b(?:DESIGN|REVIEW)\.md\b")
+    me = Path(__file__).resolve()
+    sources = [p for d in ("flowkern", "benchmarks", "tests", "csrc", "tools") if (ROOT / d).is_dir()
+               for p in sorted((ROOT / d).rglob("*")) if p.suffix in {".py", ".cpp", ".h", ".sh"} and p != me]
+    cited = 0
+    for path in sources:
+        text = path.read_text(encoding="utf-8", errors="replace")
+        assert not outside.search(text), f"{path.relative_to(ROOT)} cites a file that is not in the repository"
+        for ref in page.findall(text):
+            cited += 1
+            assert (ROOT / ref).is_file(), f"{path.relative_to(ROOT)} cites {ref}, which does not exist"
+    assert cited, "no source cites a docs page: the pattern is broken"
