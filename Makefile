@@ -2,7 +2,7 @@
 PYTHON ?= python3
 STAMP := build/.setup-stamp
 
-.PHONY: setup demo test test-oldest gpu-check gpu-check-dry bench lint
+.PHONY: setup demo test test-oldest gpu-check gpu-check-dry bench lint docs
 
 setup: $(STAMP)
 
@@ -23,13 +23,16 @@ demo: setup
 demo-model: setup
 	$(PYTHON) -m tools.demo_model.train --out flowkern/demo/model --seed 0
 
-# Every benchmark; each writes benchmarks/results/<device>[-<name>].json and prints a Markdown table.
+# Every benchmark (each benchmarks/bench_*.py); each writes benchmarks/results/<device>[-<name>].json and prints a
+# Markdown table (docs/benchmarks.md quotes them).
 bench: setup
 	$(PYTHON) benchmarks/bench_attention.py
 	$(PYTHON) benchmarks/bench_compact.py
 	$(PYTHON) benchmarks/bench_trace.py
 	$(PYTHON) benchmarks/bench_generate.py
 	$(PYTHON) benchmarks/bench_cam.py
+	$(PYTHON) benchmarks/bench_eval.py
+	$(PYTHON) benchmarks/bench_sweep.py
 
 lint: setup
 	$(PYTHON) -m ruff check .
@@ -51,3 +54,15 @@ gpu-check:
 # The same steps on the CPU at toy sizes (CI): everything short of the GPU.
 gpu-check-dry: setup
 	PYTHON=$(PYTHON) OUT=$${OUT:-build/gpu-check-dry} bash benchmarks/gpu_check.sh --dry-run
+
+# The documentation site (mkdocs.yml, docs/) into build/site; --strict fails on a broken link, anchor or API
+# reference. Installs only pyproject's `docs` extra (no torch: the API pages read the sources statically).
+DOCS_STAMP := build/.docs-stamp
+$(DOCS_STAMP): pyproject.toml
+	@mkdir -p build
+	$(PYTHON) -c 'import tomllib; print("\n".join(tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"]["docs"]))' > build/docs-requirements.txt
+	$(PYTHON) -m pip install --quiet -r build/docs-requirements.txt
+	@touch $(DOCS_STAMP)
+
+docs: $(DOCS_STAMP)
+	NO_MKDOCS_2_WARNING=1 $(PYTHON) -m mkdocs build --strict --site-dir build/site

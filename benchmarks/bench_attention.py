@@ -3,7 +3,7 @@
 The eager path is what ``output_attentions=True`` gives: materialise ``softmax(q k^T)`` ([B, H, Sq, Sk]),
 multiply by v, then sum the probabilities per segment (for segment_attention) or take the rows of interest
 (for key_attention_mass). All methods run in one process on the same inputs, so ratios are comparable
-(DESIGN.md §7); each time is the median of ``--repeats`` runs after a warm-up.
+(docs/benchmarks.md); each time is the median of ``--repeats`` runs after a warm-up.
 
 Peak extra memory: on CUDA, ``torch.cuda.max_memory_allocated`` above the inputs; on CPU, the growth of the
 process's peak RSS while running the method once, measured in a fresh subprocess per method and shape.

@@ -3,7 +3,7 @@
 Workload: all layers' K and V ``[B, H, S, D]`` (default 32 layers = 64 tensors) and a keep mask that drops an
 image span (positions [5%, 55%) of S: the system prompt stays, the image goes, the text after it moves).
 
-Methods, all in one process on the same tensors, so ratios are comparable (DESIGN.md §7):
+Methods, all in one process on the same tensors, so ratios are comparable (docs/benchmarks.md):
 
 - ``flowkern``: ``flowkern.compact_(kv, keep, 2)``: in place, one launch (CUDA) / one parallel loop (CPU);
   the time includes computing ``lengths`` and reading ``L`` on the host (a device sync).

@@ -19,7 +19,7 @@ the prefill forward (vision tower + prompt) and the decode forwards; reported: m
 decode tokens/s (``B * steps / decode time``) over ``--repeats`` rounds after one warm-up, and on CUDA the peak
 allocated memory above the weights and inputs. In each round every method runs once, the order rotated; ratios
 (``prefill_speedup``: sdpa prefill / method prefill; ``decode_speedup``: method tokens/s / sdpa tokens/s) are the
-medians of the per-round ratios, within one process (DESIGN.md §7), so that a shared machine's drifting load
+medians of the per-round ratios, within one process (docs/benchmarks.md), so that a shared machine's drifting load
 biases no method. Targets: issue 4 (GPU, 7B config, L=2, keep=0): prefill >= 2.5x, batch-32 decode >= 1.5x vs
 SDPA; issue 11 (CPU, tiny config, batch 1): ``flowkern`` decode >= 0.97x, ``prune-k0`` decode >= 1.0x.
 

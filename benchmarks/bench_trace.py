@@ -7,7 +7,7 @@ token counts (``"cpu"``: 576 image tokens per image, 4 text layers of width 512,
 
 Workloads: 1 image + 64 text tokens (S = 640) and 4 images + 64 text tokens (S = 2368), ``--new-tokens`` greedy
 steps (end-of-sequence disabled, so every method decodes the same number of steps). Methods, one process, same
-model and inputs, so ratios are comparable (DESIGN.md §7):
+model and inputs, so ratios are comparable (docs/benchmarks.md):
 
 - ``sdpa``: plain ``generate`` (no analysis): the floor.
 - ``flowkern``: ``generate`` inside ``flowkern.trace`` (per-layer shares + image-token attention of every answer row).

@@ -1,6 +1,6 @@
 /*
  * flowkern_cpu::compact_ — stable, in-place move of the kept positions to the front of a sequence dimension,
- * for a list of tensors (DESIGN.md §3; the math is the one of flowkern/reference.py compact_).
+ * for a list of tensors (docs/ops.md; the math is the one of flowkern/reference.py compact_).
  *
  * Math (per tensor x with sequence dim d, batch row b, any index r of the other dims):
  *

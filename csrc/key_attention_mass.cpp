@@ -1,6 +1,6 @@
 /*
  * flowkern_cpu::key_attention_mass — the softmax probability each key receives from given query rows, in one
- * pass over the keys using those rows' log-sum-exp (DESIGN.md §3, §4).
+ * pass over the keys using those rows' log-sum-exp (docs/ops.md).
  *
  * Math (per batch b, query head h, kv head h / (Hq / Hkv); the Sq rows of q are the LAST Sq query positions,
  * so causal alignment is bottom-right; see flowkern/reference.py):

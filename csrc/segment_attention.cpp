@@ -1,6 +1,6 @@
 /*
  * flowkern_cpu::segment_attention — fused attention that also returns each query row's softmax mass per key
- * segment, on CPU, without materialising the Sq x Sk score matrix (DESIGN.md §3, §4).
+ * segment, on CPU, without materialising the Sq x Sk score matrix (docs/ops.md).
  *
  * Math (per batch b, query head h, kv head h / (Hq / Hkv), query row i, key j; see flowkern/reference.py):
  *

@@ -2,7 +2,7 @@
 
 Public API:
 
-- ops (DESIGN.md §3): :func:`segment_attention`, :func:`key_attention_mass`, :func:`compact_`;
+- ops (docs/ops.md): :func:`segment_attention`, :func:`key_attention_mass`, :func:`compact_`;
 - Hugging Face analysis: :func:`trace` (per-layer attention shares of the answer tokens, :class:`Flow`);
 - pruning: :func:`prune` (remove image tokens from layer L on, :class:`Pruning`), :func:`compact_cache_`;
 - LLaVA-CAM: :func:`cam` (per-layer Grad-CAM over the image, SmoothGrad-averaged, :class:`Cam`);

@@ -1,4 +1,4 @@
-"""flowkern's custom ops: public wrappers, argument checks, fake impls and backend dispatch (DESIGN.md §3-§4).
+"""flowkern's custom ops: public wrappers, argument checks, fake impls and backend dispatch (docs/ops.md).
 
 Each op is a ``torch.library`` custom op (``flowkern::segment_attention``, ``flowkern::key_attention_mass``,
 ``flowkern::compact_``) with a fake implementation, so it traces under ``torch.compile(fullgraph=True)``. The real

@@ -1,4 +1,4 @@
-"""Plain-PyTorch oracles for flowkern's ops (DESIGN.md §3, §6).
+"""Plain-PyTorch oracles for flowkern's ops (docs/ops.md, docs/reliability.md).
 
 These materialise the full ``[B, Hq, Sq, Sk]`` score matrix, so they are slow and memory-hungry by design:
 they exist to be obviously correct. They compute in ``float64`` when given ``float64`` inputs (the test

@@ -31,7 +31,7 @@ TRITON = _triton_param()
 REFERENCE = pytest.param(("reference", "cpu"), id="reference")
 ALL_BACKENDS = [CPP, TRITON, REFERENCE]
 
-TOL = {  # DESIGN.md §6, tightened where the kernels allow
+TOL = {  # docs/reliability.md, tightened where the kernels allow
     torch.float32: dict(out=2e-5, mass=1e-5, lse=1e-5),
     torch.float16: dict(out=1e-2, mass=5e-3, lse=5e-3),
     torch.bfloat16: dict(out=1e-2, mass=5e-3, lse=1e-2),

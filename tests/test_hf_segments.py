@@ -114,7 +114,7 @@ def test_qwen_grid_from_vision_tower_inputs():
 
 
 def test_model_constants_live_in_models_py():
-    """DESIGN.md §5: image token ids / counts are read from configs in hf/models.py, never hard-coded elsewhere."""
+    """docs/architecture.md: image token ids / counts are read from configs in hf/models.py, never hard-coded."""
     import pathlib
     import re
 

@@ -1,4 +1,4 @@
-"""flowkern.trace on tiny random-weight VLMs vs transformers' own eager attention weights (DESIGN.md §6).
+"""flowkern.trace on tiny random-weight VLMs vs transformers' own eager attention weights (docs/reliability.md).
 
 Every model is built from a config (no download), fp32, greedy. For each family:
 

@@ -1,4 +1,4 @@
-"""flowkern.compact_: every backend vs the reference (DESIGN.md §3, §6).
+"""flowkern.compact_: every backend vs the reference (docs/ops.md, docs/reliability.md).
 
 What is checked after each call: the returned views share storage with the inputs and have length
 ``L = max(lengths)``; ``lengths == keep.sum(1)``; in every row the first ``lengths[b]`` positions equal the

@@ -1,4 +1,4 @@
-"""Bad arguments raise ValueError naming the argument, before any kernel runs (DESIGN.md §3)."""
+"""Bad arguments raise ValueError naming the argument, before any kernel runs (docs/ops.md)."""
 
 from __future__ import annotations
 

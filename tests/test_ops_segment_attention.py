@@ -1,4 +1,4 @@
-"""segment_attention: every backend against the float64 reference (DESIGN.md §6)."""
+"""segment_attention: every backend against the float64 reference (docs/reliability.md)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The ``flowkern`` command line (DESIGN.md §2): ``flowkern info | flow | generate | cam | score | eval | sweep |
+"""The ``flowkern`` CLI (docs/architecture.md): ``flowkern info | flow | generate | cam | score | eval | sweep |
 shapes | demo``.
 
 Layout: one module per subcommand (``flowkern/cli/<name>.py``), what they share in :mod:`flowkern.cli.common`, and

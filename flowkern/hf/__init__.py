@@ -1,4 +1,4 @@
-"""Hugging Face integration: the only flowkern package that imports transformers (DESIGN.md §2, §5).
+"""Hugging Face integration: the only flowkern package that imports transformers (docs/architecture.md).
 
 - :mod:`flowkern.hf.session`: the one session between a model and every analysis (trace, prune, cam, timers):
   attention switching and restoring, forward-call watching, KV-cache key maps, per-layer state pushed down, row

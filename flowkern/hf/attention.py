@@ -1,4 +1,4 @@
-"""The ``"flowkern"`` attention implementation for Hugging Face transformers (DESIGN.md §5).
+"""The ``"flowkern"`` attention implementation for Hugging Face transformers (docs/architecture.md).
 
 Two functions are registered under the name :data:`ATTENTION_NAME`:
 

@@ -1,4 +1,4 @@
-"""The one place that knows transformers' version-dependent internals (DESIGN.md §5).
+"""The one place that knows transformers' version-dependent internals (docs/architecture.md).
 
 Everything flowkern reads or writes that is not a stable public API of transformers goes through this module: the
 keyword a forward call carries its KV cache under, the cache's length and per-layer layout, the shape masks arrive

@@ -1,4 +1,4 @@
-"""Model-family adapters: every model-specific constant of flowkern lives here (DESIGN.md §5).
+"""Model-family adapters: every model-specific constant of flowkern lives here (docs/architecture.md, docs/models.md).
 
 One :class:`ModelAdapter` per family says
 
