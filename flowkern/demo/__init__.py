@@ -1,4 +1,4 @@
-"""The embedded demo model: a tiny LLaVA trained on the synthetic shapes world (:mod:`flowkern.eval.shapes`).
+"""The embedded demo model: a tiny LLaVA trained on the synthetic shapes world (:mod:`flowkern.shapes`).
 
 ``flowkern.demo_model_path()`` is the folder of the shipped checkpoint (``save_pretrained`` layout: config,
 safetensors, tokenizer, image processor, chat template), so
@@ -10,7 +10,7 @@ safetensors, tokenizer, image processor, chat template), so
 
 and ``--model demo`` on the command line work offline (``use_kernels=False`` keeps transformers >= 5.25 from
 swapping hub kernels into the layers, which fails without the ``kernels`` package).
-:mod:`flowkern.demo.train` retrains it, :mod:`flowkern.demo.quality` measures it on fresh shapes sets.
+`make demo-model` (``tools/demo_model``) retrains it, :mod:`flowkern.demo.quality` measures it on fresh shapes sets.
 """
 
 from __future__ import annotations
@@ -33,6 +33,6 @@ def demo_model_path() -> Path:
     if not (path / "config.json").is_file():
         raise FileNotFoundError(
             f"--model demo: the demo model files are missing from {path} (an install without package data?); "
-            "retrain them with `python -m flowkern.demo.train --out DIR` and pass --model DIR"
+            "retrain them with `make demo-model` (a clone of the repository) or pass --model DIR"
         )
     return path
