@@ -467,7 +467,9 @@ def test_page_from_records(tmp_path):
     """The page from hand-built records: escaped text, verdicts, the tables, links only to files that exist."""
     tasks = _papers_tasks()
     tasks["pope"] = replace(tasks["pope"], note="<b>odd</b> & noted")
-    s = _summary(tasks, speed_note="a note", timings={"data": 1.0, "total": 2.0}, tables=["tables/cliff.csv"])
+    speed = [_speed(), _speed(task="shapes-SQA", cliff_layer=0, layer=1), _speed(task="shapes-X", cliff_layer=None)]
+    s = _summary(tasks, speed=speed, speed_note="a note", timings={"data": 1.0, "total": 2.0},
+                 tables=["tables/cliff.csv"])
     s = replace(s, headline=words.headline(s), conclusions=words.conclusions(s))
     (tmp_path / "figures").mkdir()
     Image.new("RGB", (40, 30), "red").save(tmp_path / "figures" / "speed.png")
@@ -482,19 +484,14 @@ def test_page_from_records(tmp_path):
     assert page.count('<span class="verdict v-') == len(s.conclusions)
     assert '<span class="verdict v-matches">matches</span>' in page
     assert "2 s on 1 torch thread(s)" in page and "Time per stage (s): data 1.0, total 2.0." in page
-    assert "shapes-POPE (L = 2) prefill <b>2.00x</b>, decode <b>1.30x</b>" in page
+    assert "shapes-POPE (L = 2) prefill <b>2.00x</b>, decode <b>1.30x</b>; shapes-SQA (cliff 0, timed at L = 1) " \
+        "prefill" in page and "shapes-X (no cliff, timed at L = 2)" in page
     assert '<img src="data:image/png;base64,' in page and 'width="40" height="30"' in page
     assert "<p><b>a note.</b></p>" in page and "load average at the end: [1.0, 1.0, 1.0]" in page
     assert "<td>\u2013</td>" not in page.split("Table 1 form")[1].split("Every point")[0]  # every cell measured
     for tag, ref in p.refs:
         assert ref.startswith(("data:", "#")) or ref in ("summary.json", "tables/cliff.csv") or \
             (tmp_path / ref).is_file(), (tag, ref)
-
-
-def test_speed_rows_name_where_they_were_timed():
-    assert render._at(_speed()) == "L = 2"
-    assert render._at(_speed(cliff_layer=0, layer=1)) == "cliff 0, timed at L = 1"
-    assert render._at(_speed(cliff_layer=None, layer=4)) == "no cliff, timed at L = 4"
 
 
 def test_spread_picks_evenly():
