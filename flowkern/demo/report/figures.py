@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from flowkern import viz
-from flowkern.demo.report.config import TASKS
+from flowkern.demo.report.config import TASKS, DemoTask
 from flowkern.demo.report.records import DemoSummary, FigureRecord, SpeedRow
 from flowkern.demo.report.stages import AttentionResult, CamResult, question_text
 
@@ -77,7 +77,7 @@ def _attention_figures(fdir: Path, attention: Mapping[str, AttentionResult]) -> 
                 "the questions.")]
 
 
-def _example_figures(fdir: Path, summary: DemoSummary, t: Any, attention: AttentionResult,
+def _example_figures(fdir: Path, summary: DemoSummary, t: DemoTask, attention: AttentionResult,
                      cams: Sequence[CamResult]) -> list[FigureRecord]:
     """A task's answer -> image attention maps and LLaVA-CAM grids (where there are examples)."""
     out = []
