@@ -38,12 +38,17 @@ __all__ = [
     "overlay",
     "heatmap_grid",
     "save_heatmap",
+    "new_figure",
+    "save_figure",
+    "SEGMENT_COLORS",
 ]
 
 DEFAULT_SEGMENT_NAMES: tuple[str, ...] = ("system", "image", "user", "generated")
 """The segment order of :attr:`flowkern.trace.Flow.shares` (``flowkern.hf.segments.SEGMENT_NAMES``)."""
 
-_SEGMENT_COLORS = {"system": "tab:blue", "image": "tab:red", "user": "tab:green", "generated": "tab:gray"}
+SEGMENT_COLORS: dict[str, str] = {"system": "tab:blue", "image": "tab:red", "user": "tab:green",
+                                  "generated": "tab:gray"}
+"""The matplotlib colour of each segment in every share figure."""
 _NORMALIZE = ("each", "global", None)
 _MAX_PANEL_PIXELS = 768
 
@@ -55,7 +60,9 @@ def _array(x: Any, dtype: Any = np.float64) -> np.ndarray:
     return np.asarray(x, dtype=dtype)
 
 
-def _new_figure(figsize: tuple[float, float]) -> Any:
+def new_figure(figsize: tuple[float, float]) -> Any:
+    """A ``matplotlib.figure.Figure`` of ``figsize`` inches with constrained layout on its own Agg canvas (no
+    ``pyplot``, no global state)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -64,7 +71,8 @@ def _new_figure(figsize: tuple[float, float]) -> Any:
     return fig
 
 
-def _save(fig: Any, path: str | os.PathLike | None, dpi: int) -> None:
+def save_figure(fig: Any, path: str | os.PathLike | None, dpi: int) -> None:
+    """Write ``fig`` to ``path`` at ``dpi`` (format by suffix); nothing when ``path`` is None."""
     if path is not None:
         fig.savefig(os.fspath(path), dpi=dpi)
 
@@ -133,16 +141,16 @@ def plot_shares(
     """
     s = _check_shares(shares, segment_names)
     layers = np.arange(s.shape[0])
-    fig = _new_figure((8.0, 4.5))
+    fig = new_figure((8.0, 4.5))
     ax = fig.add_subplot()
-    colors = [_SEGMENT_COLORS.get(n, f"C{i}") for i, n in enumerate(segment_names)]
+    colors = [SEGMENT_COLORS.get(n, f"C{i}") for i, n in enumerate(segment_names)]
     if stacked:
         ax.stackplot(layers, s.T, labels=list(segment_names), colors=colors, alpha=0.85)
     else:
         for i, name in enumerate(segment_names):
             ax.plot(layers, s[:, i], marker="o", markersize=3, label=name, color=colors[i], gid=f"share:{name}")
     if threshold is not None and "image" in segment_names:
-        ax.axhline(threshold, color=_SEGMENT_COLORS["image"], linestyle=":", linewidth=1, gid="threshold")
+        ax.axhline(threshold, color=SEGMENT_COLORS["image"], linestyle=":", linewidth=1, gid="threshold")
         cliff = cliff_layer(s, threshold=threshold, segment_names=segment_names)
         if cliff is not None:
             ax.axvline(cliff, color="black", linestyle="--", linewidth=1.2, gid="cliff",
@@ -158,7 +166,7 @@ def plot_shares(
     ax.legend(loc="best", fontsize="small")
     if title:
         ax.set_title(title)
-    _save(fig, path, 150)
+    save_figure(fig, path, 150)
     return fig
 
 
@@ -189,7 +197,7 @@ def plot_sweep(
     Returns:
         the ``matplotlib.figure.Figure``.
     """
-    fig = _new_figure((8.0, 4.5))
+    fig = new_figure((8.0, 4.5))
     ax = fig.add_subplot()
     xs = sorted(curve)
     ys = [curve[x] * scale for x in xs]
@@ -218,7 +226,7 @@ def plot_sweep(
     ax.legend(loc="best", fontsize="small")
     if title:
         ax.set_title(title)
-    _save(fig, path, 150)
+    save_figure(fig, path, 150)
     return fig
 
 
@@ -386,7 +394,7 @@ def heatmap_grid(
         aspect = max(m.shape[0] / m.shape[1] for m in maps)
     panel_w = 3.0
     panel_h = max(0.6, panel_w * aspect) + 0.4
-    fig = _new_figure((panel_w * ncols, panel_h * nrows))
+    fig = new_figure((panel_w * ncols, panel_h * nrows))
     cm = _colormap(cmap)
     for i, (m, title) in enumerate(zip(maps, titles, strict=True)):
         ax = fig.add_subplot(nrows, ncols, i + 1)
@@ -396,7 +404,7 @@ def heatmap_grid(
             ax.imshow(np.ma.masked_invalid(m), cmap=cm, vmin=0.0, vmax=1.0, interpolation="nearest")
         ax.set_title(title, fontsize="medium")
         ax.set_axis_off()
-    _save(fig, path, 100)
+    save_figure(fig, path, 100)
     return fig
 
 

@@ -1,6 +1,6 @@
 """``flowkern demo``: the quick run end to end on the shipped model, every file it promises, a report that is well
-formed, references only files that exist and renders in a real headless browser, conclusions computed from the
-numbers, and the usual argument errors and interrupt safety."""
+formed, references only files that exist and renders in a real headless browser, and the usual argument errors and
+interrupt safety; then the words, tables, JSON and page computed from hand-built records (no model run)."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import os
 import re
 import shutil
 import subprocess
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -22,9 +23,22 @@ from PIL import Image
 
 from flowkern import _io
 from flowkern.cli import main
-from flowkern.demo import report, report_words
+from flowkern.demo.report import config, render, stages, tables, words
+from flowkern.demo.report.records import (
+    Conclusion,
+    DemoSummary,
+    Environment,
+    Example,
+    ExampleCam,
+    FigureRecord,
+    ModelFacts,
+    Settings,
+    SpeedRow,
+    TaskResult,
+    finite,
+)
 
-TASK_WORLDS = [t.world for t in report.TASKS]
+TASK_WORLDS = [t.world for t in config.TASKS]
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
 
 
@@ -119,7 +133,7 @@ def test_numbers_agree_with_the_sweep_files(quick):
         assert r["unpruned_prefill_ms"] > 0 and r["pruned_prefill_ms"] > 0
         assert r["prefill_speedup"] == pytest.approx(r["unpruned_prefill_ms"] / r["pruned_prefill_ms"])
         assert r["layer"] >= 1 and (r["cliff_layer"] is None or r["layer"] == max(1, r["cliff_layer"]))
-    assert {c["verdict"] for c in summary["conclusions"]} <= set(report_words.VERDICTS)
+    assert {c["verdict"] for c in summary["conclusions"]} <= set(words.VERDICTS)
 
 
 class _Checker(html.parser.HTMLParser):
@@ -270,7 +284,7 @@ def test_interrupt_leaves_the_previous_report_whole(quick, tmp_path, capsys, mon
     def stop(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(report, "cam_stage", stop)  # after the data and attention stages have written files
+    monkeypatch.setattr(stages, "cam_stage", stop)  # after the data and attention stages have written files
     assert main(["demo", "--quick", "--out", str(copy), "--overwrite"]) == 130
     assert capsys.readouterr().err.strip().endswith("flowkern demo: interrupted")
     assert (copy / _io.MANIFEST).read_text() == before
@@ -279,86 +293,226 @@ def test_interrupt_leaves_the_previous_report_whole(quick, tmp_path, capsys, mon
 
 
 # ----------------------------------------------------------------------------------------------------------
-# the plain words, from synthetic numbers
+# words, tables, JSON and the page from hand-built records (no model run)
+
+SHARE = [0.5, 0.4, 0.2, 0.1, 0.05, 0.05, 0.05, 0.05]
 
 
 def _task(label: str, loader: str, baseline: float, curve: list[float], *, cliff: int | None, n: int = 200,
-          higher: bool = True, share: list[float] | None = None, metrics: dict | None = None) -> dict:
+          higher: bool = True, share: list[float] | None = None, metrics: dict | None = None,
+          random: list[float] | None = None) -> TaskResult:
     tol = max(1.0, 100 / n)
     eff = (baseline - curve[0]) * 100 * (1 if higher else -1)
-    se = report_words.standard_error_points(baseline, n)
-    share = share or [0.5, 0.4, 0.2, 0.1, 0.05, 0.05, 0.05, 0.05]
-    return dict(label=label, loader=loader, metric="accuracy" if loader != "chair" else "chair_s",
-                higher_is_better=higher, n=n, tolerance=tol, baseline=baseline,
-                baseline_metrics=metrics or {"accuracy": baseline, "f1": baseline, "yes_ratio": 0.5},
-                chance=0.4 if loader == "sqa" else None, curve={str(i): v for i, v in enumerate(curve)},
-                attention_k={str(i): v for i, v in enumerate(curve)}, random_k={str(i): v for i, v in enumerate(curve)},
-                cliff_layer=cliff, monotone=True, no_image=curve[0], image_effect_points=eff, se_points=se,
-                image_use=report_words.image_use(eff, tol, se), at_cliff=None if cliff is None else curve[cliff],
-                image_share=share)
+    se = words.standard_error_points(baseline, n)
+    share = share or SHARE
+    rows = [[0.1, s, 0.8 - s, 0.1] for s in share]
+    return TaskResult(
+        label=label, kind="what it asks", loader=loader, metric="accuracy" if loader != "chair" else "chair_s",
+        higher_is_better=higher, n=n, tolerance=tol, baseline=baseline,
+        baseline_metrics=metrics or {"accuracy": baseline, "f1": baseline, "yes_ratio": 0.5},
+        chance=0.4 if loader == "sqa" else None, curve=dict(enumerate(curve)),
+        attention_k={i: v for i, v in enumerate(curve) if i},
+        random_k={i: v for i, v in enumerate(random or curve) if i},
+        keepk_baseline=baseline, cliff_layer=cliff, no_harm_layer=cliff, monotone=True, note=None, keepk_cliff=cliff,
+        random_cliff=cliff, at_cliff=None if cliff is None else curve[cliff],
+        at_cliff_metrics=None if cliff is None else {"accuracy": curve[cliff], "f1": curve[cliff]},
+        no_image=curve[0], image_effect_points=eff, se_points=se, shares=rows, image_share=list(share),
+        image_sd=[0.01] * len(share), traced=8, segment_names=["system", "image", "user", "generated"],
+        shapes_command=f"flowkern shapes --task {loader}", sweep_seconds=1.0, image_use=words.image_use(eff, tol, se))
 
 
-def _summary(tasks: dict) -> dict:
-    return dict(tasks=tasks, model=dict(num_layers=8, image_tokens=64), settings=dict(keep=16, tolerance_rule="x"),
-                speed=[dict(task="shapes-POPE", layer=2, cliff_layer=2, batch=16, prefill_speedup=2.0,
-                            decode_speedup=1.3, prompt_tokens=108)])
+def _speed(**kw) -> SpeedRow:
+    row = dict(label="shapes-POPE L=2 B=16", task="shapes-POPE", layer=2, batch=16, prompt_tokens=108,
+               unpruned_prefill_ms=10.0, pruned_prefill_ms=5.0, prefill_speedup=2.0, unpruned_decode_tok_s=100.0,
+               pruned_decode_tok_s=130.0, decode_speedup=1.3, repeats=2, new_tokens=16, cliff_layer=2)
+    return SpeedRow(**{**row, **kw})
 
 
-def _verdict(cs: list[dict], start: str) -> dict:
-    return next(c for c in cs if c["topic"].startswith(start))
+def _summary(tasks: dict, **kw) -> DemoSummary:
+    settings = Settings(quick=True, seed=1000, keep=16, tolerance=None, tolerance_rule="x", threads=1, device="cpu",
+                        sizes=config.QUICK, max_new_tokens={"pope": 2, "sqa": 2, "textvqa": 6, "caption": 24})
+    env = Environment(flowkern="0", torch="0", python="3", machine="x86_64", cpu_count=2, platform="linux",
+                      load_average=[1.0, 1.0, 1.0], created="2000-01-01 00:00:00")
+    model = ModelFacts(name="demo", path="/m", model_type="llava", num_layers=8, hidden_size=64, parameters=10 ** 6,
+                       image_tokens=64)
+    return DemoSummary(settings=settings, environment=env, model=model, tasks=tasks, **{"speed": [_speed()], **kw})
 
 
-def test_words_for_a_model_that_ignores_the_image():
-    flat = [0.5] * 8
-    tasks = {k: _task(f"shapes-{k}", k, 0.5, flat, cliff=0) for k in ("pope", "sqa", "textvqa")}
-    tasks["pope"]["baseline_metrics"]["yes_ratio"] = 0.0
-    cs = report_words.conclusions(_summary(tasks))
-    assert _verdict(cs, "claim: image information converges")["verdict"] == "cannot tell"
-    assert _verdict(cs, "claim: complex reasoning")["verdict"] == "cannot tell"
-    effect = _verdict(cs, "does the image matter")["text"]
-    assert effect.count("the image does not matter for this task") == 3
-    assert "answers \u201cNo\u201d to (almost) every question" in _verdict(cs, "the model")["text"]
+def _verdict(cs: list[Conclusion], start: str) -> Conclusion:
+    return next(c for c in cs if c.topic.startswith(start))
 
 
-def test_words_for_a_model_like_the_papers():
-    tasks = {
+def _papers_tasks() -> dict[str, TaskResult]:
+    return {
         "pope": _task("shapes-POPE", "pope", 0.9, [0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.9, 0.9], cliff=5),
         "sqa": _task("shapes-SQA", "sqa", 0.8, [0.4, 0.6, 0.8, 0.8, 0.8, 0.8, 0.8, 0.8], cliff=2),
         "textvqa": _task("shapes-TextVQA", "textvqa", 0.7, [0.0, 0.2, 0.4, 0.7, 0.7, 0.7, 0.7, 0.7], cliff=3),
     }
-    cs = report_words.conclusions(_summary(tasks))
-    assert _verdict(cs, "claim: complex reasoning")["verdict"] == "matches"
-    assert _verdict(cs, "claim: image information converges")["verdict"] == "partly"  # POPE's cliff is at 5 of 8
-    assert _verdict(cs, "claim: the answer's attention")["verdict"] == "matches"
-    assert _verdict(cs, "claim: truncating at the cliff")["verdict"] == "matches"
+
+
+def test_words_for_a_model_that_ignores_the_image():
+    flat = [0.5] * 8
+    tasks = {k: _task(f"shapes-{k}", k, 0.5, flat, cliff=0) for k in ("sqa", "textvqa")}
+    tasks["pope"] = _task("shapes-pope", "pope", 0.5, flat, cliff=0,
+                          metrics={"accuracy": 0.5, "f1": 0.0, "yes_ratio": 0.0})
+    cs = words.conclusions(_summary(tasks))
+    assert all(isinstance(c, Conclusion) and c.verdict in words.VERDICTS for c in cs)
+    assert _verdict(cs, "claim: image information converges").verdict == "cannot tell"
+    assert _verdict(cs, "claim: complex reasoning").verdict == "cannot tell"
+    assert _verdict(cs, "claim: truncating at the cliff").verdict == "cannot tell"
+    assert "no task clearly uses the image" in _verdict(cs, "keeping 16 image tokens").text
+    effect = _verdict(cs, "does the image matter").text
+    assert effect.count("the image does not matter for this task") == 3
+    assert "answers \u201cNo\u201d to (almost) every question" in _verdict(cs, "the model").text
+    assert "attends to the image without its answers depending on it" in _verdict(cs, "claim: the answer's").text
+
+
+def test_words_for_a_model_like_the_papers():
+    tasks = _papers_tasks()
+    cs = words.conclusions(_summary(tasks))
+    assert _verdict(cs, "claim: complex reasoning").verdict == "matches"
+    assert _verdict(cs, "claim: image information converges").verdict == "partly"  # POPE's cliff is at 5 of 8
+    assert _verdict(cs, "claim: the answer's attention").verdict == "matches"
+    assert _verdict(cs, "claim: truncating at the cliff").verdict == "matches"
+    assert [c.topic for c in cs][:3] == ["the model", "does the image matter", "resolution"]
     # the reasoning task cliffing last contradicts the paper
     tasks["sqa"] = _task("shapes-SQA", "sqa", 0.8, [0.4, 0.5, 0.6, 0.6, 0.6, 0.7, 0.8, 0.8], cliff=6)
-    cs = report_words.conclusions(_summary(tasks))
-    assert _verdict(cs, "claim: complex reasoning")["verdict"] == "does not match"
-    flat_share = [0.4] * 8
-    for t in tasks.values():
-        t["image_share"] = flat_share
-    cs = report_words.conclusions(_summary(tasks))
-    assert _verdict(cs, "claim: the answer's attention")["verdict"] == "does not match"
-    assert report_words.headline(_summary(tasks))["cliff"] == {"shapes-POPE": 5, "shapes-SQA": 6,
-                                                                "shapes-TextVQA": 3}
+    cs = words.conclusions(_summary(tasks))
+    assert _verdict(cs, "claim: complex reasoning").verdict == "does not match"
+    flat = {w: replace(t, image_share=[0.4] * 8) for w, t in tasks.items()}
+    cs = words.conclusions(_summary(flat))
+    assert _verdict(cs, "claim: the answer's attention").verdict == "does not match"
+    assert words.headline(_summary(flat)).cliff == {"shapes-POPE": 5, "shapes-SQA": 6, "shapes-TextVQA": 3}
+
+
+def test_words_top_k_and_speed():
+    tasks = _papers_tasks()
+    tasks["pope"] = _task("shapes-POPE", "pope", 0.9, [0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.9, 0.9], cliff=5,
+                          random=[0.5] * 8)
+    text = _verdict(words.conclusions(_summary(tasks)), "keeping 16 image tokens").text
+    assert "shapes-POPE +30.7 points; shapes-SQA +0.0 points" in text and "beats random for shapes-POPE." in text
+    slow = _summary(tasks, speed=[_speed(batch=1, prefill_speedup=3.0), _speed(prefill_speedup=1.01,
+                                                                              decode_speedup=0.9)],
+                    speed_note="a cliff at L = 0 is timed at L = 1")
+    text = _verdict(words.conclusions(slow), "speed").text
+    assert text.startswith("At batch 16, pruning every image token from the cliff layer on made the prefill 1.01x "
+                           "(shapes-POPE, L = 2) as fast and decoding 0.90x.")
+    assert "No real gain at this size" in text and "(A cliff at L = 0 is timed at L = 1.)" in text
+    assert "With 64 image tokens in a ~108-token prompt" in text and "below the measurement noise" in text
+    assert not [c for c in words.conclusions(_summary(tasks, speed=[])) if c.topic.startswith("speed")]
+    head = words.headline(slow)
+    assert head.speed["shapes-POPE"].batch == 16
+    assert head.to_json()["speed"] == {"shapes-POPE": dict(batch=16, layer=2, cliff_layer=2, prefill_speedup=1.01,
+                                                           decode_speedup=0.9)}
 
 
 def test_image_use_needs_the_tolerance_and_two_standard_errors():
-    se = report_words.standard_error_points(0.38, 200)
+    se = words.standard_error_points(0.38, 200)
     assert se == pytest.approx(3.43, abs=0.01)
-    assert report_words.image_use(0.5, 1.0, se) == "none"
-    assert report_words.image_use(3.5, 1.0, se) == "weak"  # what the shipped checkpoint does on shapes-SQA
-    assert report_words.image_use(21.0, 1.0, 4.1) == "clear"
-    assert report_words.image_use(-21.0, 1.0, 4.1) == "hurts"
-    assert report_words.image_use(None, 1.0, se) == "none"
+    assert words.image_use(0.5, 1.0, se) == "none"
+    assert words.image_use(3.5, 1.0, se) == "weak"  # what the shipped checkpoint does on shapes-SQA
+    assert words.image_use(21.0, 1.0, 4.1) == "clear"
+    assert words.image_use(-21.0, 1.0, 4.1) == "hurts"
+    assert words.image_use(None, 1.0, se) == "none"
     weak = _task("shapes-SQA", "sqa", 0.38, [0.345] + [0.38] * 7, cliff=1)
-    cs = report_words.conclusions(_summary({"sqa": weak}))
-    assert "does not show that the answers use the image" in _verdict(cs, "does the image matter")["text"]
-    assert _verdict(cs, "claim: complex reasoning")["verdict"] == "cannot tell"
+    cs = words.conclusions(_summary({"sqa": weak}))
+    assert "does not show that the answers use the image" in _verdict(cs, "does the image matter").text
+    assert _verdict(cs, "claim: complex reasoning").verdict == "cannot tell"
+
+
+def test_tables_from_records():
+    tasks = _papers_tasks()
+    tasks["caption"] = _task("shapes-CHAIR", "chair", 0.2, [0.6] + [0.2] * 7, cliff=1, higher=False,
+                             metrics={"chair_s": 0.2, "chair_i": 0.1})
+    out = tables.tables(_summary(tasks))
+    assert list(out) == ["shares", "truncation", "cliff", "table1", "speed"]
+    assert out["shares"][0] == ["task", "layer", "system", "image", "user", "generated", "image_sd", "questions"]
+    assert len(out["shares"]) == 1 + 4 * 8 and out["shares"][2] == ["shapes-POPE", 1, 0.1, 0.4, 0.8 - 0.4, 0.1, 0.01, 8]
+    trunc = out["truncation"]
+    assert trunc[1] == ["shapes-POPE", "baseline", None, None, None, "accuracy", 0.9, 0.0, True]
+    assert trunc[2][:4] == ["shapes-POPE", "k=0", 0, 0] and trunc[2][7] == pytest.approx(-40.0)
+    assert len(trunc) == 1 + 4 * (1 + 8 + 7 + 7)  # baseline, k = 0 at every layer, keep-16 series from layer 1
+    cliff = dict(zip(out["cliff"][0], out["cliff"][1], strict=True))
+    assert cliff["cliff_layer"] == 5 and cliff["paper_layer"] == 6 and cliff["image_use"] == "clear"
+    assert out["table1"] == tables.table1_rows(list(tasks.values()))
+    assert out["table1"][1:3] == [["shapes-POPE", "Acc \u2191", 90.0, 90.0, 5, 200],
+                                  ["shapes-POPE", "F1 \u2191", 90.0, 90.0, 5, 200]]
+    assert out["table1"][-1] == ["shapes-CHAIR", "CHAIR_S \u2193", 20.0, None, 1, 200]  # no chair_s at the cliff
+    assert out["speed"][1] == ["shapes-POPE", 2, 16, 108, 16, 2, 10.0, 5.0, 2.0, 100.0, 130.0, 1.3]
+    assert tables.to_csv([["a", "b", "c"], [None, 1 / 3, True]]) == "a,b,c\n,0.333333,True\n"
+
+
+def test_summary_json_and_finite():
+    ex = Example(id="q1", image="1.png", question="Is there a circle?", answer="Yes", reference="yes",
+                 image_share=[0.5], attention_maps=[[[0.1]]],
+                 cam=ExampleCam(answer="Yes", error=None, peaks=[[0, 0, 0, 1.0]], maps=[[[1.0]]]))
+    plain = replace(ex, cam=None)
+    s = finite(_summary({"pope": _task("shapes-POPE", "pope", 0.9, [0.5] * 8, cliff=None)},
+                        speed=[_speed(decode_speedup=float("nan"))], examples={"pope": [ex, plain]}))
+    assert isinstance(s, DemoSummary) and s.speed[0].decode_speedup is None
+    j = s.to_json(maps=False)
+    assert list(j) == ["settings", "environment", "model", "tasks", "speed", "speed_note", "examples", "headline",
+                       "conclusions", "figures", "timings", "tables"]
+    assert list(j["tasks"]["pope"])[:3] == ["label", "kind", "loader"] and list(j["tasks"]["pope"])[-1] == "image_use"
+    assert j["tasks"]["pope"]["curve"]["0"] == 0.5 and j["settings"]["sizes"]["speed_batches"] == [1, 16]
+    assert j["examples"]["pope"] == [
+        dict(id="q1", image="1.png", question="Is there a circle?", answer="Yes", reference="yes", image_share=[0.5],
+             cam_answer="Yes", cam_error=None, cam_peaks=[[0, 0, 0, 1.0]]),
+        dict(id="q1", image="1.png", question="Is there a circle?", answer="Yes", reference="yes", image_share=[0.5])]
+    assert s.to_json()["examples"]["pope"][0]["cam_maps"] == [[[1.0]]]
+    json.dumps(j, allow_nan=False)
+
+
+def test_page_from_records(tmp_path):
+    """The page from hand-built records: escaped text, verdicts, the tables, links only to files that exist."""
+    tasks = _papers_tasks()
+    tasks["pope"] = replace(tasks["pope"], note="<b>odd</b> & noted")
+    speed = [_speed(), _speed(task="shapes-SQA", cliff_layer=0, layer=1), _speed(task="shapes-X", cliff_layer=None)]
+    s = _summary(tasks, speed=speed, speed_note="a note", timings={"data": 1.0, "total": 2.0},
+                 tables=["tables/cliff.csv"])
+    s = replace(s, headline=words.headline(s), conclusions=words.conclusions(s))
+    (tmp_path / "figures").mkdir()
+    Image.new("RGB", (40, 30), "red").save(tmp_path / "figures" / "speed.png")
+    s = replace(s, figures=[FigureRecord(id="speed", file="figures/speed.png", section="speed", title="Speed",
+                                         caption="bars")])
+    page = render.render(s, tmp_path)
+    p = _Checker()
+    p.feed(page)
+    p.close()
+    assert not p.errors and not p.stack and len(p.ids) == len(set(p.ids))
+    assert "&lt;b&gt;odd&lt;/b&gt; &amp; noted" in page and "<b>odd</b>" not in page
+    assert page.count('<span class="verdict v-') == len(s.conclusions)
+    assert '<span class="verdict v-matches">matches</span>' in page
+    assert "2 s on 1 torch thread(s)" in page and "Time per stage (s): data 1.0, total 2.0." in page
+    assert "shapes-POPE (L = 2) prefill <b>2.00x</b>, decode <b>1.30x</b>; shapes-SQA (cliff 0, timed at L = 1) " \
+        "prefill" in page and "shapes-X (no cliff, timed at L = 2)" in page
+    assert '<img src="data:image/png;base64,' in page and 'width="40" height="30"' in page
+    assert "<p><b>a note.</b></p>" in page and "load average at the end: [1.0, 1.0, 1.0]" in page
+    assert "<td>\u2013</td>" not in page.split("Table 1 form")[1].split("Every point")[0]  # every cell measured
+    for tag, ref in p.refs:
+        assert ref.startswith(("data:", "#")) or ref in ("summary.json", "tables/cliff.csv") or \
+            (tmp_path / ref).is_file(), (tag, ref)
 
 
 def test_spread_picks_evenly():
-    assert report.spread(list(range(10)), 3) == [0, 3, 6]
-    assert report.spread([1, 2], 5) == [1, 2]
-    assert report.spread([1, 2], 0) == []
+    assert stages.spread(list(range(10)), 3) == [0, 3, 6]
+    assert stages.spread([1, 2], 5) == [1, 2]
+    assert stages.spread([1, 2], 0) == []
+
+
+def test_figures_from_records(tmp_path):
+    from flowkern.demo.report import figures
+
+    rows = [_speed(), _speed(label="shapes-SQA L=1 B=16", task="shapes-SQA", layer=1, pruned_prefill_ms=8.0)]
+    fig = figures.speed_bars(rows, tmp_path / "speed.png")
+    assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == [r.label for r in rows]
+    tasks = _papers_tasks()
+    figures.truncation_deltas({t.label: dict(t.curve) for t in tasks.values()},
+                              {t.label: t.baseline for t in tasks.values()}, {t.label: True for t in tasks.values()},
+                              tmp_path / "deltas.png", cliffs={t.label: t.cliff_layer for t in tasks.values()},
+                              tolerances={t.label: t.tolerance for t in tasks.values()})
+    for name in ("speed.png", "deltas.png"):
+        with Image.open(tmp_path / name) as im:
+            assert np.asarray(im.convert("L")).std() > 5
+    with pytest.raises(ValueError, match="at least one row"):
+        figures.speed_bars([], tmp_path / "none.png")

@@ -158,3 +158,13 @@ def test_save_heatmap(tmp_path):
         assert im.size == (24, 16) and np.array_equal(np.asarray(im), np.asarray(out))
     raw = viz.save_heatmap(None, np.array([[0.0, 1.0], [1.0, 0.0]]), tmp_path / "raw.png")
     assert raw.size[0] == raw.size[1] and raw.size[0] >= 256 and raw.size[0] % 2 == 0
+
+
+def test_new_figure_and_save_figure(tmp_path):
+    fig = viz.new_figure((2.0, 1.5))
+    fig.add_subplot().plot([0, 1], [0, 1], color=viz.SEGMENT_COLORS["image"])
+    viz.save_figure(fig, tmp_path / "f.png", 50)
+    viz.save_figure(fig, None, 50)  # no path: nothing written
+    with Image.open(tmp_path / "f.png") as im:
+        assert im.size == (100, 75)
+    assert list(tmp_path.iterdir()) == [tmp_path / "f.png"]

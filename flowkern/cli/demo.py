@@ -61,22 +61,23 @@ def run(args: argparse.Namespace) -> int:
         check_config(config)
         model, processor = load(config)
     result = run_demo(config, model=model, processor=processor, progress=True)
-    h = result.summary["headline"]
+    summary = result.records
+    h = summary.headline
     print(f"flowkern demo: report {result.report}  ({result.seconds:.0f} s)")
-    for label, layer in h["cliff"].items():
+    for label, layer in h.cliff.items():
         used = {"clear": "", "weak": "  (not shown that the answers use the image: within the sampling noise)",
                 "none": "  (the image does not matter for this task on this model)",
-                "hurts": "  (the answers are better without the image)"}[h["image_use"][label]]
-        print(f"  {label:16s} {h['metric'][label]:9s} baseline {100 * h['baseline'][label]:5.1f} %   cliff layer "
+                "hurts": "  (the answers are better without the image)"}[h.image_use[label]]
+        print(f"  {label:16s} {h.metric[label]:9s} baseline {100 * h.baseline[label]:5.1f} %   cliff layer "
               f"{'none' if layer is None else layer}{used}")
-    for label, sp in h["speed"].items():
-        at = f"L={sp['layer']}" + ("" if sp["cliff_layer"] == sp["layer"] else
-                                   " (no cliff: the middle layer)" if sp["cliff_layer"] is None else
-                                   f" for cliff {sp['cliff_layer']}")
-        print(f"  speed pruned at the cliff ({label}, {at}, batch {sp['batch']}): prefill "
-              f"{sp['prefill_speedup']:.2f}x, decode {sp['decode_speedup']:.2f}x vs unpruned")
+    for label, sp in h.speed.items():
+        at = f"L={sp.layer}" + ("" if sp.cliff_layer == sp.layer else
+                                " (no cliff: the middle layer)" if sp.cliff_layer is None else
+                                f" for cliff {sp.cliff_layer}")
+        print(f"  speed pruned at the cliff ({label}, {at}, batch {sp.batch}): prefill "
+              f"{sp.prefill_speedup:.2f}x, decode {sp.decode_speedup:.2f}x vs unpruned")
     print("in plain words:")
-    for c in result.summary["conclusions"]:
-        print(f"  [{c['verdict']}] {c['topic']}: {c['text']}")
-    print(json.dumps(h))
+    for c in summary.conclusions:
+        print(f"  [{c.verdict}] {c.topic}: {c.text}")
+    print(json.dumps(result.summary["headline"]))
     return 0
