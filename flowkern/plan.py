@@ -16,12 +16,17 @@ Vocabulary (see :mod:`flowkern.prune` for the method itself):
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from typing import Any
 
 import torch
 
 __all__ = [
     "RANKS",
+    "WHENS",
+    "PruneSpec",
+    "PRUNE_OPTIONS",
     "check_prune_args",
     "num_to_keep",
     "choose",
@@ -41,9 +46,110 @@ __all__ = [
 RANKS = ("attention", "random", "none", "grid")
 """The ``rank`` values of :func:`flowkern.prune`."""
 
+WHENS = ("prefill", "decode")
+"""The ``when`` values of :func:`flowkern.prune`."""
+
+PRUNE_OPTIONS: dict[str, str] = {"layer": "prune_layer", "keep": "keep", "rank": "rank", "seed": "prune_seed",
+                                 "when": "prune_when"}
+""":class:`PruneSpec` field -> its name where pruning settings sit flat among other options: the CLI's
+``--prune-layer --keep --rank --prune-seed --prune-when`` (``"--" + name`` with ``-`` for ``_``), the lmms-eval
+plugin's ``model_args`` and the ``settings`` of an eval folder's ``run.json``."""
+
 
 # ----------------------------------------------------------------------------------------------------------
 # arguments
+
+
+@dataclass(frozen=True)
+class PruneSpec:
+    """One pruning setting of :func:`flowkern.prune`, independent of any model: from decoder layer ``layer`` on,
+    keep ``keep`` image tokens per sample chosen by ``rank``. ``layer=None`` means no pruning (the other fields
+    then describe what a sweep applies at each of its layers).
+
+    Attributes:
+        layer: 0-based decoder layer (negative counts from the end), or None.
+        keep: an int = at most that many image tokens per sample (0 drops all), a float = that fraction in [0, 1].
+        rank: one of :data:`RANKS`. seed: seed of ``rank="random"``. when: one of :data:`WHENS`.
+
+    Raises:
+        ValueError: naming the bad field (``keep must be ...``), on construction.
+    """
+
+    layer: int | None = None
+    keep: int | float = 0
+    rank: str = "attention"
+    seed: int = 0
+    when: str = "prefill"
+
+    def __post_init__(self) -> None:
+        if self.rank not in RANKS:
+            raise ValueError(f"rank must be one of {RANKS}, got {self.rank!r}")
+        if self.when not in WHENS:
+            raise ValueError(f"when must be 'prefill' or 'decode', got {self.when!r}")
+        keep = self.keep
+        if (isinstance(keep, bool) or not isinstance(keep, int | float)
+                or isinstance(keep, float) and not 0.0 <= keep <= 1.0 or isinstance(keep, int) and keep < 0):
+            raise ValueError(f"keep must be an int >= 0 or a float fraction in [0, 1], got {keep!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ValueError(f"seed must be an int, got {self.seed!r}")
+        if self.layer is not None and (isinstance(self.layer, bool) or not isinstance(self.layer, int)):
+            raise ValueError(f"layer must be a decoder layer index (an int) or None, got {self.layer!r}")
+
+    @property
+    def enabled(self) -> bool:
+        """Whether this setting prunes (``layer`` is not None)."""
+        return self.layer is not None
+
+    def resolve(self, num_layers: int, deepstack: int = 0, family: str = "model") -> int | None:
+        """``layer`` in ``[0, num_layers)`` (or None) after the checks that depend on the model.
+
+        Args:
+            num_layers: the model's decoder layers.
+            deepstack: decoder layers after which the vision tower still adds image features (Qwen3-VL's DeepStack).
+            family: the model family, for the messages.
+
+        Raises:
+            ValueError: naming the bad argument. NotImplementedError: pruning before the DeepStack layers end.
+        """
+        layer, rank, when = self.layer, self.rank, self.when
+        if layer is None:
+            return None
+        if not -num_layers <= layer < num_layers:
+            raise ValueError(
+                f"layer must be a decoder layer index in [0, {num_layers}) (negative counts from the end), "
+                f"got {layer!r}"
+            )
+        layer %= num_layers
+        if layer == 0 and rank == "attention" and self.keep != 0:
+            raise ValueError(
+                "rank='attention' ranks image tokens by the attention they receive at layer L-1, so it needs "
+                "layer >= 1; at layer=0 use keep=0, rank='none' or rank='random'"
+            )
+        if layer == 0 and when == "decode":
+            raise ValueError("when='decode' compacts the cache of layers >= 1: use layer >= 1")
+        if deepstack and when == "prefill" and 0 < layer < deepstack:
+            raise NotImplementedError(
+                f"{family}: DeepStack adds visual features to the image tokens after decoder layers "
+                f"0..{deepstack - 1}; pruning before that (layer={layer}) is not supported: use layer >= {deepstack}"
+            )
+        return layer
+
+    def to_dict(self, *, options: bool = False) -> dict[str, Any]:
+        """The fields as a JSON-ready dict, keyed by field name, or by :data:`PRUNE_OPTIONS` with ``options``."""
+        return {PRUNE_OPTIONS[f.name] if options else f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], *, options: bool = False) -> PruneSpec:
+        """The inverse of :meth:`to_dict` (same ``options``); a missing key takes the field's default.
+
+        Raises:
+            ValueError: a key that names no field, or a bad value (naming the field).
+        """
+        names = {PRUNE_OPTIONS[f.name] if options else f.name: f.name for f in fields(cls)}
+        unknown = sorted(set(data) - set(names))
+        if unknown:
+            raise ValueError(f"PruneSpec has no field {', '.join(map(repr, unknown))} (known: {', '.join(names)})")
+        return cls(**{names[k]: v for k, v in data.items()})
 
 
 def check_prune_args(
@@ -51,41 +157,12 @@ def check_prune_args(
     family: str = "model",
 ) -> int | None:
     """Validate :func:`flowkern.prune`'s arguments; returns ``layer`` in ``[0, num_layers)`` (or None).
-
-    Args:
-        deepstack: decoder layers after which the vision tower still adds image features (Qwen3-VL's DeepStack).
+    The checks are :class:`PruneSpec`'s (construction, then :meth:`PruneSpec.resolve`).
 
     Raises:
         ValueError: naming the bad argument. NotImplementedError: pruning before the DeepStack layers end.
     """
-    if rank not in RANKS:
-        raise ValueError(f"rank must be one of {RANKS}, got {rank!r}")
-    if when not in ("prefill", "decode"):
-        raise ValueError(f"when must be 'prefill' or 'decode', got {when!r}")
-    if isinstance(keep, bool) or not isinstance(keep, int | float):
-        raise ValueError(f"keep must be an int >= 0 or a float fraction in [0, 1], got {keep!r}")
-    if isinstance(keep, float) and not 0.0 <= keep <= 1.0 or isinstance(keep, int) and keep < 0:
-        raise ValueError(f"keep must be an int >= 0 or a float fraction in [0, 1], got {keep!r}")
-    if layer is None:
-        return None
-    if isinstance(layer, bool) or not isinstance(layer, int) or not -num_layers <= layer < num_layers:
-        raise ValueError(
-            f"layer must be a decoder layer index in [0, {num_layers}) (negative counts from the end), got {layer!r}"
-        )
-    layer %= num_layers
-    if layer == 0 and rank == "attention" and keep != 0:
-        raise ValueError(
-            "rank='attention' ranks image tokens by the attention they receive at layer L-1, so it needs "
-            "layer >= 1; at layer=0 use keep=0, rank='none' or rank='random'"
-        )
-    if layer == 0 and when == "decode":
-        raise ValueError("when='decode' compacts the cache of layers >= 1: use layer >= 1")
-    if deepstack and when == "prefill" and 0 < layer < deepstack:
-        raise NotImplementedError(
-            f"{family}: DeepStack adds visual features to the image tokens after decoder layers 0..{deepstack - 1}; "
-            f"pruning before that (layer={layer}) is not supported: use layer >= {deepstack}"
-        )
-    return layer
+    return PruneSpec(layer, keep, rank, 0, when).resolve(num_layers, deepstack, family)
 
 
 # ----------------------------------------------------------------------------------------------------------
