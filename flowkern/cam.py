@@ -54,7 +54,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
-from flowkern.listener import Listener
+from flowkern.listener import Listener, attached
 
 if TYPE_CHECKING:
     from flowkern.hf.session import Session
@@ -555,43 +555,40 @@ def _smoothgrad(model: torch.nn.Module, run: _CamRun, inputs: dict, answer: torc
     """The SmoothGrad loop: one teacher-forced forward + backward per batch of noisy copies, inside ``run``'s
     session; the recorder accumulates the heat. Returns the target ``z`` of each copy, per batch."""
     from flowkern.hf import compat
-    from flowkern.hf.session import Session
 
     recorder = run.recorder
     keep = compat.accepts_logits_to_keep(model)
     T = answer.numel()
     answer_dev = answer.to(inputs["input_ids"].device)
     targets = []
-    session = Session.of(model)
-    session.add(run)
     bar = None
     try:
-        starts = list(range(0, samples, batch_size))
-        if progress:
-            from tqdm.auto import tqdm
+        with attached(model, run):
+            starts = list(range(0, samples, batch_size))
+            if progress:
+                from tqdm.auto import tqdm
 
-            starts = bar = tqdm(starts, desc="flowkern cam", unit="batch")
-        for start in starts:
-            n = min(batch_size, samples - start)
-            with torch.enable_grad():
-                pv = torch.cat([noise.next() for _ in range(n)]) if noise is not None else None
-                batch = _expand(inputs, n, answer, pv)
-                extra = {"logits_to_keep": T + 1} if keep else {}
-                logits = model(**batch, use_cache=False, **extra).logits
-                rows = logits[:, -(T + 1) : -1].float()  # row t predicts answer token t
-                z = rows.gather(-1, answer_dev.expand(n, T)[..., None]).squeeze(-1).sum(dim=-1)  # [n]
-                torch.autograd.grad(z.sum(), recorder.leaf)
-            targets.append(z.detach().cpu())
-            recorder.leaf = None
-            del logits, rows, z, batch, pv
-            missing = set(run.layers) - recorder.seen
-            if missing:
-                raise RuntimeError(f"flowkern.cam: no gradient reached layers {sorted(missing)}")
-            recorder.seen.clear()
+                starts = bar = tqdm(starts, desc="flowkern cam", unit="batch")
+            for start in starts:
+                n = min(batch_size, samples - start)
+                with torch.enable_grad():
+                    pv = torch.cat([noise.next() for _ in range(n)]) if noise is not None else None
+                    batch = _expand(inputs, n, answer, pv)
+                    extra = {"logits_to_keep": T + 1} if keep else {}
+                    logits = model(**batch, use_cache=False, **extra).logits
+                    rows = logits[:, -(T + 1) : -1].float()  # row t predicts answer token t
+                    z = rows.gather(-1, answer_dev.expand(n, T)[..., None]).squeeze(-1).sum(dim=-1)  # [n]
+                    torch.autograd.grad(z.sum(), recorder.leaf)
+                targets.append(z.detach().cpu())
+                recorder.leaf = None
+                del logits, rows, z, batch, pv
+                missing = set(run.layers) - recorder.seen
+                if missing:
+                    raise RuntimeError(f"flowkern.cam: no gradient reached layers {sorted(missing)}")
+                recorder.seen.clear()
     finally:
         if bar is not None:
             bar.close()  # also when interrupted: the caller's message starts on a line of its own
-        session.remove(run)
         recorder.leaf = None
         recorder.feats.clear()
     return targets

@@ -84,7 +84,6 @@ from flowkern.plan import grid_scores as _grid_scores  # noqa: F401
 if TYPE_CHECKING:
     from flowkern.hf.attention import RowEvent
     from flowkern.hf.calls import Call
-    from flowkern.hf.session import Session
 
 __all__ = ["prune", "Pruning", "compact_cache_", "cache_keymaps", "ForwardTimer"]
 
@@ -254,7 +253,6 @@ class Pruning(Listener):
         self.seed = int(seed)
         self.when = when
         self.timing = bool(timing)
-        self._session: Session | None = None
         self._fwd: _Forward | None = None
         self._prompt_ids: torch.Tensor | None = None
         self._prompt_keep: torch.Tensor | None = None
@@ -320,24 +318,9 @@ class Pruning(Listener):
             )
         return out
 
-    # ------------------------------------------------------------------------------------------------------
-    # attach / detach
-
-    def __enter__(self) -> Pruning:
-        from flowkern.hf.session import Session
-
-        if self._session is not None:
-            raise RuntimeError("this flowkern.prune is already active")
-        session = Session.of(self.model)
-        session.add(self)
-        self._session = session
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        session, self._session = self._session, None
+    def detach(self) -> None:
         self._fwd = None
-        if session is not None:
-            session.remove(self)
+        super().detach()
 
     # ------------------------------------------------------------------------------------------------------
     # listener callbacks
@@ -481,26 +464,12 @@ class ForwardTimer(Listener):
         self.prefill_seconds: float | None = None
         self.decode_seconds: list[float] = []
         self.batch_size = 0
-        self._session: Session | None = None
 
     @property
     def decode_tokens_per_second(self) -> float | None:
         """``B * steps / sum(decode_seconds)``, or None before any decode step."""
         total = sum(self.decode_seconds)
         return self.batch_size * len(self.decode_seconds) / total if total > 0 else None
-
-    def __enter__(self) -> ForwardTimer:
-        from flowkern.hf.session import Session
-
-        session = Session.of(self.model)
-        session.add(self)
-        self._session = session
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        session, self._session = self._session, None
-        if session is not None:
-            session.remove(self)
 
     def on_call(self, call: Call) -> None:
         self.batch_size = call.batch

@@ -62,13 +62,13 @@ from flowkern.hf.attention import (
 )
 from flowkern.hf.calls import Call, ForwardWatcher
 from flowkern.hf.models import get_adapter
-from flowkern.listener import Listener
 from flowkern.plan import KeyMapGroup, extend_groups, gather_tokens
 
 if TYPE_CHECKING:
+    from flowkern.listener import Listener
     from flowkern.plan import Narrowing
 
-__all__ = ["Session", "Listener", "Call", "RowEvent", "cache_groups", "set_cache_groups", "compact_layer_inputs"]
+__all__ = ["Session", "Call", "RowEvent", "cache_groups", "set_cache_groups", "compact_layer_inputs"]
 
 DIFFERENTIABLE = ("eager", "sdpa")
 """Attention implementations autograd can go through (what ``attention="differentiable"`` keeps or picks)."""
