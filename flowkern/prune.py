@@ -77,15 +77,13 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 
 from flowkern import plan
-from flowkern.listener import Listener
-from flowkern.plan import grid_cells as _grid_cells  # noqa: F401  (flowkern.eval's tests use the planner by this name)
-from flowkern.plan import grid_scores as _grid_scores  # noqa: F401
+from flowkern.timer import ForwardTimer
 
 if TYPE_CHECKING:
     from flowkern.hf.attention import RowEvent
     from flowkern.hf.calls import Call
 
-__all__ = ["prune", "Pruning", "compact_cache_", "cache_keymaps", "ForwardTimer"]
+__all__ = ["prune", "Pruning", "compact_cache_", "cache_keymaps"]
 
 Rank = Literal["attention", "random", "none", "grid"]
 When = Literal["prefill", "decode"]
@@ -208,7 +206,7 @@ class _Forward:
         self.scores: torch.Tensor | None = None  # float32 [B, S] attention received at layer L-1
 
 
-class Pruning(Listener):
+class Pruning(ForwardTimer):
     """Context manager that removes image tokens from decoder layer ``layer`` on, and its record.
     Create it with :func:`prune`.
 
@@ -221,6 +219,10 @@ class Pruning(Listener):
             included); ``keymap`` is the same with -1 at hidden fillers.
         prefill_seconds: wall time of the last prefill forward (the whole model, vision tower included).
         decode_seconds: wall time of each later forward (decode step) since that prefill.
+        batch_size: B of the last forward.
+
+    The times are a :class:`flowkern.timer.ForwardTimer`'s record, except that the steps of
+    ``generate(use_cache=False)`` after the prompt count as decode steps.
     """
 
     owner = "flowkern.prune"
@@ -241,7 +243,7 @@ class Pruning(Listener):
     ) -> None:
         from flowkern.hf.models import get_adapter
 
-        self.model = model
+        super().__init__(model, sync=timing)
         self.adapter = get_adapter(model)
         self.config = model.config
         self.text_config = self.adapter.text_config(model.config)
@@ -252,7 +254,6 @@ class Pruning(Listener):
         self.rank = rank
         self.seed = int(seed)
         self.when = when
-        self.timing = bool(timing)
         self._fwd: _Forward | None = None
         self._prompt_ids: torch.Tensor | None = None
         self._prompt_keep: torch.Tensor | None = None
@@ -263,13 +264,6 @@ class Pruning(Listener):
         self.scores: torch.Tensor | None = None
         self.token_positions: torch.Tensor | None = None
         self.keymap: torch.Tensor | None = None
-        self.prefill_seconds: float | None = None
-        self.decode_seconds: list[float] = []
-        self._batch = 0
-
-    @property
-    def sync(self) -> bool:  # the session synchronises CUDA around each forward for exact timing
-        return self.timing
 
     # ------------------------------------------------------------------------------------------------------
     # results
@@ -289,12 +283,6 @@ class Pruning(Listener):
         """Per sample, long ``[k_b]``: prompt positions of the kept image tokens, ascending."""
         kept = (self._need(self.image_mask) & self._need(self.keep_mask)).cpu()
         return [torch.nonzero(row).flatten() for row in kept]
-
-    @property
-    def decode_tokens_per_second(self) -> float | None:
-        """``B * steps / sum(decode_seconds)`` (forward time only), or None before any decode step."""
-        total = sum(self.decode_seconds)
-        return self._batch * len(self.decode_seconds) / total if total > 0 else None
 
     def _need(self, value: torch.Tensor | None) -> torch.Tensor:
         if value is None:
@@ -327,8 +315,8 @@ class Pruning(Listener):
 
     def on_call(self, call: Call) -> None:
         call.check_dynamic_cache(self.owner)
+        super().on_call(call)
         fwd = _Forward(call)
-        self._batch = call.batch
         self._fwd = fwd
         if not call.prefill:
             return  # the session extends the cache's key maps and pushes them down
@@ -346,7 +334,6 @@ class Pruning(Listener):
             keep_real = torch.cat([self._prompt_keep.to(ids.device), new.to(ids.device)], dim=1)
             call.narrow(L, lambda: plan.narrowing(keep_real, compact=L > 0))
             return
-        self.decode_seconds = []
         if L is None:
             return
         self._start_prompt(call)
@@ -365,11 +352,9 @@ class Pruning(Listener):
         fwd, self._fwd = self._fwd, None
         if fwd is None or call.seconds is None:  # the forward raised
             return
-        if not fwd.prefill or fwd.continuation:
-            self.decode_seconds.append(call.seconds)
-            return
-        self.prefill_seconds = call.seconds
-        if self.layer is not None and self.when == "decode":
+        prefill = fwd.prefill and not fwd.continuation
+        self.record(call.seconds, prefill=prefill)
+        if prefill and self.layer is not None and self.when == "decode":
             keep_mask = self._decide(fwd)
             cache = call.cache if call.cache is not None else call.output_cache
             if cache is not None:
@@ -439,49 +424,6 @@ class Pruning(Listener):
         as_positions = [[torch.where(g.index >= 0, pos[g.index.clamp(min=0)], -1) if pos.numel() else g.index
                          for g in views] for views, pos in zip(grids, positions, strict=True)]
         return plan.grid_scores(as_positions, k.cpu(), image)
-
-
-class ForwardTimer(Listener):
-    """Wall time of each outermost forward call of a model: the prefill and every decode step (context manager).
-
-    For timing a model with whatever attention it runs (it switches nothing; a :class:`Pruning` records the same
-    for pruned runs, from the same clock: the session's). A forward on an empty (or no) cache is a prefill and
-    starts a new record; with ``generate(use_cache=False)`` every step counts as a prefill. The model must be of a
-    supported family (``flowkern.hf.models.supported_model_types()``).
-
-    Attributes:
-        prefill_seconds: the last prefill forward, vision tower included.
-        decode_seconds: each forward on a non-empty cache since then.
-        batch_size: B of the last forward.
-    """
-
-    owner = "flowkern.ForwardTimer"
-    watches_calls = True
-
-    def __init__(self, model: torch.nn.Module, *, sync: bool = True) -> None:
-        self.model = model
-        self.sync = bool(sync)
-        self.prefill_seconds: float | None = None
-        self.decode_seconds: list[float] = []
-        self.batch_size = 0
-
-    @property
-    def decode_tokens_per_second(self) -> float | None:
-        """``B * steps / sum(decode_seconds)``, or None before any decode step."""
-        total = sum(self.decode_seconds)
-        return self.batch_size * len(self.decode_seconds) / total if total > 0 else None
-
-    def on_call(self, call: Call) -> None:
-        self.batch_size = call.batch
-
-    def on_return(self, call: Call) -> None:
-        if call.seconds is None:
-            return
-        if call.prefill:
-            self.prefill_seconds = call.seconds
-            self.decode_seconds = []
-        else:
-            self.decode_seconds.append(call.seconds)
 
 
 def prune(

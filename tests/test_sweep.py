@@ -95,31 +95,6 @@ def test_cliff_definition():
     assert chair["within"]["2"] and chair["first_no_harm_layer"] == 1
 
 
-def test_grid_rank_cells():
-    from flowkern.prune import _grid_cells, _grid_scores
-
-    grid = torch.arange(576).view(24, 24)
-    rows = lambda m: sorted({int(i) // 24 for i in grid[m]})  # noqa: E731
-    m = _grid_cells(grid, 64)
-    assert int(m.sum()) == 64 and rows(m) == list(range(1, 24, 3))
-    assert sorted({int(i) % 24 for i in grid[m]}) == list(range(1, 24, 3))
-    assert int(_grid_cells(grid, 144).sum()) == 144 and rows(_grid_cells(grid, 144)) == list(range(0, 24, 2))
-    m100 = _grid_cells(grid, 100)
-    assert int(m100.sum()) == 100 and bool((m100 & m).sum() == 64)  # the 8 x 8 sub-grid plus 36 spread others
-    assert bool(_grid_cells(grid, 1)[11, 11]) and int(_grid_cells(grid, 1).sum()) == 1
-    assert bool(_grid_cells(grid, 576).all()) and int(_grid_cells(grid, 0).sum()) == 0
-    holes = grid.clone()
-    holes[:, 23] = -1  # a column without tokens (e.g. a newline column) is never chosen
-    assert not bool(_grid_cells(holes, 200)[:, 23].any()) and int(_grid_cells(holes, 200).sum()) == 200
-    # two grids in one sample share k in proportion to their sizes; tokens on no grid come last
-    is_image = torch.zeros(1, 30, dtype=torch.bool)
-    is_image[0, 2:27] = True
-    g1 = torch.arange(3, 19).view(4, 4)  # 16 cells
-    g2 = torch.arange(19, 27).view(2, 4)  # 8 cells; position 2 is an image token on no grid
-    s = _grid_scores([[g1, g2]], torch.tensor([6]), is_image)
-    assert int((s[0, 3:19] == 1).sum()) == 4 and int((s[0, 19:27] == 1).sum()) == 2 and s[0, 2] == -0.5
-
-
 def test_grid_rank_prunes_a_uniform_subgrid(llava):
     import flowkern
     from flowkern.eval.run import build_batch_inputs
