@@ -13,6 +13,7 @@ import torch
 
 import flowkern.hf  # noqa: F401  (registers the "flowkern" attention implementation)
 from flowkern.cam import _PixelNoise, cam
+from flowkern.hf import compat
 from flowkern.hf.tiny import IMAGE_TOKEN as IMG
 from flowkern.hf.tiny import clip_config, text_config, tiny_vlm
 from tests._support import raster as _raster
@@ -251,7 +252,7 @@ def test_restores_attention_and_requires_grad():
     before = hooks()
 
     def spy(module, args, output):
-        seen.append((text_config._attn_implementation, any(p.requires_grad for p in params)))
+        seen.append((compat.attn_implementation(text_config), any(p.requires_grad for p in params)))
 
     handle = model.model.language_model.layers[0].register_forward_hook(spy)
     try:
@@ -260,8 +261,8 @@ def test_restores_attention_and_requires_grad():
             seen.clear()
             cam(model, c.inputs, ANSWER, layers=[0], samples=1, noise_std=0.0)
             assert seen == [(during, False)]
-            assert text_config._attn_implementation == impl
-            assert model.config.vision_config._attn_implementation == "sdpa"
+            assert compat.attn_implementation(text_config) == impl
+            assert compat.attn_implementation(model.config.vision_config) == "sdpa"
             assert not params[0].requires_grad and all(p.requires_grad for p in params[1:])
             assert all(p.grad is None for p in params)
         # also when the call fails half-way
@@ -276,7 +277,7 @@ def test_restores_attention_and_requires_grad():
                 cam(model, c.inputs, ANSWER, samples=1, noise_std=0.0)
         finally:
             bad.remove()
-        assert text_config._attn_implementation == "flowkern"
+        assert compat.attn_implementation(text_config) == "flowkern"
         assert not params[0].requires_grad and all(p.requires_grad for p in params[1:])
         assert hooks() == before + 1  # only the spy is left
     finally:
