@@ -76,34 +76,27 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
-from flowkern import plan
+from flowkern import keymaps, plan
+from flowkern.plan import PruneSpec
 from flowkern.timer import ForwardTimer
 
 if TYPE_CHECKING:
     from flowkern.hf.attention import RowEvent
     from flowkern.hf.calls import Call
 
-__all__ = ["prune", "Pruning", "compact_cache_", "cache_keymaps"]
+__all__ = ["prune", "Pruning", "compact_cache_"]
 
 Rank = Literal["attention", "random", "none", "grid"]
 When = Literal["prefill", "decode"]
 
 
 # ----------------------------------------------------------------------------------------------------------
-# key maps of a cache: which original tokens each layer's KV cache holds
-
-
-def cache_keymaps(cache: Any) -> dict[int, torch.Tensor]:
-    """The key maps of a cache's pruned layers: ``{layer: int64 [B, Sk]}`` (original token position held by each
-    cache slot, -1 for a hidden filler). Layers not listed hold every token."""
-    from flowkern.hf.session import cache_groups
-
-    return {layer: g.keymap for g in cache_groups(cache) for layer in sorted(g.layers)}
+# compacting a filled cache
 
 
 def compact_cache_(
     cache: Any,
-    keep: torch.Tensor,
+    kept: torch.Tensor,
     layers: Iterable[int],
     *,
     attention_mask: torch.Tensor | None = None,
@@ -112,13 +105,14 @@ def compact_cache_(
 
     One :func:`flowkern.compact_` call moves the kept slots of every given layer's keys and values ``[B, H, S, D]``
     to the front; the layers' stored tensors become the narrowed views. Rows keep the same number of slots
-    (shorter rows carry hidden fillers, see :mod:`flowkern.prune`). The cache's key maps record what each layer
-    holds; decode on it inside ``flowkern.prune(model)`` (any ``layer``), which masks the fillers and tracks new
-    tokens. Layers already compacted are compacted further (``keep`` is still indexed by original position).
+    (shorter rows carry hidden fillers, see :mod:`flowkern.prune`). The cache's key maps
+    (:func:`flowkern.keymaps.cache_keymaps`) record what each layer holds; decode on it inside
+    ``flowkern.prune(model)`` (any ``layer``), which masks the fillers and tracks new tokens. Layers already
+    compacted are compacted further (``kept`` is still indexed by original position).
 
     Args:
         cache: a ``transformers.DynamicCache`` filled by a forward / ``generate`` call.
-        keep: bool ``[B, T]`` over original token positions (``T = cache.get_seq_length()``), True = keep.
+        kept: bool ``[B, T]`` over original token positions (``T = cache.get_seq_length()``), True = keep.
         layers: decoder layers to compact (>= 1: transformers reads the sequence length from layer 0's cache).
             They must currently hold the same tokens (all full, or compacted together before).
         attention_mask: optional ``[B, T]`` padding mask (0 = padding): padding is never kept.
@@ -127,11 +121,10 @@ def compact_cache_(
         int64 ``[B, S']`` the new key map of those layers: original position held by each slot, -1 = hidden.
 
     Raises:
-        ValueError: bad ``keep`` / ``layers``; NotImplementedError: not a plain DynamicCache.
+        ValueError: bad ``kept`` / ``layers``; NotImplementedError: not a plain DynamicCache.
     """
     from flowkern import ops
     from flowkern.hf import compat
-    from flowkern.hf.session import cache_groups, set_cache_groups
 
     compat.check_dynamic_cache(cache)
     if cache is None:
@@ -146,46 +139,35 @@ def compact_cache_(
             f"length from it), got {layers}"
         )
     total = compat.cache_length(cache)
-    if not isinstance(keep, torch.Tensor) or keep.dtype != torch.bool or keep.dim() != 2:
-        raise ValueError(f"keep must be a bool tensor [B, T] (T = {total} cached tokens), got {keep!r:.80}")
+    if not isinstance(kept, torch.Tensor) or kept.dtype != torch.bool or kept.dim() != 2:
+        raise ValueError(f"kept must be a bool tensor [B, T] (T = {total} cached tokens), got {kept!r:.80}")
     first = compat.layer_kv(cache, layers[0])
     if first is None:
         raise ValueError(f"layer {layers[0]} of the cache is empty: fill the cache (prefill) first")
     B = first[0].shape[0]
-    if tuple(keep.shape) != (B, total):
-        raise ValueError(f"keep must be [B={B}, T={total}] (original token positions), got {tuple(keep.shape)}")
+    if tuple(kept.shape) != (B, total):
+        raise ValueError(f"kept must be [B={B}, T={total}] (original token positions), got {tuple(kept.shape)}")
     dev = first[0].device
-    keep = keep.to(dev)
+    kept = kept.to(dev)
     if attention_mask is not None:
         if tuple(attention_mask.shape) != (B, total):
             raise ValueError(f"attention_mask must be [B={B}, T={total}], got {tuple(attention_mask.shape)}")
-        keep = keep & attention_mask.to(dev).bool()
-    wanted = set(layers)
-    groups = cache_groups(cache)
-    touched = [g for g in groups if g.layers & wanted]
-    if len(touched) > 1 or (touched and not wanted <= touched[0].layers):
-        raise ValueError(
-            f"layers {layers} hold different tokens (compacted separately): compact them one set at a time"
-        )
-    old = touched[0] if touched else None
-    keymap = torch.arange(total, device=dev).expand(B, total) if old is None else old.keymap
+        kept = kept & attention_mask.to(dev).bool()
+    groups = keymaps.cache_groups(cache)
+    old, keymap = keymaps.held_keymap(groups, layers, B, total, dev)
     slots = keymap.shape[1]
     stored = [compat.layer_kv(cache, i) for i in layers]
     for i, kv in zip(layers, stored, strict=True):
         if kv is None or tuple(kv[0].shape[:1]) != (B,) or kv[0].shape[-2] != slots:
             have = None if kv is None else tuple(kv[0].shape)
             raise ValueError(f"layer {i}'s cache holds {have}, expected [B={B}, H, {slots}, D]")
-    keep_slots, new_keymap = plan.compact_keymap(keymap, keep)
+    kept_slots, new_keymap = keymaps.compact_keymap(keymap, kept)
     tensors = [t for kv in stored for t in kv]
     with torch.no_grad():
-        views, _ = ops.compact_(tensors, keep_slots, -2)
+        views, _ = ops.compact_(tensors, kept_slots, -2)
     for j, i in enumerate(layers):
         compat.set_layer_kv(cache, i, views[2 * j], views[2 * j + 1])
-    now = [g for g in groups if not (g.layers & wanted)]
-    if old is not None and old.layers - wanted:
-        now.append(plan.KeyMapGroup(old.layers - wanted, old.keymap, old.hidden))
-    now.append(plan.KeyMapGroup(frozenset(layers), new_keymap, bool((new_keymap < 0).any())))
-    set_cache_groups(cache, now)
+    keymaps.set_cache_groups(cache, keymaps.compacted_groups(groups, old, layers, new_keymap))
     return new_keymap
 
 
@@ -210,7 +192,11 @@ class Pruning(ForwardTimer):
     """Context manager that removes image tokens from decoder layer ``layer`` on, and its record.
     Create it with :func:`prune`.
 
-    Attributes (filled at each prefill):
+    Attributes:
+        spec: the setting (:class:`flowkern.plan.PruneSpec`); ``layer`` is its layer in ``[0, num_layers)``, and
+            ``keep``, ``rank``, ``seed``, ``when`` are its fields.
+
+    Filled at each prefill:
         keep_mask: bool ``[B, S]``: prompt tokens kept (text + kept image tokens; False for padding).
         image_mask: bool ``[B, S]``: the image (placeholder) tokens of the prompt.
         scores: float32 ``[B, S]`` or None: attention each prompt token received from the last prompt row at layer
@@ -230,17 +216,7 @@ class Pruning(ForwardTimer):
     attention = "flowkern"
     watches_calls = True
 
-    def __init__(
-        self,
-        model: torch.nn.Module,
-        *,
-        layer: int | None,
-        keep: int | float = 0,
-        rank: Rank = "attention",
-        seed: int = 0,
-        when: When = "prefill",
-        timing: bool = True,
-    ) -> None:
+    def __init__(self, model: torch.nn.Module, spec: PruneSpec, *, timing: bool = True) -> None:
         from flowkern.hf.models import get_adapter
 
         super().__init__(model, sync=timing)
@@ -248,12 +224,9 @@ class Pruning(ForwardTimer):
         self.config = model.config
         self.text_config = self.adapter.text_config(model.config)
         self.num_layers = int(self.text_config.num_hidden_layers)
-        self.layer = plan.check_prune_args(layer, keep, rank, when, self.num_layers,
-                                           self.adapter.deepstack_layers(self.config), self.adapter.family)
-        self.keep = keep
-        self.rank = rank
-        self.seed = int(seed)
-        self.when = when
+        self.spec = spec
+        self.layer = spec.resolve(self.num_layers, self.adapter.deepstack_layers(self.config), self.adapter.family)
+        self.keep, self.rank, self.seed, self.when = spec.keep, spec.rank, spec.seed, spec.when
         self._fwd: _Forward | None = None
         self._prompt_ids: torch.Tensor | None = None
         self._prompt_keep: torch.Tensor | None = None
@@ -332,7 +305,7 @@ class Pruning(ForwardTimer):
             new = mask[:, n_prompt:].bool() if mask is not None else torch.ones(
                 ids.shape[0], ids.shape[1] - n_prompt, dtype=torch.bool, device=ids.device)
             keep_real = torch.cat([self._prompt_keep.to(ids.device), new.to(ids.device)], dim=1)
-            call.narrow(L, lambda: plan.narrowing(keep_real, compact=L > 0))
+            call.narrow(L, lambda: keymaps.narrowing(keep_real, compact=L > 0))
             return
         if L is None:
             return
@@ -385,10 +358,10 @@ class Pruning(ForwardTimer):
         self.keymap = None
         self._prompt_keep = None
 
-    def _narrowing(self) -> plan.Narrowing:
+    def _narrowing(self) -> keymaps.Narrowing:
         """Called by the session right before layer ``layer`` runs at the prefill: what it keeps."""
         assert self._fwd is not None and self.layer is not None
-        narrowing = plan.narrowing(self._decide(self._fwd), compact=self.layer > 0)
+        narrowing = keymaps.narrowing(self._decide(self._fwd), compact=self.layer > 0)
         self.token_positions, self.keymap = narrowing.index, narrowing.keymap
         return narrowing
 
@@ -428,7 +401,7 @@ class Pruning(ForwardTimer):
 
 def prune(
     model: torch.nn.Module,
-    layer: int | None = None,
+    layer: int | PruneSpec | None = None,
     *,
     keep: int | float = 0,
     rank: Rank = "attention",
@@ -442,7 +415,8 @@ def prune(
         model: a supported Hugging Face VLM (``flowkern.hf.models.supported_model_types()``).
         layer: first decoder layer without the removed tokens, 0-based (the paper's layer ``layer + 1``); negative
             counts from the end. None: prune nothing at prefill, only serve caches compacted by
-            :func:`compact_cache_`.
+            :func:`compact_cache_`. Or a whole setting, a :class:`flowkern.plan.PruneSpec` (then leave ``keep``,
+            ``rank``, ``seed`` and ``when`` at their defaults): ``flowkern.prune(model, PruneSpec(layer=2))``.
         keep: image tokens kept per sample: 0 (drop all, the paper's k = 0), an int ``k`` (at most ``k``) or a float
             fraction in [0, 1] of the sample's image tokens (rounded half up).
         rank: which to keep: ``"attention"`` (received from the last prompt row at layer ``layer - 1``, head mean:
@@ -459,8 +433,14 @@ def prune(
         record after the block.
 
     Raises:
-        ValueError: bad arguments (``rank="attention"`` with ``layer=0`` and ``keep != 0``); the model family is not
-            supported. NotImplementedError: DeepStack layers at or after ``layer`` (Qwen3-VL).
+        ValueError: bad arguments (``rank="attention"`` with ``layer=0`` and ``keep != 0``; a PruneSpec together
+            with other settings); the model family is not supported. NotImplementedError: DeepStack layers at or
+            after ``layer`` (Qwen3-VL).
     """
-    return Pruning(model, layer=layer, keep=keep, rank=rank, seed=seed, when=when, timing=timing)
-
+    if isinstance(layer, PruneSpec):
+        if (keep, rank, seed, when) != (0, "attention", 0, "prefill"):
+            raise ValueError("layer: pass either a PruneSpec or keep / rank / seed / when, not both")
+        spec = layer
+    else:
+        spec = PruneSpec(layer, keep, rank, seed, when)
+    return Pruning(model, spec, timing=timing)

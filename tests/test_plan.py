@@ -1,4 +1,4 @@
-"""flowkern.plan: pruning's planning as pure functions, on hand-made tensors (no model). Expected values are
+"""flowkern.plan: pruning's policy as pure functions, on hand-made tensors (no model). Expected values are
 written out by hand from the definitions in flowkern/prune.py's docstring."""
 
 from __future__ import annotations
@@ -68,59 +68,6 @@ def test_prompt_keep_keeps_text_and_the_last_row():
     assert got.tolist() == [[T, F, F, F, T], [F, F, F, F, T]]  # row 1: its last position is an image token: kept
     got = plan.prompt_keep(image, real, 1, "none", None, 0)
     assert got.tolist() == [[T, T, F, F, T], [F, F, T, F, T]]
-
-
-def test_equalise_fills_short_rows_with_their_earliest_removed_positions():
-    keep = torch.tensor([[T, F, T, F, T], [F, T, F, F, T]])
-    keep_all, index, keymap = plan.equalise(keep)
-    assert keep_all.tolist() == [[T, F, T, F, T], [T, T, F, F, T]]
-    assert index.tolist() == [[0, 2, 4], [0, 1, 4]]
-    assert keymap.tolist() == [[0, 2, 4], [-1, 1, 4]]
-
-
-def test_narrowing_compacts_or_masks():
-    keep = torch.tensor([[T, F, T, T], [F, T, F, T]])
-    n = plan.narrowing(keep, compact=True)
-    assert n.compact and n.hidden and n.keep_all.tolist() == [[T, F, T, T], [T, T, F, T]]
-    assert n.index.tolist() == [[0, 2, 3], [0, 1, 3]] and n.keymap.tolist() == [[0, 2, 3], [-1, 1, 3]]
-    m = plan.narrowing(keep, compact=False)
-    assert not m.compact and m.hidden and m.keep_all.all()
-    assert m.keymap.tolist() == [[0, -1, 2, 3], [-1, 1, -1, 3]]
-    assert not plan.narrowing(torch.ones(2, 3, dtype=torch.bool), compact=False).hidden
-    assert not plan.narrowing(torch.tensor([[T, F, T], [F, T, T]]), compact=True).hidden  # equal rows: no filler
-
-
-def test_gather_tokens_per_token_inputs():
-    index = torch.tensor([[0, 2], [1, 3]])
-    pos = torch.arange(4)  # [S], shared by the batch
-    assert plan.gather_tokens(pos, index, -1).tolist() == [[0, 2], [1, 3]]
-    mrope = torch.arange(24).view(3, 2, 4)  # [3, B, S]
-    assert plan.gather_tokens(mrope, index, -1)[:, 1].tolist() == [[5, 7], [13, 15], [21, 23]]
-    cos = torch.arange(8.0).view(1, 4, 2)  # [1, S, D]: expanded to the batch
-    assert plan.gather_tokens(cos, index, -2).tolist() == [[[0, 1], [4, 5]], [[2, 3], [6, 7]]]
-    with pytest.raises(ValueError, match="no batch dim"):
-        plan.gather_tokens(torch.zeros(4, 3), index, 0)
-
-
-def test_extend_groups_appends_the_new_positions():
-    g = plan.KeyMapGroup(frozenset({2, 3}), torch.tensor([[0, 2], [-1, 1]]), hidden=True)
-    h = plan.KeyMapGroup(frozenset({1}), torch.tensor([[0, 1, 2], [0, 1, 2]]), hidden=False)
-    plan.extend_groups([g, h], past=3, n_new=2, real=torch.tensor([[T, T], [T, F]]))
-    assert g.keymap.tolist() == [[0, 2, 3, 4], [-1, 1, 3, -1]]
-    assert h.keymap.tolist() == [[0, 1, 2, 3, 4], [0, 1, 2, 3, -1]] and h.hidden  # a padded new token hides
-    assert h.mask().tolist() == [[T] * 5, [T, T, T, T, F]]
-    plan.extend_groups([g], past=5, n_new=1, real=None)
-    assert g.keymap[:, -1].tolist() == [5, 5]
-
-
-def test_compact_keymap_of_a_compacted_cache():
-    keymap = torch.tensor([[0, 2, 4], [-1, 1, 4]])
-    keep = torch.tensor([[T, T, F, T, T], [T, T, T, T, T]])  # over original positions
-    slots, new = plan.compact_keymap(keymap, keep)
-    assert slots.tolist() == [[T, F, T], [F, T, T]]
-    assert new.tolist() == [[0, 4], [1, 4]]
-    slots, new = plan.compact_keymap(torch.arange(4).expand(2, 4), torch.tensor([[T, F, F, T], [T, T, F, T]]))
-    assert slots.tolist() == [[T, T, F, T], [T, T, F, T]] and new.tolist() == [[0, -1, 3], [0, 1, 3]]
 
 
 def test_is_continuation():

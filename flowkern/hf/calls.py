@@ -21,7 +21,7 @@ import torch
 from flowkern.hf import compat
 
 if TYPE_CHECKING:
-    from flowkern.plan import Narrowing
+    from flowkern.keymaps import Narrowing
 
 __all__ = ["ForwardCall", "ForwardWatcher", "Call"]
 
