@@ -162,11 +162,11 @@ class Flow(Listener):
         step.mass[event.layer] = event.mass.float().clone()
         if event.key_mass is None:
             return
-        dev = self._image_index_dev.get(event.k.device)
-        if dev is None:
-            dev = (self._image_index.to(event.k.device), self._image_valid.to(event.k.device))
-            self._image_index_dev[event.k.device] = dev
         received = event.key_mass
+        dev = self._image_index_dev.get(received.device)
+        if dev is None:
+            dev = (self._image_index.to(received.device), self._image_valid.to(received.device))
+            self._image_index_dev[received.device] = dev
         if event.keymap is not None:  # keys are a subset of the tokens: back to token positions (removed ones get 0)
             keymap = event.keymap.to(received.device)
             held = keymap >= 0

@@ -15,8 +15,8 @@ that touches the model, and undoes all of it when the last listener leaves (also
 - **structure**, found once per session through the family's adapter (:mod:`flowkern.hf.models`): the language
   model and where the forward enters it, its decoder layers and their attention modules, the vision tower (each a
   walk over the model's modules: a caller that attaches many short-lived listeners one after another, like a
-  sweep's pruning per point, keeps the session and what it found by holding one listener across them, e.g.
-  :class:`flowkern.eval.sweep`'s attention hold; a model edited in between is seen afresh by the next session);
+  sweep's pruning per point, keeps the session and what it found by holding one listener across them with
+  :func:`flowkern.listener.attached`; a model edited in between is seen afresh by the next session);
 - **forward calls**: :class:`flowkern.hf.calls.ForwardWatcher` reports each outermost forward once, normalised into a
   :class:`flowkern.hf.calls.Call` through :mod:`flowkern.hf.compat` (cache, past length, 2D padding mask, the inputs
   an image layout needs, ``grid_thw`` of the vision tower's calls); the call's wall time is measured here, once,
