@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
 
 from flowkern.cli.common import (
@@ -70,6 +69,7 @@ def run(args: argparse.Namespace) -> int:
     """The ``sweep`` subcommand (see :func:`add_parser`)."""
     from flowkern.eval.run import EvalUsageError
     from flowkern.eval.sweep import SweepConfig, run_sweep
+    from flowkern.eval.sweep.dist import process_index
 
     controls = tuple(r.strip() for r in args.control.split(",") if r.strip())
     config = config_from_args(SweepConfig, args, controls=controls, reuse=not args.no_reuse)
@@ -78,14 +78,14 @@ def run(args: argparse.Namespace) -> int:
         if value is not None and value < 1:
             raise UsageError(f"{flag} {value}: expected an integer >= 1")
     try:
-        result = run_sweep(config, progress=int(os.environ.get("RANK", "0")) == 0)
+        result = run_sweep(config, progress=process_index() == 0)
     except EvalUsageError as exc:
         raise UsageError(str(exc)) from None
     except KeyboardInterrupt:
         error_line(f"flowkern sweep: interrupted; answers so far are kept in {args.out}, rerun the same command to "
                    "resume")
         return 130
-    if int(os.environ.get("RANK", "0")) != 0:
+    if process_index() != 0:
         return 0
     c = result.cliff
     print(f"answered {result.generated} (point, question) pairs in {result.seconds:.1f} s")
