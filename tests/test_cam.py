@@ -12,7 +12,8 @@ import pytest
 import torch
 
 import flowkern.hf  # noqa: F401  (registers the "flowkern" attention implementation)
-from flowkern.cam import _PixelNoise, cam
+from flowkern.cam import cam
+from flowkern.gradcam import PixelNoise
 from flowkern.hf import compat
 from flowkern.hf.tiny import IMAGE_TOKEN as IMG
 from flowkern.hf.tiny import clip_config, text_config, tiny_vlm
@@ -210,7 +211,7 @@ def test_qwen_noise_is_shared_by_temporal_copies():
     c = case("qwen2_vl")
     pv = c.inputs["pixel_values"].view(-1, 3, 2, 4)
     pv = pv[:, :, :1].expand(-1, -1, 2, -1).reshape(-1, 24)  # a still image: temporal copies equal
-    noise = _PixelNoise(pv, (torch.tensor(MEAN), torch.tensor(STD)), "patches", 2, 0.3, False, 0)
+    noise = PixelNoise(pv, (torch.tensor(MEAN), torch.tensor(STD)), "patches", 2, 0.3, False, 0)
     noisy = noise.next().view(-1, 3, 2, 4)
     torch.testing.assert_close(noisy[:, :, 0], noisy[:, :, 1])
     delta = (noisy.reshape(-1, 24) - pv).view(-1, 3, 2, 4) * torch.tensor(STD).view(1, 3, 1, 1)
