@@ -10,6 +10,8 @@
 - :mod:`flowkern.hf.segments`: token -> system/image/user/generated labels, image grid metadata.
 - :mod:`flowkern.hf.compat`: every version-dependent transformers internal (cache keyword, cache layout, mask
   shapes, ...), with a table of what changed in which release; the only module that reads them.
+- :mod:`flowkern.hf.reuse`: one computation reused across generate calls on the same inputs (the layers below a
+  pruning layer, the image encoding), for a sweep's points.
 - :mod:`flowkern.hf.loading`: load a model and its processor from local files (never the network), build inputs.
 - :mod:`flowkern.hf.tiny`: the one tiny-model builder (tests, benchmarks, the demo model).
 
