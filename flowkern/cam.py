@@ -369,12 +369,10 @@ class _CamRun(Listener):
         self.layers, self.site, self.recorder = layers, site, recorder
 
     def install(self, session: Session, handles: list[Any]) -> None:
-        decoder = session.layers
-        handles.append(decoder[min(self.layers)].register_forward_pre_hook(self.recorder.input_hook,
-                                                                           with_kwargs=True))
-        for layer in self.layers:
-            site = session.adapter.site_module(decoder[layer], self.site)
-            handles.append(site.register_forward_hook(self.recorder.forward_hook(layer)))
+        from flowkern.hf.sites import hook_layer_sites
+
+        hook_layer_sites(session, self.layers, self.site, self.recorder.start, self.recorder.site, handles,
+                         owner=self.owner)
 
 
 def _smoothgrad(model: torch.nn.Module, run: _CamRun, inputs: dict, answer: torch.Tensor, noise: PixelNoise | None,

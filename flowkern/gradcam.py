@@ -1,5 +1,5 @@
 """The pieces of :func:`flowkern.cam` that need no session: which image tokens and views a prompt has, the
-SmoothGrad pixel noise, the hooks that reduce gradients to Grad-CAM heat, and the teacher-forced copies of the
+SmoothGrad pixel noise, the reduction of gradients to Grad-CAM heat, and the teacher-forced copies of the
 prompt. The method itself is described in :mod:`flowkern.cam`.
 """
 
@@ -140,15 +140,12 @@ class PixelNoise:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Grad-CAM hooks and the teacher-forced copies
-
-
-def _first_tensor(output: Any) -> torch.Tensor:
-    return output[0] if isinstance(output, (tuple, list)) else output
+# Grad-CAM heat and the teacher-forced copies
 
 
 class GradCamRecorder:
-    """Hooks that keep the image-token rows of ``A`` and reduce the gradient to the heat as it arrives.
+    """Keeps the image-token rows of ``A`` and reduces the gradient to the heat as it arrives (its :meth:`start`
+    and :meth:`site` are put on the model by :func:`flowkern.hf.sites.hook_layer_sites`).
 
     Args:
         layers: the chosen decoder layers (row ``i`` of :attr:`total` is ``layers[i]``).
@@ -170,31 +167,21 @@ class GradCamRecorder:
         self.seen: set[int] = set()
         self.leaf: torch.Tensor | None = None
 
-    def input_hook(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        """Make the hidden states entering the first chosen layer a leaf that requires grad: the graph starts
-        there (parameters do not require grad, so nothing before it is recorded)."""
-        if args and isinstance(args[0], torch.Tensor):
-            self.leaf = args[0].detach().requires_grad_(True)
-            return (self.leaf, *args[1:]), kwargs
-        if isinstance(kwargs.get("hidden_states"), torch.Tensor):
-            self.leaf = kwargs["hidden_states"].detach().requires_grad_(True)
-            return args, dict(kwargs, hidden_states=self.leaf)
-        raise RuntimeError("flowkern.cam: found no hidden states entering the first chosen decoder layer")
+    def start(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The hidden states ``[n, S, D]`` entering the first chosen layer, as a leaf that requires grad: the
+        graph starts there (parameters do not require grad, so nothing before it is recorded)."""
+        self.leaf = hidden.detach().requires_grad_(True)
+        return self.leaf
 
-    def forward_hook(self, layer: int) -> Any:
-        """The forward hook of ``layer``'s site: keeps ``A`` and hooks its gradient (reduced to heat by
+    def site(self, layer: int, a: torch.Tensor) -> None:
+        """The output ``a`` ``[n, S, D]`` of ``layer``'s site: keep it and hook its gradient (reduced to heat by
         :meth:`_reduce` the moment autograd computes it)."""
-
-        def hook(module: torch.nn.Module, args: tuple, output: Any) -> None:
-            a = _first_tensor(output)
-            if not a.requires_grad:
-                raise RuntimeError(f"flowkern.cam: the features of layer {layer} are not part of the autograd graph")
-            # a reference, not a copy: autograd keeps this tensor for the next op's backward anyway (the MLP for the
-            # post-attention norm, the next layer's norm for a layer output), and the hook below fires right then
-            self.feats[layer] = (a.detach(), a._version)
-            a.register_hook(lambda grad: self._reduce(layer, grad))
-
-        return hook
+        if not a.requires_grad:
+            raise RuntimeError(f"flowkern.cam: the features of layer {layer} are not part of the autograd graph")
+        # a reference, not a copy: autograd keeps this tensor for the next op's backward anyway (the MLP for the
+        # post-attention norm, the next layer's norm for a layer output), and the hook below fires right then
+        self.feats[layer] = (a.detach(), a._version)
+        a.register_hook(lambda grad: self._reduce(layer, grad))
 
     def _reduce(self, layer: int, grad: torch.Tensor) -> None:
         a, version = self.feats.pop(layer)

@@ -36,13 +36,11 @@ MODEL_WORDS = frozenset({"model", "models", "module", "modules", "layer", "layer
 """Words of a name (split at ``_``) that mark an object as (a piece of) a model."""
 
 PENDING: frozenset[tuple[str, str]] = frozenset({
-    ("flowkern/cam.py", "register_forward_pre_hook"),
-    ("flowkern/cam.py", "register_forward_hook"),
     ("flowkern/demo/train.py", "register_forward_hook"),
     ("flowkern/demo/train.py", "attribute"),
 })
-"""``(file, what)`` edits still outside ``hf/`` that are being moved: LLaVA-CAM's layer-site hooks, and the
-training script (leaving the package), which hooks the projector and sets the trained model's generation config.
+"""``(file, what)`` edits still outside ``hf/`` that are being moved: the training script (leaving the package),
+which hooks the projector and sets the trained model's generation config.
 Each entry must still occur (the list only shrinks); nothing else may."""
 
 
