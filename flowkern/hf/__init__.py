@@ -6,6 +6,8 @@
 - :mod:`flowkern.hf.attention`: the ``"flowkern"`` attention + mask functions (:func:`register`): read the pushed
   layer state, emit one row event.
 - :mod:`flowkern.hf.calls`: one outermost forward call, normalised (cache, past length, 2D mask, layout inputs).
+- :mod:`flowkern.hf.sites`: hooks at decoder-layer sites for an analysis that reads activations and their
+  gradients (LLaVA-CAM).
 - :mod:`flowkern.hf.models`: one adapter per model family (every model-specific constant lives there).
 - :mod:`flowkern.hf.segments`: token -> system/image/user/generated labels, image grid metadata.
 - :mod:`flowkern.hf.compat`: every version-dependent transformers internal (cache keyword, cache layout, mask
