@@ -58,12 +58,13 @@ def probe(model_dir: str, num: int = 256, batch_size: int = 32) -> dict[str, obj
     """The read-outs above for the model in ``model_dir`` (or ``demo``) on ``num`` "whose shape" problems:
     ``owner`` / ``place`` / ``option`` / ``verdict`` / ``side``: one value per decoder-layer input
     (``num_layers + 1``); ``text_mass`` and ``letter`` in [0, 1]."""
+    from flowkern.demo import resolve_model
     from flowkern.demo import train as T
     from flowkern.eval import shapes as world
     from flowkern.hf.loading import load_model
 
     # eager attention: the probe reads the attention weights
-    model, processor = load_model(model_dir, device="cpu", attn_implementation="eager")
+    model, processor = load_model(resolve_model(model_dir), device="cpu", attn_implementation="eager")
     tok = processor.tokenizer
     names = list(world._NAMES)
     examples, i = [], 0

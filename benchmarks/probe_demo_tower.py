@@ -28,10 +28,11 @@ import torch
 def probe(model_dir: str, num: int = 128) -> dict[str, float]:
     """The read-outs above for the model in ``model_dir`` (or ``demo``) on ``num`` scenes; values in [0, 1]
     (``col_R2`` may be negative)."""
+    from flowkern.demo import resolve_model
     from flowkern.demo import train as T
     from flowkern.hf.loading import load_model
 
-    model, processor = load_model(model_dir, device="cpu")
+    model, processor = load_model(resolve_model(model_dir), device="cpu")
     grid = T.VISION["image_size"] // T.VISION["patch_size"]
     examples = [T.training_example(777, i, {"textvqa": 1.0}) for i in range(num)]
     targets = T._patch_batch(examples, grid)

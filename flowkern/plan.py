@@ -20,6 +20,7 @@ __all__ = [
     "WHENS",
     "PruneSpec",
     "PRUNE_OPTIONS",
+    "parse_keep",
     "check_prune_args",
     "num_to_keep",
     "choose",
@@ -136,6 +137,32 @@ class PruneSpec:
         if unknown:
             raise ValueError(f"PruneSpec has no field {', '.join(map(repr, unknown))} (known: {', '.join(names)})")
         return cls(**{names[k]: v for k, v in data.items()})
+
+
+def parse_keep(text: str) -> int | float:
+    """A ``keep`` written as text: ``"0"`` / ``"64"`` (image tokens per sample), ``"0.25"`` or ``"25%"`` (a fraction).
+
+    Raises:
+        ValueError: anything else (the message quotes ``text``).
+    """
+    value = text.strip()
+    try:
+        if value.endswith("%"):
+            frac = float(value[:-1]) / 100.0
+        elif any(c in value for c in ".eE"):
+            frac = float(value)
+        else:
+            k = int(value)
+            if k < 0:
+                raise ValueError
+            return k
+    except ValueError:
+        raise ValueError(
+            f"{text!r}: expected a count >= 0 (e.g. 0 or 64) or a fraction in [0, 1] (e.g. 0.25 or 25%)"
+        ) from None
+    if not 0.0 <= frac <= 1.0:
+        raise ValueError(f"{text!r}: a fraction must be in [0, 1]")
+    return frac
 
 
 def check_prune_args(

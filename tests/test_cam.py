@@ -325,7 +325,8 @@ def test_cli_end_to_end(tmp_path, capsys):
     from PIL import Image
 
     import flowkern.cli as cli
-    from flowkern.hf.loading import build_inputs, load_model
+    from flowkern.hf.inputs import build_inputs
+    from flowkern.hf.loading import load_model
 
     assert "cam" in cli.SUBCOMMANDS
     _save_tiny_llava(tmp_path / "llava")

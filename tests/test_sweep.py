@@ -17,7 +17,8 @@ import pytest
 import torch
 
 from flowkern.cli import main
-from flowkern.eval.run import ANSWERS_FILE, EvalConfig, run_eval
+from flowkern.eval.answers import ANSWERS_FILE
+from flowkern.eval.run import EvalConfig, run_eval
 from flowkern.eval.sweep import (
     Point,
     SweepConfig,
@@ -30,6 +31,7 @@ from flowkern.eval.sweep import (
 from flowkern.hf import compat
 from flowkern.hf.loading import load_model
 from flowkern.hf.reuse import ImageCache
+from flowkern.plan import PruneSpec
 from tests._eval_data import write_pope
 from tests._eval_models import save_eval_llava, save_image, slowed_flowkern
 
@@ -140,8 +142,8 @@ def test_points_equal_independent_eval_runs(files, llava, tmp_path, capsys):
                                   reuse=False, **kw), model=model, processor=processor)
     texts = set()
     for rec in result.points:
-        prune = {} if rec["layer"] is None else dict(prune_layer=rec["layer"], keep=0.25, rank=rec["rank"])
-        ind = run_eval(EvalConfig(out=tmp_path / "ind" / rec["point"], **kw, **prune), model=model,
+        prune = PruneSpec() if rec["layer"] is None else PruneSpec(rec["layer"], 0.25, rec["rank"])
+        ind = run_eval(EvalConfig(out=tmp_path / "ind" / rec["point"], **kw, prune=prune), model=model,
                        processor=processor)
         got = (out / rec["answers"]).read_text()
         assert got == ind.answers_path.read_text(), rec["point"]

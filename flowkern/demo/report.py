@@ -331,7 +331,7 @@ def attention_stage(model: Any, processor: Any, samples: Sequence[Any], *, max_n
     import torch
 
     import flowkern
-    from flowkern.eval.run import build_batch_inputs
+    from flowkern.hf.inputs import build_inputs
     from flowkern.hf.models import get_adapter
 
     per_question: list[Any] = []
@@ -340,7 +340,7 @@ def attention_stage(model: Any, processor: Any, samples: Sequence[Any], *, max_n
     image_tokens = 0
     placeholders = torch.tensor(get_adapter(model).placeholder_token_ids(model.config))
     for chunk in _chunks(samples, batch_size):
-        inputs = build_batch_inputs(processor, model, [s.image for s in chunk], [s.prompt for s in chunk])
+        inputs = build_inputs(processor, model, [s.image for s in chunk], [s.prompt for s in chunk])
         if not image_tokens:
             image_tokens = int(torch.isin(inputs["input_ids"][0].cpu(), placeholders).sum())
         with torch.inference_mode(), flowkern.trace(model, image_inputs=inputs) as flow:
@@ -373,11 +373,11 @@ def cam_stage(model: Any, processor: Any, samples: Sequence[Any], *, max_new_tok
         (``(layer, row, col, value)``), or ``error`` when there is nothing to explain (an empty answer).
     """
     import flowkern
-    from flowkern.eval.run import build_batch_inputs
+    from flowkern.hf.inputs import build_inputs
 
     out = []
     for sample in samples:
-        inputs = build_batch_inputs(processor, model, [sample.image], [sample.prompt])
+        inputs = build_inputs(processor, model, [sample.image], [sample.prompt])
         try:
             result = flowkern.cam(model, inputs, processor=processor, samples=copies, noise_std=0.1,
                                   batch_size=copies, max_new_tokens=max_new_tokens, seed=0)
@@ -449,14 +449,14 @@ def speed_stage(model: Any, processor: Any, points: Sequence[tuple[str, int, Seq
         ``pruned_prefill_ms``, ``prefill_speedup``, ``unpruned_decode_tok_s``, ``pruned_decode_tok_s``,
         ``decode_speedup``, ``repeats``, ``new_tokens``.
     """
-    from flowkern.eval.run import build_batch_inputs
+    from flowkern.hf.inputs import build_inputs
 
     pad = _pad_id(processor)
     rows = []
     for label, layer, samples in points:
         for b in batches:
             chosen = [samples[i % len(samples)] for i in range(b)]
-            inputs = build_batch_inputs(processor, model, [s.image for s in chosen], [s.prompt for s in chosen])
+            inputs = build_inputs(processor, model, [s.image for s in chosen], [s.prompt for s in chosen])
             times: dict[str, list[tuple[float, float]]] = {"unpruned": [], "pruned": []}
             for r in range(repeats + 1):
                 for method, at in (("unpruned", None), ("pruned", layer)):
@@ -539,11 +539,11 @@ def check_model(config: DemoConfig, model: Any, processor: Any) -> int:
     from PIL import Image
 
     from flowkern.eval import shapes as world
-    from flowkern.eval.run import build_batch_inputs
+    from flowkern.hf.inputs import build_inputs
     from flowkern.hf.models import get_adapter
 
     try:
-        inputs = build_batch_inputs(processor, model, [Image.new("RGB", (world.CANVAS, world.CANVAS), "white")],
+        inputs = build_inputs(processor, model, [Image.new("RGB", (world.CANVAS, world.CANVAS), "white")],
                                     ["Is there a red circle in the image?"])
     except ValueError as exc:
         raise ValueError(f"--model {config.model}: cannot build a shapes prompt: {exc}") from None

@@ -14,18 +14,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from flowkern.eval.run import (
-    ANSWERS_FILE,
-    EvalConfig,
-    EvalPlan,
-    EvalUsageError,
-    _append_lines,
-    _start_files,
-    answer_record,
-    build_batch_inputs,
-    generate_answers,
-    prepare,
-)
+from flowkern.eval.answers import ANSWERS_FILE, answer_record, append_lines
+from flowkern.eval.run import EvalConfig, EvalPlan, EvalUsageError, generate_answers, prepare
 from flowkern.eval.sweep.cliff import search_cliff
 from flowkern.eval.sweep.dist import Dist
 from flowkern.eval.sweep.files import (
@@ -50,6 +40,8 @@ from flowkern.eval.sweep.points import (
     series_points,
     sweep_settings,
 )
+from flowkern.hf.inputs import build_inputs
+from flowkern.plan import PruneSpec
 
 if TYPE_CHECKING:
     from flowkern.hf.reuse import ImageCache, PrefixShare
@@ -88,8 +80,8 @@ class Engine:
         return EvalConfig(
             model=c.model, task=c.task, data=c.data, out=out or self.out / POINTS_DIR / point.name, images=c.images,
             limit=c.limit, batch_size=c.batch_size, max_new_tokens=c.max_new_tokens,
-            prune_layer=point.layer, keep=c.keep if pruned else 0, rank=point.rank if pruned else "attention",
-            prune_seed=c.seed if pruned else 0, strict=c.strict, split=c.split, ocr=c.ocr, device=self.dist.device,
+            prune=PruneSpec(point.layer, c.keep, point.rank, c.seed) if pruned else PruneSpec(), strict=c.strict,
+            split=c.split, ocr=c.ocr, device=self.dist.device,
             dtype=c.dtype, overwrite=False)
 
 
@@ -122,7 +114,7 @@ class Engine:
                         obj = json.loads(raw)
                         records.setdefault(task.prediction_key(_prediction(task, obj)), obj)
             order = [s.key for s in plan.task.samples if s.key in records]
-            _start_files(replace(plan, fresh=not plan.answered, torn_line=plan.torn_line))
+            replace(plan, fresh=not plan.answered, torn_line=plan.torn_line).start_files()
             atomic_write_text(main, "".join(json.dumps(records[k], ensure_ascii=False) + "\n" for k in order))
         for s in shards:
             for point in points:
@@ -157,7 +149,7 @@ class Engine:
             return
         self.load_model()
         for writer in writers.values():
-            _start_files(writer)
+            writer.start_files()
         model_id = Path(str(c.model).rstrip("/")).name or str(c.model)
         bar = None
         if progress:
@@ -180,12 +172,12 @@ class Engine:
                         groups.setdefault(sub, []).append(p)
                 for keys, group in groups.items():
                     batch = [by_key[k] for k in keys]
-                    inputs = build_batch_inputs(self.processor, self.model, [s.image for s in batch],
-                                                [s.prompt for s in batch])
+                    inputs = build_inputs(self.processor, self.model, [s.image for s in batch],
+                                          [s.prompt for s in batch])
                     with contextlib.closing(self.run_group(group, batch, inputs, max_new)) as answered:
                         for p, texts in answered:
-                            _append_lines(writers[p].answers_path, [answer_record(task, s, t, model_id)
-                                                                    for s, t in zip(batch, texts, strict=True)])
+                            append_lines(writers[p].answers_path, [answer_record(task, s, t, model_id)
+                                                                   for s, t in zip(batch, texts, strict=True)])
                             todo[p] -= set(keys)
                             self.generated += len(batch)
                             if bar is not None:
@@ -309,7 +301,7 @@ class Engine:
                     lines.append(record)
                 out[p.name] = record
             if lines:
-                _append_lines(self.out / RESULTS_FILE, lines)
+                append_lines(self.out / RESULTS_FILE, lines)
         return self.dist.broadcast(out)
 
 
