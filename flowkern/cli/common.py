@@ -7,7 +7,8 @@ module or from the package's ``__init__``, so the commands load in any order and
   ``FileNotFoundError`` / ``ValueError`` / ``ImportError`` of the steps a user can fix into one;
   :func:`error_line` prints a message on a line of its own, also after a progress bar cut short by Ctrl-C
   (:func:`track_stderr`, which :func:`flowkern.cli.main` runs every command under);
-- argument groups: :func:`add_model_arguments` (``flow``, ``generate``, ``cam``: one prompt on a model),
+- argument groups: :func:`add_model_arguments` (``flow``, ``generate``, ``cam``: one prompt on a model; every
+  ``--model`` goes through :func:`model_argument`, so ``demo`` names the shipped model),
   :func:`add_device_arguments`, :func:`add_task_arguments` and :func:`add_answer_arguments` (``eval``, ``sweep``:
   a benchmark's questions), and the pruning options of every command from one table (:data:`PRUNE_FLAGS`):
   :func:`add_prune_arguments`, :func:`check_prune_arguments`, :func:`spec_from_args` (a
@@ -352,8 +353,8 @@ def load_from_args(args: argparse.Namespace) -> LoadedInputs:
     Raises:
         UsageError: missing image / model directory, uncached hub id, unsupported model, prompt without an image slot.
     """
-    from flowkern.hf.inputs import build_inputs
-    from flowkern.hf.loading import load_images, load_model, position_range_message
+    from flowkern.hf.inputs import build_inputs, load_images
+    from flowkern.hf.loading import load_model, position_range_message
 
     with user_errors():
         images = load_images(args.image)

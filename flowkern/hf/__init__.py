@@ -14,8 +14,8 @@
   shapes, ...), with a table of what changed in which release; the only module that reads them.
 - :mod:`flowkern.hf.reuse`: one computation reused across generate calls on the same inputs (the layers below a
   pruning layer, the image encoding), for a sweep's points.
-- :mod:`flowkern.hf.loading`: load a model and its processor from local files (never the network), read images.
-- :mod:`flowkern.hf.inputs`: prompts and images -> the model's inputs, one builder for 1..B prompts.
+- :mod:`flowkern.hf.loading`: load a model and its processor from local files (never the network).
+- :mod:`flowkern.hf.inputs`: images and prompts -> the model's inputs, one builder for 1..B prompts.
 - :mod:`flowkern.hf.tiny`: the one tiny-model builder (tests, benchmarks, the demo model).
 
 Importing this package registers the attention implementation, so ``model.set_attn_implementation(

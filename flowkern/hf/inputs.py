@@ -1,4 +1,4 @@
-"""From prompts and images to a model's inputs: one builder for one prompt or a batch of ``B``.
+"""From images and prompts to a model's inputs: one builder for one prompt or a batch of ``B``; images read as RGB.
 
 .. code-block:: python
 
@@ -16,15 +16,49 @@ go to the model's device, floating ones in the model's dtype.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from flowkern.hf.loading import load_images
 from flowkern.hf.models import ADAPTERS, ModelAdapter, get_adapter
 
-__all__ = ["build_inputs", "prompt_text"]
+__all__ = ["build_inputs", "prompt_text", "load_images"]
+
+
+def load_images(image: Any) -> list:
+    """Images as a list of RGB ``PIL.Image``.
+
+    Args:
+        image: a path, a ``PIL.Image``, or a list of them.
+
+    Raises:
+        FileNotFoundError: a path that does not exist.
+        ValueError: a file that is not an image, or an empty list.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    items = list(image) if isinstance(image, (list, tuple)) else [image]
+    if not items:
+        raise ValueError("--image: no image given")
+    out = []
+    for item in items:
+        if isinstance(item, Image.Image):
+            out.append(item.convert("RGB"))
+            continue
+        path = Path(os.fspath(item)).expanduser()
+        if path.is_dir():
+            raise ValueError(f"--image {item}: is a directory, expected an image file")
+        if not path.is_file():
+            raise FileNotFoundError(f"--image {item}: no such file")
+        try:
+            with Image.open(path) as im:
+                out.append(im.convert("RGB"))
+        except (UnidentifiedImageError, OSError) as exc:
+            raise ValueError(f"--image {item}: not a readable image ({exc})") from exc
+    return out
 
 
 def prompt_text(processor: Any, family: str, prompt: str, n_images: int) -> str:

@@ -1,7 +1,8 @@
-"""Load a supported VLM and its processor from a local directory or the Hugging Face cache; read images.
+"""Load a supported VLM and its processor from a local directory or the Hugging Face cache.
 
-Shared by every command that runs a model (and usable from Python; the inputs come from
-:func:`flowkern.hf.inputs.build_inputs`):
+Shared by every command that runs a model (and usable from Python; images and inputs come from
+:mod:`flowkern.hf.inputs`, whose :func:`~flowkern.hf.inputs.build_inputs` and
+:func:`~flowkern.hf.inputs.load_images` this module re-exports):
 
 .. code-block:: python
 
@@ -29,10 +30,14 @@ from typing import Any
 
 import torch
 
+from flowkern.hf.inputs import build_inputs, load_images
+
 __all__ = [
-    "load_model", "load_images", "input_image", "position_range_message",
-    "resolve_device", "resolve_dtype", "auto_model_class",
+    "load_model", "input_image", "position_range_message", "resolve_device", "resolve_dtype", "auto_model_class",
+    "build_inputs", "load_images",
 ]
+"""``build_inputs`` and ``load_images`` live in :mod:`flowkern.hf.inputs`; they are importable from here too, so
+that loading a model and building its inputs is one import."""
 
 try:  # what safetensors raises for a truncated or corrupt file (its header or tensor offsets do not add up)
     from safetensors import SafetensorError as _SafetensorError
@@ -229,40 +234,7 @@ def load_model(
 
 
 # ----------------------------------------------------------------------------------------------------------
-# inputs
-
-
-def load_images(image: Any) -> list:
-    """Images as a list of RGB ``PIL.Image``.
-
-    Args:
-        image: a path, a ``PIL.Image``, or a list of them.
-
-    Raises:
-        FileNotFoundError: a path that does not exist.
-        ValueError: a file that is not an image, or an empty list.
-    """
-    from PIL import Image, UnidentifiedImageError
-
-    items = list(image) if isinstance(image, (list, tuple)) else [image]
-    if not items:
-        raise ValueError("--image: no image given")
-    out = []
-    for item in items:
-        if isinstance(item, Image.Image):
-            out.append(item.convert("RGB"))
-            continue
-        path = Path(os.fspath(item)).expanduser()
-        if path.is_dir():
-            raise ValueError(f"--image {item}: is a directory, expected an image file")
-        if not path.is_file():
-            raise FileNotFoundError(f"--image {item}: no such file")
-        try:
-            with Image.open(path) as im:
-                out.append(im.convert("RGB"))
-        except (UnidentifiedImageError, OSError) as exc:
-            raise ValueError(f"--image {item}: not a readable image ({exc})") from exc
-    return out
+# about the inputs
 
 
 def position_range_message(model: torch.nn.Module, total_tokens: int) -> str | None:
