@@ -32,8 +32,10 @@ import torch
 from _common import device_label, make_report, model_summary, resolve_device, save_pope, save_pope_model, write_report
 from PIL import Image
 
-from flowkern.eval.run import ANSWERS_FILE, EvalConfig, run_eval
+from flowkern.eval.answers import ANSWERS_FILE
+from flowkern.eval.run import EvalConfig, run_eval
 from flowkern.hf.loading import load_model
+from flowkern.plan import PruneSpec
 
 SIZE = "tiny"
 def main() -> None:
@@ -55,7 +57,7 @@ def main() -> None:
     save_pope_model(tmp / "model")
     data, images = save_pope(tmp, args.questions)
     model, processor = load_model(tmp / "model", device=device, dtype="float32")
-    prunings = {"unpruned": {}, f"prune L={args.layer} k=0": dict(prune_layer=args.layer, keep=0)}
+    prunings = {"unpruned": {}, f"prune L={args.layer} k=0": dict(prune=PruneSpec(layer=args.layer, keep=0))}
 
     def one_run(name: str, batch: int, prune: dict, limit: int | None = None) -> tuple[float, dict]:
         out = tmp / "runs" / f"{name.replace(' ', '_')}-b{batch}"

@@ -14,7 +14,7 @@ no padding), ``--new-tokens`` greedy steps (end-of-sequence disabled). Methods, 
   L = 2: the issue's target);
 - ``prune-k64``: ``flowkern.prune(model, layer=L, keep=64, rank="attention")``: FastV-style, top 64 kept.
 
-Per run a forward-hook timer (:class:`flowkern.prune.ForwardTimer`, CUDA synchronised) splits the wall time into
+Per run a forward-hook timer (:class:`flowkern.timer.ForwardTimer`, CUDA synchronised) splits the wall time into
 the prefill forward (vision tower + prompt) and the decode forwards; reported: median prefill seconds and median
 decode tokens/s (``B * steps / decode time``) over ``--repeats`` rounds after one warm-up, and on CUDA the peak
 allocated memory above the weights and inputs. In each round every method runs once, the order rotated; ratios
@@ -50,7 +50,7 @@ from _common import (
 from transformers import LlavaForConditionalGeneration
 
 import flowkern
-from flowkern.prune import ForwardTimer
+from flowkern.timer import ForwardTimer
 
 METHODS = ("sdpa", "flowkern", "prune-k0", "prune-k64")
 TEXT_TOKENS = 64

@@ -54,7 +54,8 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
-from flowkern.listener import Listener
+from flowkern.gradcam import GradCamRecorder, PixelNoise, expand_copies, norm_stats, plan_images
+from flowkern.listener import Listener, attached
 
 if TYPE_CHECKING:
     from flowkern.hf.session import Session
@@ -183,129 +184,7 @@ class Cam:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# model plumbing
-
-
-def _first_tensor(output: Any) -> torch.Tensor:
-    return output[0] if isinstance(output, (tuple, list)) else output
-
-
-def _norm_stats(
-    processor: Any, pixel_mean: Sequence[float] | None, pixel_std: Sequence[float] | None
-) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """Per-channel mean / std of the processor's normalisation, or None when unknown."""
-    if pixel_mean is not None or pixel_std is not None:
-        if pixel_mean is None or pixel_std is None:
-            raise ValueError("pass both pixel_mean and pixel_std (or processor=)")
-        mean, std = torch.as_tensor(pixel_mean, dtype=torch.float32), torch.as_tensor(pixel_std, dtype=torch.float32)
-    elif processor is not None:
-        ip = getattr(processor, "image_processor", processor)
-        mean, std = getattr(ip, "image_mean", None), getattr(ip, "image_std", None)
-        if mean is None or std is None:
-            raise ValueError(f"{type(ip).__name__} has no image_mean / image_std; pass pixel_mean= and pixel_std=")
-        mean, std = torch.as_tensor(mean, dtype=torch.float32), torch.as_tensor(std, dtype=torch.float32)
-        if getattr(ip, "do_normalize", True) is False:
-            mean, std = torch.zeros_like(mean), torch.ones_like(std)
-    else:
-        return None
-    if mean.dim() != 1 or mean.shape != std.shape or bool((std <= 0).any()):
-        raise ValueError(f"pixel_mean / pixel_std must be per-channel 1D of equal length, std > 0; got {mean}, {std}")
-    return mean, std
-
-
-class _PixelNoise:
-    """Draws and applies the SmoothGrad noise for one ``pixel_values`` tensor (see the module docstring).
-
-    ``layout`` is the adapter's ``pixel_layout``: ``"patches"`` (Qwen-VL ``[N, C * temporal * P * P]``, one draw
-    per ``(patch, channel)`` shared by the ``temporal`` copies) or ``"channels"`` (channel at dim -3).
-    """
-
-    def __init__(self, pixel_values: torch.Tensor, stats: tuple[torch.Tensor, torch.Tensor], layout: str,
-                 temporal: int, std: float, clamp: bool, seed: int) -> None:
-        self.pv = pixel_values
-        mean, pstd = stats
-        c = mean.numel()
-        if layout == "patches":
-            if pixel_values.dim() != 2:
-                raise ValueError(f"pixel_values {tuple(pixel_values.shape)}: expected flattened patches [N, C*T*P*P]")
-            n, feat = pixel_values.shape
-            t = max(1, int(temporal))
-            if feat % (c * t):
-                raise ValueError(f"pixel_values rows of {feat} values do not split into {c} channels x {t} frames")
-            self.view = (n, c, t, feat // (c * t))
-            self.noise_shape = (n, c, 1, feat // (c * t))
-            self.mean, self.pstd = mean.view(1, c, 1, 1), pstd.view(1, c, 1, 1)
-        else:
-            if pixel_values.dim() < 3 or pixel_values.shape[-3] != c:
-                raise ValueError(
-                    f"pixel_values {tuple(pixel_values.shape)}: expected the channel dim -3 to have {c} channels "
-                    "(the length of pixel_mean / pixel_std)"
-                )
-            self.view = tuple(pixel_values.shape)
-            self.noise_shape = self.view
-            self.mean, self.pstd = mean.view(c, 1, 1), pstd.view(c, 1, 1)
-        self.std, self.clamp = float(std), clamp
-        self.gen = torch.Generator().manual_seed(int(seed))
-        self.x01 = pixel_values.detach().float().cpu().reshape(self.view) * self.pstd + self.mean
-
-    def next(self) -> torch.Tensor:
-        """The next noisy copy, normalised, in the dtype / device / shape of ``pixel_values``."""
-        noise = torch.randn(self.noise_shape, generator=self.gen)
-        x = self.x01 + self.std * noise
-        if self.clamp:
-            x = x.clamp(0.0, 1.0)
-        x = (x - self.mean) / self.pstd
-        return x.reshape(self.pv.shape).to(device=self.pv.device, dtype=self.pv.dtype)
-
-
-class _Recorder:
-    """Hooks that keep the image-token rows of ``A`` and reduce the gradient to the heat as it arrives."""
-
-    def __init__(self, layers: list[int], positions: torch.Tensor, owner: torch.Tensor, weights: torch.Tensor) -> None:
-        self.row = {layer: i for i, layer in enumerate(layers)}
-        self.positions = positions  # long [K] on the model device
-        self.owner = owner  # long [K]: image of each token (0 where none)
-        self.weights = weights  # float32 [I, K]: 1/count of the image's view tokens, 0 elsewhere
-        self.in_view = weights.sum(dim=0) > 0  # bool [K]
-        self.feats: dict[int, tuple[torch.Tensor, int]] = {}
-        self.total = torch.zeros(len(layers), positions.numel(), dtype=torch.float32, device=positions.device)
-        self.seen: set[int] = set()
-        self.leaf: torch.Tensor | None = None
-
-    def input_hook(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        """Make the hidden states entering the first chosen layer a leaf that requires grad: the graph starts
-        there (parameters do not require grad, so nothing before it is recorded)."""
-        if args and isinstance(args[0], torch.Tensor):
-            self.leaf = args[0].detach().requires_grad_(True)
-            return (self.leaf, *args[1:]), kwargs
-        if isinstance(kwargs.get("hidden_states"), torch.Tensor):
-            self.leaf = kwargs["hidden_states"].detach().requires_grad_(True)
-            return args, dict(kwargs, hidden_states=self.leaf)
-        raise RuntimeError("flowkern.cam: found no hidden states entering the first chosen decoder layer")
-
-    def forward_hook(self, layer: int) -> Any:
-        def hook(module: torch.nn.Module, args: tuple, output: Any) -> None:
-            a = _first_tensor(output)
-            if not a.requires_grad:
-                raise RuntimeError(f"flowkern.cam: the features of layer {layer} are not part of the autograd graph")
-            # a reference, not a copy: autograd keeps this tensor for the next op's backward anyway (the MLP for the
-            # post-attention norm, the next layer's norm for a layer output), and the hook below fires right then
-            self.feats[layer] = (a.detach(), a._version)
-            a.register_hook(lambda grad: self._reduce(layer, grad))
-
-        return hook
-
-    def _reduce(self, layer: int, grad: torch.Tensor) -> None:
-        a, version = self.feats.pop(layer)
-        if a._version != version:
-            raise RuntimeError(f"flowkern.cam: the model modified the site output of layer {layer} in place; "
-                               "choose another site")
-        feats = a[:, self.positions].float()  # [n, K, D]
-        g = grad[:, self.positions].float()
-        alpha = torch.einsum("ik,nkd->nid", self.weights, g)  # per image: mean gradient over its tokens
-        heat = torch.relu((feats * alpha[:, self.owner]).sum(dim=-1)) * self.in_view  # [n, K]
-        self.total[self.row[layer]] += heat.sum(dim=0)
-        self.seen.add(layer)
+# the answer, the layers
 
 
 def _generate_answer(model: torch.nn.Module, inputs: dict, max_new_tokens: int) -> torch.Tensor:
@@ -322,29 +201,6 @@ def _generate_answer(model: torch.nn.Module, inputs: dict, max_new_tokens: int) 
         if hits.numel():
             new = new[: int(hits[0])]
     return new
-
-
-def _expand(inputs: Mapping[str, Any], n: int, answer: torch.Tensor, pixel_values: torch.Tensor | None) -> dict:
-    """n copies of the prompt + answer: per-token tensors get the answer appended, every tensor is repeated n times
-    along dim 0 (for one prompt, per-image tensors like ``pixel_values`` / ``image_grid_thw`` are concatenations of
-    the copies' images, in order)."""
-    ids = inputs["input_ids"]
-    S, T = ids.shape[1], answer.numel()
-    out = {}
-    for key, value in inputs.items():
-        if key == "pixel_values" and pixel_values is not None:
-            out[key] = pixel_values
-            continue
-        if not isinstance(value, torch.Tensor) or value.dim() == 0:
-            out[key] = value
-            continue
-        if value.dim() == 2 and value.shape == ids.shape:  # per-token
-            fill = answer.to(ids.device, ids.dtype)[None] if key == "input_ids" else torch.full(
-                (1, T), 1 if key == "attention_mask" else 0, dtype=value.dtype, device=value.device)
-            value = torch.cat([value, fill], dim=1)
-        out[key] = value.repeat(n, *([1] * (value.dim() - 1)))
-    assert out["input_ids"].shape == (n, S + T)
-    return out
 
 
 def _check_layers(layers: Sequence[int] | None, num_layers: int) -> list[int]:
@@ -419,17 +275,7 @@ def cam(
     """
     from flowkern.hf.models import get_adapter
 
-    if site not in SITES:
-        raise ValueError(f"site must be one of {SITES}, got {site!r}")
-    for name, value in (("samples", samples), ("batch_size", batch_size), ("max_new_tokens", max_new_tokens)):
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-    if isinstance(noise_std, bool) or not isinstance(noise_std, numbers.Real) or not 0 <= noise_std < math.inf:
-        raise ValueError(f"noise_std must be a finite number >= 0, got {noise_std!r}")
-    if normalize not in ("layer", "global"):
-        raise ValueError(f"normalize must be 'layer' or 'global', got {normalize!r}")
-    if threshold is not None and not 0 <= threshold <= 1:
-        raise ValueError(f"threshold must be in [0, 1] or None, got {threshold}")
+    _check_settings(site, samples, batch_size, max_new_tokens, noise_std, normalize, threshold)
     adapter = get_adapter(model)
     ids = inputs.get("input_ids") if isinstance(inputs, Mapping) else None
     if not isinstance(ids, torch.Tensor) or ids.dim() != 2:
@@ -437,8 +283,8 @@ def cam(
     if ids.shape[0] != 1:
         raise ValueError(f"flowkern.cam takes one prompt (input_ids [1, S]), got batch {ids.shape[0]}")
     inputs = dict(inputs)
-    plan = _plan(adapter, model.config, ids, inputs)
-    stats = _norm_stats(processor, pixel_mean, pixel_std)
+    plan = plan_images(adapter, model.config, ids, inputs)
+    stats = norm_stats(processor, pixel_mean, pixel_std)
     pixel_values = inputs.get("pixel_values")
     if noise_std > 0 and stats is None:
         raise ValueError(
@@ -451,64 +297,45 @@ def cam(
     answer = _answer(model, inputs, answer_ids, max_new_tokens)
     noise = None
     if noise_std > 0:
-        noise = _PixelNoise(pixel_values, stats, adapter.pixel_layout, adapter.temporal_patch_size(model.config),
+        noise = PixelNoise(pixel_values, stats, adapter.pixel_layout, adapter.temporal_patch_size(model.config),
                             noise_std, clamp, seed)
 
     device = ids.device
-    recorder = _Recorder(layers, plan.positions.to(device), plan.owner.to(device), plan.weights.to(device))
+    recorder = GradCamRecorder(layers, plan.positions.to(device), plan.owner.to(device), plan.weights.to(device))
     targets = _smoothgrad(model, _CamRun(layers, site, recorder), inputs, answer, noise, int(samples),
                           int(batch_size), progress)
     token_raw = (recorder.total / int(samples)).cpu()  # [L, K]
-    views = []
-    for g in plan.grids:
-        cells = g.index.flatten()
-        raw = torch.where(cells >= 0, token_raw[:, cells.clamp(min=0)], 0.0).view(len(layers), *g.shape)
-        views.append(CamView(g.image, g.name, g.index.clone(), raw, _normalise(raw, normalize, threshold), g.whole))
     return Cam(
         layers=layers, site=site, answer_ids=answer, samples=int(samples), noise_std=float(noise_std),
-        target=torch.cat(targets), token_raw=token_raw, views=views,
+        target=torch.cat(targets), token_raw=token_raw, views=_views(plan.grids, token_raw, normalize, threshold),
     )
 
 
-@dataclass
-class _Plan:
-    """What one LLaVA-CAM computes, from the prompt alone: the image tokens, their views and the alpha weights.
+def _check_settings(site: str, samples: int, batch_size: int, max_new_tokens: int, noise_std: float,
+                    normalize: str, threshold: float | None) -> None:
+    """:func:`cam`'s settings that need no model; ValueError naming the first bad one."""
+    if site not in SITES:
+        raise ValueError(f"site must be one of {SITES}, got {site!r}")
+    for name, value in (("samples", samples), ("batch_size", batch_size), ("max_new_tokens", max_new_tokens)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    if isinstance(noise_std, bool) or not isinstance(noise_std, numbers.Real) or not 0 <= noise_std < math.inf:
+        raise ValueError(f"noise_std must be a finite number >= 0, got {noise_std!r}")
+    if normalize not in ("layer", "global"):
+        raise ValueError(f"normalize must be 'layer' or 'global', got {normalize!r}")
+    if threshold is not None and not 0 <= threshold <= 1:
+        raise ValueError(f"threshold must be in [0, 1] or None, got {threshold}")
 
-    Attributes:
-        positions: long ``[K]`` sequence positions of the prompt's image tokens.
-        grids: the views of every image (:class:`flowkern.hf.segments.ImageGrid`, ordinals into ``positions``).
-        owner: long ``[K]`` image of each token (0 where in no view).
-        weights: float32 ``[I, K]``: ``1 / count`` on the tokens of image i's views (alpha is their mean), else 0.
-    """
 
-    positions: torch.Tensor
-    grids: list
-    owner: torch.Tensor
-    weights: torch.Tensor
-
-
-def _plan(adapter: Any, config: Any, ids: torch.Tensor, inputs: dict) -> _Plan:
-    from flowkern.hf.segments import IMAGE, label_prompt
-
-    segments = label_prompt(ids.cpu(), adapter.placeholder_token_ids(config))
-    positions = torch.nonzero(segments[0] == IMAGE).flatten()
-    if positions.numel() == 0:
-        raise ValueError(
-            f"the prompt has no image placeholder tokens (ids {adapter.placeholder_token_ids(config)}); "
-            "build inputs with the processor from an image and a prompt"
-        )
-    layout_inputs = {k: v.cpu() if isinstance(v, torch.Tensor) else v
-                     for k in adapter.layout_inputs if (v := inputs.get(k)) is not None}
-    grids = adapter.image_grids(config, ids.cpu(), segments, layout_inputs)[0]
-    K = positions.numel()
-    num_images = 1 + max(g.image for g in grids)
-    weights = torch.zeros(num_images, K)
+def _views(grids: list, token_raw: torch.Tensor, normalize: str, threshold: float | None) -> list[CamView]:
+    """Per image view, ``token_raw`` float32 ``[L, K]`` laid out on its grid ``[L, gh, gw]`` (0 where no token)
+    and normalised."""
+    views = []
     for g in grids:
         cells = g.index.flatten()
-        weights[g.image, cells[cells >= 0]] = 1.0
-    owner = weights.argmax(dim=0)
-    weights = weights / weights.sum(dim=1, keepdim=True).clamp(min=1)
-    return _Plan(positions, grids, owner, weights)
+        raw = torch.where(cells >= 0, token_raw[:, cells.clamp(min=0)], 0.0).view(token_raw.shape[0], *g.shape)
+        views.append(CamView(g.image, g.name, g.index.clone(), raw, _normalise(raw, normalize, threshold), g.whole))
+    return views
 
 
 def _answer(model: torch.nn.Module, inputs: dict, answer_ids: Any, max_new_tokens: int) -> torch.Tensor:
@@ -538,60 +365,55 @@ class _CamRun(Listener):
     attention = "differentiable"
     freezes_parameters = True
 
-    def __init__(self, layers: list[int], site: str, recorder: _Recorder) -> None:
+    def __init__(self, layers: list[int], site: str, recorder: GradCamRecorder) -> None:
         self.layers, self.site, self.recorder = layers, site, recorder
 
     def install(self, session: Session, handles: list[Any]) -> None:
-        decoder = session.layers
-        handles.append(decoder[min(self.layers)].register_forward_pre_hook(self.recorder.input_hook,
-                                                                           with_kwargs=True))
-        for layer in self.layers:
-            site = session.adapter.site_module(decoder[layer], self.site)
-            handles.append(site.register_forward_hook(self.recorder.forward_hook(layer)))
+        from flowkern.hf.sites import hook_layer_sites
+
+        hook_layer_sites(session, self.layers, self.site, self.recorder.start, self.recorder.site, handles,
+                         owner=self.owner)
 
 
-def _smoothgrad(model: torch.nn.Module, run: _CamRun, inputs: dict, answer: torch.Tensor, noise: _PixelNoise | None,
+def _smoothgrad(model: torch.nn.Module, run: _CamRun, inputs: dict, answer: torch.Tensor, noise: PixelNoise | None,
                 samples: int, batch_size: int, progress: bool) -> list[torch.Tensor]:
     """The SmoothGrad loop: one teacher-forced forward + backward per batch of noisy copies, inside ``run``'s
     session; the recorder accumulates the heat. Returns the target ``z`` of each copy, per batch."""
     from flowkern.hf import compat
-    from flowkern.hf.session import Session
 
     recorder = run.recorder
     keep = compat.accepts_logits_to_keep(model)
     T = answer.numel()
     answer_dev = answer.to(inputs["input_ids"].device)
     targets = []
-    session = Session.of(model)
-    session.add(run)
     bar = None
     try:
-        starts = list(range(0, samples, batch_size))
-        if progress:
-            from tqdm.auto import tqdm
+        with attached(model, run):
+            starts = list(range(0, samples, batch_size))
+            if progress:
+                from tqdm.auto import tqdm
 
-            starts = bar = tqdm(starts, desc="flowkern cam", unit="batch")
-        for start in starts:
-            n = min(batch_size, samples - start)
-            with torch.enable_grad():
-                pv = torch.cat([noise.next() for _ in range(n)]) if noise is not None else None
-                batch = _expand(inputs, n, answer, pv)
-                extra = {"logits_to_keep": T + 1} if keep else {}
-                logits = model(**batch, use_cache=False, **extra).logits
-                rows = logits[:, -(T + 1) : -1].float()  # row t predicts answer token t
-                z = rows.gather(-1, answer_dev.expand(n, T)[..., None]).squeeze(-1).sum(dim=-1)  # [n]
-                torch.autograd.grad(z.sum(), recorder.leaf)
-            targets.append(z.detach().cpu())
-            recorder.leaf = None
-            del logits, rows, z, batch, pv
-            missing = set(run.layers) - recorder.seen
-            if missing:
-                raise RuntimeError(f"flowkern.cam: no gradient reached layers {sorted(missing)}")
-            recorder.seen.clear()
+                starts = bar = tqdm(starts, desc="flowkern cam", unit="batch")
+            for start in starts:
+                n = min(batch_size, samples - start)
+                with torch.enable_grad():
+                    pv = torch.cat([noise.next() for _ in range(n)]) if noise is not None else None
+                    batch = expand_copies(inputs, n, answer, pv)
+                    extra = {"logits_to_keep": T + 1} if keep else {}
+                    logits = model(**batch, use_cache=False, **extra).logits
+                    rows = logits[:, -(T + 1) : -1].float()  # row t predicts answer token t
+                    z = rows.gather(-1, answer_dev.expand(n, T)[..., None]).squeeze(-1).sum(dim=-1)  # [n]
+                    torch.autograd.grad(z.sum(), recorder.leaf)
+                targets.append(z.detach().cpu())
+                recorder.leaf = None
+                del logits, rows, z, batch, pv
+                missing = set(run.layers) - recorder.seen
+                if missing:
+                    raise RuntimeError(f"flowkern.cam: no gradient reached layers {sorted(missing)}")
+                recorder.seen.clear()
     finally:
         if bar is not None:
             bar.close()  # also when interrupted: the caller's message starts on a line of its own
-        session.remove(run)
         recorder.leaf = None
         recorder.feats.clear()
     return targets

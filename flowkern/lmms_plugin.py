@@ -12,11 +12,12 @@ an instance: ``lmms_eval.evaluator.simple_evaluate(model=FlowkernLMM(pretrained=
 
 Model arguments (``--model_args k=v,...``): ``pretrained`` (a ``save_pretrained`` folder or a cached hub id; never
 downloaded), ``prune_layer``, ``keep`` (0, a count, a fraction or ``25%``), ``rank`` (attention|random|none),
-``prune_seed``, ``prune_when`` (prefill|decode) as in :func:`flowkern.prune`; ``device``, ``dtype``,
+``prune_seed``, ``prune_when`` (prefill|decode): a :class:`flowkern.plan.PruneSpec` for :func:`flowkern.prune`
+(:data:`flowkern.plan.PRUNE_OPTIONS`); ``device``, ``dtype``,
 ``batch_size`` (also lmms-eval's ``--batch_size``), ``max_new_tokens`` (used when a task sets none; default 128).
 
 Prompts: the task's context text goes through the same templating as ``flowkern eval``
-(:func:`flowkern.eval.run.build_batch_inputs`: the processor's chat template, one image slot per visual), so for
+(:func:`flowkern.hf.inputs.build_inputs`: the processor's chat template, one image slot per visual), so for
 POPE (whose lmms-eval prompt equals LLaVA's) the wrapper's answers are those of ``flowkern eval``. Decoding is greedy
 only (a task asking for sampling or beams is refused with a clear error), batched with left padding; ``until``
 stop strings cut the answer. ``loglikelihood`` scores a continuation by teacher forcing (with pruning if set).
@@ -30,6 +31,13 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Sequence
 from typing import Any
+
+import flowkern
+from flowkern.eval.run import generate_answers
+from flowkern.hf.inputs import build_inputs, prompt_text
+from flowkern.hf.loading import load_model
+from flowkern.hf.models import get_adapter
+from flowkern.plan import PRUNE_OPTIONS, PruneSpec, parse_keep
 
 try:  # optional: lmms-eval and its base class
     from lmms_eval.api.model import lmms as _LmmsBase
@@ -90,8 +98,6 @@ def _as_int(name: str, value: Any, *, allow_none: bool = False) -> int | None:
 
 
 def _as_keep(value: Any) -> int | float:
-    from flowkern.cli.common import parse_keep
-
     if isinstance(value, bool):
         raise ValueError(f"flowkern model_args: keep={value!r}: expected a count or a fraction")
     if isinstance(value, float) and value.is_integer() and value > 1:
@@ -100,7 +106,7 @@ def _as_keep(value: Any) -> int | float:
         value = repr(value)
     try:
         return parse_keep(str(value))
-    except Exception as exc:  # argparse.ArgumentTypeError
+    except ValueError as exc:
         raise ValueError(f"flowkern model_args: keep={value!r}: {exc}") from None
 
 
@@ -128,11 +134,11 @@ class FlowkernLMM(_LmmsBase):
         **kwargs: Any,
     ) -> None:
         if kwargs:
+            known = ["pretrained", *PRUNE_OPTIONS.values(), "device", "dtype", "batch_size", "max_new_tokens"]
             raise ValueError(f"flowkern model_args: unknown argument(s) {', '.join(sorted(kwargs))} (known: "
-                             "pretrained, prune_layer, keep, rank, prune_seed, prune_when, device, dtype, batch_size, "
-                             "max_new_tokens)")
+                             f"{', '.join(known)})")
         super().__init__()
-        self._rank, self._world_size = 0, 1
+        self._process_index, self._world_size = 0, 1  # one process: requests are not sharded
         self.cache_hook = getattr(self, "cache_hook", None) or _NoCache()
         self.task_dict: dict = getattr(self, "task_dict", None) or {}
         self.pretrained = str(pretrained)
@@ -140,17 +146,13 @@ class FlowkernLMM(_LmmsBase):
         self.batch_size_per_gpu = max(1, _as_int("batch_size", 1 if auto else batch_size))
         self.max_new_tokens = _as_int("max_new_tokens", max_new_tokens)
         if model is None or processor is None:
-            from flowkern.hf.loading import load_model
-
             model, processor = load_model(self.pretrained, device=device or "auto", dtype=dtype)
         self._model, self._processor = model, processor
         self.pruning = None
-        layer = _as_int("prune_layer", prune_layer, allow_none=True)
-        if layer is not None:
-            import flowkern
-
-            self.pruning = flowkern.prune(model, layer=layer, keep=_as_keep(keep), rank=str(rank),
-                                          seed=_as_int("prune_seed", prune_seed), when=str(prune_when))
+        self.prune_spec = PruneSpec(layer=_as_int("prune_layer", prune_layer, allow_none=True), keep=_as_keep(keep),
+                                    rank=str(rank), seed=_as_int("prune_seed", prune_seed), when=str(prune_when))
+        if self.prune_spec.enabled:
+            self.pruning = flowkern.prune(model, self.prune_spec)
         self.prune_settings = None if self.pruning is None else dict(layer=self.pruning.layer, keep=self.pruning.keep,
                                                                      rank=self.pruning.rank)
 
@@ -178,7 +180,8 @@ class FlowkernLMM(_LmmsBase):
 
     @property
     def rank(self) -> int:
-        return self._rank
+        """lmms-eval's process index (always 0: the wrapper runs as one process); not the pruning ``rank``."""
+        return self._process_index
 
     @property
     def world_size(self) -> int:
@@ -220,8 +223,6 @@ class FlowkernLMM(_LmmsBase):
         """Greedy answers; ``requests[i].args == (context, gen_kwargs, doc_to_visual, doc_id, task, split)``."""
         from tqdm.auto import tqdm
 
-        from flowkern.eval.run import generate_answers
-
         items = []
         for i, req in enumerate(requests):
             context, gen_kwargs, doc_to_visual, doc_id, task, split = req.args
@@ -253,15 +254,13 @@ class FlowkernLMM(_LmmsBase):
         ``args == (context, doc_to_target, doc_to_visual, doc_id, task, split)``."""
         import torch
 
-        from flowkern.eval.run import build_batch_inputs
-
         out: list[tuple[float, bool]] = []
         for req in requests:
             context, target, doc_to_visual, doc_id, task, split = req.args
             continuation = target if isinstance(target, str) else target(self.task_dict[task][split][doc_id])
             visuals = self._visuals(doc_to_visual, doc_id, task, split)
             self._check_visuals(visuals, task, doc_id)
-            prompt_ids = build_batch_inputs(self._processor, self._model, [visuals], [context])["input_ids"]
+            prompt_ids = build_inputs(self._processor, self._model, [visuals], [context])["input_ids"]
             full = self._full_inputs(visuals, context, continuation)
             n = int(full["input_ids"].shape[1] - prompt_ids.shape[1])
             if n < 1 or not torch.equal(full["input_ids"][0, : prompt_ids.shape[1]].cpu(), prompt_ids[0].cpu()):
@@ -278,9 +277,6 @@ class FlowkernLMM(_LmmsBase):
 
     def _full_inputs(self, visuals: Sequence[Any], context: str, continuation: str) -> Any:
         """Processor inputs of the templated prompt followed by ``continuation``."""
-        from flowkern.hf.loading import prompt_text
-        from flowkern.hf.models import get_adapter
-
         text = prompt_text(self._processor, get_adapter(self._model).family, context, len(visuals)) + continuation
         inputs = self._processor(images=list(visuals), text=[text], return_tensors="pt")
         param = next(self._model.parameters())

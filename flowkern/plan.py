@@ -1,49 +1,168 @@
-"""Pure planning for :mod:`flowkern.prune`: how many image tokens to keep, which, and the key maps that describe
-what each layer then holds. Tensors in, tensors out: no model, no hooks, no transformers (``tests/test_plan.py``
-checks every function on hand-made inputs).
+"""Pruning policy for :mod:`flowkern.prune`, as pure functions: the setting (:class:`PruneSpec`), how many image
+tokens to keep and which. Tensors in, tensors out: no model, no hooks, no transformers (``tests/test_plan.py``
+checks every function on hand-made inputs). What the pruned layers then hold (key maps) is
+:mod:`flowkern.keymaps`.
 
-Vocabulary (see :mod:`flowkern.prune` for the method itself):
-
-- ``keep_real`` bool ``[B, S]``: the prompt positions a pruned layer keeps (text tokens, kept image tokens, each
-  row's last position), False for padding;
-- a *key map* long ``[B, L]``: for each slot of a layer's sequence (its KV cache), the original token position it
-  holds, or -1 for a hidden filler; rows are equally long (``L = max_b kept_b``): shorter rows carry their
-  earliest removed positions as fillers, hidden from attention;
-- a :class:`Narrowing`: how a forward's layers ``>= L`` differ from the full prompt (which positions, compacted
-  or only masked);
-- a :class:`KeyMapGroup`: layers of one cache that hold the same tokens, with their key map.
+The plan's answer is ``keep_real``, bool ``[B, S]``: the prompt positions a pruned layer keeps (text tokens, kept
+image tokens, each row's last position), False for padding.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from typing import Any
 
 import torch
 
 __all__ = [
     "RANKS",
+    "WHENS",
+    "PruneSpec",
+    "PRUNE_OPTIONS",
+    "parse_keep",
     "check_prune_args",
     "num_to_keep",
     "choose",
     "grid_cells",
     "grid_scores",
     "prompt_keep",
-    "equalise",
-    "Narrowing",
-    "narrowing",
-    "gather_tokens",
-    "KeyMapGroup",
-    "extend_groups",
-    "compact_keymap",
     "is_continuation",
 ]
 
 RANKS = ("attention", "random", "none", "grid")
 """The ``rank`` values of :func:`flowkern.prune`."""
 
+WHENS = ("prefill", "decode")
+"""The ``when`` values of :func:`flowkern.prune`."""
+
+PRUNE_OPTIONS: dict[str, str] = {"layer": "prune_layer", "keep": "keep", "rank": "rank", "seed": "prune_seed",
+                                 "when": "prune_when"}
+""":class:`PruneSpec` field -> its name where pruning settings sit flat among other options: the CLI's
+``--prune-layer --keep --rank --prune-seed --prune-when`` (``"--" + name`` with ``-`` for ``_``), the lmms-eval
+plugin's ``model_args`` and the ``settings`` of an eval folder's ``run.json``."""
+
 
 # ----------------------------------------------------------------------------------------------------------
 # arguments
+
+
+@dataclass(frozen=True)
+class PruneSpec:
+    """One pruning setting of :func:`flowkern.prune`, independent of any model: from decoder layer ``layer`` on,
+    keep ``keep`` image tokens per sample chosen by ``rank``. ``layer=None`` means no pruning (the other fields
+    then describe what a sweep applies at each of its layers).
+
+    Attributes:
+        layer: 0-based decoder layer (negative counts from the end), or None.
+        keep: an int = at most that many image tokens per sample (0 drops all), a float = that fraction in [0, 1].
+        rank: one of :data:`RANKS`. seed: seed of ``rank="random"``. when: one of :data:`WHENS`.
+
+    Raises:
+        ValueError: naming the bad field (``keep must be ...``), on construction.
+    """
+
+    layer: int | None = None
+    keep: int | float = 0
+    rank: str = "attention"
+    seed: int = 0
+    when: str = "prefill"
+
+    def __post_init__(self) -> None:
+        if self.rank not in RANKS:
+            raise ValueError(f"rank must be one of {RANKS}, got {self.rank!r}")
+        if self.when not in WHENS:
+            raise ValueError(f"when must be 'prefill' or 'decode', got {self.when!r}")
+        keep = self.keep
+        if (isinstance(keep, bool) or not isinstance(keep, int | float)
+                or isinstance(keep, float) and not 0.0 <= keep <= 1.0 or isinstance(keep, int) and keep < 0):
+            raise ValueError(f"keep must be an int >= 0 or a float fraction in [0, 1], got {keep!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ValueError(f"seed must be an int, got {self.seed!r}")
+        if self.layer is not None and (isinstance(self.layer, bool) or not isinstance(self.layer, int)):
+            raise ValueError(f"layer must be a decoder layer index (an int) or None, got {self.layer!r}")
+
+    @property
+    def enabled(self) -> bool:
+        """Whether this setting prunes (``layer`` is not None)."""
+        return self.layer is not None
+
+    def resolve(self, num_layers: int, deepstack: int = 0, family: str = "model") -> int | None:
+        """``layer`` in ``[0, num_layers)`` (or None) after the checks that depend on the model.
+
+        Args:
+            num_layers: the model's decoder layers.
+            deepstack: decoder layers after which the vision tower still adds image features (Qwen3-VL's DeepStack).
+            family: the model family, for the messages.
+
+        Raises:
+            ValueError: naming the bad argument. NotImplementedError: pruning before the DeepStack layers end.
+        """
+        layer, rank, when = self.layer, self.rank, self.when
+        if layer is None:
+            return None
+        if not -num_layers <= layer < num_layers:
+            raise ValueError(
+                f"layer must be a decoder layer index in [0, {num_layers}) (negative counts from the end), "
+                f"got {layer!r}"
+            )
+        layer %= num_layers
+        if layer == 0 and rank == "attention" and self.keep != 0:
+            raise ValueError(
+                "rank='attention' ranks image tokens by the attention they receive at layer L-1, so it needs "
+                "layer >= 1; at layer=0 use keep=0, rank='none' or rank='random'"
+            )
+        if layer == 0 and when == "decode":
+            raise ValueError("when='decode' compacts the cache of layers >= 1: use layer >= 1")
+        if deepstack and when == "prefill" and 0 < layer < deepstack:
+            raise NotImplementedError(
+                f"{family}: DeepStack adds visual features to the image tokens after decoder layers "
+                f"0..{deepstack - 1}; pruning before that (layer={layer}) is not supported: use layer >= {deepstack}"
+            )
+        return layer
+
+    def to_dict(self, *, options: bool = False) -> dict[str, Any]:
+        """The fields as a JSON-ready dict, keyed by field name, or by :data:`PRUNE_OPTIONS` with ``options``."""
+        return {PRUNE_OPTIONS[f.name] if options else f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], *, options: bool = False) -> PruneSpec:
+        """The inverse of :meth:`to_dict` (same ``options``); a missing key takes the field's default.
+
+        Raises:
+            ValueError: a key that names no field, or a bad value (naming the field).
+        """
+        names = {PRUNE_OPTIONS[f.name] if options else f.name: f.name for f in fields(cls)}
+        unknown = sorted(set(data) - set(names))
+        if unknown:
+            raise ValueError(f"PruneSpec has no field {', '.join(map(repr, unknown))} (known: {', '.join(names)})")
+        return cls(**{names[k]: v for k, v in data.items()})
+
+
+def parse_keep(text: str) -> int | float:
+    """A ``keep`` written as text: ``"0"`` / ``"64"`` (image tokens per sample), ``"0.25"`` or ``"25%"`` (a fraction).
+
+    Raises:
+        ValueError: anything else (the message quotes ``text``).
+    """
+    value = text.strip()
+    try:
+        if value.endswith("%"):
+            frac = float(value[:-1]) / 100.0
+        elif any(c in value for c in ".eE"):
+            frac = float(value)
+        else:
+            k = int(value)
+            if k < 0:
+                raise ValueError
+            return k
+    except ValueError:
+        raise ValueError(
+            f"{text!r}: expected a count >= 0 (e.g. 0 or 64) or a fraction in [0, 1] (e.g. 0.25 or 25%)"
+        ) from None
+    if not 0.0 <= frac <= 1.0:
+        raise ValueError(f"{text!r}: a fraction must be in [0, 1]")
+    return frac
 
 
 def check_prune_args(
@@ -51,41 +170,12 @@ def check_prune_args(
     family: str = "model",
 ) -> int | None:
     """Validate :func:`flowkern.prune`'s arguments; returns ``layer`` in ``[0, num_layers)`` (or None).
-
-    Args:
-        deepstack: decoder layers after which the vision tower still adds image features (Qwen3-VL's DeepStack).
+    The checks are :class:`PruneSpec`'s (construction, then :meth:`PruneSpec.resolve`).
 
     Raises:
         ValueError: naming the bad argument. NotImplementedError: pruning before the DeepStack layers end.
     """
-    if rank not in RANKS:
-        raise ValueError(f"rank must be one of {RANKS}, got {rank!r}")
-    if when not in ("prefill", "decode"):
-        raise ValueError(f"when must be 'prefill' or 'decode', got {when!r}")
-    if isinstance(keep, bool) or not isinstance(keep, int | float):
-        raise ValueError(f"keep must be an int >= 0 or a float fraction in [0, 1], got {keep!r}")
-    if isinstance(keep, float) and not 0.0 <= keep <= 1.0 or isinstance(keep, int) and keep < 0:
-        raise ValueError(f"keep must be an int >= 0 or a float fraction in [0, 1], got {keep!r}")
-    if layer is None:
-        return None
-    if isinstance(layer, bool) or not isinstance(layer, int) or not -num_layers <= layer < num_layers:
-        raise ValueError(
-            f"layer must be a decoder layer index in [0, {num_layers}) (negative counts from the end), got {layer!r}"
-        )
-    layer %= num_layers
-    if layer == 0 and rank == "attention" and keep != 0:
-        raise ValueError(
-            "rank='attention' ranks image tokens by the attention they receive at layer L-1, so it needs "
-            "layer >= 1; at layer=0 use keep=0, rank='none' or rank='random'"
-        )
-    if layer == 0 and when == "decode":
-        raise ValueError("when='decode' compacts the cache of layers >= 1: use layer >= 1")
-    if deepstack and when == "prefill" and 0 < layer < deepstack:
-        raise NotImplementedError(
-            f"{family}: DeepStack adds visual features to the image tokens after decoder layers 0..{deepstack - 1}; "
-            f"pruning before that (layer={layer}) is not supported: use layer >= {deepstack}"
-        )
-    return layer
+    return PruneSpec(layer, keep, rank, 0, when).resolve(num_layers, deepstack, family)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -199,127 +289,6 @@ def prompt_keep(
     keep_real = real & (~image | chosen)
     keep_real[:, -1] = True
     return keep_real
-
-
-# ----------------------------------------------------------------------------------------------------------
-# key maps
-
-
-def equalise(keep_real: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Make every row keep the same number of positions.
-
-    Args:
-        keep_real: bool ``[B, S]``, the positions to keep (real tokens).
-
-    Returns:
-        ``(keep_all, index, keymap)``: bool ``[B, S]`` with exactly ``Lmax = max_b keep_real[b].sum()`` True per
-        row (the kept positions plus, in shorter rows, their earliest other positions as fillers); long
-        ``[B, Lmax]`` the kept positions in order; long ``[B, Lmax]`` the same with -1 at fillers.
-    """
-    n = keep_real.sum(dim=1)
-    lmax = int(n.max()) if n.numel() else 0
-    other = ~keep_real
-    filler = other & (other.long().cumsum(dim=1) <= (lmax - n)[:, None])
-    keep_all = keep_real | filler
-    index = torch.sort((~keep_all).to(torch.int8), dim=1, stable=True).indices[:, :lmax]
-    keymap = torch.where(keep_real.gather(1, index), index, torch.full_like(index, -1))
-    return keep_all, index, keymap
-
-
-@dataclass
-class Narrowing:
-    """How the layers ``>= from_layer`` of one forward differ from the full sequence.
-
-    Attributes:
-        keep_all: bool ``[B, S]``: positions those layers compute on (kept tokens + fillers); all True when
-            ``compact`` is False.
-        index: long ``[B, L]``: the original position of each row of the narrowed sequence.
-        keymap: long ``[B, L]``: ``index`` with -1 at the slots hidden from attention (fillers, removed tokens).
-        compact: True: the hidden states are compacted to ``index`` at ``from_layer`` (a real speed-up); False:
-            the sequence stays whole and the removed tokens are only hidden (pruning at layer 0, whose cache
-            length transformers reads).
-        hidden: whether any slot is hidden (else no key padding mask is needed: the fast path).
-    """
-
-    keep_all: torch.Tensor
-    index: torch.Tensor
-    keymap: torch.Tensor
-    compact: bool
-    hidden: bool
-
-
-def narrowing(keep_real: torch.Tensor, *, compact: bool) -> Narrowing:
-    """The :class:`Narrowing` that keeps ``keep_real`` (bool ``[B, S]``): compacted (:func:`equalise`), or the whole
-    sequence with the other positions hidden."""
-    if not compact:
-        S = keep_real.shape[1]
-        index = torch.arange(S, device=keep_real.device).expand_as(keep_real)
-        keymap = torch.where(keep_real, index, -1)
-        return Narrowing(torch.ones_like(keep_real), index, keymap, False, bool((~keep_real).any()))
-    keep_all, index, keymap = equalise(keep_real)
-    return Narrowing(keep_all, index, keymap, True, bool((keymap < 0).any()))
-
-
-def gather_tokens(t: torch.Tensor, index: torch.Tensor, seq_dim: int) -> torch.Tensor:
-    """Gather positions ``index [B, L]`` along ``seq_dim`` of a per-token tensor ``[..., B or 1, S, ...]`` (a
-    ``[S]`` tensor is shared by the batch); returns ``[..., B, L, ...]``."""
-    if t.dim() == 1:
-        t = t.unsqueeze(0)
-    nd = t.dim()
-    sd = seq_dim % nd
-    if sd == 0:
-        raise ValueError(f"per-token tensor of shape {tuple(t.shape)} has no batch dim before its sequence dim")
-    B, lmax = index.shape
-    shape = list(t.shape)
-    shape[sd - 1] = B
-    t = t.expand(shape)
-    view = [1] * nd
-    view[sd - 1], view[sd] = B, lmax
-    out_shape = list(shape)
-    out_shape[sd] = lmax
-    return t.gather(sd, index.view(view).expand(out_shape))
-
-
-@dataclass
-class KeyMapGroup:
-    """Layers of one KV cache that hold the same tokens: their key map (long ``[B, Sk]``, -1 = hidden) and whether
-    any slot is hidden (else no key padding mask is needed)."""
-
-    layers: frozenset[int]
-    keymap: torch.Tensor
-    hidden: bool
-
-    def mask(self) -> torch.Tensor | None:
-        """bool ``[B, Sk]`` (True = a real key), or None when nothing is hidden."""
-        return (self.keymap >= 0) if self.hidden else None
-
-
-def extend_groups(groups: list[KeyMapGroup], past: int, n_new: int, real: torch.Tensor | None) -> None:
-    """A forward of ``n_new`` tokens on a cache of ``past``: every group's key map gets their positions
-    ``past .. past + n_new - 1`` (-1 where ``real`` bool ``[B, n_new]`` says padding), in place."""
-    for g in groups:
-        B = g.keymap.shape[0]
-        pos = torch.arange(past, past + n_new, device=g.keymap.device).expand(B, n_new)
-        if real is not None:
-            r = real.to(g.keymap.device)
-            pos = torch.where(r, pos, -1)
-            g.hidden = g.hidden or not bool(r.all())
-        g.keymap = torch.cat([g.keymap, pos], dim=1)
-
-
-def compact_keymap(keymap: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Compact slots that already hold ``keymap`` (long ``[B, Sk]``) to the original positions ``keep`` (bool
-    ``[B, T]``) says to keep.
-
-    Returns:
-        ``(keep_slots, new_keymap)``: bool ``[B, Sk]`` the slots to move to the front (:func:`flowkern.compact_`),
-        and long ``[B, L]`` the key map of the compacted slots (-1 = filler).
-    """
-    held = keymap >= 0
-    slot_keep = keep.gather(1, keymap.clamp(min=0)) & held
-    keep_all, _, slot_map = equalise(slot_keep)
-    new_keymap = torch.where(slot_map >= 0, keymap.gather(1, slot_map.clamp(min=0)), -1)
-    return keep_all, new_keymap
 
 
 def is_continuation(ids: torch.Tensor | None, prompt_ids: torch.Tensor | None) -> bool:

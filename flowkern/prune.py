@@ -76,37 +76,27 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
-from flowkern import plan
-from flowkern.listener import Listener
-from flowkern.plan import grid_cells as _grid_cells  # noqa: F401  (flowkern.eval's tests use the planner by this name)
-from flowkern.plan import grid_scores as _grid_scores  # noqa: F401
+from flowkern import keymaps, plan
+from flowkern.plan import PruneSpec
+from flowkern.timer import ForwardTimer
 
 if TYPE_CHECKING:
     from flowkern.hf.attention import RowEvent
     from flowkern.hf.calls import Call
-    from flowkern.hf.session import Session
 
-__all__ = ["prune", "Pruning", "compact_cache_", "cache_keymaps", "ForwardTimer"]
+__all__ = ["prune", "Pruning", "compact_cache_"]
 
 Rank = Literal["attention", "random", "none", "grid"]
 When = Literal["prefill", "decode"]
 
 
 # ----------------------------------------------------------------------------------------------------------
-# key maps of a cache: which original tokens each layer's KV cache holds
-
-
-def cache_keymaps(cache: Any) -> dict[int, torch.Tensor]:
-    """The key maps of a cache's pruned layers: ``{layer: int64 [B, Sk]}`` (original token position held by each
-    cache slot, -1 for a hidden filler). Layers not listed hold every token."""
-    from flowkern.hf.session import cache_groups
-
-    return {layer: g.keymap for g in cache_groups(cache) for layer in sorted(g.layers)}
+# compacting a filled cache
 
 
 def compact_cache_(
     cache: Any,
-    keep: torch.Tensor,
+    kept: torch.Tensor,
     layers: Iterable[int],
     *,
     attention_mask: torch.Tensor | None = None,
@@ -115,13 +105,14 @@ def compact_cache_(
 
     One :func:`flowkern.compact_` call moves the kept slots of every given layer's keys and values ``[B, H, S, D]``
     to the front; the layers' stored tensors become the narrowed views. Rows keep the same number of slots
-    (shorter rows carry hidden fillers, see :mod:`flowkern.prune`). The cache's key maps record what each layer
-    holds; decode on it inside ``flowkern.prune(model)`` (any ``layer``), which masks the fillers and tracks new
-    tokens. Layers already compacted are compacted further (``keep`` is still indexed by original position).
+    (shorter rows carry hidden fillers, see :mod:`flowkern.prune`). The cache's key maps
+    (:func:`flowkern.keymaps.cache_keymaps`) record what each layer holds; decode on it inside
+    ``flowkern.prune(model)`` (any ``layer``), which masks the fillers and tracks new tokens. Layers already
+    compacted are compacted further (``kept`` is still indexed by original position).
 
     Args:
         cache: a ``transformers.DynamicCache`` filled by a forward / ``generate`` call.
-        keep: bool ``[B, T]`` over original token positions (``T = cache.get_seq_length()``), True = keep.
+        kept: bool ``[B, T]`` over original token positions (``T = cache.get_seq_length()``), True = keep.
         layers: decoder layers to compact (>= 1: transformers reads the sequence length from layer 0's cache).
             They must currently hold the same tokens (all full, or compacted together before).
         attention_mask: optional ``[B, T]`` padding mask (0 = padding): padding is never kept.
@@ -130,11 +121,10 @@ def compact_cache_(
         int64 ``[B, S']`` the new key map of those layers: original position held by each slot, -1 = hidden.
 
     Raises:
-        ValueError: bad ``keep`` / ``layers``; NotImplementedError: not a plain DynamicCache.
+        ValueError: bad ``kept`` / ``layers``; NotImplementedError: not a plain DynamicCache.
     """
     from flowkern import ops
     from flowkern.hf import compat
-    from flowkern.hf.session import cache_groups, set_cache_groups
 
     compat.check_dynamic_cache(cache)
     if cache is None:
@@ -149,46 +139,35 @@ def compact_cache_(
             f"length from it), got {layers}"
         )
     total = compat.cache_length(cache)
-    if not isinstance(keep, torch.Tensor) or keep.dtype != torch.bool or keep.dim() != 2:
-        raise ValueError(f"keep must be a bool tensor [B, T] (T = {total} cached tokens), got {keep!r:.80}")
+    if not isinstance(kept, torch.Tensor) or kept.dtype != torch.bool or kept.dim() != 2:
+        raise ValueError(f"kept must be a bool tensor [B, T] (T = {total} cached tokens), got {kept!r:.80}")
     first = compat.layer_kv(cache, layers[0])
     if first is None:
         raise ValueError(f"layer {layers[0]} of the cache is empty: fill the cache (prefill) first")
     B = first[0].shape[0]
-    if tuple(keep.shape) != (B, total):
-        raise ValueError(f"keep must be [B={B}, T={total}] (original token positions), got {tuple(keep.shape)}")
+    if tuple(kept.shape) != (B, total):
+        raise ValueError(f"kept must be [B={B}, T={total}] (original token positions), got {tuple(kept.shape)}")
     dev = first[0].device
-    keep = keep.to(dev)
+    kept = kept.to(dev)
     if attention_mask is not None:
         if tuple(attention_mask.shape) != (B, total):
             raise ValueError(f"attention_mask must be [B={B}, T={total}], got {tuple(attention_mask.shape)}")
-        keep = keep & attention_mask.to(dev).bool()
-    wanted = set(layers)
-    groups = cache_groups(cache)
-    touched = [g for g in groups if g.layers & wanted]
-    if len(touched) > 1 or (touched and not wanted <= touched[0].layers):
-        raise ValueError(
-            f"layers {layers} hold different tokens (compacted separately): compact them one set at a time"
-        )
-    old = touched[0] if touched else None
-    keymap = torch.arange(total, device=dev).expand(B, total) if old is None else old.keymap
+        kept = kept & attention_mask.to(dev).bool()
+    groups = keymaps.cache_groups(cache)
+    old, keymap = keymaps.held_keymap(groups, layers, B, total, dev)
     slots = keymap.shape[1]
     stored = [compat.layer_kv(cache, i) for i in layers]
     for i, kv in zip(layers, stored, strict=True):
         if kv is None or tuple(kv[0].shape[:1]) != (B,) or kv[0].shape[-2] != slots:
             have = None if kv is None else tuple(kv[0].shape)
             raise ValueError(f"layer {i}'s cache holds {have}, expected [B={B}, H, {slots}, D]")
-    keep_slots, new_keymap = plan.compact_keymap(keymap, keep)
+    kept_slots, new_keymap = keymaps.compact_keymap(keymap, kept)
     tensors = [t for kv in stored for t in kv]
     with torch.no_grad():
-        views, _ = ops.compact_(tensors, keep_slots, -2)
+        views, _ = ops.compact_(tensors, kept_slots, -2)
     for j, i in enumerate(layers):
         compat.set_layer_kv(cache, i, views[2 * j], views[2 * j + 1])
-    now = [g for g in groups if not (g.layers & wanted)]
-    if old is not None and old.layers - wanted:
-        now.append(plan.KeyMapGroup(old.layers - wanted, old.keymap, old.hidden))
-    now.append(plan.KeyMapGroup(frozenset(layers), new_keymap, bool((new_keymap < 0).any())))
-    set_cache_groups(cache, now)
+    keymaps.set_cache_groups(cache, keymaps.compacted_groups(groups, old, layers, new_keymap))
     return new_keymap
 
 
@@ -209,11 +188,15 @@ class _Forward:
         self.scores: torch.Tensor | None = None  # float32 [B, S] attention received at layer L-1
 
 
-class Pruning(Listener):
+class Pruning(ForwardTimer):
     """Context manager that removes image tokens from decoder layer ``layer`` on, and its record.
     Create it with :func:`prune`.
 
-    Attributes (filled at each prefill):
+    Attributes:
+        spec: the setting (:class:`flowkern.plan.PruneSpec`); ``layer`` is its layer in ``[0, num_layers)``, and
+            ``keep``, ``rank``, ``seed``, ``when`` are its fields.
+
+    Filled at each prefill:
         keep_mask: bool ``[B, S]``: prompt tokens kept (text + kept image tokens; False for padding).
         image_mask: bool ``[B, S]``: the image (placeholder) tokens of the prompt.
         scores: float32 ``[B, S]`` or None: attention each prompt token received from the last prompt row at layer
@@ -222,6 +205,10 @@ class Pruning(Listener):
             included); ``keymap`` is the same with -1 at hidden fillers.
         prefill_seconds: wall time of the last prefill forward (the whole model, vision tower included).
         decode_seconds: wall time of each later forward (decode step) since that prefill.
+        batch_size: B of the last forward.
+
+    The times are a :class:`flowkern.timer.ForwardTimer`'s record, except that the steps of
+    ``generate(use_cache=False)`` after the prompt count as decode steps.
     """
 
     owner = "flowkern.prune"
@@ -229,32 +216,17 @@ class Pruning(Listener):
     attention = "flowkern"
     watches_calls = True
 
-    def __init__(
-        self,
-        model: torch.nn.Module,
-        *,
-        layer: int | None,
-        keep: int | float = 0,
-        rank: Rank = "attention",
-        seed: int = 0,
-        when: When = "prefill",
-        timing: bool = True,
-    ) -> None:
+    def __init__(self, model: torch.nn.Module, spec: PruneSpec, *, timing: bool = True) -> None:
         from flowkern.hf.models import get_adapter
 
-        self.model = model
+        super().__init__(model, sync=timing)
         self.adapter = get_adapter(model)
         self.config = model.config
         self.text_config = self.adapter.text_config(model.config)
         self.num_layers = int(self.text_config.num_hidden_layers)
-        self.layer = plan.check_prune_args(layer, keep, rank, when, self.num_layers,
-                                           self.adapter.deepstack_layers(self.config), self.adapter.family)
-        self.keep = keep
-        self.rank = rank
-        self.seed = int(seed)
-        self.when = when
-        self.timing = bool(timing)
-        self._session: Session | None = None
+        self.spec = spec
+        self.layer = spec.resolve(self.num_layers, self.adapter.deepstack_layers(self.config), self.adapter.family)
+        self.keep, self.rank, self.seed, self.when = spec.keep, spec.rank, spec.seed, spec.when
         self._fwd: _Forward | None = None
         self._prompt_ids: torch.Tensor | None = None
         self._prompt_keep: torch.Tensor | None = None
@@ -265,13 +237,6 @@ class Pruning(Listener):
         self.scores: torch.Tensor | None = None
         self.token_positions: torch.Tensor | None = None
         self.keymap: torch.Tensor | None = None
-        self.prefill_seconds: float | None = None
-        self.decode_seconds: list[float] = []
-        self._batch = 0
-
-    @property
-    def sync(self) -> bool:  # the session synchronises CUDA around each forward for exact timing
-        return self.timing
 
     # ------------------------------------------------------------------------------------------------------
     # results
@@ -291,12 +256,6 @@ class Pruning(Listener):
         """Per sample, long ``[k_b]``: prompt positions of the kept image tokens, ascending."""
         kept = (self._need(self.image_mask) & self._need(self.keep_mask)).cpu()
         return [torch.nonzero(row).flatten() for row in kept]
-
-    @property
-    def decode_tokens_per_second(self) -> float | None:
-        """``B * steps / sum(decode_seconds)`` (forward time only), or None before any decode step."""
-        total = sum(self.decode_seconds)
-        return self._batch * len(self.decode_seconds) / total if total > 0 else None
 
     def _need(self, value: torch.Tensor | None) -> torch.Tensor:
         if value is None:
@@ -320,32 +279,17 @@ class Pruning(Listener):
             )
         return out
 
-    # ------------------------------------------------------------------------------------------------------
-    # attach / detach
-
-    def __enter__(self) -> Pruning:
-        from flowkern.hf.session import Session
-
-        if self._session is not None:
-            raise RuntimeError("this flowkern.prune is already active")
-        session = Session.of(self.model)
-        session.add(self)
-        self._session = session
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        session, self._session = self._session, None
+    def detach(self) -> None:
         self._fwd = None
-        if session is not None:
-            session.remove(self)
+        super().detach()
 
     # ------------------------------------------------------------------------------------------------------
     # listener callbacks
 
     def on_call(self, call: Call) -> None:
         call.check_dynamic_cache(self.owner)
+        super().on_call(call)
         fwd = _Forward(call)
-        self._batch = call.batch
         self._fwd = fwd
         if not call.prefill:
             return  # the session extends the cache's key maps and pushes them down
@@ -361,9 +305,8 @@ class Pruning(Listener):
             new = mask[:, n_prompt:].bool() if mask is not None else torch.ones(
                 ids.shape[0], ids.shape[1] - n_prompt, dtype=torch.bool, device=ids.device)
             keep_real = torch.cat([self._prompt_keep.to(ids.device), new.to(ids.device)], dim=1)
-            call.narrow(L, lambda: plan.narrowing(keep_real, compact=L > 0))
+            call.narrow(L, lambda: keymaps.narrowing(keep_real, compact=L > 0))
             return
-        self.decode_seconds = []
         if L is None:
             return
         self._start_prompt(call)
@@ -382,11 +325,9 @@ class Pruning(Listener):
         fwd, self._fwd = self._fwd, None
         if fwd is None or call.seconds is None:  # the forward raised
             return
-        if not fwd.prefill or fwd.continuation:
-            self.decode_seconds.append(call.seconds)
-            return
-        self.prefill_seconds = call.seconds
-        if self.layer is not None and self.when == "decode":
+        prefill = fwd.prefill and not fwd.continuation
+        self.record(call.seconds, prefill=prefill)
+        if prefill and self.layer is not None and self.when == "decode":
             keep_mask = self._decide(fwd)
             cache = call.cache if call.cache is not None else call.output_cache
             if cache is not None:
@@ -417,10 +358,10 @@ class Pruning(Listener):
         self.keymap = None
         self._prompt_keep = None
 
-    def _narrowing(self) -> plan.Narrowing:
+    def _narrowing(self) -> keymaps.Narrowing:
         """Called by the session right before layer ``layer`` runs at the prefill: what it keeps."""
         assert self._fwd is not None and self.layer is not None
-        narrowing = plan.narrowing(self._decide(self._fwd), compact=self.layer > 0)
+        narrowing = keymaps.narrowing(self._decide(self._fwd), compact=self.layer > 0)
         self.token_positions, self.keymap = narrowing.index, narrowing.keymap
         return narrowing
 
@@ -458,66 +399,9 @@ class Pruning(Listener):
         return plan.grid_scores(as_positions, k.cpu(), image)
 
 
-class ForwardTimer(Listener):
-    """Wall time of each outermost forward call of a model: the prefill and every decode step (context manager).
-
-    For timing a model with whatever attention it runs (it switches nothing; a :class:`Pruning` records the same
-    for pruned runs, from the same clock: the session's). A forward on an empty (or no) cache is a prefill and
-    starts a new record; with ``generate(use_cache=False)`` every step counts as a prefill. The model must be of a
-    supported family (``flowkern.hf.models.supported_model_types()``).
-
-    Attributes:
-        prefill_seconds: the last prefill forward, vision tower included.
-        decode_seconds: each forward on a non-empty cache since then.
-        batch_size: B of the last forward.
-    """
-
-    owner = "flowkern.ForwardTimer"
-    watches_calls = True
-
-    def __init__(self, model: torch.nn.Module, *, sync: bool = True) -> None:
-        self.model = model
-        self.sync = bool(sync)
-        self.prefill_seconds: float | None = None
-        self.decode_seconds: list[float] = []
-        self.batch_size = 0
-        self._session: Session | None = None
-
-    @property
-    def decode_tokens_per_second(self) -> float | None:
-        """``B * steps / sum(decode_seconds)``, or None before any decode step."""
-        total = sum(self.decode_seconds)
-        return self.batch_size * len(self.decode_seconds) / total if total > 0 else None
-
-    def __enter__(self) -> ForwardTimer:
-        from flowkern.hf.session import Session
-
-        session = Session.of(self.model)
-        session.add(self)
-        self._session = session
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        session, self._session = self._session, None
-        if session is not None:
-            session.remove(self)
-
-    def on_call(self, call: Call) -> None:
-        self.batch_size = call.batch
-
-    def on_return(self, call: Call) -> None:
-        if call.seconds is None:
-            return
-        if call.prefill:
-            self.prefill_seconds = call.seconds
-            self.decode_seconds = []
-        else:
-            self.decode_seconds.append(call.seconds)
-
-
 def prune(
     model: torch.nn.Module,
-    layer: int | None = None,
+    layer: int | PruneSpec | None = None,
     *,
     keep: int | float = 0,
     rank: Rank = "attention",
@@ -531,7 +415,8 @@ def prune(
         model: a supported Hugging Face VLM (``flowkern.hf.models.supported_model_types()``).
         layer: first decoder layer without the removed tokens, 0-based (the paper's layer ``layer + 1``); negative
             counts from the end. None: prune nothing at prefill, only serve caches compacted by
-            :func:`compact_cache_`.
+            :func:`compact_cache_`. Or a whole setting, a :class:`flowkern.plan.PruneSpec` (then leave ``keep``,
+            ``rank``, ``seed`` and ``when`` at their defaults): ``flowkern.prune(model, PruneSpec(layer=2))``.
         keep: image tokens kept per sample: 0 (drop all, the paper's k = 0), an int ``k`` (at most ``k``) or a float
             fraction in [0, 1] of the sample's image tokens (rounded half up).
         rank: which to keep: ``"attention"`` (received from the last prompt row at layer ``layer - 1``, head mean:
@@ -548,8 +433,14 @@ def prune(
         record after the block.
 
     Raises:
-        ValueError: bad arguments (``rank="attention"`` with ``layer=0`` and ``keep != 0``); the model family is not
-            supported. NotImplementedError: DeepStack layers at or after ``layer`` (Qwen3-VL).
+        ValueError: bad arguments (``rank="attention"`` with ``layer=0`` and ``keep != 0``; a PruneSpec together
+            with other settings); the model family is not supported. NotImplementedError: DeepStack layers at or
+            after ``layer`` (Qwen3-VL).
     """
-    return Pruning(model, layer=layer, keep=keep, rank=rank, seed=seed, when=when, timing=timing)
-
+    if isinstance(layer, PruneSpec):
+        if (keep, rank, seed, when) != (0, "attention", 0, "prefill"):
+            raise ValueError("layer: pass either a PruneSpec or keep / rank / seed / when, not both")
+        spec = layer
+    else:
+        spec = PruneSpec(layer, keep, rank, seed, when)
+    return Pruning(model, spec, timing=timing)

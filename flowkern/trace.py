@@ -47,7 +47,6 @@ from flowkern.listener import Listener
 if TYPE_CHECKING:
     from flowkern.hf.attention import RowEvent
     from flowkern.hf.calls import Call
-    from flowkern.hf.session import Session
 
 __all__ = ["trace", "Flow"]
 
@@ -109,7 +108,6 @@ class Flow(Listener):
         self._explicit_inputs = {
             k: _to_cpu(v) for k, v in (image_inputs or {}).items() if k in self.adapter.layout_inputs and v is not None
         }
-        self._session: Session | None = None
         # the record
         self._ids: torch.Tensor | None = None  # [B, T] token ids (-1 where unknown)
         self._prompt_len = 0
@@ -124,24 +122,6 @@ class Flow(Listener):
         self._steps: list[_Step] = []
         self._grids: list | None = None
         self._cache: dict[str, torch.Tensor] = {}
-
-    # ------------------------------------------------------------------------------------------------------
-    # attach / detach
-
-    def __enter__(self) -> Flow:
-        from flowkern.hf.session import Session
-
-        if self._session is not None:
-            raise RuntimeError("this flowkern.trace is already active")
-        session = Session.of(self.model)
-        session.add(self)
-        self._session = session
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        session, self._session = self._session, None
-        if session is not None:
-            session.remove(self)
 
     # ------------------------------------------------------------------------------------------------------
     # listener callbacks
@@ -182,11 +162,11 @@ class Flow(Listener):
         step.mass[event.layer] = event.mass.float().clone()
         if event.key_mass is None:
             return
-        dev = self._image_index_dev.get(event.k.device)
-        if dev is None:
-            dev = (self._image_index.to(event.k.device), self._image_valid.to(event.k.device))
-            self._image_index_dev[event.k.device] = dev
         received = event.key_mass
+        dev = self._image_index_dev.get(received.device)
+        if dev is None:
+            dev = (self._image_index.to(received.device), self._image_valid.to(received.device))
+            self._image_index_dev[received.device] = dev
         if event.keymap is not None:  # keys are a subset of the tokens: back to token positions (removed ones get 0)
             keymap = event.keymap.to(received.device)
             held = keymap >= 0

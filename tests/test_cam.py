@@ -12,7 +12,9 @@ import pytest
 import torch
 
 import flowkern.hf  # noqa: F401  (registers the "flowkern" attention implementation)
-from flowkern.cam import _PixelNoise, cam
+from flowkern.cam import cam
+from flowkern.gradcam import PixelNoise
+from flowkern.hf import compat
 from flowkern.hf.tiny import IMAGE_TOKEN as IMG
 from flowkern.hf.tiny import clip_config, text_config, tiny_vlm
 from tests._support import raster as _raster
@@ -209,7 +211,7 @@ def test_qwen_noise_is_shared_by_temporal_copies():
     c = case("qwen2_vl")
     pv = c.inputs["pixel_values"].view(-1, 3, 2, 4)
     pv = pv[:, :, :1].expand(-1, -1, 2, -1).reshape(-1, 24)  # a still image: temporal copies equal
-    noise = _PixelNoise(pv, (torch.tensor(MEAN), torch.tensor(STD)), "patches", 2, 0.3, False, 0)
+    noise = PixelNoise(pv, (torch.tensor(MEAN), torch.tensor(STD)), "patches", 2, 0.3, False, 0)
     noisy = noise.next().view(-1, 3, 2, 4)
     torch.testing.assert_close(noisy[:, :, 0], noisy[:, :, 1])
     delta = (noisy.reshape(-1, 24) - pv).view(-1, 3, 2, 4) * torch.tensor(STD).view(1, 3, 1, 1)
@@ -251,7 +253,7 @@ def test_restores_attention_and_requires_grad():
     before = hooks()
 
     def spy(module, args, output):
-        seen.append((text_config._attn_implementation, any(p.requires_grad for p in params)))
+        seen.append((compat.attn_implementation(text_config), any(p.requires_grad for p in params)))
 
     handle = model.model.language_model.layers[0].register_forward_hook(spy)
     try:
@@ -260,8 +262,8 @@ def test_restores_attention_and_requires_grad():
             seen.clear()
             cam(model, c.inputs, ANSWER, layers=[0], samples=1, noise_std=0.0)
             assert seen == [(during, False)]
-            assert text_config._attn_implementation == impl
-            assert model.config.vision_config._attn_implementation == "sdpa"
+            assert compat.attn_implementation(text_config) == impl
+            assert compat.attn_implementation(model.config.vision_config) == "sdpa"
             assert not params[0].requires_grad and all(p.requires_grad for p in params[1:])
             assert all(p.grad is None for p in params)
         # also when the call fails half-way
@@ -276,7 +278,7 @@ def test_restores_attention_and_requires_grad():
                 cam(model, c.inputs, ANSWER, samples=1, noise_std=0.0)
         finally:
             bad.remove()
-        assert text_config._attn_implementation == "flowkern"
+        assert compat.attn_implementation(text_config) == "flowkern"
         assert not params[0].requires_grad and all(p.requires_grad for p in params[1:])
         assert hooks() == before + 1  # only the spy is left
     finally:
@@ -323,7 +325,8 @@ def test_cli_end_to_end(tmp_path, capsys):
     from PIL import Image
 
     import flowkern.cli as cli
-    from flowkern.hf.loading import build_inputs, load_model
+    from flowkern.hf.inputs import build_inputs
+    from flowkern.hf.loading import load_model
 
     assert "cam" in cli.SUBCOMMANDS
     _save_tiny_llava(tmp_path / "llava")

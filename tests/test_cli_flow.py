@@ -21,7 +21,8 @@ from transformers import LlamaConfig
 
 import flowkern
 from flowkern.cli import main, parse_layers
-from flowkern.hf.loading import build_inputs, input_image, load_model
+from flowkern.hf.inputs import build_inputs
+from flowkern.hf.loading import input_image, load_model
 from flowkern.hf.tiny import build_model
 from tests._cli_support import LAYERS, PROMPT, llm_config, make_tokenizer, save_llava, save_photo
 

@@ -19,7 +19,8 @@ from PIL import Image
 import flowkern
 from flowkern import _io
 from flowkern.cli import main
-from flowkern.hf.loading import build_inputs, load_model
+from flowkern.hf.inputs import build_inputs
+from flowkern.hf.loading import load_model
 from tests._cli_support import PROMPT, save_llava, save_photo
 
 ROOT = Path(__file__).resolve().parents[1]

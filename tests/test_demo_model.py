@@ -26,9 +26,10 @@ def _train_defaults():
 
 @pytest.fixture(scope="module")
 def demo():
+    from flowkern.demo import demo_model_path
     from flowkern.hf.loading import load_model
 
-    return load_model("demo", device="cpu")
+    return load_model(demo_model_path(), device="cpu")
 
 
 def test_files_and_size():
@@ -68,7 +69,7 @@ def test_files_are_what_the_training_script_writes(tmp_path):
 
 
 def test_chat_layout_has_system_image_user_segments(demo):
-    from flowkern.hf.loading import build_inputs
+    from flowkern.hf.inputs import build_inputs
 
     model, processor = demo
     img = world.render(next(world.scenes(1, "layout", 1)))
@@ -82,7 +83,7 @@ def test_chat_layout_has_system_image_user_segments(demo):
 
 
 def test_training_batches_match_inference_inputs(demo):
-    from flowkern.hf.loading import build_inputs
+    from flowkern.hf.inputs import build_inputs
 
     model, processor = demo
     ex = data.training_example(0, 5)

@@ -1,4 +1,4 @@
-"""flowkern._io: output-path validation and atomic writes; flowkern.eval.base: answer-file reading."""
+"""flowkern._io: output-path validation and atomic writes; flowkern.eval.tasks.base: answer-file reading."""
 
 from __future__ import annotations
 

@@ -17,9 +17,11 @@ import torch
 from PIL import Image
 
 from flowkern import lmms_plugin
-from flowkern.eval.run import ANSWERS_FILE, EvalConfig, run_eval
+from flowkern.eval.answers import ANSWERS_FILE
+from flowkern.eval.run import EvalConfig, run_eval
 from flowkern.hf.loading import load_model
 from flowkern.lmms_plugin import FlowkernLMM
+from flowkern.plan import PruneSpec
 from tests._eval_data import write_pope
 from tests._eval_models import save_eval_llava, save_image
 
@@ -108,7 +110,7 @@ def test_generate_until_equals_flowkern_eval(files, llava, tmp_path, instance_cl
 
     result = run_eval(EvalConfig(model=str(files / "llava"), task="pope", data=files / "pope" / "coco_pope_random.json",
                                  images=files / "val2014", out=tmp_path / "run", max_new_tokens=3, batch_size=3,
-                                 **prune), model=model, processor=processor)
+                                 prune=PruneSpec.from_dict(prune, options=True)), model=model, processor=processor)
     assert result.generated == len(docs)
     expected = {r["question_id"]: r["text"] for r in map(json.loads, (tmp_path / "run" / ANSWERS_FILE).open())}
     assert {d["question_id"]: a for d, a in zip(docs, answers, strict=True)} == expected
@@ -148,7 +150,7 @@ def test_until_max_new_tokens_and_errors(files, llava, instance_cls):
 def test_loglikelihood(files, llava, instance_cls):
     """Against a plain forward of the prompt (unpruned): log P(word | prompt) of one-token continuations, and
     is_greedy exactly for the most likely word; with pruning the numbers change but stay consistent."""
-    from flowkern.hf.loading import build_inputs
+    from flowkern.hf.inputs import build_inputs
 
     model, processor = llava
     docs = _pope_docs(files)[:1]

@@ -14,8 +14,10 @@ from pathlib import Path
 import pytest
 
 from flowkern.cli import main
-from flowkern.eval.run import ANSWERS_FILE, METRICS_FILE, SETTINGS_FILE, EvalConfig, run_eval
+from flowkern.eval.answers import ANSWERS_FILE, METRICS_FILE, SETTINGS_FILE
+from flowkern.eval.run import EvalConfig, run_eval
 from flowkern.hf.loading import load_model
+from flowkern.plan import PruneSpec
 from tests._eval_data import write_coco, write_pope, write_sqa, write_textvqa
 from tests._eval_models import save_eval_llava, save_image, slowed_flowkern
 
@@ -141,17 +143,18 @@ def test_batch_sizes_and_pruning(files, llava, tmp_path):
 
     def answers(name: str, batch: int, **prune) -> dict:
         cfg = EvalConfig(model=str(files / "llava"), task="pope", data=files / "pope", images=files / "val2014",
-                         out=tmp_path / name, batch_size=batch, max_new_tokens=4, device="cpu", **prune)
+                         out=tmp_path / name, batch_size=batch, max_new_tokens=4, device="cpu",
+                         prune=PruneSpec(**prune))
         result = run_eval(cfg, model=model, processor=processor)
         assert result.generated == 10 and result.skipped == 0 and result.questions_per_second > 0
         return _by_key(_answers(tmp_path / name))
 
     full1, full4 = answers("b1", 1), answers("b4", 4)
     assert full1 == full4
-    drop1, drop3 = answers("p1", 1, prune_layer=1, keep=0), answers("p3", 3, prune_layer=1, keep=0)
+    drop1, drop3 = answers("p1", 1, layer=1, keep=0), answers("p3", 3, layer=1, keep=0)
     assert drop1 == drop3
     assert drop1 != full1
-    top1, top4 = (answers(f"k{b}", b, prune_layer=2, keep=4, rank="attention") for b in (1, 4))
+    top1, top4 = (answers(f"k{b}", b, layer=2, keep=4, rank="attention") for b in (1, 4))
     assert top1 == top4
     settings = json.loads((tmp_path / "k4" / SETTINGS_FILE).read_text())["settings"]
     assert (settings["prune_layer"], settings["keep"], settings["rank"]) == (2, 4, "attention")

@@ -127,10 +127,8 @@ def test_observer_gets_the_last_row():
                                                key_padding_mask=padding, scale=0.4)
     received = reference.key_attention_mass(q[:, :, -1:].double(), k.double(), lse[:, :, -1:], causal=True,
                                             key_padding_mask=padding, scale=0.4)
-    assert torch.equal(event.q, q[:, :, -1:]) and event.scale == 0.4 and event.causal and event.layer == 0
-    assert torch.equal(event.key_padding_mask, padding) and event.keymap is None
+    assert event.layer == 0 and event.keymap is None
     torch.testing.assert_close(event.mass, mass[:, -1].float(), atol=1e-5, rtol=0)
-    torch.testing.assert_close(event.lse, lse[:, :, -1:].float(), atol=1e-5, rtol=0)
     torch.testing.assert_close(event.key_mass, received.float(), atol=1e-5, rtol=0)
     assert float(event.key_mass[1, :2].abs().max()) == 0  # padding keys receive nothing
 

@@ -19,6 +19,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import flowkern
+from flowkern.hf import compat
 from flowkern.hf.attention import STATE_ATTR
 from flowkern.hf.tiny import IMAGE_TOKEN as IMG
 from flowkern.hf.tiny import VIDEO_TOKEN as VID
@@ -206,10 +207,10 @@ def test_generate_matches_eager(name):
     sdpa_tokens = model.generate(**c.kwargs, max_new_tokens=NEW_TOKENS, do_sample=False)
     eager = _eager(c, max_new_tokens=NEW_TOKENS, do_sample=False)
     with flowkern.trace(model, image_inputs=c.kwargs) as flow:
-        assert model.config.get_text_config()._attn_implementation == "flowkern"
-        assert model.config.vision_config._attn_implementation == "sdpa"
+        assert compat.attn_implementation(model.config.get_text_config()) == "flowkern"
+        assert compat.attn_implementation(model.config.vision_config) == "sdpa"
         tokens = model.generate(**c.kwargs, max_new_tokens=NEW_TOKENS, do_sample=False)
-    assert model.config.get_text_config()._attn_implementation == "sdpa"
+    assert compat.attn_implementation(model.config.get_text_config()) == "sdpa"
     assert torch.equal(tokens, sdpa_tokens)
     assert torch.equal(tokens, eager.sequences)
 
@@ -333,11 +334,11 @@ def test_restores_attention_implementation(before):
     try:
         with pytest.raises(RuntimeError, match="boom"):
             with flowkern.trace(model):
-                assert model.config.text_config._attn_implementation == "flowkern"
-                assert model.config.vision_config._attn_implementation == before
+                assert compat.attn_implementation(model.config.text_config) == "flowkern"
+                assert compat.attn_implementation(model.config.vision_config) == before
                 raise RuntimeError("boom")
-        assert model.config.text_config._attn_implementation == before
-        assert model.config.vision_config._attn_implementation == before
+        assert compat.attn_implementation(model.config.text_config) == before
+        assert compat.attn_implementation(model.config.vision_config) == before
         assert not any(STATE_ATTR in vars(m) for m in model.modules())
         assert hooks() == hooks_before
     finally:

@@ -20,10 +20,12 @@ from transformers import AttentionInterface, DynamicCache
 from transformers.masking_utils import AttentionMaskInterface
 
 import flowkern
+from flowkern.hf import compat
 from flowkern.hf.compat import cache_kwargs, output_cache
 from flowkern.hf.tiny import IMAGE_TOKEN as IMG
 from flowkern.hf.tiny import text_config, tiny_vlm
-from flowkern.prune import cache_keymaps
+from flowkern.keymaps import cache_keymaps
+from flowkern.plan import PruneSpec
 from tests._support import left_pad as _left_pad
 
 N_LAYERS = 4
@@ -221,7 +223,7 @@ def test_matches_mask_oracle(name, layer, keep, batch):
     kwargs = c.batches[batch]
     img = image_mask(kwargs)
     got, p = run_pruned(c.model, kwargs, layer=layer, keep=keep, rank="attention")
-    assert c.model.config.get_text_config()._attn_implementation == "sdpa"  # restored
+    assert compat.attn_implementation(c.model.config.get_text_config()) == "sdpa"  # restored
 
     n_img = img.sum(dim=1)
     assert torch.equal(p.num_image_tokens, n_img)
@@ -285,6 +287,11 @@ def test_layer0_and_other_ranks_match_oracle(rank):
         _, other = run_pruned(c.model, kwargs, layer=2, keep=0.25, rank=rank, seed=4, new=1)
         assert torch.equal(again.keep_mask, p.keep_mask)
         assert not torch.equal(other.keep_mask, p.keep_mask)
+        # the same setting as one PruneSpec value
+        spec = PruneSpec(layer=2, keep=0.25, rank=rank, seed=3)
+        with torch.no_grad(), flowkern.prune(c.model, spec) as q:
+            c.model.generate(**kwargs, max_new_tokens=1, do_sample=False)
+        assert q.spec == spec and q.layer == 2 and torch.equal(q.keep_mask, p.keep_mask)
 
 
 def test_plain_forward_and_no_cache_generate():
@@ -457,6 +464,8 @@ def test_errors_and_restore():
             flowkern.prune(model, layer=1, keep=bad)
     with pytest.raises(ValueError, match="rank must be"):
         flowkern.prune(model, layer=1, rank="topk")
+    with pytest.raises(ValueError, match="either a PruneSpec"):
+        flowkern.prune(model, PruneSpec(layer=1), keep=3)
     with pytest.raises(NotImplementedError, match="DynamicCache"):
         with torch.no_grad(), flowkern.prune(model, layer=1):
             model.generate(**kwargs, max_new_tokens=2, do_sample=False, cache_implementation="static")
@@ -467,11 +476,11 @@ def test_errors_and_restore():
     cache = DynamicCache(config=model.config)
     with torch.no_grad():
         model(**kwargs, **cache_kwargs(cache), use_cache=True)
-    keep = torch.ones_like(kwargs["input_ids"], dtype=torch.bool)
+    kept = torch.ones_like(kwargs["input_ids"], dtype=torch.bool)
     with pytest.raises(ValueError, match="layers must be in 1"):
-        flowkern.compact_cache_(cache, keep, [0, 1])
-    with pytest.raises(ValueError, match="keep must be"):
-        flowkern.compact_cache_(cache, keep[:, 1:], [1])
+        flowkern.compact_cache_(cache, kept, [0, 1])
+    with pytest.raises(ValueError, match="kept must be"):
+        flowkern.compact_cache_(cache, kept[:, 1:], [1])
 
     # a compacted cache changed behind flowkern's back (cropped): the key map no longer fits, and that is said
     out, _ = run_pruned(model, kwargs, new=2, layer=2, keep=0)
@@ -487,10 +496,10 @@ def test_errors_and_restore():
     before = hooks()
     with pytest.raises(RuntimeError, match="boom"):
         with flowkern.prune(model, layer=2, keep=3):
-            assert model.config.text_config._attn_implementation == "flowkern"
-            assert model.config.vision_config._attn_implementation == "sdpa"
+            assert compat.attn_implementation(model.config.text_config) == "flowkern"
+            assert compat.attn_implementation(model.config.vision_config) == "sdpa"
             raise RuntimeError("boom")
-    assert model.config.text_config._attn_implementation == "sdpa"
+    assert compat.attn_implementation(model.config.text_config) == "sdpa"
     assert hooks() == before
     assert not any(k.startswith("_flowkern") for m in model.modules() for k in vars(m))
 

@@ -14,7 +14,8 @@ import torch
 import flowkern
 from flowkern.cli import UsageError, common
 from flowkern.cli import generate as cli_generate
-from flowkern.hf.loading import build_inputs, load_model
+from flowkern.hf.inputs import build_inputs
+from flowkern.hf.loading import load_model
 from tests._cli_support import PROMPT, save_llava, save_photo
 
 NEW = 4

@@ -1,6 +1,7 @@
-"""``flowkern sweep`` (flowkern/eval/sweep.py, flowkern/cli/sweep.py) on a tiny LLaVA saved in the official format:
-points equal independent ``flowkern eval`` runs (answers byte for byte, ``flowkern score`` numbers), the cliff layer
-definition, bisection and its fallback, resume after a real SIGKILL, refused settings, torchrun with 2 gloo ranks."""
+"""``flowkern sweep`` (flowkern/eval/sweep/, flowkern/hf/reuse.py, flowkern/cli/sweep.py) on a tiny LLaVA saved in the
+official format: points equal independent ``flowkern eval`` runs (answers byte for byte, ``flowkern score`` numbers),
+the cliff layer definition, bisection and its fallback (on a fake evaluate), resume after a real SIGKILL, refused
+settings, torchrun with 2 gloo processes."""
 
 from __future__ import annotations
 
@@ -16,11 +17,21 @@ import pytest
 import torch
 
 from flowkern.cli import main
-from flowkern.eval import sweep as sw
-from flowkern.eval.run import ANSWERS_FILE, EvalConfig, run_eval
-from flowkern.eval.sweep import Point, SweepConfig, SweepUsageError, cliff_report, parse_layer_spec, run_sweep
+from flowkern.eval.answers import ANSWERS_FILE
+from flowkern.eval.run import EvalConfig, run_eval
+from flowkern.eval.sweep import (
+    Point,
+    SweepConfig,
+    SweepUsageError,
+    cliff_report,
+    parse_layer_spec,
+    run_sweep,
+    search_cliff,
+)
 from flowkern.hf import compat
 from flowkern.hf.loading import load_model
+from flowkern.hf.reuse import ImageCache
+from flowkern.plan import PruneSpec
 from tests._eval_data import write_pope
 from tests._eval_models import save_eval_llava, save_image, slowed_flowkern
 
@@ -95,38 +106,13 @@ def test_cliff_definition():
     assert chair["within"]["2"] and chair["first_no_harm_layer"] == 1
 
 
-def test_grid_rank_cells():
-    from flowkern.prune import _grid_cells, _grid_scores
-
-    grid = torch.arange(576).view(24, 24)
-    rows = lambda m: sorted({int(i) // 24 for i in grid[m]})  # noqa: E731
-    m = _grid_cells(grid, 64)
-    assert int(m.sum()) == 64 and rows(m) == list(range(1, 24, 3))
-    assert sorted({int(i) % 24 for i in grid[m]}) == list(range(1, 24, 3))
-    assert int(_grid_cells(grid, 144).sum()) == 144 and rows(_grid_cells(grid, 144)) == list(range(0, 24, 2))
-    m100 = _grid_cells(grid, 100)
-    assert int(m100.sum()) == 100 and bool((m100 & m).sum() == 64)  # the 8 x 8 sub-grid plus 36 spread others
-    assert bool(_grid_cells(grid, 1)[11, 11]) and int(_grid_cells(grid, 1).sum()) == 1
-    assert bool(_grid_cells(grid, 576).all()) and int(_grid_cells(grid, 0).sum()) == 0
-    holes = grid.clone()
-    holes[:, 23] = -1  # a column without tokens (e.g. a newline column) is never chosen
-    assert not bool(_grid_cells(holes, 200)[:, 23].any()) and int(_grid_cells(holes, 200).sum()) == 200
-    # two grids in one sample share k in proportion to their sizes; tokens on no grid come last
-    is_image = torch.zeros(1, 30, dtype=torch.bool)
-    is_image[0, 2:27] = True
-    g1 = torch.arange(3, 19).view(4, 4)  # 16 cells
-    g2 = torch.arange(19, 27).view(2, 4)  # 8 cells; position 2 is an image token on no grid
-    s = _grid_scores([[g1, g2]], torch.tensor([6]), is_image)
-    assert int((s[0, 3:19] == 1).sum()) == 4 and int((s[0, 19:27] == 1).sum()) == 2 and s[0, 2] == -0.5
-
-
 def test_grid_rank_prunes_a_uniform_subgrid(llava):
     import flowkern
-    from flowkern.eval.run import build_batch_inputs
+    from flowkern.hf.inputs import build_inputs
 
     model, processor = llava
     images = [str(p) for p in sorted((Path(model.name_or_path).parent / "val2014").glob("*.jpg"))[:2]]
-    inputs = build_batch_inputs(processor, model, images, ["Is there a dog in the image?", "Is there a cat?"])
+    inputs = build_inputs(processor, model, images, ["Is there a dog in the image?", "Is there a cat?"])
     image_pos = torch.nonzero(inputs["input_ids"][1] == model.config.image_token_id).flatten()
     for keep, ordinals in ((4, [0, 2, 8, 10]), (1, [5]), (0.5, None)):
         with torch.inference_mode(), flowkern.prune(model, layer=2, keep=keep, rank="grid") as p:
@@ -156,8 +142,8 @@ def test_points_equal_independent_eval_runs(files, llava, tmp_path, capsys):
                                   reuse=False, **kw), model=model, processor=processor)
     texts = set()
     for rec in result.points:
-        prune = {} if rec["layer"] is None else dict(prune_layer=rec["layer"], keep=0.25, rank=rec["rank"])
-        ind = run_eval(EvalConfig(out=tmp_path / "ind" / rec["point"], **kw, **prune), model=model,
+        prune = PruneSpec() if rec["layer"] is None else PruneSpec(rec["layer"], 0.25, rec["rank"])
+        ind = run_eval(EvalConfig(out=tmp_path / "ind" / rec["point"], **kw, prune=prune), model=model,
                        processor=processor)
         got = (out / rec["answers"]).read_text()
         assert got == ind.answers_path.read_text(), rec["point"]
@@ -224,7 +210,7 @@ def test_image_cache_compares_arguments_by_value(llava):
     owner, name = compat.image_encoder(model)
     size = model.config.vision_config.image_size
     pixels = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(0))
-    cache = sw.ImageCache(model)
+    cache = ImageCache(model)
     with torch.inference_mode():
         with cache.active():
             first = getattr(owner, name)(pixel_values=pixels)
@@ -238,54 +224,89 @@ def test_image_cache_compares_arguments_by_value(llava):
         assert name not in vars(owner)
         fresh = getattr(owner, name)(pixel_values=pixels)
     assert all(torch.equal(a, b) for a, b in zip(fresh.pooler_output, changed.pooler_output, strict=True))
-    assert not sw._same_value(torch.zeros(2), torch.zeros(3)) and sw._same_value({"a": [1, torch.ones(2)]},
-                                                                               {"a": [1, torch.ones(2)]})
     cache.clear()
     assert cache.entries == []
 
 
-def _fake_engine(monkeypatch, curve: dict[int, float], base: float) -> list[list[str]]:
-    """Replace the model runs by a given curve: returns the list of point names evaluated per round."""
-    rounds: list[list[str]] = []
+class _Encoder(torch.nn.Module):
+    """A model whose image encoder takes nested arguments and counts its runs."""
 
-    def run_points(self, points, progress):
-        rounds.append([p.name for p in points])
+    def __init__(self) -> None:
+        super().__init__()
+        self.runs = 0
 
-    def finish(self, points):
-        return {p.name: {"point": p.name, "series": p.series, "layer": p.layer, "rank": p.rank, "keep": 0,
-                         "metric": "f1", "value": base if p.layer is None else curve[p.layer], "n": 10,
-                         "answers": "", "metrics": {}} for p in points}
-
-    monkeypatch.setattr(sw._Sweep, "run_points", run_points)
-    monkeypatch.setattr(sw._Sweep, "finish", finish)
-    return rounds
+    def get_image_features(self, pixels, options=None):
+        self.runs += 1
+        return [pixels.sum()]
 
 
-def test_bisect_monotone_and_fallback(files, tmp_path, monkeypatch):
-    cfg = json.loads((files / "llava" / "config.json").read_text())
-    cfg["text_config"]["num_hidden_layers"] = 32
-    big = tmp_path / "llava32"
-    big.mkdir()
-    (big / "config.json").write_text(json.dumps(cfg))
-    kw = dict(_common(files), model=str(big))
-    monotone = {x: 0.5 + 0.3 * min(1.0, x / 20) for x in range(32)}  # reaches the baseline 0.8 at layer 20
-    rounds = _fake_engine(monkeypatch, monotone, 0.8)
-    r = run_sweep(SweepConfig(out=tmp_path / "b1", search="bisect", **kw))
-    evaluated = [n for rd in rounds for n in rd if n != "baseline"]
-    assert r.cliff["cliff_layer"] == 20 and not r.cliff["search"]["fallback"]
+def test_image_cache_compares_nested_arguments():
+    """Containers are compared item by item (tensors by shape and value), other values with ==."""
+    model = _Encoder()
+    cache = ImageCache(model)
+    with cache.active():
+        first = model.get_image_features(torch.zeros(2), options={"a": [1, torch.ones(2)], "b": (2, "x")})
+        assert model.get_image_features(torch.zeros(2), {"a": [1, torch.ones(2)], "b": (2, "x")}) is first
+        for pixels, options in ((torch.zeros(3), {"a": [1, torch.ones(2)], "b": (2, "x")}),
+                                (torch.zeros(2), {"a": [1, torch.ones(3)], "b": (2, "x")}),
+                                (torch.zeros(2), {"a": (1, torch.ones(2)), "b": (2, "x")}),
+                                (torch.zeros(2), {"a": [1, torch.ones(2)], "b": (2, "y")})):
+            assert model.get_image_features(pixels, options) is not first
+    assert (cache.computed, cache.reused, model.runs) == (5, 1, 5)
+    assert "get_image_features" not in vars(model)
+
+
+def _fake_evaluate(curve: dict[int, float], base: float) -> tuple[list[list[int | None]], object]:
+    """An ``evaluate`` scoring layers from a given curve (None: the baseline), and the rounds it was asked for."""
+    rounds: list[list[int | None]] = []
+
+    def evaluate(layers):
+        rounds.append(list(layers))
+        return {x: base if x is None else curve[x] for x in layers}
+
+    return rounds, evaluate
+
+
+def test_bisect_monotone_and_fallback():
+    layers = list(range(32))
+    monotone = {x: 0.5 + 0.3 * min(1.0, x / 20) for x in layers}  # reaches the baseline 0.8 at layer 20
+    rounds, evaluate = _fake_evaluate(monotone, 0.8)
+    base, curve, search = search_cliff(layers, evaluate, mode="bisect", tolerance=1.0)
+    evaluated = [x for rd in rounds for x in rd if x is not None]
+    assert base == 0.8 and rounds[0] == [None, 0, 31] and not search["fallback"]
+    assert cliff_report(curve, base)["cliff_layer"] == 20 == cliff_report(monotone, 0.8)["cliff_layer"]
     assert len(evaluated) <= 2 + 5 and len(set(evaluated)) == len(evaluated)  # first, last + log2(32)
-    assert cliff_report(monotone, 0.8)["cliff_layer"] == 20  # the full curve agrees
+    assert sorted(curve) == sorted(evaluated) and all(curve[x] == monotone[x] for x in curve)
 
     wobbly = dict(monotone)
     wobbly[23] = 0.5  # a relapse the bisection steps on (its second point): it must say so and evaluate every layer
-    rounds = _fake_engine(monkeypatch, wobbly, 0.8)
-    r = run_sweep(SweepConfig(out=tmp_path / "b2", search="bisect", **kw))
-    assert r.cliff["search"]["fallback"] and "not monotone" in r.cliff["search"]["note"]
-    assert sorted(r.curve) == list(range(32)) and r.cliff["cliff_layer"] == 24 and not r.cliff["monotone"]
+    rounds, evaluate = _fake_evaluate(wobbly, 0.8)
+    base, curve, search = search_cliff(layers, evaluate, mode="bisect", tolerance=1.0)
+    assert search["fallback"] and "not monotone" in search["note"] and sorted(curve) == layers
+    evaluated = [x for rd in rounds for x in rd if x is not None]
+    assert sorted(evaluated) == layers  # never a layer twice
+    report = cliff_report(curve, base)
+    assert report["cliff_layer"] == 24 and not report["monotone"]
 
-    rounds = _fake_engine(monkeypatch, {x: 0.5 for x in range(32)}, 0.8)
-    r = run_sweep(SweepConfig(out=tmp_path / "b3", search="bisect", **kw))
-    assert r.cliff["cliff_layer"] is None and len(rounds) == 1  # the last layer is off: no cliff, nothing more
+    rounds, evaluate = _fake_evaluate({x: 0.5 for x in layers}, 0.8)
+    base, curve, search = search_cliff(layers, evaluate, mode="bisect", tolerance=1.0)
+    assert cliff_report(curve, base)["cliff_layer"] is None and len(rounds) == 1  # the last layer is off: done
+
+    rounds, evaluate = _fake_evaluate(monotone, 0.8)
+    base, curve, search = search_cliff(layers, evaluate, mode="full")
+    assert rounds == [[None, *layers]] and curve == monotone and search == {"mode": "full", "layers": layers}
+
+
+def test_bisect_sweep_evaluates_a_subset_of_the_full_sweep(files, llava, tmp_path):
+    """search="bisect" on the model: every point it evaluated scores what the full sweep's does."""
+    model, processor = llava
+    kw = dict(_common(files), limit=2)
+    full = run_sweep(SweepConfig(out=tmp_path / "full", **kw), model=model, processor=processor)
+    bisect = run_sweep(SweepConfig(out=tmp_path / "bisect", search="bisect", **kw), model=model, processor=processor)
+    assert bisect.cliff["search"]["mode"] == "bisect" and {0, 3} <= set(bisect.curve)
+    assert bisect.baseline == full.baseline and all(full.curve[x] == v for x, v in bisect.curve.items())
+    for rec in bisect.points:
+        assert (tmp_path / "bisect" / rec["answers"]).read_text() == (tmp_path / "full" / rec["answers"]).read_text()
 
 
 def test_changed_setting_and_bad_options_are_refused(files, tmp_path, capsys):
@@ -318,7 +339,7 @@ def _lines(folder: Path) -> int:
 def test_kill_mid_run_then_resume_equals_uninterrupted(files, llava, tmp_path):
     out = tmp_path / "killed"
     argv = _argv(files, out, "--layers", "1-3")
-    cmd = slowed_flowkern("flowkern.eval.sweep", argv, 0.25)
+    cmd = slowed_flowkern("flowkern.eval.sweep.engine", argv, 0.25)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=_env())
     deadline = time.monotonic() + 90

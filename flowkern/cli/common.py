@@ -7,10 +7,12 @@ module or from the package's ``__init__``, so the commands load in any order and
   ``FileNotFoundError`` / ``ValueError`` / ``ImportError`` of the steps a user can fix into one;
   :func:`error_line` prints a message on a line of its own, also after a progress bar cut short by Ctrl-C
   (:func:`track_stderr`, which :func:`flowkern.cli.main` runs every command under);
-- argument groups: :func:`add_model_arguments` (``flow``, ``generate``, ``cam``: one prompt on a model),
+- argument groups: :func:`add_model_arguments` (``flow``, ``generate``, ``cam``: one prompt on a model; every
+  ``--model`` goes through :func:`model_argument`, so ``demo`` names the shipped model),
   :func:`add_device_arguments`, :func:`add_task_arguments` and :func:`add_answer_arguments` (``eval``, ``sweep``:
-  a benchmark's questions), :func:`add_prune_arguments` with :func:`check_prune_arguments`,
-  :func:`prune_from_args` and :func:`parse_keep` (``flow``, ``generate``, ``eval``; ``sweep`` parses ``--keep``);
+  a benchmark's questions), and the pruning options of every command from one table (:data:`PRUNE_FLAGS`):
+  :func:`add_prune_arguments`, :func:`check_prune_arguments`, :func:`spec_from_args` (a
+  :class:`flowkern.plan.PruneSpec`), :func:`prune_from_args` and :func:`parse_keep`;
 - from arguments to work: :func:`load_from_args` (:class:`LoadedInputs`), :func:`check_output_dir`,
   :func:`parse_layers`, :func:`config_from_args` (an engine's config dataclass from the same-named options), and
   :func:`summary_text` (the metrics summary ``score`` and ``eval`` print).
@@ -22,23 +24,30 @@ import argparse
 import contextlib
 import dataclasses
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from flowkern.demo import resolve_model
+from flowkern.eval import TASKS
+from flowkern.plan import PRUNE_OPTIONS, RANKS, WHENS, PruneSpec
+from flowkern.plan import parse_keep as plan_parse_keep
+
 __all__ = [
-    "TASKS",
     "UsageError",
     "user_errors",
     "error_line",
     "track_stderr",
     "add_model_arguments",
+    "model_argument",
     "add_device_arguments",
     "add_task_arguments",
     "add_answer_arguments",
+    "PRUNE_FLAGS",
     "add_prune_arguments",
     "check_prune_arguments",
+    "spec_from_args",
     "prune_from_args",
     "parse_keep",
     "LoadedInputs",
@@ -48,10 +57,6 @@ __all__ = [
     "config_from_args",
     "summary_text",
 ]
-
-TASKS = ("pope", "sqa", "textvqa", "chair")
-"""The benchmarks ``score``, ``eval`` and ``sweep`` take as ``--task``."""
-
 
 # ----------------------------------------------------------------------------------------------------------
 # errors
@@ -125,6 +130,21 @@ def error_line(message: str) -> None:
 # argument groups
 
 
+MODEL_HELP = "hub id (already in the Hugging Face cache; never downloaded) or local directory"
+
+
+def model_argument(text: str) -> str:
+    """``--model``: what to load (:func:`flowkern.demo.resolve_model`: ``demo`` is the shipped model's folder).
+
+    Raises:
+        argparse.ArgumentTypeError: ``demo`` in an install without the model files.
+    """
+    try:
+        return resolve_model(text)
+    except FileNotFoundError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def add_device_arguments(parser: argparse.ArgumentParser, *, torchrun: bool = False) -> None:
     """Add ``--device`` (default auto) and ``--dtype`` (default auto); ``torchrun``: say what a process of a
     ``torchrun`` job uses."""
@@ -138,8 +158,7 @@ def add_model_arguments(
     parser: argparse.ArgumentParser, *, prompt: bool = True, max_new_tokens: int | None = 16
 ) -> None:
     """Add ``--model --image --prompt --device --dtype`` (and ``--max-new-tokens`` unless None) to a subparser."""
-    parser.add_argument("--model", required=True,
-                        help="hub id (already in the Hugging Face cache; never downloaded) or local directory")
+    parser.add_argument("--model", required=True, type=model_argument, help=MODEL_HELP)
     parser.add_argument("--image", required=True, nargs="+", metavar="PATH",
                         help="input image(s); heatmaps are drawn for the first one")
     if prompt:
@@ -155,8 +174,7 @@ def add_model_arguments(
 def add_task_arguments(parser: argparse.ArgumentParser) -> None:
     """Add ``--model --task --data --images``: which model answers which benchmark's questions (``eval``,
     ``sweep``)."""
-    parser.add_argument("--model", required=True,
-                        help="hub id (already in the Hugging Face cache; never downloaded) or local directory")
+    parser.add_argument("--model", required=True, type=model_argument, help=MODEL_HELP)
     parser.add_argument("--task", required=True, metavar="TASK", help=f"one of: {', '.join(TASKS)}")
     parser.add_argument("--data", required=True, type=Path, metavar="PATH",
                         help="the task's official files, as for `flowkern score --data`")
@@ -181,71 +199,103 @@ def add_answer_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# pruning flags (flow, generate, eval; sweep parses --keep)
-
-_PRUNE_DEFAULTS = {"keep": 0, "rank": "attention", "prune_seed": 0, "prune_when": "prefill"}
-_PRUNE_FLAGS = {"keep": "--keep", "rank": "--rank", "prune_seed": "--prune-seed", "prune_when": "--prune-when"}
+# pruning flags: one table (flow, generate, eval, sweep)
 
 
 def parse_keep(text: str) -> int | float:
-    """``--keep``: ``"0"`` / ``"64"`` (image tokens per sample), ``"0.25"`` or ``"25%"`` (a fraction).
+    """``--keep``: :func:`flowkern.plan.parse_keep` (``"0"`` / ``"64"``, ``"0.25"`` or ``"25%"``).
 
     Raises:
         argparse.ArgumentTypeError: anything else.
     """
-    value = text.strip()
     try:
-        if value.endswith("%"):
-            frac = float(value[:-1]) / 100.0
-        elif any(c in value for c in ".eE"):
-            frac = float(value)
-        else:
-            k = int(value)
-            if k < 0:
-                raise ValueError
-            return k
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"{text!r}: expected a count >= 0 (e.g. 0 or 64) or a fraction in [0, 1] (e.g. 0.25 or 25%)"
-        ) from None
-    if not 0.0 <= frac <= 1.0:
-        raise argparse.ArgumentTypeError(f"{text!r}: a fraction must be in [0, 1]")
-    return frac
+        return plan_parse_keep(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def add_prune_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add ``--prune-layer --keep --rank --prune-seed --prune-when`` (pruning is off unless --prune-layer is given)."""
+PRUNE_FLAGS: dict[str, dict[str, Any]] = {
+    "layer": {"flag": "--prune-layer", "type": int, "metavar": "L",
+              "help": "remove image tokens from decoder layer L on (0-based; the paper's layer L+1); off by default"},
+    "keep": {"flag": "--keep", "type": parse_keep, "metavar": "K",
+             "help": "image tokens kept per sample: 0 (drop all, default), a count (64) or a fraction (0.25, 25%%)"},
+    "rank": {"flag": "--rank", "choices": list(RANKS),
+             "help": "which to keep: attention received from the last prompt token at layer L-1 (default), "
+                     "random (seeded control), none (the first K) or grid (uniform on the image grid: control)"},
+    "seed": {"flag": "--prune-seed", "type": int, "metavar": "N", "help": "seed of --rank random (default 0)"},
+    "when": {"flag": "--prune-when", "choices": list(WHENS),
+             "help": "prefill: layers >= L never see the removed tokens (default); decode: full prefill, then "
+                     "the KV cache of layers >= L is compacted for the decode steps"},
+}
+"""The one table of pruning options: :class:`flowkern.plan.PruneSpec` field -> its flag and ``add_argument``
+settings. The option's ``dest`` is :data:`flowkern.plan.PRUNE_OPTIONS` of the field (``--prune-layer`` ->
+``args.prune_layer``); :func:`add_prune_arguments` is the only place that adds them to a parser."""
+
+
+def add_prune_arguments(
+    parser: argparse.ArgumentParser,
+    *,
+    fields: Sequence[str] = tuple(PRUNE_FLAGS),
+    flags: Mapping[str, str] | None = None,
+    defaults: bool = False,
+) -> None:
+    """Add the pruning options of :data:`PRUNE_FLAGS` to ``parser``, in one argument group.
+
+    Args:
+        fields: which :class:`~flowkern.plan.PruneSpec` fields get an option (default all: ``--prune-layer --keep
+            --rank --prune-seed --prune-when``; pruning is then off unless --prune-layer is given).
+        flags: other spellings of some fields' flags (``sweep``: ``{"seed": "--seed"}``).
+        defaults: options default to :class:`~flowkern.plan.PruneSpec`'s values (a command without
+            ``--prune-layer``); otherwise to None, so that :func:`check_prune_arguments` sees which were given.
+    """
+    unknown = sorted(set(fields) - set(PRUNE_FLAGS))
+    if unknown:
+        raise ValueError(f"fields: no pruning option {', '.join(unknown)} (known: {', '.join(PRUNE_FLAGS)})")
+    spec = PruneSpec()
     g = parser.add_argument_group("image-token pruning (flowkern.prune)")
-    g.add_argument("--prune-layer", type=int, default=None, metavar="L",
-                   help="remove image tokens from decoder layer L on (0-based; the paper's layer L+1); off by default")
-    g.add_argument("--keep", type=parse_keep, default=None, metavar="K",
-                   help="image tokens kept per sample: 0 (drop all, default), a count (64) or a fraction (0.25, 25%%)")
-    g.add_argument("--rank", default=None, choices=["attention", "random", "none", "grid"],
-                   help="which to keep: attention received from the last prompt token at layer L-1 (default), "
-                        "random (seeded control), none (the first K) or grid (uniform on the image grid: control)")
-    g.add_argument("--prune-seed", type=int, default=None, metavar="N", help="seed of --rank random (default 0)")
-    g.add_argument("--prune-when", default=None, choices=["prefill", "decode"],
-                   help="prefill: layers >= L never see the removed tokens (default); decode: full prefill, then "
-                        "the KV cache of layers >= L is compacted for the decode steps")
+    for name in fields:
+        settings = dict(PRUNE_FLAGS[name])
+        flag = settings.pop("flag")
+        flag = (flags or {}).get(name, flag)
+        g.add_argument(flag, dest=PRUNE_OPTIONS[name], default=getattr(spec, name) if defaults else None, **settings)
 
 
 def check_prune_arguments(args: argparse.Namespace) -> None:
     """Refuse pruning options given without ``--prune-layer`` (they would be silently ignored); with it, fill in the
     defaults of the others (``--keep 0 --rank attention --prune-seed 0 --prune-when prefill``). Call before loading a
-    model; calling it again is harmless.
+    model; calling it again is harmless. A command without ``--prune-layer`` (``sweep``) is left as it is.
 
     Raises:
         UsageError: e.g. ``--keep 5`` without ``--prune-layer``.
     """
-    given = [flag for name, flag in _PRUNE_FLAGS.items() if getattr(args, name, None) is not None]
-    if getattr(args, "prune_layer", None) is None:
+    layer = PRUNE_OPTIONS["layer"]
+    if not hasattr(args, layer):
+        return
+    others = {name: dest for name, dest in PRUNE_OPTIONS.items() if name != "layer"}
+    if getattr(args, layer) is None:
+        given = [PRUNE_FLAGS[name]["flag"] for name, dest in others.items() if getattr(args, dest, None) is not None]
         if given:
             raise UsageError(f"{', '.join(given)} {'has' if len(given) == 1 else 'have'} no effect without "
                              "--prune-layer L")
         return
-    for name, default in _PRUNE_DEFAULTS.items():
-        if getattr(args, name, None) is None:
-            setattr(args, name, default)
+    spec = PruneSpec()
+    for name, dest in others.items():
+        if getattr(args, dest, None) is None:
+            setattr(args, dest, getattr(spec, name))
+
+
+def spec_from_args(args: argparse.Namespace) -> PruneSpec:
+    """The :class:`~flowkern.plan.PruneSpec` of the options :func:`add_prune_arguments` added (after
+    :func:`check_prune_arguments`); an option the command does not have keeps the field's default.
+
+    Raises:
+        UsageError: pruning options without ``--prune-layer``, or a bad value.
+    """
+    check_prune_arguments(args)
+    values = {name: getattr(args, dest) for name, dest in PRUNE_OPTIONS.items()
+              if getattr(args, dest, None) is not None}
+    with user_errors():
+        return PruneSpec(**values)
 
 
 def prune_from_args(model: Any, args: argparse.Namespace) -> contextlib.AbstractContextManager:
@@ -256,15 +306,14 @@ def prune_from_args(model: Any, args: argparse.Namespace) -> contextlib.Abstract
     Raises:
         UsageError: a bad combination (e.g. ``--rank attention`` with ``--prune-layer 0``).
     """
-    check_prune_arguments(args)
-    if getattr(args, "prune_layer", None) is None:
+    spec = spec_from_args(args)
+    if not spec.enabled:
         return contextlib.nullcontext()
     import flowkern
 
     with user_errors():
         try:
-            return flowkern.prune(model, layer=args.prune_layer, keep=args.keep, rank=args.rank,
-                                  seed=args.prune_seed, when=args.prune_when)
+            return flowkern.prune(model, spec)
         except NotImplementedError as exc:
             raise ValueError(str(exc)) from exc
 
@@ -304,7 +353,8 @@ def load_from_args(args: argparse.Namespace) -> LoadedInputs:
     Raises:
         UsageError: missing image / model directory, uncached hub id, unsupported model, prompt without an image slot.
     """
-    from flowkern.hf.loading import build_inputs, load_images, load_model, position_range_message
+    from flowkern.hf.inputs import build_inputs, load_images
+    from flowkern.hf.loading import load_model, position_range_message
 
     with user_errors():
         images = load_images(args.image)
@@ -382,7 +432,7 @@ def config_from_args(cls: type[_Config], args: argparse.Namespace, **values: Any
 
 
 def summary_text(result: dict) -> str:
-    """Human-readable lines of a task's metrics (a :meth:`flowkern.eval.base.Task.score` result): counts, parsing,
+    """Human-readable lines of a task's metrics (a :meth:`flowkern.eval.tasks.base.Task.score` result): counts, parsing,
     the main metrics, POPE's per-split numbers."""
     task = result["task"]
     parts = [f"{task}: {result['n']} predictions scored"]

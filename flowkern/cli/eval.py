@@ -26,9 +26,9 @@ from flowkern.cli.common import (
     add_device_arguments,
     add_prune_arguments,
     add_task_arguments,
-    check_prune_arguments,
     config_from_args,
     error_line,
+    spec_from_args,
     summary_text,
 )
 
@@ -64,10 +64,10 @@ def _count_lines(path: Path) -> int:
 
 def run(args: argparse.Namespace) -> int:
     """The ``eval`` subcommand (see :func:`add_parser`)."""
-    from flowkern.eval.run import ANSWERS_FILE, EvalConfig, EvalUsageError, run_eval
+    from flowkern.eval.answers import ANSWERS_FILE
+    from flowkern.eval.run import EvalConfig, EvalUsageError, run_eval
 
-    check_prune_arguments(args)  # refuses pruning flags without --prune-layer, then fills in their defaults
-    config = config_from_args(EvalConfig, args)
+    config = config_from_args(EvalConfig, args, prune=spec_from_args(args))  # refuses pruning flags without L
     answers = Path(args.out).expanduser().absolute() / ANSWERS_FILE
     try:
         result = run_eval(config, progress=True)

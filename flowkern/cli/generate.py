@@ -51,7 +51,8 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from flowkern import _io
-    from flowkern.prune import ForwardTimer, Pruning
+    from flowkern.prune import Pruning
+    from flowkern.timer import ForwardTimer
 
     if args.max_new_tokens < 1:
         raise UsageError(f"--max-new-tokens {args.max_new_tokens}: expected >= 1")

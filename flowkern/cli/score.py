@@ -20,7 +20,8 @@ import argparse
 import json
 from pathlib import Path
 
-from flowkern.cli.common import TASKS, UsageError, summary_text, user_errors
+from flowkern.cli.common import UsageError, summary_text, user_errors
+from flowkern.eval import TASKS
 
 __all__ = ["add_parser", "run"]
 

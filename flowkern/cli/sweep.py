@@ -16,17 +16,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
 
 from flowkern.cli.common import (
     UsageError,
     add_answer_arguments,
     add_device_arguments,
+    add_prune_arguments,
     add_task_arguments,
     config_from_args,
     error_line,
-    parse_keep,
+    spec_from_args,
 )
 
 __all__ = ["add_parser", "run"]
@@ -45,13 +45,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="sweep folder: points/, results.jsonl, summary.csv, cliff.json, sweep.png (resumed)")
     p.add_argument("--layers", default="all", metavar="SPEC",
                    help="0-based decoder layers: all (default), a range 0-31, or a list 0,2,4,8-12")
-    p.add_argument("--keep", type=parse_keep, default=0, metavar="K",
-                   help="image tokens kept from layer L on: 0 (drop all, default), a count (64) or a fraction (0.25)")
-    p.add_argument("--rank", default="attention", choices=["attention", "random", "none", "grid"],
-                   help="which K to keep (with --keep != 0): attention (default), random, none, grid")
     p.add_argument("--control", default="", metavar="RANKS",
                    help="control series at the same layers and K, e.g. random,grid (needs --keep != 0)")
-    p.add_argument("--seed", type=int, default=0, help="seed of rank random (default 0)")
+    add_prune_arguments(p, fields=("keep", "rank", "seed"), flags={"seed": "--seed"}, defaults=True)
     p.add_argument("--search", default="full", choices=["full", "bisect"],
                    help="full: every layer (default); bisect: O(log layers) points when the curve is monotone, "
                         "every layer when it is not")
@@ -70,22 +66,25 @@ def run(args: argparse.Namespace) -> int:
     """The ``sweep`` subcommand (see :func:`add_parser`)."""
     from flowkern.eval.run import EvalUsageError
     from flowkern.eval.sweep import SweepConfig, run_sweep
+    from flowkern.eval.sweep.dist import process_index
 
     controls = tuple(r.strip() for r in args.control.split(",") if r.strip())
-    config = config_from_args(SweepConfig, args, controls=controls, reuse=not args.no_reuse)
+    spec = spec_from_args(args)
+    config = config_from_args(SweepConfig, args, controls=controls, reuse=not args.no_reuse, keep=spec.keep,
+                              rank=spec.rank, seed=spec.seed)
     for flag, value in (("--batch-size", args.batch_size), ("--limit", args.limit),
                         ("--max-new-tokens", args.max_new_tokens)):
         if value is not None and value < 1:
             raise UsageError(f"{flag} {value}: expected an integer >= 1")
     try:
-        result = run_sweep(config, progress=int(os.environ.get("RANK", "0")) == 0)
+        result = run_sweep(config, progress=process_index() == 0)
     except EvalUsageError as exc:
         raise UsageError(str(exc)) from None
     except KeyboardInterrupt:
         error_line(f"flowkern sweep: interrupted; answers so far are kept in {args.out}, rerun the same command to "
                    "resume")
         return 130
-    if int(os.environ.get("RANK", "0")) != 0:
+    if process_index() != 0:
         return 0
     c = result.cliff
     print(f"answered {result.generated} (point, question) pairs in {result.seconds:.1f} s")

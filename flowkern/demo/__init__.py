@@ -15,9 +15,10 @@ swapping hub kernels into the layers, which fails without the ``kernels`` packag
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
-__all__ = ["demo_model_path", "DEMO_MODEL_NAME"]
+__all__ = ["demo_model_path", "resolve_model", "DEMO_MODEL_NAME"]
 
 DEMO_MODEL_NAME = "demo"
 """What ``--model`` accepts for the shipped model."""
@@ -36,3 +37,16 @@ def demo_model_path() -> Path:
             "retrain them with `make demo-model` (a clone of the repository) or pass --model DIR"
         )
     return path
+
+
+def resolve_model(model: str | os.PathLike[str]) -> str:
+    """What to load for ``model`` (a ``--model`` value): the shipped model's folder for :data:`DEMO_MODEL_NAME`
+    (unless a path of that name exists), else ``model`` as given.
+
+    Raises:
+        FileNotFoundError: ``"demo"`` in an install without the model files.
+    """
+    model = os.fspath(model)
+    if model == DEMO_MODEL_NAME and not Path(model).expanduser().exists():
+        return str(demo_model_path())
+    return model

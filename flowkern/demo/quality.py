@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from flowkern import shapes as world
+from flowkern.demo import resolve_model
 from flowkern.eval import Task, get_task
 
 __all__ = ["MAX_NEW_TOKENS", "BARS", "answer_task", "shapes_task", "evaluate", "table", "figure", "main"]
@@ -118,7 +119,7 @@ def evaluate(model_dir: str | Path = "demo", *, seed: int = 1000, num: int = 100
 
     if threads:
         torch.set_num_threads(threads)
-    model, processor = load_model(str(model_dir), device="cpu")
+    model, processor = load_model(resolve_model(model_dir), device="cpu")
     results: dict[str, Any] = {}
     with contextlib.ExitStack() as stack:
         root = Path(out) if out else Path(stack.enter_context(tempfile.TemporaryDirectory()))
@@ -192,7 +193,7 @@ def figure(model_dir: str | Path, path: str | Path, *, seed: int = 2024,
 
     from flowkern.hf.loading import load_model
 
-    model, processor = load_model(str(model_dir), device="cpu")
+    model, processor = load_model(resolve_model(model_dir), device="cpu")
     cols = 4
     rows = math.ceil(len(picks) / cols)
     fig = Figure(figsize=(4.2 * cols, 6.0 * rows), dpi=90)

@@ -4,16 +4,18 @@ resumable, then scored by the task.
 .. code-block:: python
 
     from flowkern.eval.run import EvalConfig, run_eval
+    from flowkern.plan import PruneSpec
 
     result = run_eval(EvalConfig(model="llava-hf/llava-1.5-7b-hf", task="pope", data="pope/coco",
-                                 images="pope/val2014", out="runs/pope-L2", batch_size=16, prune_layer=2, keep=0))
+                                 images="pope/val2014", out="runs/pope-L2", batch_size=16,
+                                 prune=PruneSpec(layer=2, keep=0)))
     result.metrics            # the same dict `flowkern score` prints for result.answers_path
     result.questions_per_second
 
 A sweep calls :func:`run_eval` once per point with the loaded ``model``/``processor`` passed in (and one ``out``
 folder per point).
 
-**The output folder** (``out``) holds three files:
+**The output folder** (``out``) holds three files (written and read by :mod:`flowkern.eval.answers`):
 
 - ``answers.jsonl`` — LLaVA's answer-file format, one JSON object per line: ``question_id``, ``prompt`` (the task
   prompt, without chat template), ``text`` (the answer), ``model_id`` (the model folder's name or the hub id), and
@@ -23,7 +25,7 @@ folder per point).
 - ``run.json`` — the settings the answers were generated under (:data:`SETTINGS_KEYS`), written atomically before
   the first answer. A run on a folder whose answers were generated under other settings is refused
   (:class:`EvalUsageError` naming each differing setting): answers of two configurations are never mixed.
-- ``metrics.json`` — :meth:`flowkern.eval.base.Task.score` of the whole answer file (exactly what
+- ``metrics.json`` — :meth:`flowkern.eval.tasks.base.Task.score` of the whole answer file (exactly what
   ``flowkern score --task T --data PATH --predictions answers.jsonl`` gives), written atomically at the end.
 
 **Resume.** A rerun with the same settings skips the questions already answered (matched by id, as scoring does) and
@@ -42,14 +44,27 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import signal
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from flowkern.eval.tasks.base import Prediction, Sample, Task
+import flowkern
+from flowkern._io import atomic_write_json
+from flowkern.eval.answers import (
+    ANSWERS_FILE,
+    METRICS_FILE,
+    SETTINGS_FILE,
+    AnswerFile,
+    answer_record,
+    append_lines,
+    read_answers,
+    start_files,
+)
+from flowkern.eval.tasks.base import Sample, Task
+from flowkern.hf.inputs import build_inputs
+from flowkern.plan import PRUNE_OPTIONS, PruneSpec
 
 __all__ = [
     "EvalConfig",
@@ -58,31 +73,18 @@ __all__ = [
     "EvalUsageError",
     "prepare",
     "run_eval",
-    "build_batch_inputs",
     "generate_answers",
-    "answer_record",
-    "ANSWERS_FILE",
-    "SETTINGS_FILE",
-    "METRICS_FILE",
     "SETTINGS_KEYS",
     "DEFAULT_MAX_NEW_TOKENS",
 ]
 
-ANSWERS_FILE = "answers.jsonl"
-SETTINGS_FILE = "run.json"
-METRICS_FILE = "metrics.json"
-
 SETTINGS_KEYS: tuple[str, ...] = ("model", "task", "data", "images", "split", "ocr", "max_new_tokens",
-                                  "prune_layer", "keep", "rank", "prune_seed", "prune_when")
-"""The settings that change the answers: an answer file written under other values of any of them is refused."""
+                                  *PRUNE_OPTIONS.values())
+"""The settings that change the answers: an answer file written under other values of any of them is refused. Each
+is the option ``--<key with - for _>`` (the pruning ones: :data:`flowkern.plan.PRUNE_OPTIONS`)."""
 
 DEFAULT_MAX_NEW_TOKENS: dict[str, int] = {"pope": 128, "sqa": 128, "textvqa": 128, "chair": 512}
 """Answer length limit per task when none is given (LLaVA-1.5's ``model_vqa_loader`` uses 128; captions get 512)."""
-
-_FLAGS = {"model": "--model", "task": "--task", "data": "--data", "images": "--images", "split": "--split",
-          "ocr": "--ocr", "max_new_tokens": "--max-new-tokens", "prune_layer": "--prune-layer", "keep": "--keep",
-          "rank": "--rank", "prune_seed": "--prune-seed", "prune_when": "--prune-when"}
-
 
 class EvalUsageError(ValueError):
     """A mistake the user can fix (bad path, unknown task, missing image, mismatched settings): one-line message."""
@@ -101,7 +103,7 @@ class EvalConfig:
         limit: answer only the first ``limit`` questions (in file order); None: all.
         batch_size: questions per ``generate`` call (left padding).
         max_new_tokens: answer length limit; None: :data:`DEFAULT_MAX_NEW_TOKENS` of the task.
-        prune_layer, keep, rank, prune_seed, prune_when: :func:`flowkern.prune` (off when ``prune_layer`` is None).
+        prune: the :func:`flowkern.prune` setting (off while ``prune.layer`` is None).
         strict: pope only, scoring only: lmms-eval's exact yes/no parsing.
         split: sqa only: the ``pid_splits.json`` split. ocr: textvqa only: the OCR-token prompt.
         device, dtype: as for :func:`flowkern.hf.loading.load_model`.
@@ -116,11 +118,7 @@ class EvalConfig:
     limit: int | None = None
     batch_size: int = 1
     max_new_tokens: int | None = None
-    prune_layer: int | None = None
-    keep: int | float = 0
-    rank: str = "attention"
-    prune_seed: int = 0
-    prune_when: str = "prefill"
+    prune: PruneSpec = field(default_factory=PruneSpec)
     strict: bool = False
     split: str = "test"
     ocr: bool = False
@@ -157,6 +155,17 @@ class EvalPlan:
     @property
     def metrics_path(self) -> Path:
         return self.out / METRICS_FILE
+
+    def run_record(self) -> dict[str, Any]:
+        """The content of ``run.json``: the settings, the flowkern version, device, dtype and creation time."""
+        return {"settings": self.settings, "flowkern": flowkern.__version__, "device": self.config.device,
+                "dtype": self.config.dtype, "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+
+    def start_files(self) -> None:
+        """Make the folder ready to append (:func:`flowkern.eval.answers.start_files`): afresh with ``run.json``
+        when :attr:`fresh`, else after dropping a torn last line."""
+        start_files(self.out, self.run_record() if self.fresh else None,
+                    truncate_to=self.valid_bytes if self.torn_line else None)
 
 
 @dataclass
@@ -213,16 +222,19 @@ def _check_numbers(config: EvalConfig) -> None:
     positive(config.batch_size, "--batch-size", allow_none=False)
     positive(config.limit, "--limit", allow_none=True)
     positive(config.max_new_tokens, "--max-new-tokens", allow_none=True)
-    if config.prune_layer is None:
-        given = [flag for flag, value, default in (("--keep", config.keep, 0), ("--rank", config.rank, "attention"),
-                                                   ("--prune-seed", config.prune_seed, 0),
-                                                   ("--prune-when", config.prune_when, "prefill"))
-                 if value != default]
+    if not isinstance(config.prune, PruneSpec):
+        raise EvalUsageError(f"prune: expected a flowkern.plan.PruneSpec, got {config.prune!r}")
+    if not config.prune.enabled:
+        default = PruneSpec().to_dict(options=True)
+        given = [_flag(k) for k, v in config.prune.to_dict(options=True).items() if v != default[k]]
         if given:
             raise EvalUsageError(f"{', '.join(given)} given without --prune-layer: pruning is off unless "
                                  f"--prune-layer L is given")
-    elif isinstance(config.prune_layer, bool) or not isinstance(config.prune_layer, int):
-        raise EvalUsageError(f"--prune-layer {config.prune_layer!r}: expected a decoder layer index")
+
+
+def _flag(key: str) -> str:
+    """The option of a setting (:data:`SETTINGS_KEYS`): ``max_new_tokens`` -> ``--max-new-tokens``."""
+    return "--" + key.replace("_", "-")
 
 
 def _check_out_dir(out: Path) -> None:
@@ -268,39 +280,6 @@ def _check_images(samples: Sequence[Sample], images_hint: str) -> None:
         raise EvalUsageError(f"--images: question {first.id!r}: image {first.image} not found{more}; {images_hint}")
 
 
-def _read_answers(path: Path, task: Task) -> tuple[set[str], int, bool]:
-    """(answered keys, valid byte length, torn last line?) of an existing answer file; nothing is modified."""
-    data = path.read_bytes()
-    torn = bool(data) and not data.endswith(b"\n")
-    valid = data.rfind(b"\n") + 1 if torn else len(data)
-    answered: set[str] = set()
-    where_first: dict[str, int] = {}
-    for number, raw in enumerate(data[:valid].split(b"\n")[:-1] if valid else [], start=1):
-        where = f"--out: {path}:{number}"
-        if not raw.strip():
-            continue
-        try:
-            obj = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise EvalUsageError(f"{where}: not a valid JSON line ({exc}); fix or remove the line, or pass "
-                                 f"--overwrite to start afresh") from None
-        if not isinstance(obj, dict) or task.id_field not in obj or not isinstance(obj.get(task.text_field), str):
-            raise EvalUsageError(f"{where}: not an answer line (needs {task.id_field!r} and a string "
-                                 f"{task.text_field!r}); pass --overwrite to start afresh")
-        try:
-            key = task.prediction_key(Prediction(obj[task.id_field], obj[task.text_field], obj, f"{path}:{number}"))
-            task.sample(key)
-        except (KeyError, ValueError):
-            raise EvalUsageError(f"{where}: {task.id_field} {obj[task.id_field]!r} is not in the {task.name} data "
-                                 f"(--data): the answers were written for other questions") from None
-        if key in where_first:
-            raise EvalUsageError(f"{where}: {task.id_field} {obj[task.id_field]!r} is answered twice (first at line "
-                                 f"{where_first[key]}); pass --overwrite to start afresh")
-        where_first[key] = number
-        answered.add(key)
-    return answered, valid, torn
-
-
 def _compare_settings(path: Path, settings: dict[str, Any], out: Path) -> None:
     if not path.is_file():
         raise EvalUsageError(f"--out: {out} has answers but no {SETTINGS_FILE} (not written by flowkern eval?): "
@@ -312,7 +291,7 @@ def _compare_settings(path: Path, settings: dict[str, Any], out: Path) -> None:
     old = previous.get("settings") if isinstance(previous, dict) else None
     if not isinstance(old, dict):
         raise EvalUsageError(f"--out: {path}: no 'settings' object; pass --overwrite to start afresh")
-    diffs = [f"{_FLAGS[k]} was {old.get(k)!r}, now {settings[k]!r}" for k in SETTINGS_KEYS if old.get(k) != settings[k]]
+    diffs = [f"{_flag(k)} was {old.get(k)!r}, now {settings[k]!r}" for k in SETTINGS_KEYS if old.get(k) != settings[k]]
     if diffs:
         raise EvalUsageError(f"--out: the answers in {out} were generated under other settings ({'; '.join(diffs)}): "
                              f"use another --out, rerun with the same settings to resume, or pass --overwrite to "
@@ -355,20 +334,18 @@ def prepare(config: EvalConfig) -> EvalPlan:
         "split": config.split if config.task == "sqa" else None,
         "ocr": bool(config.ocr) if config.task == "textvqa" else None,
         "max_new_tokens": config.max_new_tokens or DEFAULT_MAX_NEW_TOKENS[config.task],
-        "prune_layer": config.prune_layer,
-        "keep": config.keep if config.prune_layer is not None else None,
-        "rank": config.rank if config.prune_layer is not None else None,
-        "prune_seed": config.prune_seed if config.prune_layer is not None else None,
-        "prune_when": config.prune_when if config.prune_layer is not None else None,
+        **{k: v if config.prune.enabled else None for k, v in config.prune.to_dict(options=True).items()},
     }
-    answered: set[str] = set()
-    valid: int | None = None
-    torn = False
+    found = AnswerFile()
     answers_path = out / ANSWERS_FILE
     if not config.overwrite and answers_path.is_file():
-        answered, valid, torn = _read_answers(answers_path, task)
-        if answered:
+        try:
+            found = read_answers(answers_path, task)
+        except ValueError as exc:
+            raise EvalUsageError(str(exc)) from None
+        if found.answered:
             _compare_settings(out / SETTINGS_FILE, settings, out)
+    answered, valid, torn = found.answered, found.valid_bytes, found.torn_line
     todo = [s for s in selected if s.key not in answered]
     hint = ("pass --images with the COCO val2014 folder" if config.task == "pope" and config.images is None
             else "check --images (the folder holding the task's images)")
@@ -381,63 +358,16 @@ def prepare(config: EvalConfig) -> EvalPlan:
 # generation
 
 
-def build_batch_inputs(processor: Any, model: Any, images: Sequence[Any], prompts: Sequence[str]) -> Any:
-    """Processor outputs for a batch of image prompts, left-padded, on the model's device and dtype.
-
-    Each prompt is wrapped as :func:`flowkern.hf.loading.build_inputs` wraps a single one (the processor's chat
-    template with one slot per image, or the family's plain format); the processor batches the images its own way.
-
-    Args:
-        processor: the model's processor (:func:`flowkern.hf.loading.load_model` sets left padding).
-        model: the model (family, image placeholder ids, device, dtype).
-        images: ``B`` entries, one per prompt: a path or ``PIL.Image``, or a list of them (several images).
-        prompts: ``B`` user texts.
-
-    Returns:
-        a ``BatchFeature`` with ``input_ids [B, S]``, ``attention_mask [B, S]`` (0 on the left padding),
-        ``pixel_values`` and whatever else the processor returns.
-
-    Raises:
-        ValueError: a prompt without an image slot after templating, or a processor that rejects the batch.
-    """
-    import torch
-
-    from flowkern.hf.loading import load_images, prompt_text
-    from flowkern.hf.models import get_adapter
-
-    if len(images) != len(prompts) or not prompts:
-        raise ValueError(f"expected one image entry per prompt, got {len(images)} for {len(prompts)} prompts")
-    adapter = get_adapter(model)
-    groups = [list(item) if isinstance(item, (list, tuple)) else [item] for item in images]
-    if any(not g for g in groups):
-        raise ValueError("every prompt needs at least one image")
-    pictures = load_images([im for g in groups for im in g])
-    texts = [prompt_text(processor, adapter.family, p, len(g)) for p, g in zip(prompts, groups, strict=True)]
-    tokenizer = getattr(processor, "tokenizer", None)
-    if tokenizer is not None and getattr(tokenizer, "padding_side", "left") != "left":
-        tokenizer.padding_side = "left"
-    inputs = processor(images=pictures, text=texts, padding=True, return_tensors="pt")
-    placeholders = torch.tensor(adapter.placeholder_token_ids(model.config))
-    has_slot = torch.isin(inputs["input_ids"], placeholders).any(dim=1)
-    if not bool(has_slot.all()):
-        row = int((~has_slot).nonzero()[0])
-        raise ValueError(f"the prompt has no image slot after templating: {texts[row]!r}")
-    param = next(model.parameters(), None)
-    dev = param.device if param is not None else torch.device("cpu")
-    dtype = param.dtype if param is not None and param.is_floating_point() else None
-    return inputs.to(device=dev, dtype=dtype) if dtype is not None else inputs.to(device=dev)
-
-
 def generate_answers(model: Any, processor: Any, images: Sequence[Any], prompts: Sequence[str], *,
                      max_new_tokens: int, pruning: Any = None, inputs: Any = None) -> list[str]:
     """Greedy answers to a batch of image prompts (left padding), decoded without special tokens and stripped.
 
     Args:
-        images, prompts: ``B`` each (see :func:`build_batch_inputs`).
+        images, prompts: ``B`` each (see :func:`flowkern.hf.inputs.build_inputs`).
         max_new_tokens: answer length limit.
         pruning: a :class:`flowkern.prune.Pruning` to run the batch under (entered and left here), or None.
-        inputs: :func:`build_batch_inputs` of these images and prompts, already built (a sweep builds them once per
-            batch for all its points); None: built here.
+        inputs: :func:`flowkern.hf.inputs.build_inputs` of these images and prompts, already built (a sweep builds
+            them once per batch for all its points); None: built here.
 
     Returns:
         ``B`` answer strings, in the order of ``prompts``.
@@ -445,7 +375,7 @@ def generate_answers(model: Any, processor: Any, images: Sequence[Any], prompts:
     import torch
 
     if inputs is None:
-        inputs = build_batch_inputs(processor, model, images, prompts)
+        inputs = build_inputs(processor, model, images, prompts)
     kwargs: dict[str, Any] = dict(max_new_tokens=max_new_tokens, do_sample=False)
     gen_cfg = getattr(model, "generation_config", None)
     tokenizer = getattr(processor, "tokenizer", processor)
@@ -458,74 +388,6 @@ def generate_answers(model: Any, processor: Any, images: Sequence[Any], prompts:
     new = sequences[:, inputs["input_ids"].shape[1]:].cpu()
     decoder = processor if hasattr(processor, "batch_decode") else tokenizer
     return [t.strip() for t in decoder.batch_decode(new, skip_special_tokens=True)]
-
-
-def answer_record(task: Task, sample: Sample, text: str, model_id: str) -> dict[str, Any]:
-    """One answer-file line in LLaVA's format (see the module docstring)."""
-    if task.name == "chair":
-        return {"image_id": sample.id, "caption": text, "prompt": sample.prompt, "model_id": model_id}
-    record: dict[str, Any] = {"question_id": sample.id, "prompt": sample.prompt, "text": text, "model_id": model_id}
-    if task.name == "pope" and sample.split is not None:
-        record["category"] = sample.split
-    return record
-
-
-@contextlib.contextmanager
-def _sigint_held() -> Iterator[None]:
-    """Hold a Ctrl-C off until the block is done (then raise ``KeyboardInterrupt``), so that it never tears a batch's
-    lines. A Python-level handler in the main thread: a blocked signal mask would let the kernel hand the signal to
-    another thread (torch's, tqdm's), where it can be lost."""
-    caught: list[int] = []
-    try:
-        old = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
-    except ValueError:  # not the main thread: nothing to hold
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, old)
-    if caught:
-        raise KeyboardInterrupt
-
-
-def _append_lines(path: Path, records: Sequence[dict[str, Any]]) -> None:
-    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode("utf-8")
-    with _sigint_held():
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
-        try:
-            view = memoryview(text)
-            while view:
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def _start_files(plan: EvalPlan) -> None:
-    """Make the folder ready to append: start afresh or drop a torn last line; write run.json when fresh."""
-    import flowkern
-    from flowkern._io import atomic_write_json
-
-    plan.out.mkdir(parents=True, exist_ok=True)
-    if plan.fresh:
-        for name in (METRICS_FILE, ANSWERS_FILE):
-            with contextlib.suppress(FileNotFoundError):
-                (plan.out / name).unlink()
-        atomic_write_json(plan.settings_path, {
-            "settings": plan.settings, "flowkern": flowkern.__version__,
-            "device": plan.config.device, "dtype": plan.config.dtype,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        })
-        plan.answers_path.touch()
-    elif plan.torn_line and plan.valid_bytes is not None:
-        os.truncate(plan.answers_path, plan.valid_bytes)
-        with _sigint_held():
-            fd = os.open(plan.answers_path, os.O_WRONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
 
 
 def run_eval(
@@ -563,15 +425,12 @@ def run_eval(
                 model, processor = load_model(config.model, device=config.device, dtype=config.dtype)
             except (FileNotFoundError, ValueError, ImportError) as exc:
                 raise EvalUsageError(str(exc)) from None
-        if config.prune_layer is not None:
-            import flowkern
-
+        if config.prune.enabled:
             try:
-                pruning = flowkern.prune(model, layer=config.prune_layer, keep=config.keep, rank=config.rank,
-                                         seed=config.prune_seed, when=config.prune_when)
+                pruning = flowkern.prune(model, config.prune)
             except (ValueError, NotImplementedError) as exc:
-                raise EvalUsageError(f"--prune-layer {config.prune_layer}: {exc}") from None
-    _start_files(plan)
+                raise EvalUsageError(f"--prune-layer {config.prune.layer}: {exc}") from None
+    plan.start_files()
 
     model_id = Path(str(config.model).rstrip("/")).name or str(config.model)
     total, done = len(plan.samples), len(plan.samples) - len(plan.todo)
@@ -587,8 +446,8 @@ def run_eval(
             batch = plan.todo[i: i + config.batch_size]
             texts = generate_answers(model, processor, [s.image for s in batch], [s.prompt for s in batch],
                                      max_new_tokens=settings["max_new_tokens"], pruning=pruning)
-            _append_lines(plan.answers_path, [answer_record(task, s, t, model_id)
-                                              for s, t in zip(batch, texts, strict=True)])
+            append_lines(plan.answers_path, [answer_record(task, s, t, model_id)
+                                             for s, t in zip(batch, texts, strict=True)])
             generated += len(batch)
             if bar is not None:
                 bar.update(len(batch))
@@ -598,9 +457,6 @@ def run_eval(
         if bar is not None:
             bar.close()
     seconds = time.perf_counter() - start
-
-    from flowkern._io import atomic_write_json
-
     metrics = task.score(task.read_predictions(plan.answers_path))
     atomic_write_json(plan.metrics_path, metrics)
     return EvalResult(metrics=metrics, out=plan.out, answers_path=plan.answers_path, metrics_path=plan.metrics_path,

@@ -6,11 +6,16 @@
 - :mod:`flowkern.hf.attention`: the ``"flowkern"`` attention + mask functions (:func:`register`): read the pushed
   layer state, emit one row event.
 - :mod:`flowkern.hf.calls`: one outermost forward call, normalised (cache, past length, 2D mask, layout inputs).
+- :mod:`flowkern.hf.sites`: hooks at decoder-layer sites for an analysis that reads activations and their
+  gradients (LLaVA-CAM).
 - :mod:`flowkern.hf.models`: one adapter per model family (every model-specific constant lives there).
 - :mod:`flowkern.hf.segments`: token -> system/image/user/generated labels, image grid metadata.
 - :mod:`flowkern.hf.compat`: every version-dependent transformers internal (cache keyword, cache layout, mask
   shapes, ...), with a table of what changed in which release; the only module that reads them.
-- :mod:`flowkern.hf.loading`: load a model and its processor from local files (never the network), build inputs.
+- :mod:`flowkern.hf.reuse`: one computation reused across generate calls on the same inputs (the layers below a
+  pruning layer, the image encoding), for a sweep's points.
+- :mod:`flowkern.hf.loading`: load a model and its processor from local files (never the network).
+- :mod:`flowkern.hf.inputs`: images and prompts -> the model's inputs, one builder for 1..B prompts.
 - :mod:`flowkern.hf.tiny`: the one tiny-model builder (tests, benchmarks, the demo model).
 
 Importing this package registers the attention implementation, so ``model.set_attn_implementation(

@@ -20,9 +20,9 @@ each attention module of the language model once per forward call (attribute :da
 of every key, the layer's *key map* (int64 ``[B, Sk]``: the original token position each key holds, -1 for a hidden
 filler, when the layer's cache holds only some of the tokens, as after :func:`flowkern.prune`) with its key padding
 mask, and whether anyone listens to this layer. This function reads that state, computes, and -- only where
-asked -- emits one :class:`RowEvent` for the last query row (its LSE, per-segment mass and, on request, the
-attention each key receives) to the session, which hands it to its listeners. It never calls back for labels and
-never knows who listens; without a state it is plain fused attention.
+asked -- emits one :class:`RowEvent` for the last query row (its per-segment mass and, on request, the
+attention each key receives, computed from the row's LSE) to the session, which hands it to its listeners. It
+never calls back for labels and never knows who listens; without a state it is plain fused attention.
 
 **Fast path.** A call nobody listens to needs only the attention output, from whichever kernel is faster for it:
 PyTorch's ``scaled_dot_product_attention`` (the same bottom-right causal softmax, GQA through ``enable_gqa``) where
@@ -55,7 +55,6 @@ __all__ = [
     "flowkern_attention_mask",
     "register",
     "switch_attention",
-    "use_flowkern_attention",
     "restore_attention",
     "language_attention_modules",
 ]
@@ -73,29 +72,17 @@ class RowEvent:
 
     Attributes:
         layer: decoder layer (``module.layer_idx``).
-        q: ``[B, Hq, 1, D]`` the last query row (detached).
-        k: ``[B, Hkv, Sk, D]`` all keys of the call (cache included; detached).
-        lse: float32 ``[B, Hq, 1]`` the row's log-sum-exp (natural log).
         mass: float32 ``[B, num_segments]`` head-mean softmax mass of the row per key segment.
         key_mass: float32 ``[B, Sk]`` head-mean softmax probability each key receives from the row
             (:func:`flowkern.key_attention_mass`), or None when no listener asked for it.
-        key_padding_mask: bool ``[B, Sk]`` (True = real key) or None.
         keymap: int64 ``[B, Sk]`` original token position of each key (-1 = hidden), or None when the layer holds
             every token in order.
-        scale: softmax scale used.
-        causal: whether the call was causal (bottom-right aligned).
     """
 
     layer: int
-    q: torch.Tensor
-    k: torch.Tensor
-    lse: torch.Tensor
     mass: torch.Tensor
     key_mass: torch.Tensor | None
-    key_padding_mask: torch.Tensor | None
     keymap: torch.Tensor | None
-    scale: float
-    causal: bool
 
 
 @dataclass(slots=True)
@@ -308,8 +295,7 @@ def flowkern_attention_forward(
             key_mass = ops.key_attention_mass(q_last, k_obs, lse_last, causal=causal, key_padding_mask=kpm,
                                               scale=scale)
         if state.sink is not None:
-            state.sink(RowEvent(state.layer, q_last, k_obs, lse_last, mass[:, -1], key_mass, kpm, keymap, scale,
-                                causal))
+            state.sink(RowEvent(state.layer, mass[:, -1], key_mass, keymap))
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -406,15 +392,6 @@ def switch_attention(model: torch.nn.Module, text_config_key: str, text_config: 
             f"{type(model).__name__} refused attn_implementation={name!r} for its language model "
             f"(it stays {compat.attn_implementation(text_config)!r})"
         )
-
-
-def use_flowkern_attention(model: torch.nn.Module, text_config_key: str, text_config: Any) -> str:
-    """Switch the language model to the ``"flowkern"`` attention (:func:`switch_attention`); returns the previous
-    implementation name for :func:`restore_attention` (for code that holds the switch across several analyses,
-    e.g. a sweep: their sessions then find it already switched)."""
-    prev = compat.attn_implementation(text_config)
-    switch_attention(model, text_config_key, text_config, ATTENTION_NAME)
-    return prev
 
 
 def restore_attention(model: torch.nn.Module, text_config_key: str, text_config: Any, prev: str | None) -> None:

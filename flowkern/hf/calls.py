@@ -21,7 +21,7 @@ import torch
 from flowkern.hf import compat
 
 if TYPE_CHECKING:
-    from flowkern.plan import Narrowing
+    from flowkern.keymaps import Narrowing
 
 __all__ = ["ForwardCall", "ForwardWatcher", "Call"]
 
@@ -99,7 +99,6 @@ class Call:
 
     Attributes:
         ids: int ``[B, S_new]`` token ids of the call, or None when only embeddings are known.
-        embeds: float ``[B, S_new, hidden]`` input embeddings when the call passed them, else None.
         batch, length, device: ``B``, ``S_new`` and the tokens' device.
         cache: the KV cache the call received (None: none, or one the language model creates itself).
         past: tokens that cache already holds (0 for none); ``prefill`` is ``past == 0``.
@@ -113,7 +112,7 @@ class Call:
     """
 
     def __init__(self, raw: ForwardCall, config: Any, layout_names: tuple[str, ...], owner: str) -> None:
-        self.ids, self.embeds, self.kwargs = raw.ids, raw.embeds, raw.kwargs
+        self.ids, self.kwargs = raw.ids, raw.kwargs
         tokens = raw.ids if raw.ids is not None else raw.embeds
         self.batch, self.length, self.device = int(tokens.shape[0]), int(tokens.shape[1]), tokens.device
         kwargs = raw.kwargs
@@ -164,7 +163,7 @@ class Call:
             self.observers.setdefault(int(layer), []).append((listener, bool(key_mass)))
 
     def narrow(self, from_layer: int, plan: Callable[[], Narrowing]) -> None:
-        """From decoder layer ``from_layer`` on, run this forward on the positions of the :class:`flowkern.plan.
+        """From decoder layer ``from_layer`` on, run this forward on the positions of the :class:`flowkern.keymaps.
         Narrowing` that ``plan()`` returns; it is called right before that layer runs (so it may use the row event
         of an earlier layer). One narrowing per forward."""
         if self.narrowing is not None:

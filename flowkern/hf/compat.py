@@ -74,6 +74,9 @@ __all__ = [
     "padding_mask_2d",
     "encoder_token_counts",
     "is_known_layer_input",
+    "layer_hidden_states",
+    "layer_output_hidden",
+    "layer_output",
     "attn_implementation",
     "set_text_attn_implementation",
     "accepts_logits_to_keep",
@@ -277,6 +280,22 @@ def is_known_layer_input(name: str) -> bool:
     """Whether ``name`` is a decoder-layer keyword flowkern's pruning knows how to treat (hidden states, masks,
     the cache, rotary embeddings, :data:`LAYER_POSITION_INPUTS`); an unknown per-token input makes pruning refuse."""
     return name in _KNOWN_LAYER_INPUTS
+
+
+def layer_hidden_states(args: tuple, kwargs: dict) -> torch.Tensor:
+    """The hidden states ``[B, S, D]`` a decoder layer's forward received (first positional, or ``hidden_states=``)."""
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def layer_output_hidden(output: Any) -> tuple[torch.Tensor, bool]:
+    """``(hidden states [B, S, D], as_tuple)`` of what a decoder layer's forward returned: a tensor, or a tuple whose
+    first item is the hidden states (``as_tuple``; :func:`layer_output` builds the same form back)."""
+    return (output[0], True) if isinstance(output, tuple) else (output, False)
+
+
+def layer_output(hidden: torch.Tensor, as_tuple: bool) -> Any:
+    """What a decoder layer's forward returns for ``hidden`` ``[B, S, D]``: the tensor, or ``(hidden,)``."""
+    return (hidden,) if as_tuple else hidden
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -1,6 +1,8 @@
-"""Load a supported VLM and its processor from a local directory or the Hugging Face cache, and build inputs.
+"""Load a supported VLM and its processor from a local directory or the Hugging Face cache.
 
-Shared by the ``flow``, ``cam`` and ``generate`` commands (and usable from Python):
+Shared by every command that runs a model (and usable from Python; images and inputs come from
+:mod:`flowkern.hf.inputs`, whose :func:`~flowkern.hf.inputs.build_inputs` and
+:func:`~flowkern.hf.inputs.load_images` this module re-exports):
 
 .. code-block:: python
 
@@ -28,10 +30,14 @@ from typing import Any
 
 import torch
 
+from flowkern.hf.inputs import build_inputs, load_images
+
 __all__ = [
-    "load_model", "load_images", "build_inputs", "prompt_text", "input_image", "position_range_message",
-    "resolve_device", "resolve_dtype",
+    "load_model", "input_image", "position_range_message", "resolve_device", "resolve_dtype", "auto_model_class",
+    "build_inputs", "load_images",
 ]
+"""``build_inputs`` and ``load_images`` live in :mod:`flowkern.hf.inputs`; they are importable from here too, so
+that loading a model and building its inputs is one import."""
 
 try:  # what safetensors raises for a truncated or corrupt file (its header or tensor offsets do not add up)
     from safetensors import SafetensorError as _SafetensorError
@@ -96,10 +102,6 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device, checkpoint_dty
 def _locate(model: str) -> tuple[str, dict]:
     """(directory or hub id to load from, the raw config.json) without any network access."""
     path = Path(model).expanduser()
-    if model == "demo" and not path.exists():  # the shapes-world demo model shipped in the package
-        from flowkern.demo import demo_model_path
-
-        path = demo_model_path()
     if path.is_dir():
         config_file = path / "config.json"
         if not config_file.is_file():
@@ -144,8 +146,13 @@ def _check_supported(model: str, raw_config: dict) -> str:
     )
 
 
-def _auto_class(config: Any) -> Any:
-    """The transformers Auto class that maps this config to its image-text-to-text model."""
+def auto_model_class(config: Any) -> Any:
+    """The transformers Auto class (``AutoModelForImageTextToText``, else ``AutoModelForVision2Seq``) that maps this
+    config to its image-text-to-text model.
+
+    Raises:
+        ValueError: neither maps the config's type.
+    """
     import transformers
 
     for name in ("AutoModelForImageTextToText", "AutoModelForVision2Seq"):
@@ -195,7 +202,7 @@ def load_model(
     torch_dtype = resolve_dtype(dtype, dev, ckpt_dtype)
 
     config = transformers.AutoConfig.from_pretrained(source, local_files_only=True)
-    auto = _auto_class(config)
+    auto = auto_model_class(config)
     kwargs: dict[str, Any] = dict(config=config, dtype=torch_dtype, local_files_only=True, **pretrained_kwargs())
     try:
         try:
@@ -229,121 +236,7 @@ def load_model(
 
 
 # ----------------------------------------------------------------------------------------------------------
-# inputs
-
-
-def load_images(image: Any) -> list:
-    """Images as a list of RGB ``PIL.Image``.
-
-    Args:
-        image: a path, a ``PIL.Image``, or a list of them.
-
-    Raises:
-        FileNotFoundError: a path that does not exist.
-        ValueError: a file that is not an image, or an empty list.
-    """
-    from PIL import Image, UnidentifiedImageError
-
-    items = list(image) if isinstance(image, (list, tuple)) else [image]
-    if not items:
-        raise ValueError("--image: no image given")
-    out = []
-    for item in items:
-        if isinstance(item, Image.Image):
-            out.append(item.convert("RGB"))
-            continue
-        path = Path(os.fspath(item)).expanduser()
-        if path.is_dir():
-            raise ValueError(f"--image {item}: is a directory, expected an image file")
-        if not path.is_file():
-            raise FileNotFoundError(f"--image {item}: no such file")
-        try:
-            with Image.open(path) as im:
-                out.append(im.convert("RGB"))
-        except (UnidentifiedImageError, OSError) as exc:
-            raise ValueError(f"--image {item}: not a readable image ({exc})") from exc
-    return out
-
-
-def prompt_text(processor: Any, family: str, prompt: str, n_images: int) -> str:
-    """The full prompt string for ``prompt`` about ``n_images`` images, as :func:`build_inputs` builds it: ``prompt``
-    itself when it already holds the image token, else the processor's chat template (one user turn, generation
-    prompt), else the family's :attr:`~flowkern.hf.models.ModelAdapter.prompt_format`. Raises ``ValueError`` when there
-    is no way to place the images."""
-    image_token = getattr(processor, "image_token", None)
-    if image_token and image_token in prompt:
-        return prompt  # the user wrote the whole prompt, image placeholders included
-    if getattr(processor, "chat_template", None):
-        content = [{"type": "image"} for _ in range(n_images)] + [{"type": "text", "text": prompt}]
-        text = processor.apply_chat_template(
-            [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
-        )
-        return text[0] if isinstance(text, list) else text
-    from flowkern.hf.models import ADAPTERS, ModelAdapter
-
-    fmt = ADAPTERS[family].prompt_format if family in ADAPTERS else ModelAdapter.prompt_format
-    if "{images}" in fmt and not image_token:
-        raise ValueError(
-            f"the {family} processor has neither a chat template nor an image_token; write the image placeholder "
-            "into --prompt yourself"
-        )
-    return fmt.format(images=(image_token or "") * n_images, prompt=prompt)
-
-
-def build_inputs(
-    processor: Any,
-    model: torch.nn.Module,
-    image: Any,
-    prompt: str,
-    *,
-    device: str | torch.device | None = None,
-) -> Any:
-    """Processor outputs for one prompt about one or more images, ready for ``model.generate(**inputs)``.
-
-    The prompt text is, in order of preference: ``prompt`` itself when it already contains the processor's image
-    token (e.g. ``"USER: <image>\\nWhat is it? ASSISTANT:"``); else the processor's chat template applied to one
-    user turn (one image slot per image, then the text) with the generation prompt; else the family's plain prompt
-    format (LLaVA-1.5: ``"USER: <image>\\n{prompt} ASSISTANT:"``).
-
-    Args:
-        processor: the model's processor (:func:`load_model`).
-        model: the model (for its family, image placeholder ids, device and dtype).
-        image: a path, a ``PIL.Image`` or a list of them (several images in one prompt).
-        prompt: the user's question / instruction.
-        device: where the tensors go (default: the model's device); floating tensors take the model's dtype.
-
-    Returns:
-        a ``BatchFeature`` with ``input_ids [1, S]``, ``attention_mask [1, S]``, ``pixel_values`` and whatever else
-        the processor returns (``image_sizes``, ``image_grid_thw``, ...).
-
-    Raises:
-        FileNotFoundError: an image path that does not exist.
-        ValueError: the prompt ends up without an image slot (``input_ids`` contain no image placeholder token),
-            or the processor rejects the prompt/images.
-    """
-    from flowkern.hf.models import get_adapter
-
-    adapter = get_adapter(model)
-    images = load_images(image)
-    text = prompt_text(processor, adapter.family, prompt, len(images))
-    placeholders = torch.tensor(adapter.placeholder_token_ids(model.config))
-    no_slot = (
-        f"the prompt has no image slot: its input_ids contain no image token {placeholders.tolist()} (prompt text "
-        f"{text!r}); use a processor whose chat template renders images, or put the image placeholder in --prompt"
-    )
-    try:
-        inputs = processor(images=images, text=text, return_tensors="pt")
-    except ValueError as exc:
-        image_token = getattr(processor, "image_token", None)
-        if image_token and image_token not in text:
-            raise ValueError(no_slot) from exc
-        raise ValueError(f"the processor rejected the prompt {text!r} with {len(images)} image(s): {exc}") from exc
-    if not torch.isin(inputs["input_ids"], placeholders).any():
-        raise ValueError(no_slot)
-    param = next(model.parameters(), None)
-    dev = torch.device(device) if device is not None else (param.device if param is not None else torch.device("cpu"))
-    dtype = param.dtype if param is not None and param.is_floating_point() else None
-    return inputs.to(device=dev, dtype=dtype) if dtype is not None else inputs.to(device=dev)
+# about the inputs
 
 
 def position_range_message(model: torch.nn.Module, total_tokens: int) -> str | None:

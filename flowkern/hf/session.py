@@ -15,14 +15,15 @@ that touches the model, and undoes all of it when the last listener leaves (also
 - **structure**, found once per session through the family's adapter (:mod:`flowkern.hf.models`): the language
   model and where the forward enters it, its decoder layers and their attention modules, the vision tower (each a
   walk over the model's modules: a caller that attaches many short-lived listeners one after another, like a
-  sweep's pruning per point, keeps the session and what it found by holding one listener across them, e.g.
-  :class:`flowkern.eval.sweep`'s attention hold; a model edited in between is seen afresh by the next session);
+  sweep's pruning per point, keeps the session and what it found by holding one listener across them with
+  :func:`flowkern.listener.attached`; a model edited in between is seen afresh by the next session);
 - **forward calls**: :class:`flowkern.hf.calls.ForwardWatcher` reports each outermost forward once, normalised into a
   :class:`flowkern.hf.calls.Call` through :mod:`flowkern.hf.compat` (cache, past length, 2D padding mask, the inputs
   an image layout needs, ``grid_thw`` of the vision tower's calls); the call's wall time is measured here, once,
   for every listener;
 - **key maps**: a cache whose layers hold only some tokens (after :func:`flowkern.prune`) carries
-  :class:`flowkern.plan.KeyMapGroup` s (:func:`cache_groups`); every forward on it extends them by its new tokens;
+  :class:`flowkern.keymaps.KeyMapGroup` s (:func:`flowkern.keymaps.cache_groups`); every forward on it extends
+  them by its new tokens;
 - **layer state, pushed down**: before the forward runs, each attention module gets its
   :class:`flowkern.hf.attention.LayerState` -- key segment ids (from the labelling listener, gathered through the
   layer's key map), key map, key padding, and whether a listener asked for this layer's row event; the attention
@@ -62,37 +63,16 @@ from flowkern.hf.attention import (
 )
 from flowkern.hf.calls import Call, ForwardWatcher
 from flowkern.hf.models import get_adapter
-from flowkern.listener import Listener
-from flowkern.plan import KeyMapGroup, extend_groups, gather_tokens
+from flowkern.keymaps import KeyMapGroup, cache_groups, gather_tokens, set_cache_groups, track_forward
 
 if TYPE_CHECKING:
-    from flowkern.plan import Narrowing
+    from flowkern.keymaps import Narrowing
+    from flowkern.listener import Listener
 
-__all__ = ["Session", "Listener", "Call", "RowEvent", "cache_groups", "set_cache_groups", "compact_layer_inputs"]
+__all__ = ["Session", "Call", "RowEvent", "compact_layer_inputs"]
 
 DIFFERENTIABLE = ("eager", "sdpa")
 """Attention implementations autograd can go through (what ``attention="differentiable"`` keeps or picks)."""
-
-
-# ----------------------------------------------------------------------------------------------------------
-# key maps of a cache
-
-
-_GROUPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # cache -> list[KeyMapGroup]
-
-
-def cache_groups(cache: Any) -> list[KeyMapGroup]:
-    """The key-map groups of a cache's pruned layers (empty: every layer holds every token). The list is the one
-    stored: extending a group's key map in place is seen by every later forward."""
-    return _GROUPS.get(cache, []) if cache is not None else []
-
-
-def set_cache_groups(cache: Any, groups: list[KeyMapGroup]) -> None:
-    """Record what the layers of ``cache`` hold (an empty list forgets it)."""
-    if groups:
-        _GROUPS[cache] = list(groups)
-    else:
-        _GROUPS.pop(cache, None)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -319,14 +299,9 @@ class Session:
         call.tower_grids, self._pending_tower = self._pending_tower, []
         self._call = call
         if call.cache is not None:
-            if call.prefill:
-                set_cache_groups(call.cache, [])  # an empty cache: whatever it held before is gone
-            else:
-                groups = cache_groups(call.cache)
-                if groups:
-                    n = call.length
-                    real = call.mask[:, -n:].bool() if call.mask is not None and call.mask.shape[1] >= n else None
-                    extend_groups(groups, call.past, n, real)
+            n = call.length
+            real = call.mask[:, -n:].bool() if call.mask is not None and call.mask.shape[1] >= n else None
+            track_forward(call.cache, prefill=call.prefill, past=call.past, n_new=n, real=real)
         for listener in watching:
             listener.on_call(call)
             call.entered.append(listener)

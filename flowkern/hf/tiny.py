@@ -160,9 +160,9 @@ def build_model(
     Raises:
         ValueError: transformers has no image-text-to-text class for the config.
     """
-    from flowkern.hf.loading import _auto_class
+    from flowkern.hf.loading import auto_model_class
 
-    cls = _auto_class(config)._model_mapping[type(config)]
+    cls = auto_model_class(config)._model_mapping[type(config)]
     torch.manual_seed(seed)
     extra = {} if attn_implementation is None else dict(attn_implementation=attn_implementation)
     with torch.device(device) if device is not None else contextlib.nullcontext():

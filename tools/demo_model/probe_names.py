@@ -59,12 +59,13 @@ def probe(model_dir: str, num: int = 256, batch_size: int = 32) -> dict[str, obj
     ``owner`` / ``place`` / ``option`` / ``verdict`` / ``side``: one value per decoder-layer input
     (``num_layers + 1``); ``text_mass`` and ``letter`` in [0, 1]."""
     from flowkern import shapes as world
+    from flowkern.demo import resolve_model
     from flowkern.hf.loading import load_model
     from tools.demo_model.config import ATTENTION_HEADS, NAMES_PLACE_LAYER, TEXT_ATTENTION_LAYERS
     from tools.demo_model.data import encode, training_example
 
     # eager attention: the probe reads the attention weights
-    model, processor = load_model(model_dir, device="cpu", attn_implementation="eager")
+    model, processor = load_model(resolve_model(model_dir), device="cpu", attn_implementation="eager")
     tok = processor.tokenizer
     names = list(world.PEOPLE)
     examples, i = [], 0

@@ -28,12 +28,13 @@ import torch
 def probe(model_dir: str, num: int = 128) -> dict[str, float]:
     """The read-outs above for the model in ``model_dir`` (or ``demo``) on ``num`` scenes; values in [0, 1]
     (``col_R2`` may be negative)."""
+    from flowkern.demo import resolve_model
     from flowkern.hf.loading import load_model
     from tools.demo_model.config import VISION
     from tools.demo_model.data import patch_batch, training_example
     from tools.demo_model.losses import PATCH_WORDS, patch_classes
 
-    model, processor = load_model(model_dir, device="cpu")
+    model, processor = load_model(resolve_model(model_dir), device="cpu")
     grid = VISION["image_size"] // VISION["patch_size"]
     examples = [training_example(777, i, {"textvqa": 1.0}) for i in range(num)]
     targets = patch_batch(examples, grid)

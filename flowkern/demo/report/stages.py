@@ -158,14 +158,14 @@ def attention_stage(model: Any, processor: Any, samples: Sequence[Any], *, max_n
     import torch
 
     import flowkern
-    from flowkern.eval.run import build_batch_inputs
+    from flowkern.hf.inputs import build_inputs
 
     per_question: list[Any] = []
     shown: list[TracedExample] = []
     names: list[str] = []
     image_tokens = 0
     for chunk in _chunks(samples, batch_size):
-        inputs = build_batch_inputs(processor, model, [s.image for s in chunk], [s.prompt for s in chunk])
+        inputs = build_inputs(processor, model, [s.image for s in chunk], [s.prompt for s in chunk])
         if not image_tokens:
             image_tokens = _image_token_count(model, inputs)
         with torch.inference_mode(), flowkern.trace(model, image_inputs=inputs) as flow:
@@ -193,11 +193,11 @@ def cam_stage(model: Any, processor: Any, samples: Sequence[Any], *, max_new_tok
     """Figures 3/4: :func:`flowkern.cam` of each sample (its own greedy answer, every layer, SmoothGrad over
     ``copies`` noisy copies, noise std 0.1, maps max-normalised per layer); one :class:`CamResult` per sample."""
     import flowkern
-    from flowkern.eval.run import build_batch_inputs
+    from flowkern.hf.inputs import build_inputs
 
     out = []
     for sample in samples:
-        inputs = build_batch_inputs(processor, model, [sample.image], [sample.prompt])
+        inputs = build_inputs(processor, model, [sample.image], [sample.prompt])
         try:
             result = flowkern.cam(model, inputs, processor=processor, samples=copies, noise_std=0.1,
                                   batch_size=copies, max_new_tokens=max_new_tokens, seed=0)
@@ -234,7 +234,7 @@ def _time_generate(model: Any, inputs: Any, *, layer: int | None, new_tokens: in
     import torch
 
     import flowkern
-    from flowkern.prune import ForwardTimer
+    from flowkern.timer import ForwardTimer
 
     ctx = flowkern.prune(model, layer=layer, keep=0) if layer is not None else contextlib.nullcontext()
     with torch.inference_mode(), ctx, ForwardTimer(model) as timer:
@@ -257,14 +257,14 @@ def speed_stage(model: Any, processor: Any, points: Sequence[tuple[str, int, Seq
     Returns:
         one :class:`flowkern.demo.report.records.SpeedRow` per (point, batch), ``cliff_layer`` unset.
     """
-    from flowkern.eval.run import build_batch_inputs
+    from flowkern.hf.inputs import build_inputs
 
     pad = _pad_id(processor)
     rows = []
     for label, layer, samples in points:
         for b in batches:
             chosen = [samples[i % len(samples)] for i in range(b)]
-            inputs = build_batch_inputs(processor, model, [s.image for s in chosen], [s.prompt for s in chosen])
+            inputs = build_inputs(processor, model, [s.image for s in chosen], [s.prompt for s in chosen])
             times: dict[str, list[tuple[float, float]]] = {"unpruned": [], "pruned": []}
             for r in range(repeats + 1):
                 for method, at in (("unpruned", None), ("pruned", layer)):
@@ -384,10 +384,10 @@ def check_model(config: DemoConfig, model: Any, processor: Any) -> int:
     from PIL import Image
 
     from flowkern import shapes as world
-    from flowkern.eval.run import build_batch_inputs
+    from flowkern.hf.inputs import build_inputs
 
     try:
-        inputs = build_batch_inputs(processor, model, [Image.new("RGB", (world.CANVAS, world.CANVAS), "white")],
+        inputs = build_inputs(processor, model, [Image.new("RGB", (world.CANVAS, world.CANVAS), "white")],
                                     ["Is there a red circle in the image?"])
     except ValueError as exc:
         raise ValueError(f"--model {config.model}: cannot build a shapes prompt: {exc}") from None

@@ -1,0 +1,205 @@
+"""What a sweep is made of: its options (:class:`SweepConfig`), its points (:class:`Point`), what it returns
+(:class:`SweepResult`), the layers it covers (:func:`parse_layer_spec`) and the checks on its options."""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from flowkern.eval.run import EvalPlan, EvalUsageError
+
+__all__ = ["SweepUsageError", "Point", "SweepConfig", "SweepResult", "MAIN_METRIC", "SWEEP_SETTINGS", "FLAGS",
+           "parse_layer_spec", "check_config", "sweep_settings", "main_rank", "series", "series_points"]
+
+MAIN_METRIC: dict[str, tuple[str, bool]] = {"pope": ("f1", True), "sqa": ("accuracy", True),
+                                            "textvqa": ("accuracy", True), "chair": ("chair_s", False)}
+"""Task -> (main metric, higher is better): the paper's Table 1 metrics."""
+
+SWEEP_SETTINGS: tuple[str, ...] = ("model", "task", "data", "images", "split", "ocr", "max_new_tokens", "keep", "rank",
+                                   "seed")
+"""Settings that change a sweep's answers: a rerun under other values is refused."""
+
+FLAGS = {"model": "--model", "task": "--task", "data": "--data", "images": "--images", "split": "--split",
+          "ocr": "--ocr", "max_new_tokens": "--max-new-tokens", "keep": "--keep", "rank": "--rank", "seed": "--seed"}
+CONTROLS = ("random", "grid", "none", "attention")
+
+
+class SweepUsageError(EvalUsageError):
+    """A mistake the user can fix (bad layers, other settings in --out, ...): one-line message."""
+
+
+@dataclass(frozen=True)
+class Point:
+    """One point of a sweep: the baseline (``layer=None``) or pruning from ``layer`` on with ``rank``.
+
+    ``series`` is ``"baseline"``, ``"main"`` or ``"control"``.
+    """
+
+    layer: int | None
+    rank: str | None = None
+    series: str = "baseline"
+    keep: int | float = 0
+
+    @property
+    def name(self) -> str:
+        """Folder name: ``baseline``, ``L05`` (k = 0) or ``L05-<rank>``."""
+        if self.layer is None:
+            return "baseline"
+        return f"L{self.layer:02d}" if self.keep == 0 else f"L{self.layer:02d}-{self.rank}"
+
+    def depth(self) -> int:
+        """Decoder layers this point computes exactly like the unpruned prefill (and may skip when shared)."""
+        if self.layer is None:
+            return 0
+        return self.layer - 1 if self.rank == "attention" and self.keep != 0 else self.layer
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    """What to sweep (the options of ``flowkern sweep``).
+
+    Attributes:
+        model, task, data, images, limit, batch_size, max_new_tokens, strict, split, ocr, device, dtype: as for
+            :class:`flowkern.eval.run.EvalConfig`.
+        out: the sweep folder (points/, results.jsonl, summary.csv, cliff.json, sweep.png, sweep.json).
+        layers: ``"all"``, or ranges and lists of 0-based decoder layers (``"0-31"``, ``"0,2,4,8-12"``), or a list.
+        keep, rank, seed: :func:`flowkern.prune` of the main series (k = 0 drops every image token; rank is then moot).
+        controls: extra ranks run at the same layers and ``keep`` (``"random"``, ``"grid"``); need ``keep != 0``.
+        search: ``"full"`` (every layer) or ``"bisect"``.
+        tolerance: the cliff tolerance in points of the main metric (1 point = 0.01 of a ratio).
+        reuse: share the layers below L (:class:`flowkern.hf.reuse.PrefixShare`) and the image encoding
+            (:class:`flowkern.hf.reuse.ImageCache`)
+            between points; False runs each point on its own.
+        overwrite: discard the folder's previous sweep and start afresh.
+    """
+
+    model: str
+    task: str
+    data: str | os.PathLike[str]
+    out: str | os.PathLike[str]
+    images: str | os.PathLike[str] | None = None
+    layers: str | Sequence[int] = "all"
+    keep: int | float = 0
+    rank: str = "attention"
+    seed: int = 0
+    controls: tuple[str, ...] = ()
+    search: str = "full"
+    tolerance: float = 1.0
+    limit: int | None = None
+    batch_size: int = 1
+    max_new_tokens: int | None = None
+    strict: bool = False
+    split: str = "test"
+    ocr: bool = False
+    device: str = "auto"
+    dtype: str = "auto"
+    reuse: bool = True
+    overwrite: bool = False
+
+
+@dataclass
+class SweepResult:
+    """What :func:`run_sweep` produced (rank 0; other ranks get the same ``cliff`` and ``curve``)."""
+
+    out: Path
+    baseline: float | None
+    curve: dict[int, float]
+    controls: dict[str, dict[int, float]]
+    cliff: dict[str, Any]
+    points: list[dict[str, Any]]
+    generated: int
+    seconds: float
+    files: dict[str, Path] = field(default_factory=dict)
+
+
+def parse_layer_spec(spec: str | Sequence[int], num_layers: int) -> list[int]:
+    """Sorted distinct 0-based layers from ``"all"``, ``"0-31"``, ``"0,2,4,8-12"`` or a list of ints.
+
+    Raises:
+        SweepUsageError: a malformed spec or a layer outside ``[0, num_layers)``.
+    """
+    if not isinstance(spec, str):
+        layers = [int(x) for x in spec]
+    elif spec.strip().lower() == "all":
+        return list(range(num_layers))
+    else:
+        layers = []
+        for part in spec.split(","):
+            part = part.strip()
+            if not part:
+                continue
+            lo, sep, hi = part.partition("-")
+            try:
+                a = int(lo)
+                b = int(hi) if sep else a
+            except ValueError:
+                raise SweepUsageError(f"--layers {spec!r}: expected 'all' or comma-separated layers and ranges "
+                                      f"such as 0-31 or 0,2,4,8-12") from None
+            if b < a:
+                raise SweepUsageError(f"--layers {spec!r}: range {part} goes backwards")
+            layers.extend(range(a, b + 1))
+    if not layers:
+        raise SweepUsageError(f"--layers {spec!r}: no layer given")
+    bad = [x for x in layers if not 0 <= x < num_layers]
+    if bad:
+        raise SweepUsageError(f"--layers: layer {bad[0]} is out of range; the model has {num_layers} decoder layers "
+                              f"(0..{num_layers - 1})")
+    return sorted(set(layers))
+
+
+
+def check_config(config: SweepConfig) -> None:
+    """Refuse bad options before any work.
+
+    Raises:
+        SweepUsageError: an unknown task, search, rank or control, a bad tolerance, controls with ``keep == 0``.
+    """
+    from flowkern.eval import TASKS
+
+    if config.task not in TASKS:
+        raise SweepUsageError(f"--task: unknown task {config.task!r} (choose from {', '.join(TASKS)})")
+    if config.search not in ("full", "bisect"):
+        raise SweepUsageError(f"--search {config.search!r}: expected full or bisect")
+    if isinstance(config.tolerance, bool) or not isinstance(config.tolerance, int | float) or not (
+            config.tolerance >= 0 and math.isfinite(config.tolerance)):
+        raise SweepUsageError(f"--tolerance {config.tolerance!r}: expected a number of points >= 0")
+    for r in config.controls:
+        if r not in CONTROLS:
+            raise SweepUsageError(f"--control {r!r}: expected one of {', '.join(CONTROLS)}")
+    if config.controls and config.keep == 0:
+        raise SweepUsageError("--control needs --keep K (K != 0): with k = 0 every rank drops the same tokens")
+    if config.keep != 0 and config.rank in config.controls:
+        raise SweepUsageError(f"--control {config.rank} is the main --rank already")
+    if len(set(config.controls)) != len(config.controls):
+        raise SweepUsageError(f"--control {','.join(config.controls)}: a rank is given twice")
+    if config.rank not in CONTROLS:
+        raise SweepUsageError(f"--rank {config.rank!r}: expected one of {', '.join(CONTROLS)}")
+
+
+def sweep_settings(config: SweepConfig, plan: EvalPlan) -> dict[str, Any]:
+    """The :data:`SWEEP_SETTINGS` of a sweep (``plan``: the baseline point's, with the resolved defaults)."""
+    s = plan.settings
+    return {"model": s["model"], "task": s["task"], "data": s["data"], "images": s["images"], "split": s["split"],
+            "ocr": s["ocr"], "max_new_tokens": s["max_new_tokens"], "keep": config.keep,
+            "rank": config.rank if config.keep != 0 else None, "seed": config.seed}
+
+
+def main_rank(config: SweepConfig) -> str:
+    """The main series' rank: ``config.rank``, or ``"none"`` when ``keep == 0`` (every image token is dropped)."""
+    return config.rank if config.keep != 0 else "none"
+
+
+def series(config: SweepConfig) -> list[tuple[str, str]]:
+    """``(rank, "main" | "control")`` of each series: the main one first, then the controls."""
+    return [(main_rank(config), "main")] + [(r, "control") for r in config.controls]
+
+
+def series_points(config: SweepConfig, layers: Sequence[int]) -> list[Point]:
+    """Every series' point at each of ``layers`` (rank ``attention`` with ``keep != 0`` has none at layer 0: it
+    ranks by the previous layer's attention)."""
+    return [Point(x, r, s, config.keep) for r, s in series(config) for x in layers
+            if not (x == 0 and r == "attention" and config.keep != 0)]
