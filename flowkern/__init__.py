@@ -9,6 +9,7 @@ Public API:
 - the embedded demo model: :func:`demo_model_path` (a tiny LLaVA trained on the synthetic shapes world).
 """
 
+from flowkern._version import __version__ as __version__
 from flowkern.cam import Cam, CamView, cam
 from flowkern.demo import demo_model_path
 from flowkern.ops import compact_, key_attention_mass, segment_attention
@@ -19,4 +20,3 @@ __all__ = [
     "segment_attention", "key_attention_mass", "compact_", "trace", "Flow", "prune", "Pruning", "compact_cache_",
     "cam", "Cam", "CamView", "demo_model_path",
 ]
-__version__ = "0.1.0"

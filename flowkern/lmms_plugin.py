@@ -32,12 +32,12 @@ import contextlib
 from collections.abc import Sequence
 from typing import Any
 
-import flowkern
 from flowkern.eval.run import generate_answers
 from flowkern.hf.inputs import build_inputs, prompt_text
 from flowkern.hf.loading import load_model
 from flowkern.hf.models import get_adapter
 from flowkern.plan import PRUNE_OPTIONS, PruneSpec, parse_keep
+from flowkern.prune import prune
 
 try:  # optional: lmms-eval and its base class
     from lmms_eval.api.model import lmms as _LmmsBase
@@ -152,7 +152,7 @@ class FlowkernLMM(_LmmsBase):
         self.prune_spec = PruneSpec(layer=_as_int("prune_layer", prune_layer, allow_none=True), keep=_as_keep(keep),
                                     rank=str(rank), seed=_as_int("prune_seed", prune_seed), when=str(prune_when))
         if self.prune_spec.enabled:
-            self.pruning = flowkern.prune(model, self.prune_spec)
+            self.pruning = prune(model, self.prune_spec)
         self.prune_settings = None if self.pruning is None else dict(layer=self.pruning.layer, keep=self.pruning.keep,
                                                                      rank=self.pruning.rank)
 

@@ -309,11 +309,11 @@ def prune_from_args(model: Any, args: argparse.Namespace) -> contextlib.Abstract
     spec = spec_from_args(args)
     if not spec.enabled:
         return contextlib.nullcontext()
-    import flowkern
+    from flowkern.prune import prune
 
     with user_errors():
         try:
-            return flowkern.prune(model, spec)
+            return prune(model, spec)
         except NotImplementedError as exc:
             raise ValueError(str(exc)) from exc
 

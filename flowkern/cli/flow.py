@@ -74,9 +74,9 @@ def run(args: argparse.Namespace) -> int:
     """The ``flow`` subcommand (see :func:`add_parser`)."""
     import torch
 
-    import flowkern
     from flowkern import _io, viz
     from flowkern.hf.models import get_adapter
+    from flowkern.trace import trace
 
     if not 0.0 <= args.threshold <= 1.0:
         raise UsageError(f"--threshold {args.threshold}: expected a share in [0, 1]")
@@ -92,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
     with (
         torch.inference_mode(),
         prune_from_args(model, args) as pruning,
-        flowkern.trace(model, image_inputs=inputs) as flow,
+        trace(model, image_inputs=inputs) as flow,
     ):
         sequences = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False)
     answer = loaded.decode(sequences)

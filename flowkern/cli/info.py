@@ -26,10 +26,9 @@ def run(args: argparse.Namespace) -> int:
 
     import torch
 
-    import flowkern
-    from flowkern import ops
+    from flowkern import _version, ops
 
-    print(f"flowkern {flowkern.__version__}  python {platform.python_version()}  torch {torch.__version__}")
+    print(f"flowkern {_version.__version__}  python {platform.python_version()}  torch {torch.__version__}")
     try:
         import triton
 

@@ -76,7 +76,7 @@ def answer_task(model: Any, processor: Any, task: Task, *, limit: int | None = N
     ``flowkern.prune(model, layer=prune_layer, keep=0)``."""
     from PIL import Image
 
-    import flowkern
+    from flowkern.prune import prune
 
     samples = task.samples[:limit] if limit else task.samples
     tok = processor.tokenizer
@@ -94,7 +94,7 @@ def answer_task(model: Any, processor: Any, task: Task, *, limit: int | None = N
                 images.append(im.convert("RGB"))
         inputs = processor(images=images, text=texts, return_tensors="pt", padding=True).to(param.device)
         inputs["pixel_values"] = inputs["pixel_values"].to(param.dtype)
-        pruning = (flowkern.prune(model, layer=prune_layer, keep=0, rank="none", timing=False)
+        pruning = (prune(model, layer=prune_layer, keep=0, rank="none", timing=False)
                    if prune_layer is not None else contextlib.nullcontext())
         with torch.inference_mode(), pruning:
             out = model.generate(**inputs, max_new_tokens=MAX_NEW_TOKENS[task.name], do_sample=False,

@@ -50,7 +50,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import flowkern
+from flowkern import _version
 from flowkern._io import atomic_write_json
 from flowkern.eval.answers import (
     ANSWERS_FILE,
@@ -65,6 +65,7 @@ from flowkern.eval.answers import (
 from flowkern.eval.tasks.base import Sample, Task
 from flowkern.hf.inputs import build_inputs
 from flowkern.plan import PRUNE_OPTIONS, PruneSpec
+from flowkern.prune import prune
 
 __all__ = [
     "EvalConfig",
@@ -158,7 +159,7 @@ class EvalPlan:
 
     def run_record(self) -> dict[str, Any]:
         """The content of ``run.json``: the settings, the flowkern version, device, dtype and creation time."""
-        return {"settings": self.settings, "flowkern": flowkern.__version__, "device": self.config.device,
+        return {"settings": self.settings, "flowkern": _version.__version__, "device": self.config.device,
                 "dtype": self.config.dtype, "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
 
     def start_files(self) -> None:
@@ -427,7 +428,7 @@ def run_eval(
                 raise EvalUsageError(str(exc)) from None
         if config.prune.enabled:
             try:
-                pruning = flowkern.prune(model, config.prune)
+                pruning = prune(model, config.prune)
             except (ValueError, NotImplementedError) as exc:
                 raise EvalUsageError(f"--prune-layer {config.prune.layer}: {exc}") from None
     plan.start_files()

@@ -122,8 +122,7 @@ def run_demo(config: DemoConfig, *, model: Any = None, processor: Any = None, pr
     """
     import torch
 
-    import flowkern
-    from flowkern import _io
+    from flowkern import _io, _version
 
     start = time.perf_counter()
     target = check_config(config)
@@ -138,7 +137,7 @@ def run_demo(config: DemoConfig, *, model: Any = None, processor: Any = None, pr
         facts = stages.model_facts(model, model_id, config.model, image_tokens)
         steps = _Progress(progress, 6)
         info = dict(command="flowkern demo", config=to_json(asdict(replace(config, out=str(target)))),
-                    flowkern=flowkern.__version__)
+                    flowkern=_version.__version__)
         with _io.AtomicDir(target, info=info) as tmp, tempfile.TemporaryDirectory(prefix="flowkern-demo-") as scratch:
             run = _Run(config, config.resolved_sizes(), model, processor, model_id, facts, Path(tmp), Path(scratch),
                        steps, progress)
@@ -279,12 +278,12 @@ def _settings(run: _Run) -> Settings:
 def _environment() -> Environment:
     import torch
 
-    import flowkern
+    from flowkern import _version
 
     load_average = None
     with contextlib.suppress(OSError, AttributeError):
         load_average = [round(x, 2) for x in os.getloadavg()]
-    return Environment(flowkern=flowkern.__version__, torch=torch.__version__, python=platform.python_version(),
+    return Environment(flowkern=_version.__version__, torch=torch.__version__, python=platform.python_version(),
                        machine=platform.machine(), cpu_count=os.cpu_count(), platform=platform.platform(),
                        load_average=load_average, created=time.strftime("%Y-%m-%d %H:%M:%S"))
 

@@ -157,8 +157,8 @@ def attention_stage(model: Any, processor: Any, samples: Sequence[Any], *, max_n
     import numpy as np
     import torch
 
-    import flowkern
     from flowkern.hf.inputs import build_inputs
+    from flowkern.trace import trace
 
     per_question: list[Any] = []
     shown: list[TracedExample] = []
@@ -168,7 +168,7 @@ def attention_stage(model: Any, processor: Any, samples: Sequence[Any], *, max_n
         inputs = build_inputs(processor, model, [s.image for s in chunk], [s.prompt for s in chunk])
         if not image_tokens:
             image_tokens = _image_token_count(model, inputs)
-        with torch.inference_mode(), flowkern.trace(model, image_inputs=inputs) as flow:
+        with torch.inference_mode(), trace(model, image_inputs=inputs) as flow:
             sequences = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
                                        pad_token_id=_pad_id(processor))
         answers = _decode(processor, sequences[:, inputs["input_ids"].shape[1]:].cpu())
@@ -192,14 +192,14 @@ def cam_stage(model: Any, processor: Any, samples: Sequence[Any], *, max_new_tok
               bar: Any = None) -> list[CamResult]:
     """Figures 3/4: :func:`flowkern.cam` of each sample (its own greedy answer, every layer, SmoothGrad over
     ``copies`` noisy copies, noise std 0.1, maps max-normalised per layer); one :class:`CamResult` per sample."""
-    import flowkern
+    from flowkern.cam import cam
     from flowkern.hf.inputs import build_inputs
 
     out = []
     for sample in samples:
         inputs = build_inputs(processor, model, [sample.image], [sample.prompt])
         try:
-            result = flowkern.cam(model, inputs, processor=processor, samples=copies, noise_std=0.1,
+            result = cam(model, inputs, processor=processor, samples=copies, noise_std=0.1,
                                   batch_size=copies, max_new_tokens=max_new_tokens, seed=0)
         except ValueError as exc:  # e.g. the model answers nothing but an end-of-sequence token
             out.append(CamResult(sample=sample, answer="", heatmaps=None, peaks=[], error=str(exc)))
@@ -233,10 +233,10 @@ def _time_generate(model: Any, inputs: Any, *, layer: int | None, new_tokens: in
     """One timed greedy ``generate`` (``new_tokens`` forced): (prefill seconds, decode tokens/s)."""
     import torch
 
-    import flowkern
+    from flowkern.prune import prune
     from flowkern.timer import ForwardTimer
 
-    ctx = flowkern.prune(model, layer=layer, keep=0) if layer is not None else contextlib.nullcontext()
+    ctx = prune(model, layer=layer, keep=0) if layer is not None else contextlib.nullcontext()
     with torch.inference_mode(), ctx, ForwardTimer(model) as timer:
         model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
                        pad_token_id=pad)

@@ -199,15 +199,15 @@ class Engine:
         (:class:`flowkern.hf.reuse.ImageCache`) and the language model stays on the ``flowkern`` attention across the
         pruned points (each ``flowkern.prune`` would switch it there and back: the same computation, without the
         switches)."""
-        import flowkern
         from flowkern.hf.reuse import hold_attention
+        from flowkern.prune import prune
 
         images, prompts = [s.image for s in batch], [s.prompt for s in batch]
 
         def answer(p: Point) -> list[str]:
             pruning = None
             if p.layer is not None:
-                pruning = flowkern.prune(self.model, layer=p.layer, keep=self.config.keep, rank=p.rank,
+                pruning = prune(self.model, layer=p.layer, keep=self.config.keep, rank=p.rank,
                                          seed=self.config.seed)
             return generate_answers(self.model, self.processor, images, prompts, max_new_tokens=max_new,
                                     pruning=pruning, inputs=inputs)

@@ -128,9 +128,9 @@ def start_sweep(out: Path, config: SweepConfig, dist: Dist, settings: dict[str, 
         raise SweepUsageError(f"--out: {out} has points but no {SWEEP_FILE}: pass --overwrite to start afresh")
     dist.barrier()
     if dist.index == 0:
-        import flowkern
+        from flowkern import _version
 
-        atomic_write_json(path, {"settings": settings, "flowkern": flowkern.__version__,
+        atomic_write_json(path, {"settings": settings, "flowkern": _version.__version__,
                                  "created": time.strftime("%Y-%m-%dT%H:%M:%S")})
     dist.barrier()
 
