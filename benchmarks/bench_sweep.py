@@ -9,8 +9,9 @@ geometry of ``_common.LLAVA_15_SIZES``: CLIP 336 px / patch 14 = 576 image token
 - **independent**: the baseline and each point ``L = 0..7`` (k = 0) as its own :func:`flowkern.eval.run.run_eval`
   (what ``flowkern eval --prune-layer L`` runs after loading the model), one after the other;
 - **sweep**: :func:`flowkern.eval.sweep.run_sweep` over the same points: per batch, the processor runs once, the
-  images are encoded once (``ImageCache``), the point with the largest L records the prefill's per-layer keys/values
-  and hidden states, and every other point skips its layers below L (``PrefixShare``);
+  images are encoded once (:class:`flowkern.hf.reuse.ImageCache`), the point with the largest L records the
+  prefill's per-layer keys/values and hidden states, and every other point skips its layers below L
+  (:class:`flowkern.hf.reuse.PrefixShare`);
 - **sweep, no reuse**: ``run_sweep(reuse=False)``: the same engine, every point encoding the images and computing all
   its layers.
 
