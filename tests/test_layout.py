@@ -97,7 +97,8 @@ def imports(module: str) -> list[tuple[int, str]]:
         else:
             continue
         for name in names:
-            while name and name not in MODULES and name not in EXTENSIONS:  # `import flowkern.hf.compat as c` -> the module itself
+            # `import flowkern.hf.compat as c` -> the module itself; `from flowkern.x import name` -> flowkern.x
+            while name and name not in MODULES and name not in EXTENSIONS:
                 name = name.rpartition(".")[0]
             if name.startswith("flowkern") and name != module:
                 found.append((node.lineno, name))

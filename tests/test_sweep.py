@@ -36,6 +36,7 @@ from tests._eval_data import write_pope
 from tests._eval_models import save_eval_llava, save_image, slowed_flowkern
 
 REPO = Path(__file__).resolve().parents[1]
+SPEC = PruneSpec(keep=0.25, rank="attention")  # the main series of the keep-k sweeps below
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -134,11 +135,11 @@ def test_points_equal_independent_eval_runs(files, llava, tmp_path, capsys):
     model, processor = llava
     kw = _common(files)
     out = tmp_path / "sweep"
-    result = run_sweep(SweepConfig(out=out, keep=0.25, rank="attention", controls=("random", "grid"), **kw),
+    result = run_sweep(SweepConfig(out=out, prune=SPEC, controls=("random", "grid"), **kw),
                        model=model, processor=processor)
     names = [r["point"] for r in result.points]
     assert names == ["baseline"] + [f"L0{x}-{r}" for r in ("attention", "random", "grid") for x in (1, 2, 3)]
-    plain = run_sweep(SweepConfig(out=tmp_path / "plain", keep=0.25, rank="attention", controls=("random", "grid"),
+    plain = run_sweep(SweepConfig(out=tmp_path / "plain", prune=SPEC, controls=("random", "grid"),
                                   reuse=False, **kw), model=model, processor=processor)
     texts = set()
     for rec in result.points:
@@ -163,7 +164,7 @@ def test_points_equal_independent_eval_runs(files, llava, tmp_path, capsys):
     assert len((out / "results.jsonl").read_text().splitlines()) == 10
     assert (out / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # a rerun does nothing and appends nothing
-    again = run_sweep(SweepConfig(out=out, keep=0.25, rank="attention", controls=("random", "grid"), **kw),
+    again = run_sweep(SweepConfig(out=out, prune=SPEC, controls=("random", "grid"), **kw),
                       model=model, processor=processor)
     assert again.generated == 0 and len((out / "results.jsonl").read_text().splitlines()) == 10
 
@@ -379,7 +380,8 @@ def test_torchrun_two_gloo_ranks_equal_one_process(files, llava, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert not any((out / ".shards").glob("rank*/points/*/answers.jsonl"))
     model, processor = llava
-    one = run_sweep(SweepConfig(out=tmp_path / "one", layers="1,3", keep=4, controls=("grid",), **_common(files)),
+    one = run_sweep(SweepConfig(out=tmp_path / "one", layers="1,3", prune=PruneSpec(keep=4), controls=("grid",),
+                                 **_common(files)),
                     model=model, processor=processor)
     for rec in one.points:
         assert (out / rec["answers"]).read_text() == (tmp_path / "one" / rec["answers"]).read_text(), rec["point"]

@@ -70,8 +70,7 @@ def run(args: argparse.Namespace) -> int:
 
     controls = tuple(r.strip() for r in args.control.split(",") if r.strip())
     spec = spec_from_args(args)
-    config = config_from_args(SweepConfig, args, controls=controls, reuse=not args.no_reuse, keep=spec.keep,
-                              rank=spec.rank, seed=spec.seed)
+    config = config_from_args(SweepConfig, args, controls=controls, reuse=not args.no_reuse, prune=spec)
     for flag, value in (("--batch-size", args.batch_size), ("--limit", args.limit),
                         ("--max-new-tokens", args.max_new_tokens)):
         if value is not None and value < 1:

@@ -218,12 +218,14 @@ def truncation_stage(model: Any, processor: Any, task: DemoTask, *, model_id: st
     """Figure 5 / Table 1: :func:`flowkern.eval.sweep.run_sweep` over every layer at k = 0 into ``out``, and at
     ``keep`` tokens ranked by attention with the random control into ``out-keep<K>``."""
     from flowkern.eval.sweep import SweepConfig, run_sweep
+    from flowkern.plan import PruneSpec
 
     common = dict(model=model_id, task=task.loader, data=data, images=images, layers="all", batch_size=batch_size,
                   max_new_tokens=max_new_tokens, tolerance=tolerance, device=device)
     k0 = run_sweep(SweepConfig(out=out, **common), model=model, processor=processor, progress=progress)
-    keepk = run_sweep(SweepConfig(out=out.parent / f"{out.name}-keep{keep}", keep=keep, rank="attention",
-                                  controls=("random",), **common), model=model, processor=processor,
+    keepk = run_sweep(SweepConfig(out=out.parent / f"{out.name}-keep{keep}",
+                                  prune=PruneSpec(keep=keep, rank="attention"), controls=("random",), **common),
+                      model=model, processor=processor,
                       progress=progress)
     return TruncationResult(k0=k0, keepk=keepk, tolerance=tolerance)
 

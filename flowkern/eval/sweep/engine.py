@@ -80,7 +80,7 @@ class Engine:
         return EvalConfig(
             model=c.model, task=c.task, data=c.data, out=out or self.out / POINTS_DIR / point.name, images=c.images,
             limit=c.limit, batch_size=c.batch_size, max_new_tokens=c.max_new_tokens,
-            prune=PruneSpec(point.layer, c.keep, point.rank, c.seed) if pruned else PruneSpec(), strict=c.strict,
+            prune=replace(c.prune, layer=point.layer, rank=point.rank) if pruned else PruneSpec(), strict=c.strict,
             split=c.split, ocr=c.ocr, device=self.dist.device,
             dtype=c.dtype, overwrite=False)
 
@@ -207,8 +207,7 @@ class Engine:
         def answer(p: Point) -> list[str]:
             pruning = None
             if p.layer is not None:
-                pruning = prune(self.model, layer=p.layer, keep=self.config.keep, rank=p.rank,
-                                         seed=self.config.seed)
+                pruning = prune(self.model, replace(self.config.prune, layer=p.layer, rank=p.rank))
             return generate_answers(self.model, self.processor, images, prompts, max_new_tokens=max_new,
                                     pruning=pruning, inputs=inputs)
 
@@ -294,7 +293,7 @@ class Engine:
                 metrics = plan.task.score(plan.task.read_predictions(plan.answers_path))
                 atomic_write_json(plan.metrics_path, metrics)
                 record = {"point": p.name, "series": p.series, "layer": p.layer, "rank": p.rank,
-                          "keep": self.config.keep if p.layer is not None else None, "metric": self.metric,
+                          "keep": self.config.prune.keep if p.layer is not None else None, "metric": self.metric,
                           "value": metrics.get(self.metric), "n": metrics.get("n"),
                           "answers": f"{POINTS_DIR}/{p.name}/{ANSWERS_FILE}", "metrics": metrics}
                 if previous.get(p.name) != record:
@@ -346,7 +345,7 @@ def _run(config: SweepConfig, dist: Dist, model: Any, processor: Any, progress: 
     engine = Engine(config, dist, model, processor)
     check_out(engine.out)
     layers = parse_layer_spec(config.layers, engine.num_layers())
-    skipped_attention = config.rank == "attention" and config.keep != 0 and 0 in layers
+    skipped_attention = config.prune.rank == "attention" and config.prune.keep != 0 and 0 in layers
     main_layers = [x for x in layers if not (x == 0 and skipped_attention)]
     if not main_layers:
         raise SweepUsageError("--layers: rank 'attention' with --keep != 0 needs layers >= 1 (layer 0 has no previous "
@@ -369,7 +368,7 @@ def _run(config: SweepConfig, dist: Dist, model: Any, processor: Any, progress: 
             raise SweepUsageError(str(exc)) from None
         dist.barrier()
         done.update(engine.finish(points))
-        return {x: done[baseline.name if x is None else Point(x, main, "main", config.keep).name]["value"]
+        return {x: done[baseline.name if x is None else Point(x, main, "main", config.prune.keep).name]["value"]
                 for x in ls}
 
     _, _, search = search_cliff(main_layers, evaluate, mode=config.search, tolerance=config.tolerance)

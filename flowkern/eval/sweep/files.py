@@ -154,10 +154,10 @@ def write_outputs(out: Path, config: SweepConfig, dist: Dist, done: dict[str, di
     curves: dict[str, dict[int, float]] = {}
     for r, kind in series:
         key = "main" if kind == "main" else r
-        curves[key] = {x: done[n]["value"] for x in layers if (n := Point(x, r, kind, config.keep).name) in done}
+        curves[key] = {x: done[n]["value"] for x in layers if (n := Point(x, r, kind, config.prune.keep).name) in done}
     curve = curves.pop("main")
     cliff = cliff_report(curve, base, tolerance=config.tolerance, higher_is_better=higher)
-    cliff = {"task": config.task, "metric": metric, "keep": config.keep, "rank": main_rank(config),
+    cliff = {"task": config.task, "metric": metric, "keep": config.prune.keep, "rank": main_rank(config),
              "layers": "0-based decoder layer L = first layer without the image (the paper's layer L+1)",
              **cliff, "search": search,
              "controls": {r: cliff_report(c, base, tolerance=config.tolerance, higher_is_better=higher)
@@ -168,7 +168,7 @@ def write_outputs(out: Path, config: SweepConfig, dist: Dist, done: dict[str, di
     files = {"results": out / RESULTS_FILE, "summary": out / SUMMARY_FILE, "cliff": out / CLIFF_FILE,
              "figure": out / FIGURE_FILE}
     records = [done["baseline"]] + [done[n] for r, k in series for x in layers
-                                    if (n := Point(x, r, k, config.keep).name) in done]
+                                    if (n := Point(x, r, k, config.prune.keep).name) in done]
     if dist.index == 0:
         buf = io.StringIO()
         w = csv.writer(buf, lineterminator="\n")
@@ -184,7 +184,7 @@ def write_outputs(out: Path, config: SweepConfig, dist: Dist, done: dict[str, di
 
         fig = plot_sweep(curve, base, controls=curves, cliff=cliff["cliff_layer"], tolerance=config.tolerance,
                          metric=metric, title=f"{config.task}: {Path(str(config.model).rstrip('/')).name}, "
-                                                    f"keep={config.keep}")
+                                                    f"keep={config.prune.keep}")
         tmp = out / f".{FIGURE_FILE}.tmp.png"
         fig.savefig(tmp, dpi=120)
         os.replace(tmp, files["figure"])

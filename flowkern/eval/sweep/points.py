@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from flowkern.eval.run import EvalPlan, EvalUsageError
+from flowkern.plan import PruneSpec
 
 __all__ = ["SweepUsageError", "Point", "SweepConfig", "SweepResult", "MAIN_METRIC", "SWEEP_SETTINGS", "FLAGS",
            "parse_layer_spec", "check_config", "sweep_settings", "main_rank", "series", "series_points"]
@@ -67,7 +68,8 @@ class SweepConfig:
             :class:`flowkern.eval.run.EvalConfig`.
         out: the sweep folder (points/, results.jsonl, summary.csv, cliff.json, sweep.png, sweep.json).
         layers: ``"all"``, or ranges and lists of 0-based decoder layers (``"0-31"``, ``"0,2,4,8-12"``), or a list.
-        keep, rank, seed: :func:`flowkern.prune` of the main series (k = 0 drops every image token; rank is then moot).
+        prune: the :class:`flowkern.plan.PruneSpec` applied at each swept layer (its ``layer`` stays None: the sweep
+            sets it per point): ``keep`` (k = 0 drops every image token; ``rank`` is then moot), ``rank``, ``seed``.
         controls: extra ranks run at the same layers and ``keep`` (``"random"``, ``"grid"``); need ``keep != 0``.
         search: ``"full"`` (every layer) or ``"bisect"``.
         tolerance: the cliff tolerance in points of the main metric (1 point = 0.01 of a ratio).
@@ -83,9 +85,7 @@ class SweepConfig:
     out: str | os.PathLike[str]
     images: str | os.PathLike[str] | None = None
     layers: str | Sequence[int] = "all"
-    keep: int | float = 0
-    rank: str = "attention"
-    seed: int = 0
+    prune: PruneSpec = field(default_factory=PruneSpec)
     controls: tuple[str, ...] = ()
     search: str = "full"
     tolerance: float = 1.0
@@ -167,30 +167,33 @@ def check_config(config: SweepConfig) -> None:
     if isinstance(config.tolerance, bool) or not isinstance(config.tolerance, int | float) or not (
             config.tolerance >= 0 and math.isfinite(config.tolerance)):
         raise SweepUsageError(f"--tolerance {config.tolerance!r}: expected a number of points >= 0")
+    if config.prune.layer is not None or config.prune.when != "prefill":
+        raise SweepUsageError("prune: the sweep sets the layer of each point and prunes at prefill; pass a PruneSpec "
+                              f"with layer=None and when='prefill', got {config.prune}")
     for r in config.controls:
         if r not in CONTROLS:
             raise SweepUsageError(f"--control {r!r}: expected one of {', '.join(CONTROLS)}")
-    if config.controls and config.keep == 0:
+    if config.controls and config.prune.keep == 0:
         raise SweepUsageError("--control needs --keep K (K != 0): with k = 0 every rank drops the same tokens")
-    if config.keep != 0 and config.rank in config.controls:
-        raise SweepUsageError(f"--control {config.rank} is the main --rank already")
+    if config.prune.keep != 0 and config.prune.rank in config.controls:
+        raise SweepUsageError(f"--control {config.prune.rank} is the main --rank already")
     if len(set(config.controls)) != len(config.controls):
         raise SweepUsageError(f"--control {','.join(config.controls)}: a rank is given twice")
-    if config.rank not in CONTROLS:
-        raise SweepUsageError(f"--rank {config.rank!r}: expected one of {', '.join(CONTROLS)}")
+    if config.prune.rank not in CONTROLS:
+        raise SweepUsageError(f"--rank {config.prune.rank!r}: expected one of {', '.join(CONTROLS)}")
 
 
 def sweep_settings(config: SweepConfig, plan: EvalPlan) -> dict[str, Any]:
     """The :data:`SWEEP_SETTINGS` of a sweep (``plan``: the baseline point's, with the resolved defaults)."""
     s = plan.settings
     return {"model": s["model"], "task": s["task"], "data": s["data"], "images": s["images"], "split": s["split"],
-            "ocr": s["ocr"], "max_new_tokens": s["max_new_tokens"], "keep": config.keep,
-            "rank": config.rank if config.keep != 0 else None, "seed": config.seed}
+            "ocr": s["ocr"], "max_new_tokens": s["max_new_tokens"], "keep": config.prune.keep,
+            "rank": config.prune.rank if config.prune.keep != 0 else None, "seed": config.prune.seed}
 
 
 def main_rank(config: SweepConfig) -> str:
-    """The main series' rank: ``config.rank``, or ``"none"`` when ``keep == 0`` (every image token is dropped)."""
-    return config.rank if config.keep != 0 else "none"
+    """The main series' rank: ``config.prune.rank``, or ``"none"`` when ``keep == 0`` (every image token is dropped)."""
+    return config.prune.rank if config.prune.keep != 0 else "none"
 
 
 def series(config: SweepConfig) -> list[tuple[str, str]]:
@@ -201,5 +204,5 @@ def series(config: SweepConfig) -> list[tuple[str, str]]:
 def series_points(config: SweepConfig, layers: Sequence[int]) -> list[Point]:
     """Every series' point at each of ``layers`` (rank ``attention`` with ``keep != 0`` has none at layer 0: it
     ranks by the previous layer's attention)."""
-    return [Point(x, r, s, config.keep) for r, s in series(config) for x in layers
-            if not (x == 0 and r == "attention" and config.keep != 0)]
+    return [Point(x, r, s, config.prune.keep) for r, s in series(config) for x in layers
+            if not (x == 0 and r == "attention" and config.prune.keep != 0)]
