@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The Hugging Face tests (hf, trace, prune, cam, CLIs) on the OLDEST transformers that pyproject.toml admits, in a
+# The Hugging Face tests (tests/hf, tests/analysis: trace, prune, cam; tests/cli) on the OLDEST transformers that pyproject.toml admits, in a
 # virtual environment of their own (`make test-oldest`; CI runs it after `make test`, which tests the newest).
 #
 # The venv (build/venv-transformers-<version>) gets the main environment's torch version and pyproject's other
@@ -45,4 +45,4 @@ PYEOF
 fi
 echo "test-oldest: transformers $OLDEST, torch $TORCH"
 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" "$VENV/bin/python" -m pytest -q -p no:cacheprovider \
-  tests/test_hf_*.py tests/test_prune*.py tests/test_cam.py tests/test_cli_*.py
+  tests/hf tests/analysis tests/cli

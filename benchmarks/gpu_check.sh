@@ -75,7 +75,7 @@ if [ "$DRY" = 1 ]; then
   DEV=cpu
   step build 60 "$PY" -m pip install --dry-run --no-build-isolation --no-deps -e .
   step info 30 "$PY" -m flowkern.cli info
-  step tests 120 "$PY" -m pytest -q -p no:cacheprovider tests/test_ops_errors.py "--junitxml=$OUT/tests.xml"
+  step tests 120 "$PY" -m pytest -q -p no:cacheprovider tests/ops/test_ops_errors.py "--junitxml=$OUT/tests.xml"
   step aot 150 "$PY" benchmarks/aot_sm90.py --max-configs 4 --brief --json "$OUT/aot.json"
   step attention 60 "$PY" benchmarks/bench_attention.py --device cpu --seqs 64 --decode-sk 128 --decode-batch 1 \
     --repeats 1 --no-memory --out "$OUT/attention.json"
@@ -91,8 +91,8 @@ else
   DEV=cuda
   step build 100 "$PY" -m pip install --no-build-isolation --no-deps -e .
   step info 30 "$PY" -m flowkern.cli info
-  step tests 90 "$PY" -m pytest -q -p no:cacheprovider tests/test_ops_segment_attention.py \
-    tests/test_ops_key_attention_mass.py tests/test_ops_compact.py tests/test_ops_errors.py "--junitxml=$OUT/tests.xml"
+  step tests 90 "$PY" -m pytest -q -p no:cacheprovider tests/ops/test_ops_segment_attention.py \
+    tests/ops/test_ops_key_attention_mass.py tests/ops/test_ops_compact.py tests/ops/test_ops_errors.py "--junitxml=$OUT/tests.xml"
   step attention 80 "$PY" benchmarks/bench_attention.py --device cuda --repeats 10 --out "$OUT/attention.json"
   step aot 45 "$PY" benchmarks/aot_sm90.py --brief --json "$OUT/aot.json"
   step compact 25 "$PY" benchmarks/bench_compact.py --device cuda --repeats 20 --out "$OUT/compact.json"

@@ -1,6 +1,6 @@
 """Key maps: which original tokens each layer of a pruned forward, or of a KV cache, holds. Pure tensor bookkeeping
 for :mod:`flowkern.prune` and :mod:`flowkern.hf.session`: no model, no hooks, no transformers
-(``tests/test_keymaps.py`` checks every function on hand-made tensors).
+(``tests/analysis/test_keymaps.py`` checks every function on hand-made tensors).
 
 Vocabulary:
 

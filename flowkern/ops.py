@@ -12,7 +12,7 @@ implementation picks a backend per call:
 ``FLOWKERN_BACKEND=reference|cpp|triton`` forces one. Kernels receive one int32 ``key_ids [B, Sk]`` tensor:
 the segment id of each key, or ``-1`` for a key hidden by ``key_padding_mask``.
 
-Policies shared by every backend (tested in ``tests/test_ops_policy.py``):
+Policies shared by every backend (tested in ``tests/ops/test_ops_policy.py``):
 
 - **NaN/inf propagate, as in SDPA.** Let ``s[i, j] = scale * <q[i], k[j]>`` over the keys row ``i`` can see
   (causal and ``key_padding_mask``). If any of them is NaN or +inf (a NaN anywhere in ``q[i]``, a NaN/inf in

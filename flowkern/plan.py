@@ -1,5 +1,5 @@
 """Pruning policy for :mod:`flowkern.prune`, as pure functions: the setting (:class:`PruneSpec`), how many image
-tokens to keep and which. Tensors in, tensors out: no model, no hooks, no transformers (``tests/test_plan.py``
+tokens to keep and which. Tensors in, tensors out: no model, no hooks, no transformers (``tests/analysis/test_plan.py``
 checks every function on hand-made inputs). What the pruned layers then hold (key maps) is
 :mod:`flowkern.keymaps`.
 

@@ -33,7 +33,7 @@ Removed tokens are never keys of layers ``>= L`` again: the first answer token a
 the kept ones there. Kept tokens keep their RoPE / M-RoPE positions (the layer inputs ``cos``/``sin`` and
 ``position_ids`` are gathered, cached keys are never re-rotated, later tokens are not renumbered), so the result
 equals -- up to float rounding -- an attention-mask run in which layers ``>= L`` simply cannot see the removed keys
-(FastV's / the paper's masking variant), which is what ``tests/test_prune.py`` checks.
+(FastV's / the paper's masking variant), which is what ``tests/analysis/test_prune.py`` checks.
 
 **How.** A :class:`Pruning` is a listener on the model's session (:mod:`flowkern.hf.session`) and a record;
 the planning is pure (:mod:`flowkern.plan`). While it is attached the language model runs the ``"flowkern"``

@@ -3,7 +3,7 @@ shapes | demo``.
 
 Layout: one module per subcommand (``flowkern/cli/<name>.py``), what they share in :mod:`flowkern.cli.common`, and
 here only the registry and the entry point. A command module imports from :mod:`flowkern.cli.common` and the
-library, never from a sibling command module or from this ``__init__`` (``tests/test_cli_layout.py`` checks), so
+library, never from a sibling command module or from this ``__init__`` (``tests/cli/test_cli_layout.py`` checks), so
 every command loads on its own and there is no import cycle.
 
 A new subcommand is a module ``flowkern/cli/<name>.py`` plus its name in :data:`SUBCOMMANDS`. The module defines

@@ -1,0 +1,321 @@
+"""What the tests share, in one place: the op backends and input builders, the tiny models (made with the one
+tiny-model builder :mod:`flowkern.hf.tiny`) and benchmark files in the official formats, and the repository root.
+No test module imports another one."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from flowkern import ops
+from flowkern.hf.tiny import CHAT_TEMPLATE, clip_config, save_tiny_llava, text_config, word_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+"""The repository root."""
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# ops: backends to run, op input builders, tolerances against the float64 reference;
+# prompts and grids of the Hugging Face tests
+
+HAS_CUDA = torch.cuda.is_available()
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _triton_param() -> object:
+    if HAS_CUDA:
+        return pytest.param(("triton", "cuda"), id="triton-cuda")
+    if INTERPRET:
+        return pytest.param(("triton", "cpu"), id="triton-interp")
+    return pytest.param(("triton", "cpu"), id="triton-interp", marks=pytest.mark.skip("needs TRITON_INTERPRET=1"))
+
+
+CPP = pytest.param(
+    ("cpp", "cpu"), id="cpp", marks=pytest.mark.skipif(not ops.cpp_available(), reason="flowkern._C not built")
+)
+TRITON = _triton_param()
+REFERENCE = pytest.param(("reference", "cpu"), id="reference")
+ALL_BACKENDS = [CPP, TRITON, REFERENCE]
+
+TOL = {  # docs/reliability.md, tightened where the kernels allow
+    torch.float32: dict(out=2e-5, mass=1e-5, lse=1e-5),
+    torch.float16: dict(out=1e-2, mass=5e-3, lse=5e-3),
+    torch.bfloat16: dict(out=1e-2, mass=5e-3, lse=1e-2),
+}
+
+
+@contextlib.contextmanager
+def backend(name: str) -> Iterator[None]:
+    old = os.environ.get("FLOWKERN_BACKEND")
+    os.environ["FLOWKERN_BACKEND"] = name
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("FLOWKERN_BACKEND", None)
+        else:
+            os.environ["FLOWKERN_BACKEND"] = old
+
+
+def poison_allocator(device: str, numel: int) -> None:
+    """Allocate, NaN-fill and free a buffer so that memory handed out next is likely to hold NaNs.
+
+    Outputs that a kernel forgets to write then show up as NaN / mismatches instead of lucky zeros.
+    """
+    buf = torch.full((numel,), float("nan"), device=device)
+    del buf
+
+
+def padding_mask(kind: str, b: int, sk: int, gen: torch.Generator) -> torch.Tensor | None:
+    """None, or a bool [B, Sk] mask with left or right padding of random length per row (row 0 unpadded)."""
+    if kind == "none":
+        return None
+    mask = torch.ones(b, sk, dtype=torch.bool)
+    for row in range(1, b):
+        n = int(torch.randint(1, max(2, sk // 2), (1,), generator=gen))
+        if kind == "left":
+            mask[row, :n] = False
+        elif kind == "right":
+            mask[row, sk - n :] = False
+        elif kind == "all":
+            mask[row] = False
+        else:
+            raise AssertionError(kind)
+    return mask
+
+
+def make_qkv(
+    b: int, hq: int, hkv: int, sq: int, sk: int, d: int, dtype: torch.dtype, device: str, seed: int,
+    noncontiguous: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fresh random q [B,Hq,Sq,D], k/v [B,Hkv,Sk,D]; optionally as transposed views of [B,S,H,D] storage."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def rnd(h: int, s: int) -> torch.Tensor:
+        if noncontiguous:
+            t = torch.randn(b, s, h, d, generator=gen).transpose(1, 2)
+        else:
+            t = torch.randn(b, h, s, d, generator=gen)
+        return t.to(device=device, dtype=dtype)
+
+    return rnd(hq, sq), rnd(hkv, sk), rnd(hkv, sk)
+
+
+def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
+    """max |x - ref| / max(|ref|, tiny), in float64."""
+    x, ref = x.double().cpu(), ref.double().cpu()
+    return float((x - ref).abs().max() / ref.abs().max().clamp_min(1e-30)) if ref.numel() else 0.0
+
+
+def max_abs(x: torch.Tensor, ref: torch.Tensor) -> float:
+    x, ref = x.double().cpu(), ref.double().cpu()
+    both_inf = torch.isinf(x) & torch.isinf(ref) & (torch.sign(x) == torch.sign(ref))
+    diff = torch.where(both_inf, 0.0, (x - ref).abs())
+    return float(diff.max()) if diff.numel() else 0.0
+
+
+# ----------------------------------------------------------------------------------------------------------
+# prompts and grids for the tiny-model tests
+
+
+def left_pad(rows: list[list[int]], pad: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded ``input_ids`` and ``attention_mask`` ``[B, max len]`` from token lists."""
+    width = max(map(len, rows))
+    ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    return ids, mask
+
+
+SEGMENT = {"sys": 0, "img": 1, "user": 2}
+"""Hand-written segment labels (flowkern.hf.segments' ids, written out)."""
+
+
+def labelled_prompts(samples: list[list[tuple[str, list[int]]]], pad: int = 0
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Left-padded ``input_ids``, ``attention_mask`` and hand-written labels (-1 = padding) from pieces
+    ``(segment name, tokens)``."""
+    rows, labels = [], []
+    for pieces in samples:
+        ids, lab = [], []
+        for name, toks in pieces:
+            ids += toks
+            lab += [SEGMENT[name]] * len(toks)
+        rows.append(ids)
+        labels.append(lab)
+    ids, mask = left_pad(rows, pad)
+    width = ids.shape[1]
+    lab = torch.tensor([[-1] * (width - len(r)) + r for r in labels])
+    return ids, mask, lab
+
+
+def raster(start: int, rows: int, cols: int, row_stride: int | None = None) -> torch.Tensor:
+    """Sequence positions of a row-major token grid starting at ``start`` (``row_stride`` skips newline tokens)."""
+    stride = cols if row_stride is None else row_stride
+    return start + torch.arange(rows)[:, None] * stride + torch.arange(cols)[None, :]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# model commands (flow, generate, cam, prune CLIs): one prompt, a word-level tokenizer that spells it, a tiny
+# LLaVA-1.5 saved in the official format
+
+CLI_WORDS = "USER ASSISTANT USER: ASSISTANT: : what is in the image ? a cat dog red blue yes no describe color".split()
+"""The tokenizer's words: the chat template's and the prompt's (plus ``w0 ..`` filler words)."""
+
+PROMPT = "what is in the image ?"
+LAYERS = 4
+"""Decoder layers of the tiny language models."""
+
+
+def make_tokenizer(extra_special: tuple[str, ...] = ()) -> Any:
+    """A word-level tokenizer of :data:`CLI_WORDS` with ``<image>`` (and ``extra_special``) as special tokens."""
+    return word_tokenizer(CLI_WORDS, extra_special=extra_special)
+
+
+def llm_config(tok: Any = None, *, model_type: str | None = "llama", **extra: Any) -> dict:
+    """:func:`flowkern.hf.tiny.text_config` with :data:`LAYERS` layers and ``tok``'s vocabulary (default
+    :func:`make_tokenizer`); ``model_type=None`` for families whose text config has its own class (Qwen2-VL)."""
+    tok = make_tokenizer() if tok is None else tok
+    return text_config(model_type, num_hidden_layers=LAYERS, vocab_size=len(tok), **extra)
+
+
+def save_llava(path: str | os.PathLike, *, chat_template: str | None = CHAT_TEMPLATE, **text: Any) -> None:
+    """A LLaVA-1.5 layout saved to ``path``: CLIP tower 8x8 / patch 2 (16 image tokens, CLS dropped), a Llama text
+    model of :func:`llm_config` (``text``: more of its fields, e.g. ``max_position_embeddings``)."""
+    save_tiny_llava(path, vision=clip_config(8, 2), text=llm_config(**text), words=CLI_WORDS,
+                    chat_template=chat_template)
+
+
+def save_photo(path: str | os.PathLike, *, seed: int = 0, size: tuple[int, int] = (30, 40)) -> None:
+    """A random RGB picture ``size = (height, width)`` written to ``path``."""
+    pixels = np.random.default_rng(seed).integers(0, 256, (*size, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# eval: writers of small benchmark files in the official release formats (POPE JSON lines, ScienceQA
+# problems.json + pid_splits.json, TextVQA_0.5.1_val.json, COCO instances/captions); answer files in LLaVA's format
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def write_pope(folder: Path, split: str, rows: list[tuple[int, str, str, str]]) -> Path:
+    """``coco_pope_<split>.json``: rows of (question_id, image, object, label)."""
+    return write_jsonl(folder / f"coco_pope_{split}.json", [
+        {"question_id": qid, "image": image, "text": f"Is there a {obj} in the image?", "label": label}
+        for qid, image, obj, label in rows
+    ])
+
+
+def write_sqa(folder: Path, problems: dict[str, dict], splits: dict[str, list[str]]) -> Path:
+    """``problems.json`` (pid -> problem, the release's fields) and ``pid_splits.json``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    full = {}
+    for pid, p in problems.items():
+        full[pid] = {"question": p["question"], "choices": p["choices"], "answer": p["answer"],
+                     "hint": p.get("hint", ""), "image": p.get("image"), "task": "closed choice",
+                     "grade": "grade2", "subject": "natural science", "topic": "biology",
+                     "category": p.get("category", "Animals"),
+                     "skill": "Identify animals", "lecture": "", "solution": "", "split": p.get("split", "test")}
+    (folder / "problems.json").write_text(json.dumps(full), encoding="utf-8")
+    (folder / "pid_splits.json").write_text(json.dumps(splits), encoding="utf-8")
+    return folder
+
+
+def write_textvqa(folder: Path, entries: list[dict]) -> Path:
+    """``TextVQA_0.5.1_val.json`` with the release's top-level fields; entries need question_id, image_id,
+    question, answers (and may have ocr_tokens)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    data = []
+    for e in entries:
+        full = {"question": e["question"], "image_id": e["image_id"], "image_classes": ["Poster"],
+                "flickr_original_url": "", "flickr_300k_url": "", "image_width": 1024, "image_height": 768,
+                "answers": e["answers"], "question_tokens": e["question"].split(), "question_id": e["question_id"],
+                "set_name": "val"}
+        if "ocr_tokens" in e:
+            full["ocr_tokens"] = e["ocr_tokens"]
+        data.append(full)
+    path = folder / "TextVQA_0.5.1_val.json"
+    path.write_text(json.dumps({"dataset_type": "val", "dataset_name": "textvqa", "dataset_version": "0.5.1",
+                                "data": data}), encoding="utf-8")
+    return path
+
+
+COCO_CATEGORIES = {1: "person", 3: "car", 6: "bus", 18: "dog", 35: "skis", 44: "bottle", 46: "wine glass",
+                   58: "hot dog", 62: "chair", 63: "couch", 70: "toilet", 81: "sink"}
+
+
+def write_coco(folder: Path, images: dict[int, tuple[list[str], list[str]]]) -> Path:
+    """``instances_val2014.json`` + ``captions_val2014.json``: image id -> (instance class names, captions)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    by_name = {name: cid for cid, name in COCO_CATEGORIES.items()}
+    imgs = [{"id": i, "file_name": f"COCO_val2014_{i:012d}.jpg", "width": 640, "height": 480} for i in images]
+    inst, caps = [], []
+    for i, (classes, captions) in images.items():
+        inst.extend({"id": len(inst) + 1, "image_id": i, "category_id": by_name[c], "bbox": [0, 0, 1, 1],
+                     "area": 1.0, "iscrowd": 0, "segmentation": []} for c in classes)
+        caps.extend({"id": len(caps) + 1, "image_id": i, "caption": c} for c in captions)
+    categories = [{"id": cid, "name": name, "supercategory": "x"} for cid, name in COCO_CATEGORIES.items()]
+    info = {"description": "COCO 2014 Dataset"}
+    (folder / "instances_val2014.json").write_text(json.dumps(
+        {"info": info, "licenses": [], "images": imgs, "annotations": inst, "categories": categories}))
+    (folder / "captions_val2014.json").write_text(json.dumps(
+        {"info": info, "licenses": [], "images": imgs, "annotations": caps}))
+    return folder
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# eval: the tiny offline LLaVA the eval and sweep tests answer with, its images, and a slowed CLI subprocess for
+# signal tests
+
+EVAL_WORDS = ("Is there a dog cat car in the image? Answer question using single word or phrase. yes no Yes No "
+         "Please describe this detail. Context: A. B. with option's letter from given choices directly.").split()
+assert len(set(EVAL_WORDS)) == len(EVAL_WORDS)  # each word listed once (word_tokenizer would merge a repeat)
+
+
+def save_eval_llava(path: Path) -> Path:
+    """A LLaVA-1.5 layout (CLIP 8x8 / patch 2, Llama 4 x 32) whose vocabulary has the benchmark prompts' words."""
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=8,
+                  patch_size=2, projection_dim=32)
+    text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=256, eos_token_id=None, initializer_range=0.3)
+    save_tiny_llava(path, vision=vision, text=text, words=EVAL_WORDS)
+    return path
+
+
+def save_image(path: Path, seed: int) -> Path:
+    """A small random RGB image (size varies with the seed)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 256, (12 + seed % 5, 16, 3), dtype=np.uint8)).save(path)
+    return path
+
+
+def slowed_flowkern(module: str, argv: list[str], delay: float) -> list[str]:
+    """The command line of ``flowkern ARGV`` in a subprocess whose ``<module>.generate_answers`` (``flowkern.eval.run``
+    or ``flowkern.eval.sweep``) sleeps ``delay`` seconds per batch, so that a signal sent mid-run lands mid-run."""
+    # SIGINT back to Python's default: a shell's background job (``cmd &``, nohup) starts with SIGINT ignored, and the
+    # child would inherit that (the tests send Ctrl-C as a terminal would)
+    code = ("import signal, sys, time\n"
+            "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
+            f"import {module} as m\n"
+            "_gen = m.generate_answers\n"
+            "def slow(*a, **k):\n"
+            f"    time.sleep({delay})\n"
+            "    return _gen(*a, **k)\n"
+            "m.generate_answers = slow\n"
+            "from flowkern.cli import main\n"
+            "sys.exit(main(sys.argv[1:]))\n")
+    return [sys.executable, "-c", code, *argv]
