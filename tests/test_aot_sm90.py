@@ -64,6 +64,14 @@ def test_evaluation_rules() -> None:
     assert aot.failures(fp32_spill, allow_fp32_spills=True) == []
     assert "1 spill (fp16/bf16 0, fp32 1" in aot.summarise(fp32_spill)
 
+    feature = {"HAS_WINDOW": True}
+    small = _report([_row(dtypes=["float32"], constants=feature, spill_stores=24, spill_loads=24)])
+    assert aot.failures(small) == [] and "1 spill (fp16/bf16 0, fp32 1" in aot.summarise(small)
+    big_fp32 = _report([_row(dtypes=["float32"], constants=feature, spill_stores=40, spill_loads=40)])
+    assert len(aot.failures(big_fp32)) == 1  # over FP32_FEATURE_SPILL
+    half_feature = _report([_row(dtypes=["float16"], constants=feature, spill_stores=4)])
+    assert len(aot.failures(half_feature)) == 1  # 16-bit: never tolerated
+
     half_spill = _report([_row(dtypes=["bfloat16", "float32"], spill_stores=8)])
     assert len(aot.failures(half_spill, allow_fp32_spills=True)) == 1  # a 16-bit spill always fails
 

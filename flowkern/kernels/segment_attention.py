@@ -294,8 +294,10 @@ def _combine_kernel(
     tl.store(Mass + rows[:, None] * NSEG + offs_c[None, :], seg * inv_l[:, None], mask=sc_mask)
 
 
-def _config(dtype: torch.dtype, head_dim: int, bd: int, rows: int, features: bool = False) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for an H100/H200-class GPU, for ``rows`` query rows per head.
+def _config(dtype: torch.dtype, head_dim: int, bd: int, rows: int, features: bool = False,
+            packed: bool = False) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for an H100/H200-class GPU, for ``rows`` query rows per head
+    (``packed``: GQA-packed rows; ``features``: a segment table, window or groups is on).
 
     Chosen by compiling for sm_90 and reading register/spill/shared-memory usage from ptxas, since no GPU was
     available to time them. Measured with ``bash benchmarks/aot_check.sh`` (``benchmarks/aot_sm90.py``: every
@@ -314,13 +316,17 @@ def _config(dtype: torch.dtype, head_dim: int, bd: int, rows: int, features: boo
       16x16 spills a few bytes in some shapes depending on warps/stages. Measured spill-free under Triton 3.6 and
       3.9: D <= 64: 32x16, 8 warps, 1 stage (<= ~130 registers); D <= 128: 16x16, 8 warps, 2 stages (<= ~90);
       D = 256: 16x16, 4 warps, 2 stages (<= ~210). The margins are small (a neighbouring choice spills 8-56 B),
-      so keep the sweep in CI. With a visibility feature (table, window or groups: ``features``) the extra
-      per-row state made the GQA-packed split launches spill 8-12 B at 32x16 (D <= 64) and at 2 stages
-      (D = 128) under Triton 3.9, so those launches take 16x16, 8 warps, 1 stage (<= ~100 registers) for D <= 128.
+      so keep the sweep in CI.
+    - With a visibility feature the masks' extra registers made some of these choices spill (Triton 3.6: the
+      GQA-packed 16-bit 128x64 launches 40-68 B at 255 registers; fp32 at 8 warps 4-20 B; Triton 3.9: fp32
+      packed split launches 8-12 B), so feature launches take: 16-bit packed, > 64 rows, D <= 128: 128x32,
+      8 warps, 3 stages (<= ~240 registers); fp32: 16x16, 4 warps, 2 stages for <= 64 rows and D <= 128, else
+      1 stage (each of the two spilled 4-8 B in the other's launches under Triton 3.6). Launches without
+      features keep the choices above (and compile to the same code as before the features existed).
     """
     if dtype == torch.float32:  # see the docstring: measured spill-free, keep in step with the AOT sweep
-        if features and bd <= 128:
-            return (16, 16, 8, 1)
+        if features:
+            return (16, 16, 4, 2) if rows <= 64 and bd <= 128 else (16, 16, 4, 1)
         if bd <= 64:
             return (32, 16, 8, 1)
         return (16, 16, 8, 2) if bd <= 128 else (16, 16, 4, 2)
@@ -329,7 +335,7 @@ def _config(dtype: torch.dtype, head_dim: int, bd: int, rows: int, features: boo
             return (64, 64, 4, 3)
         return (64, 32, 4, 4) if bd <= 128 else (64, 32, 8, 3)
     if bd <= 128:
-        return (128, 64, 8, 3)
+        return (128, 32, 8, 3) if features and packed else (128, 64, 8, 3)
     return (64, 32, 8, 2)
 
 
@@ -420,7 +426,7 @@ def segment_attention_fwd(
     rows = group * Sq if pack else Sq
     heads = Hkv if pack else Hq
     bd = block_d(D)
-    bm, bn, num_warps, num_stages = _config(q.dtype, D, bd, rows, has_span or allowed is not None)
+    bm, bn, num_warps, num_stages = _config(q.dtype, D, bd, rows, has_span or allowed is not None, pack)
     if interpreting():  # same kernel; small tiles so that tiny test shapes cross several blocks
         bm, bn = 16, 16
     bm, bn = block_m or bm, block_n or bn
