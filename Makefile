@@ -27,6 +27,7 @@ demo-model: setup
 # Markdown table (docs/benchmarks.md quotes them).
 bench: setup
 	$(PYTHON) benchmarks/bench_attention.py
+	$(PYTHON) benchmarks/bench_visibility.py
 	$(PYTHON) benchmarks/bench_compact.py
 	$(PYTHON) benchmarks/bench_trace.py
 	$(PYTHON) benchmarks/bench_generate.py

@@ -79,6 +79,8 @@ if [ "$DRY" = 1 ]; then
   step aot 150 "$PY" benchmarks/aot_sm90.py --max-configs 4 --brief --json "$OUT/aot.json"
   step attention 60 "$PY" benchmarks/bench_attention.py --device cpu --seqs 64 --decode-sk 128 --decode-batch 1 \
     --repeats 1 --no-memory --out "$OUT/attention.json"
+  step visibility 60 "$PY" benchmarks/bench_visibility.py --device cpu --seqs 128 --window 32 --repeats 1 --no-memory \
+    --no-baseline --out "$OUT/visibility.json"
   step compact 60 "$PY" benchmarks/bench_compact.py --device cpu --layers 2 --heads 2 --seq 128 --repeats 1 \
     --no-memory --out "$OUT/compact.json"
   step generate 120 "$PY" benchmarks/bench_generate.py --device cpu --size tiny --batches 1 --new-tokens 2 \
@@ -91,12 +93,14 @@ else
   DEV=cuda
   step build 100 "$PY" -m pip install --no-build-isolation --no-deps -e .
   step info 30 "$PY" -m flowkern.cli info
-  step tests 90 "$PY" -m pytest -q -p no:cacheprovider tests/ops/test_ops_segment_attention.py \
-    tests/ops/test_ops_key_attention_mass.py tests/ops/test_ops_compact.py tests/ops/test_ops_errors.py "--junitxml=$OUT/tests.xml"
-  step attention 80 "$PY" benchmarks/bench_attention.py --device cuda --repeats 10 --out "$OUT/attention.json"
+  step tests 100 "$PY" -m pytest -q -p no:cacheprovider tests/ops/test_ops_segment_attention.py \
+    tests/ops/test_ops_key_attention_mass.py tests/ops/test_ops_compact.py tests/ops/test_ops_errors.py \
+    tests/ops/test_ops_visibility.py tests/ops/test_kernels_visibility.py "--junitxml=$OUT/tests.xml"
+  step attention 70 "$PY" benchmarks/bench_attention.py --device cuda --repeats 10 --out "$OUT/attention.json"
+  step visibility 50 "$PY" benchmarks/bench_visibility.py --device cuda --repeats 10 --out "$OUT/visibility.json"
   step aot 45 "$PY" benchmarks/aot_sm90.py --brief --json "$OUT/aot.json"
   step compact 25 "$PY" benchmarks/bench_compact.py --device cuda --repeats 20 --out "$OUT/compact.json"
-  step generate 60 "$PY" benchmarks/bench_generate.py --device cuda --repeats 3 --out "$OUT/generate.json"
+  step generate 50 "$PY" benchmarks/bench_generate.py --device cuda --repeats 3 --out "$OUT/generate.json"
   step trace 55 "$PY" benchmarks/bench_trace.py --device cuda --repeats 3 --out "$OUT/trace.json"
   step cam 45 "$PY" benchmarks/bench_cam.py --config llava-1.5-7b --device cuda --repeats 1 --out "$OUT/cam.json"
 fi

@@ -37,6 +37,17 @@ def _attention(out: Path) -> str:
     return "; ".join(parts)
 
 
+def _visibility(out: Path) -> str:
+    parts = []
+    for r in _json(out, "visibility")["results"]:
+        ratios = [f"{name} {r[key]:.2f}x" for key, name in (
+            ("plain_over_baseline", "off/landed"), ("all_true_over_plain", "all-true/off"),
+            ("plain_over_window", "window speed-up"), ("sdpa_window_over_window", "vs SDPA mask"),
+            ("eager_knockout_over_knockout", "knockout vs eager")) if key in r]
+        parts.append(f"S={r['s']}: " + ", ".join(ratios))
+    return "; ".join(parts)
+
+
 def _compact(out: Path) -> str:
     d = _json(out, "compact")
     fk = d["results"]["flowkern"]
@@ -65,8 +76,8 @@ def _cam(out: Path) -> str:
 
 
 HEADLINES: dict[str, Callable[[Path], str]] = {
-    "tests": _tests, "attention": _attention, "compact": _compact, "generate": _generate, "trace": _trace,
-    "cam": _cam,
+    "tests": _tests, "attention": _attention, "visibility": _visibility, "compact": _compact, "generate": _generate,
+    "trace": _trace, "cam": _cam,
 }
 
 

@@ -1,7 +1,13 @@
 // Shared helpers for flowkern's C++ CPU kernels (csrc/segment_attention.cpp, csrc/key_attention_mass.cpp).
 //
-// - Run / key_runs: a batch row's key_ids as runs of equal ids, so per-segment sums and key masks become
-//   loops over contiguous ranges (segments are long runs: system | image | user | generated).
+// - Run / key_runs: a batch row's key_ids (and group ids) as runs of equal values, so per-segment sums and key
+//   masks become loops over contiguous ranges (segments are long runs: system | image | user | generated).
+// - RowRule / for_visible: the visibility rule of one query row (flowkern/ops.py, segment_attention):
+//       visible(p, j) = key_ids[j] >= 0 and allowed[seg(p)] bit seg(j)
+//                       and ((lo <= j < hi) or (group(p) != 0 and group(j) == group(p)))
+//   with [lo, hi) the causal-and-window interval of a row at key position p: hi = p + 1 if causal else Sk,
+//   lo = p - window + 1 if window else 0 (clamped to [0, Sk]). for_visible walks the runs of a key block and
+//   hands out the visible pieces in increasing key order.
 // - gemm_nt / gemm_nn: fp32 row-major block GEMMs through ATen's addmm on from_blob views (whatever BLAS the
 //   torch build uses; MKL in the official x86 wheels). Inside at::parallel_for they run single-threaded, which
 //   is what the kernels want; blocks are large enough (64 x 256) that the per-call overhead is a few percent.
@@ -19,6 +25,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <optional>
 #include <vector>
 
 namespace flowkern {
@@ -34,22 +41,23 @@ struct Run {
   int64_t begin;  // first key of the run
   int64_t end;    // one past its last key
   int32_t id;     // segment id, or < 0 for masked keys
+  int32_t group;  // group id (0 = none, or no group_ids)
 };
 
-// Runs of equal ids in ids[0, n); ids == nullptr means one run of segment 0 (every key real).
-// TORCH_CHECKs that ids < num_segments.
-inline std::vector<Run> key_runs(const int32_t* ids, int64_t n, int64_t num_segments) {
+// Runs of equal (id, group) in [0, n); ids == nullptr means every key real, in segment 0; groups == nullptr means
+// no groups. TORCH_CHECKs that -num_segments <= ids < num_segments (padded keys are -1 - segment).
+inline std::vector<Run> key_runs(const int32_t* ids, const int32_t* groups, int64_t n, int64_t num_segments) {
   std::vector<Run> runs;
   if (n == 0) return runs;
-  if (ids == nullptr) {
-    runs.push_back({0, n, 0});
-    return runs;
-  }
+  auto id_at = [&](int64_t j) { return ids == nullptr ? 0 : ids[j]; };
+  auto group_at = [&](int64_t j) { return groups == nullptr ? 0 : groups[j]; };
   int64_t begin = 0;
   for (int64_t j = 1; j <= n; ++j) {
-    if (j == n || ids[j] != ids[begin]) {
-      TORCH_CHECK(ids[begin] < num_segments, "flowkern: key id ", ids[begin], " >= num_segments ", num_segments);
-      runs.push_back({begin, j, ids[begin] < 0 ? -1 : ids[begin]});
+    if (j == n || id_at(j) != id_at(begin) || group_at(j) != group_at(begin)) {
+      const int32_t id = id_at(begin);
+      TORCH_CHECK(id < num_segments && id >= -num_segments, "flowkern: key id ", id, " outside [-", num_segments,
+                  ", ", num_segments, ")");
+      runs.push_back({begin, j, id < 0 ? -1 : id, group_at(begin)});
       begin = j;
     }
   }
@@ -72,6 +80,102 @@ inline void visible_span(const std::vector<Run>& runs, int64_t& first, int64_t& 
 inline size_t run_at(const std::vector<Run>& runs, int64_t j) {
   auto it = std::upper_bound(runs.begin(), runs.end(), j, [](int64_t x, const Run& r) { return x < r.end; });
   return static_cast<size_t>(it - runs.begin());
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// visibility rules
+
+// The kernel arguments of the visibility rules (raw pointers into contiguous int32 tensors, or null / 0 = off).
+struct Visibility {
+  const int32_t* allowed = nullptr;  // [nseg] bitmask per query segment
+  int64_t window = 0;
+  const int32_t* groups = nullptr;   // [B, Sk]
+  const int32_t* span = nullptr;     // [B, 2, Sk]
+};
+
+// The rule of one query row (see the file-top comment); bits = -1 (all segments) when there is no table.
+struct RowRule {
+  int64_t lo = 0, hi = 0;
+  int32_t bits = -1;
+  int32_t group = 0;
+};
+
+// The rule of a row standing at key position p of batch row b, and [key_lo, key_hi): the keys its kernel visits
+// (the span ops.py computed, or the causal-and-window interval, cut to the batch row's real keys [first, last)).
+// A row whose table row is all false visits nothing. ids_b: key_ids of row b (may be null); p in [0, Sk) whenever
+// a rule is on, else p may be negative (Sq > Sk, non-causal) and only the causal limit is used.
+inline RowRule row_rule(const Visibility& vis, const int32_t* ids_b, int64_t b, int64_t p, int64_t sk, bool causal,
+                        int64_t first, int64_t last, int64_t& key_lo, int64_t& key_hi) {
+  RowRule r;
+  r.hi = causal ? std::clamp<int64_t>(p + 1, 0, sk) : sk;
+  r.lo = vis.window > 0 ? std::clamp<int64_t>(p - vis.window + 1, 0, sk) : 0;
+  if (vis.allowed != nullptr) {
+    const int32_t id = ids_b == nullptr ? 0 : ids_b[p];
+    r.bits = vis.allowed[id >= 0 ? id : -1 - id];
+  }
+  if (vis.groups != nullptr) r.group = vis.groups[b * sk + p];
+  if (vis.span != nullptr) {
+    key_lo = vis.span[(b * 2) * sk + p];
+    key_hi = vis.span[(b * 2 + 1) * sk + p];
+  } else if (vis.groups != nullptr) {  // no span given: a group may reach anywhere
+    key_lo = 0;
+    key_hi = sk;
+  } else {
+    key_lo = r.lo;
+    key_hi = r.hi;
+  }
+  key_lo = std::max(key_lo, first);
+  key_hi = std::min(key_hi, last);
+  if (r.bits == 0 || key_hi <= key_lo) key_lo = key_hi = 0;
+  return r;
+}
+
+// Calls f(a, z, id) for each piece [a, z) of keys in [j0, jend) that the row sees (columns relative to j0,
+// increasing, one run each), walking the runs from run0 = run_at(runs, j0) on.
+template <typename F>
+inline void for_visible(const std::vector<Run>& runs, size_t run0, int64_t j0, int64_t jend, const RowRule& rule,
+                        F&& f) {
+  const int64_t stop = rule.group != 0 ? jend : std::min(jend, rule.hi);
+  for (size_t ri = run0; ri < runs.size() && runs[ri].begin < stop; ++ri) {
+    const Run& run = runs[ri];
+    if (run.id < 0 || !((rule.bits >> run.id) & 1)) continue;
+    int64_t a = std::max(run.begin, j0), z = std::min(run.end, jend);
+    if (rule.group == 0 || run.group != rule.group) {
+      a = std::max(a, rule.lo);
+      z = std::min(z, rule.hi);
+    }
+    if (a < z) f(a - j0, z - j0, run.id);
+  }
+}
+
+// Whether any run in [j0, jend) holds a real key of a segment in `bits` (a key block a table lets be seen).
+inline bool block_allowed(const std::vector<Run>& runs, size_t run0, int64_t jend, int32_t bits) {
+  for (size_t ri = run0; ri < runs.size() && runs[ri].begin < jend; ++ri) {
+    if (runs[ri].id >= 0 && ((bits >> runs[ri].id) & 1)) return true;
+  }
+  return false;
+}
+
+// Reads the optional visibility tensors (checked: int32, contiguous, the right sizes).
+inline Visibility visibility_args(const char* op, const std::optional<at::Tensor>& allowed, int64_t window,
+                                  const std::optional<at::Tensor>& groups, const std::optional<at::Tensor>& span,
+                                  int64_t nseg, int64_t B, int64_t Sq, int64_t Sk, bool has_ids) {
+  Visibility vis;
+  auto check = [&](const std::optional<at::Tensor>& t, at::IntArrayRef sizes, const char* name) -> const int32_t* {
+    if (!t.has_value()) return nullptr;
+    TORCH_CHECK(t->scalar_type() == at::kInt && t->is_contiguous() && t->sizes() == sizes, op, ": ", name,
+                " must be a contiguous int32 tensor of shape ", sizes, ", got ", t->sizes());
+    return t->data_ptr<int32_t>();
+  };
+  TORCH_CHECK(window >= 0, op, ": window must be >= 0 (0 = none)");
+  vis.window = window;
+  vis.allowed = check(allowed, {nseg}, "allowed");
+  vis.groups = check(groups, {B, Sk}, "group_ids");
+  vis.span = check(span, {B, 2, Sk}, "span");
+  TORCH_CHECK(vis.allowed == nullptr || has_ids, op, ": allowed needs key_ids");
+  TORCH_CHECK((vis.allowed == nullptr && window == 0 && vis.groups == nullptr && vis.span == nullptr) || Sq <= Sk,
+              op, ": allowed / window / group_ids / span need Sq <= Sk");
+  return vis;
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -250,12 +354,6 @@ inline at::Tensor as_fp32_rows(const at::Tensor& t) {
   at::Tensor f = t.scalar_type() == at::kFloat ? t : t.to(at::kFloat);
   if (f.stride(3) != 1 || (f.size(2) > 1 && f.stride(2) < f.size(3))) f = f.contiguous();
   return f;
-}
-
-// Rows are visible-key limits: row i (of Sq, bottom-right aligned) sees keys j < key_end(i).
-inline int64_t causal_key_end(int64_t i, int64_t sq, int64_t sk, bool causal) {
-  if (!causal) return sk;
-  return std::clamp<int64_t>(i + sk - sq + 1, 0, sk);
 }
 
 }  // namespace flowkern

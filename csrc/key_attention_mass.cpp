@@ -5,8 +5,10 @@
  * Math (per batch b, query head h, kv head h / (Hq / Hkv); the Sq rows of q are the LAST Sq query positions,
  * so causal alignment is bottom-right; see flowkern/reference.py):
  *
- *     visible(i, j) = key_ids[b, j] >= 0 (all keys when key_ids is None)
- *                     and (not causal or j <= i + (Sk - Sq))
+ *     visible(i, j) = the rule of csrc/segment_attention.cpp (key_ids None: every key real, segment 0):
+ *                     key_ids[b, j] >= 0 and allowed[seg(p)] bit seg(j) and
+ *                     ( ((not causal or j <= p) and (window == 0 or p - j < window)) or same nonzero group ),
+ *                     with p = i + (Sk - Sq)
  *     received[b, h, j] = (1 / Sq) * sum_{i : visible(i, j), lse[i] > -inf} exp(scale * <q[i], k[j]> - lse[i])
  *
  * lse is taken as given (float32 [B, Hq, Sq], from segment_attention); rows with lse = -inf add 0 but still
@@ -18,9 +20,11 @@
  * (all G heads interleaved position-major, row r = i * G + g), taken BQ at a time starting at the first row
  * that causally sees the block:
  *     S = scale * Q_chunk K_blk^T                               (BLAS, fp32)
- *     recv[g, j] += exp(S[r, j] - lse[r])  over the row's visible keys   (at::vec, contiguous key runs)
- * then received = recv / Sq. Only one BQ x BK score block per thread is ever held; k in fp16/bf16 is converted
- * to fp32 once, q rows per chunk.
+ *     recv[g, j] += exp(S[r, j] - lse[r])  over the row's visible keys   (at::vec, visible pieces of key runs)
+ * then received = recv / Sq. Only rows whose key range (span[b, :, p] from ops.py, else the causal limit; empty
+ * for an all-false table row) meets the key block enter the product, and a key block none of whose segments the
+ * rows' table rows allow is skipped, so the work scales with the visible keys. Only one BQ x BK score block per
+ * thread is ever held; k in fp16/bf16 is converted to fp32 once, q rows per chunk.
  */
 #include <torch/library.h>
 
@@ -36,7 +40,8 @@ constexpr int64_t kBlockK = 512;  // keys per work item
 
 template <typename scalar_t>
 void key_attention_mass_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& lse,
-                               const int32_t* ids_ptr, bool causal, float scale, at::Tensor& received) {
+                               const int32_t* ids_ptr, bool causal, float scale, const Visibility& vis,
+                               int64_t nseg, at::Tensor& received) {
   const int64_t B = q.size(0), Hq = q.size(1), Sq = q.size(2), D = q.size(3);
   const int64_t Hkv = k.size(1), Sk = k.size(2);
   const int64_t G = Hq / Hkv;
@@ -51,16 +56,23 @@ void key_attention_mass_kernel(const at::Tensor& q, const at::Tensor& k, const a
   const int64_t ks0 = k.stride(0), ks1 = k.stride(1), ks2 = k.stride(2);
   const float inv_sq = Sq > 0 ? 1.f / static_cast<float>(Sq) : 0.f;
 
+  // Runs of equal (key id, group) per batch row, the span [first, last) of its real keys, and per query
+  // position i its rule and the keys [key_lo, key_hi) it may see (the same for every head).
   std::vector<std::vector<Run>> runs(B);
-  std::vector<int64_t> span_first(B), span_last(B);
+  std::vector<int64_t> span_first(B), span_last(B), pos_lo(B * Sq), pos_hi(B * Sq);
+  std::vector<RowRule> pos_rule(B * Sq);
   for (int64_t b = 0; b < B; ++b) {
-    runs[b] = key_runs(ids_ptr == nullptr ? nullptr : ids_ptr + b * Sk, Sk, std::numeric_limits<int32_t>::max());
+    const int32_t* ids_b = ids_ptr == nullptr ? nullptr : ids_ptr + b * Sk;
+    runs[b] = key_runs(ids_b, vis.groups == nullptr ? nullptr : vis.groups + b * Sk, Sk, nseg);
     visible_span(runs[b], span_first[b], span_last[b]);
+    for (int64_t i = 0; i < Sq; ++i) {
+      pos_rule[b * Sq + i] = row_rule(vis, ids_b, b, i + Sk - Sq, Sk, causal, span_first[b], span_last[b],
+                                      pos_lo[b * Sq + i], pos_hi[b * Sq + i]);
+    }
   }
 
   at::parallel_for(0, B * Hkv * nkb, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> qbuf(kBlockQ * D), sbuf(kBlockQ * kBlockK), recv(G * kBlockK), row_lse(kBlockQ);
-    std::vector<int64_t> key_end(kBlockQ);
 
     for (int64_t item = begin; item < end; ++item) {
       const int64_t bkv = item / nkb, kb = item % nkb;
@@ -69,38 +81,48 @@ void key_attention_mass_kernel(const at::Tensor& q, const at::Tensor& k, const a
       const std::vector<Run>& brun = runs[b];
       fill(recv.data(), G * n, 0.f);
 
-      // Rows see key j0 from position i_min on (causal); skip blocks outside the visible span.
-      const int64_t i_min = causal ? std::max<int64_t>(0, j0 - (Sk - Sq)) : 0;
+      // Without a span, rows see key j0 from position i_min on (causal); a span (window, groups) may reach
+      // any row, which the per-row ranges below sort out. Blocks outside the real keys are skipped.
+      const int64_t i_min = causal && vis.span == nullptr ? std::max<int64_t>(0, j0 - (Sk - Sq)) : 0;
       const bool any_key = j0 < span_last[b] && j0 + n > span_first[b];
       const size_t run0 = run_at(brun, j0);
       const float* kb_ptr = k_ptr + b * ks0 + kvh * ks1 + j0 * ks2;
 
       for (int64_t r0 = i_min * G; any_key && r0 < R; r0 += kBlockQ) {
         const int64_t rows = std::min(kBlockQ, R - r0);
+        // rows [ra, rz) of the chunk hold every row whose range meets this key block
+        int64_t ra = rows, rz = 0;
+        int32_t bits = 0;
         for (int64_t rr = 0; rr < rows; ++rr) {
+          const int64_t x = b * Sq + (r0 + rr) / G;
+          if (pos_lo[x] < j0 + n && pos_hi[x] > j0) {
+            ra = std::min(ra, rr);
+            rz = rr + 1;
+            bits |= pos_rule[x].bits;
+          }
+        }
+        if (ra >= rz || (vis.allowed != nullptr && !block_allowed(brun, run0, j0 + n, bits))) continue;
+        for (int64_t rr = ra; rr < rz; ++rr) {
           const int64_t r = r0 + rr, i = r / G, h = kvh * G + r % G;
           load_row(q_ptr + b * qs0 + h * qs1 + i * qs2, qbuf.data() + rr * D, D);
           row_lse[rr] = lse_ptr[(b * Hq + h) * Sq + i];
-          key_end[rr] = std::min(causal_key_end(i, Sq, Sk, causal), j0 + n) - j0;  // columns [0, key_end)
         }
-        gemm_nt(rows, n, D, scale, qbuf.data(), D, kb_ptr, ks2, 0.f, sbuf.data(), kBlockK);
+        gemm_nt(rz - ra, n, D, scale, qbuf.data() + ra * D, D, kb_ptr, ks2, 0.f, sbuf.data() + ra * kBlockK,
+                kBlockK);
 
-        for (int64_t rr = 0; rr < rows; ++rr) {
+        for (int64_t rr = ra; rr < rz; ++rr) {
           const float l = row_lse[rr];
-          const int64_t e = key_end[rr];
-          if (l == kNegInf || e <= 0) continue;  // row saw no key (lse = -inf) or none in this block
+          if (l == kNegInf) continue;  // row saw no key (lse = -inf)
           const float* s = sbuf.data() + rr * kBlockK;
           float* acc = recv.data() + ((r0 + rr) % G) * n;
           const bool poisoned = std::isnan(l);  // NaN lse (a NaN row): NaN to every key it sees
-          for (size_t ri = run0; ri < brun.size() && brun[ri].begin < j0 + e; ++ri) {
-            if (brun[ri].id < 0) continue;
-            const int64_t a = std::max(brun[ri].begin, j0) - j0, z = std::min(brun[ri].end, j0 + e) - j0;
+          for_visible(brun, run0, j0, j0 + n, pos_rule[b * Sq + (r0 + rr) / G], [&](int64_t a, int64_t z, int32_t) {
             if (poisoned) {
               fill(acc + a, z - a, kNaN);
             } else {
               exp_shift_accumulate(s + a, acc + a, z - a, -l);
             }
-          }
+          });
         }
       }
 
@@ -113,7 +135,9 @@ void key_attention_mass_kernel(const at::Tensor& q, const at::Tensor& k, const a
 }
 
 at::Tensor key_attention_mass_cpu(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& lse_in,
-                                  const std::optional<at::Tensor>& key_ids_in, bool causal, double scale) {
+                                  const std::optional<at::Tensor>& key_ids_in, bool causal, double scale,
+                                  const std::optional<at::Tensor>& allowed, int64_t window,
+                                  const std::optional<at::Tensor>& group_ids, const std::optional<at::Tensor>& span) {
   TORCH_CHECK(q_in.dim() == 4 && k_in.dim() == 4, "key_attention_mass: q and k must be 4-D");
   TORCH_CHECK(q_in.scalar_type() == k_in.scalar_type(), "key_attention_mass: q and k must share a dtype");
   TORCH_CHECK(q_in.scalar_type() == at::kFloat || q_in.scalar_type() == at::kHalf ||
@@ -134,6 +158,11 @@ at::Tensor key_attention_mass_cpu(const at::Tensor& q_in, const at::Tensor& k_in
                 "key_attention_mass: key_ids must be int32 [B, Sk]");
   }
 
+  const int64_t nseg = allowed.has_value() ? allowed->numel() : std::numeric_limits<int32_t>::max();
+  TORCH_CHECK(nseg <= 31 || !allowed.has_value(), "key_attention_mass: allowed has at most 31 segments");
+  const Visibility vis = visibility_args("key_attention_mass", allowed, window, group_ids, span, nseg, B, Sq, Sk,
+                                         key_ids.defined());
+
   const at::Tensor q = q_in.stride(3) == 1 ? q_in : q_in.contiguous();
   const at::Tensor k = as_fp32_rows(k_in);
   const at::Tensor lse = lse_in.contiguous();
@@ -142,7 +171,7 @@ at::Tensor key_attention_mass_cpu(const at::Tensor& q_in, const at::Tensor& k_in
 
   const int32_t* ids_ptr = key_ids.defined() ? key_ids.data_ptr<int32_t>() : nullptr;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "flowkern_key_attention_mass", [&] {
-    key_attention_mass_kernel<scalar_t>(q, k, lse, ids_ptr, causal, static_cast<float>(scale), received);
+    key_attention_mass_kernel<scalar_t>(q, k, lse, ids_ptr, causal, static_cast<float>(scale), vis, nseg, received);
   });
   return received;
 }
@@ -152,8 +181,8 @@ at::Tensor key_attention_mass_cpu(const at::Tensor& q_in, const at::Tensor& k_in
 
 TORCH_LIBRARY_FRAGMENT(flowkern_cpu, m) {
   m.def(
-      "key_attention_mass(Tensor q, Tensor k, Tensor lse, Tensor? key_ids, bool causal, float scale) "
-      "-> Tensor");
+      "key_attention_mass(Tensor q, Tensor k, Tensor lse, Tensor? key_ids, bool causal, float scale, "
+      "Tensor? allowed, int window, Tensor? group_ids, Tensor? span) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(flowkern_cpu, CPU, m) {

@@ -4,13 +4,18 @@
  *
  * Math (per batch b, query head h, kv head h / (Hq / Hkv), query row i, key j; see flowkern/reference.py):
  *
- *     visible(i, j) = key_ids[b, j] >= 0  and  (not causal or j <= i + (Sk - Sq))     (bottom-right causal)
+ *     p             = i + (Sk - Sq)                      (the key position row i stands at: bottom-right)
+ *     seg(j)        = key_ids[b, j] if >= 0, else -1 - key_ids[b, j]      (key_ids < 0: padded key)
+ *     visible(i, j) = key_ids[b, j] >= 0
+ *                     and (allowed is None or bit seg(j) of allowed[seg(p)])          (segment table)
+ *                     and ( ((not causal or j <= p) and (window == 0 or p - j < window))
+ *                           or (group_ids given and group[b, p] != 0 and group[b, p] == group[b, j]) )
  *     s[i, j]       = scale * <q[i], k[j]>       for visible (i, j)
  *     lse[i]        = log sum_{visible j} exp(s[i, j])                  (-inf if row i sees no key;
  *                                                           NaN if any visible s[i, j] is NaN or +inf)
  *     p[i, j]       = exp(s[i, j] - lse[i])
  *     out[i]        = sum_j p[i, j] v[j]                                (0 if row i sees no key)
- *     mass[i, c]    = sum_{visible j : key_ids[b, j] = c} p[i, j]       (0 if row i sees no key)
+ *     mass[i, c]    = sum_{visible j : seg(j) = c} p[i, j]               (0 if row i sees no key)
  *
  * Outputs: out [B, Hq, Sq, D] in q's dtype, lse float32 [B, Hq, Sq], mass float32 [B, Hq, Sq, nseg] per head.
  *
@@ -21,16 +26,22 @@
  *     (tight causal bounds). Work items run under at::parallel_for; causal blocks are visited in a zig-zag
  *     order so the two halves of a head's blocks (cheap top, expensive bottom) mix across threads.
  *   - Per row we keep the running max m_i, the running sum l_i, the output accumulator acc[D] and a
- *     per-segment accumulator segacc[nseg]. For each key block [j0, j0 + n) up to the block's causal limit:
+ *     per-segment accumulator segacc[nseg]. For each key block [j0, j0 + n) of the row block's key range:
  *         S      = scale * Q_blk K_blk^T                              (BLAS, fp32)
  *         m_new  = max(m_i, max of S over the row's visible keys)
  *         acc, segacc, l_i *= exp(m_i - m_new)
  *         P      = exp(S - m_new) on visible keys, 0 elsewhere
  *         segacc[c] += sum of P over keys of segment c;  l_i += sum of P
  *         acc   += P V_blk                                            (BLAS, fp32)
- *     key_ids are pre-split into runs of equal ids, so masking and the per-segment sums are loops over
- *     contiguous ranges (vectorised with at::vec) instead of per-key scatters. Key blocks past a row block's
- *     causal limit and keys outside the batch row's visible span (padding on either side) are never touched.
+ *     key_ids (and group ids) are pre-split into runs of equal values, so masking and the per-segment sums are
+ *     loops over the visible pieces of contiguous runs (for_visible in common.h, vectorised with at::vec)
+ *     instead of per-key scatters.
+ *   - Block skipping: every row has a key range [key_lo, key_hi): span[b, :, p] from ops.py (the lowest / one
+ *     past the highest key that causal, the window or the row's group can show) or the causal limit, cut to the
+ *     batch row's real keys. A row block visits only the key blocks of the union of its rows' ranges, so a
+ *     sliding window costs O(window) per row, not O(Sk); a row whose table row is all false has an empty range
+ *     (a block of such rows visits nothing), and a key block none of whose segments the block's table rows
+ *     allow is skipped. Work scales with the visible keys.
  *   - Finally out = acc / l_i, lse = m_i + log(l_i), mass = segacc / l_i; a row that saw no key (m_i = -inf,
  *     l_i = 0) gets out 0, lse -inf, mass 0.
  *   - Non-finite values propagate, as in SDPA (flowkern/ops.py, "NaN/inf policy"): the block max over a row's
@@ -60,8 +71,8 @@ constexpr int64_t kBlockK = 256;  // keys per inner block
 
 template <typename scalar_t>
 void segment_attention_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                              const at::Tensor& key_ids, int64_t nseg, bool causal, float scale, at::Tensor& out,
-                              at::Tensor& lse, at::Tensor& mass) {
+                              const at::Tensor& key_ids, int64_t nseg, bool causal, float scale,
+                              const Visibility& vis, at::Tensor& out, at::Tensor& lse, at::Tensor& mass) {
   const int64_t B = q.size(0), Hq = q.size(1), Sq = q.size(2), D = q.size(3);
   const int64_t Hkv = k.size(1), Sk = k.size(2);
   const int64_t G = Hq / Hkv;
@@ -78,19 +89,20 @@ void segment_attention_kernel(const at::Tensor& q, const at::Tensor& k, const at
   float* lse_ptr = lse.data_ptr<float>();
   float* mass_ptr = mass.data_ptr<float>();
 
-  // Runs of equal key ids per batch row and the span [first, last) holding its visible keys.
+  // Runs of equal (key id, group) per batch row and the span [first, last) holding its real keys.
   const int32_t* ids_ptr = key_ids.data_ptr<int32_t>();
   std::vector<std::vector<Run>> runs(B);
   std::vector<int64_t> span_first(B), span_last(B);
   for (int64_t b = 0; b < B; ++b) {
-    runs[b] = key_runs(ids_ptr + b * Sk, Sk, nseg);
+    runs[b] = key_runs(ids_ptr + b * Sk, vis.groups == nullptr ? nullptr : vis.groups + b * Sk, Sk, nseg);
     visible_span(runs[b], span_first[b], span_last[b]);
   }
 
   at::parallel_for(0, B * Hkv * nqb, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> qbuf(kBlockQ * D), sbuf(kBlockQ * kBlockK), acc(kBlockQ * D), segacc(kBlockQ * nseg);
     std::vector<float> m_i(kBlockQ), l_i(kBlockQ), tmp(D);
-    std::vector<int64_t> key_end(kBlockQ);
+    std::vector<int64_t> key_lo(kBlockQ), key_hi(kBlockQ);
+    std::vector<RowRule> rule(kBlockQ);
 
     for (int64_t item = begin; item < end; ++item) {
       const int64_t bkv = item / nqb, t = item % nqb;
@@ -99,12 +111,18 @@ void segment_attention_kernel(const at::Tensor& q, const at::Tensor& k, const at
       const int64_t r0 = qb * kBlockQ, rows = std::min(kBlockQ, R - r0);
       const std::vector<Run>& brun = runs[b];
 
-      // Pack the block's query rows (fp32) and their causal key limits; rows are i-major so key_end is
-      // non-decreasing in the row index.
+      // Pack the block's query rows (fp32), their rules and the keys each visits; the block visits the key
+      // blocks of [kmin, kmax), the union of its rows' ranges (none when every row's table row is all false).
+      int64_t kmin = Sk, kmax = 0;
       for (int64_t rr = 0; rr < rows; ++rr) {
         const int64_t r = r0 + rr, i = r / G, h = kvh * G + r % G;
         load_row(q_ptr + b * qs0 + h * qs1 + i * qs2, qbuf.data() + rr * D, D);
-        key_end[rr] = std::min(causal_key_end(i, Sq, Sk, causal), span_last[b]);
+        rule[rr] = row_rule(vis, ids_ptr + b * Sk, b, i + Sk - Sq, Sk, causal, span_first[b], span_last[b],
+                            key_lo[rr], key_hi[rr]);
+        if (key_lo[rr] < key_hi[rr]) {
+          kmin = std::min(kmin, key_lo[rr]);
+          kmax = std::max(kmax, key_hi[rr]);
+        }
       }
       fill(m_i.data(), rows, kNegInf);
       fill(l_i.data(), rows, 0.f);
@@ -113,30 +131,35 @@ void segment_attention_kernel(const at::Tensor& q, const at::Tensor& k, const at
 
       const float* kb = k_ptr + b * ks0 + kvh * ks1;
       const float* vb = v_ptr + b * vs0 + kvh * vs1;
-      const int64_t kmax = key_end[rows - 1];
-      int64_t ra = 0;  // first row that still sees keys at or after j0
-      for (int64_t j0 = span_first[b]; j0 < kmax; j0 += kBlockK) {
+      for (int64_t j0 = kmin; j0 < kmax; j0 += kBlockK) {
         const int64_t n = std::min(kBlockK, kmax - j0);
-        while (key_end[ra] <= j0) ++ra;  // terminates: key_end[rows - 1] = kmax > j0
+        // rows [ra, rz) hold every row whose range meets this key block; skip it when none does, or when the
+        // table lets none of them see a key in it
+        int64_t ra = rows, rz = 0;
+        int32_t bits = 0;
+        for (int64_t rr = 0; rr < rows; ++rr) {
+          if (key_lo[rr] < j0 + n && key_hi[rr] > j0) {
+            ra = std::min(ra, rr);
+            rz = rr + 1;
+            bits |= rule[rr].bits;
+          }
+        }
+        const size_t run0 = run_at(brun, j0);
+        if (ra >= rz || (vis.allowed != nullptr && !block_allowed(brun, run0, j0 + n, bits))) continue;
         float* S = sbuf.data();
-        gemm_nt(rows - ra, n, D, scale, qbuf.data() + ra * D, D, kb + j0 * ks2, ks2, 0.f, S + ra * kBlockK,
+        gemm_nt(rz - ra, n, D, scale, qbuf.data() + ra * D, D, kb + j0 * ks2, ks2, 0.f, S + ra * kBlockK,
                 kBlockK);
 
-        const size_t run0 = run_at(brun, j0);
-        for (int64_t rr = ra; rr < rows; ++rr) {
+        for (int64_t rr = ra; rr < rz; ++rr) {
           float* s = S + rr * kBlockK;
-          const int64_t e = std::min(n, key_end[rr] - j0);  // this row sees columns [0, e) minus masked runs
           if (std::isnan(m_i[rr])) {  // row already poisoned (see below): its outputs will be NaN
             fill(s, n, 0.f);
             continue;
           }
 
           float mx = kNegInf;  // NaN if any visible score is NaN
-          for (size_t ri = run0; ri < brun.size() && brun[ri].begin < j0 + e; ++ri) {
-            if (brun[ri].id < 0) continue;
-            const int64_t a = std::max(brun[ri].begin, j0) - j0, z = std::min(brun[ri].end, j0 + e) - j0;
-            mx = max_nan(mx, row_max(s + a, z - a));
-          }
+          for_visible(brun, run0, j0, j0 + n, rule[rr],
+                      [&](int64_t a, int64_t z, int32_t) { mx = max_nan(mx, row_max(s + a, z - a)); });
           if (mx == kNegInf) {  // nothing visible in this block (or only -inf scores): contributes nothing
             fill(s, n, 0.f);
             continue;
@@ -155,21 +178,20 @@ void segment_attention_kernel(const at::Tensor& q, const at::Tensor& k, const at
           }
           m_i[rr] = m_new;
 
+          // P = exp(S - m_new) on the visible pieces, 0 in the gaps between them
           float row_sum = 0.f;
-          for (size_t ri = run0; ri < brun.size() && brun[ri].begin < j0 + e; ++ri) {
-            const int64_t a = std::max(brun[ri].begin, j0) - j0, z = std::min(brun[ri].end, j0 + e) - j0;
-            if (brun[ri].id < 0) {
-              fill(s + a, z - a, 0.f);
-            } else {
-              const float part = exp_shift_sum(s + a, z - a, -m_new);
-              segacc[rr * nseg + brun[ri].id] += part;
-              row_sum += part;
-            }
-          }
+          int64_t done = 0;
+          for_visible(brun, run0, j0, j0 + n, rule[rr], [&](int64_t a, int64_t z, int32_t id) {
+            fill(s + done, a - done, 0.f);
+            const float part = exp_shift_sum(s + a, z - a, -m_new);
+            segacc[rr * nseg + id] += part;
+            row_sum += part;
+            done = z;
+          });
           l_i[rr] += row_sum;
-          fill(s + e, n - e, 0.f);
+          fill(s + done, n - done, 0.f);
         }
-        gemm_nn(rows - ra, D, n, 1.f, S + ra * kBlockK, kBlockK, vb + j0 * vs2, vs2, 1.f, acc.data() + ra * D, D);
+        gemm_nn(rz - ra, D, n, 1.f, S + ra * kBlockK, kBlockK, vb + j0 * vs2, vs2, 1.f, acc.data() + ra * D, D);
       }
 
       // out = acc / l, lse = m + log(l), mass = segacc / l; rows that saw no key get 0, -inf, 0; poisoned rows
@@ -193,7 +215,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> segment_attention_cpu(const at::T
                                                                      const at::Tensor& v_in,
                                                                      const at::Tensor& key_ids_in,
                                                                      int64_t num_segments, bool causal,
-                                                                     double scale) {
+                                                                     double scale,
+                                                                     const std::optional<at::Tensor>& allowed,
+                                                                     int64_t window,
+                                                                     const std::optional<at::Tensor>& group_ids,
+                                                                     const std::optional<at::Tensor>& span) {
   TORCH_CHECK(q_in.dim() == 4 && k_in.dim() == 4 && v_in.dim() == 4, "segment_attention: q, k, v must be 4-D");
   TORCH_CHECK(q_in.scalar_type() == k_in.scalar_type() && q_in.scalar_type() == v_in.scalar_type(),
               "segment_attention: q, k, v must share a dtype");
@@ -213,6 +239,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> segment_attention_cpu(const at::T
   const at::Tensor q = q_in.stride(3) == 1 ? q_in : q_in.contiguous();
   const at::Tensor k = as_fp32_rows(k_in), v = as_fp32_rows(v_in);
   const at::Tensor key_ids = key_ids_in.contiguous();
+  const Visibility vis = visibility_args("segment_attention", allowed, window, group_ids, span, num_segments, B, Sq,
+                                         Sk, true);
 
   at::Tensor out = at::empty({B, Hq, Sq, D}, q_in.options());
   at::Tensor lse = at::empty({B, Hq, Sq}, q_in.options().dtype(at::kFloat));
@@ -220,8 +248,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> segment_attention_cpu(const at::T
   if (lse.numel() == 0) return {out, lse, mass};
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "flowkern_segment_attention", [&] {
-    segment_attention_kernel<scalar_t>(q, k, v, key_ids, num_segments, causal, static_cast<float>(scale), out,
-                                       lse, mass);
+    segment_attention_kernel<scalar_t>(q, k, v, key_ids, num_segments, causal, static_cast<float>(scale), vis,
+                                       out, lse, mass);
   });
   return {out, lse, mass};
 }
@@ -232,7 +260,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> segment_attention_cpu(const at::T
 TORCH_LIBRARY_FRAGMENT(flowkern_cpu, m) {
   m.def(
       "segment_attention(Tensor q, Tensor k, Tensor v, Tensor key_ids, int num_segments, bool causal, "
-      "float scale) -> (Tensor out, Tensor lse, Tensor mass)");
+      "float scale, Tensor? allowed, int window, Tensor? group_ids, Tensor? span) -> (Tensor out, Tensor lse, "
+      "Tensor mass)");
 }
 
 TORCH_LIBRARY_IMPL(flowkern_cpu, CPU, m) {

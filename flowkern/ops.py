@@ -9,26 +9,28 @@ implementation picks a backend per call:
   when ``TRITON_INTERPRET=1`` (how CI runs them);
 - ``reference``: ``flowkern/reference.py``, materialises the score matrix (slow; the oracle).
 
-``FLOWKERN_BACKEND=reference|cpp|triton`` forces one. Kernels receive one int32 ``key_ids [B, Sk]`` tensor:
-the segment id of each key, or ``-1`` for a key hidden by ``key_padding_mask``.
+``FLOWKERN_BACKEND=reference|cpp|triton`` forces one. Kernels receive one int32 ``key_ids [B, Sk]`` tensor (the
+segment id ``s`` of each key, ``-1 - s`` for a key hidden by ``key_padding_mask``) and, for the visibility keywords
+``allowed`` / ``window`` / ``group_ids``, a segment-table bitmask, the window, dense group labels and a per-position
+key span that bounds the key blocks a query block visits (:mod:`flowkern._opcheck` builds them).
 
 Policies shared by every backend (tested in ``tests/ops/test_ops_policy.py``):
 
 - **NaN/inf propagate, as in SDPA.** Let ``s[i, j] = scale * <q[i], k[j]>`` over the keys row ``i`` can see
-  (causal and ``key_padding_mask``). If any of them is NaN or +inf (a NaN anywhere in ``q[i]``, a NaN/inf in
-  ``k`` at a visible key), row ``i`` gets ``out``, ``lse`` and ``mass`` NaN, and in :func:`key_attention_mass`
-  that row adds NaN to every key it sees. A ``-inf`` score weighs 0, like a masked key (a row whose visible
-  scores are all ``-inf`` is a row with no visible key: out 0, lse -inf, mass 0, as SDPA's math backend gives).
-  A NaN/inf in ``v`` at a visible key makes that row's ``out`` non-finite; ``lse`` and ``mass`` never depend on
-  ``v``. Non-finite ``q``/``k`` values at keys a row cannot see are ignored on every backend. A non-finite ``v``
-  at a key a row cannot see leaves its ``lse`` and ``mass`` alone but may still reach its ``out`` through
-  ``0 * NaN`` (the reference multiplies the whole matrix, the C++ and Triton kernels the key blocks they visit,
-  as SDPA and FlashAttention do) -- except a row with no visible key, whose ``out`` is always 0: keep padded /
-  future ``v`` finite (e.g. zeros) if you read those rows' ``out``.
-- **Unchecked segment ids are clamped** into ``[0, num_segments)`` (:func:`_key_ids`, before the padding fill):
-  with ``validate=False`` or under ``torch.compile`` an id ``< 0`` counts in segment 0 and an id
-  ``>= num_segments`` in the last segment. Attention itself never depends on segment ids (only
-  ``key_padding_mask`` hides keys), and mass rows still sum to 1.
+  (every visibility rule, see :func:`segment_attention`). If any of them is NaN or +inf (a NaN anywhere in
+  ``q[i]``, a NaN/inf in ``k`` at a visible key), row ``i`` gets ``out``, ``lse`` and ``mass`` NaN, and in
+  :func:`key_attention_mass` that row adds NaN to every key it sees. A ``-inf`` score weighs 0, like a masked
+  key (a row whose visible scores are all ``-inf`` is a row with no visible key: out 0, lse -inf, mass 0, as
+  SDPA's math backend gives). A NaN/inf in ``v`` at a visible key makes that row's ``out`` non-finite; ``lse``
+  and ``mass`` never depend on ``v``. Non-finite ``q``/``k`` values at keys a row cannot see are ignored on
+  every backend. A non-finite ``v`` at a key a row cannot see leaves its ``lse`` and ``mass`` alone but may
+  still reach its ``out`` through ``0 * NaN`` (the reference multiplies the whole matrix, the C++ and Triton
+  kernels the key blocks they visit, as SDPA and FlashAttention do) -- except a row with no visible key, whose
+  ``out`` is always 0: keep padded / future ``v`` finite (e.g. zeros) if you read those rows' ``out``.
+- **Unchecked segment ids are clamped** into ``[0, num_segments)`` (:func:`flowkern._opcheck.key_ids`, before
+  the padding encoding): with ``validate=False`` or under ``torch.compile`` an id ``< 0`` counts in segment 0
+  and an id ``>= num_segments`` in the last segment. Without ``allowed`` attention never depends on segment ids
+  (only ``key_padding_mask`` hides keys), and mass rows still sum to 1.
 - **Forward only.** The ops have no backward: with grad enabled, an input that requires grad raises
   ``ValueError`` (call them under ``torch.no_grad()`` / ``torch.inference_mode()`` or on detached tensors, or use
   ``torch.nn.functional.scaled_dot_product_attention`` where a differentiable output is needed).
@@ -37,20 +39,19 @@ Policies shared by every backend (tested in ``tests/ops/test_ops_policy.py``):
 
 from __future__ import annotations
 
-import functools
 import os
 import warnings
 from typing import Literal
 
 import torch
 
+from flowkern import _opcheck as _c
 from flowkern import reference
+from flowkern._opcheck import MAX_SEGMENTS
 
 __all__ = ["segment_attention", "key_attention_mass", "compact_", "backend_for", "MAX_SEGMENTS",
            "cpp_available"]
 
-MAX_SEGMENTS = 8
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 Backend = Literal["reference", "cpp", "triton"]
 
 try:  # the C++ extension registers torch.ops.flowkern_cpu.*
@@ -100,96 +101,29 @@ def backend_for(device: torch.device) -> Backend:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# argument checks (metadata only, so they also run while torch.compile traces)
+# visibility keywords shared by both attention ops
 
 
-def _check_float(name: str, t: torch.Tensor, ndim: int) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dim() != ndim:
-        raise ValueError(f"{name} must have {ndim} dims, got shape {tuple(t.shape)}")
-    if t.dtype not in _FLOAT_DTYPES:
-        raise ValueError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
+def _reference_rules(key_ids: torch.Tensor | None, allowed: torch.Tensor | None, window: int,
+                     group_ids: torch.Tensor | None) -> dict:
+    """The kernel arguments turned back into :mod:`flowkern.reference` keywords (the reference backend)."""
+    rules: dict = dict(key_padding_mask=None if key_ids is None else key_ids >= 0, window=window or None,
+                       group_ids=group_ids)
+    if key_ids is not None:
+        rules["segment_ids"] = torch.where(key_ids >= 0, key_ids, -1 - key_ids).long()
+    if allowed is not None:
+        bits = torch.arange(allowed.shape[0], dtype=torch.int32, device=allowed.device)
+        rules["allowed"] = ((allowed[:, None] >> bits) & 1).bool()
+    return rules
 
 
-def _check_qk(q: torch.Tensor, k: torch.Tensor, causal: bool) -> None:
-    _check_float("q", q, 4)
-    _check_float("k", k, 4)
-    if k.dtype != q.dtype:
-        raise ValueError(f"k must have q's dtype {q.dtype}, got {k.dtype}")
-    if k.device != q.device:
-        raise ValueError(f"k must be on q's device {q.device}, got {k.device}")
-    B, Hq, Sq, D = q.shape
-    if k.shape[0] != B or k.shape[3] != D:
-        raise ValueError(f"k must be [B={B}, Hkv, Sk, D={D}] to match q {tuple(q.shape)}, got {tuple(k.shape)}")
-    if k.shape[1] == 0 or Hq % k.shape[1] != 0:
-        raise ValueError(f"q heads ({Hq}) must be a multiple of k heads ({k.shape[1]})")
-    if D == 0 or D > 256:
-        raise ValueError(f"head dim D must be in 1..256, got {D}")
-    if causal and Sq > k.shape[2]:
-        raise ValueError(f"causal attention needs Sq <= Sk, got q length {Sq} > k length {k.shape[2]}")
-
-
-def _check_key_padding_mask(key_padding_mask: torch.Tensor | None, q: torch.Tensor, sk: int) -> None:
-    if key_padding_mask is None:
-        return
-    if not isinstance(key_padding_mask, torch.Tensor) or key_padding_mask.dtype != torch.bool:
-        raise ValueError("key_padding_mask must be a bool tensor [B, Sk] (True = real token)")
-    if tuple(key_padding_mask.shape) != (q.shape[0], sk):
-        raise ValueError(f"key_padding_mask must be [B={q.shape[0]}, Sk={sk}], got {tuple(key_padding_mask.shape)}")
-    if key_padding_mask.device != q.device:
-        raise ValueError(f"key_padding_mask must be on q's device {q.device}, got {key_padding_mask.device}")
-
-
-def _resolve_scale(scale: float | None, d: int) -> float:
-    if scale is None:
-        return d**-0.5
-    scale = float(scale)
-    if not (scale > 0 and scale != float("inf")):
-        raise ValueError(f"scale must be a positive finite number, got {scale}")
-    return scale
-
-
-def _check_bool(name: str, value: object) -> None:
-    numpy_bool = type(value).__module__ == "numpy" and type(value).__name__ in ("bool", "bool_")
-    if not (isinstance(value, bool | torch.SymBool) or numpy_bool):
-        raise ValueError(f"{name} must be a bool (True or False), got {value!r}")
-
-
-def _check_no_grad(op: str, **tensors: torch.Tensor) -> None:
-    """Forward-only ops: refuse inputs that would need a backward (metadata only; also runs under compile)."""
-    if not torch.is_grad_enabled():
-        return
-    for name, t in tensors.items():
-        if t.requires_grad:
-            raise ValueError(
-                f"{name} requires grad, but {op} is forward-only (no backward): call it under torch.no_grad() or "
-                f"torch.inference_mode(), or pass {name}.detach(); for a differentiable attention output use "
-                "torch.nn.functional.scaled_dot_product_attention"
-            )
-
-
-def _key_ids(segment_ids: torch.Tensor | None, key_padding_mask: torch.Tensor | None, b: int, sk: int,
-             device: torch.device, num_segments: int = 1) -> torch.Tensor | None:
-    """int32 ``[B, Sk]``: segment id per key, -1 where masked (None when there is nothing to say).
-
-    Segment ids are clamped into ``[0, num_segments)`` first (in their own dtype, so a huge int64 id cannot wrap
-    in the int32 cast): unchecked out-of-range ids count in the nearest segment and never hide a key, on every
-    backend. Only ``key_padding_mask`` produces -1.
-    """
-    if segment_ids is None and key_padding_mask is None:
-        return None
-    if segment_ids is None:
-        ids = torch.zeros(b, sk, dtype=torch.int32, device=device)
-    else:
-        ids = segment_ids.clamp(0, num_segments - 1).to(torch.int32)
-    if key_padding_mask is not None:
-        ids = ids.masked_fill(~key_padding_mask, -1)
-    return ids.contiguous()
-
-
-def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
-    return t if t.stride(-1) == 1 else t.contiguous()
+def _visibility(q: torch.Tensor, sk: int, causal: bool, allowed: torch.Tensor | None, window: int | None,
+                group_ids: torch.Tensor | None) -> tuple[torch.Tensor | None, int, torch.Tensor | None,
+                                                         torch.Tensor | None]:
+    """Checked keywords -> the backends' ``(allowed bitmask, window or 0, group_ids int32, span)``."""
+    groups, span = _c.kernel_visibility(q.shape[0], sk, q.device, causal, window, group_ids)
+    bits = None if allowed is None else _c.allowed_bits(allowed)
+    return bits, 0 if window is None else int(window), groups, span
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -199,22 +133,25 @@ def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
 @torch.library.custom_op("flowkern::segment_attention", mutates_args=())
 def _segment_attention_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_ids: torch.Tensor, num_segments: int, causal: bool,
-    scale: float, per_head: bool,
+    scale: float, per_head: bool, allowed: torch.Tensor | None, window: int, group_ids: torch.Tensor | None,
+    span: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     backend = backend_for(q.device)
     if backend == "reference":
-        seg = key_ids.clamp(min=0)
-        kpm = key_ids >= 0
+        rules = _reference_rules(key_ids, allowed, window, group_ids)
         out, lse, mass = reference.segment_attention(
-            q, k, v, seg, num_segments, causal=causal, key_padding_mask=kpm, scale=scale, per_head=True
+            q, k, v, rules.pop("segment_ids"), num_segments, causal=causal, scale=scale, per_head=True, **rules
         )
         lse, mass = lse.float(), mass.float()
     elif backend == "cpp":
-        out, lse, mass = torch.ops.flowkern_cpu.segment_attention(q, k, v, key_ids, num_segments, causal, scale)
+        out, lse, mass = torch.ops.flowkern_cpu.segment_attention(
+            q, k, v, key_ids, num_segments, causal, scale, allowed, window, group_ids, span
+        )
     else:
         from flowkern.kernels.segment_attention import segment_attention_fwd
 
-        out, lse, mass = segment_attention_fwd(q, k, v, key_ids, num_segments, causal, scale)
+        out, lse, mass = segment_attention_fwd(q, k, v, key_ids, num_segments, causal, scale, allowed=allowed,
+                                               window=window, group_ids=group_ids, span=span)
     if not per_head:
         mass = mass.mean(dim=1)
     return out, lse, mass
@@ -223,7 +160,8 @@ def _segment_attention_op(
 @_segment_attention_op.register_fake
 def _(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_ids: torch.Tensor, num_segments: int, causal: bool,
-    scale: float, per_head: bool,
+    scale: float, per_head: bool, allowed: torch.Tensor | None, window: int, group_ids: torch.Tensor | None,
+    span: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     B, Hq, Sq, _ = q.shape
     out = q.new_empty(q.shape[:3] + (v.shape[-1],))
@@ -244,10 +182,26 @@ def segment_attention(
     scale: float | None = None,
     per_head: bool = False,
     validate: bool = True,
+    allowed: torch.Tensor | None = None,
+    window: int | None = None,
+    group_ids: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Fused attention that also returns each query row's softmax mass per key segment.
 
     Never materialises the ``Sq x Sk`` matrix. GQA/MQA: k and v are not expanded in memory.
+
+    Visibility. Row ``i`` stands at key position ``p = i + (Sk - Sq)`` (bottom-right), so its own segment and
+    group are those of key ``p``. Key ``j`` is visible to row ``i`` iff::
+
+        key_padding_mask[b, j]
+        and allowed[seg(p), seg(j)]                                             (if allowed is given)
+        and ( ((not causal or j <= p) and (window is None or p - j < window))
+              or (group_ids[b, p] != 0 and group_ids[b, p] == group_ids[b, j]) )
+
+    Softmax, lse, out and mass are over the visible keys. ``allowed``, ``window`` and ``group_ids`` are off by
+    default and need ``Sq <= Sk``. The kernels skip key blocks that no row of a query block can see (outside the
+    window and the rows' groups) and query blocks whose table rows are all False, so their work scales with the
+    visible keys.
 
     Args:
         q: ``[B, Hq, Sq, D]`` float32/float16/bfloat16.
@@ -261,8 +215,17 @@ def segment_attention(
         validate: check that ``segment_ids`` lie in ``[0, num_segments)``. The check reads the values (a device
             sync on CUDA) and is skipped under ``torch.compile``; callers that build the labels themselves (the
             HF attention hook, once per layer and decode step) pass False. Unchecked labels are clamped into
-            ``[0, num_segments)``: an id < 0 counts in segment 0, an id >= num_segments in the last one; the
-            attention output never depends on them (only ``key_padding_mask`` hides keys).
+            ``[0, num_segments)``: an id < 0 counts in segment 0, an id >= num_segments in the last one.
+        allowed: optional bool ``[num_segments, num_segments]`` on q's device: row = the query's segment, column
+            = the key's segment; False hides every key of that segment from those rows (attention knockout). A
+            row whose table row is all False sees nothing (out 0, lse -inf, mass 0).
+        window: optional int >= 1: a row at ``p`` sees only keys fewer than ``window`` key slots behind it
+            (``p - j < window``; keys ahead of ``p`` are left to ``causal``). It counts key *slots* (indices into
+            k): on an uncompacted cache these are positions (left padding shifts every real token alike); on a
+            compacted (pruned) cache they are not, so callers must not prune a cache that a window reads.
+        group_ids: optional integer ``[B, Sk]`` on q's device, 0 = no group: a key in the row's own nonzero group
+            is visible even where causal or the window hides it (bidirectional image blocks). Groups compare by
+            value within a batch row; they need not be contiguous.
 
     Returns:
         ``(out, lse, mass)``: out ``[B, Hq, Sq, D]`` in q's dtype; lse float32 ``[B, Hq, Sq]`` (natural log);
@@ -276,34 +239,24 @@ def segment_attention(
             requires grad (the op has no backward: use ``torch.no_grad()``, ``.detach()`` or SDPA).
     """
     for name, flag in (("causal", causal), ("per_head", per_head), ("validate", validate)):
-        _check_bool(name, flag)
-    _check_qk(q, k, causal)
-    _check_float("v", v, 4)
+        _c.check_bool(name, flag)
+    _c.check_qk(q, k, causal)
+    _c.check_float("v", v, 4)
     if v.dtype != q.dtype or v.device != q.device:
         raise ValueError(f"v must have q's dtype and device ({q.dtype}, {q.device}), got ({v.dtype}, {v.device})")
     if tuple(v.shape) != tuple(k.shape):
         raise ValueError(f"v must have k's shape {tuple(k.shape)}, got {tuple(v.shape)}")
     B, Sk = q.shape[0], k.shape[2]
-    if isinstance(num_segments, bool) or not isinstance(num_segments, int) or not 1 <= num_segments <= MAX_SEGMENTS:
-        raise ValueError(f"num_segments must be an int in 1..{MAX_SEGMENTS}, got {num_segments!r}")
-    if not isinstance(segment_ids, torch.Tensor) or segment_ids.dtype.is_floating_point or segment_ids.dtype in (
-        torch.bool, torch.complex64, torch.complex128
-    ):
-        raise ValueError("segment_ids must be an integer tensor [B, Sk]")
-    if tuple(segment_ids.shape) != (B, Sk):
-        raise ValueError(f"segment_ids must be [B={B}, Sk={Sk}], got {tuple(segment_ids.shape)}")
-    if segment_ids.device != q.device:
-        raise ValueError(f"segment_ids must be on q's device {q.device}, got {segment_ids.device}")
-    _check_key_padding_mask(key_padding_mask, q, Sk)
-    _check_no_grad("segment_attention", q=q, k=k, v=v)
-    if validate and not torch.compiler.is_compiling() and segment_ids.numel() > 0:
-        lo, hi = int(segment_ids.min()), int(segment_ids.max())
-        if lo < 0 or hi >= num_segments:
-            raise ValueError(f"segment_ids must lie in [0, {num_segments}), got values in [{lo}, {hi}]")
-    key_ids = _key_ids(segment_ids, key_padding_mask, B, Sk, q.device, num_segments)
+    _c.check_segment_ids(segment_ids, num_segments, B, Sk, q.device, False)
+    _c.check_key_padding_mask(key_padding_mask, q, Sk)
+    _c.check_visibility(q, Sk, num_segments, allowed, window, group_ids)
+    _c.check_no_grad("segment_attention", q=q, k=k, v=v)
+    _c.check_segment_ids(segment_ids, num_segments, B, Sk, q.device, validate)
+    key_ids = _c.key_ids(segment_ids, key_padding_mask, B, Sk, q.device, num_segments)
     return _segment_attention_op(
-        _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v), key_ids, num_segments,
-        bool(causal), _resolve_scale(scale, q.shape[-1]), bool(per_head),
+        _c.last_dim_contiguous(q), _c.last_dim_contiguous(k), _c.last_dim_contiguous(v), key_ids, num_segments,
+        bool(causal), _c.resolve_scale(scale, q.shape[-1]), bool(per_head),
+        *_visibility(q, Sk, bool(causal), allowed, window, group_ids),
     )
 
 
@@ -314,27 +267,30 @@ def segment_attention(
 @torch.library.custom_op("flowkern::key_attention_mass", mutates_args=())
 def _key_attention_mass_op(
     q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, key_ids: torch.Tensor | None, causal: bool, scale: float,
-    per_head: bool,
+    per_head: bool, allowed: torch.Tensor | None, window: int, group_ids: torch.Tensor | None,
+    span: torch.Tensor | None,
 ) -> torch.Tensor:
     backend = backend_for(q.device)
     if backend == "reference":
-        kpm = None if key_ids is None else key_ids >= 0
-        received = reference.key_attention_mass(
-            q, k, lse, causal=causal, key_padding_mask=kpm, scale=scale, per_head=True
-        ).float()
+        rules = _reference_rules(key_ids, allowed, window, group_ids)
+        received = reference.key_attention_mass(q, k, lse, causal=causal, scale=scale, per_head=True, **rules).float()
     elif backend == "cpp":
-        received = torch.ops.flowkern_cpu.key_attention_mass(q, k, lse, key_ids, causal, scale)
+        received = torch.ops.flowkern_cpu.key_attention_mass(
+            q, k, lse, key_ids, causal, scale, allowed, window, group_ids, span
+        )
     else:
         from flowkern.kernels.key_attention_mass import key_attention_mass_fwd
 
-        received = key_attention_mass_fwd(q, k, lse, key_ids, causal, scale)
+        received = key_attention_mass_fwd(q, k, lse, key_ids, causal, scale, allowed=allowed, window=window,
+                                          group_ids=group_ids, span=span)
     return received if per_head else received.mean(dim=1)
 
 
 @_key_attention_mass_op.register_fake
 def _(
     q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, key_ids: torch.Tensor | None, causal: bool, scale: float,
-    per_head: bool,
+    per_head: bool, allowed: torch.Tensor | None, window: int, group_ids: torch.Tensor | None,
+    span: torch.Tensor | None,
 ) -> torch.Tensor:
     B, Hq, _, _ = q.shape
     shape = (B, Hq, k.shape[2]) if per_head else (B, k.shape[2])
@@ -350,30 +306,42 @@ def key_attention_mass(
     key_padding_mask: torch.Tensor | None = None,
     scale: float | None = None,
     per_head: bool = False,
+    segment_ids: torch.Tensor | None = None,
+    num_segments: int | None = None,
+    allowed: torch.Tensor | None = None,
+    window: int | None = None,
+    group_ids: torch.Tensor | None = None,
+    validate: bool = True,
 ) -> torch.Tensor:
     """Softmax probability each key receives from the given query rows, in one pass using their LSE.
 
     Args:
-        q: ``[B, Hq, Sq, D]``: the query rows of interest. With ``causal`` they are taken to be the *last* Sq
-            rows of the sequence (bottom-right alignment), e.g. ``q[:, :, -1:]`` for the last prompt row.
+        q: ``[B, Hq, Sq, D]``: the query rows of interest, taken to be the *last* Sq rows of the sequence (row i
+            stands at key position ``i + (Sk - Sq)``), e.g. ``q[:, :, -1:]`` for the last prompt row.
         k: ``[B, Hkv, Sk, D]``, ``Hq % Hkv == 0``.
         lse: float32 ``[B, Hq, Sq]``, the row log-sum-exp returned by :func:`segment_attention` for those rows
             (slice it the same way as q).
         causal, key_padding_mask, scale: as in :func:`segment_attention`; use the same values.
         per_head: return ``[B, Hq, Sk]`` instead of the head mean.
+        segment_ids, num_segments: the key segments ``[B, Sk]`` and their count, as in :func:`segment_attention`;
+            needed only with ``allowed`` (checked to lie in ``[0, num_segments)`` when ``validate``).
+        allowed, window, group_ids: the visibility rules of :func:`segment_attention` (same contract, including
+            ``window`` counting key slots); pass the values that produced ``lse``.
+        validate: as in :func:`segment_attention`.
 
     Returns:
-        float32 ``[B, Sk]`` (or ``[B, Hq, Sk]``): ``exp(q_i.k_j * scale - lse_i)`` averaged over the Sq rows
-        and the heads. Rows with ``lse = -inf`` contribute 0; masked keys receive 0. A row with ``lse = NaN``
-        (a NaN row of :func:`segment_attention`) makes every key it sees NaN, and no other key.
+        float32 ``[B, Sk]`` (or ``[B, Hq, Sk]``): ``exp(q_i.k_j * scale - lse_i)`` over the keys row i sees,
+        averaged over the Sq rows and the heads. Rows with ``lse = -inf`` contribute 0; keys no row sees receive
+        0. A row with ``lse = NaN`` (a NaN row of :func:`segment_attention`) makes every key it sees NaN, and no
+        other key.
 
     Raises:
         ValueError: naming the bad argument, before any kernel runs; also when grad is enabled and q, k or lse
             requires grad (the op has no backward: use ``torch.no_grad()`` or ``.detach()``).
     """
-    _check_bool("causal", causal)
-    _check_bool("per_head", per_head)
-    _check_qk(q, k, causal)
+    for name, flag in (("causal", causal), ("per_head", per_head), ("validate", validate)):
+        _c.check_bool(name, flag)
+    _c.check_qk(q, k, causal)
     B, Hq, Sq, _ = q.shape
     if not isinstance(lse, torch.Tensor) or tuple(lse.shape) != (B, Hq, Sq):
         got = tuple(lse.shape) if isinstance(lse, torch.Tensor) else type(lse).__name__
@@ -381,12 +349,22 @@ def key_attention_mass(
     if lse.dtype != torch.float32 or lse.device != q.device:
         raise ValueError(f"lse must be float32 on q's device {q.device}, got {lse.dtype} on {lse.device}")
     Sk = k.shape[2]
-    _check_key_padding_mask(key_padding_mask, q, Sk)
-    _check_no_grad("key_attention_mass", q=q, k=k, lse=lse)
-    key_ids = _key_ids(None, key_padding_mask, B, Sk, q.device)
+    if (segment_ids is None) != (num_segments is None):
+        raise ValueError("segment_ids and num_segments go together: pass both or neither")
+    if segment_ids is not None:
+        _c.check_segment_ids(segment_ids, num_segments, B, Sk, q.device, False)
+    _c.check_key_padding_mask(key_padding_mask, q, Sk)
+    _c.check_visibility(q, Sk, num_segments, allowed, window, group_ids)
+    _c.check_no_grad("key_attention_mass", q=q, k=k, lse=lse)
+    if segment_ids is not None:
+        _c.check_segment_ids(segment_ids, num_segments, B, Sk, q.device, validate)
+    features = allowed is not None or window is not None or group_ids is not None
+    key_ids = _c.key_ids(segment_ids if allowed is not None else None, key_padding_mask, B, Sk, q.device,
+                         num_segments or 1, needed=features)
     return _key_attention_mass_op(
-        _last_dim_contiguous(q), _last_dim_contiguous(k), lse.contiguous(), key_ids, bool(causal),
-        _resolve_scale(scale, q.shape[-1]), bool(per_head),
+        _c.last_dim_contiguous(q), _c.last_dim_contiguous(k), lse.contiguous(), key_ids, bool(causal),
+        _c.resolve_scale(scale, q.shape[-1]), bool(per_head), *_visibility(q, Sk, bool(causal), allowed, window,
+                                                                            group_ids),
     )
 
 
@@ -410,70 +388,6 @@ def _compact_op(tensors: list[torch.Tensor], keep: torch.Tensor, dims: list[int]
 def _(tensors: list[torch.Tensor], keep: torch.Tensor, dims: list[int]) -> torch.Tensor:
     return keep.new_empty((keep.shape[0],), dtype=torch.int64)
 
-
-@functools.lru_cache(maxsize=256)
-def _strided_extent(shape: tuple[int, ...], stride: tuple[int, ...]) -> tuple[int, bool]:
-    """``(extent, self_overlapping)`` of a non-empty strided layout, in elements: the largest offset + 1, and
-    True unless the strides prove that distinct indices address distinct elements (dims of size > 1 sorted by
-    stride, each stride exceeds the extent of the smaller ones). Dense, permuted and sliced tensors pass."""
-    extent, overlapping = 0, False
-    for st, size in sorted((st, sz) for sz, st in zip(shape, stride, strict=True) if sz > 1):
-        overlapping |= st <= extent
-        extent += (size - 1) * st
-    return extent + 1, overlapping
-
-
-def _check_compact(
-    tensors: list[torch.Tensor], keep: torch.Tensor, dim: int | list[int] | tuple[int, ...]
-) -> list[int]:
-    """Validates compact_'s arguments (metadata only, plus addresses outside torch.compile); returns the
-    non-negative sequence dim of each tensor."""
-    if len(tensors) == 0:
-        raise ValueError("tensors must be a non-empty list of tensors")
-    for i, t in enumerate(tensors):
-        if not isinstance(t, torch.Tensor):
-            raise ValueError(f"tensors[{i}] must be a torch.Tensor, got {type(t).__name__}")
-    if not isinstance(keep, torch.Tensor) or keep.dtype != torch.bool or keep.dim() != 2:
-        got = f"{keep.dtype} {tuple(keep.shape)}" if isinstance(keep, torch.Tensor) else type(keep).__name__
-        raise ValueError(f"keep must be a bool tensor [B, S] (True = keep), got {got}")
-    B, S = keep.shape
-    if isinstance(dim, bool) or not isinstance(dim, int | list | tuple):
-        raise ValueError(f"dim must be an int or a list of ints (one per tensor), got {dim!r}")
-    dims = [dim] * len(tensors) if isinstance(dim, int) else list(dim)
-    if len(dims) != len(tensors):
-        raise ValueError(f"dim must be an int or one int per tensor ({len(tensors)}), got {len(dims)} dims")
-    out = []
-    for i, (t, d) in enumerate(zip(tensors, dims, strict=True)):
-        if isinstance(d, bool) or not isinstance(d, int) or not -t.dim() <= d < t.dim() or d % t.dim() == 0:
-            raise ValueError(
-                f"dim must index a sequence dim of tensors[{i}] (shape {tuple(t.shape)}): 1..{t.dim() - 1} or "
-                f"negative, not the batch dim 0; got {d!r}"
-            )
-        d = d % t.dim()
-        if t.shape[0] != B or t.shape[d] != S:
-            raise ValueError(
-                f"keep is [B={B}, S={S}] but tensors[{i}] has shape {tuple(t.shape)}: B={t.shape[0]}, "
-                f"S={t.shape[d]} at dim {d}"
-            )
-        if t.device != keep.device:
-            raise ValueError(f"tensors[{i}] must be on keep's device {keep.device}, got {t.device}")
-        if t.requires_grad and torch.is_grad_enabled():
-            raise ValueError(f"tensors[{i}] requires grad: compact_ is not differentiable, call it under "
-                             "torch.no_grad()")
-        if t.numel() > 0 and _strided_extent(tuple(t.shape), t.stride())[1]:
-            raise ValueError(f"tensors[{i}] may overlap itself in memory (shape {tuple(t.shape)}, strides "
-                             f"{t.stride()}, e.g. an expand()ed view): it cannot be compacted in place")
-        out.append(d)
-    if not torch.compiler.is_compiling():
-        spans = sorted(
-            (t.data_ptr(), t.data_ptr() + _strided_extent(tuple(t.shape), t.stride())[0] * t.element_size(), i)
-            for i, t in enumerate(tensors) if t.numel() > 0
-        )
-        for (_, hi, i), (lo, _, j) in zip(spans, spans[1:], strict=False):
-            if lo < hi:
-                raise ValueError(f"tensors[{min(i, j)}] and tensors[{max(i, j)}] overlap in memory (the same "
-                                 "tensor twice, or views of one buffer): pass each buffer once")
-    return out
 
 
 def compact_(
@@ -512,7 +426,7 @@ def compact_(
     if not single and not isinstance(tensors, list | tuple):
         raise ValueError(f"tensors must be a tensor or a list of tensors, got {type(tensors).__name__}")
     tlist = [tensors] if single else list(tensors)
-    dims = _check_compact(tlist, keep, dim)
+    dims = _c.check_compact(tlist, keep, dim)
     lengths = _compact_op(tlist, keep.contiguous(), dims)
     L = int(lengths.max()) if lengths.numel() else 0
     views = [t.narrow(d, 0, L) for t, d in zip(tlist, dims, strict=True)]

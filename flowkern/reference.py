@@ -8,7 +8,11 @@ compute dtype, so a float64 oracle keeps all its precision.
 Math (per batch ``b``, query head ``h``, kv head ``h // (Hq // Hkv)``, query row ``i``, key ``j``)::
 
     s[i, j]    = scale * <q[i], k[j]>                 if key j is visible to row i, else -inf
-    visible    = (not causal or j <= i + (Sk - Sq)) and key_padding_mask[b, j]
+    p          = i + (Sk - Sq)                        (the key position row i stands at; bottom-right)
+    visible    = key_padding_mask[b, j]
+                 and allowed[seg[b, p], seg[b, j]]                              (if a table is given)
+                 and ( ((not causal or j <= p) and (window is None or p - j < window))
+                       or (group[b, p] != 0 and group[b, p] == group[b, j]) )   (if group_ids are given)
     lse[i]     = log sum_j exp(s[i, j])               (-inf for a row with no visible key)
     p[i, j]    = exp(s[i, j] - lse[i])                (0 for a row with no visible key, and where j is not visible)
     out[i]     = sum_j p[i, j] v[j]
@@ -35,18 +39,49 @@ def _compute_dtype(t: torch.Tensor) -> torch.dtype:
 
 
 def visible_mask(
-    sq: int, sk: int, *, causal: bool, key_padding_mask: torch.Tensor | None, device: torch.device
+    sq: int,
+    sk: int,
+    *,
+    causal: bool,
+    key_padding_mask: torch.Tensor | None,
+    device: torch.device,
+    segment_ids: torch.Tensor | None = None,
+    allowed: torch.Tensor | None = None,
+    window: int | None = None,
+    group_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Bool ``[B or 1, 1, Sq, Sk]``: True where query row i may attend to key j.
+    """Bool ``[B or 1, 1, Sq, Sk]``: True where query row i may attend to key j, built densely from the rule.
 
-    Causal is bottom-right aligned: row i sees key j iff ``j <= i + (Sk - Sq)``.
+    Row i stands at key position ``p = i + (Sk - Sq)`` (bottom-right alignment); its segment and group are those
+    of key p. Causal: row i sees key j iff ``j <= p``. ``window``: only keys with ``p - j < window`` (keys ahead
+    of p are not limited). ``group_ids`` ``[B, Sk]`` (0 = none): a key in the row's nonzero group is visible even
+    where the causal / window rule hides it. ``allowed`` bool ``[nseg, nseg]`` (row = the query's segment,
+    column = the key's segment, ``segment_ids [B, Sk]`` required) and ``key_padding_mask`` ``[B, Sk]`` hide keys
+    whatever the other rules say. ``allowed``, ``window`` and ``group_ids`` need ``Sq <= Sk``.
     """
+    i = torch.arange(sq, device=device)[:, None]
+    j = torch.arange(sk, device=device)[None, :]
+    pos = i + (sk - sq)  # [Sq, 1]
     vis = torch.ones(sq, sk, dtype=torch.bool, device=device)
     if causal:
-        i = torch.arange(sq, device=device)[:, None]
-        j = torch.arange(sk, device=device)[None, :]
-        vis = j <= i + (sk - sq)
+        vis = j <= pos
+    if window is not None:
+        vis = vis & (pos - j < window)
     vis = vis[None, None]
+    features = allowed is not None or window is not None or group_ids is not None
+    if features and sq > sk:
+        raise ValueError(f"allowed / window / group_ids need Sq <= Sk, got Sq={sq} > Sk={sk}")
+    rows = pos[:, 0].clamp(min=0)  # the key position of each row
+    if group_ids is not None:
+        gq = group_ids[:, rows]  # [B, Sq]
+        same = (gq[:, :, None] == group_ids[:, None, :]) & (gq != 0)[:, :, None]
+        vis = vis | same[:, None]
+    if allowed is not None:
+        if segment_ids is None:
+            raise ValueError("allowed needs segment_ids")
+        seg = segment_ids.long()
+        table = allowed.to(device=device, dtype=torch.bool)
+        vis = vis & table[seg[:, rows][:, :, None], seg[:, None, :]][:, None]  # [B, 1, Sq, Sk]
     if key_padding_mask is not None:
         vis = vis & key_padding_mask.to(torch.bool)[:, None, None, :]
     return vis
@@ -54,14 +89,16 @@ def visible_mask(
 
 def _probs(
     q: torch.Tensor, k: torch.Tensor, *, causal: bool, key_padding_mask: torch.Tensor | None, scale: float,
-    lse: torch.Tensor | None = None,
+    lse: torch.Tensor | None = None, **rules: object,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Softmax probabilities ``[B, Hq, Sq, Sk]`` and row lse ``[B, Hq, Sq]`` (given lse is used if passed)."""
+    """Softmax probabilities ``[B, Hq, Sq, Sk]`` and row lse ``[B, Hq, Sq]`` (given lse is used if passed);
+    ``rules``: the visibility keywords of :func:`visible_mask`."""
     cd = _compute_dtype(q)
     group = q.shape[1] // k.shape[1]
     kf = k.to(cd).repeat_interleave(group, dim=1)
     s = torch.matmul(q.to(cd), kf.transpose(-1, -2)) * scale
-    vis = visible_mask(q.shape[2], k.shape[2], causal=causal, key_padding_mask=key_padding_mask, device=q.device)
+    vis = visible_mask(q.shape[2], k.shape[2], causal=causal, key_padding_mask=key_padding_mask, device=q.device,
+                       **rules)
     s = s.masked_fill(~vis, float("-inf"))
     if lse is None:
         lse = torch.logsumexp(s, dim=-1)  # NaN if a score is NaN, +inf if one is +inf: both mean NaN here
@@ -83,6 +120,9 @@ def segment_attention(
     key_padding_mask: torch.Tensor | None = None,
     scale: float | None = None,
     per_head: bool = False,
+    allowed: torch.Tensor | None = None,
+    window: int | None = None,
+    group_ids: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Reference fused attention + per-segment softmax mass.
 
@@ -90,13 +130,16 @@ def segment_attention(
         q: ``[B, Hq, Sq, D]``; k, v: ``[B, Hkv, Sk, D]`` with ``Hq % Hkv == 0``.
         segment_ids: ``[B, Sk]`` integers in ``[0, num_segments)``.
         key_padding_mask: optional bool ``[B, Sk]``, True = real token.
+        allowed, window, group_ids: the visibility rules of :func:`visible_mask` (bool ``[nseg, nseg]``, int
+            >= 1, integer ``[B, Sk]`` with 0 = no group); None = off.
     Returns:
         out ``[B, Hq, Sq, D]`` (q's dtype), lse ``[B, Hq, Sq]`` and mass ``[B, Sq, nseg]``
         (``[B, Hq, Sq, nseg]`` if ``per_head``), both in the compute dtype (float64 for float64 input).
     """
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     cd = _compute_dtype(q)
-    p, lse = _probs(q, k, causal=causal, key_padding_mask=key_padding_mask, scale=scale)
+    p, lse = _probs(q, k, causal=causal, key_padding_mask=key_padding_mask, scale=scale, segment_ids=segment_ids,
+                    allowed=allowed, window=window, group_ids=group_ids)
     group = q.shape[1] // k.shape[1]
     out = torch.matmul(p, v.to(cd).repeat_interleave(group, dim=1))
     out = torch.where((lse == float("-inf"))[..., None], 0, out)  # no visible key: 0, even if v held NaN
@@ -116,17 +159,25 @@ def key_attention_mass(
     key_padding_mask: torch.Tensor | None = None,
     scale: float | None = None,
     per_head: bool = False,
+    segment_ids: torch.Tensor | None = None,
+    allowed: torch.Tensor | None = None,
+    window: int | None = None,
+    group_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Reference attention received by each key from the given query rows.
 
     Args:
-        q: ``[B, Hq, Sq, D]`` — the rows of interest (the last Sq query positions when causal);
+        q: ``[B, Hq, Sq, D]`` — the rows of interest (the last Sq query positions: row i stands at key position
+            ``i + (Sk - Sq)``);
         k: ``[B, Hkv, Sk, D]``; lse: ``[B, Hq, Sq]`` from :func:`segment_attention` for the same rows.
+        segment_ids, allowed, window, group_ids: the visibility rules of :func:`visible_mask` (``segment_ids``
+            only matters with ``allowed``); use the values given to :func:`segment_attention`.
     Returns:
         ``[B, Sk]`` (``[B, Hq, Sk]`` if ``per_head``): ``p[i, j]`` averaged over the Sq rows (and heads).
     """
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    p, _ = _probs(q, k, causal=causal, key_padding_mask=key_padding_mask, scale=scale, lse=lse)
+    p, _ = _probs(q, k, causal=causal, key_padding_mask=key_padding_mask, scale=scale, lse=lse,
+                  segment_ids=segment_ids, allowed=allowed, window=window, group_ids=group_ids)
     received = p.mean(dim=2)  # [B, Hq, Sk]
     return received if per_head else received.mean(dim=1)
 

@@ -1,6 +1,6 @@
 """The ahead-of-time sm_90 sweep (benchmarks/aot_sm90.py): a few real compiles, and the report's evaluation.
 
-The full sweep runs in CI (``bash benchmarks/aot_check.sh``); here only a couple of configs are compiled, in a
+The full sweep runs in CI (``bash benchmarks/aot_check.sh``); here only a few configs are compiled, in a
 subprocess without ``TRITON_INTERPRET`` (conftest sets it for the kernel tests). Skipped when the Triton install has
 no CUDA backend or no bundled ptxas.
 """
@@ -64,6 +64,14 @@ def test_evaluation_rules() -> None:
     assert aot.failures(fp32_spill, allow_fp32_spills=True) == []
     assert "1 spill (fp16/bf16 0, fp32 1" in aot.summarise(fp32_spill)
 
+    feature = {"HAS_WINDOW": True}
+    small = _report([_row(dtypes=["float32"], constants=feature, spill_stores=24, spill_loads=24)])
+    assert aot.failures(small) == [] and "1 spill (fp16/bf16 0, fp32 1" in aot.summarise(small)
+    big_fp32 = _report([_row(dtypes=["float32"], constants=feature, spill_stores=40, spill_loads=40)])
+    assert len(aot.failures(big_fp32)) == 1  # over FP32_FEATURE_SPILL
+    half_feature = _report([_row(dtypes=["float16"], constants=feature, spill_stores=4)])
+    assert len(aot.failures(half_feature)) == 1  # 16-bit: never tolerated
+
     half_spill = _report([_row(dtypes=["bfloat16", "float32"], spill_stores=8)])
     assert len(aot.failures(half_spill, allow_fp32_spills=True)) == 1  # a 16-bit spill always fails
 
@@ -89,3 +97,40 @@ def test_compiles_a_few_configs(tmp_path: Path) -> None:
         assert "error" not in row and row["registers"] > 0 and row["shared"] <= aot.SMEM_LIMIT
     assert proc.stdout.strip().splitlines()[-1] == aot.summarise(report)
     assert aot.brief(str(out))[0].lstrip().startswith("compact._compact_kernel")
+
+
+def test_grid_pairs_every_attention_launch_with_a_visibility_variant() -> None:
+    """Every attention launch of the grid compiles without features and with them (all three when causal), and
+    each single feature appears with every kernel and dtype."""
+    cases = aot.grid()
+    for op in ("segment_attention", "key_attention_mass"):
+        launches: dict[tuple, set[str]] = {}
+        for c in cases:
+            if c.op == op:
+                key = (c.dtype, *sorted((k, v) for k, v in c.params.items() if k not in ("vis", "ids")))
+                launches.setdefault(key, set()).add(c.params["vis"])
+        for key, variants in launches.items():
+            causal = dict(key[1:])["causal"]
+            assert "none" in variants and ("all" in variants if causal else len(variants) == 2), (op, key)
+        for dtype in aot.DTYPES:
+            seen = {c.params["vis"] for c in cases if c.op == op and c.dtype == dtype}
+            assert seen == {"none", "all", *aot.VIS_SINGLE}, (op, dtype, seen)
+
+
+@pytest.mark.skipif(not _has_ptxas(), reason="this triton install has no CUDA backend / bundled ptxas")
+@pytest.mark.parametrize("kernel", ["segment_attention", "key_attention_mass"])
+def test_compiles_a_visibility_variant(kernel: str, tmp_path: Path) -> None:
+    """One fp32 decode launch with table, window and groups (the main kernel, and for segment_attention the
+    split-K combine) compiles for sm_90 without spills."""
+    out = tmp_path / "aot.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    rows = "Sq=1 " if kernel == "key_attention_mass" else "decode "
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--kernels", kernel, "--match", "float32", "--match", rows, "--match",
+         "vis=all", "--max-configs", "2", "--jobs", "1", "--json", str(out)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    report = json.loads(out.read_text())
+    assert report["configs"] and aot.failures(report) == []
+    assert any(row["constants"].get("HAS_GROUPS") and row["constants"].get("HAS_ALLOWED") for row in report["configs"])
