@@ -7,8 +7,10 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import subprocess
 import sys
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -319,3 +321,21 @@ def slowed_flowkern(module: str, argv: list[str], delay: float) -> list[str]:
             "from flowkern.cli import main\n"
             "sys.exit(main(sys.argv[1:]))\n")
     return [sys.executable, "-c", code, *argv]
+
+
+def signal_when(cmd: list[str], env: dict[str, str], ready: Callable[[], bool], sig: int) -> tuple[int, str]:
+    """Run ``cmd`` and send it ``sig`` as soon as ``ready()`` holds (polled every 20 ms, for at most 90 s); returns
+    its exit code and stderr. The process is killed if it outlives the test."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.monotonic() + 90
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            if ready():
+                proc.send_signal(sig)
+                break
+            time.sleep(0.02)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    return proc.returncode, err

@@ -7,8 +7,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -21,6 +19,7 @@ from flowkern.plan import PruneSpec
 from tests.fixtures import (
     save_eval_llava,
     save_image,
+    signal_when,
     slowed_flowkern,
     write_coco,
     write_pope,
@@ -186,22 +185,9 @@ def test_other_tasks_eval_then_score(files, tmp_path, capsys, task):
 
 def _start_and_signal(argv: list[str], out: Path, sig: int, min_lines: int) -> tuple[int, str]:
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    cmd = slowed_flowkern("flowkern.eval.run", argv, 1.0)
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=env)
     answers = out / ANSWERS_FILE
-    deadline = time.monotonic() + 90
-    try:
-        while time.monotonic() < deadline and proc.poll() is None:
-            if answers.is_file() and answers.read_bytes().count(b"\n") >= min_lines:
-                proc.send_signal(sig)
-                break
-            time.sleep(0.02)
-        _, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    return proc.returncode, err
+    return signal_when(slowed_flowkern("flowkern.eval.run", argv, 1.0), env,
+                       lambda: answers.is_file() and answers.read_bytes().count(b"\n") >= min_lines, sig)
 
 
 def test_resume_after_sigkill_and_sigint(files, tmp_path, capsys):

@@ -10,7 +10,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -32,7 +31,7 @@ from flowkern.hf import compat
 from flowkern.hf.loading import load_model
 from flowkern.hf.reuse import ImageCache
 from flowkern.plan import PruneSpec
-from tests.fixtures import save_eval_llava, save_image, slowed_flowkern, write_pope
+from tests.fixtures import save_eval_llava, save_image, signal_when, slowed_flowkern, write_pope
 
 REPO = Path(__file__).resolve().parents[2]
 SPEC = PruneSpec(keep=0.25, rank="attention")  # the main series of the keep-k sweeps below
@@ -339,21 +338,9 @@ def _lines(folder: Path) -> int:
 def test_kill_mid_run_then_resume_equals_uninterrupted(files, llava, tmp_path):
     out = tmp_path / "killed"
     argv = _argv(files, out, "--layers", "1-3")
-    cmd = slowed_flowkern("flowkern.eval.sweep.engine", argv, 0.25)
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=_env())
-    deadline = time.monotonic() + 90
-    try:
-        while time.monotonic() < deadline and proc.poll() is None:
-            if out.is_dir() and _lines(out) >= 6:
-                proc.send_signal(signal.SIGKILL)
-                break
-            time.sleep(0.02)
-        _, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == -signal.SIGKILL, err
+    code, err = signal_when(slowed_flowkern("flowkern.eval.sweep.engine", argv, 0.25), _env(),
+                            lambda: out.is_dir() and _lines(out) >= 6, signal.SIGKILL)
+    assert code == -signal.SIGKILL, err
     kept = _lines(out)
     assert 6 <= kept < 24 and kept % 2 == 0  # whole (point, batch) pieces only
     assert not (out / "cliff.json").exists()
