@@ -21,7 +21,6 @@ __all__ = [
     "PruneSpec",
     "PRUNE_OPTIONS",
     "parse_keep",
-    "check_prune_args",
     "num_to_keep",
     "choose",
     "grid_cells",
@@ -163,19 +162,6 @@ def parse_keep(text: str) -> int | float:
     if not 0.0 <= frac <= 1.0:
         raise ValueError(f"{text!r}: a fraction must be in [0, 1]")
     return frac
-
-
-def check_prune_args(
-    layer: int | None, keep: int | float, rank: str, when: str, num_layers: int, deepstack: int = 0,
-    family: str = "model",
-) -> int | None:
-    """Validate :func:`flowkern.prune`'s arguments; returns ``layer`` in ``[0, num_layers)`` (or None).
-    The checks are :class:`PruneSpec`'s (construction, then :meth:`PruneSpec.resolve`).
-
-    Raises:
-        ValueError: naming the bad argument. NotImplementedError: pruning before the DeepStack layers end.
-    """
-    return PruneSpec(layer, keep, rank, 0, when).resolve(num_layers, deepstack, family)
 
 
 # ----------------------------------------------------------------------------------------------------------

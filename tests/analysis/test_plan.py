@@ -11,29 +11,34 @@ from flowkern import plan
 T, F = True, False
 
 
-def test_check_prune_args():
-    assert plan.check_prune_args(None, 0, "attention", "prefill", 4) is None
-    assert plan.check_prune_args(-1, 0, "attention", "prefill", 4) == 3
-    assert plan.check_prune_args(0, 0, "attention", "prefill", 4) == 0  # keep=0 needs no ranking
-    assert plan.check_prune_args(0, 3, "random", "prefill", 4) == 0
+def check(layer, keep, rank, when, num_layers, deepstack=0, family="model"):
+    """A spec's checks in the order prune runs them: construction, then :meth:`PruneSpec.resolve`."""
+    return plan.PruneSpec(layer, keep, rank, 0, when).resolve(num_layers, deepstack, family)
+
+
+def test_prune_spec_checks():
+    assert check(None, 0, "attention", "prefill", 4) is None
+    assert check(-1, 0, "attention", "prefill", 4) == 3
+    assert check(0, 0, "attention", "prefill", 4) == 0  # keep=0 needs no ranking
+    assert check(0, 3, "random", "prefill", 4) == 0
     for layer in (4, -5, True, 1.0):
         with pytest.raises(ValueError, match="layer must be"):
-            plan.check_prune_args(layer, 0, "attention", "prefill", 4)
+            check(layer, 0, "attention", "prefill", 4)
     for keep in (-1, 1.5, True, "2"):
         with pytest.raises(ValueError, match="keep must be"):
-            plan.check_prune_args(1, keep, "attention", "prefill", 4)
+            check(1, keep, "attention", "prefill", 4)
     with pytest.raises(ValueError, match="rank must be"):
-        plan.check_prune_args(1, 0, "topk", "prefill", 4)
+        check(1, 0, "topk", "prefill", 4)
     with pytest.raises(ValueError, match="when must be"):
-        plan.check_prune_args(1, 0, "none", "later", 4)
+        check(1, 0, "none", "later", 4)
     with pytest.raises(ValueError, match="layer >= 1"):
-        plan.check_prune_args(0, 2, "attention", "prefill", 4)
+        check(0, 2, "attention", "prefill", 4)
     with pytest.raises(ValueError, match="when='decode'"):
-        plan.check_prune_args(0, 0, "none", "decode", 4)
+        check(0, 0, "none", "decode", 4)
     with pytest.raises(NotImplementedError, match="DeepStack"):
-        plan.check_prune_args(2, 0, "none", "prefill", 4, deepstack=3, family="qwen3_vl")
-    assert plan.check_prune_args(3, 0, "none", "prefill", 4, deepstack=3) == 3
-    assert plan.check_prune_args(2, 0, "none", "decode", 4, deepstack=3) == 2  # the prefill sees everything
+        check(2, 0, "none", "prefill", 4, deepstack=3, family="qwen3_vl")
+    assert check(3, 0, "none", "prefill", 4, deepstack=3) == 3
+    assert check(2, 0, "none", "decode", 4, deepstack=3) == 2  # the prefill sees everything
 
 
 def test_num_to_keep():

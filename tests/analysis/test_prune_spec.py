@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from flowkern.plan import PRUNE_OPTIONS, PruneSpec, check_prune_args
+from flowkern.plan import PRUNE_OPTIONS, PruneSpec
 
 
 def test_defaults_and_enabled():
@@ -25,7 +25,7 @@ def test_bad_values_name_the_field(kwargs, name):
         PruneSpec(**kwargs)
 
 
-def test_resolve_is_check_prune_args():
+def test_resolve_checks_against_the_model():
     assert PruneSpec(layer=-1).resolve(4) == 3
     assert PruneSpec().resolve(4) is None
     for spec, match in ((PruneSpec(layer=4), "layer must be"), (PruneSpec(layer=0, keep=2), "rank='attention'"),
@@ -34,7 +34,7 @@ def test_resolve_is_check_prune_args():
             spec.resolve(4)
     with pytest.raises(NotImplementedError, match="DeepStack"):
         PruneSpec(layer=2, rank="none").resolve(4, deepstack=3, family="qwen3_vl")
-    assert check_prune_args(2, 0.5, "grid", "decode", 4) == PruneSpec(2, 0.5, "grid", 0, "decode").resolve(4)
+    assert PruneSpec(2, 0.5, "grid", 0, "decode").resolve(4) == 2
 
 
 @pytest.mark.parametrize("spec", [PruneSpec(), PruneSpec(layer=3, keep=0.25, rank="random", seed=7, when="decode"),

@@ -20,7 +20,7 @@ What one run does, on fresh shapes sets (:mod:`flowkern.shapes`, seed ``seed``) 
    random-rank control; the cliff layer (:func:`flowkern.eval.sweep.cliff_report`) and a Table-1 style table
    (baseline vs at the cliff layer).
 4. **Speed**: prefill time and decode tokens/s of the model pruned at each task's cliff layer vs unpruned (the
-   model's own attention), batch 1 and 16, timed by :class:`flowkern.prune.ForwardTimer` round-robin, medians.
+   model's own attention), batch 1 and 16, timed by :class:`flowkern.timer.ForwardTimer` round-robin, medians.
 5. **In plain words**: :func:`flowkern.demo.report.words.conclusions` turns the numbers into sentences -- where
    they match the paper's claims and where they do not.
 

@@ -285,7 +285,7 @@ def _speed(s: DemoSummary, root: Path) -> list[str]:
     if not speed:
         return [*out, "<p>Not measured.</p>", "</section>"]
     out.append(f"<p>Greedy <code>generate</code> of {speed[0].new_tokens} tokens (end-of-sequence suppressed), "
-               "timed per forward by <code>flowkern.prune.ForwardTimer</code>; unpruned = the model's own attention, "
+               "timed per forward by <code>flowkern.timer.ForwardTimer</code>; unpruned = the model's own attention, "
                f"pruned = <code>flowkern.prune(layer=L, keep=0)</code>. Median of {speed[0].repeats} runs each, "
                "alternating, after a warm-up, in the same process as everything else"
                + (f" (load average at the end: {_e(env.load_average)})" if env.load_average else "") + ".</p>")

@@ -3,7 +3,7 @@
 Each stage runs the model on shapes samples and returns a typed result: :func:`attention_stage`
 (:func:`flowkern.trace`, Figure 2A/2B) -> :class:`AttentionResult`; :func:`cam_stage` (:func:`flowkern.cam`,
 Figures 3/4) -> :class:`CamResult` per sample; :func:`truncation_stage` (:func:`flowkern.eval.sweep.run_sweep`,
-Figure 5 / Table 1) -> :class:`TruncationResult`; :func:`speed_stage` (:class:`flowkern.prune.ForwardTimer`) ->
+Figure 5 / Table 1) -> :class:`TruncationResult`; :func:`speed_stage` (:class:`flowkern.timer.ForwardTimer`) ->
 :class:`flowkern.demo.report.records.SpeedRow` rows. :func:`task_result` and :func:`example_records` turn them into
 the report's records. :func:`load` and :func:`check_model` load and check the model.
 """
