@@ -10,7 +10,7 @@ import torch
 import triton
 
 LOG2E = math.log2(math.e)  # exp(x) = exp2(x * LOG2E)
-LN2 = math.log(2.0)  # ln(x) = log2(x) * LN2
+MAX_GRID_Y = 65535  # CUDA limit on grid axes 1 and 2
 
 
 def interpreting() -> bool:

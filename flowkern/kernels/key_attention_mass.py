@@ -44,11 +44,18 @@ import torch
 import triton
 import triton.language as tl
 
-from flowkern.kernels._common import LOG2E, block_d, dot_precision, interpreting, num_sms, upcast_dot_operands
+from flowkern.kernels._common import (
+    LOG2E,
+    MAX_GRID_Y,
+    block_d,
+    dot_precision,
+    interpreting,
+    num_sms,
+    upcast_dot_operands,
+)
 
 __all__ = ["key_attention_mass_fwd"]
 
-MAX_GRID_Y = 65535  # CUDA limit on grid axis 1
 
 
 @triton.jit

@@ -65,12 +65,19 @@ import torch
 import triton
 import triton.language as tl
 
-from flowkern.kernels._common import LOG2E, block_d, dot_precision, interpreting, num_sms, upcast_dot_operands
+from flowkern.kernels._common import (
+    LOG2E,
+    MAX_GRID_Y,
+    block_d,
+    dot_precision,
+    interpreting,
+    num_sms,
+    upcast_dot_operands,
+)
 
 __all__ = ["segment_attention_fwd", "choose_num_splits"]
 
 NSEG_PAD = 16  # one-hot width: tl.dot needs N >= 16
-MAX_GRID_Y = 65535  # CUDA limit on grid axes 1 and 2
 
 
 @triton.jit

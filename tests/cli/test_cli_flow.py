@@ -21,6 +21,7 @@ from transformers import LlamaConfig
 
 import flowkern
 from flowkern.cli import main, parse_layers
+from flowkern.hf import compat
 from flowkern.hf.inputs import build_inputs
 from flowkern.hf.loading import input_image, load_model
 from flowkern.hf.tiny import build_model
@@ -204,7 +205,7 @@ def test_input_image_is_what_the_model_saw(files, llava):
 def test_load_model_options(files):
     model, _ = load_model(files / "llava", dtype="bfloat16")
     assert next(model.parameters()).dtype == torch.bfloat16 and not model.training
-    assert model.config.text_config._attn_implementation == "sdpa"
+    assert compat.attn_implementation(model.config.text_config) == "sdpa"
     with pytest.raises(ValueError, match="--dtype"):
         load_model(files / "llava", dtype="int8")
     if not torch.cuda.is_available():
