@@ -44,6 +44,7 @@ from PIL import Image
 from flowkern.eval.run import EvalConfig, run_eval
 from flowkern.eval.sweep import SweepConfig, run_sweep
 from flowkern.hf.loading import load_model
+from flowkern.plan import PruneSpec
 
 SIZE = "tiny"
 def main() -> None:
@@ -76,8 +77,8 @@ def main() -> None:
         start, cpu = time.perf_counter(), time.process_time()
         for layer in [None, *layers]:
             name = "baseline" if layer is None else f"L{layer:02d}"
-            run_eval(EvalConfig(out=out / name, limit=limit, prune_layer=layer, overwrite=True, **common), model=model,
-                     processor=processor)
+            run_eval(EvalConfig(out=out / name, limit=limit, prune=PruneSpec(layer=layer), overwrite=True, **common),
+                     model=model, processor=processor)
         return time.perf_counter() - start, time.process_time() - cpu, answers(out)
 
     def sweep(tag: str, reuse: bool, limit: int | None = None) -> tuple[float, float, dict]:
