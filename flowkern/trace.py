@@ -8,6 +8,11 @@
     flow.step_shares            # float32 [steps, num_layers, B, 4]
     flow.image_attention(2)     # float32 [rows, cols]: answer rows -> image tokens on the image grid, layer 2
 
+    with flowkern.trace(model, per_head=True, segment_flow=True) as flow:
+        model.generate(**inputs, max_new_tokens=16, do_sample=False)
+    flow.head_shares            # float32 [num_layers, heads, 4]: the answer rows' shares per head
+    flow.segment_flow           # float32 [num_layers, 4, 4]: query segment -> key segment mean mass
+
 **Definition.** The *answer rows* are the query rows that produce answer tokens: the last prompt position
 (whose logits give the first answer token), then every decoded position. Each forward call of the traced model
 is one *step* and contributes its last query row. For step ``t``, decoder layer ``l`` and sample ``b``,
@@ -16,6 +21,17 @@ is one *step* and contributes its last query row. For step ``t``, decoder layer 
 ``shares[l, c]`` is the mean of ``step_shares[:, l, :, c]`` over the valid (step, sample) pairs: a row is
 valid unless its sample already produced an end-of-sequence token (batched ``generate`` keeps running finished
 samples on padding). With ``max_new_tokens=N`` and no early stop there are N steps; a plain forward is 1 step.
+
+**Per head** (``per_head=True``): ``step_head_shares[t, l, b, h, c]`` is the same mass for head ``h`` alone (the
+head mean of it is ``step_shares``); ``head_shares[l, h, c]`` its mean over the valid answer rows.
+
+**Segment x segment flow** (``segment_flow=True``): ``segment_flow[l, q, c]`` is the head-mean attention mass that
+the query rows of segment ``q`` put on the keys of segment ``c`` at layer ``l``, averaged over *every* query row of
+segment ``q`` the model ran (prompt rows at prefill, one generated row per decode step; padding rows and rows of
+finished samples left out), pooled over the batch; each row ``q`` that has rows sums to 1 over ``c``, and a query
+segment with no row is NaN. Causality makes it lower-triangular in prompt order (system rows see only system keys).
+The kernel already returns every row's per-segment mass, so this costs a reduction over the rows per layer and
+step, O(layers x B x segments^2) memory; neither option is paid for when it is off.
 
 **How.** A :class:`Flow` is a listener on the model's session (:mod:`flowkern.hf.session`): while it is attached
 the language model runs the ``"flowkern"`` attention (the vision tower keeps its own). At each forward call it
@@ -52,12 +68,14 @@ __all__ = ["trace", "Flow"]
 
 
 class _Step:
-    """What one forward call records: per layer the answer row's masses [B, nseg] and image-key attention [B, K]."""
+    """What one forward call records: per layer the answer row's masses [B, nseg], per head [B, H, nseg] and
+    image-key attention [B, K]."""
 
-    __slots__ = ("mass", "image")
+    __slots__ = ("mass", "heads", "image")
 
     def __init__(self, num_layers: int) -> None:
         self.mass: list[torch.Tensor | None] = [None] * num_layers
+        self.heads: list[torch.Tensor | None] = [None] * num_layers
         self.image: list[torch.Tensor | None] = [None] * num_layers
 
 
@@ -87,6 +105,8 @@ class Flow(Listener):
         image_attention: bool = True,
         eos_token_id: int | Sequence[int] | None = None,
         image_inputs: Mapping[str, Any] | None = None,
+        per_head: bool = False,
+        segment_flow: bool = False,
     ) -> None:
         from flowkern.hf.models import get_adapter
         from flowkern.hf.segments import NUM_SEGMENTS, SEGMENT_NAMES
@@ -100,6 +120,8 @@ class Flow(Listener):
         self.segment_names: tuple[str, ...] = SEGMENT_NAMES
         self.num_segments = NUM_SEGMENTS
         self.record_image_attention = bool(image_attention)
+        self.record_per_head = bool(per_head)
+        self.record_segment_flow = bool(segment_flow)
         if eos_token_id is None:
             eos_token_id = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
         if isinstance(eos_token_id, int):
@@ -122,6 +144,9 @@ class Flow(Listener):
         self._steps: list[_Step] = []
         self._grids: list | None = None
         self._cache: dict[str, torch.Tensor] = {}
+        self._new_rows = 0  # query rows the current forward adds (the rows segment_flow counts)
+        self._flow_sum: torch.Tensor | None = None  # [L, B, nseg, nseg] float64
+        self._flow_rows: torch.Tensor | None = None  # [L, B, nseg] float64: rows counted per query segment
 
     # ------------------------------------------------------------------------------------------------------
     # listener callbacks
@@ -150,7 +175,8 @@ class Flow(Listener):
             self._decode(ids, n_new)
         call.labels, call.num_segments = self._segments, self.num_segments
         image = self.record_image_attention and self._image_index is not None and self._image_index.shape[1] > 0
-        call.observe(self, range(self.num_layers), key_mass=image)
+        call.observe(self, range(self.num_layers), key_mass=image, per_head=self.record_per_head,
+                     rows=self.record_segment_flow)
 
     def on_return(self, call: Call) -> None:
         if call is self._prefill_call:
@@ -160,6 +186,10 @@ class Flow(Listener):
     def on_row(self, event: RowEvent) -> None:
         step = self._steps[-1]
         step.mass[event.layer] = event.mass.float().clone()
+        if event.head_mass is not None and self.record_per_head:
+            step.heads[event.layer] = event.head_mass.float().clone()
+        if event.rows is not None and self.record_segment_flow:
+            self._add_flow(event)
         if event.key_mass is None:
             return
         received = event.key_mass
@@ -173,6 +203,27 @@ class Flow(Listener):
             full = received.new_zeros(received.shape[0], self._segments.shape[1])
             received = full.scatter_add_(1, keymap.clamp(min=0), torch.where(held, received, 0.0))
         step.image[event.layer] = torch.where(dev[1], received.gather(1, dev[0]), 0.0)
+
+    def _add_flow(self, event: RowEvent) -> None:
+        """Add the rows this forward adds to the segment x segment sums of ``event.layer``."""
+        rows = event.rows  # [B, Sq, nseg]
+        B, sq, nseg = rows.shape
+        new = min(self._new_rows, sq)
+        rows = rows[:, sq - new:].double()
+        labels = self._segments.to(rows.device)
+        if event.keymap is not None:  # a narrowed layer: its rows are the tokens its keys hold
+            pos = event.keymap[:, -new:].to(rows.device) if new else event.keymap[:, :0].to(rows.device)
+        else:
+            T = labels.shape[1]
+            pos = torch.arange(T - new, T, device=rows.device).expand(B, new)
+        qseg = torch.where(pos >= 0, labels.gather(1, pos.clamp(min=0)), -1)
+        valid = (qseg >= 0) & self._valid[-1].to(rows.device)[:, None]
+        onehot = torch.nn.functional.one_hot(qseg.clamp(min=0), nseg).double() * valid[..., None]  # [B, new, nseg]
+        if self._flow_sum is None:
+            self._flow_sum = torch.zeros(self.num_layers, B, nseg, nseg, dtype=torch.float64)
+            self._flow_rows = torch.zeros(self.num_layers, B, nseg, dtype=torch.float64)
+        self._flow_sum[event.layer] += torch.einsum("bnq,bnk->bqk", onehot, rows).cpu()
+        self._flow_rows[event.layer] += onehot.sum(dim=1).cpu()
 
     # ------------------------------------------------------------------------------------------------------
     # bookkeeping
@@ -200,6 +251,7 @@ class Flow(Listener):
         self._image_index, self._image_valid = image_token_index(self._segments)
         self._prefill_call = call
         self._finished = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
+        self._new_rows = self._prompt_len
         self._begin_step()
 
     def _decode(self, ids: torch.Tensor | None, n_new: int) -> None:
@@ -215,6 +267,7 @@ class Flow(Listener):
         self._ids = torch.cat([self._ids, ids], dim=1)
         new = torch.full((B, n_new), GENERATED, dtype=self._segments.dtype, device=self._segments.device)
         self._segments = torch.cat([self._segments, new], dim=1)
+        self._new_rows = n_new
         self._begin_step()
 
     def _begin_step(self) -> None:
@@ -285,6 +338,49 @@ class Flow(Listener):
         w = self.valid.float()
         total = (self.step_shares * w[:, None, :, None]).sum(dim=(0, 2))
         return total / w.sum().clamp(min=1)
+
+    @property
+    def step_head_shares(self) -> torch.Tensor:
+        """float32 ``[steps, num_layers, B, heads, 4]``: ``step_shares`` per attention head."""
+        if not self.record_per_head:
+            raise RuntimeError("per-head shares were not recorded: use flowkern.trace(model, per_head=True)")
+        return self._stack("heads")
+
+    @property
+    def sample_head_shares(self) -> torch.Tensor:
+        """float32 ``[num_layers, B, heads, 4]``: ``step_head_shares`` averaged over each sample's valid steps."""
+        w = self.valid.float()  # [T, B]
+        total = (self.step_head_shares * w[:, None, :, None, None]).sum(dim=0)
+        return total / w.sum(dim=0).clamp(min=1)[None, :, None, None]
+
+    @property
+    def head_shares(self) -> torch.Tensor:
+        """float32 ``[num_layers, heads, 4]``: ``step_head_shares`` averaged over valid (step, sample) rows; its
+        mean over heads is :attr:`shares`."""
+        w = self.valid.float()
+        total = (self.step_head_shares * w[:, None, :, None, None]).sum(dim=(0, 2))
+        return total / w.sum().clamp(min=1)
+
+    def _flow_record(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.record_segment_flow:
+            raise RuntimeError("segment flow was not recorded: use flowkern.trace(model, segment_flow=True)")
+        if self._flow_sum is None:
+            raise RuntimeError("flowkern.trace recorded nothing: run the model inside the `with` block")
+        return self._flow_sum, self._flow_rows
+
+    @property
+    def sample_segment_flow(self) -> torch.Tensor:
+        """float32 ``[num_layers, B, 4, 4]``: per sample, the mean mass its query rows of segment ``q`` (dim 2) put
+        on key segment ``c`` (dim 3); NaN where the sample has no row of segment ``q``."""
+        total, rows = self._flow_record()
+        return (total / rows[..., None]).float()
+
+    @property
+    def segment_flow(self) -> torch.Tensor:
+        """float32 ``[num_layers, 4, 4]``: mean mass the query rows of segment ``q`` (dim 1) put on key segment ``c``
+        (dim 2), over every such row of the batch (each row weighs the same); NaN where no row has segment ``q``."""
+        total, rows = self._flow_record()
+        return (total.sum(dim=1) / rows.sum(dim=1)[..., None]).float()
 
     @property
     def image_token_attention(self) -> torch.Tensor:
@@ -360,7 +456,8 @@ class Flow(Listener):
         return values.view(grid.shape)
 
     def to_dict(self) -> dict:
-        """JSON-able summary for a CLI or a figure: names, sizes, shares, per-step shares and image grid shapes."""
+        """JSON-able summary for a CLI or a figure: names, sizes, shares, per-step shares and image grid shapes (and
+        ``head_shares`` / ``segment_flow`` when recorded; NaN as None)."""
         try:
             grids = [[g.to_dict() for g in sample] for sample in self.image_grids]
         except ValueError as exc:  # a prompt the layout rules do not describe: shares are still valid
@@ -376,7 +473,15 @@ class Flow(Listener):
             "step_shares": self.step_shares.tolist(),
             "valid": self.valid.tolist(),
             "image_grids": grids,
+            **({"head_shares": self.head_shares.tolist()} if self.record_per_head else {}),
+            **({"segment_flow": _nan_to_none(self.segment_flow.tolist())} if self.record_segment_flow else {}),
         }
+
+
+def _nan_to_none(x: Any) -> Any:
+    if isinstance(x, list):
+        return [_nan_to_none(v) for v in x]
+    return None if x != x else x
 
 
 def trace(
@@ -385,6 +490,8 @@ def trace(
     image_attention: bool = True,
     eos_token_id: int | Sequence[int] | None = None,
     image_inputs: Mapping[str, Any] | None = None,
+    per_head: bool = False,
+    segment_flow: bool = False,
 ) -> Flow:
     """Trace how a VLM's answer tokens split their attention between system, image, user and generated tokens.
 
@@ -399,6 +506,10 @@ def trace(
             ``image_grid_thw`` / ``video_grid_thw`` for Qwen), used for the image grids when the forward call does
             not receive them (recent ``generate`` encodes images first and passes only their features). Without
             them, LLaVA-NeXT grids fall back to the base image view; Qwen grids use the vision tower's inputs.
+        per_head: also record the answer rows' shares per attention head (:attr:`Flow.head_shares`,
+            ``[num_layers, heads, 4]``).
+        segment_flow: also record the mean mass from every query segment to every key segment
+            (:attr:`Flow.segment_flow`, ``[num_layers, 4, 4]``), over all query rows.
 
     Returns:
         a :class:`Flow`, to use as ``with flowkern.trace(model) as flow: ...``; it is filled while the model
@@ -407,4 +518,5 @@ def trace(
     Raises:
         ValueError: the model family is not supported (the message lists the supported ones).
     """
-    return Flow(model, image_attention=image_attention, eos_token_id=eos_token_id, image_inputs=image_inputs)
+    return Flow(model, image_attention=image_attention, eos_token_id=eos_token_id, image_inputs=image_inputs,
+                per_head=per_head, segment_flow=segment_flow)

@@ -21,8 +21,9 @@ of every key, the layer's *key map* (int64 ``[B, Sk]``: the original token posit
 filler, when the layer's cache holds only some of the tokens, as after :func:`flowkern.prune`) with its key padding
 mask, and whether anyone listens to this layer. This function reads that state, computes, and -- only where
 asked -- emits one :class:`RowEvent` for the last query row (its per-segment mass and, on request, the
-attention each key receives, computed from the row's LSE) to the session, which hands it to its listeners. It
-never calls back for labels and never knows who listens; without a state it is plain fused attention.
+attention each key receives, computed from the row's LSE, its mass per head, and every query row's mass) to the
+session, which hands it to its listeners. It never calls back for labels and never knows who listens; without a
+state it is plain fused attention.
 
 **Fast path.** A call nobody listens to needs only the attention output, from whichever kernel is faster for it:
 PyTorch's ``scaled_dot_product_attention`` (the same bottom-right causal softmax, GQA through ``enable_gqa``) where
@@ -77,12 +78,17 @@ class RowEvent:
             (:func:`flowkern.key_attention_mass`), or None when no listener asked for it.
         keymap: int64 ``[B, Sk]`` original token position of each key (-1 = hidden), or None when the layer holds
             every token in order.
+        head_mass: float32 ``[B, Hq, num_segments]``: ``mass`` per head, or None when no listener asked for it.
+        rows: float32 ``[B, Sq, num_segments]``: the head-mean mass of *every* query row of the call (row ``i``
+            stands at key position ``i + Sk - Sq``), or None when no listener asked for it.
     """
 
     layer: int
     mass: torch.Tensor
     key_mass: torch.Tensor | None
     keymap: torch.Tensor | None
+    head_mass: torch.Tensor | None = None
+    rows: torch.Tensor | None = None
 
 
 @dataclass(slots=True)
@@ -98,6 +104,8 @@ class LayerState:
         key_padding: bool ``[B, Sk]`` (True = real key) or None, used with ``keymap``.
         observe: emit a :class:`RowEvent` to ``sink`` after this layer's attention.
         key_mass: include ``key_mass`` in the event.
+        per_head: include ``head_mass`` in the event.
+        rows: include every query row's mass (``rows``) in the event.
         sink: receives the event.
     """
 
@@ -108,12 +116,14 @@ class LayerState:
     key_padding: torch.Tensor | None = None
     observe: bool = False
     key_mass: bool = False
+    per_head: bool = False
+    rows: bool = False
     sink: Callable[[RowEvent], None] | None = None
 
     def clear(self) -> None:
         """Back to plain attention (nothing pushed)."""
         self.key_ids, self.num_segments, self.keymap, self.key_padding = None, 1, None, None
-        self.observe, self.key_mass = False, False
+        self.observe, self.key_mass, self.per_head, self.rows = False, False, False, False
 
 
 _UNSUPPORTED_KWARGS = {
@@ -276,17 +286,21 @@ def flowkern_attention_forward(
             "sequence length?)"
         )
     nseg = state.num_segments
+    # the kernel computes every head's mass anyway: per_head only skips its head mean
+    per_head = state.per_head
     if needs_grad or dropout > 0.0:
         out = _sdpa_output(query, key, value, kpm, causal, scale, dropout)
         with torch.no_grad():
-            q_last, k_obs = query[:, :, -1:].detach(), key.detach()
-            _, lse_last, mass = ops.segment_attention(
-                q_last, k_obs, value.detach(), segments, nseg, causal=causal, key_padding_mask=kpm, scale=scale,
-                validate=False,
+            q_obs, k_obs = (query if state.rows else query[:, :, -1:]).detach(), key.detach()
+            _, lse_obs, mass = ops.segment_attention(
+                q_obs, k_obs, value.detach(), segments, nseg, causal=causal, key_padding_mask=kpm, scale=scale,
+                validate=False, per_head=per_head,
             )
+            q_last, lse_last = q_obs[:, :, -1:], lse_obs[:, :, -1:]
     else:
         out, lse, mass = ops.segment_attention(
-            query, key, value, segments, nseg, causal=causal, key_padding_mask=kpm, scale=scale, validate=False
+            query, key, value, segments, nseg, causal=causal, key_padding_mask=kpm, scale=scale, validate=False,
+            per_head=per_head,
         )
         q_last, k_obs, lse_last = query[:, :, -1:], key, lse[:, :, -1:]
     with torch.no_grad():
@@ -295,7 +309,10 @@ def flowkern_attention_forward(
             key_mass = ops.key_attention_mass(q_last, k_obs, lse_last, causal=causal, key_padding_mask=kpm,
                                               scale=scale)
         if state.sink is not None:
-            state.sink(RowEvent(state.layer, mass[:, -1], key_mass, keymap))
+            head_mass = mass[:, :, -1] if per_head else None
+            mass = mass.mean(dim=1) if per_head else mass  # [B, Sq, nseg]
+            state.sink(RowEvent(state.layer, mass[:, -1], key_mass, keymap, head_mass,
+                                mass if state.rows else None))
     return out.transpose(1, 2).contiguous(), None
 
 

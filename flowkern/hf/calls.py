@@ -14,7 +14,7 @@ do during this forward (:meth:`Call.observe`, :meth:`Call.narrow`) and its wall 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 
@@ -23,7 +23,7 @@ from flowkern.hf import compat
 if TYPE_CHECKING:
     from flowkern.keymaps import Narrowing
 
-__all__ = ["ForwardCall", "ForwardWatcher", "Call"]
+__all__ = ["ForwardCall", "ForwardWatcher", "Call", "Observe"]
 
 
 class ForwardCall:
@@ -94,6 +94,14 @@ class ForwardWatcher:
         self.on_return(output)
 
 
+class Observe(NamedTuple):
+    """What one listener asked a layer's row event to carry (:meth:`Call.observe`)."""
+
+    key_mass: bool = False
+    per_head: bool = False
+    rows: bool = False
+
+
 class Call:
     """One outermost forward call as the session's listeners see it.
 
@@ -130,7 +138,7 @@ class Call:
         self._layout: dict[str, Any] | None = None
         self.tower_grids: list[torch.Tensor] = []
         # requests for this forward (read by the session)
-        self.observers: dict[int, list[tuple[Any, bool]]] = {}
+        self.observers: dict[int, list[tuple[Any, Observe]]] = {}
         self.narrowing: tuple[int, Callable[[], Narrowing]] | None = None
         # the session's bookkeeping
         self.entered: list[Any] = []  # listeners whose on_call ran (they get on_return)
@@ -156,11 +164,14 @@ class Call:
         ``DynamicCache``."""
         compat.check_dynamic_cache(self.cache, owner)
 
-    def observe(self, listener: Any, layers: range | list[int], *, key_mass: bool = False) -> None:
+    def observe(self, listener: Any, layers: range | list[int], *, key_mass: bool = False, per_head: bool = False,
+                rows: bool = False) -> None:
         """Ask for a row event (:class:`flowkern.hf.attention.RowEvent`) of each of ``layers`` in this forward,
-        delivered to ``listener.on_row``; ``key_mass``: with the attention each key receives."""
+        delivered to ``listener.on_row``; ``key_mass``: with the attention each key receives; ``per_head``: with
+        the row's mass per head; ``rows``: with the mass of every query row of the call."""
+        wants = Observe(bool(key_mass), bool(per_head), bool(rows))
         for layer in layers:
-            self.observers.setdefault(int(layer), []).append((listener, bool(key_mass)))
+            self.observers.setdefault(int(layer), []).append((listener, wants))
 
     def narrow(self, from_layer: int, plan: Callable[[], Narrowing]) -> None:
         """From decoder layer ``from_layer`` on, run this forward on the positions of the :class:`flowkern.keymaps.

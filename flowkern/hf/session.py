@@ -379,7 +379,9 @@ class Session:
             state.num_segments = call.num_segments if labels is not None else 1
             wants = observers.get(i)
             state.observe = bool(wants)
-            state.key_mass = any(k for _, k in wants) if wants else False
+            state.key_mass = any(w.key_mass for _, w in wants) if wants else False
+            state.per_head = any(w.per_head for _, w in wants) if wants else False
+            state.rows = any(w.rows for _, w in wants) if wants else False
         self._dirty = True
 
     @staticmethod
