@@ -157,6 +157,22 @@ class ModelAdapter:
         """The decoder layers of the language model, in order (index = ``layer_idx``)."""
         return list(self.language_model(model).layers)
 
+    def output_head(self, model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module]:
+        """``(final norm, LM head)``: what turns the last decoder layer's output into logits (the logit lens applies
+        them to every layer's output). The norm is the language model's ``norm`` (``final_layer_norm`` in OPT-style
+        decoders), the head ``model.get_output_embeddings()``.
+
+        Raises:
+            ValueError: either is missing.
+        """
+        lm = self.language_model(model)
+        norm = next((m for name in ("norm", "final_layer_norm") if isinstance(m := getattr(lm, name, None),
+                                                                              torch.nn.Module)), None)
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        if norm is None or not isinstance(head, torch.nn.Module):
+            raise ValueError(f"{self.family}: found no final norm or LM head in {type(model).__name__}")
+        return norm, head
+
     def vision_tower(self, model: torch.nn.Module) -> torch.nn.Module | None:
         """The module owning the vision config (the vision tower), or None."""
         vision_config = getattr(model.config, "vision_config", None)
