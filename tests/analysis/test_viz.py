@@ -168,3 +168,58 @@ def test_new_figure_and_save_figure(tmp_path):
     with Image.open(tmp_path / "f.png") as im:
         assert im.size == (100, 75)
     assert list(tmp_path.iterdir()) == [tmp_path / "f.png"]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# flowkern.viz_flow: segment flow, per-head shares, the logit lens on the grid
+
+
+def test_plot_segment_flow(tmp_path):
+    from flowkern.viz_flow import plot_segment_flow
+
+    flow = np.random.default_rng(0).dirichlet(np.ones(4), size=(12, 4))
+    flow[:, 3] = np.nan  # no generated rows
+    fig = plot_segment_flow(flow, NAMES, path=tmp_path / "flow.png")
+    assert len(fig.axes) == 8  # 8 panels spread over 12 layers
+    assert [ax.get_title() for ax in fig.axes][0] == "layer 0" and fig.axes[-1].get_title() == "layer 11"
+    texts = [t.get_text() for t in fig.axes[0].texts]
+    assert len(texts) == 12 and texts[0] == f"{100 * flow[0, 0, 0]:.0f}"  # NaN row not annotated
+    assert Image.open(tmp_path / "flow.png").size[0] > 0
+    assert len(plot_segment_flow(flow, NAMES, layers=[2, -1]).axes) == 2
+    with pytest.raises(ValueError, match="flow must be"):
+        plot_segment_flow(flow[:, :3], NAMES)
+    with pytest.raises(ValueError, match="layers"):
+        plot_segment_flow(flow, NAMES, layers=[12])
+
+
+def test_plot_head_shares_marks_cells():
+    from flowkern.viz_flow import plot_head_shares
+
+    shares = np.random.default_rng(1).dirichlet(np.ones(4), size=(3, 4))  # [L=3, H=4, 4]
+    marked = np.zeros((3, 4), dtype=bool)
+    marked[1:, :2] = True
+    fig = plot_head_shares(shares, NAMES, marked=marked, marked_label="guided")
+    ax = fig.axes[0]
+    assert len([p for p in ax.patches if p.get_gid() == "marked"]) == 4
+    assert ax.texts[5].get_text() == f"{100 * shares[1, 1, 1]:.0f}"
+    with pytest.raises(ValueError, match="marked"):
+        plot_head_shares(shares, NAMES, marked=marked[:2])
+    with pytest.raises(ValueError, match="segment"):
+        plot_head_shares(shares, NAMES, segment="audio")
+
+
+def test_plot_lens_grid_colours_and_words(tmp_path):
+    from flowkern.viz_flow import plot_lens_grid
+
+    a = np.array([[1, 1, 2], [3, -1, 1]])
+    b = np.array([[2, 2, 2], [2, 4, -1]])
+    words = {1: "red", 2: "circle", 3: "blue", 4: "star"}
+    image = Image.new("RGB", (30, 20), (10, 200, 10))
+    fig = plot_lens_grid([a, b], ["layer 0", "layer 1"], words, image=image, colors=2, path=tmp_path / "l.png")
+    assert len(fig.axes) == 2 and fig.axes[1].get_title() == "layer 1"
+    assert [t.get_text() for t in fig.axes[0].texts] == ["red", "red", "circle", "blue", "red"]
+    labels = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert labels == ["circle", "red", "other"]  # the two most frequent words, then the rest
+    assert Image.open(tmp_path / "l.png").size[0] > 0
+    with pytest.raises(ValueError, match="one 2D map per title"):
+        plot_lens_grid([a], ["x", "y"], words)
