@@ -89,7 +89,6 @@ class Lens(Listener):
     """
 
     owner = "flowkern.lens"
-    exclusive = True
     watches_calls = True
     tower_inputs = True
 

@@ -31,6 +31,7 @@ from flowkern.demo.report.records import (
     Example,
     ExampleCam,
     FigureRecord,
+    FlowResult,
     ModelFacts,
     Settings,
     SpeedRow,
@@ -63,14 +64,15 @@ def quick(tmp_path_factory):
 
 def expected_files(keep: int = 16) -> list[str]:
     names = ["report.html", "summary.json", _io.MANIFEST, "tables/examples.json"]
-    figures = ["attention_shares", "image_share", "truncation_all", "speed"]
+    figures = ["attention_shares", "image_share", "truncation_all", "speed", "lens_answer", "unguided_share",
+               "segment_flow", f"lens_grid_{TASK_WORLDS[0]}"]
     for w in TASK_WORLDS:
-        figures += [f"attention_maps_{w}", f"cam_{w}", f"truncation_{w}"]
+        figures += [f"attention_maps_{w}", f"cam_{w}", f"truncation_{w}", f"head_shares_{w}"]
         for folder in (f"sweeps/{w}", f"sweeps/{w}-keep{keep}"):
             names += [f"{folder}/{n}" for n in ("cliff.json", "summary.csv", "results.jsonl", "sweep.png")]
             names.append(f"{folder}/points/baseline/answers.jsonl")
     names += [f"figures/{f}.png" for f in figures]
-    names += [f"tables/{t}.{ext}" for t in ("shares", "truncation", "cliff", "table1", "speed")
+    names += [f"tables/{t}.{ext}" for t in ("shares", "truncation", "cliff", "table1", "speed", "lens", "heads")
               for ext in ("csv", "json")]
     return names
 
@@ -453,7 +455,8 @@ def test_summary_json_and_finite():
     j = s.to_json(maps=False)
     assert list(j) == ["settings", "environment", "model", "tasks", "speed", "speed_note", "examples", "headline",
                        "conclusions", "figures", "timings", "tables"]
-    assert list(j["tasks"]["pope"])[:3] == ["label", "kind", "loader"] and list(j["tasks"]["pope"])[-1] == "image_use"
+    assert list(j["tasks"]["pope"])[:3] == ["label", "kind", "loader"] and list(j["tasks"]["pope"])[-2:] == [
+        "image_use", "flow"]
     assert j["tasks"]["pope"]["curve"]["0"] == 0.5 and j["settings"]["sizes"]["speed_batches"] == [1, 16]
     assert j["examples"]["pope"] == [
         dict(id="q1", image="1.png", question="Is there a circle?", answer="Yes", reference="yes", image_share=[0.5],
@@ -516,3 +519,96 @@ def test_figures_from_records(tmp_path):
             assert np.asarray(im.convert("L")).std() > 5
     with pytest.raises(ValueError, match="at least one row"):
         figures.speed_bars([], tmp_path / "none.png")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the causal-flow section from hand-built records
+
+
+def test_guided_heads_and_the_decodable_layer(tmp_path):
+    from flowkern.demo.report import flow
+
+    assert flow.guided_heads(tmp_path, 8, 4) == []  # no training.json: nothing guided
+    (tmp_path / "training.json").write_text(json.dumps({"guides": {
+        "focus": [[1, 2], [0, 2]], "names": [[2], [2, 4]], "read": [[7, 9], [3, 6]], "bad": "x"}}))
+    pairs = flow.guided_heads(tmp_path, 8, 4)
+    assert pairs == [[1, 0], [1, 1], [2, 0], [2, 1], [2, 2], [2, 3], [7, 3]]  # out-of-range pairs dropped
+    assert words.guided_text(pairs) == "heads 0-1 of layer 1, heads 0-3 of layer 2 and head 3 of layer 7"
+    assert words.guided_text([[4, 0], [5, 0], [6, 0], [4, 2], [5, 2], [6, 2]]) == "heads 0, 2 of layers 4-6"
+    model = ModelFacts(name="m", path=str(tmp_path), model_type="llava", num_layers=8, hidden_size=8, parameters=1,
+                       image_tokens=4, num_heads=4, guided_heads=pairs)
+    mask = flow.head_mask(model)
+    assert mask.sum() == 7 and mask[2].all() and mask[7, 3]
+    shares = np.arange(32, dtype=float).reshape(8, 4) / 32
+    assert flow.share_over_heads(shares, mask, unguided=False)[1] == pytest.approx(shares[1].mean())
+    unguided = flow.share_over_heads(shares, mask, unguided=True)
+    assert unguided[1] == pytest.approx(shares[1, 2:].mean()) and unguided[2] is None
+    assert flow.decodable_layer([0.0, 0.6, 0.4, 0.5, 0.9]) == 3  # from 3 on it stays >= 0.5
+    assert flow.decodable_layer([0.9, 0.9, 0.2]) is None
+    record = flow.flow_record([[0.1, 0.9], [0.3, 0.7]], [[0, 1], [1, 1]], np.ones((2, 2, 4)) / 4,
+                              [np.full((2, 4, 4), np.nan), np.full((2, 4, 4), 0.25)])
+    assert record.answer_prob == pytest.approx([0.2, 0.8]) and record.answer_top1 == [0.5, 1.0]
+    assert record.decodable_layer == 0 and record.traced == 2 and record.segment_flow[0][0][0] == 0.25
+
+
+def _flow(top1: list[float], head_image: np.ndarray) -> FlowResult:
+    table = np.full((8, 4, 4), 0.25)
+    table[:, 2] = [0.1, 0.6, 0.2, 0.1]  # question rows: 60 % on the image
+    return FlowResult(traced=8, answer_prob=[v * 0.9 for v in top1], answer_top1=top1,
+                      decodable_layer=next((i for i in range(8) if min(top1[i:]) >= 0.5), None),
+                      head_image=head_image.tolist(), segment_flow=table.tolist())
+
+
+def _flow_summary(head_image: np.ndarray, guided: list[list[int]]) -> DemoSummary:
+    tasks = {w: replace(t, flow=_flow([0.0, 0.1, 0.2, 0.6, 0.8, 0.9, 1.0, 1.0], head_image))
+             for w, t in _papers_tasks().items()}
+    s = _summary(tasks)
+    return replace(s, model=replace(s.model, num_heads=4, guided_heads=guided))
+
+
+def test_flow_words_from_records():
+    falls = np.repeat(np.array([0.8, 0.8, 0.8, 0.8, 0.2, 0.2, 0.2, 0.2])[:, None], 4, axis=1)  # [8 layers, 4 heads]
+    guided = [[layer, h] for layer in range(1, 8) for h in (0, 1)]
+    cs = words.conclusions(_flow_summary(falls, guided))
+    lens = _verdict(cs, "when the answer becomes decodable")
+    assert lens.verdict == "note" and "shapes-POPE from layer 3 (54 % there, 90 % at the last layer; cliff L = 5)" \
+        in lens.text and "decodable before the cliff layer" in lens.text
+    heads = _verdict(cs, "claim: the answer's attention to the image fades after the shallow layers, on the unguided")
+    assert heads.verdict == "matches" and "guided 14 of 32 attention heads (heads 0-1 of layers 1-7" in heads.text
+    assert "falls with depth for shapes-POPE, shapes-SQA and shapes-TextVQA" in heads.text
+    # the fall only on the guided heads: the unguided ones stay flat, and disagree with all heads
+    only_guided = falls.copy()
+    only_guided[:, 2:] = 0.5
+    heads = _verdict(words.conclusions(_flow_summary(only_guided, guided)), "claim: the answer's attention to the "
+                     "image fades after the shallow layers, on the unguided")
+    assert heads.verdict == "does not match" and "rests on the guided heads" in heads.text
+    none = _verdict(words.conclusions(_flow_summary(falls, [])), "claim: the answer's attention to the image fades "
+                    "after the shallow layers, on the unguided")
+    assert none.verdict == "cannot tell"
+    every = [[layer, h] for layer in range(8) for h in range(4) if layer < 4]  # no unguided head in the first half
+    assert _verdict(words.conclusions(_flow_summary(falls, every)), "claim: the answer's attention to the image "
+                    "fades after the shallow layers, on the unguided").verdict == "cannot tell"
+    flow_note = _verdict(cs, "where the image's attention goes")
+    assert "shapes-POPE: question tokens 60 % / 60 %" in flow_note.text
+    # no flow measured: no flow sentence, no flow tables
+    assert not words.flow_claims(_summary(_papers_tasks()))
+    out = tables.tables(_flow_summary(falls, guided))
+    assert out["lens"][0] == ["task", "layer", "p_answer", "top1_is_answer", "decodable_layer", "questions"]
+    assert out["heads"][1] == ["shapes-POPE", 0, 0, 0.8, False] and out["heads"][5] == ["shapes-POPE", 1, 0, 0.8, True]
+
+
+def test_flow_section_of_the_page(tmp_path):
+    """The flow section: the lens and per-head tables, and the knockout figures in their place when present."""
+    falls = np.full((8, 4), 0.3)
+    s = _flow_summary(falls, [[1, 0]])
+    (tmp_path / "figures").mkdir()
+    Image.new("RGB", (40, 30), "blue").save(tmp_path / "figures" / "knockout_pope.png")
+    s = replace(s, figures=[FigureRecord(id="knockout_pope", file="figures/knockout_pope.png", section="knockout",
+                                         title="Knockout", caption="curves")])
+    page = render.render(s, tmp_path)
+    section = page.split('<section id="flow">')[1].split("</section>")[0]
+    assert 'id="fig-knockout_pope"' in section and "Lens probability of the answer token" in section
+    assert "head 0 of layer 1" in section and "unguided heads" in section
+    assert '<a href="#flow">Causal flow</a>' in page
+    plain = render.render(_summary(_papers_tasks()), tmp_path)
+    assert "were not measured" in plain.split('<section id="flow">')[1].split("</section>")[0]

@@ -18,12 +18,13 @@ from typing import Any
 import numpy as np
 
 from flowkern import viz
+from flowkern.demo.report import flow
 from flowkern.demo.report.config import TASKS, DemoTask
 from flowkern.demo.report.records import DemoSummary, FigureRecord, SpeedRow
 from flowkern.demo.report.stages import AttentionResult, CamResult, question_text
 
 __all__ = ["draw_figures", "shares_by_task", "image_share_by_task", "example_grid", "truncation_deltas",
-           "speed_bars"]
+           "speed_bars", "lens_by_task", "heads_by_task", "segment_flow_by_task"]
 
 _TASK_COLORS = ("C0", "C1", "C2", "C3", "C4", "C5")
 _DPI = 110
@@ -47,6 +48,8 @@ def draw_figures(fdir: Path, summary: DemoSummary, attention: Mapping[str, Atten
     for t in TASKS:
         out += _example_figures(fdir, summary, t, attention[t.world], cams[t.world])
     out += _truncation_figures(fdir, summary)
+    if all(summary.tasks[t.world].flow is not None for t in TASKS):
+        out += _flow_figures(fdir, summary, attention)
     if summary.speed:
         speed_bars(summary.speed, fdir / "speed.png")
         out.append(_record("speed", "speed", "Speed: pruned at the cliff layer vs unpruned",
@@ -137,6 +140,129 @@ def _truncation_figures(fdir: Path, summary: DemoSummary) -> list[FigureRecord]:
         "k = 0 curves of the four sweeps as the change from each baseline in points, signed so that below 0 is "
         "worse (CHAIR_S, lower is better, is flipped); stars mark the cliff layers."))
     return out
+
+
+def _flow_figures(fdir: Path, summary: DemoSummary, attention: Mapping[str, AttentionResult]) -> list[FigureRecord]:
+    """The causal-flow section: the logit lens of the answer per layer, image share over all vs unguided heads, and
+    per task the per-head image shares, the segment x segment flow and one example's image lens."""
+    from flowkern.viz_flow import plot_head_shares, plot_lens_grid
+
+    tasks = {t.label: summary.tasks[t.world] for t in TASKS}
+    guided = flow.head_mask(summary.model)
+    lens_by_task({k: s.flow for k, s in tasks.items()}, fdir / "lens_answer.png")
+    heads_by_task({k: s.flow.head_image for k, s in tasks.items()}, guided, fdir / "unguided_share.png")
+    out = [
+        _record("lens_answer", "lens", "Logit lens: when the answer becomes decodable",
+                "The last prompt position's hidden state after each decoder layer, through the model's final norm "
+                "and LM head (flowkern.lens): the probability of the model's own first answer token (solid) and the "
+                f"fraction of questions whose top-1 token is that answer (dashed); a star marks the first layer from "
+                f"which at least {flow.DECODABLE:.0%} of them are."),
+        _record("unguided_share", "heads", "Image share of the answer's attention: all heads vs unguided heads",
+                "Solid: mean over every head (the Figure 2A image share); dashed: mean over the heads that no "
+                "attention guide trained (missing where every head of a layer was guided).")]
+    names = summary.tasks[TASKS[0].world].segment_names
+    for t in TASKS:
+        f = summary.tasks[t.world].flow
+        plot_head_shares(np.asarray(f.head_image)[:, :, None], ["image"], marked=guided if guided.any() else None,
+                         marked_label="guided in training", title=f"{t.label}: image share per head (%)",
+                         path=fdir / f"head_shares_{t.world}.png")
+        out.append(_record(f"head_shares_{t.world}", "heads", f"{t.label}: image share per head",
+                           "Per decoder layer and head, the share of the answer's attention on image tokens "
+                           "(mean over the traced questions); outlined cells are heads trained with an "
+                           "attention guide.", half=True))
+    segment_flow_by_task({k: np.asarray(s.flow.segment_flow, dtype=float) for k, s in tasks.items()}, names,
+                         fdir / "segment_flow.png")
+    out.append(_record("segment_flow", "segflow", "Segment x segment flow, every task and layer",
+                       "Per task (row) and decoder layer (block), the mean attention mass every query row of a segment "
+                       "(rows of the block) puts on each key segment (columns of the block, in the same order: "
+                       + ", ".join(names) + "), head mean, over all the rows the model ran (prompt rows at prefill, "
+                       "generated rows while decoding); blank: no row of that segment."))
+    # one example's image lens (each panel labels 64+ cells: one figure keeps the report's drawing time small)
+    for t in TASKS:
+        ex = next((e for e in attention[t.world].examples if len(e.lens_maps)), None)
+        if ex is None:
+            continue
+        depth = summary.model.num_layers
+        layers = sorted({0, depth // 3, (2 * depth) // 3, depth - 1})
+        words = dict(ex.words or {})
+        plot_lens_grid([ex.lens_maps[i] for i in layers], [f"layer {i}" for i in layers],
+                       lambda i, w=words: w.get(int(i), str(i)), image=_open_rgb(ex.sample.image),
+                       path=fdir / f"lens_grid_{t.world}.png")
+        out.append(_record(f"lens_grid_{t.world}", "lensmaps", f"{t.label}: what each image patch says",
+                           f"Q: {question_text(ex.sample, t)} | model: {ex.answer or '(empty)'}. The logit lens "
+                           "of every image token: each patch coloured and labelled by its top-1 word after the "
+                           "layer."))
+        break
+    return out
+
+
+def segment_flow_by_task(tables: Mapping[str, Any], segment_names: Sequence[str], path: str | os.PathLike[str]) -> Any:
+    """Every task's segment x segment flow in one figure: one row per task, one ``S x S`` block per layer
+    (``tables``: task label -> ``[layers, S, S]``, NaN blank)."""
+    names = list(segment_names)
+    n = len(names)
+    fig = viz.new_figure((8.0, 0.9 + 1.45 * len(tables)))
+    for i, (task, table) in enumerate(tables.items()):
+        t = np.asarray(table, dtype=float)
+        layers = t.shape[0]
+        mosaic = np.full((n, layers * (n + 1) - 1), np.nan)
+        for layer in range(layers):
+            mosaic[:, layer * (n + 1):layer * (n + 1) + n] = t[layer]
+        ax = fig.add_subplot(len(tables), 1, i + 1)
+        im = ax.imshow(np.ma.masked_invalid(mosaic), cmap="viridis", vmin=0.0, vmax=1.0, interpolation="nearest")
+        ax.set_xticks([layer * (n + 1) + (n - 1) / 2 for layer in range(layers)],
+                      [f"layer {layer}" for layer in range(layers)], fontsize="small")
+        ax.set_yticks(range(n), names, fontsize="x-small")
+        ax.set_title(task, fontsize="medium", loc="left")
+    fig.colorbar(im, ax=fig.axes, label="mass", shrink=0.8)
+    viz.save_figure(fig, path, _DPI)
+    return fig
+
+
+def lens_by_task(flows: Mapping[str, Any], path: str | os.PathLike[str]) -> Any:
+    """Per task the logit-lens probability of the answer (solid) and the top-1 agreement (dashed) per layer; stars
+    at the decodable layers (``flows``: task label -> :class:`flowkern.demo.report.records.FlowResult`)."""
+    fig = viz.new_figure((6.4, 3.6))
+    ax = fig.add_subplot()
+    for i, (task, f) in enumerate(flows.items()):
+        color = _TASK_COLORS[i % len(_TASK_COLORS)]
+        layers = np.arange(len(f.answer_prob))
+        ax.plot(layers, f.answer_prob, marker="o", markersize=3, color=color, label=task)
+        ax.plot(layers, f.answer_top1, linestyle="--", color=color, alpha=0.7)
+        if f.decodable_layer is not None:
+            ax.plot([f.decodable_layer], [f.answer_top1[f.decodable_layer]], marker="*", markersize=12,
+                    color=color, gid="decodable")
+        ax.set_xticks(layers)
+    ax.set_xlabel("decoder layer")
+    ax.set_ylabel("lens p(answer) / top-1 = answer")
+    ax.set_ylim(0, 1.05)
+    ax.grid(True, alpha=0.3)
+    ax.legend(loc="best", fontsize="small")
+    viz.save_figure(fig, path, _DPI)
+    return fig
+
+
+def heads_by_task(head_image: Mapping[str, Any], guided: Any, path: str | os.PathLike[str]) -> Any:
+    """Per task the image share per layer over all heads (solid) and over the unguided heads (dashed)
+    (``head_image``: task label -> ``[layers, heads]``; ``guided``: bool ``[layers, heads]``)."""
+    fig = viz.new_figure((6.4, 3.6))
+    ax = fig.add_subplot()
+    for i, (task, h) in enumerate(head_image.items()):
+        color = _TASK_COLORS[i % len(_TASK_COLORS)]
+        every = flow.share_over_heads(h, guided, unguided=False)
+        free = np.array([np.nan if v is None else v for v in flow.share_over_heads(h, guided, unguided=True)])
+        layers = np.arange(len(every))
+        ax.plot(layers, every, marker="o", markersize=3, color=color, label=f"{task}: all heads")
+        ax.plot(layers, free, marker="s", markersize=4, linestyle="--", color=color, alpha=0.8,
+                label=f"{task}: unguided heads")
+        ax.set_xticks(layers)
+    ax.set_xlabel("decoder layer")
+    ax.set_ylabel("image share of the answer's attention")
+    ax.set_ylim(0, 1)
+    ax.grid(True, alpha=0.3)
+    ax.legend(loc="best", fontsize="x-small", ncols=2)
+    viz.save_figure(fig, path, _DPI)
+    return fig
 
 
 def _open_rgb(path: Any) -> Any:

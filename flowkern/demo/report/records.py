@@ -19,8 +19,32 @@ from typing import Any
 
 from flowkern.demo.report.config import DemoSizes
 
-__all__ = ["TaskResult", "SpeedRow", "ExampleCam", "Example", "Conclusion", "FigureRecord", "Headline",
+__all__ = ["TaskResult", "FlowResult", "SpeedRow", "ExampleCam", "Example", "Conclusion", "FigureRecord", "Headline",
            "Settings", "Environment", "ModelFacts", "DemoSummary", "finite", "to_json"]
+
+
+@dataclass(frozen=True)
+class FlowResult:
+    """A task's flow analyses over its traced questions (each question weighs the same).
+
+    Attributes:
+        traced: questions traced.
+        answer_prob: ``[num_layers]``: mean logit-lens probability, at the last prompt position, of the model's own
+            first answer token (:func:`flowkern.lens`).
+        answer_top1: ``[num_layers]``: fraction of questions whose lens top-1 there is that token.
+        decodable_layer: the first layer from which ``answer_top1 >= 0.5`` at every later layer
+            (:func:`flowkern.demo.report.flow.decodable_layer`).
+        head_image: ``[num_layers][heads]``: image share of the answer's attention per head.
+        segment_flow: ``[num_layers][4][4]``: mean mass from each query segment to each key segment
+            (None where no question has a row of that segment).
+    """
+
+    traced: int
+    answer_prob: Sequence[float]
+    answer_top1: Sequence[float]
+    decodable_layer: int | None
+    head_image: Sequence[Sequence[float]]
+    segment_flow: Sequence[Sequence[Sequence[float | None]]]
 
 
 @dataclass(frozen=True)
@@ -49,6 +73,7 @@ class TaskResult:
         sweep_seconds: wall time of the two sweeps.
         image_use: ``"clear"``, ``"weak"``, ``"none"`` or ``"hurts"``
             (:func:`flowkern.demo.report.words.image_use`).
+        flow: the logit lens, per-head shares and segment flow of the traced questions (None: not measured).
     """
 
     label: str
@@ -84,6 +109,7 @@ class TaskResult:
     shapes_command: str
     sweep_seconds: float
     image_use: str
+    flow: FlowResult | None = None
 
 
 @dataclass(frozen=True)
@@ -223,7 +249,8 @@ class Environment:
 @dataclass(frozen=True)
 class ModelFacts:
     """The model: the ``--model`` ``name``, its ``path``, ``model_type``, decoder layers, hidden size, parameter
-    count and image tokens per image."""
+    count and image tokens per image; attention heads per layer and the ``[layer, head]`` pairs its training guided
+    (the model folder's ``training.json``; empty when it says none)."""
 
     name: str
     path: str
@@ -232,6 +259,8 @@ class ModelFacts:
     hidden_size: int
     parameters: int
     image_tokens: int
+    num_heads: int = 0
+    guided_heads: Sequence[Sequence[int]] = ()
 
 
 @dataclass(frozen=True)

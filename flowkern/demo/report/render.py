@@ -144,7 +144,7 @@ def render(summary: DemoSummary, root: Path) -> str:
         the HTML document as a string.
     """
     parts = ["<!DOCTYPE html>", '<html lang="en">', *_head(summary), "<main>"]
-    for section in (_headline, _words, _tasks, _attention, _truncation, _speed, _files, _reproduce):
+    for section in (_headline, _words, _tasks, _attention, _truncation, _flow, _speed, _files, _reproduce):
         parts += section(summary, root)
     parts += ["</main>", f"<script>{CHECK_SCRIPT}</script>", "</body></html>"]
     return "\n".join(parts) + "\n"
@@ -157,7 +157,7 @@ def _head(s: DemoSummary) -> list[str]:
     total = s.timings.get("total")
     sections = [("headline", "Headline"), ("words", "In plain words"), ("tasks", "Tasks"),
                 ("attention", "Attention share"), ("maps", "Attention maps"), ("cam", "LLaVA-CAM"),
-                ("truncation", "Truncation and cliff"), ("speed", "Speed"), ("files", "Files"),
+                ("truncation", "Truncation and cliff"), ("flow", "Causal flow"), ("speed", "Speed"), ("files", "Files"),
                 ("reproduce", "Reproduce")]
     return [
         '<head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">',
@@ -270,6 +270,54 @@ def _truncation(s: DemoSummary, root: Path) -> list[str]:
                [[t.label, layer, _pct(v), _pct(t.attention_k.get(layer)), _pct(t.random_k.get(layer))]
                 for t in tasks for layer, v in t.curve.items()], left=1),
         "</section>"]
+
+
+def _flow(s: DemoSummary, root: Path) -> list[str]:
+    """The causal-flow section: the knockout curves (drawn by :mod:`flowkern.demo.report.knockout` as figures of
+    section ``"knockout"``), the logit lens of the answer, per-head image shares beside the guided heads, the segment
+    x segment flow and the image lens maps."""
+    from flowkern.demo.report.flow import head_mask, share_over_heads
+    from flowkern.demo.report.words import guided_text
+
+    out = ['<section id="flow"><h2>Causal flow: knockout, the logit lens and the attention heads</h2>']
+    # the knockout curves, when the run measured them: figures of section "knockout", drawn in their own module
+    out.append(_figures(s, root, "knockout"))
+    tasks = [t for t in s.tasks.values() if t.flow is not None]
+    if not tasks:
+        return [*out, "<p>The logit lens and per-head shares were not measured.</p>", "</section>"]
+    layers = range(s.model.num_layers)
+    out += [
+        "<h3>When the answer becomes decodable (logit lens)</h3>",
+        "<p>Measured with <code>flowkern.lens</code>: each decoder layer's output at the last prompt position, "
+        "through the model's own final norm and LM head, keeping only the top token and the probability of the "
+        "model's own first answer token.</p>",
+        _figures(s, root, "lens"),
+        _table(["task", "decodable from", *[f"layer {i}" for i in layers]],
+               [[t.label, _layer(t.flow.decodable_layer), *(_pct(v) for v in t.flow.answer_prob)] for t in tasks],
+               left=2, caption="Lens probability of the answer token per layer, % (mean over the traced questions)."),
+        "<h3>Per-head image shares and the guided heads</h3>"]
+    guided = head_mask(s.model)
+    out.append("<p>" + (f"The model's training guided {_e(guided_text(s.model.guided_heads))} (its training.json): "
+                        "those heads were pushed to attend where the guide said, so an attention finding that "
+                        "holds only on them is a property of the training. The table puts every head beside the "
+                        "unguided heads alone.</p>" if s.model.guided_heads else
+                        "The model folder names no guided heads: every head is unguided.</p>"))
+    out.append(_figures(s, root, "heads"))
+    rows = []
+    for t in tasks:
+        for name, unguided in (("all heads", False), ("unguided heads", True)):
+            rows.append([t.label, name, *(_pct(v) for v in share_over_heads(t.flow.head_image, guided,
+                                                                             unguided=unguided))])
+    out.append(_table(["task", "heads", *[f"layer {i}" for i in layers]], rows, left=2,
+                      caption="Image share of the answer's attention per layer, % (n/a: every head of the layer "
+                              "was guided)."))
+    out += ["<h3>Segment × segment flow</h3>",
+            "<p>Where every token's attention goes, not only the answer's: the mean mass the query rows of each "
+            "segment put on each key segment, per layer (<code>flowkern.trace(segment_flow=True)</code>).</p>",
+            _figures(s, root, "segflow"),
+            "<h3>What each image patch says (logit lens on the image grid)</h3>",
+            _figures(s, root, "lensmaps") or "<p>No example drawn.</p>", "</section>"]
+    return out
 
 
 def _cliff_row(t: TaskResult) -> list[Any]:

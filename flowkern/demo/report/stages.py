@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from flowkern.demo.report.config import DemoConfig, DemoTask
+from flowkern.demo.report.flow import flow_record, guided_heads
 from flowkern.demo.report.records import Example, ExampleCam, ModelFacts, SpeedRow, TaskResult
 from flowkern.demo.report.words import image_use, standard_error_points
 
@@ -29,12 +30,15 @@ __all__ = ["TracedExample", "AttentionResult", "CamResult", "TruncationResult", 
 @dataclass(frozen=True)
 class TracedExample:
     """A traced question kept for the figures: the ``sample``, its greedy ``answer``, ``maps`` (one ``[gh, gw]``
-    answer -> image map per layer, averaged over the answer rows) and ``image_share`` per layer."""
+    answer -> image map per layer, averaged over the answer rows) and ``image_share`` per layer; ``lens_maps``: per
+    layer the logit lens's top-1 token id of each image token on the grid (-1: no token), ``words`` their words."""
 
     sample: Any
     answer: str
     maps: Sequence[Any]
     image_share: Sequence[float]
+    lens_maps: Sequence[Any] = ()
+    words: Mapping[int, str] | None = None
 
 
 @dataclass(frozen=True)
@@ -47,6 +51,10 @@ class AttentionResult:
         per_question: ``[n, num_layers, 4]``.
         segment_names: the share columns; n: questions traced; image_tokens: image tokens of the first prompt.
         examples: the first questions, kept for the figures.
+        answer_prob, answer_top1: ``[n, num_layers]``: the logit lens at the last prompt position: probability of
+            the question's first answer token, and whether it is the lens's top-1 (:func:`flowkern.lens`).
+        head_image: ``[n, num_layers, heads]``: image share of the answer's attention per head.
+        segment_flow: ``[n, num_layers, 4, 4]``: each question's segment x segment flow (NaN: no row).
     """
 
     shares: Any
@@ -56,6 +64,10 @@ class AttentionResult:
     n: int
     examples: Sequence[TracedExample]
     image_tokens: int
+    answer_prob: Any = None
+    answer_top1: Any = None
+    head_image: Any = None
+    segment_flow: Any = None
 
 
 @dataclass(frozen=True)
@@ -152,8 +164,10 @@ def _image_token_count(model: Any, inputs: Any) -> int:
 
 def attention_stage(model: Any, processor: Any, samples: Sequence[Any], *, max_new_tokens: int, batch_size: int,
                     examples: int, bar: Any = None) -> AttentionResult:
-    """Figure 2A/2B: answer ``samples`` greedily under :func:`flowkern.trace`, batch by batch; the first
-    ``examples`` questions are kept with their answer -> image maps (:class:`AttentionResult`)."""
+    """Figure 2A/2B: answer ``samples`` greedily under :func:`flowkern.trace` (with per-head shares and the
+    segment x segment flow), batch by batch, then read each prompt once more under :func:`flowkern.lens` (the last
+    position for the answer token; the image tokens of the examples); the first ``examples`` questions are kept with
+    their answer -> image maps and image lens maps (:class:`AttentionResult`)."""
     import numpy as np
     import torch
 
@@ -163,29 +177,60 @@ def attention_stage(model: Any, processor: Any, samples: Sequence[Any], *, max_n
     per_question: list[Any] = []
     shown: list[TracedExample] = []
     names: list[str] = []
+    flows: dict[str, list[Any]] = {"answer_prob": [], "answer_top1": [], "head_image": [], "segment_flow": []}
     image_tokens = 0
     for chunk in _chunks(samples, batch_size):
         inputs = build_inputs(processor, model, [s.image for s in chunk], [s.prompt for s in chunk])
         if not image_tokens:
             image_tokens = _image_token_count(model, inputs)
-        with torch.inference_mode(), trace(model, image_inputs=inputs) as flow:
+        with torch.inference_mode(), trace(model, image_inputs=inputs, per_head=True, segment_flow=True) as flow:
             sequences = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
                                        pad_token_id=_pad_id(processor))
-        answers = _decode(processor, sequences[:, inputs["input_ids"].shape[1]:].cpu())
+        prompt_len = inputs["input_ids"].shape[1]
+        answers = _decode(processor, sequences[:, prompt_len:].cpu())
+        lens_last, lens_image = _lens(model, inputs, sequences[:, prompt_len], image=len(shown) < examples)
         names = list(flow.segment_names)
         col = names.index("image")
         ss = flow.sample_shares.numpy()  # [L, B, 4]
+        heads, seg = flow.sample_head_shares[..., col].numpy(), flow.sample_segment_flow.numpy()  # [L, B, H], [L, B..]
+        first = sequences[:, prompt_len].cpu()
         for b, sample in enumerate(chunk):
             per_question.append(ss[:, b])
+            flows["answer_prob"].append(lens_last.token_probs[:, b, 0, 0].numpy())
+            flows["answer_top1"].append((lens_last.top_ids[:, b, 0, 0] == first[b]).numpy())
+            flows["head_image"].append(heads[:, b])
+            flows["segment_flow"].append(seg[:, b])
             if len(shown) < examples:
                 maps = [flow.image_attention(layer, sample=b).numpy() for layer in range(ss.shape[0])]
-                shown.append(TracedExample(sample, answers[b], maps, ss[:, b, col].tolist()))
+                lens_maps = [lens_image.image_map(layer, sample=b).numpy() for layer in range(ss.shape[0])]
+                ids = sorted({int(v) for m in lens_maps for v in m.ravel() if v >= 0})
+                words = dict(zip(ids, _tokens(processor, ids), strict=True))
+                shown.append(TracedExample(sample, answers[b], maps, ss[:, b, col].tolist(), lens_maps, words))
         if bar is not None:
             bar.update(len(chunk))
     stack = np.stack(per_question)  # [n, L, 4]
     return AttentionResult(shares=stack.mean(axis=0), image_sd=stack[:, :, names.index("image")].std(axis=0),
                            per_question=stack, segment_names=names, n=len(per_question), examples=shown,
-                           image_tokens=image_tokens)
+                           image_tokens=image_tokens, **{k: np.stack(v) for k, v in flows.items()})
+
+
+def _tokens(processor: Any, ids: Sequence[int]) -> list[str]:
+    tok = getattr(processor, "tokenizer", processor)
+    return [str(t) for t in tok.convert_ids_to_tokens(list(ids))]
+
+
+def _lens(model: Any, inputs: Any, answer: Any, *, image: bool) -> tuple[Any, Any]:
+    """One prompt forward under two logit lenses: the last prompt position (top-1 and the probability of each
+    sample's first answer token ``answer [B]``) and, when ``image``, every image token (top-1)."""
+    import torch
+
+    from flowkern.lens import lens
+
+    with contextlib.ExitStack() as stack, torch.inference_mode():
+        last = stack.enter_context(lens(model, positions="last", top_k=1, token_ids=answer[:, None]))
+        grid = stack.enter_context(lens(model, positions="image", top_k=1, image_inputs=inputs)) if image else None
+        model(**inputs)
+    return last, grid
 
 
 def cam_stage(model: Any, processor: Any, samples: Sequence[Any], *, max_new_tokens: int, copies: int,
@@ -331,7 +376,9 @@ def task_result(task: DemoTask, samples: Sequence[Any], truncation: TruncationRe
         shares=attention.shares.tolist(), image_share=attention.shares[:, col].tolist(),
         image_sd=attention.image_sd.tolist(), traced=attention.n, segment_names=list(attention.segment_names),
         shapes_command=shapes_command, sweep_seconds=round(k0.seconds + kk.seconds, 2),
-        image_use=image_use(effect, truncation.tolerance, se))
+        image_use=image_use(effect, truncation.tolerance, se),
+        flow=None if attention.answer_prob is None else flow_record(
+            attention.answer_prob, attention.answer_top1, attention.head_image, attention.segment_flow))
 
 
 def example_records(task: DemoTask, shown: Sequence[TracedExample], cams: Sequence[CamResult]) -> list[Example]:
@@ -404,6 +451,8 @@ def model_facts(model: Any, model_id: str, name: str, image_tokens: int) -> Mode
     from flowkern.hf.models import get_adapter
 
     text = get_adapter(model).text_config(model.config)
+    layers, heads = int(text.num_hidden_layers), int(getattr(text, "num_attention_heads", 0))
     return ModelFacts(name=name, path=model_id, model_type=str(getattr(model.config, "model_type", "")),
-                      num_layers=int(text.num_hidden_layers), hidden_size=int(getattr(text, "hidden_size", 0)),
-                      parameters=int(sum(p.numel() for p in model.parameters())), image_tokens=image_tokens)
+                      num_layers=layers, hidden_size=int(getattr(text, "hidden_size", 0)),
+                      parameters=int(sum(p.numel() for p in model.parameters())), image_tokens=image_tokens,
+                      num_heads=heads, guided_heads=guided_heads(model_id, layers, heads))

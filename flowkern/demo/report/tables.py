@@ -13,16 +13,44 @@ from typing import Any
 
 from flowkern.demo.report.records import DemoSummary, SpeedRow, TaskResult
 
-__all__ = ["tables", "table1_rows", "shares_rows", "truncation_rows", "cliff_rows", "speed_rows", "to_csv"]
+__all__ = ["tables", "table1_rows", "shares_rows", "truncation_rows", "cliff_rows", "speed_rows", "lens_rows",
+           "head_rows", "to_csv"]
 
 
 def tables(summary: DemoSummary) -> dict[str, list[list[Any]]]:
     """The report's tables as rows (the first row is the header): ``shares``, ``truncation``, ``cliff``,
-    ``table1``, ``speed``."""
+    ``table1``, ``speed``, and ``lens`` and ``heads`` when the run measured the flow."""
     tasks = list(summary.tasks.values())
     keep = summary.settings.keep
-    return {"shares": shares_rows(tasks), "truncation": truncation_rows(tasks, keep), "cliff": cliff_rows(tasks, keep),
-            "table1": table1_rows(tasks), "speed": speed_rows(summary.speed)}
+    out = {"shares": shares_rows(tasks), "truncation": truncation_rows(tasks, keep), "cliff": cliff_rows(tasks, keep),
+           "table1": table1_rows(tasks), "speed": speed_rows(summary.speed)}
+    if any(s.flow is not None for s in tasks):
+        out["lens"] = lens_rows(tasks)
+        out["heads"] = head_rows(tasks, summary.model.guided_heads)
+    return out
+
+
+def lens_rows(tasks: Sequence[TaskResult]) -> list[list[Any]]:
+    """Per task and layer: the logit lens's mean probability of the answer token at the last prompt position, the
+    fraction of questions whose lens top-1 is it, and the task's decodable layer."""
+    rows: list[list[Any]] = [["task", "layer", "p_answer", "top1_is_answer", "decodable_layer", "questions"]]
+    for s in tasks:
+        if s.flow is not None:
+            f = s.flow
+            rows += [[s.label, layer, p, top1, f.decodable_layer, f.traced]
+                     for layer, (p, top1) in enumerate(zip(f.answer_prob, f.answer_top1, strict=True))]
+    return rows
+
+
+def head_rows(tasks: Sequence[TaskResult], guided: Sequence[Sequence[int]]) -> list[list[Any]]:
+    """Per task, layer and head: the image share of the answer's attention and whether training guided the head."""
+    marked = {(int(layer), int(head)) for layer, head in guided}
+    rows: list[list[Any]] = [["task", "layer", "head", "image_share", "guided"]]
+    for s in tasks:
+        if s.flow is not None:
+            rows += [[s.label, layer, head, v, (layer, head) in marked]
+                     for layer, per_head in enumerate(s.flow.head_image) for head, v in enumerate(per_head)]
+    return rows
 
 
 def shares_rows(tasks: Sequence[TaskResult]) -> list[list[Any]]:

@@ -25,10 +25,11 @@ import statistics
 from collections.abc import Sequence
 from typing import Any
 
+from flowkern.demo.report import flow
 from flowkern.demo.report.records import Conclusion, DemoSummary, Headline, SpeedRow, TaskResult
 
-__all__ = ["conclusions", "headline", "image_use", "standard_error_points", "VERDICTS", "IMAGE_USE",
-           "SHALLOW_FRACTION", "FALL_FRACTION"]
+__all__ = ["conclusions", "flow_claims", "guided_text", "headline", "image_use", "standard_error_points", "VERDICTS",
+           "IMAGE_USE", "SHALLOW_FRACTION", "FALL_FRACTION"]
 
 VERDICTS = ("matches", "partly", "does not match", "cannot tell", "note")
 
@@ -183,6 +184,7 @@ def conclusions(summary: DemoSummary) -> list[Conclusion]:
     out.append(_claim_reasoning(tasks, using, num_layers))
     out.append(_claim_table1(using))
     out.append(_top_k(using, summary.settings.keep))
+    out += flow_claims(summary)
     if summary.speed:
         out.append(_speed(summary))
     return out
@@ -354,3 +356,118 @@ def _speed(summary: DemoSummary) -> Conclusion:
     if dec and min(dec) < 1.0:
         text += " Decoding slower than unpruned means the saving is below the measurement noise of this run."
     return _said("note", "speed at the cliff layer", text)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the causal-flow section: the logit lens, the guided heads, the segment flow
+
+
+def flow_claims(summary: DemoSummary) -> list[Conclusion]:
+    """The flow section's sentences: where the answer becomes decodable (logit lens), whether the attention finding
+    holds without the heads the model's training guided, and where the image's attention goes (segment flow).
+    Empty when the run measured no flow."""
+    tasks = [s for s in summary.tasks.values() if s.flow is not None]
+    if not tasks:
+        return []
+    return [_decodable(tasks), _unguided(summary, tasks), _image_flow(tasks, int(summary.model.num_layers))]
+
+
+def _decodable(tasks: list[TaskResult]) -> Conclusion:
+    parts, before, after = [], [], []
+    for s in tasks:
+        f, d = s.flow, s.flow.decodable_layer
+        where = "never" if d is None else f"from layer {d} ({_pct(f.answer_prob[d], 0)} there"
+        parts.append(f"{s.label} {where}" + ("" if d is None else f", {_pct(f.answer_prob[-1], 0)} at the last "
+                                                                    f"layer; cliff {_layer(s.cliff_layer)})"))
+        if d is not None and s.cliff_layer is not None:
+            (after if d >= s.cliff_layer else before).append(s.label)
+    text = (f"The logit lens at the last prompt position gives the model's own first answer token as its top word "
+            f"for at least {flow.DECODABLE:.0%} of the questions: " + "; ".join(parts) + ".")
+    if after:
+        text += (f" For {_names(after)} the answer becomes decodable at or after the cliff layer: by the time the "
+                 "answer is formed the image tokens are no longer needed.")
+    if before:
+        text += (f" For {_names(before)} it is decodable before the cliff layer: the answer is formed while "
+                 "removing the image still changes the score.")
+    return _said("note", "when the answer becomes decodable (logit lens)", text)
+
+
+def guided_text(pairs: Sequence[Sequence[int]]) -> str:
+    """``[[layer, head], ...]`` in words, layers with the same heads grouped: ``"heads 0-1 of layers 4-7"``."""
+    by_layer: dict[int, list[int]] = {}
+    for layer, head in pairs:
+        by_layer.setdefault(int(layer), []).append(int(head))
+    runs: list[tuple[list[int], tuple[int, ...]]] = []
+    for layer in sorted(by_layer):
+        heads = tuple(sorted(by_layer[layer]))
+        if runs and runs[-1][1] == heads and runs[-1][0][-1] == layer - 1:
+            runs[-1][0].append(layer)
+        else:
+            runs.append(([layer], heads))
+
+    def span(xs: Sequence[int], one: str, many: str) -> str:
+        contiguous = list(xs) == list(range(xs[0], xs[-1] + 1))
+        if len(xs) == 1:
+            return f"{one} {xs[0]}"
+        return f"{many} {xs[0]}-{xs[-1]}" if contiguous else f"{many} {', '.join(map(str, xs))}"
+
+    return _names([f"{span(h, 'head', 'heads')} of {span(ls, 'layer', 'layers')}" for ls, h in runs])
+
+
+def _unguided(summary: DemoSummary, tasks: list[TaskResult]) -> Conclusion:
+    """The paper's attention claim (the image share falls after the shallow layers) on the unguided heads alone."""
+    topic = "claim: the answer's attention to the image fades after the shallow layers, on the unguided heads"
+    model = summary.model
+    if not model.guided_heads:
+        return _said("cannot tell", topic, "The model folder names no attention-guided heads (no training.json "
+                     "guides): every head is unguided, so the attention claim above already stands on its own.")
+    guided = flow.head_mask(model)
+    half = model.num_layers // 2
+    rows, falls, flat, unknown, differs = [], [], [], [], []
+    for s in tasks:
+        a, b = _halves(flow.share_over_heads(s.flow.head_image, guided, unguided=False))
+        free = flow.share_over_heads(s.flow.head_image, guided, unguided=True)
+        shallow, deep = [v for v in free[:half] if v is not None], [v for v in free[half:] if v is not None]
+        if not shallow or not deep:
+            unknown.append(s.label)
+            continue
+        fa, fb = statistics.fmean(shallow), statistics.fmean(deep)
+        rows.append(f"{s.label}: all heads {_pct(a, 0)} in layers 0-{half - 1} vs {_pct(b, 0)} after, unguided "
+                    f"heads {_pct(fa, 0)} vs {_pct(fb, 0)}")
+        falls_free = fb < (1 - FALL_FRACTION) * fa
+        (falls if falls_free else flat).append(s.label)
+        if falls_free != (b < (1 - FALL_FRACTION) * a):
+            differs.append(s.label)
+    text = (f"The model's training guided {len(model.guided_heads)} of {model.num_layers * model.num_heads} "
+            f"attention heads ({guided_text(model.guided_heads)}; from its {flow.TRAINING_FILE}). Image share of "
+            "the answer's attention, shallow half vs deep half: " + ("; ".join(rows) or "no task has unguided "
+                                                                     "heads in both halves") + ".")
+    if unknown:
+        text += f" {_names(unknown)}: no unguided head in one of the halves."
+    if falls:
+        text += f" On the unguided heads it falls with depth for {_names(falls)}."
+    if flat:
+        text += f" It does not fall for {_names(flat)} (by less than {FALL_FRACTION:.0%} of the shallow half's)."
+    if differs:
+        text += (f" For {_names(differs)} the unguided heads disagree with all heads: there the all-heads finding "
+                 "rests on the guided heads.")
+    verdict = "cannot tell" if not rows else ("matches" if not flat else ("partly" if falls else "does not match"))
+    return _said(verdict, topic, text)
+
+
+def _image_flow(tasks: list[TaskResult], num_layers: int) -> Conclusion:
+    half = max(1, num_layers // 2)
+    parts = []
+    for s in tasks:
+        table = s.flow.segment_flow
+        names = list(s.segment_names)
+        img, user = names.index("image"), names.index("user")
+        q = [row[user][img] for row in table if row[user][img] is not None]
+        qa, qb = (statistics.fmean(q[:half]), statistics.fmean(q[half:])) if len(q) == num_layers else (None, None)
+        aa, ab = _halves(s.image_share)
+        parts.append(f"{s.label}: question tokens {_pct(qa, 0)} / {_pct(qb, 0)}, answer rows {_pct(aa, 0)} / "
+                     f"{_pct(ab, 0)}")
+    return _said("note", "where the image's attention goes (segment flow)", (
+        f"Share of attention on the image tokens in layers 0-{half - 1} / {half}-{num_layers - 1}: " + "; ".join(parts)
+        + ". This is where the rows look, not what they use: the knockout curves test whether cutting those edges "
+        "changes the answer."))
