@@ -56,6 +56,10 @@ def _to_cpu(value: Any) -> Any:
     return value.detach().cpu().clone() if isinstance(value, torch.Tensor) else value
 
 
+def _vocab_size(head: torch.nn.Module) -> int:
+    return int(getattr(head, "out_features", 0) or head.weight.shape[0])
+
+
 def _check(positions: Any, top_k: Any, token_ids: Any) -> tuple[Any, int, torch.Tensor | None]:
     """Checked ``(positions, top_k, token_ids)``; ValueError naming the argument."""
     if isinstance(positions, str):
@@ -103,7 +107,11 @@ class Lens(Listener):
         self.num_layers = int(self.adapter.text_config(model.config).num_hidden_layers)
         self._explicit_inputs = {k: _to_cpu(v) for k, v in (image_inputs or {}).items()
                                  if k in self.adapter.layout_inputs and v is not None}
-        self._head: tuple[torch.nn.Module, torch.nn.Module] | None = None
+        self._head = self.adapter.output_head(model)
+        vocab = _vocab_size(self._head[1])
+        if self.token_ids is not None and not bool(((self.token_ids >= 0) & (self.token_ids < vocab)).all()):
+            raise ValueError(f"token_ids must lie in [0, {vocab}) (the LM head's vocabulary), got "
+                             f"{self.token_ids.tolist()}")
         self._active: Call | None = None  # the prefill being read
         self._positions: torch.Tensor | None = None  # [B, P]
         self._valid: torch.Tensor | None = None  # [B, P]
@@ -119,7 +127,6 @@ class Lens(Listener):
     # listener callbacks
 
     def install(self, session: Session, handles: list[Any]) -> None:
-        self._head = self.adapter.output_head(self.model)
         for i, layer in enumerate(session.layers):
             handles.append(layer.register_forward_hook(functools.partial(self._on_layer, i)))
 
@@ -135,6 +142,8 @@ class Lens(Listener):
             raise RuntimeError("flowkern.lens records one prompt (one generate or forward call); open a new lens")
         if call.ids is None:
             raise ValueError("flowkern.lens needs input_ids at prefill to find the chosen positions")
+        if self.token_ids is not None and self.token_ids.dim() == 2 and self.token_ids.shape[0] not in (1, call.batch):
+            raise ValueError(f"token_ids has {self.token_ids.shape[0]} rows but the prompt batch has {call.batch}")
         self._positions, self._valid = self._resolve(call)
         self._ids = call.ids.detach().cpu().clone()
         self._active = call
@@ -185,8 +194,7 @@ class Lens(Listener):
             raise RuntimeError(f"flowkern.lens: layer {idx} got {hidden.shape[0]} rows, the prompt has {B}")
         pos = self._positions.to(hidden.device)
         token_ids = None if self.token_ids is None else self.token_ids.to(hidden.device).expand(B, -1)
-        vocab = int(getattr(head, "out_features", 0) or head.weight.shape[0])
-        step = max(1, CHUNK_LOGITS // (B * vocab))
+        step = max(1, CHUNK_LOGITS // (B * _vocab_size(head)))
         ids_out, probs_out, tok_out = [], [], []
         for start in range(0, P, step):
             p = pos[:, start:start + step]

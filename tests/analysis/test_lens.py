@@ -119,6 +119,11 @@ def test_explicit_positions_and_errors():
                 dict(token_ids=[0.5])):
         with pytest.raises(ValueError, match=next(iter(bad))):
             flowkern.lens(model, **bad)
+    with pytest.raises(ValueError, match=r"token_ids must lie in \[0, "):
+        flowkern.lens(model, token_ids=[10**6])
+    with pytest.raises(ValueError, match="token_ids has 3 rows"), torch.inference_mode(), \
+            flowkern.lens(model, token_ids=torch.zeros(3, 1, dtype=torch.long)):
+        model(**kwargs)
     with pytest.raises(ValueError, match="outside"), torch.inference_mode(), \
             flowkern.lens(model, positions=[S + 3]):
         model(**kwargs)
