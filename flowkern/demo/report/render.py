@@ -309,7 +309,7 @@ def _flow(s: DemoSummary, root: Path) -> list[str]:
             rows.append([t.label, name, *(_pct(v) for v in share_over_heads(t.flow.head_image, guided,
                                                                              unguided=unguided))])
     out.append(_table(["task", "heads", *[f"layer {i}" for i in layers]], rows, left=2,
-                      caption="Image share of the answer's attention per layer, % (n/a: every head of the layer "
+                      caption="Image share of the answer's attention per layer, % (\u2013: every head of the layer "
                               "was guided)."))
     out += ["<h3>Segment × segment flow</h3>",
             "<p>Where every token's attention goes, not only the answer's: the mean mass the query rows of each "
