@@ -65,9 +65,9 @@ def quick(tmp_path_factory):
 def expected_files(keep: int = 16) -> list[str]:
     names = ["report.html", "summary.json", _io.MANIFEST, "tables/examples.json"]
     figures = ["attention_shares", "image_share", "truncation_all", "speed", "lens_answer", "unguided_share",
-               "segment_flow", f"lens_grid_{TASK_WORLDS[0]}"]
+               "head_shares", "segment_flow", f"lens_grid_{TASK_WORLDS[0]}"]
     for w in TASK_WORLDS:
-        figures += [f"attention_maps_{w}", f"cam_{w}", f"truncation_{w}", f"head_shares_{w}"]
+        figures += [f"attention_maps_{w}", f"cam_{w}", f"truncation_{w}"]
         for folder in (f"sweeps/{w}", f"sweeps/{w}-keep{keep}"):
             names += [f"{folder}/{n}" for n in ("cliff.json", "summary.csv", "results.jsonl", "sweep.png")]
             names.append(f"{folder}/points/baseline/answers.jsonl")
@@ -612,3 +612,23 @@ def test_flow_section_of_the_page(tmp_path):
     assert '<a href="#flow">Causal flow</a>' in page
     plain = render.render(_summary(_papers_tasks()), tmp_path)
     assert "were not measured" in plain.split('<section id="flow">')[1].split("</section>")[0]
+
+
+def test_flow_figures_from_records(tmp_path):
+    from flowkern.demo.report import figures
+
+    falls = np.repeat(np.linspace(0.9, 0.1, 8)[:, None], 4, axis=1)
+    s = _flow_summary(falls, [[1, 0], [1, 1]])
+    flows = {t.label: t.flow for t in s.tasks.values()}
+    guided = np.zeros((8, 4), dtype=bool)
+    guided[1, :2] = True
+    fig = figures.lens_by_task(flows, tmp_path / "lens.png")
+    assert len([ln for ln in fig.axes[0].get_lines() if ln.get_gid() == "decodable"]) == 3
+    figures.heads_by_task({k: f.head_image for k, f in flows.items()}, guided, tmp_path / "unguided.png")
+    fig = figures.head_shares_by_task({k: f.head_image for k, f in flows.items()}, guided, tmp_path / "heads.png")
+    assert len(fig.axes) == 3 + 1 and len(fig.axes[0].patches) == 2  # a panel per task + the colour bar
+    figures.segment_flow_by_task({k: np.asarray(f.segment_flow) for k, f in flows.items()},
+                                 ["system", "image", "user", "generated"], tmp_path / "flow.png")
+    for name in ("lens.png", "unguided.png", "heads.png", "flow.png"):
+        with Image.open(tmp_path / name) as im:
+            assert np.asarray(im.convert("L")).std() > 5, name

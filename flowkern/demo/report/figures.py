@@ -24,7 +24,7 @@ from flowkern.demo.report.records import DemoSummary, FigureRecord, SpeedRow
 from flowkern.demo.report.stages import AttentionResult, CamResult, question_text
 
 __all__ = ["draw_figures", "shares_by_task", "image_share_by_task", "example_grid", "truncation_deltas",
-           "speed_bars", "lens_by_task", "heads_by_task", "segment_flow_by_task"]
+           "speed_bars", "lens_by_task", "heads_by_task", "head_shares_by_task", "segment_flow_by_task"]
 
 _TASK_COLORS = ("C0", "C1", "C2", "C3", "C4", "C5")
 _DPI = 110
@@ -145,7 +145,7 @@ def _truncation_figures(fdir: Path, summary: DemoSummary) -> list[FigureRecord]:
 def _flow_figures(fdir: Path, summary: DemoSummary, attention: Mapping[str, AttentionResult]) -> list[FigureRecord]:
     """The causal-flow section: the logit lens of the answer per layer, image share over all vs unguided heads, and
     per task the per-head image shares, the segment x segment flow and one example's image lens."""
-    from flowkern.viz_flow import plot_head_shares, plot_lens_grid
+    from flowkern.viz_flow import plot_lens_grid
 
     tasks = {t.label: summary.tasks[t.world] for t in TASKS}
     guided = flow.head_mask(summary.model)
@@ -161,15 +161,11 @@ def _flow_figures(fdir: Path, summary: DemoSummary, attention: Mapping[str, Atte
                 "Solid: mean over every head (the Figure 2A image share); dashed: mean over the heads that no "
                 "attention guide trained (missing where every head of a layer was guided).")]
     names = summary.tasks[TASKS[0].world].segment_names
-    for t in TASKS:
-        f = summary.tasks[t.world].flow
-        plot_head_shares(np.asarray(f.head_image)[:, :, None], ["image"], marked=guided if guided.any() else None,
-                         marked_label="guided in training", title=f"{t.label}: image share per head (%)",
-                         path=fdir / f"head_shares_{t.world}.png")
-        out.append(_record(f"head_shares_{t.world}", "heads", f"{t.label}: image share per head",
-                           "Per decoder layer and head, the share of the answer's attention on image tokens "
-                           "(mean over the traced questions); outlined cells are heads trained with an "
-                           "attention guide.", half=True))
+    head_shares_by_task({k: s.flow.head_image for k, s in tasks.items()}, guided, fdir / "head_shares.png")
+    out.append(_record("head_shares", "heads", "Image share per head, every task",
+                       "Per task, decoder layer (rows) and head (columns), the share of the answer's attention on "
+                       "image tokens in percent (mean over the traced questions); outlined cells are heads trained "
+                       "with an attention guide."))
     segment_flow_by_task({k: np.asarray(s.flow.segment_flow, dtype=float) for k, s in tasks.items()}, names,
                          fdir / "segment_flow.png")
     out.append(_record("segment_flow", "segflow", "Segment x segment flow, every task and layer",
@@ -194,6 +190,32 @@ def _flow_figures(fdir: Path, summary: DemoSummary, attention: Mapping[str, Atte
                            "layer."))
         break
     return out
+
+
+def head_shares_by_task(head_image: Mapping[str, Any], guided: Any, path: str | os.PathLike[str]) -> Any:
+    """One panel per task: the image share per layer (rows) and head (columns), in percent, guided heads outlined
+    (``head_image``: task label -> ``[layers, heads]``; ``guided``: bool ``[layers, heads]``)."""
+    from matplotlib.patches import Rectangle
+
+    mask = np.asarray(guided, dtype=bool)
+    fig = viz.new_figure((2.1 * len(head_image) + 0.8, 3.6))
+    for i, (task, h) in enumerate(head_image.items()):
+        v = np.asarray(h, dtype=float)
+        ax = fig.add_subplot(1, len(head_image), i + 1)
+        im = ax.imshow(v, cmap="magma", vmin=0.0, vmax=1.0, aspect="auto")
+        for (r, c), x in np.ndenumerate(v):
+            ax.text(c, r, f"{100 * x:.0f}", ha="center", va="center", fontsize=7,
+                    color="white" if x < 0.55 else "black")
+            if mask.shape == v.shape and mask[r, c]:
+                ax.add_patch(Rectangle((c - 0.5, r - 0.5), 1, 1, fill=False, edgecolor="cyan", linewidth=1.5))
+        ax.set_xticks(range(v.shape[1]), [f"h{j}" for j in range(v.shape[1])], fontsize="small")
+        ax.set_yticks(range(v.shape[0]), [str(j) for j in range(v.shape[0])] if i == 0 else [], fontsize="small")
+        ax.set_title(task, fontsize="small")
+        if i == 0:
+            ax.set_ylabel("decoder layer")
+    fig.colorbar(im, ax=fig.axes, label="image share", shrink=0.8)
+    viz.save_figure(fig, path, _DPI)
+    return fig
 
 
 def segment_flow_by_task(tables: Mapping[str, Any], segment_names: Sequence[str], path: str | os.PathLike[str]) -> Any:
