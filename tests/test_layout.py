@@ -26,6 +26,7 @@ FLOORS: dict[str, int] = {
     "flowkern.plan": 1,
     "flowkern.keymaps": 1,
     "flowkern.viz": 1,
+    "flowkern.viz_flow": 1,
     "flowkern.ops": 2,
     "flowkern.hf": 3,
     "flowkern.listener": 3,  # the session's listener protocol (the attach bracket is Session.of + add)
@@ -34,6 +35,7 @@ FLOORS: dict[str, int] = {
     "flowkern.prune": 4,
     "flowkern.cam": 4,
     "flowkern.gradcam": 4,
+    "flowkern.lens": 4,
     "flowkern.shapes": 5,
     "flowkern.eval": 6,
     "flowkern.demo": 7,
