@@ -442,6 +442,8 @@ def _unguided(summary: DemoSummary, tasks: list[TaskResult]) -> Conclusion:
             f"attention heads ({guided_text(model.guided_heads)}; from its {flow.TRAINING_FILE}). Image share of "
             "the answer's attention, shallow half vs deep half: " + ("; ".join(rows) or "no task has unguided "
                                                                      "heads in both halves") + ".")
+    covered = [str(i) for i in range(model.num_layers) if not guided[i].all()]
+    text += f" Layers with an unguided head: {', '.join(covered) or 'none'}."
     if unknown:
         text += f" {_names(unknown)}: no unguided head in one of the halves."
     if falls:
