@@ -40,7 +40,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         description="Answers the task unblocked (baseline) and, for each edge src->dst and each window of --window "
                     "consecutive decoder layers, with the queries of segment dst unable to read the keys of segment "
                     "src there (flowkern.knockout). Segments: system, image, user (the question), generated, last "
-                    "(the last prompt position). Per window: the relative change (%%) in the probability of the "
+                    "(the last prompt position). Per window: the relative change (%) in the probability of the "
                     "unblocked model's first answer token, and the task metric. Reruns resume; works under torchrun.")
     add_task_arguments(p)
     p.add_argument("--out", required=True, type=Path, metavar="DIR",
