@@ -100,7 +100,7 @@ def test_quick_run_writes_every_file(quick):
         _io.MANIFEST}
     assert not list(out.parent.glob(".demo.tmp-*")), "temporary folder left behind"
     # progress bars and stage lines on stderr; the headline as JSON on the last stdout line
-    assert "[4/6] truncation sweeps" in stderr and "[6/6] writing the report" in stderr and "trace:" in stderr
+    assert "[4/7] truncation sweeps" in stderr and "[7/7] writing the report" in stderr and "trace:" in stderr
     headline = json.loads(stdout.strip().splitlines()[-1])
     summary = json.loads((out / "summary.json").read_text())
     assert headline == json.loads(json.dumps(summary["headline"]))

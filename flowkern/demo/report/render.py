@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from flowkern.demo.report import knockout
 from flowkern.demo.report.records import DemoSummary, FigureRecord, SpeedRow, TaskResult
 from flowkern.demo.report.tables import table1_rows
 
@@ -144,7 +145,7 @@ def render(summary: DemoSummary, root: Path) -> str:
         the HTML document as a string.
     """
     parts = ["<!DOCTYPE html>", '<html lang="en">', *_head(summary), "<main>"]
-    for section in (_headline, _words, _tasks, _attention, _truncation, _speed, _files, _reproduce):
+    for section in (_headline, _words, _tasks, _attention, _truncation, _knockout, _speed, _files, _reproduce):
         parts += section(summary, root)
     parts += ["</main>", f"<script>{CHECK_SCRIPT}</script>", "</body></html>"]
     return "\n".join(parts) + "\n"
@@ -157,8 +158,8 @@ def _head(s: DemoSummary) -> list[str]:
     total = s.timings.get("total")
     sections = [("headline", "Headline"), ("words", "In plain words"), ("tasks", "Tasks"),
                 ("attention", "Attention share"), ("maps", "Attention maps"), ("cam", "LLaVA-CAM"),
-                ("truncation", "Truncation and cliff"), ("speed", "Speed"), ("files", "Files"),
-                ("reproduce", "Reproduce")]
+                ("truncation", "Truncation and cliff"), (knockout.SECTION, "Knockout"), ("speed", "Speed"),
+                ("files", "Files"), ("reproduce", "Reproduce")]
     return [
         '<head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">',
         f"<title>flowkern demo: information flow in {_e(model.name)}</title>",
@@ -270,6 +271,11 @@ def _truncation(s: DemoSummary, root: Path) -> list[str]:
                [[t.label, layer, _pct(v), _pct(t.attention_k.get(layer)), _pct(t.random_k.get(layer))]
                 for t in tasks for layer, v in t.curve.items()], left=1),
         "</section>"]
+
+
+def _knockout(s: DemoSummary, root: Path) -> list[str]:
+    """The attention-knockout curves (:mod:`flowkern.demo.report.knockout`)."""
+    return knockout.section_html(_figures(s, root, knockout.SECTION), s.conclusions, _e)
 
 
 def _cliff_row(t: TaskResult) -> list[Any]:
