@@ -1,5 +1,5 @@
-"""The ``flowkern`` CLI (docs/architecture.md): ``flowkern info | flow | generate | cam | score | eval | sweep | knockout |
-shapes | demo``.
+"""The ``flowkern`` CLI (docs/architecture.md): ``flowkern info | flow | generate | cam | score | eval | sweep |
+knockout | shapes | demo``.
 
 Layout: one module per subcommand (``flowkern/cli/<name>.py``), what they share in :mod:`flowkern.cli.common`, and
 here only the registry and the entry point. A command module imports from :mod:`flowkern.cli.common` and the
