@@ -33,6 +33,7 @@ FLOORS: dict[str, int] = {
     "flowkern.timer": 3,  # a listener
     "flowkern.trace": 4,
     "flowkern.prune": 4,
+    "flowkern.knockout": 4,
     "flowkern.cam": 4,
     "flowkern.gradcam": 4,
     "flowkern.lens": 4,

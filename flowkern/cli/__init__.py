@@ -1,5 +1,5 @@
 """The ``flowkern`` CLI (docs/architecture.md): ``flowkern info | flow | generate | cam | score | eval | sweep |
-shapes | demo``.
+knockout | shapes | demo``.
 
 Layout: one module per subcommand (``flowkern/cli/<name>.py``), what they share in :mod:`flowkern.cli.common`, and
 here only the registry and the entry point. A command module imports from :mod:`flowkern.cli.common` and the
@@ -67,7 +67,8 @@ __all__ = [
     "entry",
 ]
 
-SUBCOMMANDS: tuple[str, ...] = ("info", "flow", "generate", "cam", "score", "eval", "sweep", "shapes", "demo")
+SUBCOMMANDS: tuple[str, ...] = ("info", "flow", "generate", "cam", "score", "eval", "sweep", "knockout", "shapes",
+                               "demo")
 """The subcommands, in ``--help`` order: each is the module ``flowkern.cli.<name>`` (imported when the parser is built),
 whose ``add_parser(subparsers)`` registers it."""
 

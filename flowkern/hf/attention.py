@@ -102,6 +102,9 @@ class LayerState:
         keymap: int64 ``[B, Sk]`` original token position of each key, -1 = hidden (None: every token, in order);
             when set, the keys must be exactly these and ``key_padding`` replaces the mask transformers passes.
         key_padding: bool ``[B, Sk]`` (True = real key) or None, used with ``keymap``.
+        allowed: bool ``[num_segments, num_segments]`` segment table of :func:`flowkern.ops.segment_attention` (row =
+            the query's segment, column = the key's; False = cut, :func:`flowkern.knockout`), or None (no cut). When
+            set the call runs flowkern's kernel with it, never the fast path.
         observe: emit a :class:`RowEvent` to ``sink`` after this layer's attention.
         key_mass: include ``key_mass`` in the event.
         per_head: include ``head_mass`` in the event.
@@ -114,6 +117,7 @@ class LayerState:
     num_segments: int = 1
     keymap: torch.Tensor | None = None
     key_padding: torch.Tensor | None = None
+    allowed: torch.Tensor | None = None
     observe: bool = False
     key_mass: bool = False
     per_head: bool = False
@@ -123,6 +127,7 @@ class LayerState:
     def clear(self) -> None:
         """Back to plain attention (nothing pushed)."""
         self.key_ids, self.num_segments, self.keymap, self.key_padding = None, 1, None, None
+        self.allowed = None
         self.observe, self.key_mass, self.per_head, self.rows = False, False, False, False
 
 
@@ -268,7 +273,8 @@ def flowkern_attention_forward(
     scale = float(scaling) if scaling is not None else query.shape[-1] ** -0.5
     dropout = float(dropout or 0.0)
     needs_grad = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)
-    if state is None or not state.observe:
+    allowed = None if state is None else state.allowed
+    if state is None or (not state.observe and allowed is None):
         if needs_grad or dropout > 0.0:
             out = _sdpa_output(query, key, value, kpm, causal, scale, dropout)
         else:
@@ -286,6 +292,11 @@ def flowkern_attention_forward(
             "sequence length?)"
         )
     nseg = state.num_segments
+    if allowed is not None and (needs_grad or dropout > 0.0):
+        raise NotImplementedError(
+            f"layer {state.layer}: flowkern.knockout cuts edges inside flowkern's forward-only kernel; run it under "
+            "torch.no_grad() and in eval mode (no autograd, no attention dropout)"
+        )
     # the kernel computes every head's mass anyway: per_head only skips its head mean
     per_head = state.per_head
     if needs_grad or dropout > 0.0:
@@ -300,14 +311,19 @@ def flowkern_attention_forward(
     else:
         out, lse, mass = ops.segment_attention(
             query, key, value, segments, nseg, causal=causal, key_padding_mask=kpm, scale=scale, validate=False,
-            per_head=per_head,
+            allowed=allowed, per_head=per_head,
         )
         q_last, k_obs, lse_last = query[:, :, -1:], key, lse[:, :, -1:]
+    if not state.observe:
+        return out.transpose(1, 2).contiguous(), None
     with torch.no_grad():
         key_mass = None
         if state.key_mass:
+            # the last row's own segment and table: the rules that produced its lse
+            cut = {} if allowed is None else dict(segment_ids=segments, num_segments=nseg, allowed=allowed,
+                                                  validate=False)
             key_mass = ops.key_attention_mass(q_last, k_obs, lse_last, causal=causal, key_padding_mask=kpm,
-                                              scale=scale)
+                                              scale=scale, **cut)
         if state.sink is not None:
             head_mass = mass[:, :, -1] if per_head else None
             mass = mass.mean(dim=1) if per_head else mass  # [B, Sq, nseg]

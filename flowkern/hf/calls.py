@@ -114,7 +114,11 @@ class Call:
         use_cache: the call's ``use_cache`` argument (None when not given).
         capture_hidden: whether the call returns every layer's hidden states (``output_hidden_states``).
         labels: long ``[B, past + S_new]`` segment label of every token seen so far (-1 = padding), set by the
-            listener that labels tokens (:func:`flowkern.trace`), with ``num_segments``; None otherwise.
+            listener that labels tokens (:func:`flowkern.trace`, :func:`flowkern.knockout`), with ``num_segments``;
+            None otherwise.
+        cuts: ``{layer: bool [num_segments + 1, num_segments + 1]}`` segment tables of the layers whose edges are
+            cut in this forward (:meth:`block`), or None; ``last``: long ``[B]``, the position of each row's last
+            prompt token, which the session gives its own segment id ``num_segments`` in this forward's key ids.
         seconds: wall time of the forward (set before ``on_return``; None if it raised).
         output_cache: the cache the forward returned (set before ``on_return``), else None.
     """
@@ -140,6 +144,8 @@ class Call:
         # requests for this forward (read by the session)
         self.observers: dict[int, list[tuple[Any, Observe]]] = {}
         self.narrowing: tuple[int, Callable[[], Narrowing]] | None = None
+        self.cuts: dict[int, torch.Tensor] | None = None
+        self.last: torch.Tensor | None = None
         # the session's bookkeeping
         self.entered: list[Any] = []  # listeners whose on_call ran (they get on_return)
         self.start: float | None = None
@@ -172,6 +178,15 @@ class Call:
         wants = Observe(bool(key_mass), bool(per_head), bool(rows))
         for layer in layers:
             self.observers.setdefault(int(layer), []).append((listener, wants))
+
+    def block(self, cuts: dict[int, torch.Tensor], last: torch.Tensor) -> None:
+        """Cut segment -> segment edges in this forward: ``cuts[layer]`` is the ``allowed`` table (bool ``[n + 1,
+        n + 1]``, ``n = num_segments``; row = query segment, column = key segment) of ``layer``, where segment ``n``
+        is the last prompt token, at position ``last[b]`` (long ``[B]``) of row ``b``. Needs :attr:`labels`.
+        One set of cuts per forward."""
+        if self.cuts is not None:
+            raise RuntimeError("only one flowkern.knockout can cut a forward's edges")
+        self.cuts, self.last = cuts, last
 
     def narrow(self, from_layer: int, plan: Callable[[], Narrowing]) -> None:
         """From decoder layer ``from_layer`` on, run this forward on the positions of the :class:`flowkern.keymaps.

@@ -29,6 +29,9 @@ that touches the model, and undoes all of it when the last listener leaves (also
   layer's key map), key map, key padding, and whether a listener asked for this layer's row event; the attention
   function reads it and emits one :class:`flowkern.hf.attention.RowEvent`, which the session hands to the listeners
   that asked. A forward nobody listens to leaves every state empty, and attention takes its fastest path;
+- **cut edges** (:func:`flowkern.knockout`, :meth:`flowkern.hf.calls.Call.block`): the layers' ``allowed`` tables
+  go down with the key ids, in which the last prompt token has its own segment id (one past the labels'); the
+  row events' masses are folded back into the labels before any listener sees them;
 - **narrowing**: a listener may ask that layers ``>= L`` of this forward run on fewer positions
   (:meth:`flowkern.hf.calls.Call.narrow`); the session then hooks those decoder layers for this forward only,
   compacts the hidden states and the per-token layer inputs at layer ``L`` (:func:`compact_layer_inputs`), pushes
@@ -351,7 +354,11 @@ class Session:
         """Write every layer's state for this forward (or, with ``narrowing``, the state of ``layers``)."""
         if not self._states:
             return
-        labels = call.labels
+        labels, num_segments, cuts = call.labels, call.num_segments, call.cuts if call.labels is not None else None
+        if cuts is not None:  # the last prompt token gets its own segment id, num_segments, for the cut tables
+            last = call.last.to(labels.device)[:, None]
+            labels = labels.scatter(1, last, torch.full_like(last, num_segments))
+            num_segments += 1
         groups = cache_groups(call.cache) if call.cache is not None and not call.prefill else []
         observers = call.observers
         if narrowing is None and labels is None and not groups and not observers and not self._dirty:
@@ -376,7 +383,9 @@ class Session:
             if entry is None:
                 entry = entries[key] = self._layer_entry(labels, held, dev, labels_on)
             state.key_ids, state.keymap, state.key_padding = entry
-            state.num_segments = call.num_segments if labels is not None else 1
+            state.num_segments = num_segments if labels is not None else 1
+            table = cuts.get(i) if cuts is not None else None
+            state.allowed = None if table is None else table.to(dev)
             wants = observers.get(i)
             state.observe = bool(wants)
             state.key_mass = any(w.key_mass for _, w in wants) if wants else False
@@ -406,6 +415,20 @@ class Session:
         call = self._call
         if call is None:
             return
+        if call.cuts is not None and event.mass.shape[-1] > call.num_segments:
+            # back to the listeners' labels: the last prompt token's mass goes to the segment it is labelled with
+            own = call.labels.gather(1, call.last.to(call.labels.device)[:, None]).clamp(min=0).to(event.mass.device)
+            n = call.num_segments
+
+            def fold(t: torch.Tensor | None) -> torch.Tensor | None:
+                # t [B, ..., n + 1] -> [B, ..., n]: the extra segment's mass added to the last token's own label
+                if t is None:
+                    return None
+                idx = own.view(own.shape[0], *([1] * (t.dim() - 1))).expand(*t.shape[:-1], 1)
+                return t[..., :n].scatter_add(-1, idx, t[..., n:])
+
+            event = RowEvent(event.layer, fold(event.mass), event.key_mass, event.keymap, fold(event.head_mass),
+                             fold(event.rows))
         for listener, _ in call.observers.get(event.layer, ()):
             listener.on_row(event)
 

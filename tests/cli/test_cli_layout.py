@@ -94,6 +94,7 @@ _MINIMAL = {
     "score": ["--task", "pope", "--data", "d", "--predictions", "p"],
     "eval": ["--model", "m", "--task", "pope", "--data", "d", "--out", "o"],
     "sweep": ["--model", "m", "--task", "pope", "--data", "d", "--out", "o"],
+    "knockout": ["--model", "m", "--task", "pope", "--data", "d", "--out", "o"],
 }
 
 

@@ -102,7 +102,7 @@ def test_quick_run_writes_every_file(quick):
         _io.MANIFEST}
     assert not list(out.parent.glob(".demo.tmp-*")), "temporary folder left behind"
     # progress bars and stage lines on stderr; the headline as JSON on the last stdout line
-    assert "[4/6] truncation sweeps" in stderr and "[6/6] writing the report" in stderr and "trace:" in stderr
+    assert "[4/7] truncation sweeps" in stderr and "[7/7] writing the report" in stderr and "trace:" in stderr
     headline = json.loads(stdout.strip().splitlines()[-1])
     summary = json.loads((out / "summary.json").read_text())
     assert headline == json.loads(json.dumps(summary["headline"]))
@@ -598,7 +598,7 @@ def test_flow_words_from_records():
 
 
 def test_flow_section_of_the_page(tmp_path):
-    """The flow section: the lens and per-head tables, and the knockout figures in their place when present."""
+    """The flow section: the lens and per-head tables; the knockout figures are drawn in their own section."""
     falls = np.full((8, 4), 0.3)
     s = _flow_summary(falls, [[1, 0]])
     (tmp_path / "figures").mkdir()
@@ -607,7 +607,7 @@ def test_flow_section_of_the_page(tmp_path):
                                          title="Knockout", caption="curves")])
     page = render.render(s, tmp_path)
     section = page.split('<section id="flow">')[1].split("</section>")[0]
-    assert 'id="fig-knockout_pope"' in section and "Lens probability of the answer token" in section
+    assert 'id="fig-knockout_pope"' not in section and "Lens probability of the answer token" in section
     assert "head 0 of layer 1" in section and "unguided heads" in section
     assert '<a href="#flow">Causal flow</a>' in page
     plain = render.render(_summary(_papers_tasks()), tmp_path)

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from flowkern.demo.report import knockout
 from flowkern.demo.report.records import DemoSummary, FigureRecord, SpeedRow, TaskResult
 from flowkern.demo.report.tables import table1_rows
 
@@ -144,7 +145,8 @@ def render(summary: DemoSummary, root: Path) -> str:
         the HTML document as a string.
     """
     parts = ["<!DOCTYPE html>", '<html lang="en">', *_head(summary), "<main>"]
-    for section in (_headline, _words, _tasks, _attention, _truncation, _flow, _speed, _files, _reproduce):
+    for section in (_headline, _words, _tasks, _attention, _truncation, _knockout, _flow, _speed, _files,
+                    _reproduce):
         parts += section(summary, root)
     parts += ["</main>", f"<script>{CHECK_SCRIPT}</script>", "</body></html>"]
     return "\n".join(parts) + "\n"
@@ -157,8 +159,8 @@ def _head(s: DemoSummary) -> list[str]:
     total = s.timings.get("total")
     sections = [("headline", "Headline"), ("words", "In plain words"), ("tasks", "Tasks"),
                 ("attention", "Attention share"), ("maps", "Attention maps"), ("cam", "LLaVA-CAM"),
-                ("truncation", "Truncation and cliff"), ("flow", "Causal flow"), ("speed", "Speed"), ("files", "Files"),
-                ("reproduce", "Reproduce")]
+                ("truncation", "Truncation and cliff"), (knockout.SECTION, "Knockout"), ("flow", "Causal flow"),
+                ("speed", "Speed"), ("files", "Files"), ("reproduce", "Reproduce")]
     return [
         '<head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">',
         f"<title>flowkern demo: information flow in {_e(model.name)}</title>",
@@ -272,16 +274,18 @@ def _truncation(s: DemoSummary, root: Path) -> list[str]:
         "</section>"]
 
 
+def _knockout(s: DemoSummary, root: Path) -> list[str]:
+    """The attention-knockout curves (:mod:`flowkern.demo.report.knockout`)."""
+    return knockout.section_html(_figures(s, root, knockout.SECTION), s.conclusions, _e)
+
+
 def _flow(s: DemoSummary, root: Path) -> list[str]:
-    """The causal-flow section: the knockout curves (drawn by :mod:`flowkern.demo.report.knockout` as figures of
-    section ``"knockout"``), the logit lens of the answer, per-head image shares beside the guided heads, the segment
-    x segment flow and the image lens maps."""
+    """The flow section after the knockout curves (:func:`_knockout`): the logit lens of the answer, per-head image
+    shares beside the guided heads, the segment x segment flow and the image lens maps."""
     from flowkern.demo.report.flow import head_mask, share_over_heads
     from flowkern.demo.report.words import guided_text
 
-    out = ['<section id="flow"><h2>Causal flow: knockout, the logit lens and the attention heads</h2>']
-    # the knockout curves, when the run measured them: figures of section "knockout", drawn in their own module
-    out.append(_figures(s, root, "knockout"))
+    out = ['<section id="flow"><h2>Causal flow: the logit lens and the attention heads</h2>']
     tasks = [t for t in s.tasks.values() if t.flow is not None]
     if not tasks:
         return [*out, "<p>The logit lens and per-head shares were not measured.</p>", "</section>"]

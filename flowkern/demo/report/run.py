@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import flowkern.demo.report.knockout as knockout
 import flowkern.demo.report.stages as stages
 from flowkern.demo.report.config import (
     REPORT_FILE,
@@ -135,7 +136,7 @@ def run_demo(config: DemoConfig, *, model: Any = None, processor: Any = None, pr
             model, processor = stages.load(config)
         image_tokens = stages.check_model(config, model, processor)
         facts = stages.model_facts(model, model_id, config.model, image_tokens)
-        steps = _Progress(progress, 6)
+        steps = _Progress(progress, 7)
         info = dict(command="flowkern demo", config=to_json(asdict(replace(config, out=str(target)))),
                     flowkern=_version.__version__)
         with _io.AtomicDir(target, info=info) as tmp, tempfile.TemporaryDirectory(prefix="flowkern-demo-") as scratch:
@@ -157,6 +158,7 @@ def _measure(run: _Run) -> DemoSummary:
     attention = _attention(run, loaded)
     cams = _cams(run, attention)
     truncation = _truncation(run, loaded)
+    knocked = _knockout(run, loaded)
     tasks = {t.world: stages.task_result(t, loaded[t.world][0].samples, truncation[t.world], attention[t.world],
                                          shapes_command=_shapes_command(run, t.world))
              for t in TASKS}
@@ -165,8 +167,9 @@ def _measure(run: _Run) -> DemoSummary:
                           speed=speed, speed_note=speed_note,
                           examples={t.world: stages.example_records(t, attention[t.world].examples, cams[t.world])
                                     for t in TASKS})
-    summary = replace(summary, headline=headline(summary), conclusions=conclusions(summary))
-    summary = replace(summary, figures=draw_figures(run.tmp / "figures", summary, attention, cams))
+    summary = replace(summary, headline=headline(summary), conclusions=[*conclusions(summary), *knocked.conclusions])
+    summary = replace(summary, figures=[*draw_figures(run.tmp / "figures", summary, attention, cams),
+                                        *knocked.figures])
     return finite(summary)
 
 
@@ -232,6 +235,14 @@ def _truncation(run: _Run, loaded: Mapping[str, Any]) -> dict[str, stages.Trunca
                 batch_size=run.sizes.batch_size, max_new_tokens=_max_new(t.loader), device=config.device,
                 progress=run.progress)
     return out
+
+
+def _knockout(run: _Run, loaded: Mapping[str, Any]) -> knockout.KnockoutSection:
+    with run.steps.stage("knockout", "attention knockout: the CVPR four edges in windows over the depth"):
+        return knockout.knockout_stage(
+            run.model, run.processor, loaded, tmp=run.tmp, model_id=run.model_id, quick=run.config.quick,
+            batch_size=run.sizes.batch_size, max_new_tokens={t.loader: _max_new(t.loader) for t in TASKS},
+            device=run.config.device, progress=run.progress)
 
 
 def _speed(run: _Run, loaded: Mapping[str, Any],

@@ -54,6 +54,10 @@ the same), each process appends to its own shard folder ``<out>/.shards/rank<i>/
 into the points' answer files (in question order) and writes every result. ``out`` must be on a filesystem all
 processes see.
 
+**Knockout.** The same engine runs ``flowkern knockout`` (:mod:`~flowkern.eval.sweep.knockout`): its points are
+(edge, window) instead of (layer, keep) -- an attention edge cut (:func:`flowkern.knockout`) in a window of layers,
+sharing the layers below the window -- with the same files, resume, settings check and torchrun sharding.
+
 **Modules.** :mod:`~flowkern.eval.sweep.points` (options, points, layer specs), :mod:`~flowkern.eval.sweep.cliff`
 (the cliff layer and its search: pure functions of the scores), :mod:`~flowkern.eval.sweep.engine` (answering
 and scoring the points), :mod:`~flowkern.eval.sweep.files` (the folder's files), :mod:`~flowkern.eval.sweep.dist`

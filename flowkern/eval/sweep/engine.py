@@ -175,9 +175,10 @@ class Engine:
                     inputs = build_inputs(self.processor, self.model, [s.image for s in batch],
                                           [s.prompt for s in batch])
                     with contextlib.closing(self.run_group(group, batch, inputs, max_new)) as answered:
-                        for p, texts in answered:
-                            append_lines(writers[p].answers_path, [answer_record(task, s, t, model_id)
-                                                                   for s, t in zip(batch, texts, strict=True)])
+                        for p, texts, extras in answered:
+                            append_lines(writers[p].answers_path, [
+                                {**answer_record(task, s, t, model_id), **(extras[i] if extras else {})}
+                                for i, (s, t) in enumerate(zip(batch, texts, strict=True))])
                             todo[p] -= set(keys)
                             self.generated += len(batch)
                             if bar is not None:
@@ -191,25 +192,31 @@ class Engine:
             if self.images is not None:
                 self.images.clear()
 
+    def answer(self, p: Point, images: Sequence[Any], prompts: Sequence[str], inputs: Any,
+               max_new: int) -> tuple[list[str], list[dict[str, Any]] | None]:
+        """One batch's answers at point ``p`` and, per answer, extra fields for its answer-file line (None: none)."""
+        from flowkern.prune import prune
+
+        pruning = None
+        if p.layer is not None:
+            pruning = prune(self.model, replace(self.config.prune, layer=p.layer, rank=p.rank))
+        return generate_answers(self.model, self.processor, images, prompts, max_new_tokens=max_new,
+                                pruning=pruning, inputs=inputs), None
+
     def run_group(self, group: Sequence[Point], batch: Sequence[Any], inputs: Any,
-                  max_new: int) -> Iterator[tuple[Point, list[str]]]:
-        """Answers of one batch at each point of ``group``: the baseline first, then the pruned points by L
-        descending, the first of those recording the shared prefix for the others
+                  max_new: int) -> Iterator[tuple[Point, list[str], list[dict[str, Any]] | None]]:
+        """Answers (and :meth:`answer`'s extra fields) of one batch at each point of ``group``: the baseline first,
+        then the other points by L descending, the first of those recording the shared prefix for the others
         (:class:`flowkern.hf.reuse.PrefixShare`). With reuse, the images are encoded once for all of them
         (:class:`flowkern.hf.reuse.ImageCache`) and the language model stays on the ``flowkern`` attention across the
         pruned points (each ``flowkern.prune`` would switch it there and back: the same computation, without the
         switches)."""
         from flowkern.hf.reuse import hold_attention
-        from flowkern.prune import prune
 
         images, prompts = [s.image for s in batch], [s.prompt for s in batch]
 
-        def answer(p: Point) -> list[str]:
-            pruning = None
-            if p.layer is not None:
-                pruning = prune(self.model, replace(self.config.prune, layer=p.layer, rank=p.rank))
-            return generate_answers(self.model, self.processor, images, prompts, max_new_tokens=max_new,
-                                    pruning=pruning, inputs=inputs)
+        def answer(p: Point) -> tuple[list[str], list[dict[str, Any]] | None]:
+            return self.answer(p, images, prompts, inputs, max_new)
 
         reuse = self.config.reuse and self.share is not None
         pruned = sorted((p for p in group if p.layer is not None), key=lambda p: (-p.layer, p.depth()))
@@ -219,29 +226,29 @@ class Engine:
                 stack.enter_context(self.images.active())
             for p in group:
                 if p.layer is None:
-                    yield p, answer(p)
+                    yield p, *answer(p)
             if not pruned:
                 return
             first, rest = pruned[0], pruned[1:]
             depths = [p.depth() for p in rest if p.depth() >= 1]
             if not reuse:
                 for p in pruned:
-                    yield p, answer(p)
+                    yield p, *answer(p)
                 return
             stack.enter_context(hold_attention(self.model))
             if not depths:
                 for p in pruned:
-                    yield p, answer(p)
+                    yield p, *answer(p)
                 return
             assert self.share is not None
             stack.callback(self.share.clear)
             with self.share.capture(range(max(depths)), {d - 1 for d in depths}):
                 texts = answer(first)
-            yield first, texts
+            yield first, *texts
             for p in rest:
                 with self.share.replay(p.depth()):
                     texts = answer(p)
-                yield p, texts
+                yield p, *texts
 
     def load_model(self) -> None:
         """Load the model once (SweepUsageError for what the user can fix)."""
@@ -292,16 +299,20 @@ class Engine:
                     raise RuntimeError(f"flowkern sweep: point {p.name} still has {len(plan.todo)} questions to answer")
                 metrics = plan.task.score(plan.task.read_predictions(plan.answers_path))
                 atomic_write_json(plan.metrics_path, metrics)
-                record = {"point": p.name, "series": p.series, "layer": p.layer, "rank": p.rank,
-                          "keep": self.config.prune.keep if p.layer is not None else None, "metric": self.metric,
-                          "value": metrics.get(self.metric), "n": metrics.get("n"),
-                          "answers": f"{POINTS_DIR}/{p.name}/{ANSWERS_FILE}", "metrics": metrics}
+                record = self.point_record(p, plan, metrics)
                 if previous.get(p.name) != record:
                     lines.append(record)
                 out[p.name] = record
             if lines:
                 append_lines(self.out / RESULTS_FILE, lines)
         return self.dist.broadcast(out)
+
+    def point_record(self, p: Point, plan: EvalPlan, metrics: dict[str, Any]) -> dict[str, Any]:
+        """The results.jsonl record of a scored point."""
+        return {"point": p.name, "series": p.series, "layer": p.layer, "rank": p.rank,
+                "keep": self.config.prune.keep if p.layer is not None else None, "metric": self.metric,
+                "value": metrics.get(self.metric), "n": metrics.get("n"),
+                "answers": f"{POINTS_DIR}/{p.name}/{ANSWERS_FILE}", "metrics": metrics}
 
 
 

@@ -35,27 +35,35 @@ class SweepUsageError(EvalUsageError):
 
 @dataclass(frozen=True)
 class Point:
-    """One point of a sweep: the baseline (``layer=None``) or pruning from ``layer`` on with ``rank``.
+    """One point of a sweep: the baseline (``layer=None``), pruning from ``layer`` on with ``rank``, or (``edge``
+    set) the knockout of ``edge`` at layers ``layer .. layer + window - 1`` (:mod:`flowkern.eval.sweep.knockout`).
 
-    ``series`` is ``"baseline"``, ``"main"`` or ``"control"``.
+    ``series`` is ``"baseline"``, ``"main"``, ``"control"`` or ``"knockout"``.
     """
 
     layer: int | None
     rank: str | None = None
     series: str = "baseline"
     keep: int | float = 0
+    edge: str | None = None
+    window: int = 0
 
     @property
     def name(self) -> str:
-        """Folder name: ``baseline``, ``L05`` (k = 0) or ``L05-<rank>``."""
+        """Folder name: ``baseline``, ``L05`` (k = 0), ``L05-<rank>`` or, for a knockout, ``<src>-<dst>-L05``."""
         if self.layer is None:
             return "baseline"
+        if self.edge is not None:
+            return f"{self.edge.replace('->', '-')}-L{self.layer:02d}"
         return f"L{self.layer:02d}" if self.keep == 0 else f"L{self.layer:02d}-{self.rank}"
 
     def depth(self) -> int:
-        """Decoder layers this point computes exactly like the unpruned prefill (and may skip when shared)."""
+        """Decoder layers this point computes exactly like the unpruned prefill (and may skip when shared): a
+        knockout's layers below its window."""
         if self.layer is None:
             return 0
+        if self.edge is not None:
+            return self.layer
         return self.layer - 1 if self.rank == "attention" and self.keep != 0 else self.layer
 
 
