@@ -39,6 +39,8 @@ def check_output_path(path: str | os.PathLike[str], *, overwrite: bool = False, 
         raise OutputError(f"{what}: {target} is a directory, expected a file path")
     if (target.exists() or target.is_symlink()) and not overwrite:
         raise OutputError(f"{what}: {target} already exists (pass --overwrite to replace it)")
+    if target.parent.exists() and not target.parent.is_dir():
+        raise OutputError(f"{what}: cannot create {target}: {target.parent} is not a directory")
     probe(target.parent, what=what)
     return target
 
@@ -67,7 +69,7 @@ def atomic_write_text(path: str | os.PathLike[str], text: str, *, encoding: str 
             os.unlink(tmp_name)
         except FileNotFoundError:
             pass
-        if isinstance(exc, OSError) and exc.filename is None:
+        if isinstance(exc, OSError) and exc.errno is not None and exc.filename is None:
             exc.filename = str(target)  # a failed write on the descriptor (full disk): name the file
         raise
     return target

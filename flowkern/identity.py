@@ -55,12 +55,12 @@ def model_folder(model: str) -> tuple[Path | None, str | None]:
     if path.exists():
         return None, None
     try:
-        from transformers.utils import cached_file
+        from huggingface_hub import try_to_load_from_cache
 
-        config = cached_file(str(model), "config.json", local_files_only=True)
-    except Exception:  # not cached, or a malformed id: the loader reports it
+        config = try_to_load_from_cache(str(model), "config.json")
+    except Exception:  # a malformed id: the loader reports it
         return None, None
-    if not config:
+    if not isinstance(config, str):  # not cached
         return None, None
     folder = Path(config).parent
     return folder, folder.name if folder.parent.name == "snapshots" else None

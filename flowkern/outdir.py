@@ -225,7 +225,7 @@ class Claim:
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
-        if isinstance(exc, OSError) and exc.filename is None:
+        if isinstance(exc, OSError) and exc.errno is not None and exc.filename is None:
             exc.filename = str(self.path)  # an error from a bare file descriptor (os.write): name the folder
         self.release()
 
@@ -312,6 +312,7 @@ def claim(path: str | os.PathLike[str] | None, kind: str, *, overwrite: bool = F
         except OSError as exc:
             raise OutputError(f"{what}: cannot write in {folder}: {os_error_line(exc)}") from None
         if fd is None:
+            holder = "another process"
             with contextlib.suppress(OSError), open(folder / LOCK_FILE, "rb") as f:
                 holder = _holder_text(f.fileno())
             raise OutputError(f"{what}: {folder} is in use by another flowkern run: {holder}; wait for it to "

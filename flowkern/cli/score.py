@@ -63,13 +63,19 @@ def _same_file(a: Path, b: Path) -> bool:
 
 def _refuse_an_input(out: Path | str, **inputs: Path) -> None:
     """Refuse an ``--out`` that is (through any path: symlink, hard link, another spelling) one of ``inputs``'s
-    files: writing the metrics would replace the input, ``--overwrite`` or not."""
+    files, or an existing file inside an input folder (``--data`` as a folder of question files): writing the metrics
+    would replace an input, ``--overwrite`` or not."""
     if not str(out).strip():
         return  # refused as an empty path by check_output_path
+    target = Path(out).expanduser()
     for name, given in inputs.items():
-        if _same_file(Path(out).expanduser(), Path(given).expanduser()):
-            raise UsageError(f"--out {out}: is the --{name} file {given}; the metrics would replace it (--overwrite "
-                             "or not): choose another --out")
+        path = Path(given).expanduser()
+        inside = (path.is_dir() and (target.exists() or target.is_symlink())
+                  and os.path.realpath(target).startswith(os.path.realpath(path) + os.sep))
+        if _same_file(target, path) or inside:
+            what = f"a file of the --{name} folder {given}" if inside else f"the --{name} file {given}"
+            raise UsageError(f"--out {out}: is {what}; the metrics would replace it (--overwrite or not): choose "
+                             "another --out")
 
 
 def run(args: argparse.Namespace) -> int:

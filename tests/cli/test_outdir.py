@@ -131,12 +131,15 @@ def test_score_out_is_never_an_input(files, tmp_path, capsys):
     os.link(predictions, tmp_path / "hard.jsonl")
     data = files / "pope" / "coco_pope_random.json"
     before = predictions.read_bytes(), data.read_bytes()
-    for out, flag in ((predictions, "--predictions"), (tmp_path / "link.jsonl", "--predictions"),
-                      (tmp_path / "hard.jsonl", "--predictions"), (tmp_path / "." / "answers.jsonl", "--predictions"),
-                      (data, "--data")):
-        argv = ["score", "--task", "pope", "--data", str(data), "--predictions", str(predictions), "--out", str(out),
+    for out, given, needle in ((predictions, data, "is the --predictions file"),
+                               (tmp_path / "link.jsonl", data, "is the --predictions file"),
+                               (tmp_path / "hard.jsonl", data, "is the --predictions file"),
+                               (tmp_path / "." / "answers.jsonl", data, "is the --predictions file"),
+                               (data, data, "is the --data file"),
+                               (data, data.parent, "is a file of the --data folder")):
+        argv = ["score", "--task", "pope", "--data", str(given), "--predictions", str(predictions), "--out", str(out),
                 "--overwrite"]
-        _one_line(main(argv), capsys.readouterr().err, 2, f"is the {flag} file", "choose another --out")
+        _one_line(main(argv), capsys.readouterr().err, 2, needle, "choose another --out")
     assert (predictions.read_bytes(), data.read_bytes()) == before
 
 
