@@ -182,8 +182,40 @@ def check(path: str | os.PathLike[str] | None, kind: str | None, *, overwrite: b
     elif folder.exists() and not folder.is_dir():
         raise OutputError(f"{what}: {folder} is a file, expected a folder")
     if folder.is_dir():
+        _check_free(folder, what)
         _check_kind(folder, kind, overwrite=overwrite, resume=resume, what=what)
     return folder
+
+
+def _check_free(folder: Path, what: str) -> None:
+    """Refuse a folder another run holds now (its lock file is locked by another process), without taking or
+    creating anything. A folder this process holds passes (a run checks the folder it has claimed)."""
+    try:
+        fd = os.open(folder / LOCK_FILE, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return  # no lock file (or none readable): nobody holds the folder, or claim() will say why
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = _holder(fd)
+        if holder.get("pid") != os.getpid() or holder.get("host") != socket.gethostname():
+            raise OutputError(_in_use(folder, what, _holder_text(fd))) from None
+    finally:
+        os.close(fd)
+
+
+def _holder(fd: int) -> dict[str, Any]:
+    """The record a lock file holds ({} when unreadable)."""
+    try:
+        info = json.loads(os.pread(fd, 65536, 0).decode("utf-8", "replace"))
+    except (OSError, ValueError):
+        return {}
+    return info if isinstance(info, dict) else {}
+
+
+def _in_use(folder: Path, what: str, holder: str) -> str:
+    return (f"{what}: {folder} is in use by another flowkern run: {holder}; wait for it to finish or choose another "
+            "folder")
 
 
 def _check_kind(folder: Path, kind: str | None, *, overwrite: bool, resume: bool, what: str) -> None:
@@ -199,16 +231,14 @@ def _check_kind(folder: Path, kind: str | None, *, overwrite: bool, resume: bool
 
 
 def _holder_text(fd: int) -> str:
-    try:
-        raw = os.pread(fd, 65536, 0).decode("utf-8", "replace")
-        info = json.loads(raw)
-        command = " ".join(str(info.get("command", "")).split())
-        if len(command) > 160:
-            command = command[:157] + "..."
-        return (f"pid {info.get('pid')} on {info.get('host')} since {info.get('since')}"
-                + (f" ({command})" if command else ""))
-    except (OSError, ValueError, AttributeError):
+    info = _holder(fd)
+    if "pid" not in info:
         return "another process (its details are being written)"
+    command = " ".join(str(info.get("command", "")).split())
+    if len(command) > 160:
+        command = command[:157] + "..."
+    where = f"pid {info.get('pid')} on {info.get('host')} since {info.get('since')}"
+    return f"{where} ({command})" if command else where
 
 
 class Claim:
@@ -302,7 +332,8 @@ def claim(path: str | os.PathLike[str] | None, kind: str, *, overwrite: bool = F
             another kind or not a flowkern result, a previous result with ``resume=False`` and no ``overwrite``.
     """
     folder = check_path(path, what=what)
-    if folder.is_dir():  # refuse another kind of folder before writing anything into it
+    if folder.is_dir():  # refuse a folder in use or of another kind before writing anything into it
+        _check_free(folder, what)
         _check_kind(folder, kind, overwrite=overwrite, resume=resume, what=what)
     created = _probe(folder, what)
     lock = folder / LOCK_FILE
@@ -315,8 +346,7 @@ def claim(path: str | os.PathLike[str] | None, kind: str, *, overwrite: bool = F
             holder = "another process"
             with contextlib.suppress(OSError), open(folder / LOCK_FILE, "rb") as f:
                 holder = _holder_text(f.fileno())
-            raise OutputError(f"{what}: {folder} is in use by another flowkern run: {holder}; wait for it to "
-                              "finish or choose another folder")
+            raise OutputError(_in_use(folder, what, holder))
     except OutputError:
         _remove_empty(created)
         raise

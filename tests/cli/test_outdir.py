@@ -8,6 +8,7 @@ a real tmpfs where the test may mount one, else an injected ENOSPC) as one line,
 from __future__ import annotations
 
 import errno
+import fcntl
 import json
 import os
 import signal
@@ -250,6 +251,17 @@ def test_atomic_folder_leftovers_of_killed_runs_are_removed(tmp_path):
     with pytest.raises(outdir.OutputError, match="a flowkern demo run, not of flowkern cam"):
         with _io.AtomicDir(target, info={"command": "flowkern cam"}):
             pass
+    with outdir.claim(target, "demo", resume=False, overwrite=True) as owned:  # this process's own claim passes
+        assert json.loads((target / outdir.LOCK_FILE).read_text())["pid"] == os.getpid() and owned.path == target
+        assert _io.check_output_dir(target, overwrite=True, kind="demo") == target
+    fd = os.open(target / outdir.LOCK_FILE, os.O_RDWR | os.O_CREAT)  # another process's demo running there now
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        os.write(fd, json.dumps({"kind": "demo", "pid": 4242, "host": "elsewhere", "since": "then"}).encode())
+        with pytest.raises(outdir.OutputError, match="in use by another flowkern run: pid 4242 on elsewhere"):
+            _io.check_output_dir(target, overwrite=True, kind="demo")  # the check before any work sees it
+    finally:
+        os.close(fd)
 
 
 # ----------------------------------------------------------------------------------------------------------
