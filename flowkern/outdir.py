@@ -353,7 +353,10 @@ def claim(path: str | os.PathLike[str] | None, kind: str, *, overwrite: bool = F
     owned = Claim(folder, kind, fd, created)
     try:
         _check_kind(folder, kind, overwrite=overwrite, resume=resume, what=what)  # again, now that no one writes
-        _write_record(fd, owned.record())
+        try:
+            _write_record(fd, owned.record())
+        except OSError as exc:  # a full disk: before any work, so the location is refused
+            raise OutputError(f"{what}: cannot write in {folder}: {os_error_line(exc, lock)}") from None
         remove_stale_temporaries(folder)
     except BaseException:
         owned.release()
