@@ -18,6 +18,7 @@ PACKAGE = ROOT / "flowkern"
 FLOORS: dict[str, int] = {
     "flowkern._C": 0,  # the compiled C++ kernels (csrc/)
     "flowkern._io": 0,
+    "flowkern.outdir": 0,  # the output-folder owner (lock, kind, probe)
     "flowkern._version": 0,
     "flowkern._opcheck": 0,
     "flowkern.reference": 0,
@@ -29,6 +30,7 @@ FLOORS: dict[str, int] = {
     "flowkern.viz_flow": 1,
     "flowkern.ops": 2,
     "flowkern.hf": 3,
+    "flowkern.identity": 3,  # the settings identity of a result (resolves device and dtype with flowkern.hf)
     "flowkern.listener": 3,  # the session's listener protocol (the attach bracket is Session.of + add)
     "flowkern.timer": 3,  # a listener
     "flowkern.trace": 4,

@@ -23,8 +23,12 @@ A new subcommand is a module ``flowkern/cli/<name>.py`` plus its name in :data:`
         return 0
 
 Import heavy libraries (torch, transformers) inside ``run``, so that ``flowkern --help`` and a mistyped option stay
-fast. Errors the user can fix are raised as :class:`UsageError` (or turned into one by :func:`user_errors`):
-:func:`main` prints ``flowkern <command>: error: <message>`` on one line to stderr and returns 2, no traceback;
+fast. Errors the user can fix are raised as :class:`UsageError` (or turned into one by :func:`user_errors`; an output
+location refused by :mod:`flowkern.outdir` is one too): :func:`main` prints ``flowkern <command>: error: <message>``
+on one line to stderr and returns 2, no traceback. An error of the system while the command works (``OSError``: a
+full disk, a read-only or vanished folder, no permission) is one line too, naming the path and the reason, and
+returns 1; what was written before it is kept (answers are appended and fsync-ed, results replaced atomically), so
+the same command resumes once the cause is fixed;
 Ctrl-C prints ``flowkern <command>: interrupted`` and returns 130 (a command that says more on Ctrl-C catches
 ``KeyboardInterrupt`` itself and prints with :func:`flowkern.cli.common.error_line`). Anything else is a bug and keeps
 its traceback.
@@ -52,6 +56,7 @@ from flowkern.cli.common import (
     track_stderr,
     user_errors,
 )
+from flowkern.outdir import OutputError, os_error_line
 
 __all__ = [
     "SUBCOMMANDS",
@@ -83,18 +88,26 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``flowkern`` console script; returns the exit code (2 for user errors, 130 for Ctrl-C)."""
+    """Entry point of the ``flowkern`` console script; returns the exit code (2 for user errors, 1 for a system error
+    such as a full disk, 130 for Ctrl-C)."""
     args = build_parser().parse_args(argv)
     with track_stderr():  # the message lines below start on a line of their own, also after a cut-short progress bar
         try:
             return int(args.func(args) or 0)
-        except UsageError as exc:
+        except (UsageError, OutputError) as exc:
             message = " ".join(str(exc).split())  # one line
             error_line(f"flowkern {args.command}: error: {message}")
             return 2
         except KeyboardInterrupt:  # Ctrl-C: one line, no traceback; results are written atomically, nothing half-done
             error_line(f"flowkern {args.command}: interrupted")
             return 130
+        except OSError as exc:
+            if _caused_by_interrupt(exc):
+                error_line(f"flowkern {args.command}: interrupted")
+                return 130
+            message = " ".join(os_error_line(exc).split())
+            error_line(f"flowkern {args.command}: error: {message} (what was written before is kept)")
+            return 1
         except Exception as exc:
             if not _caused_by_interrupt(exc):
                 raise

@@ -13,7 +13,7 @@ module or from the package's ``__init__``, so the commands load in any order and
   a benchmark's questions), and the pruning options of every command from one table (:data:`PRUNE_FLAGS`):
   :func:`add_prune_arguments`, :func:`check_prune_arguments`, :func:`spec_from_args` (a
   :class:`flowkern.plan.PruneSpec`), :func:`prune_from_args` and :func:`parse_keep`;
-- from arguments to work: :func:`load_from_args` (:class:`LoadedInputs`), :func:`check_output_dir`,
+- from arguments to work: :func:`load_from_args` (:class:`LoadedInputs`), :func:`check_output_dir`, :func:`output_path`,
   :func:`parse_layers`, :func:`config_from_args` (an engine's config dataclass from the same-named options), and
   :func:`summary_text` (the metrics summary ``score`` and ``eval`` print).
 """
@@ -53,6 +53,7 @@ __all__ = [
     "LoadedInputs",
     "load_from_args",
     "check_output_dir",
+    "output_path",
     "parse_layers",
     "config_from_args",
     "summary_text",
@@ -372,13 +373,21 @@ def check_output_dir(args: argparse.Namespace, name: str = "out") -> Path:
     ``--overwrite``; returns the absolute path.
 
     Raises:
-        UsageError: a file where the folder should be, no permission, or a previous run's files without --overwrite.
+        UsageError: an empty path, a file where the folder should be, a place that cannot be written (a probe entry
+            is created and removed), a folder in use or of another command's kind, or a previous run's files without
+            --overwrite.
     """
     from flowkern import _io
 
     with user_errors():
         return _io.check_output_dir(getattr(args, name), overwrite=getattr(args, "overwrite", False),
-                                    what=f"--{name.replace('_', '-')}")
+                                    what=f"--{name.replace('_', '-')}", kind=getattr(args, "command", None))
+
+
+def output_path(text: str) -> Path | str:
+    """The ``type`` of an ``--out`` option: a :class:`~pathlib.Path`, except that an empty text stays ``""`` (a
+    ``Path("")`` would be the working directory) for :func:`flowkern.outdir.check_path` to refuse by name."""
+    return Path(text) if text.strip() else text
 
 
 def parse_layers(spec: str | None, num_layers: int, *, default_count: int = 8) -> list[int]:

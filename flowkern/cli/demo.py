@@ -18,7 +18,7 @@ import argparse
 import json
 from pathlib import Path
 
-from flowkern.cli.common import config_from_args, user_errors
+from flowkern.cli.common import config_from_args, output_path, user_errors
 
 __all__ = ["add_parser", "run"]
 
@@ -32,7 +32,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                     "(Figures 3/4), a truncation sweep over every layer per task with a random-rank control and "
                     "the cliff layer (Figure 5, Table 1), the speed of the model pruned at its cliff layer, and a "
                     "plain-words section computed from the numbers. Offline; writes --out/report.html.")
-    p.add_argument("--out", type=Path, default=Path("runs/demo"), metavar="DIR",
+    p.add_argument("--out", type=output_path, default=Path("runs/demo"), metavar="DIR",
                    help="report folder (default runs/demo); replaced as a whole, a previous report only with "
                         "--overwrite")
     p.add_argument("--quick", action="store_true",

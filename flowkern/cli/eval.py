@@ -28,6 +28,7 @@ from flowkern.cli.common import (
     add_task_arguments,
     config_from_args,
     error_line,
+    output_path,
     spec_from_args,
     summary_text,
 )
@@ -45,7 +46,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                     "(<out>/metrics.json; the last stdout line is the metrics JSON). Reruns resume.",
     )
     add_task_arguments(p)
-    p.add_argument("--out", required=True, type=Path, metavar="DIR",
+    p.add_argument("--out", required=True, type=output_path, metavar="DIR",
                    help="output folder: answers.jsonl, run.json, metrics.json (an existing run there is resumed)")
     p.add_argument("--overwrite", action="store_true", help="discard the answers already in --out and start afresh")
     add_answer_arguments(p)

@@ -9,7 +9,8 @@
 
 Predictions are LLaVA answer files (JSON lines with ``question_id`` and ``text``; for chair ``image_id`` and
 ``caption``), matched to the questions by id. Prints a summary, then the metrics as one JSON object on the last line
-of stdout, and writes the same object to ``--out`` (atomically; an existing file only with ``--overwrite``).
+of stdout, and writes the same object to ``--out`` (atomically; an existing file only with ``--overwrite``; never one
+of the input files, ``--predictions`` or ``--data``, whatever path leads to it).
 User errors (missing file, malformed line, unknown task or id, duplicate id) print one line and exit 2.
 Registered in :data:`flowkern.cli.SUBCOMMANDS` as ``"score"``.
 """
@@ -18,9 +19,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
-from flowkern.cli.common import UsageError, summary_text, user_errors
+from flowkern.cli.common import UsageError, output_path, summary_text, user_errors
 from flowkern.eval import TASKS
 
 __all__ = ["add_parser", "run"]
@@ -44,9 +46,36 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--strict", action="store_true",
                    help="pope only: lmms-eval's exact yes/no parsing instead of LLaVA eval_pope's lenient one")
     p.add_argument("--split", default="test", help="sqa only: the pid_splits.json split to score (default test)")
-    p.add_argument("--out", type=Path, default=None, metavar="FILE", help="also write the metrics JSON here")
+    p.add_argument("--out", type=output_path, default=None, metavar="FILE",
+                   help="also write the metrics JSON here (not one of the input files)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     p.set_defaults(func=run)
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        if os.path.realpath(a) == os.path.realpath(b):
+            return True
+        return a.exists() and b.exists() and os.path.samefile(a, b)  # hard links too
+    except OSError:
+        return False
+
+
+def _refuse_an_input(out: Path | str, **inputs: Path) -> None:
+    """Refuse an ``--out`` that is (through any path: symlink, hard link, another spelling) one of ``inputs``'s
+    files, or an existing file inside an input folder (``--data`` as a folder of question files): writing the metrics
+    would replace an input, ``--overwrite`` or not."""
+    if not str(out).strip():
+        return  # refused as an empty path by check_output_path
+    target = Path(out).expanduser()
+    for name, given in inputs.items():
+        path = Path(given).expanduser()
+        inside = (path.is_dir() and (target.exists() or target.is_symlink())
+                  and os.path.realpath(target).startswith(os.path.realpath(path) + os.sep))
+        if _same_file(target, path) or inside:
+            what = f"a file of the --{name} folder {given}" if inside else f"the --{name} file {given}"
+            raise UsageError(f"--out {out}: is {what}; the metrics would replace it (--overwrite or not): choose "
+                             "another --out")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -55,6 +84,8 @@ def run(args: argparse.Namespace) -> int:
     from flowkern.eval import get_task
 
     with user_errors():
+        if args.out is not None:
+            _refuse_an_input(args.out, predictions=args.predictions, data=args.data)
         out = check_output_path(args.out, overwrite=args.overwrite) if args.out is not None else None
         if args.task not in TASKS:
             raise UsageError(f"--task: unknown task {args.task!r} (choose from {', '.join(TASKS)})")

@@ -15,9 +15,8 @@ the set. Registered in :data:`flowkern.cli.SUBCOMMANDS` as ``"shapes"``.
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
-from flowkern.cli.common import UsageError, user_errors
+from flowkern.cli.common import UsageError, output_path, user_errors
 
 __all__ = ["add_parser", "run"]
 
@@ -38,22 +37,23 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--num", type=int, default=100, metavar="N",
                    help="images (pope: 2 questions per image and split; others: one question per image; "
                         "default 100)")
-    p.add_argument("--out", required=True, type=Path, help="output folder (created; existing files are replaced)")
+    p.add_argument("--out", required=True, type=output_path,
+                   help="output folder (created; a previous shapes set's files are replaced; a folder holding other "
+                        "files is refused)")
     p.add_argument("--model", default="demo", help="model named in the printed eval command (default demo)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     """The ``shapes`` subcommand (see :func:`add_parser`)."""
+    from flowkern import outdir
     from flowkern.shapes import eval_command, write_task
 
     if args.num < 1:
         raise UsageError(f"--num {args.num}: expected at least 1")
-    if args.out.exists() and not args.out.is_dir():
-        raise UsageError(f"--out {args.out}: is a file, expected a folder")
-    with user_errors():
-        write_task(args.task, args.out, seed=args.seed, num=args.num)
-    files = sorted(str(p.relative_to(args.out)) for p in args.out.iterdir())
+    with outdir.claim(args.out, "shapes", overwrite=True) as owned, user_errors():
+        write_task(args.task, owned.path, seed=args.seed, num=args.num)
+    files = sorted(str(p.relative_to(args.out)) for p in args.out.iterdir() if p.name != outdir.LOCK_FILE)
     print(f"wrote shapes-{args.task} (seed {args.seed}, {args.num} images) to {args.out}: {', '.join(files)}")
     print("score it with:")
     print(eval_command(args.task, args.out, model=args.model))

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
 from flowkern.cli.common import (
     UsageError,
@@ -26,6 +25,7 @@ from flowkern.cli.common import (
     add_task_arguments,
     config_from_args,
     error_line,
+    output_path,
     spec_from_args,
 )
 
@@ -41,7 +41,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                     "within --tolerance points of the baseline on the task's main metric (POPE F1, SQA/TextVQA "
                     "accuracy, CHAIR_S). Reruns resume; works under torchrun.")
     add_task_arguments(p)
-    p.add_argument("--out", required=True, type=Path, metavar="DIR",
+    p.add_argument("--out", required=True, type=output_path, metavar="DIR",
                    help="sweep folder: points/, results.jsonl, summary.csv, cliff.json, sweep.png (resumed)")
     p.add_argument("--layers", default="all", metavar="SPEC",
                    help="0-based decoder layers: all (default), a range 0-31, or a list 0,2,4,8-12")

@@ -22,16 +22,22 @@ folder per point).
   ``category`` (the split) for POPE; for CHAIR ``image_id`` and ``caption`` instead of ``question_id`` and ``text``.
   Lines are appended batch by batch, each batch flushed and ``fsync``-ed before the next starts (and Ctrl-C held
   off while it is written), so a killed run loses at most the batch in flight.
-- ``run.json`` — the settings the answers were generated under (:data:`SETTINGS_KEYS`), written atomically before
-  the first answer. A run on a folder whose answers were generated under other settings is refused
-  (:class:`EvalUsageError` naming each differing setting): answers of two configurations are never mixed.
+- ``run.json`` — the settings the answers were generated under (:data:`SETTINGS_KEYS`, resolved: the model's
+  files, revision, dtype and device type as loaded, the prompts; see :mod:`flowkern.identity`), written atomically
+  before the first answer. A run on a folder whose answers were generated under other settings is refused
+  (:class:`EvalUsageError` naming each differing setting, its recorded and its new value): answers of two
+  configurations are never mixed.
 - ``metrics.json`` — :meth:`flowkern.eval.tasks.base.Task.score` of the whole answer file (exactly what
   ``flowkern score --task T --data PATH --predictions answers.jsonl`` gives), written atomically at the end.
+
+**The folder's owner.** :func:`run_eval` claims ``out`` (:func:`flowkern.outdir.claim`, kind ``eval``) before
+anything else: one run at a time (a second one is refused, naming the first's pid), never a folder of another kind
+or one holding other files, and only where a probe entry could be created.
 
 **Resume.** A rerun with the same settings skips the questions already answered (matched by id, as scoring does) and
 only generates the rest. A torn last line (a run killed while writing) is detected (no final newline) and dropped
 before appending; any other malformed line is an error that leaves the file untouched. ``--limit``, the batch size,
-the device and ``--strict`` (scoring only) may change between runs; ``overwrite=True`` starts afresh.
+which CUDA device and ``--strict`` (scoring only) may change between runs; ``overwrite=True`` starts afresh.
 
 Every input is checked before a model is loaded: the task name, the question files, each selected question's image
 (exists and is an image file), the output folder (creatable, writable, not a file) and an existing answer file
@@ -50,7 +56,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from flowkern import _version
+from flowkern import _version, identity, outdir
 from flowkern._io import atomic_write_json
 from flowkern.eval.answers import (
     ANSWERS_FILE,
@@ -79,10 +85,11 @@ __all__ = [
     "DEFAULT_MAX_NEW_TOKENS",
 ]
 
-SETTINGS_KEYS: tuple[str, ...] = ("model", "task", "data", "images", "split", "ocr", "max_new_tokens",
-                                  *PRUNE_OPTIONS.values())
-"""The settings that change the answers: an answer file written under other values of any of them is refused. Each
-is the option ``--<key with - for _>`` (the pruning ones: :data:`flowkern.plan.PRUNE_OPTIONS`)."""
+SETTINGS_KEYS: tuple[str, ...] = ("model", "revision", "weights", "device", "dtype", "task", "data", "images",
+                                  "prompts", "split", "ocr", "max_new_tokens", *PRUNE_OPTIONS.values())
+"""The settings that change the answers (:mod:`flowkern.identity`): an answer file written under other values of any
+of them is refused. Each is named by its option (:func:`flowkern.identity.flag`; the pruning ones:
+:data:`flowkern.plan.PRUNE_OPTIONS`)."""
 
 DEFAULT_MAX_NEW_TOKENS: dict[str, int] = {"pope": 128, "sqa": 128, "textvqa": 128, "chair": 512}
 """Answer length limit per task when none is given (LLaVA-1.5's ``model_vqa_loader`` uses 128; captions get 512)."""
@@ -158,9 +165,10 @@ class EvalPlan:
         return self.out / METRICS_FILE
 
     def run_record(self) -> dict[str, Any]:
-        """The content of ``run.json``: the settings, the flowkern version, device, dtype and creation time."""
-        return {"settings": self.settings, "flowkern": _version.__version__, "device": self.config.device,
-                "dtype": self.config.dtype, "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        """The content of ``run.json``: the settings, the flowkern version, device type, dtype (both resolved) and
+        creation time."""
+        return {"settings": self.settings, "flowkern": _version.__version__, "device": self.settings["device"],
+                "dtype": self.settings["dtype"], "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
 
     def start_files(self) -> None:
         """Make the folder ready to append (:func:`flowkern.eval.answers.start_files`): afresh with ``run.json``
@@ -197,11 +205,6 @@ class EvalResult:
 # validation (no model)
 
 
-def _model_identity(model: str) -> str:
-    path = Path(model).expanduser()
-    return str(path.resolve()) if path.exists() else str(model)
-
-
 def _task_options(config: EvalConfig) -> dict[str, Any]:
     if config.strict and config.task != "pope":
         raise EvalUsageError(f"--strict applies to --task pope only, not {config.task}")
@@ -235,25 +238,21 @@ def _check_numbers(config: EvalConfig) -> None:
 
 def _flag(key: str) -> str:
     """The option of a setting (:data:`SETTINGS_KEYS`): ``max_new_tokens`` -> ``--max-new-tokens``."""
-    return "--" + key.replace("_", "-")
+    return identity.flag(key)
 
 
-def _check_out_dir(out: Path) -> None:
-    if out.exists() and not out.is_dir():
-        raise EvalUsageError(f"--out: {out} is a file, expected a folder")
-    ancestor = out
-    while not ancestor.exists() and ancestor.parent != ancestor:
-        ancestor = ancestor.parent
-    if not ancestor.is_dir():
-        raise EvalUsageError(f"--out: cannot create {out}: {ancestor} is not a directory")
-    if not os.access(ancestor, os.W_OK | os.X_OK):
-        raise EvalUsageError(f"--out: cannot write in {ancestor} (permission denied)")
+def _check_out_dir(config: EvalConfig) -> Path:
+    """The output folder, absolute, checked without writing (:func:`flowkern.outdir.check`; :func:`run_eval` claims
+    it, probe included, before this)."""
+    try:
+        out = outdir.check(config.out, "eval", overwrite=config.overwrite, probe=False)
+    except outdir.OutputError as exc:
+        raise EvalUsageError(str(exc)) from None
     for name in (ANSWERS_FILE, SETTINGS_FILE, METRICS_FILE):
         p = out / name
         if p.is_dir():
             raise EvalUsageError(f"--out: {p} is a directory, expected a file")
-        if p.exists() and not os.access(p, os.R_OK | os.W_OK):
-            raise EvalUsageError(f"--out: {p} is not readable and writable")
+    return out
 
 
 def _check_images(samples: Sequence[Sample], images_hint: str) -> None:
@@ -289,14 +288,8 @@ def _compare_settings(path: Path, settings: dict[str, Any], out: Path) -> None:
         previous = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise EvalUsageError(f"--out: {path}: not valid JSON ({exc}); pass --overwrite to start afresh") from None
-    old = previous.get("settings") if isinstance(previous, dict) else None
-    if not isinstance(old, dict):
-        raise EvalUsageError(f"--out: {path}: no 'settings' object; pass --overwrite to start afresh")
-    diffs = [f"{_flag(k)} was {old.get(k)!r}, now {settings[k]!r}" for k in SETTINGS_KEYS if old.get(k) != settings[k]]
-    if diffs:
-        raise EvalUsageError(f"--out: the answers in {out} were generated under other settings ({'; '.join(diffs)}): "
-                             f"use another --out, rerun with the same settings to resume, or pass --overwrite to "
-                             f"start afresh")
+    identity.check_same(previous.get("settings") if isinstance(previous, dict) else None, settings,
+                        what=f"the answers in {out} were generated", where=path, error=EvalUsageError)
 
 
 def prepare(config: EvalConfig) -> EvalPlan:
@@ -314,8 +307,7 @@ def prepare(config: EvalConfig) -> EvalPlan:
         raise EvalUsageError(f"--task: unknown task {config.task!r} (choose from {', '.join(TASKS)})")
     _check_numbers(config)
     options = _task_options(config)
-    out = Path(config.out).expanduser().absolute()
-    _check_out_dir(out)
+    out = _check_out_dir(config)
     try:
         task = get_task(config.task, config.data, config.images, **options)
         samples = task.samples
@@ -327,11 +319,17 @@ def prepare(config: EvalConfig) -> EvalPlan:
         raise EvalUsageError(f"--data: {config.data}: no {config.task} questions found")
     selected = samples[: config.limit] if config.limit is not None else list(samples)
     images = getattr(task, "images", None)
+    try:
+        runtime = identity.runtime_identity(config.model, config.device, config.dtype)
+    except ValueError as exc:
+        raise EvalUsageError(str(exc)) from None
     settings = {
-        "model": _model_identity(config.model),
+        **identity.model_identity(config.model),
+        **runtime,
         "task": config.task,
         "data": str(Path(config.data).expanduser().resolve()),
         "images": str(Path(images).expanduser().resolve()) if images is not None else None,
+        "prompts": identity.digest(s.prompt for s in samples),
         "split": config.split if config.task == "sqa" else None,
         "ocr": bool(config.ocr) if config.task == "textvqa" else None,
         "max_new_tokens": config.max_new_tokens or DEFAULT_MAX_NEW_TOKENS[config.task],
@@ -412,9 +410,22 @@ def run_eval(
         an :class:`EvalResult`; ``metrics`` is also in ``<out>/metrics.json``.
 
     Raises:
-        EvalUsageError: see :func:`prepare`; also a model that cannot be loaded or pruning settings the model does not
-            take (before anything is written).
+        EvalUsageError: see :func:`prepare`; also an output folder that cannot be claimed
+            (:func:`flowkern.outdir.claim`: in use by another run, of another kind, not writable), a model that
+            cannot be loaded or pruning settings the model does not take (before anything is written).
+        OSError: a failed write (full disk, ...), naming the path; the answers already written are kept.
     """
+    try:
+        owned = outdir.claim(config.out, "eval", overwrite=config.overwrite)
+    except outdir.OutputError as exc:
+        raise EvalUsageError(str(exc)) from None
+    with owned:
+        return _run_owned(config, model, processor, progress, on_batch)
+
+
+def _run_owned(config: EvalConfig, model: Any, processor: Any, progress: bool,
+               on_batch: Callable[[int, int], None] | None) -> EvalResult:
+    """:func:`run_eval` once the folder is owned."""
     plan = prepare(config)
     task, settings = plan.task, plan.settings
     pruning = None

@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 import flowkern
-from flowkern import _io
+from flowkern import _io, outdir
 from flowkern.cli import main
 from flowkern.hf.inputs import build_inputs
 from flowkern.hf.loading import load_model
@@ -206,7 +206,7 @@ def _cam_cmd(files: Path, out: Path, *extra: str) -> list[str]:
 
 def _folder_is_whole(out: Path) -> bool:
     manifest = json.loads((out / _io.MANIFEST).read_text())
-    names = {p.name for p in out.iterdir()} - {_io.MANIFEST}
+    names = {p.name for p in out.iterdir()} - {_io.MANIFEST, outdir.LOCK_FILE}  # a killed run's unlocked lock file
     return names == set(manifest["files"]) and all((out / n).stat().st_size == s for n, s in manifest["files"].items())
 
 

@@ -266,6 +266,7 @@ def test_bad_input_is_one_line_exit_2_before_loading(files, tmp_path, capsys, mo
     (tmp_path / "prev").mkdir()
     prev_answers = '{"question_id": 1, "prompt": "p", "text": "yes", "model_id": "m", "category": "random"}\n'
     (tmp_path / "prev" / ANSWERS_FILE).write_text(prev_answers + "{not json\n" + prev_answers)
+    (tmp_path / "prev" / SETTINGS_FILE).write_text('{"settings": {}}\n')  # an eval folder (run.json): read, refused
     pope_bad = tmp_path / "pope_bad"
     pope_bad.mkdir()
     (pope_bad / "coco_pope_random.json").write_text(

@@ -148,7 +148,7 @@ def check_config(config: DemoConfig) -> Path:
             raise ValueError(f"sizes.{name} {value!r}: expected an integer >= 0")
     if not sizes.speed_batches or any(not _is_int(b) or b < 1 for b in sizes.speed_batches):
         raise ValueError(f"sizes.speed_batches {sizes.speed_batches!r}: expected batch sizes >= 1")
-    return _io.check_output_dir(config.out, overwrite=config.overwrite, what="--out")
+    return _io.check_output_dir(config.out, overwrite=config.overwrite, what="--out", kind="demo")
 
 
 def tolerance_for(config: DemoConfig, n: int) -> float:

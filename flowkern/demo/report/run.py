@@ -11,7 +11,6 @@ import contextlib
 import os
 import platform
 import sys
-import tempfile
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -139,7 +138,7 @@ def run_demo(config: DemoConfig, *, model: Any = None, processor: Any = None, pr
         steps = _Progress(progress, 7)
         info = dict(command="flowkern demo", config=to_json(asdict(replace(config, out=str(target)))),
                     flowkern=_version.__version__)
-        with _io.AtomicDir(target, info=info) as tmp, tempfile.TemporaryDirectory(prefix="flowkern-demo-") as scratch:
+        with _io.AtomicDir(target, info=info) as tmp, _scratch(Path(tmp)) as scratch:
             run = _Run(config, config.resolved_sizes(), model, processor, model_id, facts, Path(tmp), Path(scratch),
                        steps, progress)
             summary = replace(_measure(run), timings=dict(steps.timings, total=round(time.perf_counter() - start, 2)))
@@ -150,6 +149,20 @@ def run_demo(config: DemoConfig, *, model: Any = None, processor: Any = None, pr
         torch.set_num_threads(old_threads)
     return DemoResult(out=target, summary=summary.to_json(), seconds=time.perf_counter() - start, files=files,
                       records=summary)
+
+
+@contextlib.contextmanager
+def _scratch(tmp: Path) -> Iterator[Path]:
+    """A scratch folder for the shapes sets inside the report's temporary folder, removed before the report is put in
+    place; a killed run's goes with its temporary folder (removed by the next run on the same ``--out``)."""
+    import shutil
+
+    scratch = tmp / ".scratch"
+    scratch.mkdir()
+    try:
+        yield scratch
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def _measure(run: _Run) -> DemoSummary:

@@ -22,8 +22,8 @@ from flowkern.eval.sweep.files import (
     POINTS_DIR,
     RESULTS_FILE,
     SHARDS_DIR,
-    check_out,
     checkpoint_layers,
+    claim_out,
     read_results,
     start_sweep,
     write_outputs,
@@ -336,13 +336,15 @@ def run_sweep(config: SweepConfig, *, model: Any = None, processor: Any = None,
         a :class:`SweepResult` (``cliff`` is also in ``<out>/cliff.json``).
 
     Raises:
-        SweepUsageError: bad options, bad inputs (:func:`flowkern.eval.run.prepare`'s checks) or other settings in
-            ``out``; before any model is loaded.
+        SweepUsageError: bad options, bad inputs (:func:`flowkern.eval.run.prepare`'s checks), an output folder
+            that cannot be claimed (:func:`flowkern.eval.sweep.files.claim_out`) or other settings in ``out``;
+            before any model is loaded.
     """
     check_config(config)
     dist = Dist(config.device)
     try:
-        result = _run(config, dist, model, processor, progress)
+        with claim_out(config, dist) or contextlib.nullcontext():
+            result = _run(config, dist, model, processor, progress)
         # every process past its last collective before any tears the process group down: one that exits while
         # its peer still reads from it makes gloo abort the peer ("Connection closed by peer", SIGABRT)
         dist.barrier()
@@ -354,7 +356,6 @@ def run_sweep(config: SweepConfig, *, model: Any = None, processor: Any = None,
 def _run(config: SweepConfig, dist: Dist, model: Any, processor: Any, progress: bool) -> SweepResult:
     start = time.perf_counter()
     engine = Engine(config, dist, model, processor)
-    check_out(engine.out)
     layers = parse_layer_spec(config.layers, engine.num_layers())
     skipped_attention = config.prune.rank == "attention" and config.prune.keep != 0 and 0 in layers
     main_layers = [x for x in layers if not (x == 0 and skipped_attention)]

@@ -10,6 +10,7 @@ import io
 import json
 import os
 import shutil
+import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,16 +21,17 @@ from flowkern.eval.sweep.dist import Dist
 from flowkern.eval.sweep.points import (
     FLAGS,
     MAIN_METRIC,
-    SWEEP_SETTINGS,
     Point,
     SweepConfig,
     SweepResult,
     SweepUsageError,
     main_rank,
 )
+from flowkern.identity import check_same
+from flowkern.outdir import Claim, OutputError, claim
 
 __all__ = ["RESULTS_FILE", "SUMMARY_FILE", "CLIFF_FILE", "FIGURE_FILE", "SWEEP_FILE", "POINTS_DIR", "SHARDS_DIR",
-           "check_out", "start_sweep", "read_results", "write_outputs", "checkpoint_layers"]
+           "claim_out", "start_sweep", "read_results", "write_outputs", "checkpoint_layers"]
 
 RESULTS_FILE = "results.jsonl"
 SUMMARY_FILE = "summary.csv"
@@ -65,19 +67,24 @@ def checkpoint_layers(model: str) -> int | None:
     return None
 
 
-def check_out(out: Path) -> None:
-    """Refuse an ``--out`` that is a file or cannot be written.
+def claim_out(config: SweepConfig, dist: Dist) -> Claim | None:
+    """Process 0 claims the sweep folder (:func:`flowkern.outdir.claim`, kind ``sweep``: one job at a time, never
+    another kind of folder, a probe write first); the other processes of a torchrun job write inside it, into their
+    shard folders, under that claim. Returns process 0's claim (None elsewhere); release it when the sweep ends.
 
     Raises:
-        SweepUsageError: naming ``--out``.
+        SweepUsageError: on every process, the one-line refusal of process 0.
     """
-    if out.exists() and not out.is_dir():
-        raise SweepUsageError(f"--out: {out} is a file, expected a folder")
-    ancestor = out
-    while not ancestor.exists() and ancestor.parent != ancestor:
-        ancestor = ancestor.parent
-    if not ancestor.is_dir() or not os.access(ancestor, os.W_OK | os.X_OK):
-        raise SweepUsageError(f"--out: cannot write in {ancestor}")
+    owned, error = None, None
+    if dist.index == 0:
+        try:
+            owned = claim(config.out, "sweep", overwrite=config.overwrite)
+        except OutputError as exc:
+            error = str(exc)
+    error = dist.broadcast(error)
+    if error is not None:
+        raise SweepUsageError(error)
+    return owned
 
 
 
@@ -116,14 +123,11 @@ def start_sweep(out: Path, config: SweepConfig, dist: Dist, settings: dict[str, 
         dist.barrier()
     elif path.is_file():
         try:
-            old = json.loads(path.read_text(encoding="utf-8")).get("settings", {})
-        except (ValueError, AttributeError):
+            old = json.loads(path.read_text(encoding="utf-8"))
+        except ValueError:
             raise SweepUsageError(f"--out: {path}: not valid JSON; pass --overwrite to start afresh") from None
-        diffs = [f"{FLAGS[k]} was {old.get(k)!r}, now {settings[k]!r}" for k in SWEEP_SETTINGS
-                 if old.get(k) != settings[k]]
-        if diffs:
-            raise SweepUsageError(f"--out: the sweep in {out} was run under other settings ({'; '.join(diffs)}): use "
-                                  f"another --out, rerun with the same settings to resume, or pass --overwrite")
+        check_same(old.get("settings") if isinstance(old, dict) else None, settings, what=f"the sweep in {out} was run",
+                   where=path, flags=FLAGS, error=SweepUsageError)
     elif (out / POINTS_DIR).is_dir() and any((out / POINTS_DIR).iterdir()):
         raise SweepUsageError(f"--out: {out} has points but no {SWEEP_FILE}: pass --overwrite to start afresh")
     dist.barrier()
@@ -185,8 +189,17 @@ def write_outputs(out: Path, config: SweepConfig, dist: Dist, done: dict[str, di
         fig = plot_sweep(curve, base, controls=curves, cliff=cliff["cliff_layer"], tolerance=config.tolerance,
                          metric=metric, title=f"{config.task}: {Path(str(config.model).rstrip('/')).name}, "
                                                     f"keep={config.prune.keep}")
-        tmp = out / f".{FIGURE_FILE}.tmp.png"
-        fig.savefig(tmp, dpi=120)
-        os.replace(tmp, files["figure"])
+        fd, tmp = tempfile.mkstemp(dir=out, prefix=f".{FIGURE_FILE}.", suffix=".tmp")  # a leftover's name: outdir
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                fig.savefig(handle, dpi=120, format="png")
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0o600 -> the usual permissions
+            os.replace(tmp, files["figure"])
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
     return SweepResult(out=out, baseline=base, curve=curve, controls=curves, cliff=cliff, points=records,
                        generated=0, seconds=0.0, files=files)

@@ -20,12 +20,12 @@ MAIN_METRIC: dict[str, tuple[str, bool]] = {"pope": ("f1", True), "sqa": ("accur
                                             "textvqa": ("accuracy", True), "chair": ("chair_s", False)}
 """Task -> (main metric, higher is better): the paper's Table 1 metrics."""
 
-SWEEP_SETTINGS: tuple[str, ...] = ("model", "task", "data", "images", "split", "ocr", "max_new_tokens", "keep", "rank",
-                                   "seed")
-"""Settings that change a sweep's answers: a rerun under other values is refused."""
+SWEEP_SETTINGS: tuple[str, ...] = ("model", "revision", "weights", "device", "dtype", "task", "data", "images",
+                                   "prompts", "split", "ocr", "max_new_tokens", "keep", "rank", "seed")
+"""Settings that change a sweep's answers (:mod:`flowkern.identity`): a rerun under other values is refused."""
 
-FLAGS = {"model": "--model", "task": "--task", "data": "--data", "images": "--images", "split": "--split",
-          "ocr": "--ocr", "max_new_tokens": "--max-new-tokens", "keep": "--keep", "rank": "--rank", "seed": "--seed"}
+FLAGS = {"seed": "--seed"}
+"""The options of the settings named otherwise than ``--<key with - for _>`` (:func:`flowkern.identity.flag`)."""
 CONTROLS = ("random", "grid", "none", "attention")
 
 
@@ -193,10 +193,9 @@ def check_config(config: SweepConfig) -> None:
 
 def sweep_settings(config: SweepConfig, plan: EvalPlan) -> dict[str, Any]:
     """The :data:`SWEEP_SETTINGS` of a sweep (``plan``: the baseline point's, with the resolved defaults)."""
-    s = plan.settings
-    return {"model": s["model"], "task": s["task"], "data": s["data"], "images": s["images"], "split": s["split"],
-            "ocr": s["ocr"], "max_new_tokens": s["max_new_tokens"], "keep": config.prune.keep,
-            "rank": config.prune.rank if config.prune.keep != 0 else None, "seed": config.prune.seed}
+    pruning = {"keep": config.prune.keep, "rank": config.prune.rank if config.prune.keep != 0 else None,
+               "seed": config.prune.seed}
+    return {k: pruning[k] if k in pruning else plan.settings[k] for k in SWEEP_SETTINGS}
 
 
 def main_rank(config: SweepConfig) -> str:
