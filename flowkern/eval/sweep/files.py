@@ -104,8 +104,10 @@ def read_results(path: Path) -> dict[str, dict[str, Any]]:
 
 
 
-def start_sweep(out: Path, config: SweepConfig, dist: Dist, settings: dict[str, Any]) -> None:
+def start_sweep(out: Path, config: SweepConfig, dist: Dist, settings: dict[str, Any],
+                flags: dict[str, str] | None = None) -> None:
     """Refuse other settings in ``out``; (re)write sweep.json; ``overwrite`` clears the sweep's files (process 0).
+    ``flags``: the options of settings this command names otherwise (:func:`flowkern.identity.flag`).
 
     Raises:
         SweepUsageError: other settings, an unreadable sweep.json, or points without a sweep.json.
@@ -127,7 +129,7 @@ def start_sweep(out: Path, config: SweepConfig, dist: Dist, settings: dict[str, 
         except ValueError:
             raise SweepUsageError(f"--out: {path}: not valid JSON; pass --overwrite to start afresh") from None
         check_same(old.get("settings") if isinstance(old, dict) else None, settings, what=f"the sweep in {out} was run",
-                   where=path, flags=FLAGS, error=SweepUsageError)
+                   where=path, flags={**FLAGS, **(flags or {})}, error=SweepUsageError)
     elif (out / POINTS_DIR).is_dir() and any((out / POINTS_DIR).iterdir()):
         raise SweepUsageError(f"--out: {out} has points but no {SWEEP_FILE}: pass --overwrite to start afresh")
     dist.barrier()
@@ -137,7 +139,6 @@ def start_sweep(out: Path, config: SweepConfig, dist: Dist, settings: dict[str, 
         atomic_write_json(path, {"settings": settings, "flowkern": _version.__version__,
                                  "created": time.strftime("%Y-%m-%dT%H:%M:%S")})
     dist.barrier()
-
 
 
 def write_outputs(out: Path, config: SweepConfig, dist: Dist, done: dict[str, dict[str, Any]],

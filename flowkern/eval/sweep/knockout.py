@@ -52,7 +52,7 @@ from typing import Any
 from flowkern.eval.run import EvalConfig, EvalPlan, EvalUsageError, prepare
 from flowkern.eval.sweep.dist import Dist
 from flowkern.eval.sweep.engine import Engine
-from flowkern.eval.sweep.files import POINTS_DIR, RESULTS_FILE, SWEEP_FILE, check_out, start_sweep
+from flowkern.eval.sweep.files import POINTS_DIR, RESULTS_FILE, claim_out, start_sweep
 from flowkern.eval.sweep.points import MAIN_METRIC, SWEEP_SETTINGS, Point, SweepUsageError, parse_layer_spec
 from flowkern.knockout import CVPR_EDGES, parse_edge
 
@@ -222,20 +222,6 @@ def check_knockout_config(config: KnockoutConfig) -> tuple[tuple[str, ...], int 
     return edges, w
 
 
-def _check_spec(out: Path, spec: dict[str, Any], overwrite: bool) -> None:
-    """Refuse a folder whose sweep.json holds another knockout spec (or a pruning sweep)."""
-    path = out / SWEEP_FILE
-    if overwrite or not path.is_file():
-        return
-    try:
-        old = json.loads(path.read_text(encoding="utf-8")).get("settings", {}).get("knockout")
-    except (ValueError, AttributeError):
-        raise SweepUsageError(f"--out: {path}: not valid JSON; pass --overwrite to start afresh") from None
-    if old != spec:
-        raise SweepUsageError(f"--out: {out} holds another sweep (knockout {old!r}, now {spec!r}): use another --out, "
-                              "rerun with the same --edges / --window to resume, or pass --overwrite")
-
-
 def run_knockout(config: KnockoutConfig, *, model: Any = None, processor: Any = None,
                  progress: bool = False) -> KnockoutResult:
     """Run (or resume) a knockout sweep and write its results (see the module docstring).
@@ -246,7 +232,8 @@ def run_knockout(config: KnockoutConfig, *, model: Any = None, processor: Any = 
     edges, window = check_knockout_config(config)
     dist = Dist(config.device)
     try:
-        result = _run(config, edges, window, dist, model, processor, progress)
+        with claim_out(config, dist) or contextlib.nullcontext():  # type: ignore[arg-type]
+            result = _run(config, edges, window, dist, model, processor, progress)
         dist.barrier()
         return result
     finally:
@@ -257,7 +244,6 @@ def _run(config: KnockoutConfig, edges: tuple[str, ...], window: int | None, dis
          progress: bool) -> KnockoutResult:
     start = time.perf_counter()
     engine = KnockoutEngine(config, dist, model, processor)
-    check_out(engine.out)
     num_layers = engine.num_layers()
     k = window if window is not None else default_window(num_layers)
     if k > num_layers:
@@ -273,14 +259,13 @@ def _run(config: KnockoutConfig, edges: tuple[str, ...], window: int | None, dis
     except EvalUsageError as exc:
         raise SweepUsageError(str(exc)) from None
     spec = {"edges": list(edges), "window": k}
-    _check_spec(engine.out, spec, config.overwrite)
     if config.overwrite and dist.index == 0:
         for name in (KNOCKOUT_CSV, KNOCKOUT_JSON, KNOCKOUT_FIGURE):
             with contextlib.suppress(FileNotFoundError):
                 (engine.out / name).unlink()
     # the sweep's settings (no pruning: keep / rank / seed None) with the knockout spec among them
     settings = {**{k: plan.settings.get(k) for k in SWEEP_SETTINGS}, "knockout": spec}
-    start_sweep(engine.out, config, dist, settings)  # type: ignore[arg-type]
+    start_sweep(engine.out, config, dist, settings, flags={"knockout": "--edges / --window"})  # type: ignore[arg-type]
     points = [baseline] + [Point(a, None, "knockout", 0, e, k) for e in edges for a in starts]
     try:
         engine.run_points(points, progress)
