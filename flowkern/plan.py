@@ -59,6 +59,9 @@ class PruneSpec:
         keep: an int = at most that many image tokens per sample (0 drops all), a float = that fraction in [0, 1].
         rank: one of :data:`RANKS`. seed: seed of ``rank="random"``. when: one of :data:`WHENS`.
 
+    ``layer``, ``keep`` and ``seed`` given as numpy or 0-d tensor numbers (``numpy.int64(4)``) are stored as the
+    Python ``int`` / ``float`` they hold.
+
     Raises:
         ValueError: naming the bad field (``keep must be ...``), on construction.
     """
