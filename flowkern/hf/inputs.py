@@ -120,8 +120,8 @@ def _warn(problems: list[tuple[Path, str]], what: str) -> None:
     if not fresh:
         return
     _WARNED.update(str(p) for p, _ in fresh)
-    more = f" (and {len(fresh) - 1} more image(s) of this run alike)" if len(fresh) > 1 else ""
     path, message = fresh[0]
+    more = f" (and {len(fresh) - 1} more image(s) converted wrongly, e.g. {fresh[1][0]})" if len(fresh) > 1 else ""
     warnings.warn(f"{what} {path}: {message}{more}; the model sees that conversion, as LLaVA's loader does",
                   ImageWarning, stacklevel=3)
 

@@ -132,7 +132,7 @@ def test_progress_bar_for_big_sets(tmp_path, capsys):
 def test_wrong_rgb_conversion_is_one_warning_naming_file_and_mode(tmp_path, mode, ext, says):
     first = save_wide_image(tmp_path / f"a.{ext}", mode)
     second = save_wide_image(tmp_path / f"b.{ext}", mode)
-    with pytest.warns(ImageWarning, match=f"{first}: mode {mode}.*{says}.*1 more image") as record:
+    with pytest.warns(ImageWarning, match=f"{first}: mode {mode}.*{says}.*1 more image.*e.g. {second}") as record:
         check_images([first, second, save_image(tmp_path / "ok.png", 0)])
     assert len(record) == 1
     with warnings.catch_warnings():
