@@ -86,7 +86,7 @@ def _decode(path: Path, what: str) -> Any:
         raise ImageError(f"{what} {path}: refused as a possible decompression bomb ({exc}); PIL's limit is "
                          f"PIL.Image.MAX_IMAGE_PIXELS = {Image.MAX_IMAGE_PIXELS} pixels") from None
     except UnidentifiedImageError:
-        raise ImageError(f"{what} {path}: not an image file PIL can read") from None
+        raise ImageError(f"{what} {path}: not a readable image (not an image format PIL knows)") from None
     except Exception as exc:  # a decoder fed a damaged file raises OSError, SyntaxError, ValueError, zlib/struct errors
         reason = str(exc) or type(exc).__name__
         raise ImageError(f"{what} {path}: not a readable image ({reason})") from None
@@ -133,20 +133,28 @@ def check_images(paths: Any, *, what: str = "--images", progress: bool = False) 
     its mode, how many more).
 
     Args:
-        paths: image paths (repeats are checked once).
+        paths: image paths (repeats are checked once); a ``PIL.Image`` among them (a loader that holds its images
+            in memory) is only checked for its conversion.
         what: the option the paths came from, for the messages.
         progress: a tqdm bar on stderr when there are many images (200 or more).
 
     Raises:
         ImageError: the first path that is missing, a directory, or not a fully decodable image (see :func:`_decode`).
     """
-    unique = list(dict.fromkeys(Path(os.fspath(p)).expanduser() for p in paths))
+    from PIL import Image
+
+    items = list(paths)
+    problems: list[tuple[Path, str]] = []
+    for picture in (p for p in items if isinstance(p, Image.Image)):  # already decoded: only its conversion
+        problem = image_problem(picture)
+        if problem is not None:
+            problems.append((Path("<PIL.Image>"), problem))
+    unique = list(dict.fromkeys(Path(os.fspath(p)).expanduser() for p in items if not isinstance(p, Image.Image)))
     bar = None
     if progress and len(unique) >= _BIG_SET:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(unique), unit="image", desc="checking images", dynamic_ncols=True, leave=False)
-    problems: list[tuple[Path, str]] = []
     try:
         for path in unique:
             try:
