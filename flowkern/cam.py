@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import operator
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
@@ -203,14 +204,36 @@ def _generate_answer(model: torch.nn.Module, inputs: dict, max_new_tokens: int) 
     return new
 
 
-def _check_layers(layers: Sequence[int] | None, num_layers: int) -> list[int]:
+def _index(value: Any) -> int | None:
+    """``value`` as a Python int when it is one integer (int, numpy integer, 0-d integer tensor; not a bool)."""
+    if isinstance(value, bool):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
+
+
+def _check_layers(layers: Sequence[int] | str | int | None, num_layers: int) -> list[int]:
     if layers is None:
         return list(range(num_layers))
+    given = layers
+    if isinstance(layers, str):  # "0,1" as on the command line
+        try:
+            layers = [int(part) for part in layers.split(",") if part.strip()]
+        except ValueError:
+            raise ValueError(f"layers {given!r}: expected decoder layers as a list of ints such as [0, 1], or a "
+                             f"comma-separated string such as '0,1'") from None
+    elif _index(layers) is not None:  # one layer: an int, numpy.int64, a 0-d integer tensor
+        layers = [layers]
     out = []
     for layer in layers:
-        if not -num_layers <= int(layer) < num_layers:
+        index = _index(layer)
+        if index is None:
+            raise ValueError(f"layers {given!r}: {layer!r} is not a decoder layer index (an int)")
+        if not -num_layers <= index < num_layers:
             raise ValueError(f"layer {layer} out of range for a language model of {num_layers} layers")
-        out.append(int(layer) % num_layers)
+        out.append(index % num_layers)
     if not out or len(set(out)) != len(out):
         raise ValueError(f"layers must be a non-empty list of distinct layers, got {list(layers)}")
     return out
@@ -226,7 +249,7 @@ def cam(
     inputs: Mapping[str, Any],
     answer_ids: torch.Tensor | Sequence[int] | None = None,
     *,
-    layers: Sequence[int] | None = None,
+    layers: Sequence[int] | str | int | None = None,
     site: str = "post_attention_layernorm",
     samples: int = 8,
     noise_std: float = 0.1,
@@ -249,7 +272,8 @@ def cam(
             ``pixel_values``, and what the model needs (``attention_mask``, ``image_sizes``, ``image_grid_thw``...).
         answer_ids: the answer tokens ``[T]`` (or ``[1, T]``) the target sums the logits of; None generates the
             answer greedily first (``max_new_tokens``, cut at the first end-of-sequence / padding token).
-        layers: decoder layers (negative counts from the end); None = all, in order.
+        layers: decoder layers (negative counts from the end), also as one int or a string ``"0,1"``; None = all, in
+            order.
         site: where ``A`` is read, one of :data:`SITES`.
         samples: noisy copies averaged (SmoothGrad ``N``); with ``noise_std=0`` use 1.
         noise_std: std ``sigma`` of the Gaussian noise added in [0, 1] pixel space; 0 = plain Grad-CAM.

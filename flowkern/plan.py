@@ -9,6 +9,7 @@ image tokens, each row's last position), False for padding.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
@@ -21,6 +22,7 @@ __all__ = [
     "PruneSpec",
     "PRUNE_OPTIONS",
     "parse_keep",
+    "check_keep",
     "num_to_keep",
     "choose",
     "grid_cells",
@@ -57,6 +59,9 @@ class PruneSpec:
         keep: an int = at most that many image tokens per sample (0 drops all), a float = that fraction in [0, 1].
         rank: one of :data:`RANKS`. seed: seed of ``rank="random"``. when: one of :data:`WHENS`.
 
+    ``layer``, ``keep`` and ``seed`` given as numpy or 0-d tensor numbers (``numpy.int64(4)``) are stored as the
+    Python ``int`` / ``float`` they hold.
+
     Raises:
         ValueError: naming the bad field (``keep must be ...``), on construction.
     """
@@ -68,6 +73,8 @@ class PruneSpec:
     when: str = "prefill"
 
     def __post_init__(self) -> None:
+        for name in ("layer", "keep", "seed"):  # numpy / torch scalars (np.int64(4)) as the Python numbers they are
+            object.__setattr__(self, name, _plain_number(getattr(self, name)))
         if self.rank not in RANKS:
             raise ValueError(f"rank must be one of {RANKS}, got {self.rank!r}")
         if self.when not in WHENS:
@@ -138,6 +145,20 @@ class PruneSpec:
         return cls(**{names[k]: v for k, v in data.items()})
 
 
+def _plain_number(value: Any) -> Any:
+    """An integral number (``numpy.int64``, a 0-d integer tensor) as an ``int``, another real one as a ``float``;
+    anything else (None, bool, text) unchanged, for the field checks to refuse or keep."""
+    if value is None or isinstance(value, bool | str) or type(value).__name__ == "bool_":
+        return value
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        return float(value)
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and value.dim() == 0 and value.dtype != torch.bool:
+        return int(value) if not value.is_floating_point() else float(value)
+    return value
+
+
 def parse_keep(text: str) -> int | float:
     """A ``keep`` written as text: ``"0"`` / ``"64"`` (image tokens per sample), ``"0.25"`` or ``"25%"`` (a fraction).
 
@@ -162,6 +183,21 @@ def parse_keep(text: str) -> int | float:
     if not 0.0 <= frac <= 1.0:
         raise ValueError(f"{text!r}: a fraction must be in [0, 1]")
     return frac
+
+
+def check_keep(keep: int | float, image_tokens: int, *, what: str = "--keep") -> None:
+    """Refuse a ``keep`` that keeps every one of the ``image_tokens`` image tokens a prompt has (a pruned run would
+    then drop nothing, and a sweep would report a cliff of an unpruned model): an int ``>= image_tokens``, or a
+    fraction that rounds to all of them. ``demo --keep`` and ``sweep --keep`` share it.
+
+    Raises:
+        ValueError: naming ``what``, the value and the count.
+    """
+    kept = int(num_to_keep(keep, torch.tensor([int(image_tokens)]))[0])
+    if image_tokens > 0 and kept >= image_tokens:
+        fraction = f" (a fraction keeps {kept}: all of them)" if isinstance(keep, float) else ""
+        raise ValueError(f"{what} {keep}: the model sees {image_tokens} image tokens per image{fraction}, so nothing "
+                         f"would be pruned; expected 0 .. {image_tokens - 1} image tokens, or a smaller fraction")
 
 
 # ----------------------------------------------------------------------------------------------------------

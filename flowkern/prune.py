@@ -437,6 +437,9 @@ def prune(
             with other settings); the model family is not supported. NotImplementedError: DeepStack layers at or
             after ``layer`` (Qwen3-VL).
     """
+    if not isinstance(model, torch.nn.Module):
+        raise ValueError(f"model: expected a loaded Hugging Face VLM (a torch.nn.Module, e.g. from "
+                         f"flowkern.hf.loading.load_model), got {type(model).__name__}")
     if isinstance(layer, PruneSpec):
         if (keep, rank, seed, when) != (0, "attention", 0, "prefill"):
             raise ValueError("layer: pass either a PruneSpec or keep / rank / seed / when, not both")

@@ -339,3 +339,53 @@ def signal_when(cmd: list[str], env: dict[str, str], ready: Callable[[], bool], 
         if proc.poll() is None:
             proc.kill()
     return proc.returncode, err
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# inputs: hostile image files (cut short, a decompression-bomb header, 16-bit / float / transparent pixels)
+
+def save_truncated(path: Path, seed: int = 0, fmt: str = "PNG") -> Path:
+    """A valid image file (:func:`save_image`'s pixels, 32 x 32) cut to its first half: its header reads, its
+    pixels do not."""
+    import io
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pixels = np.random.default_rng(seed).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, fmt)
+    path.write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+    return path
+
+
+def save_bomb_header(path: Path, side: int = 20000) -> Path:
+    """A PNG whose header claims ``side x side`` pixels (400 M by default: over twice PIL's decompression-bomb limit)
+    and whose data is a few bytes: written by hand, nothing that big is ever allocated."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    header = struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0)  # 1-bit grayscale
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0"))
+                     + chunk(b"IEND", b""))
+    return path
+
+
+def save_wide_image(path: Path, mode: str) -> Path:
+    """A 16 x 16 image that ``convert("RGB")`` renders wrongly: ``"I;16"`` (16-bit values up to 65280), ``"F"``
+    (floats in [0, 1], as TIFF) or ``"RGBA"`` (half transparent)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ramp = np.arange(256).reshape(16, 16)
+    if mode == "I;16":
+        Image.fromarray((ramp * 256).astype(np.uint16)).save(path)
+    elif mode == "F":
+        Image.fromarray((ramp / 255).astype(np.float32)).save(path)
+    elif mode == "RGBA":
+        rgba = np.zeros((16, 16, 4), dtype=np.uint8)
+        rgba[..., 3] = np.where(ramp < 128, 0, 255)
+        Image.fromarray(rgba).save(path)
+    else:
+        raise ValueError(mode)
+    return path

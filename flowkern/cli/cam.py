@@ -19,6 +19,7 @@ from pathlib import Path
 from flowkern.cli.common import (
     UsageError,
     add_model_arguments,
+    check_layers_early,
     check_output_dir,
     load_from_args,
     parse_layers,
@@ -80,6 +81,7 @@ def run(args: argparse.Namespace) -> int:
     if args.threshold is not None and not 0.0 <= args.threshold <= 1.0:
         raise UsageError(f"--threshold {args.threshold}: expected a value in [0, 1]")
     target = check_output_dir(args)
+    check_layers_early(args)  # from config.json: a typo costs no model load
     loaded = load_from_args(args)
     model, processor, inputs = loaded.model, loaded.processor, loaded.inputs
     num_layers = int(get_adapter(model).text_config(model.config).num_hidden_layers)

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from flowkern.demo import resolve_model
+from flowkern.demo import resolve_model, shadowed_demo
 from flowkern.eval import TASKS
 from flowkern.plan import PRUNE_OPTIONS, RANKS, WHENS, PruneSpec
 from flowkern.plan import parse_keep as plan_parse_keep
@@ -55,6 +55,7 @@ __all__ = [
     "check_output_dir",
     "output_path",
     "parse_layers",
+    "check_layers_early",
     "config_from_args",
     "summary_text",
 ]
@@ -109,11 +110,26 @@ class _LineTracker:
 @contextlib.contextmanager
 def track_stderr() -> Iterator[None]:
     """Inside, ``sys.stderr`` remembers whether its current line is unfinished, for :func:`error_line` (progress
-    bars made inside write through it). Restored on exit (unless something replaced it meanwhile)."""
+    bars made inside write through it), and flowkern's input warnings (:class:`flowkern.hf.inputs.InputWarning`) are
+    printed as one ``flowkern: warning: ...`` line each. Restored on exit (unless something replaced it meanwhile)."""
+    import warnings
+
+    from flowkern.hf.inputs import InputWarning
+
     tracker = _LineTracker(sys.stderr)
     sys.stderr = tracker
+    default_show = warnings.showwarning
+
+    def show(message: Any, category: type[Warning], *args: Any, **kwargs: Any) -> None:
+        if issubclass(category, InputWarning):  # flowkern's own: one line, without a source line
+            error_line(f"flowkern: warning: {' '.join(str(message).split())}")
+        else:
+            default_show(message, category, *args, **kwargs)
+
     try:
-        yield
+        with warnings.catch_warnings():
+            warnings.showwarning = show
+            yield
     finally:
         if sys.stderr is tracker:
             sys.stderr = tracker.stream
@@ -135,11 +151,15 @@ MODEL_HELP = "hub id (already in the Hugging Face cache; never downloaded) or lo
 
 
 def model_argument(text: str) -> str:
-    """``--model``: what to load (:func:`flowkern.demo.resolve_model`: ``demo`` is the shipped model's folder).
+    """``--model``: what to load (:func:`flowkern.demo.resolve_model`: ``demo`` is the shipped model's folder, with a
+    warning when a ``./demo`` exists too, which ``--model ./demo`` loads).
 
     Raises:
         argparse.ArgumentTypeError: ``demo`` in an install without the model files.
     """
+    note = shadowed_demo(text)
+    if note:
+        print(f"flowkern: warning: {note}", file=sys.stderr)
     try:
         return resolve_model(text)
     except FileNotFoundError as exc:
@@ -421,6 +441,21 @@ def parse_layers(spec: str | None, num_layers: int, *, default_count: int = 8) -
     return list(dict.fromkeys(layers))
 
 
+def check_layers_early(args: argparse.Namespace) -> None:
+    """Check ``args.layers`` (:func:`parse_layers`) before the model loads, against the decoder-layer count its
+    config.json gives (no weights read; :func:`flowkern.eval.sweep.files.checkpoint_layers`); when that file does
+    not say, the command checks it once the model is loaded.
+
+    Raises:
+        UsageError: a malformed spec or a layer out of range.
+    """
+    from flowkern.eval.sweep.files import checkpoint_layers
+
+    num_layers = checkpoint_layers(args.model)
+    if num_layers is not None:
+        parse_layers(args.layers, num_layers)
+
+
 _Config = TypeVar("_Config")
 
 
@@ -447,6 +482,8 @@ def summary_text(result: dict) -> str:
     parts = [f"{task}: {result['n']} predictions scored"]
     if result.get("missing"):
         parts.append(f"{result['missing']} questions without a prediction (not scored)")
+    if result.get("ignored"):
+        parts.append(f"{result['ignored']} predictions ignored (questions outside the scored subset)")
     if "parsing" in result:
         parts.append(f"parsing {result['parsing']}")
     keys = {"pope": ("accuracy", "precision", "recall", "f1", "yes_ratio"), "chair": ("chair_s", "chair_i", "recall")}

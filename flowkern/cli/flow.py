@@ -27,6 +27,7 @@ from flowkern.cli.common import (
     UsageError,
     add_model_arguments,
     add_prune_arguments,
+    check_layers_early,
     check_output_dir,
     check_prune_arguments,
     load_from_args,
@@ -84,6 +85,7 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--max-new-tokens {args.max_new_tokens}: expected >= 1")
     check_prune_arguments(args)
     target = check_output_dir(args)
+    check_layers_early(args)  # from config.json: a typo costs no model load
     loaded = load_from_args(args)
     model, inputs = loaded.model, loaded.inputs
     num_layers = int(get_adapter(model).text_config(model.config).num_hidden_layers)

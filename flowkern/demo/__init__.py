@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-__all__ = ["demo_model_path", "resolve_model", "DEMO_MODEL_NAME"]
+__all__ = ["demo_model_path", "resolve_model", "shadowed_demo", "DEMO_MODEL_NAME"]
 
 DEMO_MODEL_NAME = "demo"
 """What ``--model`` accepts for the shipped model."""
@@ -40,13 +40,23 @@ def demo_model_path() -> Path:
 
 
 def resolve_model(model: str | os.PathLike[str]) -> str:
-    """What to load for ``model`` (a ``--model`` value): the shipped model's folder for :data:`DEMO_MODEL_NAME`
-    (unless a path of that name exists), else ``model`` as given.
+    """What to load for ``model`` (a ``--model`` value): the shipped model's folder for :data:`DEMO_MODEL_NAME`,
+    always (a folder named ``demo`` in the working directory is ``./demo``: :func:`shadowed_demo` tells when one
+    exists), else ``model`` as given.
 
     Raises:
         FileNotFoundError: ``"demo"`` in an install without the model files.
     """
     model = os.fspath(model)
-    if model == DEMO_MODEL_NAME and not Path(model).expanduser().exists():
+    if model == DEMO_MODEL_NAME:
         return str(demo_model_path())
     return model
+
+
+def shadowed_demo(model: str | os.PathLike[str]) -> str | None:
+    """For ``--model demo`` while a path ``demo`` exists in the working directory: a note that the shipped model is
+    loaded and how to load the local one; else None."""
+    if os.fspath(model) == DEMO_MODEL_NAME and Path(DEMO_MODEL_NAME).exists():
+        return (f"--model demo is the shipped demo model; the {Path(DEMO_MODEL_NAME).absolute()} in the working "
+                "directory is not loaded (pass --model ./demo for it)")
+    return None

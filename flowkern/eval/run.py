@@ -39,10 +39,13 @@ only generates the rest. A torn last line (a run killed while writing) is detect
 before appending; any other malformed line is an error that leaves the file untouched. ``--limit``, the batch size,
 which CUDA device and ``--strict`` (scoring only) may change between runs; ``overwrite=True`` starts afresh.
 
-Every input is checked before a model is loaded: the task name, the question files, each selected question's image
-(exists and is an image file), the output folder (creatable, writable, not a file) and an existing answer file
-(parseable, ids known, settings equal). Those mistakes raise :class:`EvalUsageError` (a ``ValueError``) with a
-one-line message naming the option (``--data``, ``--images``, ``--out``, ...).
+Every input is checked before a model is loaded: the task name, the question files (each field's type, naming the
+file and row), the image of each question still to answer (decoded fully, once: a truncated file or a
+decompression-bomb header is refused naming it; :func:`flowkern.hf.inputs.check_images`), the output folder
+(creatable, writable, not a file) and an existing answer file (parseable, ids known, settings equal). Those mistakes
+raise :class:`EvalUsageError` (a ``ValueError``) with a one-line message naming the option (``--data``, ``--images``,
+``--out``, ...). A prompt that, with its answer, passes the model's ``max_position_embeddings`` is warned about once
+(:class:`flowkern.hf.inputs.InputWarning`).
 """
 
 from __future__ import annotations
@@ -255,29 +258,24 @@ def _check_out_dir(config: EvalConfig) -> Path:
     return out
 
 
-def _check_images(samples: Sequence[Sample], images_hint: str) -> None:
-    from PIL import Image, UnidentifiedImageError
+def _check_images(samples: Sequence[Sample], images_hint: str, progress: bool) -> None:
+    """Every image of ``samples`` exists and decodes fully (:func:`flowkern.hf.inputs.check_images`)."""
+    from flowkern.hf.inputs import ImageError, check_images
 
     missing: list[Sample] = []
-    checked: dict[Path, str | None] = {}
     for s in samples:
         if s.image is None:
             raise EvalUsageError(f"--data: question {s.id!r} has no image; flowkern eval answers image questions only")
-        if s.image in checked:
-            continue
-        if not s.image.is_file():
-            checked[s.image] = "missing"
+        if not s.image.is_file() and not s.image.is_dir():
             missing.append(s)
-            continue
-        try:
-            with Image.open(s.image):
-                checked[s.image] = None
-        except (UnidentifiedImageError, OSError) as exc:
-            raise EvalUsageError(f"--images: question {s.id!r}: {s.image} is not a readable image ({exc})") from None
     if missing:
         first = missing[0]
         more = f" ({len(missing)} of {len(samples)} questions' images are missing)" if len(missing) > 1 else ""
         raise EvalUsageError(f"--images: question {first.id!r}: image {first.image} not found{more}; {images_hint}")
+    try:
+        check_images([s.image for s in samples], what="--images", progress=progress)
+    except ImageError as exc:
+        raise EvalUsageError(str(exc)) from None
 
 
 def _compare_settings(path: Path, settings: dict[str, Any], out: Path) -> None:
@@ -292,9 +290,10 @@ def _compare_settings(path: Path, settings: dict[str, Any], out: Path) -> None:
                         what=f"the answers in {out} were generated", where=path, error=EvalUsageError)
 
 
-def prepare(config: EvalConfig) -> EvalPlan:
+def prepare(config: EvalConfig, *, progress: bool = False) -> EvalPlan:
     """Check every input and the output folder, load the questions and read what is already answered. No model is
-    loaded and nothing is written.
+    loaded and nothing is written. Each image still to be answered is decoded fully
+    (:func:`flowkern.hf.inputs.check_images`; ``progress``: a bar for big sets).
 
     Raises:
         EvalUsageError: an unknown task, a missing or malformed data file, a question whose image is absent or
@@ -348,13 +347,29 @@ def prepare(config: EvalConfig) -> EvalPlan:
     todo = [s for s in selected if s.key not in answered]
     hint = ("pass --images with the COCO val2014 folder" if config.task == "pope" and config.images is None
             else "check --images (the folder holding the task's images)")
-    _check_images(todo, hint)
+    _check_images(todo, hint, progress)
     return EvalPlan(config=config, task=task, settings=settings, out=out, samples=selected, todo=todo,
                     answered=answered, valid_bytes=valid, torn_line=torn, fresh=config.overwrite or not answered)
 
 
 # ----------------------------------------------------------------------------------------------------------
 # generation
+
+
+def _warn_positions(model: Any, inputs: Any, max_new_tokens: int) -> bool:
+    """Warn (:class:`flowkern.hf.inputs.InputWarning`, once per run) when a batch's prompt plus its new tokens
+    passes the model's ``max_position_embeddings`` (:func:`flowkern.hf.loading.position_range_message`, the check
+    ``flow`` / ``generate`` / ``cam`` make); returns whether it warned."""
+    import warnings
+
+    from flowkern.hf.inputs import InputWarning
+    from flowkern.hf.loading import position_range_message
+
+    message = position_range_message(model, int(inputs["input_ids"].shape[1]) + max_new_tokens)
+    if message:
+        warnings.warn(f"--max-new-tokens: {message} (the first such batch; later ones are not reported)",
+                      InputWarning, stacklevel=3)
+    return message is not None
 
 
 def generate_answers(model: Any, processor: Any, images: Sequence[Any], prompts: Sequence[str], *,
@@ -426,7 +441,7 @@ def run_eval(
 def _run_owned(config: EvalConfig, model: Any, processor: Any, progress: bool,
                on_batch: Callable[[int, int], None] | None) -> EvalResult:
     """:func:`run_eval` once the folder is owned."""
-    plan = prepare(config)
+    plan = prepare(config, progress=progress)
     task, settings = plan.task, plan.settings
     pruning = None
     if plan.todo:
@@ -453,11 +468,16 @@ def _run_owned(config: EvalConfig, model: Any, processor: Any, progress: bool,
         bar = tqdm(total=total, initial=done, unit="q", desc=f"{task.name}", dynamic_ncols=True, smoothing=0.1)
     start = time.perf_counter()
     generated = 0
+    warned = False
     try:
         for i in range(0, len(plan.todo), config.batch_size):
             batch = plan.todo[i: i + config.batch_size]
-            texts = generate_answers(model, processor, [s.image for s in batch], [s.prompt for s in batch],
-                                     max_new_tokens=settings["max_new_tokens"], pruning=pruning)
+            images, prompts = [s.image for s in batch], [s.prompt for s in batch]
+            inputs = build_inputs(processor, model, images, prompts)
+            if not warned:
+                warned = _warn_positions(model, inputs, settings["max_new_tokens"])
+            texts = generate_answers(model, processor, images, prompts, max_new_tokens=settings["max_new_tokens"],
+                                     pruning=pruning, inputs=inputs)
             append_lines(plan.answers_path, [answer_record(task, s, t, model_id)
                                              for s, t in zip(batch, texts, strict=True)])
             generated += len(batch)

@@ -73,8 +73,10 @@ def test_accuracy_by_category(tmp_path):
 
 def test_bad_input(sqa, tmp_path):
     task = SqaTask(sqa)
-    with pytest.raises(ValueError, match="'3' is not in"):  # a question without an image is not scored
-        task.score({"3": "A"})
+    with pytest.raises(ValueError, match="'99' is not in"):  # an id in no split
+        task.score({"1": "B", "99": "A"})
+    with pytest.raises(ValueError, match="no predictions to score .1 are for questions outside"):
+        task.score({"3": "A"})  # a question without an image only: nothing to score
     with pytest.raises(FileNotFoundError, match="--data"):
         SqaTask(tmp_path / "nowhere")
     with pytest.raises(ValueError, match="no split 'dev'"):
@@ -85,3 +87,20 @@ def test_bad_input(sqa, tmp_path):
     (sqa / "problems.json").unlink()
     with pytest.raises(FileNotFoundError, match="problems.json"):
         SqaTask(sqa).samples  # noqa: B018
+
+
+def test_llava_answer_file_of_the_whole_test_split(sqa, tmp_path):
+    """LLaVA's answer file covers the whole test split, text-only problems included (and may hold other splits'
+    problems): those are ignored and counted, as LLaVA's eval_science_qa.py does; the image subset is scored."""
+    from tests.fixtures import write_jsonl
+
+    lines = [{"question_id": pid, "prompt": ("<image>\n" if pid != "3" else "") + "Q", "text": text,
+              "answer_id": f"a{pid}", "model_id": "llava-v1.5-7b", "metadata": {}}
+             for pid, text in (("1", "B"), ("2", "A"), ("3", "A"), ("5", "D"), ("4", "B"))]
+    answers = write_jsonl(tmp_path / "llava-v1.5-7b.jsonl", lines)
+    task = SqaTask(sqa)
+    m = task.score(task.read_predictions(answers))
+    assert (m["n"], m["missing"], m["ignored"], m["correct"]) == (3, 0, 2, 2)  # 3 (text only) and 4 (val) ignored
+    assert m["accuracy"] == pytest.approx(2 / 3, abs=1e-12)
+    assert "ignored" not in task.score({"1": "B"})  # nothing ignored: the metrics are as before
+    assert len(SqaTask(sqa, image_only=False).match(task.read_predictions(answers))) == 4  # 3 is scored there

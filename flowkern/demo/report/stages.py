@@ -434,6 +434,7 @@ def check_model(config: DemoConfig, model: Any, processor: Any) -> int:
 
     from flowkern import shapes as world
     from flowkern.hf.inputs import build_inputs
+    from flowkern.plan import check_keep
 
     try:
         inputs = build_inputs(processor, model, [Image.new("RGB", (world.CANVAS, world.CANVAS), "white")],
@@ -441,8 +442,7 @@ def check_model(config: DemoConfig, model: Any, processor: Any) -> int:
     except ValueError as exc:
         raise ValueError(f"--model {config.model}: cannot build a shapes prompt: {exc}") from None
     n = _image_token_count(model, inputs)
-    if not 1 <= config.keep < n:
-        raise ValueError(f"--keep {config.keep}: the model sees {n} image tokens per image; expected 1 .. {n - 1}")
+    check_keep(config.keep, n)  # the check `sweep --keep` makes (keep >= 1 is the demo's own, in check_config)
     return n
 
 

@@ -35,6 +35,7 @@ from flowkern.eval.sweep.points import (
     SweepResult,
     SweepUsageError,
     check_config,
+    check_inputs,
     parse_layer_spec,
     series,
     series_points,
@@ -367,6 +368,7 @@ def _run(config: SweepConfig, dist: Dist, model: Any, processor: Any, progress: 
         first_plan = prepare(engine.eval_config(baseline))  # validates task, data, images, --out of a point
     except EvalUsageError as exc:
         raise SweepUsageError(str(exc)) from None
+    check_inputs(config, first_plan, progress=progress and dist.index == 0)  # every image, --keep: before any write
     start_sweep(engine.out, config, dist, sweep_settings(config, first_plan))
 
     done: dict[str, dict[str, Any]] = {}

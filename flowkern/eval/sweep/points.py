@@ -11,10 +11,11 @@ from pathlib import Path
 from typing import Any
 
 from flowkern.eval.run import EvalPlan, EvalUsageError
-from flowkern.plan import PruneSpec
+from flowkern.plan import PruneSpec, check_keep
 
 __all__ = ["SweepUsageError", "Point", "SweepConfig", "SweepResult", "MAIN_METRIC", "SWEEP_SETTINGS", "FLAGS",
-           "parse_layer_spec", "check_config", "sweep_settings", "main_rank", "series", "series_points"]
+           "parse_layer_spec", "check_config", "check_inputs", "sweep_settings", "main_rank", "series",
+           "series_points"]
 
 MAIN_METRIC: dict[str, tuple[str, bool]] = {"pope": ("f1", True), "sqa": ("accuracy", True),
                                             "textvqa": ("accuracy", True), "chair": ("chair_s", False)}
@@ -189,6 +190,50 @@ def check_config(config: SweepConfig) -> None:
         raise SweepUsageError(f"--control {','.join(config.controls)}: a rank is given twice")
     if config.prune.rank not in CONTROLS:
         raise SweepUsageError(f"--rank {config.prune.rank!r}: expected one of {', '.join(CONTROLS)}")
+
+
+def check_inputs(config: SweepConfig, plan: EvalPlan, *, progress: bool = False) -> None:
+    """The checks of a sweep's inputs that need its questions, before a model is loaded and before anything is
+    written: every selected question's image decoded fully (:func:`flowkern.hf.inputs.check_images`: any point may
+    still need it), and ``--keep`` against the image tokens the model sees (:func:`flowkern.plan.check_keep`),
+    counted on the first question by the model's processor alone (config and processor files, no weights; skipped
+    when those cannot be read, which the model load then reports).
+
+    Args:
+        plan: the baseline point's :class:`flowkern.eval.run.EvalPlan` (the selected questions).
+
+    Raises:
+        SweepUsageError: an image that is not fully decodable; a ``--keep`` that keeps every image token.
+    """
+    from flowkern.hf.inputs import ImageError, check_images
+
+    try:
+        check_images([s.image for s in plan.samples if s.image is not None], what="--images", progress=progress)
+    except ImageError as exc:
+        raise SweepUsageError(str(exc)) from None
+    if config.prune.keep == 0 or not plan.samples:
+        return
+    count = _image_tokens(config.model, plan.samples[0])
+    if count is not None:
+        try:
+            check_keep(config.prune.keep, count)
+        except ValueError as exc:
+            raise SweepUsageError(f"{exc} (counted on question {plan.samples[0].id!r})") from None
+
+
+def _image_tokens(model: str, sample: Any) -> int | None:
+    """Image tokens of ``sample``'s prompt for ``model`` from its config and processor (no weights), or None when
+    they cannot be read."""
+    import transformers
+
+    from flowkern.hf.inputs import image_token_counts
+
+    try:
+        config = transformers.AutoConfig.from_pretrained(model, local_files_only=True)
+        processor = transformers.AutoProcessor.from_pretrained(model, local_files_only=True)
+        return image_token_counts(processor, config, [sample.image], [sample.prompt])[0]
+    except Exception:  # noqa: BLE001 - any failure here is the model loader's to report, with its own message
+        return None
 
 
 def sweep_settings(config: SweepConfig, plan: EvalPlan) -> dict[str, Any]:

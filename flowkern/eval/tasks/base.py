@@ -27,6 +27,8 @@ __all__ = [
     "read_jsonl",
     "read_predictions",
     "id_key",
+    "row_field",
+    "json_type",
 ]
 
 
@@ -65,6 +67,53 @@ def id_key(value: Any) -> str:
     if isinstance(value, bool) or not isinstance(value, (int, str)):
         raise ValueError(f"expected an integer or string id, got {value!r}")
     return str(value).strip()
+
+
+_JSON_NAMES = {type(None): "null", bool: "a boolean", int: "a number", float: "a number", str: "a string",
+               list: "a list", dict: "an object"}
+
+
+def json_type(value: Any) -> str:
+    """How JSON names ``value``'s type, for messages: ``null``, ``a number``, ``a string``, ``a list``, ..."""
+    return _JSON_NAMES.get(type(value), type(value).__name__)
+
+
+_KINDS: dict[str, tuple[tuple[type, ...], str]] = {
+    "string": ((str,), "a string"), "id": ((int, str), "an integer or a string"), "int": ((int,), "an integer"),
+    "list": ((list,), "a list"), "object": ((dict,), "an object"), "number": ((int, float), "a number")}
+
+
+def row_field(row: Any, name: str, kind: str, where: str, *, optional: bool = False, empty: bool = False) -> Any:
+    """``row[name]`` of an official data file, checked: the one validator every task's loader reads fields through.
+
+    Args:
+        row: the record (a JSON object; anything else is refused).
+        name: the field.
+        kind: ``"string"``, ``"id"`` (an int or a string, as ids are written), ``"int"``, ``"number"``, ``"list"`` or
+            ``"object"``; a boolean is never a number.
+        where: ``"--data: <file>:<line>"`` or ``"--data: <file>: data[3]"``: the file and the row, for the message.
+        optional: a missing field or ``null`` gives None.
+        empty: an empty string or list is accepted (default: refused).
+
+    Raises:
+        ValueError: ``"{where}: image must be a string, got null"`` (and alike for a missing field, a wrong type
+            or an empty value).
+    """
+    if not isinstance(row, dict):
+        raise ValueError(f"{where}: expected an object, got {json_type(row)}")
+    if name not in row or row[name] is None:
+        if optional:
+            return None
+        if name not in row:
+            raise ValueError(f"{where}: missing field {name!r}")
+    value = row[name]
+    wanted, names = _KINDS[kind]
+    if isinstance(value, bool) or not isinstance(value, wanted):
+        got = "null" if value is None else f"{json_type(value)} ({json.dumps(value)[:40]})"
+        raise ValueError(f"{where}: {name} must be {names}, got {got}")
+    if not empty and isinstance(value, str | list) and not (value.strip() if isinstance(value, str) else value):
+        raise ValueError(f"{where}: {name} must not be empty, got {json.dumps(value)}")
+    return value
 
 
 def read_json(path: str | os.PathLike[str], *, what: str = "--data") -> Any:
@@ -197,18 +246,33 @@ class Task:
         """The sample key a prediction is matched to (``str`` of its id by default)."""
         return id_key(prediction.id)
 
+    def outside_subset(self, key: str) -> bool:
+        """Whether ``key`` names a question of the benchmark that this task does not score (ScienceQA's text-only
+        problems, another split): a prediction for it is ignored and counted (``ignored`` in :meth:`score`), as the
+        reference scripts do with answer files covering a whole split. False here: every unknown id is an error."""
+        return False
+
     def match(self, predictions: Iterable[Prediction] | Mapping[Any, str]) -> list[tuple[Sample, str]]:
-        """Pair predictions with samples by id. ``ValueError`` for an unknown id or an id given twice."""
+        """Pair predictions with samples by id. ``ValueError`` for an unknown id or an id given twice; predictions
+        for questions outside the scored subset (:meth:`outside_subset`) are left out."""
+        return self._match(predictions)[0]
+
+    def _match(self, predictions: Iterable[Prediction] | Mapping[Any, str]) -> tuple[list[tuple[Sample, str]], int]:
+        """:meth:`match`'s pairs and the number of predictions left out as outside the scored subset."""
         if isinstance(predictions, Mapping):
             predictions = [Prediction(k, v) for k, v in predictions.items()]
         self.samples  # noqa: B018 - load
         assert self._by_key is not None
         seen: dict[str, str] = {}
         pairs: list[tuple[Sample, str]] = []
+        ignored = 0
         for p in predictions:
             where = f"{p.source}: " if p.source else ""
             key = self.prediction_key(p)
             sample = self._by_key.get(key)
+            if sample is None and self.outside_subset(key):
+                ignored += 1
+                continue
             if sample is None:
                 raise ValueError(f"--predictions: {where}{self.id_field} {p.id!r} is not in the {self.name} data "
                                  f"(--data)")
@@ -218,19 +282,23 @@ class Task:
             seen[key] = p.source
             pairs.append((sample, p.text))
         if not pairs:
-            raise ValueError("--predictions: no predictions to score")
-        return pairs
+            outside = f" ({ignored} are for questions outside the scored subset)" if ignored else ""
+            raise ValueError(f"--predictions: no predictions to score{outside}")
+        return pairs, ignored
 
     def score(self, predictions: Iterable[Prediction] | Mapping[Any, str]) -> dict[str, Any]:
         """Score predictions (answer-file lines, or a mapping id -> text) into a dict of metrics.
 
-        Only the predicted samples are scored (``n`` says how many; ``missing`` how many samples have none).
+        Only the predicted samples are scored (``n`` says how many; ``missing`` how many samples have none;
+        ``ignored``, present when not 0, how many predictions were for questions outside the scored subset).
         """
-        pairs = self.match(predictions)
+        pairs, ignored = self._match(predictions)
         result: dict[str, Any] = {"task": self.name}
         result.update(self._metrics(pairs))
         result["n"] = len(pairs)
         result["missing"] = len(self.samples) - len(pairs)
+        if ignored:
+            result["ignored"] = ignored
         return result
 
     def _metrics(self, pairs: list[tuple[Sample, str]]) -> dict[str, Any]:

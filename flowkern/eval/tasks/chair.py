@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from flowkern.eval.tasks._coco_objects import ANIMAL_WORDS, COCO_OBJECTS, DOUBLE_WORDS, VEHICLE_WORDS
-from flowkern.eval.tasks.base import Sample, Task, id_key, ratio, read_json
+from flowkern.eval.tasks.base import Sample, Task, id_key, ratio, read_json, row_field
 
 __all__ = ["ChairTask", "ObjectVocabulary", "caption_objects", "singularize", "tokenize", "chair_metrics", "PROMPT",
            "VOCABULARY_FILE"]
@@ -248,27 +248,43 @@ class ChairTask(Task):
         for what, obj in ((self.instances_file, instances), (self.captions_file, captions)):
             if not isinstance(obj, dict) or "annotations" not in obj or "images" not in obj:
                 raise ValueError(f"--data: {what}: expected a COCO annotation file with 'images' and 'annotations'")
+        inst, caps = self.instances_file, self.captions_file
+        for what, obj in ((inst, instances), (caps, captions)):
+            for name in ("images", "annotations"):
+                row_field(obj, name, "list", f"--data: {what}", empty=True)
         categories = {}
-        for cat in instances.get("categories", []):
+        for i, cat in enumerate(row_field(instances, "categories", "list", f"--data: {inst}", optional=True,
+                                          empty=True) or []):
+            where = f"--data: {inst}: categories[{i}]"
+            cat_id, name = row_field(cat, "id", "id", where), row_field(cat, "name", "string", where)
             synonyms = self.vocabulary.synonyms
-            if cat["name"] not in synonyms:
+            if name not in synonyms:
                 what = "a COCO class" if self.vocabulary is _COCO_VOCABULARY else "in the object vocabulary"
-                raise ValueError(f"--data: {self.instances_file}: category {cat['name']!r} is not {what}")
-            categories[cat["id"]] = synonyms[cat["name"]]
+                raise ValueError(f"--data: {inst}: category {name!r} is not {what}")
+            categories[cat_id] = synonyms[name]
         file_names: dict[str, str] = {}
         ids: dict[str, Any] = {}
-        for image in list(captions["images"]) + list(instances["images"]):
-            key = id_key(image["id"])
-            ids.setdefault(key, image["id"])
-            file_names.setdefault(key, image.get("file_name", f"COCO_val2014_{int(image['id']):012d}.jpg"))
+        for what, obj in ((caps, captions), (inst, instances)):
+            for i, image in enumerate(obj["images"]):
+                where = f"--data: {what}: images[{i}]"
+                key = id_key(row_field(image, "id", "id", where))
+                name = row_field(image, "file_name", "string", where, optional=True)
+                if name is None and not key.isdigit():
+                    raise ValueError(f"{where}: no 'file_name', and the id {key!r} is not a COCO number")
+                ids.setdefault(key, image["id"])
+                file_names.setdefault(key, name or f"COCO_val2014_{int(key):012d}.jpg")
         objects: dict[str, set[str]] = defaultdict(set)
-        for ann in instances["annotations"]:
-            if ann["category_id"] not in categories:
-                raise ValueError(f"--data: {self.instances_file}: unknown category_id {ann['category_id']!r}")
-            objects[id_key(ann["image_id"])].add(categories[ann["category_id"]])
+        for i, ann in enumerate(instances["annotations"]):
+            where = f"--data: {inst}: annotations[{i}]"
+            image_id, category = row_field(ann, "image_id", "id", where), row_field(ann, "category_id", "id", where)
+            if category not in categories:
+                raise ValueError(f"--data: {inst}: unknown category_id {category!r}")
+            objects[id_key(image_id)].add(categories[category])
         refs: dict[str, list[str]] = defaultdict(list)
-        for ann in captions["annotations"]:
-            refs[id_key(ann["image_id"])].append(str(ann["caption"]))
+        for i, ann in enumerate(captions["annotations"]):
+            where = f"--data: {caps}: annotations[{i}]"
+            image_id, caption = row_field(ann, "image_id", "id", where), row_field(ann, "caption", "string", where)
+            refs[id_key(image_id)].append(caption)
         for key in list(objects) + list(refs):
             if key not in ids:
                 raise ValueError(f"--data: annotations refer to image {key}, which is not in the 'images' lists")

@@ -28,7 +28,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from flowkern.eval.tasks.base import Prediction, Sample, Task, id_key, ratio, read_jsonl
+from flowkern.eval.tasks.base import Prediction, Sample, Task, id_key, ratio, read_jsonl, row_field
 
 __all__ = ["PopeTask", "parse_lenient", "parse_strict", "pope_metrics", "POPE_SPLITS", "PROMPT_SUFFIX"]
 
@@ -124,30 +124,25 @@ class PopeTask(Task):
             rows.extend((split, path, number, obj) for number, obj in read_jsonl(path, what="--data"))
         ids: list[str | None] = []
         for _, path, number, obj in rows:
-            try:
-                ids.append(id_key(obj["question_id"]) if "question_id" in obj else None)
-            except ValueError as exc:
-                raise ValueError(f"--data: {path}:{number}: question_id: {exc}") from None
+            ids.append(id_key(row_field(obj, "question_id", "id", f"--data: {path}:{number}")))
         # The official files each number their questions from 1: keyed by split when they collide.
         self._by_split = len(self.files) > 1 and len(set(ids)) < len(ids)
         samples = []
         for (split, path, number, obj), key in zip(rows, ids, strict=True):
             where = f"--data: {path}:{number}"
-            for name in ("question_id", "image", "text", "label"):
-                if name not in obj:
-                    raise ValueError(f"{where}: missing field {name!r}")
-            label = str(obj["label"]).lower().strip()
+            image = Path(row_field(obj, "image", "string", where))
+            text = row_field(obj, "text", "string", where)
+            label = row_field(obj, "label", "string", where).lower().strip()
             if label not in ("yes", "no"):
                 raise ValueError(f"{where}: label must be 'yes' or 'no', got {obj['label']!r}")
-            image = Path(obj["image"])
             samples.append(Sample(
                 id=obj["question_id"],
                 key=f"{split}/{key}" if self._by_split else key,
                 image=self.images / image if self.images is not None else image,
-                prompt=f"{obj['text']}{PROMPT_SUFFIX}",
+                prompt=f"{text}{PROMPT_SUFFIX}",
                 reference=label,
                 split=split,
-                meta={"question": obj["text"]},
+                meta={"question": text},
             ))
         return samples
 

@@ -12,6 +12,11 @@ Prompt (lmms-eval ``scienceqa_img``, the LLaVA-1.5 format)::
     B. {choice 1}
     Answer with the option's letter from the given choices directly.
 
+Predictions are matched by pid. LLaVA's answer files (``model_vqa_science`` on ``llava_test_CQM-A.json``) cover the
+whole test split, text-only problems included; as LLaVA's ``eval_science_qa.py`` reads only the problems it scores,
+predictions for problems of any ``pid_splits.json`` split that this task does not score are ignored and counted
+(``ignored`` in the metrics); an id in no split at all is an error.
+
 Answer parsing = lmms-eval's ``sqa_process_results``: the stripped answer is right if it equals the target letter
 ignoring case (``"B"``, ``"b"``, ``" B "``), or if it starts with an upper-case letter followed by ``"."`` and that
 letter is the target (``"B."``, ``"B. sunlight"``); anything else is wrong (``"b."``, ``"(B)"``,
@@ -25,7 +30,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from flowkern.eval.tasks.base import Sample, Task, ratio, read_json
+from flowkern.eval.tasks.base import Sample, Task, json_type, ratio, read_json, row_field
 
 __all__ = ["SqaTask", "parse_option", "build_prompt", "PROMPT_SUFFIX"]
 
@@ -74,42 +79,65 @@ class SqaTask(Task):
         self.images = Path(images) if images is not None else self.data / "images"
         self.split = split
         self.image_only = image_only
+        self._split_pids: set[str] = set()
 
     def _load(self) -> list[Sample]:
-        problems = read_json(self.data / "problems.json")
-        splits = read_json(self.data / "pid_splits.json")
+        problems_file, splits_file = self.data / "problems.json", self.data / "pid_splits.json"
+        problems = read_json(problems_file)
+        splits = read_json(splits_file)
         if not isinstance(problems, dict):
-            raise ValueError(f"--data: {self.data / 'problems.json'}: expected an object pid -> problem")
+            raise ValueError(f"--data: {problems_file}: expected an object pid -> problem")
         if not isinstance(splits, dict) or self.split not in splits:
             names = ", ".join(sorted(splits)) if isinstance(splits, dict) else "none"
-            raise ValueError(f"--data: {self.data / 'pid_splits.json'}: no split {self.split!r} (has {names})")
+            raise ValueError(f"--data: {splits_file}: no split {self.split!r} (has {names})")
+        self._split_pids = set()
+        for name, pids in splits.items():
+            row_field(splits, name, "list", f"--data: {splits_file}", empty=True)
+            for i, pid in enumerate(pids):
+                row_field({"pid": pid}, "pid", "id", f"--data: {splits_file}: {name}[{i}]")
+            self._split_pids.update(str(pid).strip() for pid in pids)
         samples = []
         for pid in splits[self.split]:
-            pid = str(pid)
+            pid = str(pid).strip()
             if pid not in problems:
                 raise ValueError(f"--data: pid_splits.json lists {pid!r}, which is not in problems.json")
-            prob = problems[pid]
-            where = f"--data: problems.json: {pid}"
-            for name in ("question", "choices", "answer"):
-                if name not in prob:
-                    raise ValueError(f"{where}: missing field {name!r}")
-            image = prob.get("image")
-            if self.image_only and not image:
-                continue
-            choices = [str(c) for c in prob["choices"]]
-            answer = prob["answer"]
-            if not isinstance(answer, int) or isinstance(answer, bool) or not 0 <= answer < len(choices):
-                raise ValueError(f"{where}: answer {answer!r} is not an index into its {len(choices)} choices")
-            samples.append(Sample(
-                id=pid,
-                key=pid,
-                image=self.images / self.split / pid / image if image else None,
-                prompt=build_prompt(prob["question"], choices, prob.get("hint")),
-                reference=chr(ord("A") + answer),
-                split=self.split,
-                meta={"question": prob["question"], "choices": choices, "category": prob.get("category")},
-            ))
+            sample = self._sample(pid, problems[pid], f"--data: {problems_file}: {pid}")
+            if sample is not None:
+                samples.append(sample)
         return samples
+
+    def _sample(self, pid: str, prob: Any, where: str) -> Sample | None:
+        """The sample of problem ``pid`` (None: a text-only problem while ``image_only``), its fields checked."""
+        question = row_field(prob, "question", "string", where)
+        choices = row_field(prob, "choices", "list", where)
+        for i, choice in enumerate(choices):
+            if isinstance(choice, bool) or not isinstance(choice, str | int | float):
+                raise ValueError(f"{where}: choices[{i}] must be a string, got {json_type(choice)}")
+        answer = row_field(prob, "answer", "int", where)
+        image = row_field(prob, "image", "string", where, optional=True)
+        hint = row_field(prob, "hint", "string", where, optional=True, empty=True)
+        category = row_field(prob, "category", "string", where, optional=True, empty=True)
+        if self.image_only and image is None:
+            return None
+        choices = [str(c) for c in choices]
+        if not 0 <= answer < len(choices):
+            raise ValueError(f"{where}: answer {answer!r} is not an index into its {len(choices)} choices")
+        return Sample(
+            id=pid,
+            key=pid,
+            image=self.images / self.split / pid / image if image else None,
+            prompt=build_prompt(question, choices, hint),
+            reference=chr(ord("A") + answer),
+            split=self.split,
+            meta={"question": question, "choices": choices, "category": category},
+        )
+
+    def outside_subset(self, key: str) -> bool:
+        """A problem of some ``pid_splits.json`` split that is not scored here (a text-only problem, another split):
+        LLaVA's answer files cover the whole test split, text-only problems included, and its scorer reads only the
+        problems it scores. An id in no split is still an error."""
+        self.samples  # noqa: B018 - load
+        return key in self._split_pids
 
     def parse(self, text: str) -> str | None:
         """The option letter read from the answer, or None (see :func:`parse_option`)."""

@@ -26,7 +26,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from flowkern.eval.tasks.base import Prediction, Sample, Task, id_key, ratio, read_json
+from flowkern.eval.tasks.base import Prediction, Sample, Task, id_key, json_type, ratio, read_json, row_field
 
 __all__ = ["TextVqaTask", "normalize_answer", "soft_accuracy", "build_prompt", "PROMPT_SUFFIX"]
 
@@ -143,6 +143,13 @@ def _prompt_question(prompt: str) -> str:
     return ""
 
 
+def _strings(values: list, name: str, where: str) -> None:
+    """Refuse a list of ``name`` whose items are not strings (numbers pass: answers such as ``2`` are read as text)."""
+    for j, value in enumerate(values):
+        if value is None or isinstance(value, bool | list | dict):
+            raise ValueError(f"{where}: {name}[{j}] must be a string, got {json_type(value)}")
+
+
 class TextVqaTask(Task):
     """TextVQA val from ``TextVQA_0.5.1_val.json``; ``ocr=True`` adds the OCR-token line to the prompts.
 
@@ -185,31 +192,31 @@ class TextVqaTask(Task):
         if not isinstance(entries, list):
             raise ValueError(f"--data: {self.annotation_file}: expected an object with a 'data' list")
         ocr_tokens: dict[str, list[str]] | None = None
-        if self.ocr and any("ocr_tokens" not in e for e in entries):
+        if self.ocr and any(not isinstance(e, dict) or e.get("ocr_tokens") is None for e in entries):
             ocr_tokens = self._ocr_tokens()
         samples = []
         for i, entry in enumerate(entries):
             where = f"--data: {self.annotation_file}: data[{i}]"
-            for name in ("question_id", "image_id", "question", "answers"):
-                if name not in entry:
-                    raise ValueError(f"{where}: missing field {name!r}")
-            answers = entry["answers"]
-            if not isinstance(answers, list) or not answers:
-                raise ValueError(f"{where}: 'answers' must be a non-empty list")
-            image_id = str(entry["image_id"])
+            key = id_key(row_field(entry, "question_id", "id", where))
+            image_id = str(row_field(entry, "image_id", "id", where)).strip()
+            question = row_field(entry, "question", "string", where)
+            answers = row_field(entry, "answers", "list", where)
+            _strings(answers, "answers", where)
             tokens = None
             if self.ocr:
-                tokens = entry["ocr_tokens"] if "ocr_tokens" in entry else ocr_tokens.get(image_id, [])
-            key = id_key(entry["question_id"])
+                tokens = row_field(entry, "ocr_tokens", "list", where, optional=True, empty=True)
+                tokens = ocr_tokens.get(image_id, []) if tokens is None and ocr_tokens is not None else tokens or []
+                _strings(tokens, "ocr_tokens", where)
+                tokens = [str(t) for t in tokens]
             samples.append(Sample(
                 id=entry["question_id"],
                 key=key,
                 image=self.images / f"{image_id}.jpg",
-                prompt=build_prompt(entry["question"], tokens),
+                prompt=build_prompt(question, tokens),
                 reference=[str(a) for a in answers],
-                meta={"image_id": image_id, "question": entry["question"]},
+                meta={"image_id": image_id, "question": question},
             ))
-            self._by_image_question.setdefault((image_id, entry["question"].lower()), key)
+            self._by_image_question.setdefault((image_id, question.lower()), key)
         return samples
 
     def prediction_key(self, prediction: Prediction) -> str:
