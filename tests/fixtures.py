@@ -339,3 +339,52 @@ def signal_when(cmd: list[str], env: dict[str, str], ready: Callable[[], bool], 
         if proc.poll() is None:
             proc.kill()
     return proc.returncode, err
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# data: the lmms-lab parquet releases written small (the published column names and types, the hub's
+# `huggingface` schema metadata so that the `datasets` library decodes the image column), laid out as on the hub
+
+_HF_FEATURES = {"str": {"dtype": "string", "_type": "Value"}, "int": {"dtype": "int64", "_type": "Value"},
+                "strs": {"feature": {"dtype": "string", "_type": "Value"}, "_type": "Sequence"},
+                "image": {"_type": "Image"}}
+
+
+def write_table(path: Path, columns: dict[str, tuple[str, list]], *, row_group_size: int = 2) -> Path:
+    """A parquet file of ``{name: (kind, values)}`` (kind: str, int, strs, image: the image file's bytes or None)
+    with row groups of ``row_group_size`` rows."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    types = {"str": pa.string(), "int": pa.int64(), "strs": pa.list_(pa.string()),
+             "image": pa.struct([("bytes", pa.binary()), ("path", pa.string())])}
+    arrays = {}
+    for name, (kind, values) in columns.items():
+        if kind == "image":
+            values = [None if v is None else {"bytes": v, "path": None} for v in values]
+        arrays[name] = pa.array(values, type=types[kind])
+    table = pa.table(arrays)
+    features = {name: _HF_FEATURES[kind] for name, (kind, _) in columns.items()}
+    table = table.replace_schema_metadata({"huggingface": json.dumps({"info": {"features": features}})})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, path, row_group_size=row_group_size)
+    return path
+
+
+def write_lmms_pope(root: Path, rows: list[dict], *, images: Path) -> Path:
+    """lmms-lab/POPE's layout: subset ``default`` (``data/test-*.parquet``, every row) and subset ``Full`` (one
+    file per category). ``rows``: dicts with question_id, image (a file name in ``images``), question, answer,
+    category."""
+    def columns(part: list[dict]) -> dict[str, tuple[str, list]]:
+        return {"id": ("str", [str(i) for i in range(len(part))]),
+                "question_id": ("str", [str(r["question_id"]) for r in part]),
+                "question": ("str", [r["question"] for r in part]), "answer": ("str", [r["answer"] for r in part]),
+                "image_source": ("str", [Path(r["image"]).stem for r in part]),
+                "image": ("image", [(images / r["image"]).read_bytes() for r in part]),
+                "category": ("str", [r["category"] for r in part])}
+
+    write_table(root / "data" / "test-00000-of-00001.parquet", columns(rows))
+    for category in sorted({r["category"] for r in rows}):
+        part = [r for r in rows if r["category"] == category]
+        write_table(root / "Full" / f"{category}-00000-of-00001.parquet", columns(part))
+    return root
