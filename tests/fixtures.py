@@ -388,3 +388,29 @@ def write_lmms_pope(root: Path, rows: list[dict], *, images: Path) -> Path:
         part = [r for r in rows if r["category"] == category]
         write_table(root / "Full" / f"{category}-00000-of-00001.parquet", columns(part))
     return root
+
+
+def write_datasets_cache(cache: Path, dataset_id: str, subset: str, split: str, parquet: Path, *,
+                         build: str = "0" * 40) -> Path:
+    """What ``datasets.load_dataset(dataset_id, subset)`` leaves in ``HF_DATASETS_CACHE`` (and reloads offline):
+    ``ORG___NAME/<subset>/0.0.0/<build>/<name>-<split>.arrow`` (an Arrow stream) and ``dataset_info.json``."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    org, name = dataset_id.split("/")
+    builder = name.lower()
+    folder = cache / f"{org}___{builder}" / subset / "0.0.0" / build
+    folder.mkdir(parents=True, exist_ok=True)
+    table = pq.read_table(parquet)
+    with pa.OSFile(str(folder / f"{builder}-{split}.arrow"), "wb") as sink, \
+            pa.ipc.new_stream(sink, table.schema) as writer:
+        for batch in table.to_batches(max_chunksize=4):
+            writer.write_batch(batch)
+    features = json.loads(table.schema.metadata[b"huggingface"])["info"]["features"]
+    info = {"description": "", "citation": "", "homepage": "", "license": "", "features": features,
+            "builder_name": "parquet", "dataset_name": builder, "config_name": subset,
+            "version": {"version_str": "0.0.0", "major": 0, "minor": 0, "patch": 0},
+            "splits": {split: {"name": split, "num_bytes": 0, "num_examples": table.num_rows,
+                               "dataset_name": builder}}}
+    (folder / "dataset_info.json").write_text(json.dumps(info), encoding="utf-8")
+    return folder

@@ -36,6 +36,7 @@ __all__ = ["TableFile", "TableSource", "EmbeddedImage", "is_table_source", "open
 TABLE_SUFFIXES = (".parquet", ".arrow")
 _SHARD = re.compile(r"^(?P<stem>.+?)(?:-\d{5}-of-\d{5})?$")
 _BATCH_ROWS = 256
+_VERSION = re.compile(r"\d+\.\d+\.\d+")
 
 
 @dataclass(frozen=True)
@@ -123,7 +124,7 @@ def _place(path: Path, root: Path) -> tuple[str, str]:
         return (rel[-3] if len(rel) >= 3 else "default"), rel[-2]
     if stem.isdigit() and len(rel) >= 3:  # the hub's parquet conversion: <subset>/<split>/0000.parquet
         return rel[-3], rel[-2]
-    if len(rel) >= 4 and re.fullmatch(r"\d+(\.\d+)*", rel[-3]) and "-" in stem:  # datasets cache
+    if len(rel) >= 4 and _VERSION.fullmatch(rel[-3]) and "-" in stem:  # datasets cache
         return rel[-4], stem.split("-", 1)[1]
     subset = rel[-2] if len(rel) >= 2 else "default"
     return ("default" if subset == "data" else subset), stem
@@ -156,7 +157,18 @@ def open_source(data: str | os.PathLike[str]) -> TableSource:
                 files.append(TableFile(p, *_place(p, root)))
     if not files:
         raise FileNotFoundError(f"--data: no .parquet or .arrow files in {root}")
-    return TableSource(root, tuple(files), dataset_id, revision)
+    return TableSource(root, tuple(_newest_builds(files)), dataset_id, revision)
+
+
+def _newest_builds(files: list[TableFile]) -> list[TableFile]:
+    """The ``datasets`` cache keeps one ``<version>/<hash>/`` folder per build of a subset: only the newest is read."""
+    builds: dict[str, Path] = {}
+    for f in files:
+        if _VERSION.fullmatch(f.path.parent.parent.name):
+            best = builds.get(f.subset)
+            if best is None or f.path.parent.stat().st_mtime > best.stat().st_mtime:
+                builds[f.subset] = f.path.parent
+    return [f for f in files if not _VERSION.fullmatch(f.path.parent.parent.name) or builds[f.subset] == f.path.parent]
 
 
 def select(source: TableSource, split: str | None, *, prefer_subset: Sequence[str] = ("default",),
