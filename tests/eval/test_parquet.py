@@ -170,6 +170,8 @@ def _bad_pope(tmp_path: Path, files: Path, change: str) -> Path:
         del cols["answer"]
     elif change == "type":
         cols["question"] = ("int", [1, 2, 3])
+    elif change == "null":
+        images[1] = None
     else:
         images[2] = b"not an image"
     return write_table(tmp_path / "bad" / "test-00000-of-00001.parquet", cols)
@@ -179,6 +181,7 @@ def _bad_pope(tmp_path: Path, files: Path, change: str) -> Path:
     ("missing", r"no column 'answer' \(columns: "),
     ("type", "column 'question' has type int64, expected a string"),
     ("image", r"row 2: column 'image': not a decodable image"),
+    ("null", r"row 1: column 'image': no image bytes"),
 ])
 def test_malformed_parquet_is_one_error_nothing_written(files, tmp_path, capsys, change, message):
     bad = _bad_pope(tmp_path, files, change)
@@ -247,3 +250,22 @@ def test_sqa_textvqa_chair_tables_equal_official(files, tmp_path):
     assert [(s.id, s.prompt) for s in a] == [(s.id, s.prompt) for s in b]
     preds = {1: "A dog and a cat on a couch.", 2: "A car."}
     assert _without_protocol(a.score(preds)) == _without_protocol(b.score(preds))
+
+
+def test_cli_eval_and_sweep_on_parquet(files, tmp_path, capsys):
+    """The commands end to end on a parquet folder: `--split` through the CLI, and every sweep point's metrics.json
+    with the protocol of the tables it read."""
+    common = ["--model", str(files / "llava"), "--task", "pope", "--data", str(files / "POPE"), "--split",
+              "random", "--max-new-tokens", "2", "--batch-size", "3", "--device", "cpu"]
+    assert main(["eval", *common, "--out", str(tmp_path / "eval")]) == 0
+    metrics = json.loads((tmp_path / "eval" / METRICS_FILE).read_text())
+    assert metrics["n"] == 3 and metrics["protocol"]["source"]["split"] == ["random"]
+    run = json.loads((tmp_path / "eval" / "run.json").read_text())["settings"]
+    assert run["split"] == "Full/random" and run["images"] is None
+    assert main(["sweep", *common, "--layers", "1", "--out", str(tmp_path / "sweep")]) == 0
+    points = sorted((tmp_path / "sweep" / "points").glob(f"*/{METRICS_FILE}"))
+    assert len(points) == 2
+    for path in points:
+        protocol = json.loads(path.read_text())["protocol"]
+        assert protocol["source"]["format"] == "parquet" and protocol["source"]["subset"] == "Full"
+    capsys.readouterr()

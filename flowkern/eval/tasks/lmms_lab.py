@@ -57,16 +57,22 @@ class _TableMixin:
         self.data = self.source.root
         self.images = None
 
+    image_optional = False
+    """The image column may hold nulls (ScienceQA's questions without an image): then it is read with the rows;
+    otherwise the images stay in the files until a batch needs them (:func:`~flowkern.eval.tasks.parquet.open_images`,
+    which reports a missing one)."""
+
     def _rows(self) -> Any:
         """``(file, row, values)`` of every selected file, schema checked first."""
         for f in self.table_files:
             tables.check_columns(f.path, self.columns)
-            schema = tables._schema(f.path)
-            extra = {k: v for k, v in self.optional.items() if schema.get_field_index(k) >= 0}
+            names = tables.column_names(f.path)
+            extra = {k: v for k, v in self.optional.items() if k in names}
             if extra:
                 tables.check_columns(f.path, extra)
-            required = [c for c in self.columns if c != "image" or not getattr(self, "image_optional", False)]
-            for row, values in tables.iter_rows(f.path, [*self.columns, *extra], required=required):
+            read = [c for c in [*self.columns, *extra] if c != "image" or self.image_optional]
+            required = [c for c in self.columns if c in read and c != "image"]
+            for row, values in tables.iter_rows(f.path, read, required=required):
                 yield f, row, values
 
     def describe_source(self) -> dict[str, Any]:

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = ["TableFile", "TableSource", "EmbeddedImage", "is_table_source", "open_source", "select",
-           "check_columns", "iter_rows", "open_images", "check_images", "TABLE_SUFFIXES"]
+           "column_names", "check_columns", "iter_rows", "open_images", "check_images", "TABLE_SUFFIXES"]
 
 TABLE_SUFFIXES = (".parquet", ".arrow")
 _SHARD = re.compile(r"^(?P<stem>.+?)(?:-\d{5}-of-\d{5})?$")
@@ -265,6 +265,11 @@ def _kind_ok(kind: str, t: Any) -> bool:
         return pt.is_struct(t) and t.get_field_index("bytes") >= 0 and (
             pt.is_binary(t.field("bytes").type) or pt.is_large_binary(t.field("bytes").type))
     raise ValueError(kind)
+
+
+def column_names(path: Path) -> list[str]:
+    """The table's column names (``ValueError`` for a file that is not a readable table)."""
+    return list(_schema(path).names)
 
 
 def check_columns(path: Path, columns: dict[str, str]) -> None:
