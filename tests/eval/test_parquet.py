@@ -262,6 +262,10 @@ def test_cli_eval_and_sweep_on_parquet(files, tmp_path, capsys):
     assert metrics["n"] == 3 and metrics["protocol"]["source"]["split"] == ["random"]
     run = json.loads((tmp_path / "eval" / "run.json").read_text())["settings"]
     assert run["split"] == "Full/random" and run["images"] is None
+    answers = str(tmp_path / "eval" / "answers.jsonl")
+    assert main(["score", "--task", "pope", "--data", str(files / "POPE"), "--split", "random", "--predictions",
+                 answers]) == 0
+    assert json.loads(capsys.readouterr().out.splitlines()[-1])["missing"] == 0
     assert main(["sweep", *common, "--layers", "1", "--out", str(tmp_path / "sweep")]) == 0
     points = sorted((tmp_path / "sweep" / "points").glob(f"*/{METRICS_FILE}"))
     assert len(points) == 2
