@@ -21,6 +21,7 @@ from tests.fixtures import (
     save_eval_llava,
     save_image,
     write_coco,
+    write_datasets_cache,
     write_lmms_pope,
     write_pope,
     write_sqa,
@@ -273,3 +274,26 @@ def test_cli_eval_and_sweep_on_parquet(files, tmp_path, capsys):
         protocol = json.loads(path.read_text())["protocol"]
         assert protocol["source"]["format"] == "parquet" and protocol["source"]["subset"] == "Full"
     capsys.readouterr()
+
+
+def test_dataset_id_in_the_datasets_cache(files, tmp_path, monkeypatch):
+    """Only the datasets Arrow cache under $HF_HOME (what `load_dataset` leaves): found there, the newest build of a
+    subset read, never an older one beside it."""
+    import os
+
+    for k in [k for k in os.environ if k.startswith(("HF_", "HUGGINGFACE_"))]:
+        monkeypatch.delenv(k)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    parquet = files / "POPE" / "data" / "test-00000-of-00001.parquet"
+    old = write_datasets_cache(tmp_path / "hf" / "datasets", "lmms-lab/POPE", "default", "test", parquet, build="a")
+    new = write_datasets_cache(tmp_path / "hf" / "datasets", "lmms-lab/POPE", "default", "test", parquet, build="b")
+    os.utime(old, (1, 1))
+    task = get_task("pope", "lmms-lab/POPE")
+    assert len(task) == 6 and {s.image.file.parent for s in task.samples} == {new}
+    from flowkern.eval.tasks import Prediction
+
+    scored = task.score([Prediction(s.id, "no", {"category": s.split}) for s in task.samples])
+    source = scored["protocol"]["source"]
+    assert source["format"] == "arrow" and source["revision"] is None and source["dataset"] == "lmms-lab/POPE"
+    decoded = open_images([task.samples[0].image])[0]
+    assert decoded.size == open_images([get_task("pope", files / "POPE").samples[0].image])[0].size

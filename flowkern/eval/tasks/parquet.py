@@ -377,7 +377,7 @@ def open_images(images: Sequence[Any]) -> list:
             for im in images]
 
 
-def check_images(refs: Sequence[EmbeddedImage], *, chunk: int = 512) -> None:
+def check_images(refs: Sequence[EmbeddedImage], *, chunk: int = 128) -> None:
     """Check that each image cell holds decodable image bytes (header and structure: ``PIL.Image.verify``), reading
     ``chunk`` rows at a time.
 

@@ -19,12 +19,13 @@ __all__ = ["protocol", "PARSING", "PROMPTS"]
 
 PROMPTS: dict[str, str] = {
     "pope": "{question}" + pope.PROMPT_SUFFIX,
-    "sqa": "[Context: {hint}\\n]{question}\\n{A. choice ...}" + sqa.PROMPT_SUFFIX.replace("\n", "\\n"),
+    "sqa": "[Context: {hint}\n]{question}\n{A. choice}\n{B. choice}..." + sqa.PROMPT_SUFFIX,
     "textvqa": "{question}" + textvqa.PROMPT_SUFFIX,
     "textvqa+ocr": "{question}" + textvqa.OCR_PREFIX + "{tok1}, {tok2}, ..." + textvqa.PROMPT_SUFFIX,
     "chair": chair.PROMPT,
 }
-"""Each task's prompt template (the user text, before the model's chat template)."""
+"""Each task's prompt template (the user text, before the model's chat template; ``[...]`` only when there is a
+hint)."""
 
 PARSING: dict[str, str] = {
     "pope": "lenient (LLaVA eval_pope)",
