@@ -100,7 +100,8 @@ class EvalConfig:
     Attributes:
         model: a ``save_pretrained`` folder or a cached hub id (:func:`flowkern.hf.loading.load_model`).
         task: ``pope``, ``sqa``, ``textvqa`` or ``chair`` (:data:`flowkern.eval.TASKS`).
-        data: the task's official files (see ``flowkern score --help``).
+        data: the task's official files (see ``flowkern score --help``), or its lmms-lab tables: a parquet / Arrow
+            file or folder, or a dataset id in the local Hugging Face cache (:mod:`flowkern.eval.tasks.lmms_lab`).
         out: the output folder (answers.jsonl, run.json, metrics.json).
         images: the image folder (default: the task's, e.g. ``<data>/images`` for sqa; pope needs it).
         limit: answer only the first ``limit`` questions (in file order); None: all.
@@ -213,11 +214,11 @@ def _task_options(config: EvalConfig) -> dict[str, Any]:
     if config.split is not None and config.task != "sqa" and not table:
         raise EvalUsageError(f"--split applies to --task sqa and to table data (parquet, a dataset id) only, not "
                              f"to {config.task}'s official files")
+    if config.ocr and config.task != "textvqa":
+        raise EvalUsageError(f"--ocr applies to --task textvqa only, not {config.task}")
     if table:
         return {"pope": {"strict": config.strict, "split": config.split}, "sqa": {"split": config.split},
                 "textvqa": {"ocr": config.ocr, "split": config.split}, "chair": {"split": config.split}}[config.task]
-    if config.ocr and config.task != "textvqa":
-        raise EvalUsageError(f"--ocr applies to --task textvqa only, not {config.task}")
     return {"pope": {"strict": config.strict}, "sqa": {"split": config.split or "test"},
             "textvqa": {"ocr": config.ocr}}.get(config.task, {})
 
