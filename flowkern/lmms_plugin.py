@@ -22,6 +22,11 @@ POPE (whose lmms-eval prompt equals LLaVA's) the wrapper's answers are those of 
 only (a task asking for sampling or beams is refused with a clear error), batched with left padding; ``until``
 stop strings cut the answer. ``loglikelihood`` scores a continuation by teacher forcing (with pruning if set).
 
+Offline: with ``HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1`` lmms-eval reloads its datasets from the ``datasets``
+cache; a run of ``--tasks pope`` so, on the shipped demo model, gives the answers and the accuracy / precision /
+recall / F1 of ``flowkern eval --data lmms-lab-encoder/POPE --strict`` (tested; lmms-eval's ``pope_yes_ratio``
+counts yes labels, flowkern's ``yes_ratio`` yes answers: ``docs/data.md``).
+
 lmms-eval is an optional dependency: this module imports without it (then :class:`FlowkernLMM` has the same
 interface on a plain base class, and ``manifest()`` / ``register()`` raise ``ImportError``).
 """

@@ -389,3 +389,78 @@ def save_wide_image(path: Path, mode: str) -> Path:
     else:
         raise ValueError(mode)
     return path
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# data: the lmms-lab parquet releases written small (the published column names and types, the hub's
+# `huggingface` schema metadata so that the `datasets` library decodes the image column), laid out as on the hub
+
+_HF_FEATURES = {"str": {"dtype": "string", "_type": "Value"}, "int": {"dtype": "int64", "_type": "Value"},
+                "strs": {"feature": {"dtype": "string", "_type": "Value"}, "_type": "Sequence"},
+                "image": {"_type": "Image"}}
+
+
+def write_table(path: Path, columns: dict[str, tuple[str, list]], *, row_group_size: int = 2) -> Path:
+    """A parquet file of ``{name: (kind, values)}`` (kind: str, int, strs, image: the image file's bytes or None)
+    with row groups of ``row_group_size`` rows."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    types = {"str": pa.string(), "int": pa.int64(), "strs": pa.list_(pa.string()),
+             "image": pa.struct([("bytes", pa.binary()), ("path", pa.string())])}
+    arrays = {}
+    for name, (kind, values) in columns.items():
+        if kind == "image":
+            values = [None if v is None else {"bytes": v, "path": None} for v in values]
+        arrays[name] = pa.array(values, type=types[kind])
+    table = pa.table(arrays)
+    features = {name: _HF_FEATURES[kind] for name, (kind, _) in columns.items()}
+    table = table.replace_schema_metadata({"huggingface": json.dumps({"info": {"features": features}})})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, path, row_group_size=row_group_size)
+    return path
+
+
+def write_lmms_pope(root: Path, rows: list[dict], *, images: Path) -> Path:
+    """lmms-lab/POPE's layout: subset ``default`` (``data/test-*.parquet``, every row) and subset ``Full`` (one
+    file per category). ``rows``: dicts with question_id, image (a file name in ``images``), question, answer,
+    category."""
+    def columns(part: list[dict]) -> dict[str, tuple[str, list]]:
+        return {"id": ("str", [str(i) for i in range(len(part))]),
+                "question_id": ("str", [str(r["question_id"]) for r in part]),
+                "question": ("str", [r["question"] for r in part]), "answer": ("str", [r["answer"] for r in part]),
+                "image_source": ("str", [Path(r["image"]).stem for r in part]),
+                "image": ("image", [(images / r["image"]).read_bytes() for r in part]),
+                "category": ("str", [r["category"] for r in part])}
+
+    write_table(root / "data" / "test-00000-of-00001.parquet", columns(rows))
+    for category in sorted({r["category"] for r in rows}):
+        part = [r for r in rows if r["category"] == category]
+        write_table(root / "Full" / f"{category}-00000-of-00001.parquet", columns(part))
+    return root
+
+
+def write_datasets_cache(cache: Path, dataset_id: str, subset: str, split: str, parquet: Path, *,
+                         build: str = "0" * 40) -> Path:
+    """What ``datasets.load_dataset(dataset_id, subset)`` leaves in ``HF_DATASETS_CACHE`` (and reloads offline):
+    ``ORG___NAME/<subset>/0.0.0/<build>/<name>-<split>.arrow`` (an Arrow stream) and ``dataset_info.json``."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    org, name = dataset_id.split("/")
+    builder = name.lower()
+    folder = cache / f"{org}___{builder}" / subset / "0.0.0" / build
+    folder.mkdir(parents=True, exist_ok=True)
+    table = pq.read_table(parquet)
+    with pa.OSFile(str(folder / f"{builder}-{split}.arrow"), "wb") as sink, \
+            pa.ipc.new_stream(sink, table.schema) as writer:
+        for batch in table.to_batches(max_chunksize=4):
+            writer.write_batch(batch)
+    features = json.loads(table.schema.metadata[b"huggingface"])["info"]["features"]
+    info = {"description": "", "citation": "", "homepage": "", "license": "", "features": features,
+            "builder_name": "parquet", "dataset_name": builder, "config_name": subset,
+            "version": {"version_str": "0.0.0", "major": 0, "minor": 0, "patch": 0},
+            "splits": {split: {"name": split, "num_bytes": 0, "num_examples": table.num_rows,
+                               "dataset_name": builder}}}
+    (folder / "dataset_info.json").write_text(json.dumps(info), encoding="utf-8")
+    return folder

@@ -18,6 +18,7 @@ PACKAGE = ROOT / "flowkern"
 FLOORS: dict[str, int] = {
     "flowkern._C": 0,  # the compiled C++ kernels (csrc/)
     "flowkern._io": 0,
+    "flowkern._images": 0,  # decoding one image fully (PIL only): the input checks of hf.inputs and the task tables
     "flowkern.outdir": 0,  # the output-folder owner (lock, kind, probe)
     "flowkern._version": 0,
     "flowkern._opcheck": 0,

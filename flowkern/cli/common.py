@@ -198,7 +198,9 @@ def add_task_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, type=model_argument, help=MODEL_HELP)
     parser.add_argument("--task", required=True, metavar="TASK", help=f"one of: {', '.join(TASKS)}")
     parser.add_argument("--data", required=True, type=Path, metavar="PATH",
-                        help="the task's official files, as for `flowkern score --data`")
+                        help="the task's official files, as for `flowkern score --data`; or the lmms-lab tables: "
+                             "a parquet / Arrow file, a folder of them, or a dataset id in the local Hugging Face "
+                             "cache (lmms-lab/POPE; never downloaded)")
     parser.add_argument("--images", type=Path, default=None, metavar="DIR",
                         help="image folder (pope: COCO val2014, required; sqa: default <data>/images; textvqa: "
                              "default <data folder>/train_images; chair: default <data>/val2014)")
@@ -215,7 +217,10 @@ def add_answer_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--strict", action="store_true",
                         help="pope only: score with lmms-eval's exact yes/no parsing (scoring only; answers "
                              "unchanged)")
-    parser.add_argument("--split", default="test", help="sqa only: the pid_splits.json split (default test)")
+    parser.add_argument("--split", default=None, metavar="SPLIT",
+                        help="sqa: the pid_splits.json split (default test); parquet / dataset-id data: the "
+                             "dataset's split or SUBSET/SPLIT (e.g. adversarial, Full/popular; default: pope all "
+                             "of subset default, sqa ScienceQA-IMG/test, textvqa validation, chair val)")
     parser.add_argument("--ocr", action="store_true", help="textvqa only: add the OCR tokens to the prompt")
 
 

@@ -45,7 +45,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="answer file: JSON lines with question_id and text (chair: image_id and caption)")
     p.add_argument("--strict", action="store_true",
                    help="pope only: lmms-eval's exact yes/no parsing instead of LLaVA eval_pope's lenient one")
-    p.add_argument("--split", default="test", help="sqa only: the pid_splits.json split to score (default test)")
+    p.add_argument("--split", default=None, metavar="SPLIT",
+                   help="sqa: the pid_splits.json split to score (default test); parquet / dataset-id data: the "
+                        "dataset's split or SUBSET/SPLIT (docs/data.md)")
     p.add_argument("--out", type=output_path, default=None, metavar="FILE",
                    help="also write the metrics JSON here (not one of the input files)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
@@ -82,6 +84,7 @@ def run(args: argparse.Namespace) -> int:
     """The ``score`` subcommand (see :func:`add_parser`)."""
     from flowkern._io import atomic_write_json, check_output_path
     from flowkern.eval import get_task
+    from flowkern.eval.tasks.parquet import is_table_source
 
     with user_errors():
         if args.out is not None:
@@ -91,9 +94,12 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError(f"--task: unknown task {args.task!r} (choose from {', '.join(TASKS)})")
         if args.strict and args.task != "pope":
             raise UsageError(f"--strict applies to --task pope only, not {args.task}")
-        if args.split != "test" and args.task != "sqa":
-            raise UsageError(f"--split applies to --task sqa only, not {args.task}")
-        options = {"pope": {"strict": args.strict}, "sqa": {"split": args.split}}.get(args.task, {})
+        if args.split is not None and args.task != "sqa" and not is_table_source(args.data):
+            raise UsageError(f"--split applies to --task sqa and to table data only, not to {args.task}'s "
+                             f"official files")
+        options = {"pope": {"strict": args.strict}}.get(args.task, {})
+        if args.split is not None:
+            options["split"] = args.split
         if not args.predictions.is_file():
             raise UsageError(f"--predictions: {args.predictions} not found")
         task = get_task(args.task, args.data, **options)

@@ -72,6 +72,9 @@ from flowkern.eval.answers import (
     start_files,
 )
 from flowkern.eval.tasks.base import Sample, Task
+from flowkern.eval.tasks.lmms_lab import table_settings
+from flowkern.eval.tasks.parquet import EmbeddedImage, is_table_source, open_images
+from flowkern.eval.tasks.parquet import check_images as check_embedded
 from flowkern.hf.inputs import build_inputs
 from flowkern.plan import PRUNE_OPTIONS, PruneSpec
 from flowkern.prune import prune
@@ -108,7 +111,8 @@ class EvalConfig:
     Attributes:
         model: a ``save_pretrained`` folder or a cached hub id (:func:`flowkern.hf.loading.load_model`).
         task: ``pope``, ``sqa``, ``textvqa`` or ``chair`` (:data:`flowkern.eval.TASKS`).
-        data: the task's official files (see ``flowkern score --help``).
+        data: the task's official files (see ``flowkern score --help``), or its lmms-lab tables: a parquet / Arrow
+            file or folder, or a dataset id in the local Hugging Face cache (:mod:`flowkern.eval.tasks.lmms_lab`).
         out: the output folder (answers.jsonl, run.json, metrics.json).
         images: the image folder (default: the task's, e.g. ``<data>/images`` for sqa; pope needs it).
         limit: answer only the first ``limit`` questions (in file order); None: all.
@@ -116,7 +120,9 @@ class EvalConfig:
         max_new_tokens: answer length limit; None: :data:`DEFAULT_MAX_NEW_TOKENS` of the task.
         prune: the :func:`flowkern.prune` setting (off while ``prune.layer`` is None).
         strict: pope only, scoring only: lmms-eval's exact yes/no parsing.
-        split: sqa only: the ``pid_splits.json`` split. ocr: textvqa only: the OCR-token prompt.
+        split: sqa: the ``pid_splits.json`` split (None: ``test``); table data (parquet / Arrow, a dataset id): the
+            split, or ``SUBSET/SPLIT`` (None: the task's default, :mod:`flowkern.eval.tasks.lmms_lab`).
+        ocr: textvqa only: the OCR-token prompt.
         device, dtype: as for :func:`flowkern.hf.loading.load_model`.
         overwrite: discard the folder's previous answers, settings and metrics and start afresh.
     """
@@ -131,7 +137,7 @@ class EvalConfig:
     max_new_tokens: int | None = None
     prune: PruneSpec = field(default_factory=PruneSpec)
     strict: bool = False
-    split: str = "test"
+    split: str | None = None
     ocr: bool = False
     device: str = "auto"
     dtype: str = "auto"
@@ -211,11 +217,16 @@ class EvalResult:
 def _task_options(config: EvalConfig) -> dict[str, Any]:
     if config.strict and config.task != "pope":
         raise EvalUsageError(f"--strict applies to --task pope only, not {config.task}")
-    if config.split != "test" and config.task != "sqa":
-        raise EvalUsageError(f"--split applies to --task sqa only, not {config.task}")
+    table = is_table_source(config.data)
+    if config.split is not None and config.task != "sqa" and not table:
+        raise EvalUsageError(f"--split applies to --task sqa and to table data (parquet, a dataset id) only, not "
+                             f"to {config.task}'s official files")
     if config.ocr and config.task != "textvqa":
         raise EvalUsageError(f"--ocr applies to --task textvqa only, not {config.task}")
-    return {"pope": {"strict": config.strict}, "sqa": {"split": config.split},
+    if table:
+        return {"pope": {"strict": config.strict, "split": config.split}, "sqa": {"split": config.split},
+                "textvqa": {"ocr": config.ocr, "split": config.split}, "chair": {"split": config.split}}[config.task]
+    return {"pope": {"strict": config.strict}, "sqa": {"split": config.split or "test"},
             "textvqa": {"ocr": config.ocr}}.get(config.task, {})
 
 
@@ -263,7 +274,13 @@ def _check_images(samples: Sequence[Sample], images_hint: str, progress: bool) -
     from flowkern.hf.inputs import ImageError, check_images
 
     missing: list[Sample] = []
+    try:  # images stored in table cells (parquet data): decoded fully here, read a row group at a time
+        check_embedded([s.image for s in samples if isinstance(s.image, EmbeddedImage)])
+    except ValueError as exc:
+        raise EvalUsageError(str(exc)) from None
     for s in samples:
+        if isinstance(s.image, EmbeddedImage):
+            continue
         if s.image is None:
             raise EvalUsageError(f"--data: question {s.id!r} has no image; flowkern eval answers image questions only")
         if not s.image.is_file() and not s.image.is_dir():
@@ -329,7 +346,8 @@ def prepare(config: EvalConfig, *, progress: bool = False) -> EvalPlan:
         "data": str(Path(config.data).expanduser().resolve()),
         "images": str(Path(images).expanduser().resolve()) if images is not None else None,
         "prompts": identity.digest(s.prompt for s in samples),
-        "split": config.split if config.task == "sqa" else None,
+        "split": (config.split or "test") if config.task == "sqa" else None,
+        **table_settings(task),
         "ocr": bool(config.ocr) if config.task == "textvqa" else None,
         "max_new_tokens": config.max_new_tokens or DEFAULT_MAX_NEW_TOKENS[config.task],
         **{k: v if config.prune.enabled else None for k, v in config.prune.to_dict(options=True).items()},
@@ -472,7 +490,8 @@ def _run_owned(config: EvalConfig, model: Any, processor: Any, progress: bool,
     try:
         for i in range(0, len(plan.todo), config.batch_size):
             batch = plan.todo[i: i + config.batch_size]
-            images, prompts = [s.image for s in batch], [s.prompt for s in batch]
+            images = open_images([s.image for s in batch])  # table data: decoded from the files here
+            prompts = [s.prompt for s in batch]
             inputs = build_inputs(processor, model, images, prompts)
             if not warned:
                 warned = _warn_positions(model, inputs, settings["max_new_tokens"])

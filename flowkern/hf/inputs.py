@@ -32,15 +32,11 @@ from typing import Any
 
 import torch
 
+from flowkern._images import ImageError, decode_image
 from flowkern.hf.models import ADAPTERS, ModelAdapter, get_adapter
 
 __all__ = ["build_inputs", "prompt_text", "load_images", "check_images", "image_problem", "image_token_counts",
            "ImageError", "ImageWarning", "InputWarning"]
-
-
-class ImageError(ValueError):
-    """An image that cannot be used (missing, not an image, truncated, a decompression-bomb header): the message
-    names the file."""
 
 
 class InputWarning(UserWarning):
@@ -61,35 +57,6 @@ per process however many eval points and resumes check it."""
 
 _WARNED: set[str] = set()
 """Files already warned about in this process (each is named once, not once per point of a sweep)."""
-
-
-def _decode(path: Path, what: str) -> Any:
-    """The fully decoded image at ``path`` (pixels loaded, file closed).
-
-    Raises:
-        ImageError: naming ``what`` and the file, for anything the decoder raises: a file that is not an image, one
-            cut short, or a header whose size PIL refuses as a possible decompression bomb (over
-            ``PIL.Image.MAX_IMAGE_PIXELS``; PIL only warns up to twice that, which is refused here too: such an
-            image would cost gigabytes per copy).
-    """
-    import warnings
-
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
-                im.load()  # the pixels stay usable once the file is closed
-                return im
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageError(f"{what} {path}: refused as a possible decompression bomb ({exc}); PIL's limit is "
-                         f"PIL.Image.MAX_IMAGE_PIXELS = {Image.MAX_IMAGE_PIXELS} pixels") from None
-    except UnidentifiedImageError:
-        raise ImageError(f"{what} {path}: not a readable image (not an image format PIL knows)") from None
-    except Exception as exc:  # a decoder fed a damaged file raises OSError, SyntaxError, ValueError, zlib/struct errors
-        reason = str(exc) or type(exc).__name__
-        raise ImageError(f"{what} {path}: not a readable image ({reason})") from None
 
 
 def image_problem(image: Any) -> str | None:
@@ -139,7 +106,8 @@ def check_images(paths: Any, *, what: str = "--images", progress: bool = False) 
         progress: a tqdm bar on stderr when there are many images (200 or more).
 
     Raises:
-        ImageError: the first path that is missing, a directory, or not a fully decodable image (see :func:`_decode`).
+        ImageError: the first path that is missing, a directory, or not a fully decodable image
+            (:func:`flowkern._images.decode_image`).
     """
     from PIL import Image
 
@@ -165,7 +133,7 @@ def check_images(paths: Any, *, what: str = "--images", progress: bool = False) 
                 raise ImageError(f"{what} {path}: is a directory, expected an image file")
             key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
             if key not in _CHECKED:
-                _CHECKED[key] = image_problem(_decode(path, what))
+                _CHECKED[key] = image_problem(decode_image(path, what))
             if _CHECKED[key] is not None:
                 problems.append((path, _CHECKED[key]))
             if bar is not None:
@@ -208,7 +176,7 @@ def _read_images(image: Any, *, warn: bool) -> list:
                 raise ImageError(f"--image {item}: is a directory, expected an image file")
             if not where.is_file():
                 raise FileNotFoundError(f"--image {item}: no such file")
-            picture = _decode(where, "--image")
+            picture = decode_image(where, "--image")
         problem = image_problem(picture) if warn else None
         if problem is not None:
             problems.append((where, problem))

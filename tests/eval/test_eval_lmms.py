@@ -4,12 +4,22 @@ lmms-eval itself is rarely installed here (its dependencies are heavy), so every
 stand-in of ``lmms_eval.api.instance.Instance`` that mirrors the real class of lmms-eval 0.7.3 (fields
 ``request_type, arguments, idx, metadata``; ``args``; ``task_name, doc_id, repeats`` from ``metadata``), and with
 the real class when lmms-eval is importable (skipped otherwise). The registry test needs the real lmms-eval.
+
+The end-to-end test runs the real ``lmms-eval --model flowkern --tasks pope`` command (the entry-point plugin)
+offline on a shapes-POPE set written in the lmms-lab layout into a temporary Hugging Face cache, and compares its
+numbers with ``flowkern eval --data lmms-lab-encoder/POPE --strict`` on the same cache.
 """
 
 from __future__ import annotations
 
+import glob
+import importlib.util
 import json
+import os
+import subprocess
+import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -22,7 +32,7 @@ from flowkern.eval.run import EvalConfig, run_eval
 from flowkern.hf.loading import load_model
 from flowkern.lmms_plugin import FlowkernLMM
 from flowkern.plan import PruneSpec
-from tests.fixtures import save_eval_llava, save_image, write_pope
+from tests.fixtures import save_eval_llava, save_image, write_datasets_cache, write_lmms_pope, write_pope
 
 try:
     from lmms_eval.api.instance import Instance as RealInstance
@@ -220,3 +230,86 @@ def test_imports_without_lmms_eval():
     else:
         with pytest.raises(ImportError, match="lmms-eval"):
             lmms_plugin.manifest()
+
+
+LMMS_POPE = "lmms-lab-encoder/POPE"  # lmms-eval 0.7.3's pope.yaml dataset_path
+REVISION = "5" * 40
+
+
+def _lmms_eval_cli() -> Path:
+    """The ``lmms-eval`` command of this interpreter's environment, or a skip saying what is missing."""
+    pytest.importorskip("lmms_eval.evaluator", reason="lmms-eval and its run dependencies are not installed")
+    for module, why in (("filelock._api", "lmms-eval 0.7.3 needs filelock<4 (it patches filelock._api)"),
+                        ("pytablewriter", "lmms-eval's results table needs pytablewriter")):
+        if importlib.util.find_spec(module.split(".")[0]) is None or importlib.util.find_spec(module) is None:
+            pytest.skip(why)
+    cli = Path(sys.executable).parent / "lmms-eval"
+    if not cli.is_file():
+        pytest.skip(f"no lmms-eval command beside {sys.executable}")
+    return cli
+
+
+def _lmms_lab_pope(root: Path) -> Path:
+    """shapes-POPE (the demo model's world) in lmms-lab/POPE's layout, as `huggingface-cli download` and
+    `datasets.load_dataset` leave it in ``root`` (an HF_HOME): the hub snapshot and the datasets Arrow cache."""
+    from flowkern.shapes import write_pope as shapes_pope
+
+    shapes = shapes_pope(root / "shapes", seed=11, num=3)
+    rows = [{"question_id": r["question_id"], "image": r["image"], "question": r["text"], "answer": r["label"],
+             "category": split}
+            for split in ("adversarial", "popular", "random")
+            for r in map(json.loads, (shapes / f"coco_pope_{split}.json").read_text().splitlines())]
+    repo = root / "hub" / f"datasets--{LMMS_POPE.replace('/', '--')}"
+    write_lmms_pope(repo / "snapshots" / REVISION, rows, images=shapes / "images")
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(REVISION)
+    write_datasets_cache(root / "datasets", LMMS_POPE, "default", "test",
+                         repo / "snapshots" / REVISION / "data" / "test-00000-of-00001.parquet")
+    return root
+
+
+def test_real_lmms_eval_pope_run_equals_flowkern_eval(tmp_path, monkeypatch):
+    """`lmms-eval --model flowkern --tasks pope`, offline, through the installed entry point, on the demo model:
+    the same answers as `flowkern eval`, and the same accuracy / precision / recall / F1 as its strict (lmms-eval)
+    parsing; lmms-eval's pope_yes_ratio is the share of *yes labels*, flowkern's the share of yes answers."""
+    cli = _lmms_eval_cli()
+    from flowkern.demo import demo_model_path
+
+    hf_home = _lmms_lab_pope(tmp_path / "hf")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE_"))}
+    env.update(HF_HOME=str(hf_home), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    out = tmp_path / "lmms"
+    # pruned (image tokens gone from layer 3 on): the demo model then errs both ways and gives two answers that
+    # are neither yes nor no, which lmms-eval leaves out of recall's denominator
+    args = ["--model", "flowkern", "--model_args", f"pretrained={demo_model_path()},device=cpu,prune_layer=3,keep=0",
+            "--tasks", "pope",
+            "--batch_size", "4", "--output_path", str(out), "--log_samples"]
+    proc = subprocess.run([str(cli), *args], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(Path(glob.glob(str(out / "**" / "*_results.json"), recursive=True)[0]).read_text())
+    lmms = {k.split(",")[0].removeprefix("pope_"): v for k, v in results["results"]["pope"].items()
+            if k.endswith(",none") and "stderr" not in k}
+    samples = [json.loads(line) for f in glob.glob(str(out / "**" / "*_samples_pope.jsonl"), recursive=True)
+               for line in Path(f).read_text().splitlines()]
+
+    for k in [k for k in os.environ if k.startswith(("HF_", "HUGGINGFACE_"))]:
+        monkeypatch.delenv(k)
+    monkeypatch.setenv("HF_HOME", str(hf_home))
+    result = run_eval(EvalConfig(model=str(demo_model_path()), task="pope", data=LMMS_POPE, strict=True,
+                                 out=tmp_path / "flowkern", batch_size=4, device="cpu",
+                                 prune=PruneSpec(layer=3, keep=0)))
+    m = result.metrics
+    assert m["n"] == len(samples) == 18 and m["protocol"]["source"]["revision"] == REVISION
+    # shapes-POPE's question ids are unique across the splits: lmms-eval's samples match by id alone
+    ours = {str(r["question_id"]): r["text"].lower().strip() for r in map(json.loads, result.answers_path.open())}
+    theirs = {s["pope_accuracy"]["question_id"]: s["pope_accuracy"]["prediction"] for s in samples}
+    assert len(ours) == len(theirs) == len(samples) and theirs == ours
+    for key in ("accuracy", "precision", "recall"):
+        assert lmms[key] == pytest.approx(m[key], abs=1e-12), key
+    assert lmms["f1_score"] == pytest.approx(m["f1"], abs=1e-12)
+    labels_yes = sum(s["pope_accuracy"]["ground_truth"] == "yes" for s in samples) / len(samples)
+    assert lmms["yes_ratio"] == pytest.approx(labels_yes) and m["yes_ratio"] == pytest.approx(
+        sum(t == "yes" for t in ours.values()) / len(ours))
+    assert m["counts"]["other"] > 0 and m["yes_ratio"] != lmms["yes_ratio"]  # the documented difference
+    print(json.dumps({"lmms_eval": lmms, "flowkern_strict": {k: m[k] for k in
+                                                             ("accuracy", "precision", "recall", "f1", "yes_ratio")}}))

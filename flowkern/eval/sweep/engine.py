@@ -41,6 +41,7 @@ from flowkern.eval.sweep.points import (
     series_points,
     sweep_settings,
 )
+from flowkern.eval.tasks.parquet import open_images
 from flowkern.hf.inputs import build_inputs
 from flowkern.plan import PruneSpec
 
@@ -173,7 +174,7 @@ class Engine:
                         groups.setdefault(sub, []).append(p)
                 for keys, group in groups.items():
                     batch = [by_key[k] for k in keys]
-                    inputs = build_inputs(self.processor, self.model, [s.image for s in batch],
+                    inputs = build_inputs(self.processor, self.model, open_images([s.image for s in batch]),
                                           [s.prompt for s in batch])
                     with contextlib.closing(self.run_group(group, batch, inputs, max_new)) as answered:
                         for p, texts, extras in answered:

@@ -102,7 +102,7 @@ class SweepConfig:
     batch_size: int = 1
     max_new_tokens: int | None = None
     strict: bool = False
-    split: str = "test"
+    split: str | None = None
     ocr: bool = False
     device: str = "auto"
     dtype: str = "auto"

@@ -14,11 +14,14 @@ from typing import Any
 
 from flowkern.eval.tasks.base import Prediction, Sample, Task, read_predictions
 from flowkern.eval.tasks.chair import ChairTask
+from flowkern.eval.tasks.lmms_lab import table_task
+from flowkern.eval.tasks.parquet import is_table_source
 from flowkern.eval.tasks.pope import PopeTask
+from flowkern.eval.tasks.protocol import protocol
 from flowkern.eval.tasks.sqa import SqaTask
 from flowkern.eval.tasks.textvqa import TextVqaTask
 
-__all__ = ["TASKS", "get_task", "Task", "Sample", "Prediction", "read_predictions",
+__all__ = ["TASKS", "get_task", "protocol", "Task", "Sample", "Prediction", "read_predictions",
            "PopeTask", "SqaTask", "TextVqaTask", "ChairTask"]
 
 TASKS: dict[str, type[Task]] = {"pope": PopeTask, "sqa": SqaTask, "textvqa": TextVqaTask, "chair": ChairTask}
@@ -27,7 +30,11 @@ TASKS: dict[str, type[Task]] = {"pope": PopeTask, "sqa": SqaTask, "textvqa": Tex
 
 def get_task(name: str, data: str | os.PathLike[str], images: str | os.PathLike[str] | None = None,
              **options: Any) -> Task:
-    """The task ``name`` reading ``data`` (options: ``strict`` for pope, ``ocr`` for textvqa, ``split`` for sqa).
+    """The task ``name`` reading ``data`` (options: ``strict`` for pope, ``ocr`` for textvqa, ``split`` for sqa and
+    for table data).
+
+    ``data`` is the benchmark's official files, or tables (a parquet / Arrow file, a folder of them, a dataset id
+    such as ``lmms-lab/POPE`` in the local Hugging Face cache): :mod:`flowkern.eval.tasks.lmms_lab`.
 
     ``ValueError`` for an unknown task name (listing the known ones) or an option the task does not take.
     """
@@ -35,6 +42,10 @@ def get_task(name: str, data: str | os.PathLike[str], images: str | os.PathLike[
         raise ValueError(f"--task: unknown task {name!r} (choose from {', '.join(TASKS)})")
     cls = TASKS[name]
     try:
+        if is_table_source(data):
+            return table_task(name, data, images, **options)
+        if options.get("split", "") is None:
+            options = {k: v for k, v in options.items() if k != "split"}
         return cls(data, images, **options)
     except TypeError as exc:
         if "unexpected keyword argument" in str(exc):

@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
 __all__ = [
     "ratio",
+    "describe_protocol",
     "Sample",
     "Prediction",
     "Task",
@@ -38,14 +39,16 @@ class Sample:
 
     ``id`` is the id as written in the official file (an int for POPE, TextVQA and COCO, a string for ScienceQA);
     ``key`` is the string predictions are matched by (usually ``str(id)``). ``image`` is the image path (inside
-    the task's image folder; it need not exist to score). ``prompt`` is the user text without chat template or image
-    placeholder. ``reference`` is what the prediction is scored against (a label, an option letter, the ten
-    answers, the set of objects in the image). ``split`` names the part of a multi-file benchmark (POPE).
+    the task's image folder; it need not exist to score), or for table data the
+    :class:`~flowkern.eval.tasks.parquet.EmbeddedImage` holding it. ``prompt`` is the user text without chat
+    template or image placeholder. ``reference`` is what the prediction is scored against (a label, an option
+    letter, the ten answers, the set of objects in the image). ``split`` names the part of a multi-file benchmark
+    (POPE's split or category).
     """
 
     id: Any
     key: str
-    image: Path | None
+    image: Path | Any | None
     prompt: str
     reference: Any
     split: str | None = None
@@ -290,7 +293,8 @@ class Task:
         """Score predictions (answer-file lines, or a mapping id -> text) into a dict of metrics.
 
         Only the predicted samples are scored (``n`` says how many; ``missing`` how many samples have none;
-        ``ignored``, present when not 0, how many predictions were for questions outside the scored subset).
+        ``ignored``, present when not 0, how many predictions were for questions outside the scored subset);
+        ``protocol`` says how the numbers were made (:func:`flowkern.eval.tasks.protocol.protocol`).
         """
         pairs, ignored = self._match(predictions)
         result: dict[str, Any] = {"task": self.name}
@@ -299,6 +303,8 @@ class Task:
         result["missing"] = len(self.samples) - len(pairs)
         if ignored:
             result["ignored"] = ignored
+        if describe_protocol is not None:
+            result["protocol"] = describe_protocol(self)
         return result
 
     def _metrics(self, pairs: list[tuple[Sample, str]]) -> dict[str, Any]:
@@ -307,6 +313,11 @@ class Task:
     def read_predictions(self, path: str | os.PathLike[str]) -> list[Prediction]:
         """:func:`read_predictions` with this task's id and text fields."""
         return read_predictions(path, id_field=self.id_field, text_field=self.text_field)
+
+
+describe_protocol: Callable[[Task], dict[str, Any]] | None = None
+"""What :meth:`Task.score` writes under ``protocol``: :func:`flowkern.eval.tasks.protocol.protocol`, set when that
+module is imported (with the package; it reads the task modules, which import this one)."""
 
 
 def ratio(numerator: float, denominator: float) -> float:
