@@ -290,7 +290,8 @@ def _check_images(samples: Sequence[Sample], images_hint: str, progress: bool) -
         more = f" ({len(missing)} of {len(samples)} questions' images are missing)" if len(missing) > 1 else ""
         raise EvalUsageError(f"--images: question {first.id!r}: image {first.image} not found{more}; {images_hint}")
     try:
-        check_images([s.image for s in samples], what="--images", progress=progress)
+        check_images([s.image for s in samples if not isinstance(s.image, EmbeddedImage)], what="--images",
+                     progress=progress)
     except ImageError as exc:
         raise EvalUsageError(str(exc)) from None
 

@@ -109,8 +109,8 @@ def test_each_image_is_decoded_once_per_process(tmp_path, monkeypatch):
 
     paths = [save_image(tmp_path / f"{i}.png", i) for i in range(3)]
     calls = []
-    real = inputs._decode
-    monkeypatch.setattr(inputs, "_decode", lambda p, w: calls.append(p) or real(p, w))
+    real = inputs.decode_image
+    monkeypatch.setattr(inputs, "decode_image", lambda p, w: calls.append(p) or real(p, w))
     check_images(paths + paths)
     check_images(paths)
     assert sorted(calls) == sorted(paths)

@@ -173,6 +173,8 @@ def _bad_pope(tmp_path: Path, files: Path, change: str) -> Path:
         cols["question"] = ("int", [1, 2, 3])
     elif change == "null":
         images[1] = None
+    elif change == "truncated":  # the header reads, the pixels do not: only a full decode finds it
+        images[2] = images[2][: len(images[2]) // 2]
     else:
         images[2] = b"not an image"
     return write_table(tmp_path / "bad" / "test-00000-of-00001.parquet", cols)
@@ -181,7 +183,8 @@ def _bad_pope(tmp_path: Path, files: Path, change: str) -> Path:
 @pytest.mark.parametrize("change,message", [
     ("missing", r"no column 'answer' \(columns: "),
     ("type", "column 'question' has type int64, expected a string"),
-    ("image", r"row 2: column 'image': not a decodable image"),
+    ("image", r"row 2: column 'image': not a readable image"),
+    ("truncated", r"row 2: column 'image': not a readable image"),
     ("null", r"row 1: column 'image': no image bytes"),
 ])
 def test_malformed_parquet_is_one_error_nothing_written(files, tmp_path, capsys, change, message):

@@ -205,11 +205,15 @@ def check_inputs(config: SweepConfig, plan: EvalPlan, *, progress: bool = False)
     Raises:
         SweepUsageError: an image that is not fully decodable; a ``--keep`` that keeps every image token.
     """
-    from flowkern.hf.inputs import ImageError, check_images
+    from flowkern.eval.tasks.parquet import EmbeddedImage
+    from flowkern.eval.tasks.parquet import check_images as check_embedded
+    from flowkern.hf.inputs import check_images
 
+    images = [s.image for s in plan.samples if s.image is not None]
     try:
-        check_images([s.image for s in plan.samples if s.image is not None], what="--images", progress=progress)
-    except ImageError as exc:
+        check_images([im for im in images if not isinstance(im, EmbeddedImage)], what="--images", progress=progress)
+        check_embedded([im for im in images if isinstance(im, EmbeddedImage)])  # table cells (parquet data)
+    except ValueError as exc:
         raise SweepUsageError(str(exc)) from None
     if config.prune.keep == 0 or not plan.samples:
         return
@@ -226,12 +230,13 @@ def _image_tokens(model: str, sample: Any) -> int | None:
     they cannot be read."""
     import transformers
 
+    from flowkern.eval.tasks.parquet import open_images
     from flowkern.hf.inputs import image_token_counts
 
     try:
         config = transformers.AutoConfig.from_pretrained(model, local_files_only=True)
         processor = transformers.AutoProcessor.from_pretrained(model, local_files_only=True)
-        return image_token_counts(processor, config, [sample.image], [sample.prompt])[0]
+        return image_token_counts(processor, config, open_images([sample.image]), [sample.prompt])[0]
     except Exception:  # noqa: BLE001 - any failure here is the model loader's to report, with its own message
         return None
 
