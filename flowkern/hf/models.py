@@ -19,12 +19,13 @@ A new family is one more entry in :data:`ADAPTERS` (plus a layout function when 
 pattern); nothing outside this file needs to change.
 
 Supported families: LLaVA-1.5 (``llava``), LLaVA-NeXT (``llava_next``), LLaVA-OneVision, Qwen2-VL, Qwen2.5-VL,
-Qwen3-VL, InternVL and InstructBLIP (decoder-only language models). :func:`get_adapter` raises ``ValueError`` for
-anything else.
+Qwen3-VL, InternVL, InstructBLIP, Gemma 3 and PaliGemma (decoder-only language models). :func:`get_adapter` raises
+``ValueError`` for anything else.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -328,7 +329,6 @@ def _llava_onevision_layout(config: Any, ids: list[torch.Tensor], positions: lis
     ``anyres_max_N`` base images; a multi-image prompt has base + one newline per image); a video is a run of
     frames of pooled ceil(g/2)^2 rasters plus one newline. Views: ``"base"``, ``"crops"`` (when ``image_sizes`` is
     known), ``"frame{k}"``."""
-    import math
 
     base = _patch_grid(config.vision_config)
     n_base = base[0] * base[1]
@@ -463,6 +463,31 @@ def _instructblip_layout(config: Any, ids: list[torch.Tensor], positions: list[t
     return out
 
 
+def _rasters(family: str, ids: list[torch.Tensor], rows: int, cols: int) -> list:
+    """Every image is ``rows * cols`` consecutive placeholder tokens in raster order (views ``"image"``)."""
+    per_image = rows * cols
+    out = []
+    for b, tok in enumerate(ids):
+        n = tok.numel()
+        if n % per_image:
+            _check_consumed(family, b, n - n % per_image, n)
+        out.append([ImageGrid(i, "image", torch.arange(i * per_image, (i + 1) * per_image).view(rows, cols),
+                              whole=True) for i in range(n // per_image)])
+    return out
+
+
+def _gemma3_layout(config: Any, ids: list[torch.Tensor], positions: list[torch.Tensor], inputs: dict) -> list:
+    """Gemma 3: each image is ``mm_tokens_per_image`` tokens, the pooled square raster of the SigLIP patches (the
+    ``<start_of_image>`` / ``<end_of_image>`` markers around it are text tokens)."""
+    side = math.isqrt(int(config.mm_tokens_per_image))
+    return _rasters("gemma3", ids, side, side)
+
+
+def _paligemma_layout(config: Any, ids: list[torch.Tensor], positions: list[torch.Tensor], inputs: dict) -> list:
+    """PaliGemma: each image is the (image_size/patch_size)^2 SigLIP patch raster."""
+    return _rasters("paligemma", ids, *_patch_grid(config.vision_config))
+
+
 _QWEN_PLACEHOLDERS = ("image_token_id", "video_token_id")
 _QWEN_INPUTS = ("image_grid_thw", "video_grid_thw")
 
@@ -484,6 +509,12 @@ ADAPTERS: dict[str, ModelAdapter] = {
         ModelAdapter("qwen3_vl", ("qwen3_vl",), _QWEN_PLACEHOLDERS, _qwen_vl_layout, _QWEN_INPUTS, "grid_thw",
                      pixel_layout="patches", deepstack=True),
         ModelAdapter("internvl", ("internvl",), ("image_token_id",), _internvl_layout),
+        # bidirectional attention inside each image (token_type_ids), sliding-window layers: docs/masks.md
+        ModelAdapter("gemma3", ("gemma3",), ("image_token_id",), _gemma3_layout,
+                     prompt_format="<start_of_turn>user\n{images}{prompt}<end_of_turn>\n<start_of_turn>model\n"),
+        # the image tokens and the text prefix form one bidirectional block (token_type_ids == 0)
+        ModelAdapter("paligemma", ("paligemma",), ("image_token_id",), _paligemma_layout,
+                     prompt_format="{images}{prompt}"),
         # the processor inserts the Q-Former query placeholders itself; they have no spatial layout
         ModelAdapter("instructblip", ("instructblip",), ("image_token_id",), _instructblip_layout,
                      prompt_format="{prompt}", spatial_grids=False),

@@ -115,7 +115,8 @@ PAD_TOKEN, IMAGE_TOKEN, VIDEO_TOKEN = 0, 100, 101
 """Token ids of :func:`tiny_vlm` models: padding, the image placeholder, the video placeholder (Qwen-VL: the vision
 start / end markers are 102 / 103)."""
 
-FAMILIES = ("llava", "llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "internvl", "instructblip")
+FAMILIES = ("llava", "llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "internvl", "instructblip",
+            "gemma3", "paligemma")
 """The families :func:`tiny_vlm` builds."""
 
 
@@ -183,7 +184,9 @@ def tiny_vlm(family: str, *, layers: int = 3, image_size: int = 8, seed: int = 0
     ``image_size`` px, patch 2 (NeXT: pinpoints 16x16, 8x16, 16x8); OneVision: SigLIP 8 px, ``anyres_max_1``;
     Qwen-VL: patch 2, spatial merge 2, temporal patch 2 (Qwen3-VL: DeepStack after the ``deepstack`` tower
     layers, head dim 8, interleaved M-RoPE); InternVL: 8 px tiles, patch 2, downsample 0.5 (2x2 tokens per tile);
-    InstructBLIP: 4 Q-Former queries.
+    InstructBLIP: 4 Q-Former queries; Gemma 3: SigLIP 8 px, patch 2, pooled to 2x2 tokens per image, layers
+    alternating sliding window (5) and full attention, head dim 8; PaliGemma: SigLIP 8 px, patch 4 (2x2 tokens),
+    Gemma text model, head dim 8.
 
     Args:
         layers: decoder layers of the language model.
@@ -249,8 +252,29 @@ def tiny_vlm(family: str, *, layers: int = 3, image_size: int = 8, seed: int = 0
                                 encoder_hidden_size=32, vocab_size=64, max_position_embeddings=64),
             text_config=text_config(**text), num_query_tokens=4, image_token_index=IMAGE_TOKEN,
         )
+    elif family in ("gemma3", "paligemma"):
+        cfg = _gemma_config(family, text)
     else:
         raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
     model = build_model(cfg, seed=seed, decode_all=True)
     model.generation_config.pad_token_id = PAD_TOKEN
     return model
+
+
+def _gemma_config(family: str, text: dict) -> Any:
+    """Gemma 3 / PaliGemma configs of :func:`tiny_vlm` (see there)."""
+    from transformers import Gemma3Config, PaliGemmaConfig
+
+    from flowkern.hf.compat import LAYER_TYPES
+
+    siglip = dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                  num_attention_heads=2, image_size=8, patch_size=2)
+    n = int(text.get("num_hidden_layers", 3))
+    if family == "gemma3":
+        text = text_config("gemma3_text", head_dim=8, query_pre_attn_scalar=8, sliding_window=5,
+                           layer_types=[LAYER_TYPES[("sliding", "full")[i % 2]] for i in range(n)], **text)
+        return Gemma3Config(vision_config=siglip, text_config=text, mm_tokens_per_image=4,
+                            image_token_index=IMAGE_TOKEN, boi_token_index=102, eoi_token_index=103)
+    text = text_config("gemma", head_dim=8, **text)
+    return PaliGemmaConfig(vision_config=dict(siglip, patch_size=4, projection_dim=32), text_config=text,
+                           image_token_index=IMAGE_TOKEN, projection_dim=32, hidden_size=32)
