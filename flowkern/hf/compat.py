@@ -219,9 +219,20 @@ def check_dynamic_cache(cache: Any, owner: str = "flowkern.prune") -> None:
             f"{owner} supports transformers' DynamicCache (the generate default) only, got {kind}; a static, "
             "offloaded or quantized cache cannot hold a different number of tokens per layer"
         )
-    bad = [type(layer).__name__ for layer in cache.layers if type(layer) is not DynamicLayer]
+    bad = sorted({type(layer).__name__ for layer in cache.layers if type(layer) is not DynamicLayer})
+    if any(getattr(cache, "is_sliding", ())) or any("Sliding" in name for name in bad):
+        raise NotImplementedError(
+            f"{owner}: this model has sliding-window layers; their cache keeps the most recent keys by slot and "
+            "the kernel's window counts key slots, not token positions (docs/masks.md), so compacting them would "
+            "change which tokens the window covers: pruning is not supported for sliding-window models"
+        )
+    if any(getattr(cache, "is_linear", ())):
+        raise NotImplementedError(
+            f"{owner}: this model has linear-attention layers; their recurrent state has absorbed every token and "
+            "cannot give one back, so a filled cache cannot be compacted"
+        )
     if bad:
-        raise NotImplementedError(f"{owner}: cache layers of type {sorted(set(bad))} are not supported")
+        raise NotImplementedError(f"{owner}: cache layers of type {bad} are not supported")
 
 
 def cache_num_layers(cache: Any) -> int:

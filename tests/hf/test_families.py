@@ -1,0 +1,274 @@
+"""The families whose masks are more than causal (Gemma 3, PaliGemma) on tiny random-weight models, against oracles
+that do not use flowkern's translation:
+
+- the mask translation (:func:`flowkern.hf.attention.flowkern_attention_mask`): the visibility the kernel computes
+  from a :class:`KeyMask` (``flowkern.reference.visible_mask``) equals transformers' own dense mask
+  (``sdpa_mask``) of the same pattern, for sliding windows, image blocks, both, padding and a cache offset;
+- trace: shares and per-key attention of the answer rows equal transformers' eager ``output_attentions`` (fp32,
+  sliding-window layers and bidirectional image blocks included; the prompts are longer than the window);
+- prune: equals an attention-mask oracle whose visibility is transformers' own dense mask minus the removed keys;
+  Gemma 3 (sliding-window layers) is refused with the reason;
+- cam: runs and lands on the image grid.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AttentionInterface
+from transformers import masking_utils as mu
+from transformers.masking_utils import AttentionMaskInterface
+
+import flowkern
+from flowkern.hf.attention import KeyMask, flowkern_attention_mask
+from flowkern.hf.tiny import IMAGE_TOKEN as IMG
+from flowkern.hf.tiny import tiny_vlm
+from flowkern.reference import visible_mask
+from tests.fixtures import labelled_prompts
+
+ATOL = 1e-5
+NEW = 3
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the mask translation
+
+
+def _dense(mask_function, b, sq, sk, q_offset, padding):
+    return mu.sdpa_mask(batch_size=b, q_length=sq, kv_length=sk, q_offset=q_offset, kv_offset=0,
+                        mask_function=mask_function, attention_mask=padding, allow_is_causal_skip=False)
+
+
+def _kernel_view(mask, b, sq, sk):
+    """What the kernel shows for flowkern's mask: the 2D padding mask or a KeyMask, through the oracle rule."""
+    if isinstance(mask, KeyMask):
+        return visible_mask(sq, sk, causal=True, key_padding_mask=mask.padding, device=torch.device("cpu"),
+                            window=mask.window, group_ids=mask.group_ids).expand(b, 1, sq, sk)
+    return visible_mask(sq, sk, causal=True, key_padding_mask=mask, device=torch.device("cpu")).expand(b, 1, sq, sk)
+
+
+def _blocks(b, sk):
+    ids = torch.full((b, sk), -1)
+    ids[0, 3:6], ids[0, 8:11], ids[1, 5:9] = 0, 1, 0
+    return ids
+
+
+PATTERNS = {
+    "causal": lambda ids: mu.causal_mask_function,
+    "window": lambda ids: mu.sliding_window_causal_mask_function(4),
+    "blocks": lambda ids: mu.or_masks(mu.causal_mask_function, mu.blockwise_overlay(ids)),
+    "window-or-blocks": lambda ids: mu.or_masks(mu.sliding_window_causal_mask_function(3), mu.blockwise_overlay(ids)),
+    "window-and-blocks": lambda ids: mu.and_masks(mu.or_masks(mu.causal_mask_function, mu.blockwise_overlay(ids)),
+                                                  mu.sliding_window_overlay(4)),
+}
+
+
+@pytest.mark.parametrize("sq,q_offset", [(14, 0), (3, 11)], ids=["prefill", "chunk"])
+@pytest.mark.parametrize("padded", [False, True])
+@pytest.mark.parametrize("name", list(PATTERNS))
+def test_translation_matches_transformers_dense_mask(name, padded, sq, q_offset):
+    b, sk = 2, 14
+    padding = torch.ones(b, sk, dtype=torch.bool)
+    if padded:
+        padding[1, :2] = False
+    fn = PATTERNS[name](_blocks(b, sk))
+    ours = flowkern_attention_mask(b, sq, sk, q_offset, 0, fn, padding)
+    assert isinstance(ours, KeyMask) == (name != "causal")
+    theirs = _dense(fn, b, sq, sk, q_offset, padding)
+    # rows without any visible key differ by convention only (flowkern: none; transformers' sdpa: fully masked)
+    assert torch.equal(_kernel_view(ours, b, sq, sk), theirs)
+
+
+def test_refusals_name_the_layer_type_and_why():
+    ids = torch.full((1, 12), -1)
+    ids[0, 2:8] = 0  # a 6-token block
+    cut = mu.and_masks(mu.or_masks(mu.causal_mask_function, mu.blockwise_overlay(ids)), mu.sliding_window_overlay(4))
+    with pytest.raises(NotImplementedError, match="sliding-window layers.*6 tokens is longer than the sliding window"):
+        flowkern_attention_mask(1, 12, 12, mask_function=cut, local_size=4)
+    chunked = mu.chunked_causal_mask_function(4, torch.zeros(1, dtype=torch.long))
+    with pytest.raises(NotImplementedError, match="full-attention layers.*chunked attention"):
+        flowkern_attention_mask(1, 8, 8, mask_function=chunked)
+    with pytest.raises(NotImplementedError, match="bidirectional"):
+        flowkern_attention_mask(1, 8, 8, mask_function=mu.bidirectional_mask_function)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# tiny models: prompts longer than Gemma 3's window (5), images of 2 x 2 tokens
+
+
+def _gemma3_case():
+    model = tiny_vlm("gemma3", layers=4)
+    ids, mask, labels = labelled_prompts([
+        [("sys", [5, 6, 102]), ("img", [IMG] * 4), ("user", [103, 8, 9, 102]), ("img", [IMG] * 4),
+         ("user", [103, 10, 11, 12])],
+        [("sys", [5, 102]), ("img", [IMG] * 4), ("user", [103, 9, 10])],
+    ])
+    kwargs = dict(input_ids=ids, attention_mask=mask, pixel_values=torch.randn(3, 3, 8, 8),
+                  token_type_ids=(ids == IMG).long())
+    return model, kwargs, labels
+
+
+def _paligemma_case():
+    model = tiny_vlm("paligemma", layers=4)
+    ids, mask, labels = labelled_prompts([
+        [("img", [IMG] * 4), ("user", [1, 8, 9, 10, 11, 12])],
+        [("img", [IMG] * 4), ("user", [1, 9, 10])],
+    ])
+    kwargs = dict(input_ids=ids, attention_mask=mask, pixel_values=torch.randn(2, 3, 8, 8),
+                  token_type_ids=torch.zeros_like(ids))
+    return model, kwargs, labels
+
+
+CASES = {"gemma3": _gemma3_case, "paligemma": _paligemma_case}
+_built: dict = {}
+
+
+def case(name):
+    if name not in _built:
+        _built[name] = CASES[name]()
+    return _built[name]
+
+
+def _eager(model, kwargs, **extra):
+    model.set_attn_implementation({"text_config": "eager"})
+    try:
+        with torch.no_grad():
+            return model.generate(**kwargs, max_new_tokens=NEW, do_sample=False, output_attentions=True,
+                                  return_dict_in_generate=True, **extra)
+    finally:
+        model.set_attn_implementation({"text_config": "sdpa"})
+
+
+def _expected(attentions, labels):
+    """Step shares [T, L, B, 4] and the answer rows' attention to each prompt key [T, L, B, S] from eager weights;
+    a sliding-window cache layer holds the most recent keys only (its weights cover the last Sk positions)."""
+    shares, keys = [], []
+    B, S = labels.shape
+    for t, step in enumerate(attentions):
+        full = torch.cat([labels, torch.full((B, t), 3)], dim=1)
+        rows = [layer[:, :, -1, :].double().mean(dim=1) for layer in step]
+        shares.append(torch.stack([torch.stack([(p * (full[:, -p.shape[1]:] == c)).sum(-1) for c in range(4)], -1)
+                                   for p in rows]))
+        padded = [torch.cat([torch.zeros(B, full.shape[1] - p.shape[1], dtype=p.dtype), p], 1) for p in rows]
+        keys.append(torch.stack([p[:, :S] for p in padded]))
+    return torch.stack(shares).float(), torch.stack(keys).float()
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_trace_matches_eager(name):
+    model, kwargs, labels = case(name)
+    eager = _eager(model, kwargs)
+    with flowkern.trace(model, image_inputs=kwargs) as flow:
+        tokens = model.generate(**kwargs, max_new_tokens=NEW, do_sample=False)
+    assert torch.equal(tokens, eager.sequences)
+    exp_shares, exp_keys = _expected(eager.attentions, labels)
+    assert torch.equal(flow.segment_ids[:, : labels.shape[1]], labels)
+    torch.testing.assert_close(flow.step_shares, exp_shares, atol=ATOL, rtol=0)
+    # the image blocks matter: without token_type_ids transformers' own attention differs
+    plain = _eager(model, {k: v for k, v in kwargs.items() if k != "token_type_ids"})
+    assert (_expected(plain.attentions, labels)[0] - exp_shares).abs().max() > 1e-3
+    # heat maps: the answer rows' attention to each image token, on the 2 x 2 raster of each image
+    n_layers = flow.num_layers
+    for b in range(labels.shape[0]):
+        pos = torch.nonzero(labels[b] == 1).flatten()
+        grids = flow.image_grids[b]
+        assert [(g.image, g.name, g.shape) for g in grids] == [(i, "image", (2, 2)) for i in range(len(pos) // 4)]
+        for g in grids:
+            cells = pos[g.index]
+            for layer in (0, n_layers - 1):
+                expect = exp_keys[:, layer, b][:, cells].mean(dim=0)
+                torch.testing.assert_close(flow.image_attention(layer, sample=b, image=g.image, view="image"), expect,
+                                           atol=ATOL, rtol=0)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# pruning vs a mask oracle: transformers' own dense mask, minus the removed keys at layers >= L
+
+ORACLE = "fk_families_oracle"
+_SPEC: dict = {}
+
+
+def _oracle_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None, attention_mask=None,
+                 **kw):
+    return mu.sdpa_mask(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
+                        kv_offset=kv_offset, mask_function=mask_function, attention_mask=attention_mask,
+                        allow_is_causal_skip=False)
+
+
+def _oracle_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kw):
+    B, Hq, Sq, D = query.shape
+    Sk = key.shape[2]
+    rep = Hq // key.shape[1]
+    k, v = (t.double().repeat_interleave(rep, dim=1) for t in (key, value))
+    s = (query.double() @ k.transpose(-1, -2)) * (scaling if scaling is not None else D**-0.5)
+    vis = attention_mask[..., :Sk].bool().expand(B, 1, Sq, Sk)
+    removed = _SPEC.get("removed")
+    if removed is not None and module.layer_idx >= _SPEC["layer"]:
+        hide = torch.zeros(B, Sk, dtype=torch.bool)
+        n = min(Sk, removed.shape[1])
+        hide[:, :n] = removed[:, :n]
+        vis = vis & ~hide[:, None, None, :]
+    p = torch.softmax(s.masked_fill(~vis, float("-inf")), dim=-1).nan_to_num(0.0)
+    return (p @ v).to(query.dtype).transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(ORACLE, _oracle_attention)
+AttentionMaskInterface.register(ORACLE, _oracle_mask)
+
+
+def _run_oracle(model, kwargs, removed, layer):
+    _SPEC.update(removed=removed, layer=layer)
+    model.set_attn_implementation({"text_config": ORACLE})
+    try:
+        with torch.no_grad():
+            return model.generate(**kwargs, max_new_tokens=NEW, do_sample=False, output_logits=True,
+                                  return_dict_in_generate=True)
+    finally:
+        model.set_attn_implementation({"text_config": "sdpa"})
+        _SPEC.clear()
+
+
+@pytest.mark.parametrize("layer,keep", [(1, 0), (2, 2), (3, 0)])
+def test_paligemma_prune_matches_mask_oracle(layer, keep):
+    model, kwargs, _ = case("paligemma")
+    img = (kwargs["input_ids"] == IMG) & kwargs["attention_mask"].bool()
+    with torch.no_grad(), flowkern.prune(model, layer=layer, keep=keep, rank="attention") as p:
+        got = model.generate(**kwargs, max_new_tokens=NEW, do_sample=False, output_logits=True,
+                             return_dict_in_generate=True)
+    kept = torch.zeros_like(img)
+    for b, pos in enumerate(p.kept_image_positions):
+        kept[b, pos] = True
+    assert torch.equal(p.num_kept_image_tokens, img.sum(1).clamp(max=keep))
+    expect = _run_oracle(model, kwargs, img & ~kept, layer)
+    assert torch.equal(got.sequences, expect.sequences)
+    for a, b in zip(got.logits, expect.logits, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("when", ["prefill", "decode"])
+def test_gemma3_prune_refused_with_reason(when):
+    model, kwargs, _ = case("gemma3")
+    with pytest.raises(NotImplementedError, match="sliding-window"):
+        with flowkern.prune(model, layer=1, when=when):
+            model.generate(**kwargs, max_new_tokens=NEW, do_sample=False)
+    with pytest.raises(NotImplementedError, match="window counts key slots"):
+        with torch.no_grad(), flowkern.prune(model, layer=1):
+            model(**kwargs, use_cache=False)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# cam
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_cam_lands_on_the_grid(name):
+    model, kwargs, _ = case(name)
+    one = {k: v[:1] for k, v in kwargs.items() if k != "pixel_values"}
+    n_images = int((one["input_ids"] == IMG).sum()) // 4
+    one["pixel_values"] = kwargs["pixel_values"][:n_images]
+    real = one["attention_mask"][0].bool()
+    one = {k: (v[:, real] if k != "pixel_values" else v) for k, v in one.items()}
+    result = flowkern.cam(model, one, torch.tensor([7, 8]), layers=[0, 1], samples=1, noise_std=0.0)
+    assert [(v.image, v.name, v.shape) for v in result.views] == [(i, "image", (2, 2)) for i in range(n_images)]
+    assert all(bool(torch.isfinite(v.raw).all()) and float(v.raw.abs().max()) > 0 for v in result.views)
