@@ -548,3 +548,4 @@ def get_adapter(model_or_config: Any) -> ModelAdapter:
     raise ValueError(
         f"flowkern does not know the model type {model_type!r}; supported: {', '.join(supported_model_types())}"
     )
+

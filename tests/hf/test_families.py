@@ -272,3 +272,22 @@ def test_cam_lands_on_the_grid(name):
     result = flowkern.cam(model, one, torch.tensor([7, 8]), layers=[0, 1], samples=1, noise_std=0.0)
     assert [(v.image, v.name, v.shape) for v in result.views] == [(i, "image", (2, 2)) for i in range(n_images)]
     assert all(bool(torch.isfinite(v.raw).all()) and float(v.raw.abs().max()) > 0 for v in result.views)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the support table
+
+
+def test_info_and_docs_show_the_one_support_table(capsys):
+    from pathlib import Path
+
+    from flowkern.cli import main
+    from flowkern.hf.models import supported_model_types
+    from flowkern.hf.support import SUPPORT, support_table
+
+    assert main(["info"]) == 0
+    assert support_table() in capsys.readouterr().out
+    page = (Path(__file__).resolve().parents[2] / "docs" / "models.md").read_text(encoding="utf-8")
+    assert support_table() in page
+    listed = {r.model_type for r in SUPPORT if not r.trace.startswith("refused")}
+    assert listed == set(supported_model_types())
