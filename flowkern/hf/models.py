@@ -19,8 +19,8 @@ A new family is one more entry in :data:`ADAPTERS` (plus a layout function when 
 pattern); nothing outside this file needs to change.
 
 Supported families: LLaVA-1.5 (``llava``), LLaVA-NeXT (``llava_next``), LLaVA-OneVision, Qwen2-VL, Qwen2.5-VL,
-Qwen3-VL, InternVL, InstructBLIP, Gemma 3 and PaliGemma (decoder-only language models). :func:`get_adapter` raises
-``ValueError`` for anything else.
+Qwen3-VL, InternVL, InstructBLIP, Gemma 3, PaliGemma and Mistral 3 (decoder-only language models).
+:func:`get_adapter` raises ``ValueError`` for anything else.
 """
 
 from __future__ import annotations
@@ -488,6 +488,40 @@ def _paligemma_layout(config: Any, ids: list[torch.Tensor], positions: list[torc
     return _rasters("paligemma", ids, *_patch_grid(config.vision_config))
 
 
+def _mistral3_layout(config: Any, ids: list[torch.Tensor], positions: list[torch.Tensor], inputs: dict) -> list:
+    """Mistral 3 (Pixtral): each image is an (h / (patch * merge)) x (w / (patch * merge)) raster of ``[IMG]`` tokens,
+    written row by row with an ``[IMG_BREAK]`` after each row and ``[IMG_END]`` after the last; the separators are
+    text tokens, not grid cells. Sizes from ``image_sizes`` (prompt order over the batch); without it each image is
+    the run of equally long rows one separator apart."""
+    step = _side(config.vision_config.patch_size)[0] * int(config.spatial_merge_size)
+    sizes = _image_sizes(inputs)
+    out = []
+    for b, pos in enumerate(positions):
+        shapes = []
+        if sizes is not None:
+            used = 0
+            while used < pos.numel():
+                if not sizes:
+                    _check_consumed("mistral3", b, used, pos.numel())
+                h, w = sizes.pop(0)
+                shapes.append((h // step, w // step))
+                used += shapes[-1][0] * shapes[-1][1]
+            _check_consumed("mistral3", b, used, pos.numel())
+        else:
+            for start, length in _runs(pos):  # rows: runs of [IMG]; a new image where the row length or gap changes
+                gap = int(pos[start]) - int(pos[start - 1]) if start else 0
+                if shapes and shapes[-1][1] == length and gap == 2:
+                    shapes[-1] = (shapes[-1][0] + 1, length)
+                else:
+                    shapes.append((1, length))
+        grids, k = [], 0
+        for i, (rows, cols) in enumerate(shapes):
+            grids.append(ImageGrid(i, "image", torch.arange(k, k + rows * cols).view(rows, cols), whole=True))
+            k += rows * cols
+        out.append(grids)
+    return out
+
+
 _QWEN_PLACEHOLDERS = ("image_token_id", "video_token_id")
 _QWEN_INPUTS = ("image_grid_thw", "video_grid_thw")
 
@@ -515,6 +549,9 @@ ADAPTERS: dict[str, ModelAdapter] = {
         # the image tokens and the text prefix form one bidirectional block (token_type_ids == 0)
         ModelAdapter("paligemma", ("paligemma",), ("image_token_id",), _paligemma_layout,
                      prompt_format="{images}{prompt}"),
+        # [IMG] tokens only: the [IMG_BREAK] / [IMG_END] separators between rows are text tokens
+        ModelAdapter("mistral3", ("mistral3",), ("image_token_id",), _mistral3_layout, ("image_sizes",),
+                     prompt_format="[INST]{images}{prompt}[/INST]"),
         # the processor inserts the Q-Former query placeholders itself; they have no spatial layout
         ModelAdapter("instructblip", ("instructblip",), ("image_token_id",), _instructblip_layout,
                      prompt_format="{prompt}", spatial_grids=False),

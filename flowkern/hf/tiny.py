@@ -116,7 +116,7 @@ PAD_TOKEN, IMAGE_TOKEN, VIDEO_TOKEN = 0, 100, 101
 start / end markers are 102 / 103)."""
 
 FAMILIES = ("llava", "llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "internvl", "instructblip",
-            "gemma3", "paligemma")
+            "gemma3", "paligemma", "mistral3")
 """The families :func:`tiny_vlm` builds."""
 
 
@@ -186,7 +186,8 @@ def tiny_vlm(family: str, *, layers: int = 3, image_size: int = 8, seed: int = 0
     layers, head dim 8, interleaved M-RoPE); InternVL: 8 px tiles, patch 2, downsample 0.5 (2x2 tokens per tile);
     InstructBLIP: 4 Q-Former queries; Gemma 3: SigLIP 8 px, patch 2, pooled to 2x2 tokens per image, layers
     alternating sliding window (5) and full attention, head dim 8; PaliGemma: SigLIP 8 px, patch 4 (2x2 tokens),
-    Gemma text model, head dim 8.
+    Gemma text model, head dim 8; Mistral 3: Pixtral 16 px, patch 2, spatial merge 2 (an image of h x w px is
+    h/4 x w/4 tokens), Mistral text model.
 
     Args:
         layers: decoder layers of the language model.
@@ -254,6 +255,13 @@ def tiny_vlm(family: str, *, layers: int = 3, image_size: int = 8, seed: int = 0
         )
     elif family in ("gemma3", "paligemma"):
         cfg = _gemma_config(family, text)
+    elif family == "mistral3":
+        from transformers import Mistral3Config
+
+        vision = dict(model_type="pixtral", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=2, head_dim=16, image_size=16, patch_size=2)
+        cfg = Mistral3Config(vision_config=vision, text_config=text_config("mistral", sliding_window=None, **text),
+                             image_token_index=IMAGE_TOKEN, spatial_merge_size=2, vision_feature_layer=-1)
     else:
         raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
     model = build_model(cfg, seed=seed, decode_all=True)

@@ -1,5 +1,5 @@
-"""The families whose masks are more than causal (Gemma 3, PaliGemma) on tiny random-weight models, against oracles
-that do not use flowkern's translation:
+"""The 2026 families (Gemma 3, PaliGemma: masks beyond causal; Mistral 3: image rows with separators) on tiny
+random-weight models, against oracles that do not use flowkern's translation or layouts:
 
 - the mask translation (:func:`flowkern.hf.attention.flowkern_attention_mask`): the visibility the kernel computes
   from a :class:`KeyMask` (``flowkern.reference.visible_mask``) equals transformers' own dense mask
@@ -21,6 +21,7 @@ from transformers.masking_utils import AttentionMaskInterface
 
 import flowkern
 from flowkern.hf.attention import KeyMask, flowkern_attention_mask
+from flowkern.hf.models import get_adapter
 from flowkern.hf.tiny import IMAGE_TOKEN as IMG
 from flowkern.hf.tiny import tiny_vlm
 from flowkern.reference import visible_mask
@@ -106,7 +107,7 @@ def _gemma3_case():
     ])
     kwargs = dict(input_ids=ids, attention_mask=mask, pixel_values=torch.randn(3, 3, 8, 8),
                   token_type_ids=(ids == IMG).long())
-    return model, kwargs, labels
+    return model, kwargs, labels, [[(2, 2), (2, 2)], [(2, 2)]]
 
 
 def _paligemma_case():
@@ -117,10 +118,31 @@ def _paligemma_case():
     ])
     kwargs = dict(input_ids=ids, attention_mask=mask, pixel_values=torch.randn(2, 3, 8, 8),
                   token_type_ids=torch.zeros_like(ids))
-    return model, kwargs, labels
+    return model, kwargs, labels, [[(2, 2)], [(2, 2)]]
 
 
-CASES = {"gemma3": _gemma3_case, "paligemma": _paligemma_case}
+BREAK, END = 104, 105  # Pixtral's [IMG_BREAK] / [IMG_END]: text tokens of the tiny vocabulary
+
+
+def _pixtral_image(rows, cols):
+    out = []
+    for r in range(rows):
+        out += [("img", [IMG] * cols), ("user", [BREAK if r < rows - 1 else END])]
+    return out
+
+
+def _mistral3_case():
+    model = tiny_vlm("mistral3", layers=4)
+    ids, mask, labels = labelled_prompts([
+        [("sys", [5, 6]), *_pixtral_image(2, 3), ("user", [8, 9]), *_pixtral_image(3, 2), ("user", [10, 11])],
+        [("sys", [5]), *_pixtral_image(2, 2), ("user", [9, 10])],
+    ])
+    kwargs = dict(input_ids=ids, attention_mask=mask, pixel_values=torch.randn(3, 3, 12, 12),
+                  image_sizes=torch.tensor([[8, 12], [12, 8], [8, 8]]))  # patch 2, merge 2: 2x3, 3x2, 2x2 tokens
+    return model, kwargs, labels, [[(2, 3), (3, 2)], [(2, 2)]]
+
+
+CASES = {"gemma3": _gemma3_case, "paligemma": _paligemma_case, "mistral3": _mistral3_case}
 _built: dict = {}
 
 
@@ -128,6 +150,17 @@ def case(name):
     if name not in _built:
         _built[name] = CASES[name]()
     return _built[name]
+
+
+def first_sample(kwargs, shapes):
+    """Sample 0 of a case alone (its padding removed, its images only): what cam takes."""
+    real = kwargs["attention_mask"][0].bool()
+    n = len(shapes[0])
+    one = {k: v[:1, real] for k, v in kwargs.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+    one["pixel_values"] = kwargs["pixel_values"][:n]
+    if "image_sizes" in kwargs:
+        one["image_sizes"] = kwargs["image_sizes"][:n]
+    return one
 
 
 def _eager(model, kwargs, **extra):
@@ -157,7 +190,7 @@ def _expected(attentions, labels):
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_trace_matches_eager(name):
-    model, kwargs, labels = case(name)
+    model, kwargs, labels, shapes = case(name)
     eager = _eager(model, kwargs)
     with flowkern.trace(model, image_inputs=kwargs) as flow:
         tokens = model.generate(**kwargs, max_new_tokens=NEW, do_sample=False)
@@ -165,15 +198,15 @@ def test_trace_matches_eager(name):
     exp_shares, exp_keys = _expected(eager.attentions, labels)
     assert torch.equal(flow.segment_ids[:, : labels.shape[1]], labels)
     torch.testing.assert_close(flow.step_shares, exp_shares, atol=ATOL, rtol=0)
-    # the image blocks matter: without token_type_ids transformers' own attention differs
-    plain = _eager(model, {k: v for k, v in kwargs.items() if k != "token_type_ids"})
-    assert (_expected(plain.attentions, labels)[0] - exp_shares).abs().max() > 1e-3
-    # heat maps: the answer rows' attention to each image token, on the 2 x 2 raster of each image
+    if "token_type_ids" in kwargs:  # the image blocks matter: without them transformers' own attention differs
+        plain = _eager(model, {k: v for k, v in kwargs.items() if k != "token_type_ids"})
+        assert (_expected(plain.attentions, labels)[0] - exp_shares).abs().max() > 1e-3
+    # heat maps: the answer rows' attention to each image token (separators are no cells), on each image's raster
     n_layers = flow.num_layers
     for b in range(labels.shape[0]):
         pos = torch.nonzero(labels[b] == 1).flatten()
         grids = flow.image_grids[b]
-        assert [(g.image, g.name, g.shape) for g in grids] == [(i, "image", (2, 2)) for i in range(len(pos) // 4)]
+        assert [(g.image, g.name, g.shape) for g in grids] == [(i, "image", sh) for i, sh in enumerate(shapes[b])]
         for g in grids:
             cells = pos[g.index]
             for layer in (0, n_layers - 1):
@@ -229,9 +262,10 @@ def _run_oracle(model, kwargs, removed, layer):
         _SPEC.clear()
 
 
-@pytest.mark.parametrize("layer,keep", [(1, 0), (2, 2), (3, 0)])
-def test_paligemma_prune_matches_mask_oracle(layer, keep):
-    model, kwargs, _ = case("paligemma")
+@pytest.mark.parametrize("name,layer,keep", [("paligemma", 1, 0), ("paligemma", 2, 2), ("paligemma", 3, 0),
+                                             ("mistral3", 1, 3), ("mistral3", 2, 0)])
+def test_prune_matches_mask_oracle(name, layer, keep):
+    model, kwargs, _, _ = case(name)
     img = (kwargs["input_ids"] == IMG) & kwargs["attention_mask"].bool()
     with torch.no_grad(), flowkern.prune(model, layer=layer, keep=keep, rank="attention") as p:
         got = model.generate(**kwargs, max_new_tokens=NEW, do_sample=False, output_logits=True,
@@ -248,7 +282,7 @@ def test_paligemma_prune_matches_mask_oracle(layer, keep):
 
 @pytest.mark.parametrize("when", ["prefill", "decode"])
 def test_gemma3_prune_refused_with_reason(when):
-    model, kwargs, _ = case("gemma3")
+    model, kwargs, _, _ = case("gemma3")
     with pytest.raises(NotImplementedError, match="sliding-window"):
         with flowkern.prune(model, layer=1, when=when):
             model.generate(**kwargs, max_new_tokens=NEW, do_sample=False)
@@ -263,15 +297,21 @@ def test_gemma3_prune_refused_with_reason(when):
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_cam_lands_on_the_grid(name):
-    model, kwargs, _ = case(name)
-    one = {k: v[:1] for k, v in kwargs.items() if k != "pixel_values"}
-    n_images = int((one["input_ids"] == IMG).sum()) // 4
-    one["pixel_values"] = kwargs["pixel_values"][:n_images]
-    real = one["attention_mask"][0].bool()
-    one = {k: (v[:, real] if k != "pixel_values" else v) for k, v in one.items()}
+    model, kwargs, _, shapes = case(name)
+    one = first_sample(kwargs, shapes)
     result = flowkern.cam(model, one, torch.tensor([7, 8]), layers=[0, 1], samples=1, noise_std=0.0)
-    assert [(v.image, v.name, v.shape) for v in result.views] == [(i, "image", (2, 2)) for i in range(n_images)]
+    assert [(v.image, v.name, v.shape) for v in result.views] == [(i, "image", sh) for i, sh in enumerate(shapes[0])]
     assert all(bool(torch.isfinite(v.raw).all()) and float(v.raw.abs().max()) > 0 for v in result.views)
+
+
+def test_mistral3_layout_without_image_sizes():
+    """Without the processor's image_sizes, each image is the run of equally long [IMG] rows one separator apart."""
+    model, kwargs, labels, shapes = case("mistral3")
+    adapter = get_adapter(model)
+    for inputs in ({"image_sizes": kwargs["image_sizes"]}, {}):
+        grids = adapter.image_grids(model.config, kwargs["input_ids"], labels, inputs)
+        assert [[g.shape for g in views] for views in grids] == shapes
+        assert torch.equal(grids[0][1].index, torch.arange(6, 12).view(3, 2))
 
 
 # ----------------------------------------------------------------------------------------------------------
