@@ -24,7 +24,7 @@ import torch
 
 __all__ = [
     "CHAT_TEMPLATE", "SPECIAL_TOKENS", "PAD_TOKEN", "IMAGE_TOKEN", "VIDEO_TOKEN", "FAMILIES", "text_config",
-    "clip_config", "build_model", "tiny_vlm", "word_tokenizer", "save_tiny_llava",
+    "clip_config", "build_model", "tiny_vlm", "word_tokenizer", "save_tiny_llava", "save_tiny_paligemma",
 ]
 
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>", "<image>")
@@ -286,3 +286,21 @@ def _gemma_config(family: str, text: dict) -> Any:
     text = text_config("gemma", head_dim=8, **text)
     return PaliGemmaConfig(vision_config=dict(siglip, patch_size=4, projection_dim=32), text_config=text,
                            image_token_index=IMAGE_TOKEN, projection_dim=32, hidden_size=32)
+
+
+def save_tiny_paligemma(path: str | os.PathLike, *, words: Sequence[str], filler: int = 40, seed: int = 0) -> None:
+    """Write a :func:`tiny_vlm` PaliGemma (SigLIP 8 px, patch 4: 4 image tokens; 4 Gemma layers) with a real
+    ``PaliGemmaProcessor`` (a word-level tokenizer, no chat template: prompts are ``<image>`` + text, the processor
+    adds ``<bos>`` and the newline) to ``path``, loadable like any checkpoint."""
+    from transformers import PaliGemmaProcessor, SiglipImageProcessorPil
+
+    tokenizer = word_tokenizer(words, filler=filler)
+    ip = SiglipImageProcessorPil(size={"height": 8, "width": 8})
+    ip.image_seq_length = 4
+    processor = PaliGemmaProcessor(image_processor=ip, tokenizer=tokenizer)  # adds PaliGemma's location tokens
+    model = tiny_vlm("paligemma", layers=4, seed=seed, vocab_size=len(tokenizer))
+    model.config.image_token_id = tokenizer.convert_tokens_to_ids("<image>")
+    model.config.text_config.bos_token_id = tokenizer.bos_token_id
+    os.makedirs(path, exist_ok=True)
+    model.save_pretrained(path)
+    processor.save_pretrained(path)

@@ -331,3 +331,33 @@ def test_info_and_docs_show_the_one_support_table(capsys):
     assert support_table() in page
     listed = {r.model_type for r in SUPPORT if not r.trace.startswith("refused")}
     assert listed == set(supported_model_types())
+
+
+# ----------------------------------------------------------------------------------------------------------
+# flowkern eval: the family's prompt, answered in batches
+
+
+def test_paligemma_eval_cli_answers_in_a_batch(tmp_path, capsys):
+    import json
+
+    from flowkern.cli import main
+    from flowkern.hf.tiny import save_tiny_paligemma
+    from tests.fixtures import EVAL_WORDS, save_image, write_pope
+
+    save_tiny_paligemma(tmp_path / "pg", words=EVAL_WORDS)
+    for i in range(3):
+        save_image(tmp_path / "img" / f"{i}.jpg", i)
+    write_pope(tmp_path / "pope", "random", [(q, f"{q % 3}.jpg", ("dog", "cat car")[q % 2], "yes") for q in range(5)])
+    answers = {}
+    for batch in ("1", "4"):
+        out = tmp_path / f"out{batch}"
+        code = main(["eval", "--model", str(tmp_path / "pg"), "--task", "pope", "--data", str(tmp_path / "pope"),
+                     "--images", str(tmp_path / "img"), "--batch-size", batch, "--max-new-tokens", "3",
+                     "--device", "cpu", "--out", str(out)])
+        stdout, err = capsys.readouterr()
+        assert code == 0, err
+        assert "answered 5 questions" in stdout
+        rows = [json.loads(line) for line in next(out.glob("*.jsonl")).read_text().splitlines()]
+        answers[batch] = {r["question_id"]: r["text"] for r in rows}
+    assert answers["1"] == answers["4"] and len(answers["1"]) == 5  # left padding changes no answer
+    assert any(answers["1"].values())
