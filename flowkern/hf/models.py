@@ -19,7 +19,8 @@ A new family is one more entry in :data:`ADAPTERS` (plus a layout function when 
 pattern); nothing outside this file needs to change.
 
 Supported families: LLaVA-1.5 (``llava``), LLaVA-NeXT (``llava_next``), LLaVA-OneVision, Qwen2-VL, Qwen2.5-VL,
-Qwen3-VL, InternVL, InstructBLIP, Gemma 3, PaliGemma and Mistral 3 (decoder-only language models).
+Qwen3-VL, InternVL, InstructBLIP, Gemma 3, PaliGemma, Mistral 3 and LLaVA-OneVision-1.5 (decoder-only language
+models).
 :func:`get_adapter` raises ``ValueError`` for anything else.
 """
 
@@ -543,6 +544,9 @@ ADAPTERS: dict[str, ModelAdapter] = {
         ModelAdapter("qwen3_vl", ("qwen3_vl",), _QWEN_PLACEHOLDERS, _qwen_vl_layout, _QWEN_INPUTS, "grid_thw",
                      pixel_layout="patches", deepstack=True),
         ModelAdapter("internvl", ("internvl",), ("image_token_id",), _internvl_layout),
+        # transformers 5.25+: RICE-ViT patches merged m x m, laid out like Qwen-VL's (image_grid_thw)
+        ModelAdapter("llava_onevision1_5", ("llava_onevision1_5",), _QWEN_PLACEHOLDERS, _qwen_vl_layout, _QWEN_INPUTS,
+                     "grid_thw", pixel_layout="patches"),
         # bidirectional attention inside each image (token_type_ids), sliding-window layers: docs/masks.md
         ModelAdapter("gemma3", ("gemma3",), ("image_token_id",), _gemma3_layout,
                      prompt_format="<start_of_turn>user\n{images}{prompt}<end_of_turn>\n<start_of_turn>model\n"),

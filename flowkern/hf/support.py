@@ -53,6 +53,8 @@ SUPPORT: tuple[Support, ...] = (
     Support("Mistral 3 (Pixtral)", "mistral3", "mistralai/Mistral-Small-3.1-24B-Instruct-2503",
             "tested (rows with [IMG_BREAK] / [IMG_END]: separators count as text, not grid cells)", "tested",
             "tested (runs, on the grid)"),
+    Support("LLaVA-OneVision-1.5", "llava_onevision1_5", "lmms-lab/LLaVA-OneVision-1.5-8B-Instruct",
+            "tested (transformers 5.25+)", "tested", "tested (runs, on the grid)"),
     Support("PaliGemma 2", "paligemma", "google/paligemma2-3b-mix-224",
             "refused: Gemma 2 attention logit softcapping", "refused (softcapping)", "same code, untested",
             "refused (softcapping)"),

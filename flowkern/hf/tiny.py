@@ -116,7 +116,7 @@ PAD_TOKEN, IMAGE_TOKEN, VIDEO_TOKEN = 0, 100, 101
 start / end markers are 102 / 103)."""
 
 FAMILIES = ("llava", "llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "internvl", "instructblip",
-            "gemma3", "paligemma", "mistral3")
+            "gemma3", "paligemma", "mistral3", "llava_onevision1_5")
 """The families :func:`tiny_vlm` builds."""
 
 
@@ -187,7 +187,8 @@ def tiny_vlm(family: str, *, layers: int = 3, image_size: int = 8, seed: int = 0
     InstructBLIP: 4 Q-Former queries; Gemma 3: SigLIP 8 px, patch 2, pooled to 2x2 tokens per image, layers
     alternating sliding window (5) and full attention, head dim 8; PaliGemma: SigLIP 8 px, patch 4 (2x2 tokens),
     Gemma text model, head dim 8; Mistral 3: Pixtral 16 px, patch 2, spatial merge 2 (an image of h x w px is
-    h/4 x w/4 tokens), Mistral text model.
+    h/4 x w/4 tokens), Mistral text model; LLaVA-OneVision-1.5 (transformers 5.25+): RICE-ViT patch 2, spatial
+    merge 2 (flattened patches, like Qwen-VL), Qwen3 text model, head dim 8.
 
     Args:
         layers: decoder layers of the language model.
@@ -255,6 +256,13 @@ def tiny_vlm(family: str, *, layers: int = 3, image_size: int = 8, seed: int = 0
         )
     elif family in ("gemma3", "paligemma"):
         cfg = _gemma_config(family, text)
+    elif family == "llava_onevision1_5":
+        from transformers import LlavaOnevision15Config
+
+        vision = dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, patch_size=2, spatial_merge_size=2,
+                      out_hidden_size=32, in_channels=3)
+        cfg = LlavaOnevision15Config(vision_config=vision, text_config=text_config("qwen3", head_dim=8, **text),
+                                      **qwen_ids)
     elif family == "mistral3":
         from transformers import Mistral3Config
 

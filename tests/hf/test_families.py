@@ -20,6 +20,7 @@ from transformers import masking_utils as mu
 from transformers.masking_utils import AttentionMaskInterface
 
 import flowkern
+from flowkern.hf import compat
 from flowkern.hf.attention import KeyMask, flowkern_attention_mask
 from flowkern.hf.models import get_adapter
 from flowkern.hf.tiny import IMAGE_TOKEN as IMG
@@ -142,7 +143,22 @@ def _mistral3_case():
     return model, kwargs, labels, [[(2, 3), (3, 2)], [(2, 2)]]
 
 
-CASES = {"gemma3": _gemma3_case, "paligemma": _paligemma_case, "mistral3": _mistral3_case}
+def _onevision1_5_case():
+    if tuple(int(x) for x in compat.TRANSFORMERS_VERSION.split(".")[:2]) < (5, 25):
+        pytest.skip(f"llava_onevision1_5 needs transformers >= 5.25 (installed {compat.TRANSFORMERS_VERSION})")
+    model = tiny_vlm("llava_onevision1_5", layers=4)
+    ids, mask, labels = labelled_prompts([
+        [("sys", [5, 6, 102]), ("img", [IMG] * 4), ("user", [103, 8, 9, 102]), ("img", [IMG] * 6), ("user", [103, 10])],
+        [("sys", [5, 102]), ("img", [IMG] * 4), ("user", [103, 9, 10])],
+    ])
+    thw = torch.tensor([[1, 4, 4], [1, 4, 6], [1, 4, 4]])  # patch 2, merge 2: 2x2, 2x3, 2x2 tokens
+    kwargs = dict(input_ids=ids, attention_mask=mask, pixel_values=torch.randn(int(thw.prod(-1).sum()), 12),
+                  image_grid_thw=thw)
+    return model, kwargs, labels, [[(2, 2), (2, 3)], [(2, 2)]]
+
+
+CASES = {"gemma3": _gemma3_case, "paligemma": _paligemma_case, "mistral3": _mistral3_case,
+         "llava_onevision1_5": _onevision1_5_case}
 _built: dict = {}
 
 
@@ -158,6 +174,9 @@ def first_sample(kwargs, shapes):
     n = len(shapes[0])
     one = {k: v[:1, real] for k, v in kwargs.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
     one["pixel_values"] = kwargs["pixel_values"][:n]
+    if "image_grid_thw" in kwargs:  # flattened patches: the first n images' rows
+        one["image_grid_thw"] = kwargs["image_grid_thw"][:n]
+        one["pixel_values"] = kwargs["pixel_values"][: int(one["image_grid_thw"].prod(-1).sum())]
     if "image_sizes" in kwargs:
         one["image_sizes"] = kwargs["image_sizes"][:n]
     return one
@@ -263,7 +282,7 @@ def _run_oracle(model, kwargs, removed, layer):
 
 
 @pytest.mark.parametrize("name,layer,keep", [("paligemma", 1, 0), ("paligemma", 2, 2), ("paligemma", 3, 0),
-                                             ("mistral3", 1, 3), ("mistral3", 2, 0)])
+                                             ("mistral3", 1, 3), ("mistral3", 2, 0), ("llava_onevision1_5", 2, 3)])
 def test_prune_matches_mask_oracle(name, layer, keep):
     model, kwargs, _, _ = case(name)
     img = (kwargs["input_ids"] == IMG) & kwargs["attention_mask"].bool()
