@@ -202,11 +202,19 @@ def cache_length(cache: Any) -> int:
     raise NotImplementedError(f"flowkern needs a transformers Cache object, got {type(cache).__name__}")
 
 
-def check_dynamic_cache(cache: Any, owner: str = "flowkern.prune") -> None:
-    """Accept None or a ``DynamicCache`` of plain full-attention ``DynamicLayer`` s (not offloaded).
+def _is_linear_layer(layer: Any) -> bool:
+    """A linear-attention (recurrent) cache layer: conv / recurrent states instead of keys and values."""
+    return hasattr(layer, "recurrent_states") or hasattr(layer, "conv_states")
+
+
+def check_dynamic_cache(cache: Any, owner: str = "flowkern.prune", compacts: bool = True) -> None:
+    """Accept None or a ``DynamicCache`` of plain full-attention ``DynamicLayer`` s (not offloaded), plus linear
+    attention layers when nothing is to be compacted (``compacts=False``: pruning at the prefill, where those layers
+    run on the narrowed sequence from the start).
 
     Raises:
-        NotImplementedError: any other cache (static, offloaded, quantized, sliding-window layers).
+        NotImplementedError: any other cache (static, offloaded, quantized, sliding-window layers; linear-attention
+            layers of a cache to compact).
     """
     from transformers.cache_utils import DynamicCache, DynamicLayer
 
@@ -219,17 +227,19 @@ def check_dynamic_cache(cache: Any, owner: str = "flowkern.prune") -> None:
             f"{owner} supports transformers' DynamicCache (the generate default) only, got {kind}; a static, "
             "offloaded or quantized cache cannot hold a different number of tokens per layer"
         )
-    bad = sorted({type(layer).__name__ for layer in cache.layers if type(layer) is not DynamicLayer})
+    linear = [_is_linear_layer(layer) for layer in cache.layers]
+    bad = sorted({type(layer).__name__ for layer, lin in zip(cache.layers, linear, strict=True)
+                  if type(layer) is not DynamicLayer and not lin})
     if any(getattr(cache, "is_sliding", ())) or any("Sliding" in name for name in bad):
         raise NotImplementedError(
             f"{owner}: this model has sliding-window layers; their cache keeps the most recent keys by slot and "
             "the kernel's window counts key slots, not token positions (docs/masks.md), so compacting them would "
             "change which tokens the window covers: pruning is not supported for sliding-window models"
         )
-    if any(getattr(cache, "is_linear", ())):
+    if any(linear) and compacts:
         raise NotImplementedError(
             f"{owner}: this model has linear-attention layers; their recurrent state has absorbed every token and "
-            "cannot give one back, so a filled cache cannot be compacted"
+            "cannot give one back, so a filled cache cannot be compacted (prune at the prefill: when='prefill')"
         )
     if bad:
         raise NotImplementedError(f"{owner}: cache layers of type {bad} are not supported")
@@ -241,8 +251,17 @@ def cache_num_layers(cache: Any) -> int:
 
 
 def layer_kv(cache: Any, layer: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """``(keys, values)`` ``[B, Hkv, S, D]`` stored for one layer, or None when that layer holds nothing yet."""
+    """``(keys, values)`` ``[B, Hkv, S, D]`` stored for one layer, or None when that layer holds nothing yet.
+
+    Raises:
+        NotImplementedError: a linear-attention layer (a recurrent state, no keys to take tokens out of).
+    """
     entry = cache.layers[layer]
+    if _is_linear_layer(entry):
+        raise NotImplementedError(
+            f"cache layer {layer} is a linear-attention layer: its recurrent state has absorbed every token and "
+            "cannot give one back"
+        )
     if not getattr(entry, "is_initialized", False) or entry.keys is None or entry.keys.numel() == 0:
         return None
     return entry.keys, entry.values

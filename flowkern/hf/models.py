@@ -19,8 +19,8 @@ A new family is one more entry in :data:`ADAPTERS` (plus a layout function when 
 pattern); nothing outside this file needs to change.
 
 Supported families: LLaVA-1.5 (``llava``), LLaVA-NeXT (``llava_next``), LLaVA-OneVision, Qwen2-VL, Qwen2.5-VL,
-Qwen3-VL, InternVL, InstructBLIP, Gemma 3, PaliGemma, Mistral 3 and LLaVA-OneVision-1.5 (decoder-only language
-models).
+Qwen3-VL, InternVL, InstructBLIP, Gemma 3, PaliGemma, Mistral 3, LLaVA-OneVision-1.5 and Qwen3.5 (decoder-only
+language models; Qwen3.5's linear-attention layers are not measured).
 :func:`get_adapter` raises ``ValueError`` for anything else.
 """
 
@@ -191,6 +191,14 @@ class ModelAdapter:
         if not self.deepstack:
             return 0
         return len(getattr(getattr(config, "vision_config", None), "deepstack_visual_indexes", None) or [])
+
+    def linear_layers(self, config: Any) -> frozenset[int]:
+        """Decoder layers with linear attention (a recurrent state, no softmax: Qwen3.5's Gated DeltaNet), from
+        the text config's ``layer_types``; empty for other families."""
+        from flowkern.hf.compat import LAYER_TYPES
+
+        types = getattr(self.text_config(config), "layer_types", None) or ()
+        return frozenset(i for i, t in enumerate(types) if t == LAYER_TYPES["linear"])
 
     def temporal_patch_size(self, config: Any) -> int:
         """Frames per flattened patch row for ``pixel_layout="patches"`` (1 otherwise)."""
@@ -556,6 +564,9 @@ ADAPTERS: dict[str, ModelAdapter] = {
         # [IMG] tokens only: the [IMG_BREAK] / [IMG_END] separators between rows are text tokens
         ModelAdapter("mistral3", ("mistral3",), ("image_token_id",), _mistral3_layout, ("image_sizes",),
                      prompt_format="[INST]{images}{prompt}[/INST]"),
+        # hybrid: 3 of 4 layers are linear attention (ModelAdapter.linear_layers); Qwen3-VL-style image rasters
+        ModelAdapter("qwen3_5", ("qwen3_5",), _QWEN_PLACEHOLDERS, _qwen_vl_layout, _QWEN_INPUTS, "grid_thw",
+                     pixel_layout="patches"),
         # the processor inserts the Q-Former query placeholders itself; they have no spatial layout
         ModelAdapter("instructblip", ("instructblip",), ("image_token_id",), _instructblip_layout,
                      prompt_format="{prompt}", spatial_grids=False),

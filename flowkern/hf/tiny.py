@@ -116,7 +116,7 @@ PAD_TOKEN, IMAGE_TOKEN, VIDEO_TOKEN = 0, 100, 101
 start / end markers are 102 / 103)."""
 
 FAMILIES = ("llava", "llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "internvl", "instructblip",
-            "gemma3", "paligemma", "mistral3", "llava_onevision1_5")
+            "gemma3", "paligemma", "mistral3", "llava_onevision1_5", "qwen3_5")
 """The families :func:`tiny_vlm` builds."""
 
 
@@ -188,7 +188,8 @@ def tiny_vlm(family: str, *, layers: int = 3, image_size: int = 8, seed: int = 0
     alternating sliding window (5) and full attention, head dim 8; PaliGemma: SigLIP 8 px, patch 4 (2x2 tokens),
     Gemma text model, head dim 8; Mistral 3: Pixtral 16 px, patch 2, spatial merge 2 (an image of h x w px is
     h/4 x w/4 tokens), Mistral text model; LLaVA-OneVision-1.5 (transformers 5.25+): RICE-ViT patch 2, spatial
-    merge 2 (flattened patches, like Qwen-VL), Qwen3 text model, head dim 8.
+    merge 2 (flattened patches, like Qwen-VL), Qwen3 text model, head dim 8; Qwen3.5: Qwen3-VL-style tower, text
+    layers linear attention (Gated DeltaNet) except every 4th, head dim 16 with a quarter rotary (M-RoPE).
 
     Args:
         layers: decoder layers of the language model.
@@ -263,6 +264,15 @@ def tiny_vlm(family: str, *, layers: int = 3, image_size: int = 8, seed: int = 0
                       out_hidden_size=32, in_channels=3)
         cfg = LlavaOnevision15Config(vision_config=vision, text_config=text_config("qwen3", head_dim=8, **text),
                                       **qwen_ids)
+    elif family == "qwen3_5":
+        from transformers import Qwen3_5Config
+
+        vision = dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, patch_size=2, spatial_merge_size=2,
+                      temporal_patch_size=2, in_channels=3, out_hidden_size=32, num_position_embeddings=16)
+        rope35 = dict(rope, mrope_section=[1, 1, 0], mrope_interleaved=True, partial_rotary_factor=0.25)
+        text = text_config(None, head_dim=16, linear_conv_kernel_dim=2, linear_key_head_dim=8, linear_value_head_dim=8,
+                           linear_num_key_heads=2, linear_num_value_heads=4, rope_parameters=rope35, **text)
+        cfg = Qwen3_5Config(vision_config=vision, text_config=text, **qwen_ids)
     elif family == "mistral3":
         from transformers import Mistral3Config
 

@@ -13,6 +13,8 @@ random-weight models, against oracles that do not use flowkern's translation or 
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 from transformers import AttentionInterface
@@ -380,3 +382,84 @@ def test_paligemma_eval_cli_answers_in_a_batch(tmp_path, capsys):
         answers[batch] = {r["question_id"]: r["text"] for r in rows}
     assert answers["1"] == answers["4"] and len(answers["1"]) == 5  # left padding changes no answer
     assert any(answers["1"].values())
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Qwen3.5: linear-attention layers are not measured; pruning at the prefill narrows them too
+
+
+def _qwen3_5():
+    if "qwen3_5" not in _built:
+        model = tiny_vlm("qwen3_5", layers=4)  # layers 0-2 linear attention, 3 full
+        ids, mask, labels = labelled_prompts([
+            [("sys", [5, 6, 102]), ("img", [IMG] * 4), ("user", [103, 8, 9, 10])],
+            [("sys", [5, 102]), ("img", [IMG] * 4), ("user", [103, 9])],
+        ])
+        thw = torch.tensor([[1, 4, 4], [1, 4, 4]])
+        kwargs = dict(input_ids=ids, attention_mask=mask, pixel_values=torch.randn(32, 24), image_grid_thw=thw,
+                      mm_token_type_ids=(ids == IMG).int())  # 1 = image: the M-RoPE positions need them
+        _built["qwen3_5"] = model, kwargs, labels
+    return _built["qwen3_5"]
+
+
+def test_qwen3_5_trace_marks_linear_layers_not_measured():
+    model, kwargs, labels = _qwen3_5()
+    eager = _eager(model, kwargs)
+    with flowkern.trace(model, image_inputs=kwargs) as flow:
+        tokens = model.generate(**kwargs, max_new_tokens=NEW, do_sample=False)
+    assert torch.equal(tokens, eager.sequences)
+    linear = sorted(get_adapter(model).linear_layers(model.config))
+    assert linear == [0, 1, 2]
+    assert flow.step_shares[:, linear].isnan().all() and flow.shares[linear].isnan().all()  # never zeros
+    exp_shares, exp_keys = _expected(eager.attentions, labels)  # eager reports the full-attention layer only
+    torch.testing.assert_close(flow.step_shares[:, [3]], exp_shares, atol=ATOL, rtol=0)
+    assert flow.image_attention(0, sample=0).isnan().all()
+    assert not flow.image_attention(3, sample=0).isnan().any()
+
+
+def _narrowed_reference(model, kwargs, keep, layer):
+    """Logits of the last row when decoder layers >= ``layer`` run on the kept positions only (batch 1): hidden
+    states and every per-token layer input cut here by hand, with transformers' own sdpa attention."""
+    idx = torch.nonzero(keep[0]).flatten()
+    layers = get_adapter(model).decoder_layers(model)
+
+    def cut(i, module, args, kw):
+        if i == layer:
+            args = (args[0][:, idx], *args[1:]) if args else args
+            if not args:
+                kw["hidden_states"] = kw["hidden_states"][:, idx]
+        kw["position_embeddings"] = tuple(t[:, idx] for t in kw["position_embeddings"])
+        for name in ("position_ids", "attention_mask"):
+            if isinstance(kw.get(name), torch.Tensor) and kw[name].shape[-1] == keep.shape[1]:
+                kw[name] = kw[name][..., idx]
+        return args, kw
+
+    handles = [m.register_forward_pre_hook(functools.partial(cut, i), with_kwargs=True)
+               for i, m in enumerate(layers) if i >= layer]
+    try:
+        with torch.no_grad():
+            return model(**kwargs, use_cache=False).logits[:, -1]
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@pytest.mark.parametrize("layer", [1, 3], ids=["linear", "full"])
+def test_qwen3_5_prune_at_prefill_narrows_every_later_layer(layer):
+    model, kwargs, _ = _qwen3_5()
+    one = {k: v[:1] for k, v in kwargs.items() if k in ("input_ids", "attention_mask", "mm_token_type_ids")}
+    real = one["attention_mask"][0].bool()
+    one = {k: v[:, real] for k, v in one.items()}
+    one.update(pixel_values=kwargs["pixel_values"][:16], image_grid_thw=kwargs["image_grid_thw"][:1])
+    keep = one["input_ids"] != IMG
+    with torch.no_grad(), flowkern.prune(model, layer=layer, keep=0) as p:
+        got = model(**one).logits[:, -1]
+    assert torch.equal(p.keep_mask, keep)
+    torch.testing.assert_close(got, _narrowed_reference(model, one, keep, layer), atol=1e-4, rtol=0)
+    with torch.no_grad():
+        assert (model(**one).logits[:, -1] - got).abs().max() > 1e-3  # the removal matters
+    with torch.no_grad(), flowkern.prune(model, layer=layer, keep=0):  # a padded batch generates
+        model.generate(**kwargs, max_new_tokens=NEW, do_sample=False)
+    with pytest.raises(NotImplementedError, match="recurrent state .* cannot give one back"):
+        with flowkern.prune(model, layer=layer, when="decode"):
+            model.generate(**kwargs, max_new_tokens=NEW, do_sample=False)
