@@ -19,8 +19,8 @@ A new family is one more entry in :data:`ADAPTERS` (plus a layout function when 
 pattern); nothing outside this file needs to change.
 
 Supported families: LLaVA-1.5 (``llava``), LLaVA-NeXT (``llava_next``), LLaVA-OneVision, Qwen2-VL, Qwen2.5-VL,
-Qwen3-VL, InternVL, InstructBLIP, Gemma 3, PaliGemma, Mistral 3, LLaVA-OneVision-1.5 and Qwen3.5 (decoder-only
-language models; Qwen3.5's linear-attention layers are not measured).
+Qwen3-VL, InternVL, InstructBLIP, Gemma 3, PaliGemma, Mistral 3, LLaVA-OneVision-1.5, Idefics3 / SmolVLM and
+Qwen3.5 (decoder-only language models; Qwen3.5's linear-attention layers are not measured).
 :func:`get_adapter` raises ``ValueError`` for anything else.
 """
 
@@ -37,7 +37,8 @@ from flowkern.hf.segments import ImageGrid
 
 __all__ = ["ModelAdapter", "ADAPTERS", "SITES", "get_adapter", "supported_model_types"]
 
-# a layout function: (config, placeholder ids per sample, their sequence positions per sample, captured inputs)
+# a layout function: (config, placeholder ids per sample, their sequence positions per sample, captured inputs plus
+# "prompt_ids", the whole prompt [B, S])
 # -> per sample, the grids of its images (ImageGrid.index = ordinals into that sample's placeholder tokens)
 LayoutFn = Callable[[Any, list[torch.Tensor], list[torch.Tensor], dict[str, Any]], list[list[ImageGrid]]]
 
@@ -129,7 +130,7 @@ class ModelAdapter:
             is_image = segment_ids[b] == IMAGE
             ids.append(input_ids[b][is_image].cpu())
             positions.append(torch.nonzero(is_image).flatten().cpu())
-        return self.layout(config, ids, positions, inputs)
+        return self.layout(config, ids, positions, {**inputs, "prompt_ids": input_ids.cpu()})
 
     # ------------------------------------------------------------------------------------------------------
     # where things sit in the module tree
@@ -531,6 +532,32 @@ def _mistral3_layout(config: Any, ids: list[torch.Tensor], positions: list[torch
     return out
 
 
+def _idefics3_layout(config: Any, ids: list[torch.Tensor], positions: list[torch.Tensor], inputs: dict) -> list:
+    """Idefics3 / SmolVLM: each image is its tiles (``<fake><row_i_col_j>`` then a square raster, row by row) and
+    then the global image (``<fake><global-img>`` then the raster); an image that is not split is the global image
+    alone. The marker tokens are text. Which run is a global image: the one after the token that precedes the
+    sample's last run (always a global image). Views ``"tile{k}"`` and ``"global"`` (the whole image)."""
+    side = _patch_grid(config.vision_config)[0] // int(config.scale_factor)
+    prompt = inputs["prompt_ids"]
+    out = []
+    for b, pos in enumerate(positions):
+        runs = _runs(pos)
+        if any(length != side * side for _, length in runs):
+            _check_consumed("idefics3", b, sum(side * side for _ in runs), pos.numel())
+        marks = [int(prompt[b, int(pos[start]) - 1]) if int(pos[start]) > 0 else -1 for start, _ in runs]
+        grids, image, tile = [], 0, 0
+        for (start, _), mark in zip(runs, marks, strict=True):
+            index = torch.arange(start, start + side * side).view(side, side)
+            if mark == marks[-1]:
+                grids.append(ImageGrid(image, "global", index, whole=True))
+                image, tile = image + 1, 0
+            else:
+                grids.append(ImageGrid(image, f"tile{tile}", index))
+                tile += 1
+        out.append(grids)
+    return out
+
+
 _QWEN_PLACEHOLDERS = ("image_token_id", "video_token_id")
 _QWEN_INPUTS = ("image_grid_thw", "video_grid_thw")
 
@@ -564,6 +591,9 @@ ADAPTERS: dict[str, ModelAdapter] = {
         # [IMG] tokens only: the [IMG_BREAK] / [IMG_END] separators between rows are text tokens
         ModelAdapter("mistral3", ("mistral3",), ("image_token_id",), _mistral3_layout, ("image_sizes",),
                      prompt_format="[INST]{images}{prompt}[/INST]"),
+        # tiles + a global image per image, marker tokens between them (text)
+        ModelAdapter("idefics3", ("idefics3", "smolvlm"), ("image_token_id",), _idefics3_layout,
+                     prompt_format="User:{images}{prompt}<end_of_utterance>\nAssistant:"),
         # hybrid: 3 of 4 layers are linear attention (ModelAdapter.linear_layers); Qwen3-VL-style image rasters
         ModelAdapter("qwen3_5", ("qwen3_5",), _QWEN_PLACEHOLDERS, _qwen_vl_layout, _QWEN_INPUTS, "grid_thw",
                      pixel_layout="patches"),

@@ -31,6 +31,7 @@ class Support:
 
 
 _SW = "refused: sliding-window layers (the kernel's window counts key slots, not positions)"
+_TILES = "tested (maps per tile + the global image; marker tokens are text)"
 SUPPORT: tuple[Support, ...] = (
     Support("LLaVA-1.5", "llava", "llava-hf/llava-1.5-7b-hf", "tested (+ CLI)", "tested (+ CLI)", "tested (+ CLI)"),
     Support("LLaVA-NeXT / 1.6", "llava_next", "llava-hf/llava-v1.6-vicuna-7b-hf", "tested; maps on the base view*",
@@ -55,6 +56,10 @@ SUPPORT: tuple[Support, ...] = (
             "tested (runs, on the grid)"),
     Support("LLaVA-OneVision-1.5", "llava_onevision1_5", "lmms-lab/LLaVA-OneVision-1.5-8B-Instruct",
             "tested (transformers 5.25+)", "tested", "tested (runs, on the grid)"),
+    Support("Idefics3", "idefics3", "HuggingFaceM4/Idefics3-8B-Llama3",
+            _TILES, "tested", "tested (runs, on the grid)"),
+    Support("SmolVLM", "smolvlm", "HuggingFaceTB/SmolVLM-Instruct",
+            _TILES, "tested", "tested (runs, on the grid)"),
     Support("Qwen3.5", "qwen3_5", "-",
             "tested: full-attention layers; linear-attention layers NaN (not measured)",
             "tested at the prefill (linear layers run on the narrowed sequence); when='decode' refused (a recurrent "
@@ -62,9 +67,6 @@ SUPPORT: tuple[Support, ...] = (
     Support("PaliGemma 2", "paligemma", "google/paligemma2-3b-mix-224",
             "refused: Gemma 2 attention logit softcapping", "refused (softcapping)", "same code, untested",
             "refused (softcapping)"),
-    Support("Idefics3 / SmolVLM", "idefics3, smolvlm", "HuggingFaceTB/SmolVLM2-2.2B-Instruct",
-            "refused (no adapter yet): the tile grid of each image is not passed to the model", "refused", "refused",
-            "refused"),
     Support("Gemma 4", "gemma4", "-",
             "refused (no adapter yet): K/V shared across layers, variable image grids", "refused", "refused",
             "refused"),

@@ -116,7 +116,7 @@ PAD_TOKEN, IMAGE_TOKEN, VIDEO_TOKEN = 0, 100, 101
 start / end markers are 102 / 103)."""
 
 FAMILIES = ("llava", "llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "internvl", "instructblip",
-            "gemma3", "paligemma", "mistral3", "llava_onevision1_5", "qwen3_5")
+            "gemma3", "paligemma", "mistral3", "llava_onevision1_5", "qwen3_5", "idefics3", "smolvlm")
 """The families :func:`tiny_vlm` builds."""
 
 
@@ -189,7 +189,8 @@ def tiny_vlm(family: str, *, layers: int = 3, image_size: int = 8, seed: int = 0
     Gemma text model, head dim 8; Mistral 3: Pixtral 16 px, patch 2, spatial merge 2 (an image of h x w px is
     h/4 x w/4 tokens), Mistral text model; LLaVA-OneVision-1.5 (transformers 5.25+): RICE-ViT patch 2, spatial
     merge 2 (flattened patches, like Qwen-VL), Qwen3 text model, head dim 8; Qwen3.5: Qwen3-VL-style tower, text
-    layers linear attention (Gated DeltaNet) except every 4th, head dim 16 with a quarter rotary (M-RoPE).
+    layers linear attention (Gated DeltaNet) except every 4th, head dim 16 with a quarter rotary (M-RoPE);
+    Idefics3 / SmolVLM: 8 px tiles, patch 2, pixel shuffle 2 (2x2 tokens per tile or global image), Llama text.
 
     Args:
         layers: decoder layers of the language model.
@@ -273,6 +274,13 @@ def tiny_vlm(family: str, *, layers: int = 3, image_size: int = 8, seed: int = 0
         text = text_config(None, head_dim=16, linear_conv_kernel_dim=2, linear_key_head_dim=8, linear_value_head_dim=8,
                            linear_num_key_heads=2, linear_num_value_heads=4, rope_parameters=rope35, **text)
         cfg = Qwen3_5Config(vision_config=vision, text_config=text, **qwen_ids)
+    elif family in ("idefics3", "smolvlm"):
+        from transformers import Idefics3Config, SmolVLMConfig
+
+        vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=8,
+                      patch_size=2)
+        cls = Idefics3Config if family == "idefics3" else SmolVLMConfig
+        cfg = cls(vision_config=vision, text_config=text_config(**text), image_token_id=IMAGE_TOKEN, scale_factor=2)
     elif family == "mistral3":
         from transformers import Mistral3Config
 

@@ -159,8 +159,28 @@ def _onevision1_5_case():
     return model, kwargs, labels, [[(2, 2), (2, 3)], [(2, 2)]]
 
 
+FAKE, GLOBAL, ROW1COL1, ROW1COL2 = 104, 105, 106, 107  # Idefics3's <fake_token_around_image>, <global-img>, ...
+
+
+def _idefics3_case(family):
+    model = tiny_vlm(family, layers=4)
+    tile = [IMG] * 4  # 8 px, patch 2, pixel shuffle 2: 2 x 2 tokens
+    ids, mask, labels = labelled_prompts([  # a split image (2 tiles + global), then one that is not split
+        [("sys", [5, 6, FAKE, ROW1COL1]), ("img", tile), ("user", [FAKE, ROW1COL2]), ("img", tile),
+         ("user", [10, FAKE, GLOBAL]), ("img", tile), ("user", [FAKE, 8, FAKE, GLOBAL]), ("img", tile),
+         ("user", [FAKE, 9])],
+        [("sys", [5, FAKE, GLOBAL]), ("img", tile), ("user", [FAKE, 9, 10])],
+    ])
+    pv = torch.randn(2, 4, 3, 8, 8)
+    pv[1, 1:] = 0  # sample 1 has one image: the rest is padding (all zeros)
+    views = [[(0, "tile0", (2, 2)), (0, "tile1", (2, 2)), (0, "global", (2, 2)), (1, "global", (2, 2))],
+             [(0, "global", (2, 2))]]
+    return model, dict(input_ids=ids, attention_mask=mask, pixel_values=pv), labels, views
+
+
 CASES = {"gemma3": _gemma3_case, "paligemma": _paligemma_case, "mistral3": _mistral3_case,
-         "llava_onevision1_5": _onevision1_5_case}
+         "llava_onevision1_5": _onevision1_5_case, "idefics3": lambda: _idefics3_case("idefics3"),
+         "smolvlm": lambda: _idefics3_case("smolvlm")}
 _built: dict = {}
 
 
@@ -170,10 +190,15 @@ def case(name):
     return _built[name]
 
 
+def views_of(sample):
+    """A case's views of one sample as (image, name, shape): a bare shape is the view "image" of the next image."""
+    return [v if len(v) == 3 else (i, "image", v) for i, v in enumerate(sample)]
+
+
 def first_sample(kwargs, shapes):
     """Sample 0 of a case alone (its padding removed, its images only): what cam takes."""
     real = kwargs["attention_mask"][0].bool()
-    n = len(shapes[0])
+    n = len({v[0] for v in views_of(shapes[0])})
     one = {k: v[:1, real] for k, v in kwargs.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
     one["pixel_values"] = kwargs["pixel_values"][:n]
     if "image_grid_thw" in kwargs:  # flattened patches: the first n images' rows
@@ -181,6 +206,8 @@ def first_sample(kwargs, shapes):
         one["pixel_values"] = kwargs["pixel_values"][: int(one["image_grid_thw"].prod(-1).sum())]
     if "image_sizes" in kwargs:
         one["image_sizes"] = kwargs["image_sizes"][:n]
+    if kwargs["pixel_values"].dim() == 5:  # [B, tiles, C, H, W]: the sample's own tiles
+        one["pixel_values"] = kwargs["pixel_values"][:1]
     return one
 
 
@@ -227,12 +254,12 @@ def test_trace_matches_eager(name):
     for b in range(labels.shape[0]):
         pos = torch.nonzero(labels[b] == 1).flatten()
         grids = flow.image_grids[b]
-        assert [(g.image, g.name, g.shape) for g in grids] == [(i, "image", sh) for i, sh in enumerate(shapes[b])]
+        assert [(g.image, g.name, g.shape) for g in grids] == views_of(shapes[b])
         for g in grids:
             cells = pos[g.index]
             for layer in (0, n_layers - 1):
                 expect = exp_keys[:, layer, b][:, cells].mean(dim=0)
-                torch.testing.assert_close(flow.image_attention(layer, sample=b, image=g.image, view="image"), expect,
+                torch.testing.assert_close(flow.image_attention(layer, sample=b, image=g.image, view=g.name), expect,
                                            atol=ATOL, rtol=0)
 
 
@@ -284,7 +311,8 @@ def _run_oracle(model, kwargs, removed, layer):
 
 
 @pytest.mark.parametrize("name,layer,keep", [("paligemma", 1, 0), ("paligemma", 2, 2), ("paligemma", 3, 0),
-                                             ("mistral3", 1, 3), ("mistral3", 2, 0), ("llava_onevision1_5", 2, 3)])
+                                             ("mistral3", 1, 3), ("mistral3", 2, 0), ("llava_onevision1_5", 2, 3),
+                                             ("idefics3", 2, 5), ("smolvlm", 1, 0)])
 def test_prune_matches_mask_oracle(name, layer, keep):
     model, kwargs, _, _ = case(name)
     img = (kwargs["input_ids"] == IMG) & kwargs["attention_mask"].bool()
@@ -321,7 +349,7 @@ def test_cam_lands_on_the_grid(name):
     model, kwargs, _, shapes = case(name)
     one = first_sample(kwargs, shapes)
     result = flowkern.cam(model, one, torch.tensor([7, 8]), layers=[0, 1], samples=1, noise_std=0.0)
-    assert [(v.image, v.name, v.shape) for v in result.views] == [(i, "image", sh) for i, sh in enumerate(shapes[0])]
+    assert [(v.image, v.name, v.shape) for v in result.views] == views_of(shapes[0])
     assert all(bool(torch.isfinite(v.raw).all()) and float(v.raw.abs().max()) > 0 for v in result.views)
 
 
