@@ -68,8 +68,9 @@ SUPPORT: tuple[Support, ...] = (
             "refused: Gemma 2 attention logit softcapping", "refused (softcapping)", "same code, untested",
             "refused (softcapping)"),
     Support("Gemma 4", "gemma4", "-",
-            "refused (no adapter yet): K/V shared across layers, variable image grids", "refused", "refused",
-            "refused"),
+            "refused (no adapter yet): its KV-shared layers compute only the last query rows and slice the mask's "
+            "query dimension, which flowkern's key-only masks do not have", "refused (sliding-window layers)",
+            "refused", "refused"),
     Support("InstructBLIP, Flan-T5", "instructblip", "Salesforce/instructblip-flan-t5-xl",
             "refused: encoder-decoder language model", "refused", "refused", "refused"),
     Support("Qwen-VL (original)", "qwen", "Qwen/Qwen-VL-Chat", "refused: needs trust_remote_code", "refused",
