@@ -1,14 +1,18 @@
-"""The 2026 families (Gemma 3, PaliGemma: masks beyond causal; Mistral 3: image rows with separators) on tiny
-random-weight models, against oracles that do not use flowkern's translation or layouts:
+"""The 2026 families on tiny random-weight models (Gemma 3, PaliGemma: masks beyond causal; Mistral 3: image rows
+with separators; Idefics3 / SmolVLM: tiles + a global image; LLaVA-OneVision-1.5: 5.25+; Qwen3.5: hybrid linear
+attention), against oracles that use neither flowkern's mask translation nor its layouts:
 
 - the mask translation (:func:`flowkern.hf.attention.flowkern_attention_mask`): the visibility the kernel computes
   from a :class:`KeyMask` (``flowkern.reference.visible_mask``) equals transformers' own dense mask
   (``sdpa_mask``) of the same pattern, for sliding windows, image blocks, both, padding and a cache offset;
 - trace: shares and per-key attention of the answer rows equal transformers' eager ``output_attentions`` (fp32,
-  sliding-window layers and bidirectional image blocks included; the prompts are longer than the window);
-- prune: equals an attention-mask oracle whose visibility is transformers' own dense mask minus the removed keys;
-  Gemma 3 (sliding-window layers) is refused with the reason;
-- cam: runs and lands on the image grid.
+  sliding-window layers and bidirectional image blocks included; the prompts are longer than the window), on the
+  image grids written here by hand; Qwen3.5's linear-attention layers are NaN;
+- prune: equals an attention-mask oracle whose visibility is transformers' own dense mask minus the removed keys
+  (Qwen3.5: a run whose later layers are cut to the kept positions by hand); Gemma 3 (sliding-window layers) and
+  Qwen3.5's ``when="decode"`` are refused with the reason;
+- cam: runs and lands on the image grid; ``flowkern eval`` answers PaliGemma's prompts in batches as one by one;
+- ``flowkern info`` and docs/models.md show the one support table.
 """
 
 from __future__ import annotations
