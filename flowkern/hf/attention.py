@@ -275,6 +275,24 @@ def _layer_rules(
     return rules
 
 
+def _check_kwargs(module: torch.nn.Module, attention_mask: Any, kwargs: dict[str, Any]) -> None:
+    """Refuse what the kernel cannot compute (softcapping, sinks, packed sequences), and a sliding-window layer
+    whose mask does not carry its window."""
+    where = f"{type(module).__name__} layer {getattr(module, 'layer_idx', '?')}"
+    for name, what in _UNSUPPORTED_KWARGS.items():
+        if kwargs.get(name) is not None:
+            raise NotImplementedError(
+                f"flowkern attention does not support {what} (`{name}` was set by {where}): the kernel's softmax has "
+                "no such term"
+            )
+    window = kwargs.get("sliding_window")
+    if window is not None and (not isinstance(attention_mask, KeyMask) or attention_mask.window != window):
+        raise NotImplementedError(
+            f"{where} is a sliding-window layer (sliding_window={window}) but its mask carries no such window: "
+            "flowkern takes the window from the mask transformers builds for the layer type (flowkern_attention_mask)"
+        )
+
+
 def flowkern_attention_forward(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -309,20 +327,7 @@ def flowkern_attention_forward(
             back).
     """
     if kwargs:
-        for name, what in _UNSUPPORTED_KWARGS.items():
-            if kwargs.get(name) is not None:
-                raise NotImplementedError(
-                    f"flowkern attention does not support {what} (`{name}` was set by "
-                    f"{type(module).__name__} layer {getattr(module, 'layer_idx', '?')}): the kernel's softmax has "
-                    "no such term"
-                )
-        window = kwargs.get("sliding_window")
-        if window is not None and (not isinstance(attention_mask, KeyMask) or attention_mask.window != window):
-            raise NotImplementedError(
-                f"{type(module).__name__} layer {getattr(module, 'layer_idx', '?')} is a sliding-window layer "
-                f"(sliding_window={window}) but its mask carries no such window: flowkern takes the window from the "
-                "mask transformers builds for the layer type (flowkern_attention_mask)"
-            )
+        _check_kwargs(module, attention_mask, kwargs)
     state: LayerState | None = getattr(module, STATE_ATTR, None)
     B = query.shape[0]
     keymap = None if state is None else state.keymap

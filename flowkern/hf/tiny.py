@@ -256,38 +256,8 @@ def tiny_vlm(family: str, *, layers: int = 3, image_size: int = 8, seed: int = 0
                                 encoder_hidden_size=32, vocab_size=64, max_position_embeddings=64),
             text_config=text_config(**text), num_query_tokens=4, image_token_index=IMAGE_TOKEN,
         )
-    elif family in ("gemma3", "paligemma"):
-        cfg = _gemma_config(family, text)
-    elif family == "llava_onevision1_5":
-        from transformers import LlavaOnevision15Config
-
-        vision = dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, patch_size=2, spatial_merge_size=2,
-                      out_hidden_size=32, in_channels=3)
-        cfg = LlavaOnevision15Config(vision_config=vision, text_config=text_config("qwen3", head_dim=8, **text),
-                                      **qwen_ids)
-    elif family == "qwen3_5":
-        from transformers import Qwen3_5Config
-
-        vision = dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, patch_size=2, spatial_merge_size=2,
-                      temporal_patch_size=2, in_channels=3, out_hidden_size=32, num_position_embeddings=16)
-        rope35 = dict(rope, mrope_section=[1, 1, 0], mrope_interleaved=True, partial_rotary_factor=0.25)
-        text = text_config(None, head_dim=16, linear_conv_kernel_dim=2, linear_key_head_dim=8, linear_value_head_dim=8,
-                           linear_num_key_heads=2, linear_num_value_heads=4, rope_parameters=rope35, **text)
-        cfg = Qwen3_5Config(vision_config=vision, text_config=text, **qwen_ids)
-    elif family in ("idefics3", "smolvlm"):
-        from transformers import Idefics3Config, SmolVLMConfig
-
-        vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=8,
-                      patch_size=2)
-        cls = Idefics3Config if family == "idefics3" else SmolVLMConfig
-        cfg = cls(vision_config=vision, text_config=text_config(**text), image_token_id=IMAGE_TOKEN, scale_factor=2)
-    elif family == "mistral3":
-        from transformers import Mistral3Config
-
-        vision = dict(model_type="pixtral", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                      num_attention_heads=2, head_dim=16, image_size=16, patch_size=2)
-        cfg = Mistral3Config(vision_config=vision, text_config=text_config("mistral", sliding_window=None, **text),
-                             image_token_index=IMAGE_TOKEN, spatial_merge_size=2, vision_feature_layer=-1)
+    elif family in _NEWER:
+        cfg = _newer_config(family, text, qwen_ids, rope)
     else:
         raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
     model = build_model(cfg, seed=seed, decode_all=True)
@@ -330,3 +300,43 @@ def save_tiny_paligemma(path: str | os.PathLike, *, words: Sequence[str], filler
     os.makedirs(path, exist_ok=True)
     model.save_pretrained(path)
     processor.save_pretrained(path)
+
+
+_NEWER = ("gemma3", "paligemma", "llava_onevision1_5", "qwen3_5", "idefics3", "smolvlm", "mistral3")
+
+
+def _newer_config(family: str, text: dict, qwen_ids: dict, rope: dict) -> Any:
+    """Configs of :func:`tiny_vlm` for the families added with masks beyond causal, separators or hybrid layers."""
+    if family in ("gemma3", "paligemma"):
+        return _gemma_config(family, text)
+    if family == "llava_onevision1_5":
+        from transformers import LlavaOnevision15Config
+
+        vision = dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, patch_size=2, spatial_merge_size=2,
+                      out_hidden_size=32, in_channels=3)
+        return LlavaOnevision15Config(vision_config=vision, text_config=text_config("qwen3", head_dim=8, **text),
+                                      **qwen_ids)
+    if family == "qwen3_5":
+        from transformers import Qwen3_5Config
+
+        vision = dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, patch_size=2, spatial_merge_size=2,
+                      temporal_patch_size=2, in_channels=3, out_hidden_size=32, num_position_embeddings=16)
+        rope35 = dict(rope, mrope_section=[1, 1, 0], mrope_interleaved=True, partial_rotary_factor=0.25)
+        text = text_config(None, head_dim=16, linear_conv_kernel_dim=2, linear_key_head_dim=8, linear_value_head_dim=8,
+                           linear_num_key_heads=2, linear_num_value_heads=4, rope_parameters=rope35, **text)
+        return Qwen3_5Config(vision_config=vision, text_config=text, **qwen_ids)
+    if family in ("idefics3", "smolvlm"):
+        from transformers import Idefics3Config, SmolVLMConfig
+
+        vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=8,
+                      patch_size=2)
+        cls = Idefics3Config if family == "idefics3" else SmolVLMConfig
+        return cls(vision_config=vision, text_config=text_config(**text), image_token_id=IMAGE_TOKEN, scale_factor=2)
+    if family == "mistral3":
+        from transformers import Mistral3Config
+
+        vision = dict(model_type="pixtral", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=2, head_dim=16, image_size=16, patch_size=2)
+        return Mistral3Config(vision_config=vision, text_config=text_config("mistral", sliding_window=None, **text),
+                              image_token_index=IMAGE_TOKEN, spatial_merge_size=2, vision_feature_layer=-1)
+    raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
