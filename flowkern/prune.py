@@ -287,7 +287,7 @@ class Pruning(ForwardTimer):
     # listener callbacks
 
     def on_call(self, call: Call) -> None:
-        call.check_dynamic_cache(self.owner)
+        call.check_dynamic_cache(self.owner, compacts=self.when == "decode")
         super().on_call(call)
         fwd = _Forward(call)
         self._fwd = fwd

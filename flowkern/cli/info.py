@@ -1,4 +1,5 @@
-"""``flowkern info``: versions, the built kernels and the backend each device uses (no model needed).
+"""``flowkern info``: versions, the built kernels, the backend each device uses and the supported model families with
+what works on each (no model needed).
 
 .. code-block:: console
 
@@ -16,7 +17,7 @@ __all__ = ["add_parser", "run"]
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     """Register ``flowkern info`` on the ``flowkern`` command's subparsers."""
-    p = subparsers.add_parser("info", help="versions, built kernels and the backend each device uses")
+    p = subparsers.add_parser("info", help="versions, built kernels, backends and the supported model families")
     p.set_defaults(func=run)
 
 
@@ -44,6 +45,10 @@ def run(args: argparse.Namespace) -> int:
         lo, hi = compat.TESTED_TRANSFORMERS
         msg = compat.untested_message()
         print(f"transformers {version} (tested range: {lo} to {hi})" if msg is None else f"WARNING: {msg}")
+        from flowkern.hf.support import support_table
+
+        print("model families (trace / prune / cam / knockout):")
+        print(support_table())
     print(f"C++ CPU kernels (flowkern._C): {'built' if ops.cpp_available() else 'NOT built: ' + str(ops._CPP_ERROR)}")
     print(f"default backend on cpu: {ops.backend_for(torch.device('cpu'))}")
     if torch.cuda.is_available():

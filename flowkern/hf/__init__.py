@@ -9,6 +9,7 @@
 - :mod:`flowkern.hf.sites`: hooks at decoder-layer sites for an analysis that reads activations and their
   gradients (LLaVA-CAM).
 - :mod:`flowkern.hf.models`: one adapter per model family (every model-specific constant lives there).
+- :mod:`flowkern.hf.support`: what works on each family (the table ``flowkern info`` prints and docs/models.md shows).
 - :mod:`flowkern.hf.segments`: token -> system/image/user/generated labels, image grid metadata.
 - :mod:`flowkern.hf.compat`: every version-dependent transformers internal (cache keyword, cache layout, mask
   shapes, ...), with a table of what changed in which release; the only module that reads them.

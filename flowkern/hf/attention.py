@@ -10,10 +10,16 @@ Two functions are registered under the name :data:`ATTENTION_NAME`:
   transformers' flash-attention mask; causality is applied inside the kernel, bottom-right aligned, which
   is exactly what a KV cache needs (decode rows see every cached key).
 
-Only plain causal decoder masks are supported: a sliding window, chunked attention, softcapping, attention
-sinks, packed sequences or a custom mask overlay raise an error that says so, rather than computing
-something else. A model opts in with ``model.set_attn_implementation({"text_config": "flowkern"})``; the
-vision tower keeps its own implementation. :mod:`flowkern.hf.session` does this for every analysis.
+**Masks are translated, not materialised.** The mask pattern transformers builds for a layer type is read by
+:func:`flowkern.hf.compat.mask_rules`: plain causal gives the 2D key padding mask as above; a sliding-window
+overlay or a bidirectional image / prefix block overlay (Gemma 3, PaliGemma) gives a :class:`KeyMask`, the
+padding mask plus the kernel's ``window`` and ``group_ids`` (docs/masks.md), which the attention function passes
+to the kernel (no SDPA fast path then). Anything else -- chunked attention, packed sequences, bidirectional text,
+an unknown overlay; softcapping and attention sinks in the attention call -- raises ``NotImplementedError``
+naming the layer type and why, rather than computing something else.
+
+A model opts in with ``model.set_attn_implementation({"text_config": "flowkern"})``; the vision tower keeps its
+own implementation. :mod:`flowkern.hf.session` does this for every analysis.
 
 **The data path runs one way.** The session (:mod:`flowkern.hf.session`) pushes a :class:`LayerState` down to
 each attention module of the language model once per forward call (attribute :data:`STATE_ATTR`): the segment id
@@ -51,6 +57,7 @@ __all__ = [
     "STATE_ATTR",
     "SMALL_CALL",
     "LayerState",
+    "KeyMask",
     "RowEvent",
     "flowkern_attention_forward",
     "flowkern_attention_mask",
@@ -131,6 +138,35 @@ class LayerState:
         self.observe, self.key_mass, self.per_head, self.rows = False, False, False, False
 
 
+class KeyMask(torch.Tensor):
+    """What :func:`flowkern_attention_mask` returns for a layer type whose mask is more than causal + padding.
+
+    The tensor itself is the key padding mask as bool ``[B, 1, 1, Sk']`` (True = real key): transformers passes a
+    4D mask on unchanged (a language model re-creating the mask its multimodal wrapper made, as PaliGemma's Gemma
+    does, keeps it). Torch operations on it give plain tensors. What the attention function reads:
+
+    Attributes:
+        padding: bool ``[B, Sk']`` key padding mask, or None when nothing is padded.
+        window: the layer's sliding window in key positions (docs/masks.md), or None.
+        group_ids: int32 ``[B, Sk']``, 0 = no group: keys of the row's own nonzero group are visible whatever the
+            causal and window rules say (one group per image, or PaliGemma's prefix), or None.
+    """
+
+    __torch_function__ = torch._C._disabled_torch_function_impl
+    padding: torch.Tensor | None
+    window: int | None
+    group_ids: torch.Tensor | None
+
+    @staticmethod
+    def make(padding: torch.Tensor | None, window: int | None, group_ids: torch.Tensor | None, batch: int,
+             length: int, device: torch.device) -> KeyMask:
+        """A KeyMask over ``length`` keys of ``batch`` rows."""
+        full = padding if padding is not None else torch.ones(batch, length, dtype=torch.bool, device=device)
+        mask = torch.Tensor._make_subclass(KeyMask, full[:, None, None, :])
+        mask.padding, mask.window, mask.group_ids = padding, window, group_ids
+        return mask
+
+
 _UNSUPPORTED_KWARGS = {
     "softcap": "logit softcapping",
     "s_aux": "attention sinks",
@@ -142,6 +178,8 @@ _UNSUPPORTED_KWARGS = {
 
 def _key_padding_mask(attention_mask: torch.Tensor | None, sk: int) -> tuple[torch.Tensor | None, int]:
     """The 2D key padding mask and the number of keys it covers (``<= sk``; fewer for a static cache)."""
+    if isinstance(attention_mask, KeyMask):
+        attention_mask = attention_mask.padding
     if attention_mask is None:
         return None, sk
     if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2:
@@ -158,13 +196,19 @@ def _key_padding_mask(attention_mask: torch.Tensor | None, sk: int) -> tuple[tor
 
 def _sdpa_output(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kpm: torch.Tensor | None, causal: bool, scale: float,
-    dropout: float,
+    dropout: float, rules: dict | None = None,
 ) -> torch.Tensor:
-    """Differentiable attention output ``[B, Hq, Sq, D]`` through PyTorch SDPA (bottom-right causal)."""
+    """Differentiable attention output ``[B, Hq, Sq, D]`` through PyTorch SDPA (bottom-right causal); ``rules``
+    (``window`` / ``group_ids``, docs/masks.md) are applied through a materialised mask."""
     sq, sk = q.shape[2], k.shape[2]
     mask = None
     use_is_causal = False
-    if kpm is None and (not causal or sq == 1):
+    if rules:
+        from flowkern.reference import visible_mask
+
+        mask = visible_mask(sq, sk, causal=causal, key_padding_mask=kpm, device=q.device, **rules)
+        mask = mask | ~mask.any(dim=-1, keepdim=True)  # a row without keys: finite (its output is never read)
+    elif kpm is None and (not causal or sq == 1):
         pass
     elif kpm is None and sq == sk:
         use_is_causal = True
@@ -191,14 +235,16 @@ Sk=640: 0.53; decode Hq=32, D=128, Sk=640: 0.44; a 640-token prefill at Hq=4, D=
 
 
 def _fast_output(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kpm: torch.Tensor | None, causal: bool, scale: float
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kpm: torch.Tensor | None, causal: bool, scale: float,
+    rules: dict | None = None,
 ) -> torch.Tensor:
     """The attention output ``[B, Hq, Sq, D]`` alone (nobody listens), from the faster kernel for this call:
     PyTorch SDPA where it needs no materialised mask and either the tensors are on CUDA (its flash / cuDNN
     kernels) or the call is small (:data:`SMALL_CALL`), else flowkern's kernel with one segment. Bottom-right
-    causal either way."""
+    causal either way; a window or image groups (``rules``) always take flowkern's kernel."""
     sq, sk = q.shape[2], k.shape[2]
-    if q.device.type == "cuda" or q.shape[0] * q.shape[1] * sq * sk * q.shape[3] <= SMALL_CALL:
+    rules = rules or {}
+    if not rules and (q.device.type == "cuda" or q.shape[0] * q.shape[1] * sq * sk * q.shape[3] <= SMALL_CALL):
         gqa = q.shape[1] != k.shape[1]
         if kpm is None and (sq == 1 or not causal):
             return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=gqa)
@@ -210,7 +256,56 @@ def _fast_output(
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
     ids = torch.zeros(q.shape[0], sk, dtype=torch.int32, device=q.device)
     return ops.segment_attention(q, k, v, ids, 1, causal=causal, key_padding_mask=kpm, scale=scale,
-                                 validate=False)[0]
+                                 validate=False, **rules)[0]
+
+
+def _layer_rules(
+    attention_mask: Any, state: LayerState | None, keymap: torch.Tensor | None, sk: int, layer: Any
+) -> dict[str, Any]:
+    """The kernel's ``window`` / ``group_ids`` for this call (only those set), from a :class:`KeyMask`.
+
+    Group ids are per original token position; on a layer holding only some tokens (a key map) they are gathered
+    through the key map. A window counts key slots, which after pruning are no longer positions: refused.
+    """
+    if not isinstance(attention_mask, KeyMask):
+        return {}
+    rules: dict[str, Any] = {}
+    groups = attention_mask.group_ids
+    if keymap is not None:
+        if attention_mask.window is not None:
+            raise NotImplementedError(
+                f"layer {layer} is a sliding-window layer (window {attention_mask.window}) and its cache holds pruned "
+                "tokens: the kernel's window counts key slots, not token positions (docs/masks.md), so pruning "
+                "cannot reach sliding-window layers"
+            )
+        if groups is not None:
+            idx = keymap.clamp(min=0).clamp(max=groups.shape[1] - 1)
+            groups = torch.where(keymap >= 0, groups.gather(1, idx.to(groups.device)), 0)
+    elif groups is not None:
+        groups = groups[:, :sk]
+    if attention_mask.window is not None:
+        rules["window"] = attention_mask.window
+    if groups is not None:
+        rules["group_ids"] = groups
+    return rules
+
+
+def _check_kwargs(module: torch.nn.Module, attention_mask: Any, kwargs: dict[str, Any]) -> None:
+    """Refuse what the kernel cannot compute (softcapping, sinks, packed sequences), and a sliding-window layer
+    whose mask does not carry its window."""
+    where = f"{type(module).__name__} layer {getattr(module, 'layer_idx', '?')}"
+    for name, what in _UNSUPPORTED_KWARGS.items():
+        if kwargs.get(name) is not None:
+            raise NotImplementedError(
+                f"flowkern attention does not support {what} (`{name}` was set by {where}): the kernel's softmax has "
+                "no such term"
+            )
+    window = kwargs.get("sliding_window")
+    if window is not None and (not isinstance(attention_mask, KeyMask) or attention_mask.window != window):
+        raise NotImplementedError(
+            f"{where} is a sliding-window layer (sliding_window={window}) but its mask carries no such window: "
+            "flowkern takes the window from the mask transformers builds for the layer type (flowkern_attention_mask)"
+        )
 
 
 def flowkern_attention_forward(
@@ -247,13 +342,7 @@ def flowkern_attention_forward(
             back).
     """
     if kwargs:
-        for name, what in _UNSUPPORTED_KWARGS.items():
-            if kwargs.get(name) is not None:
-                raise NotImplementedError(f"flowkern attention does not support {what} (`{name}` was set)")
-        if kwargs.get("sliding_window") is not None:
-            raise NotImplementedError(
-                f"flowkern attention does not support sliding-window layers (sliding_window={kwargs['sliding_window']})"
-            )
+        _check_kwargs(module, attention_mask, kwargs)
     state: LayerState | None = getattr(module, STATE_ATTR, None)
     B = query.shape[0]
     keymap = None if state is None else state.keymap
@@ -269,6 +358,7 @@ def flowkern_attention_forward(
         kpm, n_keys = _key_padding_mask(attention_mask, key.shape[2])
         if n_keys < key.shape[2]:  # static cache: the slots past the mask are unwritten
             key, value = key[:, :, :n_keys], value[:, :, :n_keys]
+    rules = _layer_rules(attention_mask, state, keymap, key.shape[2], getattr(module, "layer_idx", "?"))
     causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
     scale = float(scaling) if scaling is not None else query.shape[-1] ** -0.5
     dropout = float(dropout or 0.0)
@@ -276,13 +366,18 @@ def flowkern_attention_forward(
     allowed = None if state is None else state.allowed
     if state is None or (not state.observe and allowed is None):
         if needs_grad or dropout > 0.0:
-            out = _sdpa_output(query, key, value, kpm, causal, scale, dropout)
+            out = _sdpa_output(query, key, value, kpm, causal, scale, dropout, rules)
         else:
-            out = _fast_output(query, key, value, kpm, causal, scale)
+            out = _fast_output(query, key, value, kpm, causal, scale, rules)
         return out.transpose(1, 2).contiguous(), None
 
     sk = key.shape[2]
     segments = state.key_ids
+    if segments is not None and keymap is None and "window" in rules and segments.shape[1] > sk:
+        # a sliding-window cache layer keeps the most recent keys only: label those, and say which they are
+        first = segments.shape[1] - sk
+        segments = segments[:, first:]
+        keymap = torch.arange(first, first + sk, device=segments.device).expand(B, sk)
     if segments is None:
         segments = torch.zeros(B, sk, dtype=torch.int32, device=query.device)
     elif segments.shape[0] != B or segments.shape[1] != sk:
@@ -300,18 +395,18 @@ def flowkern_attention_forward(
     # the kernel computes every head's mass anyway: per_head only skips its head mean
     per_head = state.per_head
     if needs_grad or dropout > 0.0:
-        out = _sdpa_output(query, key, value, kpm, causal, scale, dropout)
+        out = _sdpa_output(query, key, value, kpm, causal, scale, dropout, rules)
         with torch.no_grad():
             q_obs, k_obs = (query if state.rows else query[:, :, -1:]).detach(), key.detach()
             _, lse_obs, mass = ops.segment_attention(
                 q_obs, k_obs, value.detach(), segments, nseg, causal=causal, key_padding_mask=kpm, scale=scale,
-                validate=False, per_head=per_head,
+                validate=False, per_head=per_head, **rules,
             )
             q_last, lse_last = q_obs[:, :, -1:], lse_obs[:, :, -1:]
     else:
         out, lse, mass = ops.segment_attention(
             query, key, value, segments, nseg, causal=causal, key_padding_mask=kpm, scale=scale, validate=False,
-            allowed=allowed, per_head=per_head,
+            allowed=allowed, per_head=per_head, **rules,
         )
         q_last, k_obs, lse_last = query[:, :, -1:], key, lse[:, :, -1:]
     if not state.observe:
@@ -323,7 +418,7 @@ def flowkern_attention_forward(
             cut = {} if allowed is None else dict(segment_ids=segments, num_segments=nseg, allowed=allowed,
                                                   validate=False)
             key_mass = ops.key_attention_mass(q_last, k_obs, lse_last, causal=causal, key_padding_mask=kpm,
-                                              scale=scale, **cut)
+                                              scale=scale, **rules, **cut)
         if state.sink is not None:
             head_mass = mass[:, :, -1] if per_head else None
             mass = mass.mean(dim=1) if per_head else mass  # [B, Sq, nseg]
@@ -342,35 +437,63 @@ def flowkern_attention_mask(
     attention_mask: torch.Tensor | None = None,
     **kwargs: Any,
 ) -> torch.Tensor | None:
-    """Mask function for ``AttentionMaskInterface``: the 2D key padding mask, never a 4D mask.
+    """Mask function for ``AttentionMaskInterface``: the 2D key padding mask, or a :class:`KeyMask`; never a 4D mask.
 
     Args:
         batch_size, q_length, kv_length, q_offset, kv_offset: as in ``transformers.masking_utils.sdpa_mask``.
-        mask_function: the mask pattern; only transformers' plain ``causal_mask_function`` is accepted.
+        mask_function: the mask pattern, translated by :func:`flowkern.hf.compat.mask_rules` (causal, a sliding
+            window, bidirectional image / prefix blocks).
         attention_mask: bool ``[B, past + q_length]`` padding mask (True = real token) or None.
+        kwargs: what transformers passes besides (``config``, ``local_size`` for sliding-window layers, ...).
 
     Returns:
-        bool ``[B, Sk']`` (True = real key; ``Sk' = kv_length`` unless a static cache holds fewer real slots), or
-        None when no key is padded.
+        plain causal: bool ``[B, Sk']`` (True = real key; ``Sk' = kv_length`` unless a static cache holds fewer real
+        slots), or None when no key is padded; a window or image blocks: a :class:`KeyMask`.
 
     Raises:
-        NotImplementedError: for a sliding-window, chunked, bidirectional, packed or overlaid mask pattern.
+        NotImplementedError: a pattern the kernel cannot compute (chunked, packed, bidirectional text, an unknown
+            overlay; an image block at least as long as a sliding window that cuts it), naming the layer type.
     """
-    from transformers.masking_utils import causal_mask_function
+    config = kwargs.get("config")
+    kind = "sliding-window" if kwargs.get("local_size") is not None else "full-attention"
+    where = f"{getattr(config, 'model_type', 'model')} {kind} layers"
+    try:
+        rules = compat.MaskRules() if mask_function is None else compat.mask_rules(mask_function)
+    except NotImplementedError as exc:
+        raise NotImplementedError(f"{where}: {exc}") from None
+    padding = None
+    if attention_mask is not None:
+        mask = attention_mask.to(torch.bool)[:, kv_offset : kv_offset + kv_length]
+        padding = None if mask.shape[-1] == kv_length and bool(mask.all()) else mask
+    if rules.window is None and rules.block_ids is None:
+        return padding
+    groups = None
+    if rules.block_ids is not None:
+        ids = rules.block_ids[:, kv_offset : kv_offset + kv_length]
+        if bool((ids >= 0).any()):
+            groups = torch.where(ids >= 0, ids + 1, 0).to(torch.int32)
+            if rules.windowed_blocks and rules.window is not None:
+                _check_blocks_fit(groups, rules.window, where)
+    if rules.window is None and groups is None:
+        return padding
+    device = attention_mask.device if attention_mask is not None else kwargs.get("device", "cpu")
+    return KeyMask.make(padding, rules.window, groups, batch_size, kv_length, torch.device(device))
 
-    if mask_function is not None and mask_function is not causal_mask_function:
-        name = getattr(mask_function, "__name__", type(mask_function).__name__)
+
+def _check_blocks_fit(groups: torch.Tensor, window: int, where: str) -> None:
+    """Raise unless every group spans fewer than ``window`` positions (then transformers' ``AND(window, OR(causal,
+    block))`` equals the kernel's ``(causal and window) or group``)."""
+    B, S = groups.shape
+    n = int(groups.max()) + 1
+    pos = torch.arange(S, device=groups.device).expand(B, S)
+    first = torch.full((B, n), S, device=groups.device, dtype=pos.dtype).scatter_reduce(1, groups.long(), pos, "amin")
+    last = torch.full((B, n), -1, device=groups.device, dtype=pos.dtype).scatter_reduce(1, groups.long(), pos, "amax")
+    span = (last - first + 1)[:, 1:]
+    if bool((span > window).any()):
         raise NotImplementedError(
-            f"flowkern attention supports plain causal decoder masks only, got mask pattern `{name}` (sliding "
-            "window, chunked, bidirectional, packed sequences or a model-specific overlay)"
+            f"{where}: an image block of {int(span.max())} tokens is longer than the sliding window ({window}); "
+            "transformers cuts the block by the window there, the kernel's image groups are not cut"
         )
-    if attention_mask is None:
-        return None
-    mask = attention_mask.to(torch.bool)
-    mask = mask[:, kv_offset : kv_offset + kv_length]
-    if mask.shape[-1] == kv_length and bool(mask.all()):
-        return None
-    return mask
 
 
 _registered = False

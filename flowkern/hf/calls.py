@@ -165,10 +165,11 @@ class Call:
             out["tower_grid_thw"] = list(self.tower_grids)
         return out
 
-    def check_dynamic_cache(self, owner: str) -> None:
+    def check_dynamic_cache(self, owner: str, compacts: bool = True) -> None:
         """Raise ``NotImplementedError`` (naming ``owner``) unless the call's cache is None or a plain
-        ``DynamicCache``."""
-        compat.check_dynamic_cache(self.cache, owner)
+        ``DynamicCache`` (with linear-attention layers too when ``compacts`` is False: nothing will be taken out of
+        a filled cache)."""
+        compat.check_dynamic_cache(self.cache, owner, compacts)
 
     def observe(self, listener: Any, layers: range | list[int], *, key_mass: bool = False, per_head: bool = False,
                 rows: bool = False) -> None:

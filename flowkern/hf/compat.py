@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import inspect
 import warnings
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -72,6 +73,9 @@ __all__ = [
     "layer_kv",
     "set_layer_kv",
     "padding_mask_2d",
+    "LAYER_TYPES",
+    "MaskRules",
+    "mask_rules",
     "encoder_token_counts",
     "is_known_layer_input",
     "layer_hidden_states",
@@ -198,11 +202,19 @@ def cache_length(cache: Any) -> int:
     raise NotImplementedError(f"flowkern needs a transformers Cache object, got {type(cache).__name__}")
 
 
-def check_dynamic_cache(cache: Any, owner: str = "flowkern.prune") -> None:
-    """Accept None or a ``DynamicCache`` of plain full-attention ``DynamicLayer`` s (not offloaded).
+def _is_linear_layer(layer: Any) -> bool:
+    """A linear-attention (recurrent) cache layer: conv / recurrent states instead of keys and values."""
+    return hasattr(layer, "recurrent_states") or hasattr(layer, "conv_states")
+
+
+def check_dynamic_cache(cache: Any, owner: str = "flowkern.prune", compacts: bool = True) -> None:
+    """Accept None or a ``DynamicCache`` of plain full-attention ``DynamicLayer`` s (not offloaded), plus linear
+    attention layers when nothing is to be compacted (``compacts=False``: pruning at the prefill, where those layers
+    run on the narrowed sequence from the start).
 
     Raises:
-        NotImplementedError: any other cache (static, offloaded, quantized, sliding-window layers).
+        NotImplementedError: any other cache (static, offloaded, quantized, sliding-window layers; linear-attention
+            layers of a cache to compact).
     """
     from transformers.cache_utils import DynamicCache, DynamicLayer
 
@@ -215,9 +227,22 @@ def check_dynamic_cache(cache: Any, owner: str = "flowkern.prune") -> None:
             f"{owner} supports transformers' DynamicCache (the generate default) only, got {kind}; a static, "
             "offloaded or quantized cache cannot hold a different number of tokens per layer"
         )
-    bad = [type(layer).__name__ for layer in cache.layers if type(layer) is not DynamicLayer]
+    linear = [_is_linear_layer(layer) for layer in cache.layers]
+    bad = sorted({type(layer).__name__ for layer, lin in zip(cache.layers, linear, strict=True)
+                  if type(layer) is not DynamicLayer and not lin})
+    if any(getattr(cache, "is_sliding", ())) or any("Sliding" in name for name in bad):
+        raise NotImplementedError(
+            f"{owner}: this model has sliding-window layers; their cache keeps the most recent keys by slot and "
+            "the kernel's window counts key slots, not token positions (docs/masks.md), so compacting them would "
+            "change which tokens the window covers: pruning is not supported for sliding-window models"
+        )
+    if any(linear) and compacts:
+        raise NotImplementedError(
+            f"{owner}: this model has linear-attention layers; their recurrent state has absorbed every token and "
+            "cannot give one back, so a filled cache cannot be compacted (prune at the prefill: when='prefill')"
+        )
     if bad:
-        raise NotImplementedError(f"{owner}: cache layers of type {sorted(set(bad))} are not supported")
+        raise NotImplementedError(f"{owner}: cache layers of type {bad} are not supported")
 
 
 def cache_num_layers(cache: Any) -> int:
@@ -226,8 +251,17 @@ def cache_num_layers(cache: Any) -> int:
 
 
 def layer_kv(cache: Any, layer: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """``(keys, values)`` ``[B, Hkv, S, D]`` stored for one layer, or None when that layer holds nothing yet."""
+    """``(keys, values)`` ``[B, Hkv, S, D]`` stored for one layer, or None when that layer holds nothing yet.
+
+    Raises:
+        NotImplementedError: a linear-attention layer (a recurrent state, no keys to take tokens out of).
+    """
     entry = cache.layers[layer]
+    if _is_linear_layer(entry):
+        raise NotImplementedError(
+            f"cache layer {layer} is a linear-attention layer: its recurrent state has absorbed every token and "
+            "cannot give one back"
+        )
     if not getattr(entry, "is_initialized", False) or entry.keys is None or entry.keys.numel() == 0:
         return None
     return entry.keys, entry.values
@@ -249,17 +283,121 @@ def append_layer_kv(cache: Any, layer: int, keys: torch.Tensor, values: torch.Te
 # masks, pre-encoded images, layer inputs
 
 
+LAYER_TYPES: dict[str, str] = {"full": "full_attention", "sliding": "sliding_attention",
+                               "linear": "linear_attention"}
+"""The ``config.layer_types`` entries flowkern reads: softmax attention over every key, over a sliding window, and
+linear attention (a recurrent state: no softmax to measure)."""
+
+
+@dataclass(frozen=True)
+class MaskRules:
+    """What a transformers mask pattern asks of flowkern's kernel (docs/masks.md), translated by :func:`mask_rules`.
+
+    Attributes:
+        window: sliding window in key positions (a row sees keys fewer than ``window`` behind it), or None.
+        block_ids: transformers' ``block_sequence_ids`` ``[B, kv_offset + kv_length']`` (-1 = no block; tokens of
+            one block see each other bidirectionally), or None.
+        windowed_blocks: the block rule is cut by the window too (``AND(window, OR(causal, block))``); the kernel's
+            groups are not, so the two agree only while no block is ``window`` or more tokens long
+            (:func:`mask_rules` checks).
+    """
+
+    window: int | None = None
+    block_ids: torch.Tensor | None = None
+    windowed_blocks: bool = False
+
+
+def _closure(fn: Any) -> dict[str, Any]:
+    cells = getattr(fn, "__closure__", None) or ()
+    return {name: cell.cell_contents for name, cell in zip(fn.__code__.co_freevars, cells, strict=True)}
+
+
+def _mask_terms(fn: Any) -> list[frozenset]:
+    """The mask pattern ``fn`` (transformers' ``and_masks`` / ``or_masks`` tree of overlays) as a disjunction of
+    conjunctions of atoms ``("causal",)``, ``("window", w)``, ``("block", block_sequence_ids)``.
+
+    Raises:
+        NotImplementedError: a pattern piece flowkern's kernel cannot express, named with the reason.
+    """
+    from transformers import masking_utils as mu
+
+    if fn is mu.causal_mask_function:
+        return [frozenset({("causal",)})]
+    name = getattr(fn, "__qualname__", type(fn).__name__)
+    free = _closure(fn) if hasattr(fn, "__code__") else {}
+    if name.startswith(("and_masks.", "or_masks.")):
+        parts = [_mask_terms(f) for f in free["mask_functions"]]
+        if name.startswith("or_masks."):
+            return [t for p in parts for t in p]
+        terms = [frozenset()]
+        for p in parts:
+            terms = [a | b for a in terms for b in p]
+        return terms
+    if name.startswith("sliding_window_overlay.") and isinstance(free.get("sliding_window"), int):
+        return [frozenset({("window", int(free["sliding_window"]))})]
+    if name.startswith("blockwise_overlay.") and isinstance(free.get("block_sequence_ids"), torch.Tensor):
+        return [frozenset({("block", free["block_sequence_ids"])})]  # a tensor hashes by identity
+    reasons = {
+        "chunked_overlay.": "chunked attention (keys limited to the row's chunk, which the kernel has no rule for)",
+        "packed_sequence_mask_function.": "packed sequences (several sequences in one row)",
+        "remap_positions_for_packed_sequence.": "packed sequences (several sequences in one row)",
+        "sliding_window_bidirectional_overlay.": "bidirectional sliding windows (keys ahead of the row limited too)",
+        "bidirectional_mask_function": "bidirectional (non-causal) text attention",
+        "padding_mask_function.": "a padding mask inside the pattern (pass the 2D attention_mask instead)",
+    }
+    why = next((r for prefix, r in reasons.items() if name.startswith(prefix)), None)
+    if why is None:
+        why = "a model-specific overlay the kernel's causal / window / image-block rules do not express"
+    raise NotImplementedError(f"flowkern attention cannot compute the mask pattern `{name}`: {why}")
+
+
+def mask_rules(mask_function: Any) -> MaskRules:
+    """Translate a transformers mask pattern into the kernel's visibility rules (docs/masks.md).
+
+    Accepted: causal (``causal_mask_function``), ANDed with a ``sliding_window_overlay`` (sliding-window layers),
+    ORed with a ``blockwise_overlay`` (bidirectional image / prefix blocks: Gemma 3, PaliGemma), the window either
+    outside the block rule or inside it (``AND(window, OR(causal, block))``, Gemma 3's sliding layers). Anything
+    else raises.
+
+    Raises:
+        NotImplementedError: a pattern piece the kernel has no rule for (chunked attention, packed sequences,
+            bidirectional text, an unknown overlay), naming it and why.
+    """
+    terms = set(_mask_terms(mask_function))
+    stream = [t for t in terms if ("causal",) in t]
+    blocks = [t for t in terms if ("causal",) not in t]
+    windows = {a[1] for t in terms for a in t if a[0] == "window"}
+    window = next(iter(windows), None)
+    ok = len(stream) == 1 and len(windows) <= 1 and all(a[0] != "block" for a in stream[0])
+    ok = ok and len(blocks) <= 1 and all(sum(a[0] == "block" for a in t) == 1 for t in blocks)
+    ok = ok and (not blocks or window is None or ("window", window) in stream[0])
+    if not ok:
+        shown = " or ".join("(" + " and ".join(sorted(a[0] if a[0] != "window" else f"window {a[1]}" for a in t))
+                            + ")" for t in terms)
+        raise NotImplementedError(
+            f"flowkern attention cannot compute the mask pattern {shown}: the kernel shows a key by (causal and "
+            "window) or a shared image block, nothing else"
+        )
+    if not blocks:
+        return MaskRules(window)
+    block = next(a[1] for a in blocks[0] if a[0] == "block")
+    return MaskRules(window, block, ("window", window) in blocks[0])
+
+
 def padding_mask_2d(mask: Any, owner: str) -> torch.Tensor | None:
     """The 2D padding mask ``[B, S]`` of a forward call's ``attention_mask`` (or None).
 
     ``generate`` with a static cache precomputes the masks as a dict keyed by layer type; with flowkern's mask
-    function each entry is already the 2D key padding mask, and the full-attention one is taken.
+    function each entry is already the 2D key padding mask (or a ``KeyMask`` holding it), and the full-attention
+    one is taken.
 
     Raises:
         ValueError: a 4D (or otherwise shaped) mask, naming ``owner``.
     """
     if isinstance(mask, dict):
         mask = mask.get("full_attention", next(iter(mask.values()), None))
+    if hasattr(mask, "group_ids") and hasattr(mask, "padding"):  # flowkern's KeyMask (a window or image blocks)
+        mask = mask.padding
     if mask is not None and (not isinstance(mask, torch.Tensor) or mask.dim() != 2):
         raise ValueError(f"{owner} needs a 2D attention_mask [B, S] (or none); a 4D mask is not supported")
     return mask

@@ -15,33 +15,43 @@ One :class:`ModelAdapter` per family says
 - what else pruning, LLaVA-CAM and prompting must know: Qwen3-VL's DeepStack layers, the pixel layout SmoothGrad
   adds noise to (Qwen-VL's flattened patches), the plain prompt format of processors without a chat template.
 
-A new family is one more entry in :data:`ADAPTERS` (plus a layout function when its image tokens form a new
-pattern); nothing outside this file needs to change.
+A new family is one more entry in :data:`ADAPTERS` (plus a layout function in :mod:`flowkern.hf.layouts` when its
+image tokens form a new pattern); nothing else needs to change.
 
 Supported families: LLaVA-1.5 (``llava``), LLaVA-NeXT (``llava_next``), LLaVA-OneVision, Qwen2-VL, Qwen2.5-VL,
-Qwen3-VL, InternVL and InstructBLIP (decoder-only language models). :func:`get_adapter` raises ``ValueError`` for
-anything else.
+Qwen3-VL, InternVL, InstructBLIP, Gemma 3, PaliGemma, Mistral 3, LLaVA-OneVision-1.5, Idefics3 / SmolVLM and
+Qwen3.5 (decoder-only language models; Qwen3.5's linear-attention layers are not measured).
+:func:`get_adapter` raises ``ValueError`` for anything else.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from flowkern.hf.layouts import (
+    gemma3_layout,
+    idefics3_layout,
+    instructblip_layout,
+    internvl_layout,
+    llava_layout,
+    llava_next_layout,
+    llava_onevision_layout,
+    mistral3_layout,
+    paligemma_layout,
+    qwen_vl_layout,
+)
 from flowkern.hf.segments import ImageGrid
 
 __all__ = ["ModelAdapter", "ADAPTERS", "SITES", "get_adapter", "supported_model_types"]
 
-# a layout function: (config, placeholder ids per sample, their sequence positions per sample, captured inputs)
+# a layout function: (config, placeholder ids per sample, their sequence positions per sample, captured inputs plus
+# "prompt_ids", the whole prompt [B, S])
 # -> per sample, the grids of its images (ImageGrid.index = ordinals into that sample's placeholder tokens)
 LayoutFn = Callable[[Any, list[torch.Tensor], list[torch.Tensor], dict[str, Any]], list[list[ImageGrid]]]
-
-# vision towers whose sequence starts with a CLS token (kept by vision_feature_select_strategy="full")
-_TOWERS_WITH_CLS = ("clip_vision_model",)
-
 
 SITES: dict[str, str] = {"post_attention_layernorm": "post_attention_layernorm", "attention": "self_attn", "layer": ""}
 """Where LLaVA-CAM reads a decoder layer's features: site name -> attribute of the decoder layer ("" = the layer's own
@@ -127,7 +137,7 @@ class ModelAdapter:
             is_image = segment_ids[b] == IMAGE
             ids.append(input_ids[b][is_image].cpu())
             positions.append(torch.nonzero(is_image).flatten().cpu())
-        return self.layout(config, ids, positions, inputs)
+        return self.layout(config, ids, positions, {**inputs, "prompt_ids": input_ids.cpu()})
 
     # ------------------------------------------------------------------------------------------------------
     # where things sit in the module tree
@@ -206,277 +216,19 @@ class ModelAdapter:
             return 0
         return len(getattr(getattr(config, "vision_config", None), "deepstack_visual_indexes", None) or [])
 
+    def linear_layers(self, config: Any) -> frozenset[int]:
+        """Decoder layers with linear attention (a recurrent state, no softmax: Qwen3.5's Gated DeltaNet), from
+        the text config's ``layer_types``; empty for other families."""
+        from flowkern.hf.compat import LAYER_TYPES
+
+        types = getattr(self.text_config(config), "layer_types", None) or ()
+        return frozenset(i for i, t in enumerate(types) if t == LAYER_TYPES["linear"])
+
     def temporal_patch_size(self, config: Any) -> int:
         """Frames per flattened patch row for ``pixel_layout="patches"`` (1 otherwise)."""
         if self.pixel_layout != "patches":
             return 1
         return int(getattr(getattr(config, "vision_config", None), "temporal_patch_size", 1) or 1)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# helpers
-
-
-def _side(value: int | Sequence[int]) -> tuple[int, int]:
-    """(h, w) from an int or a pair."""
-    if isinstance(value, (list, tuple)):
-        return int(value[0]), int(value[1])
-    return int(value), int(value)
-
-
-def _patch_grid(vision_config: Any) -> tuple[int, int]:
-    """Patch grid (rows, cols) of one vision-tower input: image_size // patch_size."""
-    ih, iw = _side(vision_config.image_size)
-    ph, pw = _side(vision_config.patch_size)
-    return ih // ph, iw // pw
-
-
-def _check_consumed(family: str, b: int, used: int, total: int) -> None:
-    if used != total:
-        raise ValueError(
-            f"{family}: sample {b} has {total} image placeholder tokens but the image layout accounts for {used}; "
-            "the prompt does not match the config / processor outputs"
-        )
-
-
-def _image_sizes(inputs: dict) -> list[tuple[int, int]] | None:
-    """The ``image_sizes`` input as a list of (height, width), or None."""
-    sizes = inputs.get("image_sizes")
-    return None if sizes is None else [(int(h), int(w)) for h, w in torch.as_tensor(sizes).reshape(-1, 2).tolist()]
-
-
-def _runs(positions: torch.Tensor) -> list[tuple[int, int]]:
-    """(start ordinal, length) of each run of consecutive sequence positions."""
-    if positions.numel() == 0:
-        return []
-    breaks = (torch.nonzero(positions[1:] != positions[:-1] + 1).flatten() + 1).tolist()
-    starts = [0] + breaks
-    ends = breaks + [positions.numel()]
-    return [(s, e - s) for s, e in zip(starts, ends, strict=True)]
-
-
-# ----------------------------------------------------------------------------------------------------------
-# layouts
-
-
-def _llava_layout(config: Any, ids: list[torch.Tensor], positions: list[torch.Tensor], inputs: dict) -> list:
-    """LLaVA-1.5: each image is a (image_size/patch_size)^2 raster (plus a leading CLS token with strategy "full")."""
-    rows, cols = _patch_grid(config.vision_config)
-    has_cls = config.vision_feature_select_strategy == "full" and config.vision_config.model_type in _TOWERS_WITH_CLS
-    per_image = rows * cols + int(has_cls)
-    out = []
-    for b, tok in enumerate(ids):
-        n = tok.numel()
-        if n % per_image:
-            _check_consumed("llava", b, n - n % per_image, n)
-        grids = []
-        for i in range(n // per_image):
-            start = i * per_image + int(has_cls)
-            grids.append(ImageGrid(i, "image", torch.arange(start, start + rows * cols).view(rows, cols), whole=True))
-        out.append(grids)
-    return out
-
-
-def _anyres_crops_shape(config: Any, image_size: Sequence[int], base: tuple[int, int]) -> tuple[int, int]:
-    """LLaVA-NeXT: (rows, cols) of the unpadded high-resolution crop grid of one image (before newline tokens)."""
-    from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, unpad_image
-
-    n_h, n_w = get_anyres_image_grid_shape(
-        [int(s) for s in image_size], config.image_grid_pinpoints, config.vision_config.image_size
-    )
-    dummy = torch.empty(0, n_h * base[0], n_w * base[1])  # shape-only: transformers' own unpadding rule
-    unpadded = unpad_image(dummy, [int(s) for s in image_size])
-    return int(unpadded.shape[1]), int(unpadded.shape[2])
-
-
-def _llava_next_layout(config: Any, ids: list[torch.Tensor], positions: list[torch.Tensor], inputs: dict) -> list:
-    """LLaVA-NeXT anyres: per image, the base image raster, then the unpadded crops with one newline token per row.
-
-    Views: ``"base"`` (image_size/patch_size square) and ``"crops"`` (newline tokens left out). The crops need the
-    ``image_sizes`` processor output; without it (``generate`` may encode the images before the first forward and
-    not pass it on) only the ``"base"`` view is given, each image delimited by its token count (from the encoder
-    outputs) or by its run of consecutive placeholder tokens.
-    """
-    if config.vision_feature_select_strategy != "default":
-        raise ValueError("llava_next: image layout is known for vision_feature_select_strategy='default' only")
-    base = _patch_grid(config.vision_config)
-    n_base = base[0] * base[1]
-    sizes = _image_sizes(inputs)
-    counts = list(inputs.get("image_token_counts") or [])
-    out = []
-    for b, (tok, pos) in enumerate(zip(ids, positions, strict=True)):
-        grids, used, i = [], 0, 0
-        runs = _runs(pos)
-        while used < tok.numel():
-            if sizes is not None:
-                if not sizes:
-                    _check_consumed("llava_next", b, used, tok.numel())
-                hu, wu = _anyres_crops_shape(config, sizes.pop(0), base)
-                length = n_base + hu * (wu + 1)
-                crops = torch.arange(used + n_base, used + length).view(hu, wu + 1)[:, :wu]
-            else:
-                length = counts.pop(0) if counts else runs[i][1] if i < len(runs) else tok.numel() - used
-                crops = None
-            if length < n_base or used + length > tok.numel():
-                _check_consumed("llava_next", b, used + length, tok.numel())
-            grids.append(ImageGrid(i, "base", torch.arange(used, used + n_base).view(base), whole=True))
-            if crops is not None:
-                grids.append(ImageGrid(i, "crops", crops))
-            used += length
-            i += 1
-        out.append(grids)
-    return out
-
-
-def _image_spans(tok: torch.Tensor, pos: torch.Tensor, counts: list[int]) -> list[tuple[int, int]]:
-    """(start ordinal, length) of each image of a sample: from per-image token counts (consumed) or else runs."""
-    spans, used = [], 0
-    runs = iter(_runs(pos))
-    while used < tok.numel():
-        length = counts.pop(0) if counts else next(runs, (used, tok.numel() - used))[1]
-        spans.append((used, length))
-        used += length
-    return spans
-
-
-def _llava_onevision_layout(config: Any, ids: list[torch.Tensor], positions: list[torch.Tensor], inputs: dict) -> list:
-    """LLaVA-OneVision: images as LLaVA-NeXT (base raster, then crops with newlines, shrunk to at most
-    ``anyres_max_N`` base images; a multi-image prompt has base + one newline per image); a video is a run of
-    frames of pooled ceil(g/2)^2 rasters plus one newline. Views: ``"base"``, ``"crops"`` (when ``image_sizes`` is
-    known), ``"frame{k}"``."""
-    import math
-
-    base = _patch_grid(config.vision_config)
-    n_base = base[0] * base[1]
-    pooled = (math.ceil(base[0] / 2), math.ceil(base[1] / 2))
-    sizes = _image_sizes(inputs) or []
-    max_crops = int(str(getattr(config, "vision_aspect_ratio", "anyres_max_9")).removeprefix("anyres_max_"))
-    counts = list(inputs.get("image_token_counts") or [])
-    out = []
-    for b, (tok, pos) in enumerate(zip(ids, positions, strict=True)):
-        found = []
-        image_ords = torch.nonzero(tok == int(config.image_token_id)).flatten()
-        for start, length in _image_spans(image_ords, pos[image_ords], counts):
-            ords = image_ords[start : start + length]
-            if length < n_base:
-                _check_consumed("llava_onevision", b, start + n_base, image_ords.numel())
-            views = [("base", ords[:n_base].view(base))]
-            size = sizes.pop(0) if sizes else None
-            if size is not None and length != n_base + 1:
-                hu, wu = _anyres_crops_shape(config, size, base)
-                ratio = math.sqrt(hu * wu / (max_crops * n_base))
-                if ratio > 1.1:
-                    hu, wu = int(hu // ratio), int(wu // ratio)
-                if n_base + hu * (wu + 1) != length:
-                    _check_consumed("llava_onevision", b, start + n_base + hu * (wu + 1), start + length)
-                views.append(("crops", ords[n_base:].view(hu, wu + 1)[:, :wu]))
-            found.append((int(ords[0]), views))
-        video_id = getattr(config, "video_token_id", None)
-        video_ords = torch.nonzero(tok == int(video_id)).flatten() if video_id is not None else tok[:0]
-        per_frame = pooled[0] * pooled[1]
-        for start, length in _image_spans(video_ords, pos[video_ords], []):
-            if (length - 1) % per_frame:
-                _check_consumed("llava_onevision", b, start + length - (length - 1) % per_frame, start + length)
-            ords = video_ords[start : start + length - 1].view(-1, *pooled)
-            found.append((int(ords.flatten()[0]), [(f"frame{f}", ords[f]) for f in range(ords.shape[0])]))
-        grids = []
-        for i, (_, views) in enumerate(sorted(found, key=lambda x: x[0])):
-            grids.extend(ImageGrid(i, name, index, whole=name in ("image", "base")) for name, index in views)
-        out.append(grids)
-    return out
-
-
-def _split_tower_grids(calls: list[torch.Tensor], n_image_tokens: int, merge: int) -> tuple:
-    """Assign the ``grid_thw`` of each vision-tower call to images or videos by the number of tokens it makes."""
-    image_thw = video_thw = None
-    for thw in calls:
-        n = int((torch.as_tensor(thw).reshape(-1, 3).prod(dim=-1) // (merge * merge)).sum())
-        if image_thw is None and n == n_image_tokens:
-            image_thw = thw
-        elif video_thw is None:
-            video_thw = thw
-    return image_thw, video_thw
-
-
-def _qwen_vl_layout(config: Any, ids: list[torch.Tensor], positions: list[torch.Tensor], inputs: dict) -> list:
-    """Qwen2-VL / Qwen2.5-VL / Qwen3-VL: each image (video) is a (t, h/m, w/m) raster of merged patches.
-
-    ``image_grid_thw`` / ``video_grid_thw`` list the items in prompt order over the batch (from the forward inputs,
-    or else from the ``grid_thw`` the vision tower was called with); m is the vision config's ``spatial_merge_size``.
-    Views: ``"image"`` for t = 1, else ``"frame{k}"`` per temporal slice.
-    """
-    m = int(config.vision_config.spatial_merge_size)
-    grids_thw = {"image": inputs.get("image_grid_thw"), "video": inputs.get("video_grid_thw")}
-    if grids_thw["image"] is None and grids_thw["video"] is None and inputs.get("tower_grid_thw"):
-        n_image = sum(int((tok == int(config.image_token_id)).sum()) for tok in ids)
-        grids_thw["image"], grids_thw["video"] = _split_tower_grids(inputs["tower_grid_thw"], n_image, m)
-    streams = []
-    for attr, key in (("image_token_id", "image"), ("video_token_id", "video")):
-        token_id = getattr(config, attr, None)
-        thw = grids_thw[key]
-        items = [] if thw is None else [tuple(int(v) for v in row) for row in torch.as_tensor(thw).reshape(-1, 3)]
-        streams.append((token_id, items))
-    out = []
-    for b, tok in enumerate(ids):
-        found = []  # (first ordinal, views)
-        used = 0
-        for token_id, items in streams:
-            if token_id is None:
-                continue
-            ords = torch.nonzero(tok == int(token_id)).flatten()
-            k = 0
-            while k < ords.numel():
-                if not items:
-                    _check_consumed("qwen_vl", b, used + k, tok.numel())
-                t, h, w = items.pop(0)
-                rows, cols = h // m, w // m
-                n = t * rows * cols
-                if k + n > ords.numel():
-                    _check_consumed("qwen_vl", b, used + k + n, tok.numel())
-                cell = ords[k : k + n].view(t, rows, cols)
-                views = [("image", cell[0])] if t == 1 else [(f"frame{f}", cell[f]) for f in range(t)]
-                found.append((int(ords[k]), views))
-                k += n
-            used += k
-        _check_consumed("qwen_vl", b, used, tok.numel())
-        grids = []
-        for i, (_, views) in enumerate(sorted(found, key=lambda x: x[0])):
-            grids.extend(ImageGrid(i, name, index, whole=name in ("image", "base")) for name, index in views)
-        out.append(grids)
-    return out
-
-
-def _internvl_layout(config: Any, ids: list[torch.Tensor], positions: list[torch.Tensor], inputs: dict) -> list:
-    """InternVL: each image is a run of tiles (the thumbnail last when there are several), each tile a raster of
-    (image_size/patch_size * downsample_ratio)^2 tokens. Views: ``"tile{k}"``."""
-    rows, cols = _patch_grid(config.vision_config)
-    rows, cols = int(rows * config.downsample_ratio), int(cols * config.downsample_ratio)
-    per_tile = rows * cols
-    out = []
-    for b, pos in enumerate(positions):
-        grids = []
-        for i, (start, length) in enumerate(_runs(pos)):
-            if length % per_tile:
-                _check_consumed("internvl", b, length - length % per_tile, length)
-            tiles = length // per_tile
-            for t in range(tiles):  # the last tile shows the whole image (the thumbnail, or the only tile)
-                s = start + t * per_tile
-                grids.append(ImageGrid(i, f"tile{t}", torch.arange(s, s + per_tile).view(rows, cols),
-                                       whole=t == tiles - 1))
-        out.append(grids)
-    return out
-
-
-def _instructblip_layout(config: Any, ids: list[torch.Tensor], positions: list[torch.Tensor], inputs: dict) -> list:
-    """InstructBLIP: the Q-Former's num_query_tokens outputs have no spatial layout: one ``"queries"`` row."""
-    n = int(config.num_query_tokens)
-    out = []
-    for b, tok in enumerate(ids):
-        if tok.numel() % n:
-            _check_consumed("instructblip", b, tok.numel() - tok.numel() % n, tok.numel())
-        count = tok.numel() // n
-        out.append([ImageGrid(i, "queries", torch.arange(i * n, (i + 1) * n).view(1, n)) for i in range(count)])
-    return out
 
 
 _QWEN_PLACEHOLDERS = ("image_token_id", "video_token_id")
@@ -486,22 +238,40 @@ ADAPTERS: dict[str, ModelAdapter] = {
     a.family: a
     for a in (
         # LLaVA-1.5 (vicuna v1 format) for exports without a chat template
-        ModelAdapter("llava", ("llava",), ("image_token_id",), _llava_layout,
+        ModelAdapter("llava", ("llava",), ("image_token_id",), llava_layout,
                      prompt_format="USER: {images}\n{prompt} ASSISTANT:"),
-        ModelAdapter("llava_next", ("llava_next",), ("image_token_id",), _llava_next_layout, ("image_sizes",)),
+        ModelAdapter("llava_next", ("llava_next",), ("image_token_id",), llava_next_layout, ("image_sizes",)),
         ModelAdapter(
-            "llava_onevision", ("llava_onevision",), ("image_token_id", "video_token_id"), _llava_onevision_layout,
+            "llava_onevision", ("llava_onevision",), ("image_token_id", "video_token_id"), llava_onevision_layout,
             ("image_sizes",),
         ),
-        ModelAdapter("qwen2_vl", ("qwen2_vl",), _QWEN_PLACEHOLDERS, _qwen_vl_layout, _QWEN_INPUTS, "grid_thw",
+        ModelAdapter("qwen2_vl", ("qwen2_vl",), _QWEN_PLACEHOLDERS, qwen_vl_layout, _QWEN_INPUTS, "grid_thw",
                      pixel_layout="patches"),
-        ModelAdapter("qwen2_5_vl", ("qwen2_5_vl",), _QWEN_PLACEHOLDERS, _qwen_vl_layout, _QWEN_INPUTS, "grid_thw",
+        ModelAdapter("qwen2_5_vl", ("qwen2_5_vl",), _QWEN_PLACEHOLDERS, qwen_vl_layout, _QWEN_INPUTS, "grid_thw",
                      pixel_layout="patches"),
-        ModelAdapter("qwen3_vl", ("qwen3_vl",), _QWEN_PLACEHOLDERS, _qwen_vl_layout, _QWEN_INPUTS, "grid_thw",
+        ModelAdapter("qwen3_vl", ("qwen3_vl",), _QWEN_PLACEHOLDERS, qwen_vl_layout, _QWEN_INPUTS, "grid_thw",
                      pixel_layout="patches", deepstack=True),
-        ModelAdapter("internvl", ("internvl",), ("image_token_id",), _internvl_layout),
+        ModelAdapter("internvl", ("internvl",), ("image_token_id",), internvl_layout),
+        # transformers 5.25+: RICE-ViT patches merged m x m, laid out like Qwen-VL's (image_grid_thw)
+        ModelAdapter("llava_onevision1_5", ("llava_onevision1_5",), _QWEN_PLACEHOLDERS, qwen_vl_layout, _QWEN_INPUTS,
+                     "grid_thw", pixel_layout="patches"),
+        # bidirectional attention inside each image (token_type_ids), sliding-window layers: docs/masks.md
+        ModelAdapter("gemma3", ("gemma3",), ("image_token_id",), gemma3_layout,
+                     prompt_format="<start_of_turn>user\n{images}{prompt}<end_of_turn>\n<start_of_turn>model\n"),
+        # the image tokens and the text prefix form one bidirectional block (token_type_ids == 0)
+        ModelAdapter("paligemma", ("paligemma",), ("image_token_id",), paligemma_layout,
+                     prompt_format="{images}{prompt}"),
+        # [IMG] tokens only: the [IMG_BREAK] / [IMG_END] separators between rows are text tokens
+        ModelAdapter("mistral3", ("mistral3",), ("image_token_id",), mistral3_layout, ("image_sizes",),
+                     prompt_format="[INST]{images}{prompt}[/INST]"),
+        # tiles + a global image per image, marker tokens between them (text)
+        ModelAdapter("idefics3", ("idefics3", "smolvlm"), ("image_token_id",), idefics3_layout,
+                     prompt_format="User:{images}{prompt}<end_of_utterance>\nAssistant:"),
+        # hybrid: 3 of 4 layers are linear attention (ModelAdapter.linear_layers); Qwen3-VL-style image rasters
+        ModelAdapter("qwen3_5", ("qwen3_5",), _QWEN_PLACEHOLDERS, qwen_vl_layout, _QWEN_INPUTS, "grid_thw",
+                     pixel_layout="patches"),
         # the processor inserts the Q-Former query placeholders itself; they have no spatial layout
-        ModelAdapter("instructblip", ("instructblip",), ("image_token_id",), _instructblip_layout,
+        ModelAdapter("instructblip", ("instructblip",), ("image_token_id",), instructblip_layout,
                      prompt_format="{prompt}", spatial_grids=False),
     )
 }
@@ -533,3 +303,4 @@ def get_adapter(model_or_config: Any) -> ModelAdapter:
     raise ValueError(
         f"flowkern does not know the model type {model_type!r}; supported: {', '.join(supported_model_types())}"
     )
+

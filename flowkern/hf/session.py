@@ -111,6 +111,7 @@ class Session:
         self._pending_tower: list[torch.Tensor] = []
         self._call: Call | None = None
         self._forward_handles: list[Any] = []
+        self._linear_handles: list[Any] = []
         self._dirty = False
 
     @classmethod
@@ -145,6 +146,11 @@ class Session:
         if not found:
             raise ValueError(f"{self.adapter.family}: found no attention module of the language model")
         return found
+
+    @functools.cached_property
+    def linear_layers(self) -> frozenset[int]:
+        """Decoder layers with linear attention (no softmax to measure: their row events are NaN)."""
+        return self.adapter.linear_layers(self.config)
 
     @functools.cached_property
     def language_model_entry(self) -> torch.nn.Module | None:
@@ -244,6 +250,9 @@ class Session:
                 self._states[layer] = state
                 param = next(m.parameters(), None)
                 self._devices[layer] = param.device if param is not None else torch.device("cpu")
+            for layer in sorted(self.linear_layers):
+                hook = functools.partial(self._not_measured, layer)
+                self._linear_handles.append(self.layers[layer].register_forward_hook(hook))
             self._dirty = False
         elif not on and self._states:
             for m in self.attention_modules.values():
@@ -251,6 +260,9 @@ class Session:
                     delattr(m, STATE_ATTR)
             self._states.clear()
             self._devices.clear()
+            for h in self._linear_handles:
+                h.remove()
+            self._linear_handles.clear()
 
     def _set_tower(self, on: bool) -> None:
         if on and self._tower_handle is None and self.vision_tower is not None:
@@ -411,6 +423,22 @@ class Session:
                 else lab
         return ids, keymap, padding
 
+    def _not_measured(self, layer: int, module: torch.nn.Module, args: tuple, output: Any) -> None:
+        """A linear-attention layer has no softmax: a listener that asked for its row gets NaN (not measured),
+        never numbers that look like data."""
+        call = self._call
+        wants = call.observers.get(layer) if call is not None else None
+        if not wants:
+            return
+        hidden, _ = compat.layer_output_hidden(output)
+        nan = float("nan")
+        mass = torch.full((hidden.shape[0], call.num_segments if call.labels is not None else 1), nan,
+                          device=hidden.device)
+        key_mass = None
+        if any(k for _, k in wants) and call.labels is not None:
+            key_mass = torch.full(tuple(call.labels.shape), nan, device=hidden.device)
+        self._dispatch(RowEvent(layer, mass, key_mass, None))
+
     def _dispatch(self, event: RowEvent) -> None:
         call = self._call
         if call is None:
@@ -452,6 +480,10 @@ class Session:
         if cache is not None:
             narrowed.cache = cache  # created inside the language model (a plain forward with use_cache)
         plan = narrowed.plan
+        if idx in self.linear_layers:  # a recurrent state must never absorb a removed token or a filler
+            kwargs["attention_mask"] = plan.keymap.to(compat.layer_hidden_states(args, kwargs).device) >= 0
+            if not plan.compact:
+                return args, kwargs
         if not plan.compact:
             return None
         if idx == first:

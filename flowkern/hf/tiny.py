@@ -24,7 +24,7 @@ import torch
 
 __all__ = [
     "CHAT_TEMPLATE", "SPECIAL_TOKENS", "PAD_TOKEN", "IMAGE_TOKEN", "VIDEO_TOKEN", "FAMILIES", "text_config",
-    "clip_config", "build_model", "tiny_vlm", "word_tokenizer", "save_tiny_llava",
+    "clip_config", "build_model", "tiny_vlm", "word_tokenizer", "save_tiny_llava", "save_tiny_paligemma",
 ]
 
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>", "<image>")
@@ -115,7 +115,8 @@ PAD_TOKEN, IMAGE_TOKEN, VIDEO_TOKEN = 0, 100, 101
 """Token ids of :func:`tiny_vlm` models: padding, the image placeholder, the video placeholder (Qwen-VL: the vision
 start / end markers are 102 / 103)."""
 
-FAMILIES = ("llava", "llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "internvl", "instructblip")
+FAMILIES = ("llava", "llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "internvl", "instructblip",
+            "gemma3", "paligemma", "mistral3", "llava_onevision1_5", "qwen3_5", "idefics3", "smolvlm")
 """The families :func:`tiny_vlm` builds."""
 
 
@@ -183,7 +184,13 @@ def tiny_vlm(family: str, *, layers: int = 3, image_size: int = 8, seed: int = 0
     ``image_size`` px, patch 2 (NeXT: pinpoints 16x16, 8x16, 16x8); OneVision: SigLIP 8 px, ``anyres_max_1``;
     Qwen-VL: patch 2, spatial merge 2, temporal patch 2 (Qwen3-VL: DeepStack after the ``deepstack`` tower
     layers, head dim 8, interleaved M-RoPE); InternVL: 8 px tiles, patch 2, downsample 0.5 (2x2 tokens per tile);
-    InstructBLIP: 4 Q-Former queries.
+    InstructBLIP: 4 Q-Former queries; Gemma 3: SigLIP 8 px, patch 2, pooled to 2x2 tokens per image, layers
+    alternating sliding window (5) and full attention, head dim 8; PaliGemma: SigLIP 8 px, patch 4 (2x2 tokens),
+    Gemma text model, head dim 8; Mistral 3: Pixtral 16 px, patch 2, spatial merge 2 (an image of h x w px is
+    h/4 x w/4 tokens), Mistral text model; LLaVA-OneVision-1.5 (transformers 5.25+): RICE-ViT patch 2, spatial
+    merge 2 (flattened patches, like Qwen-VL), Qwen3 text model, head dim 8; Qwen3.5: Qwen3-VL-style tower, text
+    layers linear attention (Gated DeltaNet) except every 4th, head dim 16 with a quarter rotary (M-RoPE);
+    Idefics3 / SmolVLM: 8 px tiles, patch 2, pixel shuffle 2 (2x2 tokens per tile or global image), Llama text.
 
     Args:
         layers: decoder layers of the language model.
@@ -249,8 +256,87 @@ def tiny_vlm(family: str, *, layers: int = 3, image_size: int = 8, seed: int = 0
                                 encoder_hidden_size=32, vocab_size=64, max_position_embeddings=64),
             text_config=text_config(**text), num_query_tokens=4, image_token_index=IMAGE_TOKEN,
         )
+    elif family in _NEWER:
+        cfg = _newer_config(family, text, qwen_ids, rope)
     else:
         raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
     model = build_model(cfg, seed=seed, decode_all=True)
     model.generation_config.pad_token_id = PAD_TOKEN
     return model
+
+
+def _gemma_config(family: str, text: dict) -> Any:
+    """Gemma 3 / PaliGemma configs of :func:`tiny_vlm` (see there)."""
+    from transformers import Gemma3Config, PaliGemmaConfig
+
+    from flowkern.hf.compat import LAYER_TYPES
+
+    siglip = dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                  num_attention_heads=2, image_size=8, patch_size=2)
+    n = int(text.get("num_hidden_layers", 3))
+    if family == "gemma3":
+        text = text_config("gemma3_text", head_dim=8, query_pre_attn_scalar=8, sliding_window=5,
+                           layer_types=[LAYER_TYPES[("sliding", "full")[i % 2]] for i in range(n)], **text)
+        return Gemma3Config(vision_config=siglip, text_config=text, mm_tokens_per_image=4,
+                            image_token_index=IMAGE_TOKEN, boi_token_index=102, eoi_token_index=103)
+    text = text_config("gemma", head_dim=8, **text)
+    return PaliGemmaConfig(vision_config=dict(siglip, patch_size=4, projection_dim=32), text_config=text,
+                           image_token_index=IMAGE_TOKEN, projection_dim=32, hidden_size=32)
+
+
+def save_tiny_paligemma(path: str | os.PathLike, *, words: Sequence[str], filler: int = 40, seed: int = 0) -> None:
+    """Write a :func:`tiny_vlm` PaliGemma (SigLIP 8 px, patch 4: 4 image tokens; 4 Gemma layers) with a real
+    ``PaliGemmaProcessor`` (a word-level tokenizer, no chat template: prompts are ``<image>`` + text, the processor
+    adds ``<bos>`` and the newline) to ``path``, loadable like any checkpoint."""
+    from transformers import PaliGemmaProcessor, SiglipImageProcessorPil
+
+    tokenizer = word_tokenizer(words, filler=filler)
+    ip = SiglipImageProcessorPil(size={"height": 8, "width": 8})
+    ip.image_seq_length = 4
+    processor = PaliGemmaProcessor(image_processor=ip, tokenizer=tokenizer)  # adds PaliGemma's location tokens
+    model = tiny_vlm("paligemma", layers=4, seed=seed, vocab_size=len(tokenizer))
+    model.config.image_token_id = tokenizer.convert_tokens_to_ids("<image>")
+    model.config.text_config.bos_token_id = tokenizer.bos_token_id
+    os.makedirs(path, exist_ok=True)
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+
+
+_NEWER = ("gemma3", "paligemma", "llava_onevision1_5", "qwen3_5", "idefics3", "smolvlm", "mistral3")
+
+
+def _newer_config(family: str, text: dict, qwen_ids: dict, rope: dict) -> Any:
+    """Configs of :func:`tiny_vlm` for the families added with masks beyond causal, separators or hybrid layers."""
+    if family in ("gemma3", "paligemma"):
+        return _gemma_config(family, text)
+    if family == "llava_onevision1_5":
+        from transformers import LlavaOnevision15Config
+
+        vision = dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, patch_size=2, spatial_merge_size=2,
+                      out_hidden_size=32, in_channels=3)
+        return LlavaOnevision15Config(vision_config=vision, text_config=text_config("qwen3", head_dim=8, **text),
+                                      **qwen_ids)
+    if family == "qwen3_5":
+        from transformers import Qwen3_5Config
+
+        vision = dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, patch_size=2, spatial_merge_size=2,
+                      temporal_patch_size=2, in_channels=3, out_hidden_size=32, num_position_embeddings=16)
+        rope35 = dict(rope, mrope_section=[1, 1, 0], mrope_interleaved=True, partial_rotary_factor=0.25)
+        text = text_config(None, head_dim=16, linear_conv_kernel_dim=2, linear_key_head_dim=8, linear_value_head_dim=8,
+                           linear_num_key_heads=2, linear_num_value_heads=4, rope_parameters=rope35, **text)
+        return Qwen3_5Config(vision_config=vision, text_config=text, **qwen_ids)
+    if family in ("idefics3", "smolvlm"):
+        from transformers import Idefics3Config, SmolVLMConfig
+
+        vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=8,
+                      patch_size=2)
+        cls = Idefics3Config if family == "idefics3" else SmolVLMConfig
+        return cls(vision_config=vision, text_config=text_config(**text), image_token_id=IMAGE_TOKEN, scale_factor=2)
+    if family == "mistral3":
+        from transformers import Mistral3Config
+
+        vision = dict(model_type="pixtral", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=2, head_dim=16, image_size=16, patch_size=2)
+        return Mistral3Config(vision_config=vision, text_config=text_config("mistral", sliding_window=None, **text),
+                              image_token_index=IMAGE_TOKEN, spatial_merge_size=2, vision_feature_layer=-1)
+    raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")

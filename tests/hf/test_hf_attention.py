@@ -9,8 +9,8 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import (
     ALL_MASK_ATTENTION_FUNCTIONS,
     causal_mask_function,
+    chunked_causal_mask_function,
     sdpa_mask,
-    sliding_window_causal_mask_function,
 )
 
 from flowkern import reference
@@ -84,8 +84,10 @@ def test_mask_is_the_2d_padding_mask():
 
 
 def test_mask_rejects_other_patterns():
-    with pytest.raises(NotImplementedError, match="plain causal"):
-        flowkern_attention_mask(1, 4, 4, mask_function=sliding_window_causal_mask_function(2))
+    """Sliding windows and image blocks are translated (tests/hf/test_families.py); chunked attention is not."""
+    with pytest.raises(NotImplementedError, match="chunked attention"):
+        chunked = chunked_causal_mask_function(2, torch.zeros(1, dtype=torch.long))
+        flowkern_attention_mask(1, 4, 4, mask_function=chunked)
 
 
 @pytest.mark.parametrize("path", ["fast-small", "fast-large", "observed"])
