@@ -32,7 +32,6 @@ after the first layers are added after the layer's output, so the lens of those 
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -127,8 +126,9 @@ class Lens(Listener):
     # listener callbacks
 
     def install(self, session: Session, handles: list[Any]) -> None:
-        for i, layer in enumerate(session.layers):
-            handles.append(layer.register_forward_hook(functools.partial(self._on_layer, i)))
+        from flowkern.hf.sites import hook_layer_outputs
+
+        hook_layer_outputs(session, self._on_layer, handles)
 
     def on_call(self, call: Call) -> None:
         session = self._session
@@ -179,10 +179,9 @@ class Lens(Listener):
         valid = torch.ones_like(pos, dtype=torch.bool) if mask is None else mask.gather(1, pos)
         return pos, valid
 
-    def _on_layer(self, idx: int, module: torch.nn.Module, args: tuple, output: Any) -> None:
+    def _on_layer(self, idx: int, hidden: torch.Tensor) -> None:
         if self._active is None:
             return
-        hidden = output[0] if isinstance(output, tuple | list) else output
         with torch.no_grad():
             self._read(idx, hidden.detach())
 

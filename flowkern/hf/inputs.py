@@ -257,7 +257,7 @@ def build_inputs(
 
 def image_token_counts(processor: Any, config: Any, images: Sequence[Any], prompts: Sequence[str]) -> list[int]:
     """Image tokens in each of ``B`` prompts as the processor expands them (``config``: the model's config, for its
-    placeholder ids; no weights needed), e.g. 576 per LLaVA-1.5 image.
+    placeholder ids; no weights needed), e.g. a 24 x 24 grid per LLaVA-1.5 image.
 
     Args:
         images, prompts: ``B`` each, as for :func:`build_inputs`.

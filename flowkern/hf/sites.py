@@ -6,6 +6,9 @@
 - ``on_output(layer, a)``: the output ``a`` of each chosen layer's *site* (the module the family adapter names,
   :meth:`flowkern.hf.models.ModelAdapter.site_module`; its first tensor when it returns a tuple).
 
+:func:`hook_layer_outputs` reads only: ``on_output(layer, hidden)`` gets each decoder layer's output hidden states
+(the logit lens).
+
 The handles go to the listener's list, so its session removes the hooks when it detaches.
 """
 
@@ -20,7 +23,7 @@ import torch
 if TYPE_CHECKING:
     from flowkern.hf.session import Session
 
-__all__ = ["hook_layer_sites"]
+__all__ = ["hook_layer_sites", "hook_layer_outputs"]
 
 
 def hook_layer_sites(
@@ -45,6 +48,13 @@ def hook_layer_sites(
     handles.append(decoder[min(layers)].register_forward_pre_hook(pre, with_kwargs=True))
     for layer in layers:
         module = session.adapter.site_module(decoder[layer], site)
+        handles.append(module.register_forward_hook(functools.partial(_site_output, on_output, layer)))
+
+
+def hook_layer_outputs(session: Session, on_output: Callable[[int, torch.Tensor], None], handles: list[Any]) -> None:
+    """Call ``on_output(layer, hidden)`` with the output hidden states ``[B, S, D]`` of every decoder layer (its first
+    tensor when a layer returns a tuple); the hook handles are appended to ``handles``."""
+    for layer, module in enumerate(session.layers):
         handles.append(module.register_forward_hook(functools.partial(_site_output, on_output, layer)))
 
 
