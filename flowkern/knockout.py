@@ -105,6 +105,10 @@ class Knockout(Listener):
         bad = [x for x in self.layers if not 0 <= x < num_layers]
         if bad or not self.layers:
             raise ValueError(f"layers: expected decoder layers in 0..{num_layers - 1}, got {list(chosen)!r}")
+        linear = sorted(self.adapter.linear_layers(model.config).intersection(self.layers))
+        if linear:  # a recurrent state mixes every token: no edge can be cut there, and leaving it open would mislead
+            raise ValueError(f"layers: {linear} are linear-attention layers (a recurrent state, no attention edges to "
+                             "cut); pass only the model's attention layers")
         index = {name: i for i, name in enumerate(KNOCKOUT_SEGMENTS)}
         self.allowed = torch.ones(len(KNOCKOUT_SEGMENTS), len(KNOCKOUT_SEGMENTS), dtype=torch.bool)
         for src, dst in self.block:

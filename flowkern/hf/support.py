@@ -27,17 +27,18 @@ class Support:
     trace: str
     prune: str
     cam: str
-    knockout: str = "same attention path as trace"
+    knockout: str = "same code, untested"
 
 
 _SW = "refused: sliding-window layers (the kernel's window counts key slots, not positions)"
 _TILES = "tested (maps per tile + the global image; marker tokens are text)"
 SUPPORT: tuple[Support, ...] = (
-    Support("LLaVA-1.5", "llava", "llava-hf/llava-1.5-7b-hf", "tested (+ CLI)", "tested (+ CLI)", "tested (+ CLI)"),
+    Support("LLaVA-1.5", "llava", "llava-hf/llava-1.5-7b-hf", "tested (+ CLI)", "tested (+ CLI)", "tested (+ CLI)",
+            "tested (+ CLI)"),
     Support("LLaVA-NeXT / 1.6", "llava_next", "llava-hf/llava-v1.6-vicuna-7b-hf", "tested; maps on the base view*",
-            "tested", "tested (base + crops)"),
+            "tested", "tested (base + crops)", "tested"),
     Support("Qwen2-VL", "qwen2_vl", "Qwen/Qwen2-VL-7B-Instruct", "tested (incl. video)", "tested",
-            "tested (non-square grids)"),
+            "tested (non-square grids)", "tested"),
     Support("Qwen2.5-VL", "qwen2_5_vl", "Qwen/Qwen2.5-VL-7B-Instruct", "tested", "tested", "same code, untested"),
     Support("LLaVA-OneVision", "llava_onevision", "llava-hf/llava-onevision-qwen2-7b-ov-hf", "tested*",
             "same code, untested", "same code, untested"),
@@ -63,7 +64,8 @@ SUPPORT: tuple[Support, ...] = (
     Support("Qwen3.5", "qwen3_5", "-",
             "tested: full-attention layers; linear-attention layers NaN (not measured)",
             "tested at the prefill (linear layers run on the narrowed sequence); when='decode' refused (a recurrent "
-            "state cannot give a token back)", "same code, untested", "full-attention layers only"),
+            "state cannot give a token back)", "same code, untested",
+            "full-attention layers only (linear-attention layers refused: no edges to cut)"),
     Support("PaliGemma 2", "paligemma", "google/paligemma2-3b-mix-224",
             "refused: Gemma 2 attention logit softcapping", "refused (softcapping)", "same code, untested",
             "refused (softcapping)"),

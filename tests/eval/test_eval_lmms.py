@@ -237,16 +237,28 @@ REVISION = "5" * 40
 
 
 def _lmms_eval_cli() -> Path:
-    """The ``lmms-eval`` command of this interpreter's environment, or a skip saying what is missing."""
-    pytest.importorskip("lmms_eval.evaluator", reason="lmms-eval and its run dependencies are not installed")
+    """The ``lmms-eval`` command of this interpreter's environment, or a skip saying what is missing (a failure
+    when FLOWKERN_REQUIRE_LMMS_EVAL=1, as in CI, so that the real run is never skipped there unnoticed)."""
+    missing = _missing_for_lmms_eval()
+    if missing is not None:
+        if os.environ.get("FLOWKERN_REQUIRE_LMMS_EVAL") == "1":
+            pytest.fail(f"FLOWKERN_REQUIRE_LMMS_EVAL=1 but {missing}")
+        pytest.skip(missing)
+    return Path(sys.executable).parent / "lmms-eval"
+
+
+def _missing_for_lmms_eval() -> str | None:
+    try:
+        import lmms_eval.evaluator  # noqa: F401
+    except ImportError as exc:
+        return f"lmms-eval and its run dependencies are not installed ({exc})"
     for module, why in (("filelock._api", "lmms-eval 0.7.3 needs filelock<4 (it patches filelock._api)"),
                         ("pytablewriter", "lmms-eval's results table needs pytablewriter")):
         if importlib.util.find_spec(module.split(".")[0]) is None or importlib.util.find_spec(module) is None:
-            pytest.skip(why)
-    cli = Path(sys.executable).parent / "lmms-eval"
-    if not cli.is_file():
-        pytest.skip(f"no lmms-eval command beside {sys.executable}")
-    return cli
+            return why
+    if not (Path(sys.executable).parent / "lmms-eval").is_file():
+        return f"no lmms-eval command beside {sys.executable}"
+    return None
 
 
 def _lmms_lab_pope(root: Path) -> Path:

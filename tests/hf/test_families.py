@@ -495,3 +495,14 @@ def test_qwen3_5_prune_at_prefill_narrows_every_later_layer(layer):
     with pytest.raises(NotImplementedError, match="recurrent state .* cannot give one back"):
         with flowkern.prune(model, layer=layer, when="decode"):
             model.generate(**kwargs, max_new_tokens=NEW, do_sample=False)
+
+
+def test_qwen3_5_knockout_refuses_linear_attention_layers():
+    """A linear-attention layer has no attention edge to cut: knockout there is refused naming the layers, and a
+    window of attention layers only is accepted."""
+    import flowkern
+
+    model, _, _ = _qwen3_5()
+    with pytest.raises(ValueError, match=r"layers: \[1, 2\] are linear-attention layers"):
+        flowkern.knockout(model, "image->last", layers=range(1, 4))
+    assert flowkern.knockout(model, "image->last", layers=[3]).layers == (3,)
