@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
 from flowkern.cli.common import (
     UsageError,
@@ -28,6 +27,7 @@ from flowkern.cli.common import (
     add_task_arguments,
     config_from_args,
     error_line,
+    output_path,
 )
 
 __all__ = ["add_parser", "run"]
@@ -43,7 +43,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                     "(the last prompt position). Per window: the relative change (%) in the probability of the "
                     "unblocked model's first answer token, and the task metric. Reruns resume; works under torchrun.")
     add_task_arguments(p)
-    p.add_argument("--out", required=True, type=Path, metavar="DIR",
+    p.add_argument("--out", required=True, type=output_path, metavar="DIR",
                    help="folder: points/, results.jsonl, knockout.csv, knockout.json, knockout.png (resumed)")
     p.add_argument("--edges", default="image->user,image->last,user->last,last->last", metavar="EDGES",
                    help="comma-separated src->dst edges, one curve each (default the CVPR four: "

@@ -96,7 +96,7 @@ class KnockoutConfig:
     batch_size: int = 1
     max_new_tokens: int | None = None
     strict: bool = False
-    split: str = "test"
+    split: str | None = None
     ocr: bool = False
     device: str = "auto"
     dtype: str = "auto"
