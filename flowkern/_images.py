@@ -36,10 +36,14 @@ def decode_image(source: str | os.PathLike[str] | IO[bytes], what: str, name: An
     """
     import warnings
 
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image, ImageFile, UnidentifiedImageError
 
     label = source if name is None else name
+    # a process-wide PIL switch that another library may have turned on (lmms-eval does, on import) would let a
+    # truncated file load with grey pixels: the check decodes strictly whatever it says
+    lenient = ImageFile.LOAD_TRUNCATED_IMAGES
     try:
+        ImageFile.LOAD_TRUNCATED_IMAGES = False
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(source) as im:
@@ -53,3 +57,5 @@ def decode_image(source: str | os.PathLike[str] | IO[bytes], what: str, name: An
     except Exception as exc:  # a decoder fed damaged data raises OSError, SyntaxError, ValueError, zlib/struct errors
         reason = str(exc) or type(exc).__name__
         raise ImageError(f"{what} {label}: not a readable image ({reason})") from None
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = lenient

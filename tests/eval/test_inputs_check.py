@@ -86,6 +86,21 @@ def test_a_truncated_file_is_refused_naming_it(tmp_path, fmt):
         load_images([good, bad])
 
 
+def test_a_truncated_file_is_refused_whatever_pil_was_told(tmp_path, monkeypatch):
+    """A library may turn PIL's process-wide LOAD_TRUNCATED_IMAGES on (lmms-eval does, on import): the check still
+    refuses a truncated file, and leaves the switch as it found it."""
+    from PIL import ImageFile
+
+    from flowkern.hf import inputs
+
+    monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)
+    monkeypatch.setattr(inputs, "_CHECKED", {})
+    bad = save_truncated(tmp_path / "bad.png")
+    with pytest.raises(ImageError, match="not a readable image"):
+        check_images([bad])
+    assert ImageFile.LOAD_TRUNCATED_IMAGES is True
+
+
 @pytest.mark.parametrize("side", [20000, 10000])  # over 2x PIL's limit (PIL raises) and over 1x (PIL only warns)
 def test_a_decompression_bomb_header_is_refused_naming_it(tmp_path, side):
     bomb = save_bomb_header(tmp_path / "bomb.png", side)
