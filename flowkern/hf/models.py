@@ -34,6 +34,7 @@ import torch
 
 from flowkern.hf.layouts import (
     gemma3_layout,
+    gemma4_layout,
     idefics3_layout,
     instructblip_layout,
     internvl_layout,
@@ -258,6 +259,10 @@ ADAPTERS: dict[str, ModelAdapter] = {
         # bidirectional attention inside each image (token_type_ids), sliding-window layers: docs/masks.md
         ModelAdapter("gemma3", ("gemma3",), ("image_token_id",), gemma3_layout,
                      prompt_format="<start_of_turn>user\n{images}{prompt}<end_of_turn>\n<start_of_turn>model\n"),
+        # bidirectional attention inside each image (mm_token_type_ids) on the sliding-window layers; images of any
+        # size (image_position_ids); the KV-shared last layers reuse earlier layers' keys / values
+        ModelAdapter("gemma4", ("gemma4",), ("image_token_id",), gemma4_layout, ("image_position_ids",),
+                     prompt_format="<|turn>user\n{images}{prompt}<turn|>\n<|turn>model\n", pixel_layout="patches"),
         # the image tokens and the text prefix form one bidirectional block (token_type_ids == 0)
         ModelAdapter("paligemma", ("paligemma",), ("image_token_id",), paligemma_layout,
                      prompt_format="{images}{prompt}"),
