@@ -80,6 +80,7 @@ __all__ = [
     "mask_rules",
     "check_blocks_fit",
     "encoder_token_counts",
+    "name_special_tokens",
     "is_known_layer_input",
     "layer_hidden_states",
     "layer_output_hidden",
@@ -436,6 +437,13 @@ def slices_query_rows(config: Any) -> bool:
     (:func:`kv_shared_layers`) need no keys of their own, so at a prefill with ``logits_to_keep`` (``generate``)
     they compute the last query rows only and slice every layer type's mask ``mask[:, :, -n:, :]``."""
     return bool(kv_shared_layers(config))
+
+
+def name_special_tokens(tokenizer: Any, named: dict[str, str]) -> None:
+    """Expose special tokens of ``tokenizer`` as attributes (``{"boi_token": "<boi>"}``: ``tokenizer.boi_token`` /
+    ``boi_token_id``, saved with it), keeping its other special tokens: passed to the constructor as
+    ``extra_special_tokens``, such a mapping replaces ``additional_special_tokens`` instead."""
+    tokenizer._set_model_specific_special_tokens(dict(named))
 
 
 def encoder_token_counts(kwargs: dict) -> dict[str, list[int]]:

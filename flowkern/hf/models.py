@@ -80,6 +80,7 @@ class ModelAdapter:
         deepstack: the vision tower adds features to the image tokens after the first decoder layers
             (Qwen3-VL's ``vision_config.deepstack_visual_indexes``); pruning must start after them.
         sites: decoder-layer attribute of each LLaVA-CAM site (:data:`SITES`).
+        nested_images: the processor takes a batch's images as one list per prompt (Gemma 3), not one flat list.
     """
 
     family: str
@@ -94,6 +95,7 @@ class ModelAdapter:
     spatial_grids: bool = True
     deepstack: bool = False
     sites: Mapping[str, str] = field(default_factory=lambda: dict(SITES))
+    nested_images: bool = False
 
     def text_config(self, config: Any) -> Any:
         """The language model's config object (``config.<text_config_key>``)."""
@@ -258,7 +260,8 @@ ADAPTERS: dict[str, ModelAdapter] = {
                      "grid_thw", pixel_layout="patches"),
         # bidirectional attention inside each image (token_type_ids), sliding-window layers: docs/masks.md
         ModelAdapter("gemma3", ("gemma3",), ("image_token_id",), gemma3_layout,
-                     prompt_format="<start_of_turn>user\n{images}{prompt}<end_of_turn>\n<start_of_turn>model\n"),
+                     prompt_format="<start_of_turn>user\n{images}{prompt}<end_of_turn>\n<start_of_turn>model\n",
+                     nested_images=True),
         # bidirectional attention inside each image (mm_token_type_ids) on the sliding-window layers; images of any
         # size (image_position_ids); the KV-shared last layers reuse earlier layers' keys / values
         ModelAdapter("gemma4", ("gemma4",), ("image_token_id",), gemma4_layout, ("image_position_ids",),

@@ -24,7 +24,7 @@ import torch
 
 __all__ = [
     "CHAT_TEMPLATE", "SPECIAL_TOKENS", "PAD_TOKEN", "IMAGE_TOKEN", "VIDEO_TOKEN", "FAMILIES", "text_config",
-    "clip_config", "build_model", "tiny_vlm", "word_tokenizer", "save_tiny_llava", "save_tiny_paligemma",
+    "clip_config", "build_model", "tiny_vlm", "word_tokenizer", "save_tiny_llava",
 ]
 
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>", "<image>")
@@ -40,25 +40,33 @@ CHAT_TEMPLATE = (
 """LLaVA-1.5's ``USER : <image> text ASSISTANT :`` format, spelled with the tiny tokenizer's words."""
 
 
-def word_tokenizer(words: Sequence[str], *, filler: int = 40, extra_special: Sequence[str] = ()) -> Any:
+def word_tokenizer(words: Sequence[str], *, filler: int = 40, extra_special: Sequence[str] = (),
+                   named: dict[str, str] | None = None) -> Any:
     """A whitespace word-level ``PreTrainedTokenizerFast`` built without files.
 
-    Vocabulary: :data:`SPECIAL_TOKENS`, then ``extra_special``, then ``words``, then ``filler`` words
-    ``w0 .. w{filler-1}`` (what a random-weight model tends to generate); a word given twice keeps its first id.
+    Vocabulary: :data:`SPECIAL_TOKENS`, then ``extra_special``, then the tokens of ``named``, then ``words``, then
+    ``filler`` words ``w0 .. w{filler-1}`` (what a random-weight model tends to generate); a word given twice keeps
+    its first id. ``named``: special tokens the tokenizer exposes as attributes (``{"boi_token": "<boi>"}`` gives
+    ``tokenizer.boi_token`` / ``boi_token_id``), as some processors read them.
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    special = [*SPECIAL_TOKENS, *extra_special]
+    special = [*SPECIAL_TOKENS, *extra_special, *(named or {}).values()]
     names = dict.fromkeys(special + list(words) + [f"w{i}" for i in range(filler)])  # a repeated word: one id, no gap
     vocab = {w: i for i, w in enumerate(names)}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.decoder = decoders.WordPiece()
-    return PreTrainedTokenizerFast(
+    tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-        additional_special_tokens=["<image>", *extra_special],
+        additional_special_tokens=special[4:],
     )
+    if named:
+        from flowkern.hf.compat import name_special_tokens
+
+        name_special_tokens(tokenizer, named)
+    return tokenizer
 
 
 def save_tiny_llava(
@@ -305,24 +313,6 @@ def _gemma4_config(text: dict) -> Any:
                   num_key_value_heads=2, head_dim=16, patch_size=2, pooling_kernel_size=2, position_embedding_size=64)
     return Gemma4Config(text_config=text, vision_config=vision, audio_config=None, image_token_id=IMAGE_TOKEN,
                         video_token_id=VIDEO_TOKEN, boi_token_id=102, eoi_token_id=103, audio_token_id=None)
-
-
-def save_tiny_paligemma(path: str | os.PathLike, *, words: Sequence[str], filler: int = 40, seed: int = 0) -> None:
-    """Write a :func:`tiny_vlm` PaliGemma (SigLIP 8 px, patch 4: 4 image tokens; 4 Gemma layers) with a real
-    ``PaliGemmaProcessor`` (a word-level tokenizer, no chat template: prompts are ``<image>`` + text, the processor
-    adds ``<bos>`` and the newline) to ``path``, loadable like any checkpoint."""
-    from transformers import PaliGemmaProcessor, SiglipImageProcessorPil
-
-    tokenizer = word_tokenizer(words, filler=filler)
-    ip = SiglipImageProcessorPil(size={"height": 8, "width": 8})
-    ip.image_seq_length = 4
-    processor = PaliGemmaProcessor(image_processor=ip, tokenizer=tokenizer)  # adds PaliGemma's location tokens
-    model = tiny_vlm("paligemma", layers=4, seed=seed, vocab_size=len(tokenizer))
-    model.config.image_token_id = tokenizer.convert_tokens_to_ids("<image>")
-    model.config.text_config.bos_token_id = tokenizer.bos_token_id
-    os.makedirs(path, exist_ok=True)
-    model.save_pretrained(path)
-    processor.save_pretrained(path)
 
 
 _NEWER = ("gemma3", "gemma4", "paligemma", "llava_onevision1_5", "qwen3_5", "idefics3", "smolvlm", "mistral3")

@@ -13,7 +13,7 @@ mask translation nor its layouts:
   (Qwen3.5: a run whose later layers are cut to the kept positions by hand); Gemma 3 (sliding-window layers), Gemma 4
   (KV-shared layers; also its ``segment_flow``) and Qwen3.5's ``when="decode"`` are refused with the reason;
 - cam: runs and lands on the image grid (Gemma 4: its layers whose features reach the answer); ``flowkern eval``
-  answers PaliGemma's prompts in batches as one by one;
+  answers each family's prompts (its own processor) in batches as one by one;
 - ``flowkern info`` and docs/models.md show the one support table.
 """
 
@@ -439,21 +439,26 @@ def test_info_and_docs_show_the_one_support_table(capsys):
 # flowkern eval: the family's prompt, answered in batches
 
 
-def test_paligemma_eval_cli_answers_in_a_batch(tmp_path, capsys):
+@pytest.mark.parametrize("family", ["paligemma", "gemma3", "mistral3"])
+def test_eval_cli_answers_in_a_batch(family, tmp_path, capsys):
+    """``flowkern eval`` on a saved tiny model with the family's own processor: the adapter's prompt, the
+    processor's placeholders, batches of 4 with left padding answer as one by one."""
     import json
 
     from flowkern.cli import main
-    from flowkern.hf.tiny import save_tiny_paligemma
+    from flowkern.hf.tiny_saved import save_tiny
     from tests.fixtures import EVAL_WORDS, save_image, write_pope
 
-    save_tiny_paligemma(tmp_path / "pg", words=EVAL_WORDS)
+    if family == "mistral3":
+        pytest.importorskip("torchvision", reason="PixtralProcessor (Mistral 3) requires torchvision, not installed")
+    save_tiny(family, tmp_path / "m", words=EVAL_WORDS)
     for i in range(3):
         save_image(tmp_path / "img" / f"{i}.jpg", i)
     write_pope(tmp_path / "pope", "random", [(q, f"{q % 3}.jpg", ("dog", "cat car")[q % 2], "yes") for q in range(5)])
     answers = {}
     for batch in ("1", "4"):
         out = tmp_path / f"out{batch}"
-        code = main(["eval", "--model", str(tmp_path / "pg"), "--task", "pope", "--data", str(tmp_path / "pope"),
+        code = main(["eval", "--model", str(tmp_path / "m"), "--task", "pope", "--data", str(tmp_path / "pope"),
                      "--images", str(tmp_path / "img"), "--batch-size", batch, "--max-new-tokens", "3",
                      "--device", "cpu", "--out", str(out)])
         stdout, err = capsys.readouterr()
