@@ -45,23 +45,26 @@ def _gemma3(words: list[str], filler: int) -> tuple[Any, dict]:
                        "eoi_token_index": ids["eoi_token"]}
 
 
-def _mistral3(words: list[str], filler: int) -> tuple[Any, dict]:
-    """Pixtral, images resized to at most 16 px on the longer side in steps of 4 px (patch 2, merge 2): rows of
-    ``[IMG]`` tokens, ``[IMG_BREAK]`` after each row, ``[IMG_END]`` after the last."""
-    from transformers import PixtralImageProcessorPil, PixtralProcessor
+def _idefics3(words: list[str], filler: int) -> tuple[Any, dict]:
+    """8 px tiles (patch 2, pixel shuffle 2: 4 tokens each): an image longer than 8 px is split into tiles plus
+    the global image, the marker tokens between them."""
+    from transformers import Idefics3ImageProcessorPil, Idefics3Processor
 
-    tokenizer = word_tokenizer(words, filler=filler, extra_special=["[IMG]", "[IMG_BREAK]", "[IMG_END]"])
-    ip = PixtralImageProcessorPil(size={"longest_edge": 16}, patch_size={"height": 4, "width": 4})
-    processor = PixtralProcessor(image_processor=ip, tokenizer=tokenizer, patch_size=2, spatial_merge_size=2)
-    return processor, {"image_token_id": tokenizer.convert_tokens_to_ids("[IMG]")}
+    marks = ["<fake_token_around_image>", "<global-img>", "<end_of_utterance>",
+             *(f"<row_{i + 1}_col_{j + 1}>" for i in range(6) for j in range(6))]
+    tokenizer = word_tokenizer(words, filler=filler, extra_special=marks)
+    ip = Idefics3ImageProcessorPil(size={"longest_edge": 16}, max_image_size={"longest_edge": 8})
+    processor = Idefics3Processor(image_processor=ip, tokenizer=tokenizer, image_seq_len=4)
+    return processor, {"image_token_id": tokenizer.convert_tokens_to_ids("<image>")}
 
 
 _PROCESSORS: dict[str, Callable[[list[str], int], tuple[Any, dict]]] = {
-    "paligemma": _paligemma, "gemma3": _gemma3, "mistral3": _mistral3,
+    "paligemma": _paligemma, "gemma3": _gemma3, "idefics3": _idefics3,
 }
 
 SAVED_FAMILIES = tuple(_PROCESSORS)
-"""The families :func:`save_tiny` writes."""
+"""The families :func:`save_tiny` writes. Not Mistral 3, SmolVLM, LLaVA-OneVision-1.5, Qwen3.5, Gemma 4: their
+processor classes require torchvision (Pixtral's processor itself; the others through their video processors)."""
 
 
 def save_tiny(family: str, path: str | os.PathLike, *, words: Sequence[str], filler: int = 40, seed: int = 0) -> None:
@@ -78,7 +81,8 @@ def save_tiny(family: str, path: str | os.PathLike, *, words: Sequence[str], fil
     """
     if family not in _PROCESSORS:
         raise ValueError(f"family must be one of {SAVED_FAMILIES}, got {family!r}")
-    fmt = ADAPTERS[family].prompt_format.replace("{images}", " ").replace("{prompt}", " ")
+    adapter = next(a for a in ADAPTERS.values() if family in a.model_types)
+    fmt = adapter.prompt_format.replace("{images}", " ").replace("{prompt}", " ")
     processor, ids = _PROCESSORS[family](list(dict.fromkeys([*words, *fmt.split()])), filler)
     tokenizer = processor.tokenizer
     model = tiny_vlm(family, layers=4, seed=seed, vocab_size=len(tokenizer))
