@@ -31,7 +31,8 @@ flag, hook and the attention implementation are restored afterwards, also on err
 ``processor=`` or ``pixel_mean=`` / ``pixel_std=``), noise is added, and they are normalised again. Layouts (the
 adapter's ``pixel_layout``): ``[..., C, H, W]`` (LLaVA, LLaVA-NeXT, InternVL: channel at dim -3) or Qwen-VL's
 flattened patches ``[N, C*T*P*P]`` (each row is ``(channel, temporal, patch, patch)``; one noise draw is shared by
-the ``T`` temporal copies of a patch, so it is i.i.d. noise on the resized image). For LLaVA-NeXT each processed
+the ``T`` temporal copies of a patch, so it is i.i.d. noise on the resized image), or Gemma 4's patches
+``[N, patches, P*P*C]`` (channel last). For LLaVA-NeXT each processed
 view (base image, crops) gets its own noise. Values are not clamped to [0, 1] by default (``clamp=True`` to
 clamp): clamping would bias the noise near saturated pixels, and the paper's eq. 4 does not clamp. Video frames
 (``pixel_values_videos``) get no noise. Noise is reproducible: copy ``i`` uses the ``i``-th draw of

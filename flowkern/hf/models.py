@@ -73,8 +73,9 @@ class ModelAdapter:
         text_config_key: the sub-config of the language model.
         prompt_format: the prompt for a processor without a chat template: ``{images}`` is one placeholder per image
             (the processor's ``image_token``), ``{prompt}`` the user's text.
-        pixel_layout: ``"channels"`` (``pixel_values [..., C, H, W]``) or ``"patches"`` (Qwen-VL's flattened
-            patches ``[N, C * T * P * P]``, ``T = vision_config.temporal_patch_size``): where SmoothGrad adds noise.
+        pixel_layout: ``"channels"`` (``pixel_values [..., C, H, W]``), ``"patches"`` (Qwen-VL's flattened
+            patches ``[N, C * T * P * P]``, ``T = vision_config.temporal_patch_size``) or ``"patches_last"`` (Gemma
+            4's ``[N, patches, P * P * C]``): where SmoothGrad adds noise.
         spatial_grids: False when the image tokens have no spatial layout (InstructBLIP's Q-Former queries): their
             "grid" is one row, not a picture to draw on.
         deepstack: the vision tower adds features to the image tokens after the first decoder layers
@@ -265,7 +266,8 @@ ADAPTERS: dict[str, ModelAdapter] = {
         # bidirectional attention inside each image (mm_token_type_ids) on the sliding-window layers; images of any
         # size (image_position_ids); the KV-shared last layers reuse earlier layers' keys / values
         ModelAdapter("gemma4", ("gemma4",), ("image_token_id",), gemma4_layout, ("image_position_ids",),
-                     prompt_format="<|turn>user\n{images}{prompt}<turn|>\n<|turn>model\n", pixel_layout="patches"),
+                     prompt_format="<|turn>user\n{images}{prompt}<turn|>\n<|turn>model\n",
+                     pixel_layout="patches_last"),
         # the image tokens and the text prefix form one bidirectional block (token_type_ids == 0)
         ModelAdapter("paligemma", ("paligemma",), ("image_token_id",), paligemma_layout,
                      prompt_format="{images}{prompt}"),

@@ -396,6 +396,10 @@ def test_gemma4_cam_layers_before_the_kv_shared_ones():
     assert result.layers == [0]
     assert [(v.image, v.name, v.shape) for v in result.views] == views_of(shapes[0])
     assert all(float(v.raw.abs().max()) > 0 for v in result.views)  # an answer whose ReLU maps are not all zero
+    noisy = flowkern.cam(model, one, torch.tensor([20, 30]), samples=2, noise_std=0.1, pixel_mean=[0.0] * 3,
+                         pixel_std=[1.0] * 3)  # SmoothGrad on patches with the channel last
+    assert all(bool(torch.isfinite(v.raw).all()) for v in noisy.views) and not torch.equal(noisy.target[0],
+                                                                                          noisy.target[1])
 
 
 def test_gemma4_prune_and_segment_flow_refused_with_reason():
