@@ -90,6 +90,21 @@ def test_translation_matches_transformers_dense_mask(name, padded, sq, q_offset)
     assert torch.equal(_kernel_view(ours, b, sq, sk), theirs)
 
 
+def test_kv_shared_models_get_masks_that_survive_the_query_row_slice():
+    """Gemma 4's KV-shared layers slice every mask to its last query rows (mask[:, :, -n:, :]): on such a model
+    even a padding-only mask is a KeyMask, and that slice of a KeyMask is the mask itself (it constrains keys only)."""
+    from types import SimpleNamespace
+
+    padding = torch.tensor([[False, True, True, True], [True, True, True, True]])
+    shared = SimpleNamespace(model_type="gemma4_text", num_kv_shared_layers=2, num_hidden_layers=4)
+    assert flowkern_attention_mask(2, 4, 4, attention_mask=padding) is not None
+    assert not isinstance(flowkern_attention_mask(2, 4, 4, attention_mask=padding), KeyMask)
+    mask = flowkern_attention_mask(2, 4, 4, attention_mask=padding, config=shared)
+    assert isinstance(mask, KeyMask) and torch.equal(mask.padding, padding) and mask.window is None
+    assert mask[:, :, -1:, :] is mask and mask[:, :, slice(-3, None), :] is mask
+    assert not isinstance(mask[0], KeyMask) and flowkern_attention_mask(2, 4, 4, config=shared) is None
+
+
 def test_refusals_name_the_layer_type_and_why():
     ids = torch.full((1, 12), -1)
     ids[0, 2:8] = 0  # a 6-token block
