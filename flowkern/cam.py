@@ -31,7 +31,8 @@ flag, hook and the attention implementation are restored afterwards, also on err
 ``processor=`` or ``pixel_mean=`` / ``pixel_std=``), noise is added, and they are normalised again. Layouts (the
 adapter's ``pixel_layout``): ``[..., C, H, W]`` (LLaVA, LLaVA-NeXT, InternVL: channel at dim -3) or Qwen-VL's
 flattened patches ``[N, C*T*P*P]`` (each row is ``(channel, temporal, patch, patch)``; one noise draw is shared by
-the ``T`` temporal copies of a patch, so it is i.i.d. noise on the resized image). For LLaVA-NeXT each processed
+the ``T`` temporal copies of a patch, so it is i.i.d. noise on the resized image), or Gemma 4's patches
+``[N, patches, P*P*C]`` (channel last). For LLaVA-NeXT each processed
 view (base image, crops) gets its own noise. Values are not clamped to [0, 1] by default (``clamp=True`` to
 clamp): clamping would bias the noise near saturated pixels, and the paper's eq. 4 does not clamp. Video frames
 (``pixel_values_videos``) get no noise. Noise is reproducible: copy ``i`` uses the ``i``-th draw of
@@ -214,9 +215,12 @@ def _index(value: Any) -> int | None:
         return None
 
 
-def _check_layers(layers: Sequence[int] | str | int | None, num_layers: int) -> list[int]:
+def _check_layers(layers: Sequence[int] | str | int | None, num_layers: int, live: int | None = None) -> list[int]:
+    """The chosen layers as indices; ``live``: the layers from which on no prompt token's features reach the
+    answer (Gemma 4: from the last layer before the KV-shared ones), None = all layers reach it."""
+    live = num_layers if live is None else live
     if layers is None:
-        return list(range(num_layers))
+        return list(range(live))
     given = layers
     if isinstance(layers, str):  # "0,1" as on the command line
         try:
@@ -236,6 +240,13 @@ def _check_layers(layers: Sequence[int] | str | int | None, num_layers: int) -> 
         out.append(index % num_layers)
     if not out or len(set(out)) != len(out):
         raise ValueError(f"layers must be a non-empty list of distinct layers, got {list(layers)}")
+    dead = sorted(i for i in out if i >= live)
+    if dead:
+        raise ValueError(
+            f"layers {dead}: the KV-shared layers from {live + 1} on reuse the keys / values of earlier layers, so "
+            f"the image tokens' features at layers >= {live} never reach the answer (zero gradient); choose layers "
+            f"< {live}"
+        )
     return out
 
 
@@ -273,7 +284,8 @@ def cam(
         answer_ids: the answer tokens ``[T]`` (or ``[1, T]``) the target sums the logits of; None generates the
             answer greedily first (``max_new_tokens``, cut at the first end-of-sequence / padding token).
         layers: decoder layers (negative counts from the end), also as one int or a string ``"0,1"``; None = all, in
-            order.
+            order (Gemma 4: all before the last layer ahead of the KV-shared ones, whose image features never reach
+            the answer; choosing those raises).
         site: where ``A`` is read, one of :data:`SITES`.
         samples: noisy copies averaged (SmoothGrad ``N``); with ``noise_std=0`` use 1.
         noise_std: std ``sigma`` of the Gaussian noise added in [0, 1] pixel space; 0 = plain Grad-CAM.
@@ -297,6 +309,7 @@ def cam(
         ValueError: unknown site, no image tokens, more than one prompt, bad sample / noise / layer arguments,
             noise without normalisation constants, an empty answer, or an unsupported model family.
     """
+    from flowkern.hf import compat
     from flowkern.hf.models import get_adapter
 
     _check_settings(site, samples, batch_size, max_new_tokens, noise_std, normalize, threshold)
@@ -317,7 +330,9 @@ def cam(
         )
     if noise_std > 0 and not isinstance(pixel_values, torch.Tensor):
         raise ValueError("noise_std > 0 needs inputs['pixel_values']")
-    layers = _check_layers(layers, int(adapter.text_config(model.config).num_hidden_layers))
+    text_config = adapter.text_config(model.config)
+    shared = compat.kv_shared_layers(text_config)
+    layers = _check_layers(layers, int(text_config.num_hidden_layers), shared[0] - 1 if shared else None)
     answer = _answer(model, inputs, answer_ids, max_new_tokens)
     noise = None
     if noise_std > 0:

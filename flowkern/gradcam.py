@@ -98,7 +98,8 @@ class PixelNoise:
     ``torch.Generator().manual_seed(seed)``, optionally clamp to [0, 1], normalise again.
 
     ``layout`` is the adapter's ``pixel_layout``: ``"patches"`` (Qwen-VL ``[N, C * temporal * P * P]``, one draw
-    per ``(patch, channel)`` shared by the ``temporal`` copies) or ``"channels"`` (channel at dim -3).
+    per ``(patch, channel)`` shared by the ``temporal`` copies), ``"patches_last"`` (Gemma 4 ``[..., P * P * C]``,
+    channel last; padding patches get noise too, which the model masks) or ``"channels"`` (channel at dim -3).
     """
 
     def __init__(self, pixel_values: torch.Tensor, stats: tuple[torch.Tensor, torch.Tensor], layout: str,
@@ -116,6 +117,12 @@ class PixelNoise:
             self.view = (n, c, t, feat // (c * t))
             self.noise_shape = (n, c, 1, feat // (c * t))
             self.mean, self.pstd = mean.view(1, c, 1, 1), pstd.view(1, c, 1, 1)
+        elif layout == "patches_last":
+            if pixel_values.shape[-1] % c:
+                raise ValueError(f"pixel_values rows of {pixel_values.shape[-1]} values do not split into {c} channels")
+            self.view = (*pixel_values.shape[:-1], pixel_values.shape[-1] // c, c)
+            self.noise_shape = self.view
+            self.mean, self.pstd = mean.view(c), pstd.view(c)
         else:
             if pixel_values.dim() < 3 or pixel_values.shape[-3] != c:
                 raise ValueError(

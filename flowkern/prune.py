@@ -217,6 +217,7 @@ class Pruning(ForwardTimer):
     watches_calls = True
 
     def __init__(self, model: torch.nn.Module, spec: PruneSpec, *, timing: bool = True) -> None:
+        from flowkern.hf import compat
         from flowkern.hf.models import get_adapter
 
         super().__init__(model, sync=timing)
@@ -224,6 +225,13 @@ class Pruning(ForwardTimer):
         self.config = model.config
         self.text_config = self.adapter.text_config(model.config)
         self.num_layers = int(self.text_config.num_hidden_layers)
+        shared = compat.kv_shared_layers(self.text_config)
+        if shared:
+            raise NotImplementedError(
+                f"flowkern.prune does not support {self.adapter.family}: its layers {shared} reuse the keys / values "
+                "of earlier layers (KV sharing), which a pruned layer range would narrow inconsistently, and its "
+                "sliding-window layers count key slots, not token positions"
+            )
         self.spec = spec
         self.layer = spec.resolve(self.num_layers, self.adapter.deepstack_layers(self.config), self.adapter.family)
         self.keep, self.rank, self.seed, self.when = spec.keep, spec.rank, spec.seed, spec.when
@@ -435,7 +443,7 @@ def prune(
     Raises:
         ValueError: bad arguments (``rank="attention"`` with ``layer=0`` and ``keep != 0``; a PruneSpec together
             with other settings); the model family is not supported. NotImplementedError: DeepStack layers at or
-            after ``layer`` (Qwen3-VL).
+            after ``layer`` (Qwen3-VL); KV-shared layers (Gemma 4).
     """
     if not isinstance(model, torch.nn.Module):
         raise ValueError(f"model: expected a loaded Hugging Face VLM (a torch.nn.Module, e.g. from "

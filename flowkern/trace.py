@@ -108,6 +108,7 @@ class Flow(Listener):
         per_head: bool = False,
         segment_flow: bool = False,
     ) -> None:
+        from flowkern.hf import compat
         from flowkern.hf.models import get_adapter
         from flowkern.hf.segments import NUM_SEGMENTS, SEGMENT_NAMES
 
@@ -122,6 +123,11 @@ class Flow(Listener):
         self.record_image_attention = bool(image_attention)
         self.record_per_head = bool(per_head)
         self.record_segment_flow = bool(segment_flow)
+        if self.record_segment_flow and compat.slices_query_rows(self.text_config):
+            raise ValueError(
+                f"segment_flow: {self.family}'s KV-shared layers compute only the last query row at a generate "
+                "prefill, so every prompt row's flow does not exist there; trace without segment_flow"
+            )
         if eos_token_id is None:
             eos_token_id = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
         if isinstance(eos_token_id, int):
@@ -516,7 +522,8 @@ def trace(
         runs and keeps its record after the block.
 
     Raises:
-        ValueError: the model family is not supported (the message lists the supported ones).
+        ValueError: the model family is not supported (the message lists the supported ones); ``segment_flow``
+            on a model with KV-shared layers (Gemma 4: they compute only the last query row at a generate prefill).
     """
     return Flow(model, image_attention=image_attention, eos_token_id=eos_token_id, image_inputs=image_inputs,
                 per_head=per_head, segment_flow=segment_flow)

@@ -11,12 +11,14 @@ Two functions are registered under the name :data:`ATTENTION_NAME`:
   is exactly what a KV cache needs (decode rows see every cached key).
 
 **Masks are translated, not materialised.** The mask pattern transformers builds for a layer type is read by
-:func:`flowkern.hf.compat.mask_rules`: plain causal gives the 2D key padding mask as above; a sliding-window
-overlay or a bidirectional image / prefix block overlay (Gemma 3, PaliGemma) gives a :class:`KeyMask`, the
-padding mask plus the kernel's ``window`` and ``group_ids`` (docs/masks.md), which the attention function passes
-to the kernel (no SDPA fast path then). Anything else -- chunked attention, packed sequences, bidirectional text,
-an unknown overlay; softcapping and attention sinks in the attention call -- raises ``NotImplementedError``
-naming the layer type and why, rather than computing something else.
+:func:`flowkern.hf.compat.mask_rules`: plain causal gives the 2D key padding mask as above; a sliding-window overlay
+or a bidirectional image / prefix block overlay (Gemma 3, PaliGemma) gives a :class:`KeyMask`, the padding mask plus
+the kernel's ``window`` and ``group_ids`` (docs/masks.md), which the attention function passes to the kernel (no
+SDPA fast path then). A language model with KV-shared layers (Gemma 4) slices its masks' query rows at a
+``generate`` prefill; there the padding mask is a ``KeyMask`` too, and a ``KeyMask`` sliced to its last rows is
+itself (it constrains keys only; the kernel aligns query rows to the last keys). Anything else -- chunked attention,
+packed sequences, bidirectional text, an unknown overlay; softcapping and attention sinks in the attention call --
+raises ``NotImplementedError`` naming the layer type and why, rather than computing something else.
 
 A model opts in with ``model.set_attn_implementation({"text_config": "flowkern"})``; the vision tower keeps its
 own implementation. :mod:`flowkern.hf.session` does this for every analysis.
@@ -165,6 +167,16 @@ class KeyMask(torch.Tensor):
         mask = torch.Tensor._make_subclass(KeyMask, full[:, None, None, :])
         mask.padding, mask.window, mask.group_ids = padding, window, group_ids
         return mask
+
+    def __getitem__(self, index: Any) -> Any:
+        """``mask[:, :, rows, :]`` with ``rows`` a slice ending at the last row (Gemma 4's KV-shared layers
+        computing the last query rows only) is the mask itself: it constrains keys only, and the kernel aligns the
+        query rows to the last keys, so the last rows see exactly what they saw before. Any other index gives the
+        plain tensor's result."""
+        if (isinstance(index, tuple) and len(index) == 4 and isinstance(index[2], slice) and index[2].stop is None
+                and index[2].step in (None, 1) and all(i == slice(None) for i in (index[0], index[1], index[3]))):
+            return self
+        return torch.Tensor.__getitem__(self.as_subclass(torch.Tensor), index)
 
 
 _UNSUPPORTED_KWARGS = {
@@ -461,39 +473,24 @@ def flowkern_attention_mask(
         rules = compat.MaskRules() if mask_function is None else compat.mask_rules(mask_function)
     except NotImplementedError as exc:
         raise NotImplementedError(f"{where}: {exc}") from None
+    if rules.window is not None:  # a window overlay passed as a mask function (Gemma 4's image masks)
+        where = f"{getattr(config, 'model_type', 'model')} sliding-window layers"
     padding = None
     if attention_mask is not None:
         mask = attention_mask.to(torch.bool)[:, kv_offset : kv_offset + kv_length]
         padding = None if mask.shape[-1] == kv_length and bool(mask.all()) else mask
-    if rules.window is None and rules.block_ids is None:
-        return padding
     groups = None
     if rules.block_ids is not None:
         ids = rules.block_ids[:, kv_offset : kv_offset + kv_length]
         if bool((ids >= 0).any()):
             groups = torch.where(ids >= 0, ids + 1, 0).to(torch.int32)
             if rules.windowed_blocks and rules.window is not None:
-                _check_blocks_fit(groups, rules.window, where)
-    if rules.window is None and groups is None:
+                compat.check_blocks_fit(groups, rules.window, where)
+    # a model that slices its masks' query rows (KV-shared layers) needs a KeyMask, which survives mask[:, :, -n:, :]
+    if rules.window is None and groups is None and (padding is None or not compat.slices_query_rows(config)):
         return padding
     device = attention_mask.device if attention_mask is not None else kwargs.get("device", "cpu")
     return KeyMask.make(padding, rules.window, groups, batch_size, kv_length, torch.device(device))
-
-
-def _check_blocks_fit(groups: torch.Tensor, window: int, where: str) -> None:
-    """Raise unless every group spans fewer than ``window`` positions (then transformers' ``AND(window, OR(causal,
-    block))`` equals the kernel's ``(causal and window) or group``)."""
-    B, S = groups.shape
-    n = int(groups.max()) + 1
-    pos = torch.arange(S, device=groups.device).expand(B, S)
-    first = torch.full((B, n), S, device=groups.device, dtype=pos.dtype).scatter_reduce(1, groups.long(), pos, "amin")
-    last = torch.full((B, n), -1, device=groups.device, dtype=pos.dtype).scatter_reduce(1, groups.long(), pos, "amax")
-    span = (last - first + 1)[:, 1:]
-    if bool((span > window).any()):
-        raise NotImplementedError(
-            f"{where}: an image block of {int(span.max())} tokens is longer than the sliding window ({window}); "
-            "transformers cuts the block by the window there, the kernel's image groups are not cut"
-        )
 
 
 _registered = False

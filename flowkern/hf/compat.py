@@ -73,10 +73,14 @@ __all__ = [
     "layer_kv",
     "set_layer_kv",
     "padding_mask_2d",
+    "kv_shared_layers",
+    "slices_query_rows",
     "LAYER_TYPES",
     "MaskRules",
     "mask_rules",
+    "check_blocks_fit",
     "encoder_token_counts",
+    "name_special_tokens",
     "is_known_layer_input",
     "layer_hidden_states",
     "layer_output_hidden",
@@ -384,6 +388,23 @@ def mask_rules(mask_function: Any) -> MaskRules:
     return MaskRules(window, block, ("window", window) in blocks[0])
 
 
+def check_blocks_fit(groups: torch.Tensor, window: int, where: str) -> None:
+    """Raise NotImplementedError (starting with ``where``) unless every image group of ``groups`` (int ``[B, S]``,
+    0 = none) spans at most ``window`` positions: then transformers' ``AND(window, OR(causal, block))`` equals the
+    kernel's ``(causal and window) or group``."""
+    B, S = groups.shape
+    n = int(groups.max()) + 1
+    pos = torch.arange(S, device=groups.device).expand(B, S)
+    first = torch.full((B, n), S, device=groups.device, dtype=pos.dtype).scatter_reduce(1, groups.long(), pos, "amin")
+    last = torch.full((B, n), -1, device=groups.device, dtype=pos.dtype).scatter_reduce(1, groups.long(), pos, "amax")
+    span = (last - first + 1)[:, 1:]
+    if bool((span > window).any()):
+        raise NotImplementedError(
+            f"{where}: an image block of {int(span.max())} tokens is longer than the sliding window ({window}); "
+            "transformers cuts the block by the window there, the kernel's image groups are not cut"
+        )
+
+
 def padding_mask_2d(mask: Any, owner: str) -> torch.Tensor | None:
     """The 2D padding mask ``[B, S]`` of a forward call's ``attention_mask`` (or None).
 
@@ -401,6 +422,28 @@ def padding_mask_2d(mask: Any, owner: str) -> torch.Tensor | None:
     if mask is not None and (not isinstance(mask, torch.Tensor) or mask.dim() != 2):
         raise ValueError(f"{owner} needs a 2D attention_mask [B, S] (or none); a 4D mask is not supported")
     return mask
+
+
+def kv_shared_layers(config: Any) -> list[int]:
+    """The decoder layers of the language model (text ``config``) that reuse an earlier layer's keys / values
+    instead of computing their own (Gemma 4's last ``num_kv_shared_layers``); empty for every other family."""
+    shared = int(getattr(config, "num_kv_shared_layers", 0) or 0)
+    n = int(getattr(config, "num_hidden_layers", 0) or 0)
+    return list(range(n - shared, n)) if shared else []
+
+
+def slices_query_rows(config: Any) -> bool:
+    """Whether the language model (text ``config``) may index its masks' query rows: KV-shared layers
+    (:func:`kv_shared_layers`) need no keys of their own, so at a prefill with ``logits_to_keep`` (``generate``)
+    they compute the last query rows only and slice every layer type's mask ``mask[:, :, -n:, :]``."""
+    return bool(kv_shared_layers(config))
+
+
+def name_special_tokens(tokenizer: Any, named: dict[str, str]) -> None:
+    """Expose special tokens of ``tokenizer`` as attributes (``{"boi_token": "<boi>"}``: ``tokenizer.boi_token`` /
+    ``boi_token_id``, saved with it), keeping its other special tokens: passed to the constructor as
+    ``extra_special_tokens``, such a mapping replaces ``additional_special_tokens`` instead."""
+    tokenizer._set_model_specific_special_tokens(dict(named))
 
 
 def encoder_token_counts(kwargs: dict) -> dict[str, list[int]]:

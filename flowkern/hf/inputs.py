@@ -289,6 +289,9 @@ def _processor_inputs(processor: Any, config: Any, groups: list[list[Any]], prom
     if tokenizer is not None and getattr(tokenizer, "padding_side", "left") != "left":
         tokenizer.padding_side = "left"
     try:
+        if adapter.nested_images:  # one list per prompt
+            ends = torch.tensor([len(g) for g in groups]).cumsum(0).tolist()
+            pictures = [pictures[end - len(g):end] for g, end in zip(groups, ends, strict=True)]
         inputs = processor(images=pictures, text=texts, padding=True, return_tensors="pt")
     except ValueError as exc:
         missing = [t for t in texts if image_token and image_token not in t]

@@ -20,6 +20,7 @@ from flowkern.hf.segments import ImageGrid
 
 __all__ = [
     "gemma3_layout",
+    "gemma4_layout",
     "idefics3_layout",
     "instructblip_layout",
     "internvl_layout",
@@ -318,6 +319,32 @@ def gemma3_layout(config: Any, ids: list[torch.Tensor], positions: list[torch.Te
     ``<start_of_image>`` / ``<end_of_image>`` markers around it are text tokens)."""
     side = math.isqrt(int(config.mm_tokens_per_image))
     return _rasters("gemma3", ids, side, side)
+
+
+def gemma4_layout(config: Any, ids: list[torch.Tensor], positions: list[torch.Tensor], inputs: dict) -> list:
+    """Gemma 4: each image is its patch raster (``image_position_ids``: (x, y) per patch, (-1, -1) = padding)
+    average-pooled ``k x k`` (``vision_config.pooling_kernel_size``), written row by row; images in prompt order
+    over the batch, each its own size. The ``<start_of_image>`` / ``<end_of_image>`` markers are text tokens."""
+    if inputs.get("image_position_ids") is None:
+        raise ValueError("gemma4: the image layout needs the image_position_ids input")
+    k = int(config.vision_config.pooling_kernel_size)
+    shapes = []
+    for pos in torch.as_tensor(inputs["image_position_ids"]).reshape(-1, *inputs["image_position_ids"].shape[-2:]):
+        extent = pos[(pos >= 0).all(dim=-1)].amax(dim=0) + 1  # (x, y) patches
+        shapes.append((int(extent[1]) // k, int(extent[0]) // k))
+    out = []
+    for b, tok in enumerate(ids):
+        grids, used = [], 0
+        while used < tok.numel():
+            if not shapes:
+                _check_consumed("gemma4", b, used, tok.numel())
+            rows, cols = shapes.pop(0)
+            index = torch.arange(used, used + rows * cols).view(rows, cols)
+            grids.append(ImageGrid(len(grids), "image", index, whole=True))
+            used += rows * cols
+        _check_consumed("gemma4", b, used, tok.numel())
+        out.append(grids)
+    return out
 
 
 def paligemma_layout(config: Any, ids: list[torch.Tensor], positions: list[torch.Tensor], inputs: dict) -> list:

@@ -34,6 +34,7 @@ import torch
 
 from flowkern.hf.layouts import (
     gemma3_layout,
+    gemma4_layout,
     idefics3_layout,
     instructblip_layout,
     internvl_layout,
@@ -72,13 +73,15 @@ class ModelAdapter:
         text_config_key: the sub-config of the language model.
         prompt_format: the prompt for a processor without a chat template: ``{images}`` is one placeholder per image
             (the processor's ``image_token``), ``{prompt}`` the user's text.
-        pixel_layout: ``"channels"`` (``pixel_values [..., C, H, W]``) or ``"patches"`` (Qwen-VL's flattened
-            patches ``[N, C * T * P * P]``, ``T = vision_config.temporal_patch_size``): where SmoothGrad adds noise.
+        pixel_layout: ``"channels"`` (``pixel_values [..., C, H, W]``), ``"patches"`` (Qwen-VL's flattened
+            patches ``[N, C * T * P * P]``, ``T = vision_config.temporal_patch_size``) or ``"patches_last"`` (Gemma
+            4's ``[N, patches, P * P * C]``): where SmoothGrad adds noise.
         spatial_grids: False when the image tokens have no spatial layout (InstructBLIP's Q-Former queries): their
             "grid" is one row, not a picture to draw on.
         deepstack: the vision tower adds features to the image tokens after the first decoder layers
             (Qwen3-VL's ``vision_config.deepstack_visual_indexes``); pruning must start after them.
         sites: decoder-layer attribute of each LLaVA-CAM site (:data:`SITES`).
+        nested_images: the processor takes a batch's images as one list per prompt (Gemma 3), not one flat list.
     """
 
     family: str
@@ -93,6 +96,7 @@ class ModelAdapter:
     spatial_grids: bool = True
     deepstack: bool = False
     sites: Mapping[str, str] = field(default_factory=lambda: dict(SITES))
+    nested_images: bool = False
 
     def text_config(self, config: Any) -> Any:
         """The language model's config object (``config.<text_config_key>``)."""
@@ -257,7 +261,13 @@ ADAPTERS: dict[str, ModelAdapter] = {
                      "grid_thw", pixel_layout="patches"),
         # bidirectional attention inside each image (token_type_ids), sliding-window layers: docs/masks.md
         ModelAdapter("gemma3", ("gemma3",), ("image_token_id",), gemma3_layout,
-                     prompt_format="<start_of_turn>user\n{images}{prompt}<end_of_turn>\n<start_of_turn>model\n"),
+                     prompt_format="<start_of_turn>user\n{images}{prompt}<end_of_turn>\n<start_of_turn>model\n",
+                     nested_images=True),
+        # bidirectional attention inside each image (mm_token_type_ids) on the sliding-window layers; images of any
+        # size (image_position_ids); the KV-shared last layers reuse earlier layers' keys / values
+        ModelAdapter("gemma4", ("gemma4",), ("image_token_id",), gemma4_layout, ("image_position_ids",),
+                     prompt_format="<|turn>user\n{images}{prompt}<turn|>\n<|turn>model\n",
+                     pixel_layout="patches_last"),
         # the image tokens and the text prefix form one bidirectional block (token_type_ids == 0)
         ModelAdapter("paligemma", ("paligemma",), ("image_token_id",), paligemma_layout,
                      prompt_format="{images}{prompt}"),

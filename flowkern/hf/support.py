@@ -66,13 +66,14 @@ SUPPORT: tuple[Support, ...] = (
             "tested at the prefill (linear layers run on the narrowed sequence); when='decode' refused (a recurrent "
             "state cannot give a token back)", "same code, untested",
             "full-attention layers only (linear-attention layers refused: no edges to cut)"),
+    Support("Gemma 4", "gemma4", "google/gemma-4-e2b-it",
+            "tested (sliding-window layers, bidirectional image blocks, KV-shared layers; images of any size); "
+            "segment_flow refused (KV-shared layers compute the last query row only)",
+            "refused: KV-shared layers reuse earlier layers' keys / values (and sliding-window layers)",
+            "tested (runs, on the grid; layers before the KV-shared ones)"),
     Support("PaliGemma 2", "paligemma", "google/paligemma2-3b-mix-224",
             "refused: Gemma 2 attention logit softcapping", "refused (softcapping)", "same code, untested",
             "refused (softcapping)"),
-    Support("Gemma 4", "gemma4", "-",
-            "refused (no adapter yet): its KV-shared layers compute only the last query rows and slice the mask's "
-            "query dimension, which flowkern's key-only masks do not have", "refused (sliding-window layers)",
-            "refused", "refused"),
     Support("InstructBLIP, Flan-T5", "instructblip", "Salesforce/instructblip-flan-t5-xl",
             "refused: encoder-decoder language model", "refused", "refused", "refused"),
     Support("Qwen-VL (original)", "qwen", "Qwen/Qwen-VL-Chat", "refused: needs trust_remote_code", "refused",

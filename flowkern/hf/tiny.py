@@ -24,7 +24,7 @@ import torch
 
 __all__ = [
     "CHAT_TEMPLATE", "SPECIAL_TOKENS", "PAD_TOKEN", "IMAGE_TOKEN", "VIDEO_TOKEN", "FAMILIES", "text_config",
-    "clip_config", "build_model", "tiny_vlm", "word_tokenizer", "save_tiny_llava", "save_tiny_paligemma",
+    "clip_config", "build_model", "tiny_vlm", "word_tokenizer", "save_tiny_llava",
 ]
 
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>", "<image>")
@@ -40,25 +40,33 @@ CHAT_TEMPLATE = (
 """LLaVA-1.5's ``USER : <image> text ASSISTANT :`` format, spelled with the tiny tokenizer's words."""
 
 
-def word_tokenizer(words: Sequence[str], *, filler: int = 40, extra_special: Sequence[str] = ()) -> Any:
+def word_tokenizer(words: Sequence[str], *, filler: int = 40, extra_special: Sequence[str] = (),
+                   named: dict[str, str] | None = None) -> Any:
     """A whitespace word-level ``PreTrainedTokenizerFast`` built without files.
 
-    Vocabulary: :data:`SPECIAL_TOKENS`, then ``extra_special``, then ``words``, then ``filler`` words
-    ``w0 .. w{filler-1}`` (what a random-weight model tends to generate); a word given twice keeps its first id.
+    Vocabulary: :data:`SPECIAL_TOKENS`, then ``extra_special``, then the tokens of ``named``, then ``words``, then
+    ``filler`` words ``w0 .. w{filler-1}`` (what a random-weight model tends to generate); a word given twice keeps
+    its first id. ``named``: special tokens the tokenizer exposes as attributes (``{"boi_token": "<boi>"}`` gives
+    ``tokenizer.boi_token`` / ``boi_token_id``), as some processors read them.
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    special = [*SPECIAL_TOKENS, *extra_special]
+    special = [*SPECIAL_TOKENS, *extra_special, *(named or {}).values()]
     names = dict.fromkeys(special + list(words) + [f"w{i}" for i in range(filler)])  # a repeated word: one id, no gap
     vocab = {w: i for i, w in enumerate(names)}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.decoder = decoders.WordPiece()
-    return PreTrainedTokenizerFast(
+    tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-        additional_special_tokens=["<image>", *extra_special],
+        additional_special_tokens=special[4:],
     )
+    if named:
+        from flowkern.hf.compat import name_special_tokens
+
+        name_special_tokens(tokenizer, named)
+    return tokenizer
 
 
 def save_tiny_llava(
@@ -116,7 +124,7 @@ PAD_TOKEN, IMAGE_TOKEN, VIDEO_TOKEN = 0, 100, 101
 start / end markers are 102 / 103)."""
 
 FAMILIES = ("llava", "llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "internvl", "instructblip",
-            "gemma3", "paligemma", "mistral3", "llava_onevision1_5", "qwen3_5", "idefics3", "smolvlm")
+            "gemma3", "paligemma", "mistral3", "llava_onevision1_5", "qwen3_5", "idefics3", "smolvlm", "gemma4")
 """The families :func:`tiny_vlm` builds."""
 
 
@@ -190,7 +198,10 @@ def tiny_vlm(family: str, *, layers: int = 3, image_size: int = 8, seed: int = 0
     h/4 x w/4 tokens), Mistral text model; LLaVA-OneVision-1.5 (transformers 5.25+): RICE-ViT patch 2, spatial
     merge 2 (flattened patches, like Qwen-VL), Qwen3 text model, head dim 8; Qwen3.5: Qwen3-VL-style tower, text
     layers linear attention (Gated DeltaNet) except every 4th, head dim 16 with a quarter rotary (M-RoPE);
-    Idefics3 / SmolVLM: 8 px tiles, patch 2, pixel shuffle 2 (2x2 tokens per tile or global image), Llama text.
+    Idefics3 / SmolVLM: 8 px tiles, patch 2, pixel shuffle 2 (2x2 tokens per tile or global image), Llama text;
+    Gemma 4: patches of 2 x 2 px (``pixel_values [N, patches, 12]`` with ``image_position_ids``) pooled 2 x 2, layers
+    alternating sliding window (5) and full attention up to a full last layer, the second half KV-shared (from 4
+    layers), bidirectional image blocks (``mm_token_type_ids``).
 
     Args:
         layers: decoder layers of the language model.
@@ -284,31 +295,35 @@ def _gemma_config(family: str, text: dict) -> Any:
                            image_token_index=IMAGE_TOKEN, projection_dim=32, hidden_size=32)
 
 
-def save_tiny_paligemma(path: str | os.PathLike, *, words: Sequence[str], filler: int = 40, seed: int = 0) -> None:
-    """Write a :func:`tiny_vlm` PaliGemma (SigLIP 8 px, patch 4: 4 image tokens; 4 Gemma layers) with a real
-    ``PaliGemmaProcessor`` (a word-level tokenizer, no chat template: prompts are ``<image>`` + text, the processor
-    adds ``<bos>`` and the newline) to ``path``, loadable like any checkpoint."""
-    from transformers import PaliGemmaProcessor, SiglipImageProcessorPil
+def _gemma4_config(text: dict) -> Any:
+    """The Gemma 4 config of :func:`tiny_vlm`: sliding (window 5) and full layers alternating up to a full last
+    layer, the second half of the layers KV-shared (from 4 layers), bidirectional attention inside each image, per-layer
+    inputs of width 8; a one-layer vision tower of 2 x 2 patches pooled 2 x 2 (an 8 x 8 image: 4 tokens)."""
+    from transformers import Gemma4Config
 
-    tokenizer = word_tokenizer(words, filler=filler)
-    ip = SiglipImageProcessorPil(size={"height": 8, "width": 8})
-    ip.image_seq_length = 4
-    processor = PaliGemmaProcessor(image_processor=ip, tokenizer=tokenizer)  # adds PaliGemma's location tokens
-    model = tiny_vlm("paligemma", layers=4, seed=seed, vocab_size=len(tokenizer))
-    model.config.image_token_id = tokenizer.convert_tokens_to_ids("<image>")
-    model.config.text_config.bos_token_id = tokenizer.bos_token_id
-    os.makedirs(path, exist_ok=True)
-    model.save_pretrained(path)
-    processor.save_pretrained(path)
+    from flowkern.hf.compat import LAYER_TYPES
+
+    n = int(text.get("num_hidden_layers", 3))
+    layer_types = [LAYER_TYPES[("full", "sliding")[(n - 1 - i) % 2]] for i in range(n)]
+    text = text_config("gemma4_text", head_dim=8, global_head_dim=8, sliding_window=5, layer_types=layer_types,
+                       num_kv_shared_layers=n // 2 if n >= 4 else 0, hidden_size_per_layer_input=8,
+                       vocab_size_per_layer_input=int(text.get("vocab_size", 128)),
+                       use_bidirectional_attention="vision", **text)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                  num_key_value_heads=2, head_dim=16, patch_size=2, pooling_kernel_size=2, position_embedding_size=64)
+    return Gemma4Config(text_config=text, vision_config=vision, audio_config=None, image_token_id=IMAGE_TOKEN,
+                        video_token_id=VIDEO_TOKEN, boi_token_id=102, eoi_token_id=103, audio_token_id=None)
 
 
-_NEWER = ("gemma3", "paligemma", "llava_onevision1_5", "qwen3_5", "idefics3", "smolvlm", "mistral3")
+_NEWER = ("gemma3", "gemma4", "paligemma", "llava_onevision1_5", "qwen3_5", "idefics3", "smolvlm", "mistral3")
 
 
 def _newer_config(family: str, text: dict, qwen_ids: dict, rope: dict) -> Any:
     """Configs of :func:`tiny_vlm` for the families added with masks beyond causal, separators or hybrid layers."""
     if family in ("gemma3", "paligemma"):
         return _gemma_config(family, text)
+    if family == "gemma4":
+        return _gemma4_config(text)
     if family == "llava_onevision1_5":
         from transformers import LlavaOnevision15Config
 

@@ -1,6 +1,7 @@
-"""The 2026 families on tiny random-weight models (Gemma 3, PaliGemma: masks beyond causal; Mistral 3: image rows
-with separators; Idefics3 / SmolVLM: tiles + a global image; LLaVA-OneVision-1.5: 5.25+; Qwen3.5: hybrid linear
-attention), against oracles that use neither flowkern's mask translation nor its layouts:
+"""The 2026 families on tiny random-weight models (Gemma 3, PaliGemma: masks beyond causal; Gemma 4: those plus
+KV-shared layers and images of any size; Mistral 3: image rows with separators; Idefics3 / SmolVLM: tiles + a global
+image; LLaVA-OneVision-1.5: 5.25+; Qwen3.5: hybrid linear attention), against oracles that use neither flowkern's
+mask translation nor its layouts:
 
 - the mask translation (:func:`flowkern.hf.attention.flowkern_attention_mask`): the visibility the kernel computes
   from a :class:`KeyMask` (``flowkern.reference.visible_mask``) equals transformers' own dense mask
@@ -9,9 +10,10 @@ attention), against oracles that use neither flowkern's mask translation nor its
   sliding-window layers and bidirectional image blocks included; the prompts are longer than the window), on the
   image grids written here by hand; Qwen3.5's linear-attention layers are NaN;
 - prune: equals an attention-mask oracle whose visibility is transformers' own dense mask minus the removed keys
-  (Qwen3.5: a run whose later layers are cut to the kept positions by hand); Gemma 3 (sliding-window layers) and
-  Qwen3.5's ``when="decode"`` are refused with the reason;
-- cam: runs and lands on the image grid; ``flowkern eval`` answers PaliGemma's prompts in batches as one by one;
+  (Qwen3.5: a run whose later layers are cut to the kept positions by hand); Gemma 3 (sliding-window layers), Gemma 4
+  (KV-shared layers; also its ``segment_flow``) and Qwen3.5's ``when="decode"`` are refused with the reason;
+- cam: runs and lands on the image grid (Gemma 4: its layers whose features reach the answer); ``flowkern eval``
+  answers each family's prompts (its own processor) in batches as one by one;
 - ``flowkern info`` and docs/models.md show the one support table.
 """
 
@@ -86,6 +88,21 @@ def test_translation_matches_transformers_dense_mask(name, padded, sq, q_offset)
     theirs = _dense(fn, b, sq, sk, q_offset, padding)
     # rows without any visible key differ by convention only (flowkern: none; transformers' sdpa: fully masked)
     assert torch.equal(_kernel_view(ours, b, sq, sk), theirs)
+
+
+def test_kv_shared_models_get_masks_that_survive_the_query_row_slice():
+    """Gemma 4's KV-shared layers slice every mask to its last query rows (mask[:, :, -n:, :]): on such a model
+    even a padding-only mask is a KeyMask, and that slice of a KeyMask is the mask itself (it constrains keys only)."""
+    from types import SimpleNamespace
+
+    padding = torch.tensor([[False, True, True, True], [True, True, True, True]])
+    shared = SimpleNamespace(model_type="gemma4_text", num_kv_shared_layers=2, num_hidden_layers=4)
+    assert flowkern_attention_mask(2, 4, 4, attention_mask=padding) is not None
+    assert not isinstance(flowkern_attention_mask(2, 4, 4, attention_mask=padding), KeyMask)
+    mask = flowkern_attention_mask(2, 4, 4, attention_mask=padding, config=shared)
+    assert isinstance(mask, KeyMask) and torch.equal(mask.padding, padding) and mask.window is None
+    assert mask[:, :, -1:, :] is mask and mask[:, :, slice(-3, None), :] is mask
+    assert not isinstance(mask[0], KeyMask) and flowkern_attention_mask(2, 4, 4, config=shared) is None
 
 
 def test_refusals_name_the_layer_type_and_why():
@@ -163,6 +180,29 @@ def _onevision1_5_case():
     return model, kwargs, labels, [[(2, 2), (2, 3)], [(2, 2)]]
 
 
+def _patch_positions(rows, cols, length):
+    """Gemma 4's image_position_ids of one image: (x, y) of each 2 x 2 patch row by row, (-1, -1) padding."""
+    ys, xs = torch.meshgrid(torch.arange(rows), torch.arange(cols), indexing="ij")
+    pos = torch.stack([xs.flatten(), ys.flatten()], -1)
+    return torch.cat([pos, torch.full((length - rows * cols, 2), -1)])
+
+
+def _gemma4_case():
+    model = tiny_vlm("gemma4", layers=4)  # layers 2, 3 reuse the keys / values of layers 0, 1
+    ids, mask, labels = labelled_prompts([
+        [("sys", [5, 6, 102]), ("img", [IMG] * 4), ("user", [103, 8, 9, 102]), ("img", [IMG] * 2),
+         ("user", [103, 10, 11, 12])],
+        [("sys", [5, 102]), ("img", [IMG] * 4), ("user", [103, 9, 10])],
+    ])
+    # 2 x 2 px patches pooled 2 x 2: 8 x 8 px -> 2 x 2 tokens, 4 x 8 px -> 1 x 2 (an image block is shorter than
+    # the sliding window, 5: transformers would cut a longer one, which flowkern refuses)
+    pos = torch.stack([_patch_positions(4, 4, 16), _patch_positions(2, 4, 16), _patch_positions(4, 4, 16)])
+    pv = torch.randn(3, 16, 12) * (pos[..., :1] >= 0)
+    kwargs = dict(input_ids=ids, attention_mask=mask, pixel_values=pv, image_position_ids=pos,
+                  mm_token_type_ids=(ids == IMG).long())
+    return model, kwargs, labels, [[(2, 2), (1, 2)], [(2, 2)]]
+
+
 FAKE, GLOBAL, ROW1COL1, ROW1COL2 = 104, 105, 106, 107  # Idefics3's <fake_token_around_image>, <global-img>, ...
 
 
@@ -182,7 +222,7 @@ def _idefics3_case(family):
     return model, dict(input_ids=ids, attention_mask=mask, pixel_values=pv), labels, views
 
 
-CASES = {"gemma3": _gemma3_case, "paligemma": _paligemma_case, "mistral3": _mistral3_case,
+CASES = {"gemma3": _gemma3_case, "gemma4": _gemma4_case, "paligemma": _paligemma_case, "mistral3": _mistral3_case,
          "llava_onevision1_5": _onevision1_5_case, "idefics3": lambda: _idefics3_case("idefics3"),
          "smolvlm": lambda: _idefics3_case("smolvlm")}
 _built: dict = {}
@@ -203,13 +243,15 @@ def first_sample(kwargs, shapes):
     """Sample 0 of a case alone (its padding removed, its images only): what cam takes."""
     real = kwargs["attention_mask"][0].bool()
     n = len({v[0] for v in views_of(shapes[0])})
-    one = {k: v[:1, real] for k, v in kwargs.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+    one = {k: v[:1, real] for k, v in kwargs.items() if k in ("input_ids", "attention_mask", "token_type_ids",
+                                                                 "mm_token_type_ids")}
     one["pixel_values"] = kwargs["pixel_values"][:n]
     if "image_grid_thw" in kwargs:  # flattened patches: the first n images' rows
         one["image_grid_thw"] = kwargs["image_grid_thw"][:n]
         one["pixel_values"] = kwargs["pixel_values"][: int(one["image_grid_thw"].prod(-1).sum())]
-    if "image_sizes" in kwargs:
-        one["image_sizes"] = kwargs["image_sizes"][:n]
+    for key in ("image_sizes", "image_position_ids"):
+        if key in kwargs:
+            one[key] = kwargs[key][:n]
     if kwargs["pixel_values"].dim() == 5:  # [B, tiles, C, H, W]: the sample's own tiles
         one["pixel_values"] = kwargs["pixel_values"][:1]
     return one
@@ -250,8 +292,9 @@ def test_trace_matches_eager(name):
     exp_shares, exp_keys = _expected(eager.attentions, labels)
     assert torch.equal(flow.segment_ids[:, : labels.shape[1]], labels)
     torch.testing.assert_close(flow.step_shares, exp_shares, atol=ATOL, rtol=0)
-    if "token_type_ids" in kwargs:  # the image blocks matter: without them transformers' own attention differs
-        plain = _eager(model, {k: v for k, v in kwargs.items() if k != "token_type_ids"})
+    blocks = next((k for k in ("token_type_ids", "mm_token_type_ids") if k in kwargs), None)
+    if blocks:  # the image blocks matter: without them transformers' own attention differs
+        plain = _eager(model, {k: v for k, v in kwargs.items() if k != blocks})
         assert (_expected(plain.attentions, labels)[0] - exp_shares).abs().max() > 1e-3
     # heat maps: the answer rows' attention to each image token (separators are no cells), on each image's raster
     n_layers = flow.num_layers
@@ -348,13 +391,38 @@ def test_gemma3_prune_refused_with_reason(when):
 # cam
 
 
-@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("name", [name for name in CASES if name != "gemma4"])  # gemma4: its own test below
 def test_cam_lands_on_the_grid(name):
     model, kwargs, _, shapes = case(name)
     one = first_sample(kwargs, shapes)
     result = flowkern.cam(model, one, torch.tensor([7, 8]), layers=[0, 1], samples=1, noise_std=0.0)
     assert [(v.image, v.name, v.shape) for v in result.views] == views_of(shapes[0])
     assert all(bool(torch.isfinite(v.raw).all()) and float(v.raw.abs().max()) > 0 for v in result.views)
+
+
+def test_gemma4_cam_layers_before_the_kv_shared_ones():
+    """Layers 2, 3 reuse the keys / values of layers 0, 1: the prompt's features at layers >= 1 never reach the
+    answer, so those layers are refused (before any work) and the default is layer 0."""
+    model, kwargs, _, shapes = case("gemma4")
+    one = first_sample(kwargs, shapes)
+    with pytest.raises(ValueError, match=r"layers \[1, 3\]: the KV-shared layers"):
+        flowkern.cam(model, one, torch.tensor([20, 30]), layers=[0, 1, 3], samples=1, noise_std=0.0)
+    result = flowkern.cam(model, one, torch.tensor([20, 30]), samples=1, noise_std=0.0)
+    assert result.layers == [0]
+    assert [(v.image, v.name, v.shape) for v in result.views] == views_of(shapes[0])
+    assert all(float(v.raw.abs().max()) > 0 for v in result.views)  # an answer whose ReLU maps are not all zero
+    noisy = flowkern.cam(model, one, torch.tensor([20, 30]), samples=2, noise_std=0.1, pixel_mean=[0.0] * 3,
+                         pixel_std=[1.0] * 3)  # SmoothGrad on patches with the channel last
+    assert all(bool(torch.isfinite(v.raw).all()) for v in noisy.views) and not torch.equal(noisy.target[0],
+                                                                                          noisy.target[1])
+
+
+def test_gemma4_prune_and_segment_flow_refused_with_reason():
+    model, kwargs, _, _ = case("gemma4")
+    with pytest.raises(NotImplementedError, match=r"layers \[2, 3\] reuse the keys / values"):
+        flowkern.prune(model, layer=1)
+    with pytest.raises(ValueError, match="segment_flow: gemma4's KV-shared layers"):
+        flowkern.trace(model, segment_flow=True)
 
 
 def test_mistral3_layout_without_image_sizes():
@@ -390,21 +458,32 @@ def test_info_and_docs_show_the_one_support_table(capsys):
 # flowkern eval: the family's prompt, answered in batches
 
 
-def test_paligemma_eval_cli_answers_in_a_batch(tmp_path, capsys):
+_NEEDS_TORCHVISION = ("mistral3", "smolvlm", "llava_onevision1_5", "qwen3_5", "gemma4")
+
+
+@pytest.mark.parametrize("family", ["paligemma", "gemma3", "idefics3", *_NEEDS_TORCHVISION])
+def test_eval_cli_answers_in_a_batch(family, tmp_path, capsys):
+    """``flowkern eval`` on a saved tiny model with the family's own processor: the adapter's prompt, the
+    processor's placeholders, batches of 4 with left padding answer as one by one."""
     import json
 
     from flowkern.cli import main
-    from flowkern.hf.tiny import save_tiny_paligemma
+    from flowkern.hf.tiny_saved import save_tiny
     from tests.fixtures import EVAL_WORDS, save_image, write_pope
 
-    save_tiny_paligemma(tmp_path / "pg", words=EVAL_WORDS)
+    if family in _NEEDS_TORCHVISION:  # PixtralProcessor; the others' video processors (checked at construction)
+        pytest.skip(f"{family}'s processor class requires torchvision, which flowkern does not depend on")
+    try:
+        save_tiny(family, tmp_path / "m", words=EVAL_WORDS)
+    except ImportError:  # Idefics3ImageProcessorPil on 5.17
+        pytest.skip(f"{family}'s processor requires torchvision on transformers {compat.TRANSFORMERS_VERSION}")
     for i in range(3):
         save_image(tmp_path / "img" / f"{i}.jpg", i)
     write_pope(tmp_path / "pope", "random", [(q, f"{q % 3}.jpg", ("dog", "cat car")[q % 2], "yes") for q in range(5)])
     answers = {}
     for batch in ("1", "4"):
         out = tmp_path / f"out{batch}"
-        code = main(["eval", "--model", str(tmp_path / "pg"), "--task", "pope", "--data", str(tmp_path / "pope"),
+        code = main(["eval", "--model", str(tmp_path / "m"), "--task", "pope", "--data", str(tmp_path / "pope"),
                      "--images", str(tmp_path / "img"), "--batch-size", batch, "--max-new-tokens", "3",
                      "--device", "cpu", "--out", str(out)])
         stdout, err = capsys.readouterr()
