@@ -53,7 +53,14 @@ from flowkern.eval.run import EvalConfig, EvalPlan, EvalUsageError, prepare
 from flowkern.eval.sweep.dist import Dist
 from flowkern.eval.sweep.engine import Engine
 from flowkern.eval.sweep.files import POINTS_DIR, RESULTS_FILE, claim_out, start_sweep
-from flowkern.eval.sweep.points import MAIN_METRIC, SWEEP_SETTINGS, Point, SweepUsageError, parse_layer_spec
+from flowkern.eval.sweep.points import (
+    MAIN_METRIC,
+    SWEEP_SETTINGS,
+    Point,
+    RunOptions,
+    SweepUsageError,
+    parse_layer_spec,
+)
 from flowkern.knockout import CVPR_EDGES, parse_edge
 
 __all__ = ["KnockoutConfig", "KnockoutResult", "run_knockout", "default_window", "KNOCKOUT_CSV", "KNOCKOUT_JSON",
@@ -70,38 +77,19 @@ def default_window(num_layers: int) -> int:
 
 
 @dataclass(frozen=True)
-class KnockoutConfig:
+class KnockoutConfig(RunOptions):
     """What to sweep (the options of ``flowkern knockout``).
 
-    Attributes:
-        model, task, data, images, limit, batch_size, max_new_tokens, strict, split, ocr, device, dtype: as for
-            :class:`flowkern.eval.run.EvalConfig`.
-        out: the folder (points/, results.jsonl, knockout.csv, knockout.json, knockout.png, sweep.json).
+    Attributes (besides :class:`flowkern.eval.sweep.points.RunOptions`; ``out`` also gets knockout.csv,
+    knockout.json and knockout.png):
         edges: ``"src->dst"`` edges, one series each (default the CVPR four).
         window: layers per window (None: :func:`default_window`).
         layers: the window starts: ``"all"`` (every start with a full window) or a layer spec / list.
-        reuse: share the layers below each window and the image encoding between points.
-        overwrite: discard the folder's previous run and start afresh.
     """
 
-    model: str
-    task: str
-    data: str | os.PathLike[str]
-    out: str | os.PathLike[str]
-    images: str | os.PathLike[str] | None = None
     edges: tuple[str, ...] = tuple(f"{s}->{d}" for s, d in CVPR_EDGES)
     window: int | None = None
     layers: str | Sequence[int] = "all"
-    limit: int | None = None
-    batch_size: int = 1
-    max_new_tokens: int | None = None
-    strict: bool = False
-    split: str | None = None
-    ocr: bool = False
-    device: str = "auto"
-    dtype: str = "auto"
-    reuse: bool = True
-    overwrite: bool = False
 
 
 @dataclass

@@ -6,15 +6,15 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import KW_ONLY, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from flowkern.eval.run import EvalPlan, EvalUsageError
 from flowkern.plan import PruneSpec, check_keep
 
-__all__ = ["SweepUsageError", "Point", "SweepConfig", "SweepResult", "MAIN_METRIC", "SWEEP_SETTINGS", "FLAGS",
-           "parse_layer_spec", "check_config", "check_inputs", "sweep_settings", "main_rank", "series",
+__all__ = ["SweepUsageError", "Point", "RunOptions", "SweepConfig", "SweepResult", "MAIN_METRIC", "SWEEP_SETTINGS",
+           "FLAGS", "parse_layer_spec", "check_config", "check_inputs", "sweep_settings", "main_rank", "series",
            "series_points"]
 
 MAIN_METRIC: dict[str, tuple[str, bool]] = {"pope": ("f1", True), "sqa": ("accuracy", True),
@@ -69,23 +69,19 @@ class Point:
 
 
 @dataclass(frozen=True)
-class SweepConfig:
-    """What to sweep (the options of ``flowkern sweep``).
+class RunOptions:
+    """The options every command that answers a task over points shares (``flowkern sweep``, ``flowkern knockout``):
+    the data, the output folder and how answers are generated. The base of :class:`SweepConfig` and
+    :class:`flowkern.eval.sweep.knockout.KnockoutConfig`; the options after ``images`` are keyword-only.
 
     Attributes:
         model, task, data, images, limit, batch_size, max_new_tokens, strict, split, ocr, device, dtype: as for
             :class:`flowkern.eval.run.EvalConfig`.
-        out: the sweep folder (points/, results.jsonl, summary.csv, cliff.json, sweep.png, sweep.json).
-        layers: ``"all"``, or ranges and lists of 0-based decoder layers (``"0-31"``, ``"0,2,4,8-12"``), or a list.
-        prune: the :class:`flowkern.plan.PruneSpec` applied at each swept layer (its ``layer`` stays None: the sweep
-            sets it per point): ``keep`` (k = 0 drops every image token; ``rank`` is then moot), ``rank``, ``seed``.
-        controls: extra ranks run at the same layers and ``keep`` (``"random"``, ``"grid"``); need ``keep != 0``.
-        search: ``"full"`` (every layer) or ``"bisect"``.
-        tolerance: the cliff tolerance in points of the main metric (1 point = 0.01 of a ratio).
-        reuse: share the layers below L (:class:`flowkern.hf.reuse.PrefixShare`) and the image encoding
-            (:class:`flowkern.hf.reuse.ImageCache`)
-            between points; False runs each point on its own.
-        overwrite: discard the folder's previous sweep and start afresh.
+        out: the command's folder (points/, results.jsonl, sweep.json and its own summary files).
+        reuse: share the layers below each point's first changed layer (:class:`flowkern.hf.reuse.PrefixShare`)
+            and the image encoding (:class:`flowkern.hf.reuse.ImageCache`) between points; False runs each point on
+            its own.
+        overwrite: discard the folder's previous run and start afresh.
     """
 
     model: str
@@ -93,11 +89,7 @@ class SweepConfig:
     data: str | os.PathLike[str]
     out: str | os.PathLike[str]
     images: str | os.PathLike[str] | None = None
-    layers: str | Sequence[int] = "all"
-    prune: PruneSpec = field(default_factory=PruneSpec)
-    controls: tuple[str, ...] = ()
-    search: str = "full"
-    tolerance: float = 1.0
+    _: KW_ONLY
     limit: int | None = None
     batch_size: int = 1
     max_new_tokens: int | None = None
@@ -108,6 +100,26 @@ class SweepConfig:
     dtype: str = "auto"
     reuse: bool = True
     overwrite: bool = False
+
+
+@dataclass(frozen=True)
+class SweepConfig(RunOptions):
+    """What to sweep (the options of ``flowkern sweep``).
+
+    Attributes (besides :class:`RunOptions`; ``out`` also gets summary.csv, cliff.json and sweep.png):
+        layers: ``"all"``, or ranges and lists of 0-based decoder layers (``"0-31"``, ``"0,2,4,8-12"``), or a list.
+        prune: the :class:`flowkern.plan.PruneSpec` applied at each swept layer (its ``layer`` stays None: the sweep
+            sets it per point): ``keep`` (k = 0 drops every image token; ``rank`` is then moot), ``rank``, ``seed``.
+        controls: extra ranks run at the same layers and ``keep`` (``"random"``, ``"grid"``); need ``keep != 0``.
+        search: ``"full"`` (every layer) or ``"bisect"``.
+        tolerance: the cliff tolerance in points of the main metric (1 point = 0.01 of a ratio).
+    """
+
+    layers: str | Sequence[int] = "all"
+    prune: PruneSpec = field(default_factory=PruneSpec)
+    controls: tuple[str, ...] = ()
+    search: str = "full"
+    tolerance: float = 1.0
 
 
 @dataclass
