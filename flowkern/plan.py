@@ -22,6 +22,7 @@ __all__ = [
     "PruneSpec",
     "PRUNE_OPTIONS",
     "parse_keep",
+    "parse_schedule",
     "check_keep",
     "num_to_keep",
     "choose",
@@ -38,9 +39,10 @@ WHENS = ("prefill", "decode")
 """The ``when`` values of :func:`flowkern.prune`."""
 
 PRUNE_OPTIONS: dict[str, str] = {"layer": "prune_layer", "keep": "keep", "rank": "rank", "seed": "prune_seed",
-                                 "when": "prune_when"}
+                                 "when": "prune_when", "schedule": "prune_schedule", "merge": "prune_merge"}
 """:class:`PruneSpec` field -> its name where pruning settings sit flat among other options: the CLI's
-``--prune-layer --keep --rank --prune-seed --prune-when`` (``"--" + name`` with ``-`` for ``_``), the lmms-eval
+``--prune-layer --keep --rank --prune-seed --prune-when --prune-schedule --prune-merge`` (``"--" + name`` with ``-``
+for ``_``), the lmms-eval
 plugin's ``model_args`` and the ``settings`` of an eval folder's ``run.json``."""
 
 
@@ -52,12 +54,20 @@ plugin's ``model_args`` and the ``settings`` of an eval folder's ``run.json``.""
 class PruneSpec:
     """One pruning setting of :func:`flowkern.prune`, independent of any model: from decoder layer ``layer`` on,
     keep ``keep`` image tokens per sample chosen by ``rank``. ``layer=None`` means no pruning (the other fields
-    then describe what a sweep applies at each of its layers).
+    then describe what a sweep applies at each of its layers). A multi-stage setting gives ``schedule`` instead of
+    ``layer`` / ``keep``: each stage keeps, among the image tokens that survived the earlier stages, the best
+    ``keep`` by ``rank``.
 
     Attributes:
         layer: 0-based decoder layer (negative counts from the end), or None.
-        keep: an int = at most that many image tokens per sample (0 drops all), a float = that fraction in [0, 1].
-        rank: one of :data:`RANKS`. seed: seed of ``rank="random"``. when: one of :data:`WHENS`.
+        keep: an int = at most that many image tokens per sample (0 drops all), a float = that fraction in [0, 1]
+            of the sample's image tokens in the prompt.
+        rank: a scorer name (:func:`flowkern.scorers.scorer_names`; :data:`RANKS` are the first four) or a
+            :class:`flowkern.scorers.Scorer`. seed: seed of ``rank="random"``. when: one of :data:`WHENS`.
+        schedule: None, or the stages ``((layer, keep), ...)``, layers strictly increasing (negative layers count
+            from the end and are checked by :meth:`resolve`); ``layer`` must then be None and ``keep`` 0.
+        merge: average each removed image token's hidden state into its most similar kept image token at each
+            stage (VisionZip / PruMerge-style merging; needs ``keep != 0``).
 
     ``layer``, ``keep`` and ``seed`` given as numpy or 0-d tensor numbers (``numpy.int64(4)``) are stored as the
     Python ``int`` / ``float`` they hold.
@@ -71,18 +81,24 @@ class PruneSpec:
     rank: str = "attention"
     seed: int = 0
     when: str = "prefill"
+    schedule: tuple[tuple[int, int | float], ...] | None = None
+    merge: bool = False
 
     def __post_init__(self) -> None:
         for name in ("layer", "keep", "seed"):  # numpy / torch scalars (np.int64(4)) as the Python numbers they are
             object.__setattr__(self, name, _plain_number(getattr(self, name)))
-        if self.rank not in RANKS:
-            raise ValueError(f"rank must be one of {RANKS}, got {self.rank!r}")
+        _check_rank(self.rank)
         if self.when not in WHENS:
             raise ValueError(f"when must be 'prefill' or 'decode', got {self.when!r}")
-        keep = self.keep
-        if (isinstance(keep, bool) or not isinstance(keep, int | float)
-                or isinstance(keep, float) and not 0.0 <= keep <= 1.0 or isinstance(keep, int) and keep < 0):
-            raise ValueError(f"keep must be an int >= 0 or a float fraction in [0, 1], got {keep!r}")
+        _check_keep_value("keep", self.keep)
+        if self.schedule is not None:
+            object.__setattr__(self, "schedule", _check_schedule(self.schedule))
+            if self.layer is not None or self.keep != 0:
+                raise ValueError("schedule: pass either layer / keep (one stage) or a schedule, not both")
+        if not isinstance(self.merge, bool):
+            raise ValueError(f"merge must be True or False, got {self.merge!r}")
+        if self.merge and all(k == 0 for _, k in self.stages):
+            raise ValueError("merge: every image token is removed (keep=0), so there is no kept token to merge into")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"seed must be an int, got {self.seed!r}")
         if self.layer is not None and (isinstance(self.layer, bool) or not isinstance(self.layer, int)):
@@ -90,8 +106,16 @@ class PruneSpec:
 
     @property
     def enabled(self) -> bool:
-        """Whether this setting prunes (``layer`` is not None)."""
-        return self.layer is not None
+        """Whether this setting prunes (``layer`` or ``schedule`` is not None)."""
+        return self.layer is not None or self.schedule is not None
+
+    @property
+    def stages(self) -> tuple[tuple[int, int | float], ...]:
+        """The stages ``((layer, keep), ...)``: the ``schedule``, or the one stage ``((layer, keep),)`` (none when
+        ``layer`` is None)."""
+        if self.schedule is not None:
+            return self.schedule
+        return () if self.layer is None else ((self.layer, self.keep),)
 
     def resolve(self, num_layers: int, deepstack: int = 0, family: str = "model") -> int | None:
         """``layer`` in ``[0, num_layers)`` (or None) after the checks that depend on the model.
@@ -128,8 +152,19 @@ class PruneSpec:
         return layer
 
     def to_dict(self, *, options: bool = False) -> dict[str, Any]:
-        """The fields as a JSON-ready dict, keyed by field name, or by :data:`PRUNE_OPTIONS` with ``options``."""
-        return {PRUNE_OPTIONS[f.name] if options else f.name: getattr(self, f.name) for f in fields(self)}
+        """The fields as a JSON-ready dict, keyed by field name, or by :data:`PRUNE_OPTIONS` with ``options``
+        (``rank`` as :func:`flowkern.scorers.scorer_to_json`, ``schedule`` as a list of ``[layer, keep]``)."""
+        from flowkern.scorers import scorer_to_json
+
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name == "rank":
+                value = scorer_to_json(value)
+            elif f.name == "schedule" and value is not None:
+                value = [list(stage) for stage in value]
+            out[PRUNE_OPTIONS[f.name] if options else f.name] = value
+        return out
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], *, options: bool = False) -> PruneSpec:
@@ -142,7 +177,71 @@ class PruneSpec:
         unknown = sorted(set(data) - set(names))
         if unknown:
             raise ValueError(f"PruneSpec has no field {', '.join(map(repr, unknown))} (known: {', '.join(names)})")
-        return cls(**{names[k]: v for k, v in data.items()})
+        values = {names[k]: v for k, v in data.items()}
+        if isinstance(values.get("rank"), dict):
+            from flowkern.scorers import scorer_from_json
+
+            values["rank"] = scorer_from_json(values["rank"])
+        return cls(**values)
+
+
+def _check_rank(rank: Any) -> None:
+    """Refuse a ``rank`` that is neither a registered scorer name nor a :class:`flowkern.scorers.Scorer`."""
+    from flowkern.scorers import Scorer, scorer_names
+
+    if isinstance(rank, Scorer):
+        return
+    names = tuple(dict.fromkeys(RANKS + scorer_names()))
+    if not isinstance(rank, str) or rank not in names:
+        raise ValueError(f"rank must be one of {names} or a flowkern.scorers.Scorer, got {rank!r}")
+
+
+def _check_keep_value(name: str, keep: Any) -> None:
+    if (isinstance(keep, bool) or not isinstance(keep, int | float)
+            or isinstance(keep, float) and not 0.0 <= keep <= 1.0 or isinstance(keep, int) and keep < 0):
+        raise ValueError(f"{name} must be an int >= 0 or a float fraction in [0, 1], got {keep!r}")
+
+
+def _check_schedule(schedule: Any) -> tuple[tuple[int, int | float], ...]:
+    """``schedule`` as a tuple of ``(layer, keep)`` pairs (lists and numpy numbers accepted), checked."""
+    if isinstance(schedule, str | bytes) or not hasattr(schedule, "__iter__"):
+        raise ValueError(f"schedule must be a sequence of (layer, keep) stages, got {schedule!r}")
+    stages: list[tuple[int, int | float]] = []
+    for i, stage in enumerate(schedule):
+        if isinstance(stage, str | bytes) or not hasattr(stage, "__len__") or len(stage) != 2:
+            raise ValueError(f"schedule stage {i} must be a (layer, keep) pair, got {stage!r}")
+        layer, keep = (_plain_number(v) for v in stage)
+        if isinstance(layer, bool) or not isinstance(layer, int):
+            raise ValueError(f"schedule stage {i}: layer must be an int, got {layer!r}")
+        _check_keep_value(f"schedule stage {i}: keep", keep)
+        stages.append((layer, keep))
+    if not stages:
+        raise ValueError("schedule must name at least one (layer, keep) stage (or be None)")
+    layers = [layer for layer, _ in stages]
+    if any(x < 0 for x in layers) and not all(x < 0 for x in layers):
+        raise ValueError(f"schedule layers must be all >= 0 or all negative (from the end), got {layers}")
+    if any(b <= a for a, b in zip(layers, layers[1:], strict=False)):
+        raise ValueError(f"schedule layers must be strictly increasing, got {layers}")
+    return tuple(stages)
+
+
+def parse_schedule(text: str) -> tuple[tuple[int, int | float], ...]:
+    """A ``schedule`` written as text: ``"2:0.5,8:0.25,16:0.125"`` (``layer:keep`` stages, ``keep`` as in
+    :func:`parse_keep`).
+
+    Raises:
+        ValueError: anything else (the message quotes ``text``).
+    """
+    stages = []
+    for part in text.split(","):
+        layer, sep, keep = part.strip().partition(":")
+        try:
+            if not sep:
+                raise ValueError
+            stages.append((int(layer), parse_keep(keep)))
+        except ValueError:
+            raise ValueError(f"{text!r}: expected layer:keep stages separated by commas, e.g. 2:0.5,8:0.25") from None
+    return _check_schedule(stages)
 
 
 def _plain_number(value: Any) -> Any:

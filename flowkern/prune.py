@@ -232,6 +232,9 @@ class Pruning(ForwardTimer):
                 "of earlier layers (KV sharing), which a pruned layer range would narrow inconsistently, and its "
                 "sliding-window layers count key slots, not token positions"
             )
+        if spec.schedule is not None or spec.merge or not isinstance(spec.rank, str) or spec.rank not in plan.RANKS:
+            raise NotImplementedError("flowkern.prune runs one stage with a built-in rank (attention, random, none, "
+                                      "grid); schedules, merging and other scorers are not implemented yet")
         self.spec = spec
         self.layer = spec.resolve(self.num_layers, self.adapter.deepstack_layers(self.config), self.adapter.family)
         self.keep, self.rank, self.seed, self.when = spec.keep, spec.rank, spec.seed, spec.when

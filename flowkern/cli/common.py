@@ -31,7 +31,7 @@ from typing import Any, TypeVar
 
 from flowkern.demo import resolve_model, shadowed_demo
 from flowkern.eval import TASKS
-from flowkern.plan import PRUNE_OPTIONS, RANKS, WHENS, PruneSpec
+from flowkern.plan import PRUNE_OPTIONS, RANKS, WHENS, PruneSpec, parse_schedule
 from flowkern.plan import parse_keep as plan_parse_keep
 
 __all__ = [
@@ -240,18 +240,42 @@ def parse_keep(text: str) -> int | float:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def parse_rank(text: str) -> str:
+    """``--rank``: a registered scorer name (:func:`flowkern.scorers.scorer_names`)."""
+    from flowkern.scorers import scorer_names
+
+    names = tuple(dict.fromkeys(RANKS + scorer_names()))
+    if text not in names:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected one of {', '.join(names)}")
+    return text
+
+
+def parse_schedule_arg(text: str) -> tuple[tuple[int, int | float], ...]:
+    """``--prune-schedule``: :func:`flowkern.plan.parse_schedule` as an argparse type."""
+    try:
+        return parse_schedule(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 PRUNE_FLAGS: dict[str, dict[str, Any]] = {
     "layer": {"flag": "--prune-layer", "type": int, "metavar": "L",
               "help": "remove image tokens from decoder layer L on (0-based; the paper's layer L+1); off by default"},
     "keep": {"flag": "--keep", "type": parse_keep, "metavar": "K",
              "help": "image tokens kept per sample: 0 (drop all, default), a count (64) or a fraction (0.25, 25%%)"},
-    "rank": {"flag": "--rank", "choices": list(RANKS),
-             "help": "which to keep: attention received from the last prompt token at layer L-1 (default), "
-                     "random (seeded control), none (the first K) or grid (uniform on the image grid: control)"},
+    "rank": {"flag": "--rank", "type": parse_rank, "metavar": "SCORER",
+             "help": "which to keep, a scorer (flowkern info lists them): attention received from the last prompt "
+                     "token at layer L-1 (default), random (seeded control), none (the first K), grid (uniform on "
+                     "the image grid: control), ..."},
     "seed": {"flag": "--prune-seed", "type": int, "metavar": "N", "help": "seed of --rank random (default 0)"},
     "when": {"flag": "--prune-when", "choices": list(WHENS),
              "help": "prefill: layers >= L never see the removed tokens (default); decode: full prefill, then "
                      "the KV cache of layers >= L is compacted for the decode steps"},
+    "schedule": {"flag": "--prune-schedule", "type": parse_schedule_arg, "metavar": "L:K,...",
+                 "help": "multi-stage pruning instead of --prune-layer/--keep: at each layer L keep K of the "
+                         "surviving image tokens (e.g. 2:0.5,8:0.25,16:0.125)"},
+    "merge": {"flag": "--prune-merge", "action": "store_const", "const": True,
+              "help": "average each removed image token into its most similar kept one"},
 }
 """The one table of pruning options: :class:`flowkern.plan.PruneSpec` field -> its flag and ``add_argument``
 settings. The option's ``dest`` is :data:`flowkern.plan.PRUNE_OPTIONS` of the field (``--prune-layer`` ->
@@ -294,16 +318,20 @@ def check_prune_arguments(args: argparse.Namespace) -> None:
     Raises:
         UsageError: e.g. ``--keep 5`` without ``--prune-layer``.
     """
-    layer = PRUNE_OPTIONS["layer"]
+    layer, schedule = PRUNE_OPTIONS["layer"], PRUNE_OPTIONS["schedule"]
     if not hasattr(args, layer):
         return
-    others = {name: dest for name, dest in PRUNE_OPTIONS.items() if name != "layer"}
-    if getattr(args, layer) is None:
+    others = {name: dest for name, dest in PRUNE_OPTIONS.items() if name not in ("layer", "schedule")}
+    if getattr(args, layer) is None and getattr(args, schedule, None) is None:
         given = [PRUNE_FLAGS[name]["flag"] for name, dest in others.items() if getattr(args, dest, None) is not None]
         if given:
             raise UsageError(f"{', '.join(given)} {'has' if len(given) == 1 else 'have'} no effect without "
-                             "--prune-layer L")
+                             "--prune-layer L (or --prune-schedule)")
         return
+    if getattr(args, layer) is not None and getattr(args, schedule, None) is not None:
+        raise UsageError("--prune-schedule replaces --prune-layer and --keep: give one of them")
+    if getattr(args, schedule, None) is not None and getattr(args, others["keep"], None) is not None:
+        raise UsageError("--prune-schedule gives each stage's keep: drop --keep")
     spec = PruneSpec()
     for name, dest in others.items():
         if getattr(args, dest, None) is None:

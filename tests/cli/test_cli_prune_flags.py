@@ -67,7 +67,8 @@ def test_spec_from_args():
     args = _parse(["--prune-layer", "1"])
     check_prune_arguments(args)
     assert (args.keep, args.rank, args.prune_seed, args.prune_when) == (0, "attention", 0, "prefill")
-    with pytest.raises(UsageError, match=r"^--keep, --prune-seed have no effect without --prune-layer L$"):
+    with pytest.raises(UsageError,
+                       match=r"^--keep, --prune-seed have no effect without --prune-layer L \(or --prune-schedule\)$"):
         spec_from_args(_parse(["--keep", "5", "--prune-seed", "1"]))
     # a command without --prune-layer (sweep): the defaults are PruneSpec's, another spelling of a flag
     args = _parse(["--keep", "4", "--seed", "7"], fields=("keep", "rank", "seed"), flags={"seed": "--seed"},

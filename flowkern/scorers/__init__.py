@@ -1,0 +1,17 @@
+"""Pruning criteria for :func:`flowkern.prune` (``rank=``): the protocol (:mod:`flowkern.scorers.base`) and the
+built-in scorers, one module per family of criteria (each registers its scorers on import)."""
+
+from flowkern.scorers.base import (
+    NEEDS,
+    ScoreInputs,
+    Scorer,
+    get_scorer,
+    register,
+    scorer_from_json,
+    scorer_names,
+    scorer_to_json,
+    select,
+)
+
+__all__ = ["NEEDS", "Scorer", "ScoreInputs", "get_scorer", "register", "scorer_from_json", "scorer_names",
+           "scorer_to_json", "select"]
