@@ -518,3 +518,37 @@ def image_encoder(model: torch.nn.Module) -> tuple[torch.nn.Module, str] | None:
     owner = getattr(model, "base_model", model)
     name = "get_image_features"
     return (owner, name) if callable(getattr(owner, name, None)) else None
+
+
+def project_qk(attention: torch.nn.Module, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """The queries and keys an attention module makes from its input, *before* any rotary embedding.
+
+    Works for the attention modules of the supported language models (``q_proj`` / ``k_proj``, optional
+    ``q_norm`` / ``k_norm`` per head) and of CLIP / SigLIP-style vision towers.
+
+    Args:
+        attention: the attention module (e.g. ``layer.self_attn``).
+        hidden: ``[B, S, D]`` its input hidden states (after the layer's input norm).
+
+    Returns:
+        ``(q [B, Hq, S, Dh], k [B, Hkv, S, Dh], scale)``: ``scale`` is the module's softmax scale.
+
+    Raises:
+        NotImplementedError: a module without ``q_proj`` / ``k_proj`` / ``head_dim``.
+    """
+    q_proj, k_proj = getattr(attention, "q_proj", None), getattr(attention, "k_proj", None)
+    head_dim = getattr(attention, "head_dim", None)
+    if q_proj is None or k_proj is None or not isinstance(head_dim, int):
+        raise NotImplementedError(f"{type(attention).__name__}: no q_proj / k_proj / head_dim to project queries and "
+                                  "keys with")
+    shape = (*hidden.shape[:-1], -1, head_dim)
+    q, k = q_proj(hidden).view(shape), k_proj(hidden).view(shape)
+    q_norm, k_norm = getattr(attention, "q_norm", None), getattr(attention, "k_norm", None)
+    if q_norm is not None:
+        q = q_norm(q)
+    if k_norm is not None:
+        k = k_norm(k)
+    scale = getattr(attention, "scaling", None)
+    if scale is None:
+        scale = getattr(attention, "scale", None)
+    return q.transpose(1, 2), k.transpose(1, 2), float(scale if scale is not None else head_dim ** -0.5)
