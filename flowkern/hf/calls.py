@@ -100,6 +100,7 @@ class Observe(NamedTuple):
     key_mass: bool = False
     per_head: bool = False
     rows: bool = False
+    key_rows: torch.Tensor | None = None
 
 
 class Call:
@@ -172,11 +173,25 @@ class Call:
         compat.check_dynamic_cache(self.cache, owner, compacts)
 
     def observe(self, listener: Any, layers: range | list[int], *, key_mass: bool = False, per_head: bool = False,
-                rows: bool = False) -> None:
+                rows: bool = False, key_rows: torch.Tensor | None = None) -> None:
         """Ask for a row event (:class:`flowkern.hf.attention.RowEvent`) of each of ``layers`` in this forward,
-        delivered to ``listener.on_row``; ``key_mass``: with the attention each key receives; ``per_head``: with
-        the row's mass per head; ``rows``: with the mass of every query row of the call."""
-        wants = Observe(bool(key_mass), bool(per_head), bool(rows))
+        delivered to ``listener.on_row``; ``key_mass``: with the attention each key receives from the last row;
+        ``per_head``: with the row's mass per head; ``rows``: with the mass of every query row of the call;
+        ``key_rows``: bool ``[B, past + S_new]`` over token positions, with the attention each key receives on
+        average from those query rows (``chosen_key_mass``).
+
+        Raises:
+            RuntimeError: another listener chose other ``key_rows`` at one of these layers (one choice per layer).
+        """
+        if key_rows is not None:
+            if key_rows.dtype != torch.bool or key_rows.dim() != 2 or key_rows.shape[0] != self.batch:
+                raise ValueError(f"key_rows must be a bool tensor [B={self.batch}, T], got {key_rows!r:.60}")
+            for layer in layers:
+                for _, other in self.observers.get(int(layer), ()):
+                    if other.key_rows is not None and other.key_rows is not key_rows and not (
+                            other.key_rows.shape == key_rows.shape and torch.equal(other.key_rows, key_rows)):
+                        raise RuntimeError(f"layer {layer}: two listeners chose different query rows (key_rows)")
+        wants = Observe(bool(key_mass), bool(per_head), bool(rows), key_rows)
         for layer in layers:
             self.observers.setdefault(int(layer), []).append((listener, wants))
 

@@ -403,6 +403,7 @@ class Session:
             state.key_mass = any(w.key_mass for _, w in wants) if wants else False
             state.per_head = any(w.per_head for _, w in wants) if wants else False
             state.rows = any(w.rows for _, w in wants) if wants else False
+            state.key_rows = next((w.key_rows for _, w in wants if w.key_rows is not None), None) if wants else None
         self._dirty = True
 
     @staticmethod
@@ -456,7 +457,7 @@ class Session:
                 return t[..., :n].scatter_add(-1, idx, t[..., n:])
 
             event = RowEvent(event.layer, fold(event.mass), event.key_mass, event.keymap, fold(event.head_mass),
-                             fold(event.rows))
+                             fold(event.rows), event.chosen_key_mass)
         for listener, _ in call.observers.get(event.layer, ()):
             listener.on_row(event)
 
