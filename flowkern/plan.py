@@ -1,5 +1,6 @@
 """Pruning policy for :mod:`flowkern.prune`, as pure functions: the setting (:class:`PruneSpec`), how many image
-tokens to keep and which. Tensors in, tensors out: no model, no hooks, no transformers (``tests/analysis/test_plan.py``
+tokens to keep, and what is always kept besides the tokens a scorer chooses (:mod:`flowkern.scorers`). Tensors in,
+tensors out: no model, no hooks, no transformers (``tests/analysis/test_plan.py``
 checks every function on hand-made inputs). What the pruned layers then hold (key maps) is
 :mod:`flowkern.keymaps`.
 
@@ -25,9 +26,6 @@ __all__ = [
     "parse_schedule",
     "check_keep",
     "num_to_keep",
-    "choose",
-    "grid_cells",
-    "grid_scores",
     "prompt_keep",
     "is_continuation",
 ]
@@ -311,102 +309,14 @@ def num_to_keep(keep: int | float, n_image: torch.Tensor) -> torch.Tensor:
     return n_image.clamp(max=int(keep))
 
 
-def choose(is_image: torch.Tensor, k: torch.Tensor, rank: str, scores: torch.Tensor | None, seed: int) -> torch.Tensor:
-    """bool ``[B, S]``: the ``k[b]`` best image tokens of each row by ``rank`` (stable: ties -> earlier token).
-
-    Args:
-        is_image: bool ``[B, S]``.
-        k: long ``[B]``.
-        rank: one of :data:`RANKS`; ``"random"`` draws one score per position from
-            ``torch.Generator().manual_seed(seed)`` (identical rows get identical choices), ``"none"`` takes the
-            first ``k``.
-        scores: float ``[B, S]`` for ``"attention"`` (attention received) and ``"grid"`` (:func:`grid_scores`).
-    """
-    B, S = is_image.shape
-    dev = is_image.device
-    if rank in ("attention", "grid"):
-        if scores is None:
-            raise ValueError(f"rank={rank!r} needs scores [B, S]")
-        s = scores.float()
-    elif rank == "random":
-        s = torch.rand(S, generator=torch.Generator().manual_seed(int(seed))).to(dev).expand(B, S)
-    else:
-        s = -torch.arange(S, device=dev, dtype=torch.float32).expand(B, S)
-    s = s.masked_fill(~is_image, float("-inf"))
-    order = torch.sort(s, dim=1, descending=True, stable=True).indices
-    place = torch.empty_like(order).scatter_(1, order, torch.arange(S, device=dev).expand(B, S))
-    return is_image & (place < k.to(dev)[:, None])
-
-
-def grid_cells(index: torch.Tensor, q: int) -> torch.Tensor:
-    """bool ``[rows, cols]``: the ``min(q, cells)`` cells of one grid the ``"grid"`` rank keeps.
-
-    ``index`` long ``[rows, cols]`` (-1 = no token there). The cells at rows ``o, o+s, o+2s, ...`` (centred:
-    ``o = ((rows-1) mod s) // 2``, columns alike) for the smallest stride ``s`` with at most ``q`` such cells, then
-    every n-th remaining cell in raster order (``floor((i + 0.5) * remaining / rest)``) until ``q`` are chosen.
-    """
-    valid = index >= 0
-    n = int(valid.sum())
-    if q >= n:
-        return valid
-    chosen = torch.zeros_like(valid)
-    if q <= 0:
-        return chosen
-    rows, cols = valid.shape
-    r, c = torch.arange(rows)[:, None], torch.arange(cols)[None, :]
-    for s in range(1, max(rows, cols) + 1):
-        sub = valid & (r % s == ((rows - 1) % s) // 2) & (c % s == ((cols - 1) % s) // 2)
-        if int(sub.sum()) <= q:
-            chosen = sub
-            break
-    rest = q - int(chosen.sum())
-    if rest > 0:
-        others = torch.nonzero((valid & ~chosen).flatten()).flatten()
-        pick = ((torch.arange(rest, dtype=torch.float64) + 0.5) * others.numel() / rest).long()
-        flat = chosen.flatten().clone()
-        flat[others[pick]] = True
-        chosen = flat.view(rows, cols)
-    return chosen
-
-
-def grid_scores(grids: list[list[torch.Tensor]], k: torch.Tensor, is_image: torch.Tensor) -> torch.Tensor:
-    """float ``[B, S]`` for :func:`choose` with ``rank="grid"``: 1 at the ``k[b]`` image tokens of a spatially
-    uniform subsample of sample b's grids, 0 at its other image tokens (tokens on no grid, e.g. a CLS, come last).
-
-    Args:
-        grids: per sample, its image grids as long ``[rows, cols]`` *sequence positions* (-1 = no token).
-        k: long ``[B]`` image tokens to keep per sample; several grids share it in proportion to their sizes.
-        is_image: bool ``[B, S]`` the image tokens.
-    """
-    B, S = is_image.shape
-    scores = torch.zeros(B, S, dtype=torch.float32)
-    on_grid = torch.zeros(B, S, dtype=torch.bool)
-    for b, views in enumerate(grids):
-        sizes = [int((g >= 0).sum()) for g in views]
-        total, kb = sum(sizes), min(int(k[b]), sum(sizes))
-        done = 0
-        for g, n in zip(views, sizes, strict=True):  # k shared in proportion to grid size (rounded half up)
-            q = (2 * kb * (done + n) + total) // (2 * total) - (2 * kb * done + total) // (2 * total)
-            done += n
-            cells = grid_cells(g, q)
-            scores[b, g[cells]] = 1.0
-            on_grid[b, g[g >= 0]] = True
-    scores[~on_grid] = -0.5
-    return scores.to(is_image.device)
-
-
-def prompt_keep(
-    image: torch.Tensor, real: torch.Tensor, keep: int | float, rank: str, scores: torch.Tensor | None, seed: int
-) -> torch.Tensor:
-    """``keep_real`` bool ``[B, S]``: every real text token, the chosen image tokens, and each row's last position
-    (the row that produces the next token).
+def prompt_keep(image: torch.Tensor, real: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
+    """``keep_real`` bool ``[B, S]``: every real text token, the ``chosen`` image tokens, and each row's last position
+    (the row that produces the next token); never padding otherwise.
 
     Args:
         image: bool ``[B, S]`` the (real) image tokens; real: bool ``[B, S]`` (False = padding).
-        keep, rank, seed: as in :func:`flowkern.prune`; scores: as in :func:`choose`.
+        chosen: bool ``[B, S]`` the image tokens a scorer chose (:func:`flowkern.scorers.select`).
     """
-    k = num_to_keep(keep, image.sum(dim=1))
-    chosen = choose(image, k, rank, scores, seed) if keep != 0 else torch.zeros_like(image)
     keep_real = real & (~image | chosen)
     keep_real[:, -1] = True
     return keep_real

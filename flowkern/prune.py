@@ -22,12 +22,11 @@ chosen by ``rank``:
 - ``"random"``: a control; a random score per sequence position from ``torch.Generator().manual_seed(seed)``
   (identical rows get identical choices);
 - ``"none"``: the first ``k`` image tokens in sequence order;
-- ``"grid"``: a control, plain spatial downsampling: on each image grid of the model's layout
-  (:class:`flowkern.hf.segments.ImageGrid`, from :mod:`flowkern.hf.models`) every ``s``-th row and column, ``s`` the
-  smallest stride whose sub-grid has at most ``k`` cells, centred (a 24 x 24 grid at ``k = 64`` keeps rows and
-  columns 1, 4, ..., 22; at ``k = 1`` the cell (11, 11)); the ``k`` - (sub-grid) remaining tokens are every n-th other
-  cell in raster order,
-  so exactly ``k`` are kept. Several grids per sample (tiles, frames) share ``k`` in proportion to their sizes.
+- ``"grid"``: a control, plain spatial downsampling on each image grid of the model's layout (every ``s``-th row
+  and column, centred, topped up to exactly ``k``: :mod:`flowkern.scorers.controls`);
+- any other registered scorer (``"text-attention"``, ``"prerope-attention"``, ``"grid+attention"``:
+  :mod:`flowkern.scorers.attention`; :func:`flowkern.scorers.scorer_names`) or a :class:`flowkern.scorers.Scorer`
+  object: the ``k`` image tokens it scores highest (:mod:`flowkern.scoring` gathers what it reads).
 
 Removed tokens are never keys of layers ``>= L`` again: the first answer token and every decoded token see only
 the kept ones there. Kept tokens keep their RoPE / M-RoPE positions (the layer inputs ``cos``/``sin`` and
@@ -37,8 +36,9 @@ equals -- up to float rounding -- an attention-mask run in which layers ``>= L``
 
 **How.** A :class:`Pruning` is a listener on the model's session (:mod:`flowkern.hf.session`) and a record;
 the planning is pure (:mod:`flowkern.plan`). While it is attached the language model runs the ``"flowkern"``
-attention (the vision tower keeps its own). At a prefill it asks the session for layer ``L-1``'s row event
-(``rank="attention"``: the event carries the attention each key receives) and for a *narrowing* of the forward from
+attention (the vision tower keeps its own). At a prefill it asks the session for what the scorer reads
+(:class:`flowkern.scoring.StageScoring`; ``rank="attention"``: layer ``L-1``'s row event with the attention each key
+receives) and for a *narrowing* of the forward from
 layer ``L`` on; right before layer ``L`` runs the session calls the plan (which tokens to keep, the key map), compacts
 the hidden states in place (:func:`flowkern.compact_`) with the per-token layer inputs, and pushes the narrowed
 layers' key maps down to their attention. Layers ``>= L`` run on the shorter sequence and fill their KV cache with
@@ -78,6 +78,8 @@ import torch
 
 from flowkern import keymaps, plan
 from flowkern.plan import PruneSpec
+from flowkern.scorers import Scorer, scorer_to_json
+from flowkern.scoring import StageScoring
 from flowkern.timer import ForwardTimer
 
 if TYPE_CHECKING:
@@ -86,7 +88,7 @@ if TYPE_CHECKING:
 
 __all__ = ["prune", "Pruning", "compact_cache_"]
 
-Rank = Literal["attention", "random", "none", "grid"]
+Rank = str | Scorer
 When = Literal["prefill", "decode"]
 
 
@@ -178,14 +180,12 @@ def compact_cache_(
 class _Forward:
     """What pruning remembers of the outermost forward in flight."""
 
-    __slots__ = ("call", "prefill", "continuation", "need_scores", "scores")
+    __slots__ = ("call", "prefill", "continuation")
 
     def __init__(self, call: Call) -> None:
         self.call = call
         self.prefill = call.prefill
         self.continuation = False  # a cache-free forward that repeats the prompt plus generated tokens
-        self.need_scores = False
-        self.scores: torch.Tensor | None = None  # float32 [B, S] attention received at layer L-1
 
 
 class Pruning(ForwardTimer):
@@ -199,8 +199,8 @@ class Pruning(ForwardTimer):
     Filled at each prefill:
         keep_mask: bool ``[B, S]``: prompt tokens kept (text + kept image tokens; False for padding).
         image_mask: bool ``[B, S]``: the image (placeholder) tokens of the prompt.
-        scores: float32 ``[B, S]`` or None: attention each prompt token received from the last prompt row at layer
-            ``layer - 1`` (head mean; ``rank="attention"`` only).
+        scores: float32 ``[B, S]`` or None: the scorer's score of each prompt token (``rank="attention"``: the
+            attention it received from the last prompt row at layer ``layer - 1``, head mean); None with ``keep=0``.
         token_positions: long ``[B, Lmax]``: original position of each row of the compacted sequence (fillers
             included); ``keymap`` is the same with -1 at hidden fillers.
         prefill_seconds: wall time of the last prefill forward (the whole model, vision tower included).
@@ -232,12 +232,13 @@ class Pruning(ForwardTimer):
                 "of earlier layers (KV sharing), which a pruned layer range would narrow inconsistently, and its "
                 "sliding-window layers count key slots, not token positions"
             )
-        if spec.schedule is not None or spec.merge or not isinstance(spec.rank, str) or spec.rank not in plan.RANKS:
-            raise NotImplementedError("flowkern.prune runs one stage with a built-in rank (attention, random, none, "
-                                      "grid); schedules, merging and other scorers are not implemented yet")
+        if spec.schedule is not None or spec.merge:
+            raise NotImplementedError("flowkern.prune runs one stage; schedules and merging are not implemented yet")
         self.spec = spec
         self.layer = spec.resolve(self.num_layers, self.adapter.deepstack_layers(self.config), self.adapter.family)
         self.keep, self.rank, self.seed, self.when = spec.keep, spec.rank, spec.seed, spec.when
+        self.scoring = None if self.layer is None else StageScoring(model, spec.rank, layer=self.layer,
+                                                                    keep=spec.keep, seed=spec.seed)
         self._fwd: _Forward | None = None
         self._prompt_ids: torch.Tensor | None = None
         self._prompt_keep: torch.Tensor | None = None
@@ -276,7 +277,8 @@ class Pruning(ForwardTimer):
     def to_dict(self) -> dict:
         """JSON-able summary: settings, per-sample image-token counts and kept positions, timing."""
         out: dict[str, Any] = dict(
-            family=self.adapter.family, layer=self.layer, keep=self.keep, rank=self.rank, seed=self.seed,
+            family=self.adapter.family, layer=self.layer, keep=self.keep, rank=scorer_to_json(self.rank),
+            seed=self.seed,
             when=self.when, num_layers=self.num_layers, prefill_seconds=self.prefill_seconds,
             decode_steps=len(self.decode_seconds), decode_tokens_per_second=self.decode_tokens_per_second,
         )
@@ -321,18 +323,22 @@ class Pruning(ForwardTimer):
         if L is None:
             return
         self._start_prompt(call)
-        fwd.need_scores = self.rank == "attention" and self.keep != 0
-        if fwd.need_scores:
-            call.observe(self, [L - 1], key_mass=True)
+        self.scoring.request(call, self)
         if self.when == "prefill":
             call.narrow(L, self._narrowing)
 
     def on_row(self, event: RowEvent) -> None:
-        fwd = self._fwd
-        if fwd is not None and fwd.need_scores and fwd.scores is None:
-            fwd.scores = event.key_mass
+        if self.scoring is not None:
+            self.scoring.on_row(event)
 
     def on_return(self, call: Call) -> None:
+        try:
+            self._on_return(call)
+        finally:
+            if self.scoring is not None:
+                self.scoring.release()
+
+    def _on_return(self, call: Call) -> None:
         fwd, self._fwd = self._fwd, None
         if fwd is None or call.seconds is None:  # the forward raised
             return
@@ -379,35 +385,12 @@ class Pruning(ForwardTimer):
     def _decide(self, fwd: _Forward) -> torch.Tensor:
         """Kept prompt positions (bool [B, S]) at this prefill; records them."""
         image, real = self._need(self.image_mask), self._need(self._real)
-        if fwd.need_scores and fwd.scores is None:
-            raise RuntimeError(
-                f"flowkern.prune: layer {self.layer - 1}'s attention did not run through flowkern (was the attention "
-                "implementation changed inside the block?)"
-            )
-        scores = fwd.scores
-        if self.rank == "grid" and self.keep != 0:
-            scores = self._grid_scores(fwd.call, image, plan.num_to_keep(self.keep, image.sum(dim=1)))
-        keep_real = plan.prompt_keep(image, real, self.keep, self.rank, scores, self.seed)
+        positions = torch.arange(image.shape[1], device=image.device).expand(image.shape)
+        keep_real = self.scoring.keep(None, positions, image, real)
         self.keep_mask = keep_real
         self._prompt_keep = keep_real
-        self.scores = None if fwd.scores is None else fwd.scores.float()
+        self.scores = self.scoring.scores
         return keep_real
-
-    def _grid_scores(self, call: Call, image: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-        """``rank="grid"``: the image grids of the adapter's layout at this prompt, as scores
-        (:func:`flowkern.plan.grid_scores`)."""
-        from flowkern.hf.segments import IMAGE, USER
-
-        ids = self._need(self._prompt_ids)
-        segments = torch.where(image.to(ids.device), IMAGE, USER)
-        try:
-            grids = self.adapter.image_grids(self.config, ids.cpu(), segments.cpu(), call.layout_inputs)
-        except ValueError as exc:
-            raise ValueError(f"flowkern.prune(rank='grid') needs the image grid layout: {exc}") from None
-        positions = [torch.nonzero(row).flatten() for row in image.cpu()]
-        as_positions = [[torch.where(g.index >= 0, pos[g.index.clamp(min=0)], -1) if pos.numel() else g.index
-                         for g in views] for views, pos in zip(grids, positions, strict=True)]
-        return plan.grid_scores(as_positions, k.cpu(), image)
 
 
 def prune(
@@ -419,6 +402,7 @@ def prune(
     seed: int = 0,
     when: When = "prefill",
     timing: bool = True,
+    scorer: Rank | None = None,
 ) -> Pruning:
     """Remove image tokens from decoder layer ``layer`` on (hidden states and KV cache), as a context manager.
 
@@ -431,28 +415,36 @@ def prune(
         keep: image tokens kept per sample: 0 (drop all, the paper's k = 0), an int ``k`` (at most ``k``) or a float
             fraction in [0, 1] of the sample's image tokens (rounded half up).
         rank: which to keep: ``"attention"`` (received from the last prompt row at layer ``layer - 1``, head mean:
-            eq. 9-12), ``"random"`` (seeded control), ``"none"`` (the first ``k``) or ``"grid"`` (spatially uniform
-            downsampling on the image grid: the plain-downsampling control).
+            eq. 9-12), ``"random"`` (seeded control), ``"none"`` (the first ``k``), ``"grid"`` (spatially uniform
+            downsampling on the image grid: the plain-downsampling control), another registered scorer name
+            (:func:`flowkern.scorers.scorer_names`: ``"text-attention"``, ``"prerope-attention"``,
+            ``"grid+attention"``, ...) or a :class:`flowkern.scorers.Scorer` object.
         seed: seed of ``rank="random"``.
         when: ``"prefill"``: layers ``>= layer`` never see the removed tokens (the paper's truncation; faster
             prefill and decode). ``"decode"``: the prefill sees everything (the first answer token is the unpruned
             model's), then the cache of layers ``>= layer`` is compacted (:func:`compact_cache_`) for the decode steps.
         timing: synchronise CUDA around each forward so that ``prefill_seconds`` / ``decode_seconds`` are exact.
+        scorer: another name for ``rank`` (give one of them).
 
     Returns:
         a :class:`Pruning`, to use as ``with flowkern.prune(model, layer=L) as p: model.generate(...)``; it keeps its
         record after the block.
 
     Raises:
-        ValueError: bad arguments (``rank="attention"`` with ``layer=0`` and ``keep != 0``; a PruneSpec together
-            with other settings); the model family is not supported. NotImplementedError: DeepStack layers at or
+        ValueError: bad arguments (a scorer that reads layer ``layer - 1``'s attention, like ``rank="attention"``,
+            with ``layer=0`` and ``keep != 0``; ``rank`` and ``scorer`` both given; a PruneSpec together with other
+            settings); the model family is not supported. NotImplementedError: DeepStack layers at or
             after ``layer`` (Qwen3-VL); KV-shared layers (Gemma 4).
     """
     if not isinstance(model, torch.nn.Module):
         raise ValueError(f"model: expected a loaded Hugging Face VLM (a torch.nn.Module, e.g. from "
                          f"flowkern.hf.loading.load_model), got {type(model).__name__}")
+    if scorer is not None:
+        if not (isinstance(rank, str) and rank == "attention"):
+            raise ValueError("scorer: another name for rank; give one of them, not both")
+        rank = scorer
     if isinstance(layer, PruneSpec):
-        if (keep, rank, seed, when) != (0, "attention", 0, "prefill"):
+        if not isinstance(rank, str) or (keep, rank, seed, when) != (0, "attention", 0, "prefill"):
             raise ValueError("layer: pass either a PruneSpec or keep / rank / seed / when, not both")
         spec = layer
     else:

@@ -2,9 +2,11 @@
 built-in scorers, one module per family of criteria (each registers its scorers on import)."""
 
 from flowkern.scorers.base import (
+    ATTENTION_ROWS,
     NEEDS,
     ScoreInputs,
     Scorer,
+    check_scorer,
     get_scorer,
     register,
     scorer_from_json,
@@ -13,5 +15,5 @@ from flowkern.scorers.base import (
     select,
 )
 
-__all__ = ["NEEDS", "Scorer", "ScoreInputs", "get_scorer", "register", "scorer_from_json", "scorer_names",
-           "scorer_to_json", "select"]
+__all__ = ["ATTENTION_ROWS", "NEEDS", "Scorer", "ScoreInputs", "check_scorer", "get_scorer", "register",
+           "scorer_from_json", "scorer_names", "scorer_to_json", "select"]

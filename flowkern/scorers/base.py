@@ -35,8 +35,8 @@ from typing import Any, ClassVar
 
 import torch
 
-__all__ = ["NEEDS", "ScoreInputs", "Scorer", "register", "get_scorer", "scorer_names", "scorer_to_json",
-           "scorer_from_json", "select"]
+__all__ = ["NEEDS", "ATTENTION_ROWS", "ScoreInputs", "Scorer", "register", "check_scorer", "get_scorer",
+           "scorer_names", "scorer_to_json", "scorer_from_json", "select"]
 
 NEEDS = frozenset({
     "attention",           # float32 [B, S]: head-mean softmax probability each row (as a key) receives at layer L-1
@@ -129,16 +129,37 @@ def register(cls: type[Scorer]) -> type[Scorer]:
         raise ValueError(f"register: expected a Scorer subclass, got {cls!r}")
     if not cls.name or not isinstance(cls.name, str):
         raise ValueError(f"register: {cls.__name__}.name must be a non-empty string")
-    unknown = sorted(set(cls.needs) - NEEDS)
-    if unknown:
-        raise ValueError(f"register: {cls.__name__}.needs names {unknown}; known: {sorted(NEEDS)}")
-    if cls.attention_rows not in ATTENTION_ROWS:
-        raise ValueError(f"register: {cls.__name__}.attention_rows must be one of {ATTENTION_ROWS}")
+    if not isinstance(cls.needs, property):  # a property (a combination of scorers) is checked per object
+        _check_needs(f"register: {cls.__name__}", cls.needs, cls.attention_rows)
     other = _REGISTRY.get(cls.name)
     if other is not None and other.__qualname__ != cls.__qualname__:
         raise ValueError(f"register: the scorer name {cls.name!r} is taken by {other.__qualname__}")
     _REGISTRY[cls.name] = cls
     return cls
+
+
+def check_scorer(scorer: Scorer) -> Scorer:
+    """``scorer`` itself, after checking what it declares (:attr:`Scorer.needs` within :data:`NEEDS`, a known
+    :attr:`Scorer.attention_rows`): the check :func:`register` makes on a class, for an object whose declarations
+    depend on its fields.
+
+    Raises:
+        ValueError: not a Scorer, or a bad declaration (naming the scorer).
+    """
+    if not isinstance(scorer, Scorer):
+        raise ValueError(f"rank: expected a flowkern.scorers.Scorer, got {type(scorer).__name__}")
+    _check_needs(f"scorer {scorer.name or type(scorer).__name__!r}", scorer.needs, scorer.attention_rows)
+    return scorer
+
+
+def _check_needs(who: str, needs: Any, rows: Any) -> None:
+    if isinstance(needs, str) or not hasattr(needs, "__iter__"):
+        raise ValueError(f"{who}: needs must be a set of names from {sorted(NEEDS)}, got {needs!r}")
+    unknown = sorted(set(needs) - NEEDS)
+    if unknown:
+        raise ValueError(f"{who}: needs names {unknown}; known: {sorted(NEEDS)}")
+    if rows not in ATTENTION_ROWS:
+        raise ValueError(f"{who}: attention_rows must be one of {ATTENTION_ROWS}, got {rows!r}")
 
 
 def scorer_names() -> tuple[str, ...]:
@@ -156,7 +177,7 @@ def get_scorer(rank: str | Scorer, **params: Any) -> Scorer:
     if isinstance(rank, Scorer):
         if params:
             raise ValueError("rank: parameters go into the Scorer object, not beside it")
-        return rank
+        return check_scorer(rank)
     _load_builtins()
     cls = _REGISTRY.get(rank) if isinstance(rank, str) else None
     if cls is None:
