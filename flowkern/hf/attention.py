@@ -29,10 +29,9 @@ of every key, the layer's *key map* (int64 ``[B, Sk]``: the original token posit
 filler, when the layer's cache holds only some of the tokens, as after :func:`flowkern.prune`) with its key padding
 mask, and whether anyone listens to this layer. This function reads that state, computes, and -- only where
 asked -- emits one :class:`RowEvent` for the last query row (its per-segment mass and, on request, the
-attention each key receives, computed from the row's LSE, its mass per head, every query row's mass, and the
-attention each key receives on average from chosen query rows) to the session, which hands it to its
-listeners. It never calls back for labels and never knows who listens; without a state it is plain fused
-attention.
+attention each key receives, computed from the row's LSE, its mass per head, every query row's mass, and the key
+mass of chosen query rows) to the session, which hands it to its listeners. It never calls back for labels and never
+knows who listens; without a state it is plain fused attention.
 
 **Fast path.** A call nobody listens to needs only the attention output, from whichever kernel is faster for it:
 PyTorch's ``scaled_dot_product_attention`` (the same bottom-right causal softmax, GQA through ``enable_gqa``) where
@@ -54,6 +53,7 @@ import torch.nn.functional as F
 
 from flowkern import ops
 from flowkern.hf import compat
+from flowkern.hf.keymass import chosen_key_mass
 
 __all__ = [
     "ATTENTION_NAME",
@@ -62,7 +62,6 @@ __all__ = [
     "LayerState",
     "KeyMask",
     "RowEvent",
-    "chosen_key_mass",
     "flowkern_attention_forward",
     "flowkern_attention_mask",
     "register",
@@ -92,9 +91,8 @@ class RowEvent:
         head_mass: float32 ``[B, Hq, num_segments]``: ``mass`` per head, or None when no listener asked for it.
         rows: float32 ``[B, Sq, num_segments]``: the head-mean mass of *every* query row of the call (row ``i``
             stands at key position ``i + Sk - Sq``), or None when no listener asked for it.
-        chosen_key_mass: float32 ``[B, Sk]``: the probability each key receives, averaged over the heads and over
-            the query rows chosen by :attr:`LayerState.key_rows` (0 in a row that chose none), or None when no
-            listener chose rows.
+        chosen_key_mass: float32 ``[B, Sk]``: ``key_mass`` averaged over the query rows :attr:`LayerState.key_rows`
+            chooses (:func:`flowkern.hf.keymass.chosen_key_mass`), or None when no listener chose rows.
     """
 
     layer: int
@@ -124,8 +122,7 @@ class LayerState:
         key_mass: include ``key_mass`` in the event.
         per_head: include ``head_mass`` in the event.
         rows: include every query row's mass (``rows``) in the event.
-        key_rows: bool ``[B, T]`` over token positions (the call's past and new tokens; through ``keymap`` when
-            set): the query rows whose mean key mass the event carries as ``chosen_key_mass``, or None.
+        key_rows: bool ``[B, T]`` over token positions: the query rows of the event's ``chosen_key_mass``, or None.
         sink: receives the event.
     """
 
@@ -145,9 +142,8 @@ class LayerState:
     def clear(self) -> None:
         """Back to plain attention (nothing pushed)."""
         self.key_ids, self.num_segments, self.keymap, self.key_padding = None, 1, None, None
-        self.allowed = None
+        self.allowed = self.key_rows = None
         self.observe, self.key_mass, self.per_head, self.rows = False, False, False, False
-        self.key_rows = None
 
 
 class KeyMask(torch.Tensor):
@@ -419,8 +415,7 @@ def flowkern_attention_forward(
     if needs_grad or dropout > 0.0:
         out = _sdpa_output(query, key, value, kpm, causal, scale, dropout, rules)
         with torch.no_grad():
-            all_rows = state.rows or state.key_rows is not None
-            q_obs, k_obs = (query if all_rows else query[:, :, -1:]).detach(), key.detach()
+            q_obs, k_obs = query.detach()[:, :, 0 if state.rows or state.key_rows is not None else -1:], key.detach()
             _, lse_obs, mass = ops.segment_attention(
                 q_obs, k_obs, value.detach(), segments, nseg, causal=causal, key_padding_mask=kpm, scale=scale,
                 validate=False, per_head=per_head, **rules,
@@ -435,49 +430,19 @@ def flowkern_attention_forward(
     if not state.observe:
         return out.transpose(1, 2).contiguous(), None
     with torch.no_grad():
-        key_mass = chosen = None
         # the rows' own segments and table: the rules that produced their lse
-        cut = {} if allowed is None else dict(segment_ids=segments, num_segments=nseg, allowed=allowed,
-                                              validate=False)
-        if state.key_mass:
-            key_mass = ops.key_attention_mass(q_all[:, :, -1:], k_obs, lse_all[:, :, -1:], causal=causal,
-                                              key_padding_mask=kpm, scale=scale, **rules, **cut)
-        if state.key_rows is not None:
-            chosen = chosen_key_mass(q_all, k_obs, lse_all, state.key_rows, keymap, causal=causal,
-                                      key_padding_mask=kpm, scale=scale, **rules, **cut)
+        vis = dict(causal=causal, key_padding_mask=kpm, scale=scale, **rules) | ({} if allowed is None else dict(
+            segment_ids=segments, num_segments=nseg, allowed=allowed, validate=False))
+        key_mass = ops.key_attention_mass(q_all[:, :, -1:], k_obs, lse_all[:, :, -1:], **vis) if state.key_mass \
+            else None
+        chosen = None if state.key_rows is None else chosen_key_mass(q_all, k_obs, lse_all, state.key_rows, keymap,
+                                                                     **vis)
         if state.sink is not None:
             head_mass = mass[:, :, -1] if per_head else None
             mass = mass.mean(dim=1) if per_head else mass  # [B, Sq, nseg]
             state.sink(RowEvent(state.layer, mass[:, -1], key_mass, keymap, head_mass,
                                 mass if state.rows else None, chosen))
     return out.transpose(1, 2).contiguous(), None
-
-
-def chosen_key_mass(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, key_rows: torch.Tensor,
-                     keymap: torch.Tensor | None, **kwargs: Any) -> torch.Tensor:
-    """float32 ``[B, Sk]``: the key mass (:func:`flowkern.ops.key_attention_mass`) averaged over the heads and over
-    the query rows ``key_rows`` chooses, in one pass over every row: an unchosen row gets ``lse = -inf`` (it then
-    contributes 0) and the mean over the ``Sq`` rows is rescaled by ``Sq / chosen_b``.
-
-    Args:
-        q: ``[B, Hq, Sq, D]`` the call's query rows (row i at key position ``i + Sk - Sq``); k: ``[B, Hkv, Sk, D]``;
-            lse: float32 ``[B, Hq, Sq]`` their LSE.
-        key_rows: bool ``[B, T]`` over token positions; keymap: int64 ``[B, Sk]`` token position of each key
-            (-1 = hidden) or None (key j = token position ``j + T - Sk``).
-        kwargs: the visibility arguments of :func:`flowkern.ops.key_attention_mass` that produced ``lse``.
-    """
-    sq, sk = q.shape[2], k.shape[2]
-    rows = key_rows.to(q.device)
-    if keymap is not None:
-        on_keys = rows.gather(1, keymap.clamp(min=0).to(q.device)) & (keymap >= 0).to(q.device)
-    elif rows.shape[1] >= sk:
-        on_keys = rows[:, rows.shape[1] - sk:]
-    else:
-        raise RuntimeError(f"key_rows covers {rows.shape[1]} token positions but the layer has {sk} keys")
-    chosen = on_keys[:, sk - sq:]
-    lse = lse.masked_fill(~chosen[:, None, :], float("-inf"))
-    mass = ops.key_attention_mass(q, k, lse, **kwargs)
-    return mass * (sq / chosen.sum(dim=1).clamp(min=1).to(mass.dtype))[:, None]
 
 
 def flowkern_attention_mask(

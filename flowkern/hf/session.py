@@ -398,8 +398,7 @@ class Session:
             state.num_segments = num_segments if labels is not None else 1
             table = cuts.get(i) if cuts is not None else None
             state.allowed = None if table is None else table.to(dev)
-            wants = observers.get(i)
-            state.observe = bool(wants)
+            state.observe = bool(wants := observers.get(i))
             state.key_mass = any(w.key_mass for _, w in wants) if wants else False
             state.per_head = any(w.per_head for _, w in wants) if wants else False
             state.rows = any(w.rows for _, w in wants) if wants else False
