@@ -26,6 +26,7 @@ FLOORS: dict[str, int] = {
     "flowkern.kernels": 0,
     "flowkern.eval.tasks": 0,  # pure task scoring: no torch
     "flowkern.plan": 1,
+    "flowkern.scorers": 1,  # the scorer protocol and the built-in criteria (pure; flowkern.plan records them)
     "flowkern.keymaps": 1,
     "flowkern.viz": 1,
     "flowkern.viz_flow": 1,
@@ -36,6 +37,7 @@ FLOORS: dict[str, int] = {
     "flowkern.timer": 3,  # a listener
     "flowkern.trace": 4,
     "flowkern.prune": 4,
+    "flowkern.scoring": 4,  # what a pruning stage's scorer reads, gathered on the session (a listener's helper)
     "flowkern.knockout": 4,
     "flowkern.cam": 4,
     "flowkern.gradcam": 4,

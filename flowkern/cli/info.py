@@ -1,5 +1,5 @@
-"""``flowkern info``: versions, the built kernels, the backend each device uses and the supported model families with
-what works on each (no model needed).
+"""``flowkern info``: versions, the built kernels, the backend each device uses, the supported model families with
+what works on each and the pruning scorers (no model needed).
 
 .. code-block:: console
 
@@ -49,6 +49,11 @@ def run(args: argparse.Namespace) -> int:
 
         print("model families (trace / prune / cam / knockout):")
         print(support_table())
+    from flowkern.scorers import scorer_descriptions
+
+    print("pruning scorers (--rank):")
+    for name, what in scorer_descriptions().items():
+        print(f"  {name:<20} {what}")
     print(f"C++ CPU kernels (flowkern._C): {'built' if ops.cpp_available() else 'NOT built: ' + str(ops._CPP_ERROR)}")
     print(f"default backend on cpu: {ops.backend_for(torch.device('cpu'))}")
     if torch.cuda.is_available():

@@ -9,6 +9,7 @@ from flowkern.scorers.base import (
     check_scorer,
     get_scorer,
     register,
+    scorer_descriptions,
     scorer_from_json,
     scorer_names,
     scorer_to_json,
@@ -16,4 +17,4 @@ from flowkern.scorers.base import (
 )
 
 __all__ = ["ATTENTION_ROWS", "NEEDS", "Scorer", "ScoreInputs", "check_scorer", "get_scorer", "register",
-           "scorer_from_json", "scorer_names", "scorer_to_json", "select"]
+           "scorer_descriptions", "scorer_from_json", "scorer_names", "scorer_to_json", "select"]

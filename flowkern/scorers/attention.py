@@ -44,7 +44,7 @@ _ATTENTION_NEEDS = frozenset({"attention", "prerope_attention"})
 @register
 @dataclass(frozen=True)
 class Attention(Scorer):
-    """FastV: the attention each image token receives from the last prompt row at layer ``L-1`` (head mean)."""
+    """FastV: attention received from the last prompt row at layer ``L-1`` (head mean)."""
 
     name = "attention"
     needs = frozenset({"attention"})
@@ -58,8 +58,9 @@ class Attention(Scorer):
 @register
 @dataclass(frozen=True)
 class TextAttention(Scorer):
-    """SparseVLM-style relevance: the attention each image token receives at layer ``L-1``, averaged over the text
-    rows after the first image token and the heads."""
+    """SparseVLM-style: attention received at layer ``L-1`` from the text rows after the first image (mean).
+
+    Averaged over those query rows and the heads."""
 
     name = "text-attention"
     needs = frozenset({"attention"})
@@ -74,7 +75,7 @@ class TextAttention(Scorer):
 @register
 @dataclass(frozen=True)
 class PreRopeAttention(Scorer):
-    """FEATHER stage 1: FastV's score with layer ``L-1``'s queries and keys taken before the rotary embedding."""
+    """FEATHER stage 1: FastV's score with queries and keys taken before the rotary embedding."""
 
     name = "prerope-attention"
     needs = frozenset({"prerope_attention"})
@@ -153,8 +154,7 @@ class Union(Scorer):
 @register
 @dataclass(frozen=True)
 class GridAttention(Union):
-    """FEATHER's fix: half of ``k`` uniform on the image grid (``grid``), half the top of FastV's attention among
-    the others (``attention``)."""
+    """FEATHER's fix: half of ``k`` by ``grid``, the other half by ``attention`` among the rest."""
 
     name = "grid+attention"
     first: Any = field(default_factory=Grid)

@@ -36,7 +36,7 @@ from typing import Any, ClassVar
 import torch
 
 __all__ = ["NEEDS", "ATTENTION_ROWS", "ScoreInputs", "Scorer", "register", "check_scorer", "get_scorer",
-           "scorer_names", "scorer_to_json", "scorer_from_json", "select"]
+           "scorer_names", "scorer_descriptions", "scorer_to_json", "scorer_from_json", "select"]
 
 NEEDS = frozenset({
     "attention",           # float32 [B, S]: head-mean softmax probability each row (as a key) receives at layer L-1
@@ -168,6 +168,19 @@ def scorer_names() -> tuple[str, ...]:
     return tuple(_REGISTRY)
 
 
+def scorer_descriptions() -> dict[str, str]:
+    """``{name: the first paragraph of its class docstring, as plain text}`` of every registered scorer, in
+    :func:`scorer_names` order."""
+    import re
+
+    _load_builtins()
+    out = {}
+    for name, cls in _REGISTRY.items():
+        first = " ".join((cls.__doc__ or "").strip().split("\n\n")[0].split())
+        out[name] = re.sub(r":\w+:`~?([^`]+)`", r"\1", first).replace("``", "")
+    return out
+
+
 def get_scorer(rank: str | Scorer, **params: Any) -> Scorer:
     """The scorer a ``rank`` names: a registered name (built with ``params``), or a :class:`Scorer` as is.
 
@@ -243,9 +256,8 @@ def _load_builtins() -> None:
     """Import the built-in scorers' modules (each registers its scorers on import)."""
     import importlib
     import pkgutil
+    from pathlib import Path
 
-    import flowkern.scorers as pkg
-
-    for info in pkgutil.iter_modules(pkg.__path__):
+    for info in pkgutil.iter_modules([str(Path(__file__).parent)]):  # this package's modules, without importing it
         if info.name != "base" and not info.name.startswith("_"):
-            importlib.import_module(f"flowkern.scorers.{info.name}")
+            importlib.import_module(f"{__package__}.{info.name}")

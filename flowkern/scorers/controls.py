@@ -26,7 +26,7 @@ __all__ = ["Random", "First", "Grid", "grid_cells", "grid_scores"]
 @register
 @dataclass(frozen=True)
 class Random(Scorer):
-    """A seeded random score per original prompt position (the pruning seed, ``PruneSpec.seed``)."""
+    """A control: a seeded random score per prompt position (the pruning seed, ``PruneSpec.seed``)."""
 
     name = "random"
     needs = frozenset()
@@ -42,7 +42,7 @@ class Random(Scorer):
 @register
 @dataclass(frozen=True)
 class First(Scorer):
-    """The first ``k`` image tokens in sequence order."""
+    """A control: the first ``k`` image tokens in sequence order."""
 
     name = "none"
     needs = frozenset()
@@ -55,7 +55,7 @@ class First(Scorer):
 @register
 @dataclass(frozen=True)
 class Grid(Scorer):
-    """Spatially uniform downsampling of each image grid (the plain-downsampling control, :func:`grid_scores`)."""
+    """A control: spatially uniform downsampling of each image grid (:func:`grid_scores`)."""
 
     name = "grid"
     needs = frozenset({"grids"})
