@@ -294,6 +294,8 @@ class Pruning(ForwardTimer):
 
     def detach(self) -> None:
         self._fwd = None
+        if self.scoring is not None:
+            self.scoring.release()
         super().detach()
 
     # ------------------------------------------------------------------------------------------------------

@@ -253,6 +253,8 @@ class StageScoring:
             rows = None
             if self._rows is not None:
                 rows = self._rows.to(q.device).gather(1, positions.to(q.device)) & real.to(q.device)
+                chosen = torch.nonzero(rows.any(dim=0))
+                q = q[:, :, int(chosen[0]) if chosen.numel() else S - 1:]  # the rows from the first chosen one on
             else:
                 q = q[:, :, -1:]
             ids = torch.zeros(B, S, dtype=torch.int32, device=q.device)

@@ -4,8 +4,8 @@ the pre-RoPE scorer of :mod:`flowkern.scoring`).
 
 With ``P_h[i, j] = exp(q_i . k_j * scale - lse_i)`` (row i's softmax over the keys it sees) and ``C_b`` the chosen rows
 of sample b, the result is ``mean_h (1 / |C_b|) sum_{i in C_b} P_h[i, j]``. An unchosen row gets ``lse = -inf``, so it
-contributes 0 to the op's mean over all ``Sq`` rows, which is then rescaled by ``Sq / |C_b|`` (0 where ``C_b`` is
-empty).
+contributes 0 to the op's mean over the rows from the batch's first chosen one on, which is then rescaled by their
+count over ``|C_b|`` (0 where ``C_b`` is empty).
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ __all__ = ["chosen_key_mass"]
 def chosen_key_mass(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, key_rows: torch.Tensor,
                      keymap: torch.Tensor | None, **kwargs: Any) -> torch.Tensor:
     """float32 ``[B, Sk]``: the key mass (:func:`flowkern.ops.key_attention_mass`) averaged over the heads and over
-    the query rows ``key_rows`` chooses, in one pass over every row: an unchosen row gets ``lse = -inf`` (it then
-    contributes 0) and the mean over the ``Sq`` rows is rescaled by ``Sq / chosen_b``.
+    the query rows ``key_rows`` chooses, in one pass over the rows from the first chosen one on: an unchosen row gets
+    ``lse = -inf`` (it then contributes 0) and the mean over those rows is rescaled by their count over ``chosen_b``.
 
     Args:
         q: ``[B, Hq, Sq, D]`` the call's query rows (row i at key position ``i + Sk - Sq``); k: ``[B, Hkv, Sk, D]``;
@@ -41,6 +41,9 @@ def chosen_key_mass(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, key_row
     else:
         raise RuntimeError(f"key_rows covers {rows.shape[1]} token positions but the layer has {sk} keys")
     chosen = on_keys[:, sk - sq:]
+    start = int(torch.nonzero(chosen.any(dim=0))[0]) if bool(chosen.any()) else sq - 1
+    # the op takes the last rows of the sequence: rows before the first chosen one need not be computed
+    q, lse, chosen, sq = q[:, :, start:], lse[:, :, start:], chosen[:, start:], sq - start
     lse = lse.masked_fill(~chosen[:, None, :], float("-inf"))
     mass = ops.key_attention_mass(q, k, lse, **kwargs)
     return mass * (sq / chosen.sum(dim=1).clamp(min=1).to(mass.dtype))[:, None]

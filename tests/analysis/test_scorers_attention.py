@@ -298,6 +298,8 @@ def test_user_scorer_end_to_end(embeddings):
                                      else "test-hidden-norm")
     by_name = run("attention", scorer="test-hidden-norm")  # registered: by its name, through the alias keyword
     assert torch.equal(kept_image(by_name), top_k(c["hidden"][L].double().norm(dim=-1), img, K))
+    before = run(_HiddenNorm(embeddings=embeddings), layer=0)  # before the decoder: hidden = the input embeddings
+    assert torch.equal(kept_image(before), top_k(c["hidden"][0].double().norm(dim=-1), img, K))
 
 
 @dataclass(frozen=True)
