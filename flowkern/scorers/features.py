@@ -40,40 +40,48 @@ def cosine_similarity_matrix(hidden: torch.Tensor) -> torch.Tensor:
     return unit @ unit.transpose(1, 2)
 
 
-def greedy_max_min_order(hidden: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+def greedy_max_min_order(hidden: torch.Tensor, candidates: torch.Tensor,
+                         picks: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """DivPrune's greedy max-min selection order of each sample's candidates.
 
     With the cosine distance ``d(i, j) = 1 - cos(h_i, h_j)``: the first pick is the candidate farthest from its
     nearest other candidate (``argmax_i min_{j != i} d(i, j)``; a lone candidate is picked); each next pick is the
     unpicked candidate farthest from the picked set (``argmax_i min_{s in picked} d(i, s)``); ties go to the
-    earlier row. Every candidate is eventually picked.
+    earlier row.
 
     Args:
         hidden: ``[B, S, D]`` float.
         candidates: bool ``[B, S]``.
+        picks: stop after this many picks per sample (None: pick every candidate).
 
     Returns:
-        long ``[B, S]``: the step at which each candidate is picked (0 = first), -1 for non-candidates.
+        ``(order, gap)``: long ``[B, S]`` the step at which each candidate is picked (0 = first), -1 for
+        non-candidates and candidates not picked within ``picks``; and ``[B, S]`` the criterion of the next step at
+        each unpicked candidate (its distance to the nearest pick; with no pick yet, to its nearest other
+        candidate), ``-inf`` elsewhere.
     """
     B, S = candidates.shape
     dist = 1.0 - cosine_similarity_matrix(hidden)                          # [B, S, S]
-    inf = torch.tensor(float("inf"), dtype=dist.dtype, device=dist.device)
+    inf = float("inf")
     col_ok = candidates[:, None, :] & ~torch.eye(S, dtype=torch.bool, device=dist.device)
-    nearest = torch.where(col_ok, dist, inf).amin(dim=2)                  # nearest other candidate
-    order = torch.full((B, S), -1, dtype=torch.long, device=candidates.device)
-    remaining = candidates.clone()
+    nearest = torch.where(col_ok, dist, inf).amin(dim=2)                  # nearest other candidate (+inf: none)
+    # gap[b, i]: the criterion of candidate i at this step; -inf marks non-candidates and picked tokens for good
+    gap = nearest.masked_fill(~candidates, -inf)
+    unpicked = torch.full_like(gap, inf).masked_fill(~candidates, -inf)
     counts = candidates.sum(dim=1)
-    rows = torch.arange(B, device=candidates.device)
-    gap = nearest                                                          # step 0: distance to the nearest other
-    for step in range(int(counts.max()) if B else 0):
-        active = counts > step
-        pick = torch.where(remaining, gap, -inf).argmax(dim=1)            # first maximum: the earlier row on ties
-        pick_rows, picks = rows[active], pick[active]
-        order[pick_rows, picks] = step
-        remaining[pick_rows, picks] = False
-        from_pick = dist[rows, pick]                                       # [B, S] distance to this step's pick
-        gap = from_pick if step == 0 else torch.minimum(gap, from_pick)
-    return order
+    steps = int(counts.max()) if B else 0
+    steps = steps if picks is None else min(steps, max(int(picks), 0))
+    log = torch.empty(B, steps, dtype=torch.long, device=dist.device)
+    for step in range(steps):
+        pick = gap.argmax(dim=1, keepdim=True)                             # first maximum: the earlier row on ties
+        log[:, step:step + 1] = pick
+        from_pick = torch.gather(dist, 1, pick[..., None].expand(B, 1, S)).squeeze(1)
+        gap = torch.minimum(unpicked if step == 0 else gap, from_pick)    # distance to the nearest pick
+        gap.scatter_(1, pick, -inf)
+    order = torch.full((B, S + 1), -1, dtype=torch.long, device=dist.device)
+    valid = torch.arange(steps, device=dist.device) < counts[:, None]      # rows with fewer candidates stop early
+    order.scatter_(1, log.masked_fill(~valid, S), torch.arange(steps, device=dist.device).expand(B, steps))
+    return order[:, :S].to(candidates.device), gap.to(candidates.device)
 
 
 @register
@@ -87,8 +95,11 @@ class Diversity(Scorer):
     earlier token); keep the first ``k`` picks. The paper's first step is "farthest from the nearest other token";
     picks never repeat (a duplicate of a picked token has distance 0 and is picked only when nothing else is left).
 
-    Scores: ``n - step`` for the candidate picked at ``step`` (``n`` = the sample's candidate count), so
-    :func:`flowkern.scorers.select` with any ``k`` returns exactly the first ``k`` greedy picks; 0 elsewhere.
+    Scores: the greedy runs ``max(inputs.k)`` steps (each a pass over the batch, the selection being sequential);
+    the candidate picked at ``step`` scores ``3 + max(k) - step``, every other candidate its next-step criterion
+    (distance to the nearest pick, in ``[0, 2]``), so :func:`flowkern.scorers.select` with any ``k <= max(inputs.k)``
+    returns exactly the first ``k`` greedy picks (pass ``k`` = the candidate counts for the whole order); 0 at
+    non-candidates.
     """
 
     name = "diversity"
@@ -97,9 +108,11 @@ class Diversity(Scorer):
     def score(self, inputs: ScoreInputs) -> torch.Tensor:
         """float32 ``[B, S]``: higher = picked earlier by the greedy max-min selection (see the class)."""
         hidden = _hidden(inputs)
-        order = greedy_max_min_order(hidden, inputs.image.to(hidden.device))
-        n = inputs.image.sum(dim=1, keepdim=True).to(order.device)
-        return torch.where(order >= 0, n - order, 0).float()
+        image = inputs.image.to(hidden.device)
+        picks = int(inputs.k.max()) if inputs.k.numel() else 0
+        order, gap = greedy_max_min_order(hidden, image, picks)
+        rest = torch.where(image, gap.clamp(0.0, 2.0), 0.0)
+        return torch.where(order >= 0, 3.0 + picks - order, rest).float()
 
 
 @register

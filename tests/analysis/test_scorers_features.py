@@ -87,14 +87,19 @@ def _inputs(hidden, image, real, k=None) -> ScoreInputs:
 @given(seed=st.integers(0, 10_000), counts=st.lists(st.integers(0, 8), min_size=1, max_size=3))
 def test_diversity_is_the_greedy_set_for_every_k(seed, counts):
     hidden, image, real = _batch(seed, counts)
-    scores = Diversity().score(_inputs(hidden, image, real))
-    assert scores.dtype == torch.float32 and scores.shape == image.shape
+    B = len(counts)
+    oracle = [divprune_oracle([hidden[b, r] for r in torch.nonzero(image[b]).flatten().tolist()], counts[b])
+              for b in range(B)]
+    whole = Diversity().score(_inputs(hidden, image, real, torch.tensor(counts)))   # the whole greedy order
+    assert whole.dtype == torch.float32 and whole.shape == image.shape
     for kk in range(0, max(counts) + 2):
-        kept = select(scores, image, torch.full((len(counts),), kk))
-        for b in range(len(counts)):
-            rows = torch.nonzero(image[b]).flatten().tolist()
-            want = {rows[i] for i in divprune_oracle([hidden[b, r] for r in rows], kk)}
-            assert set(torch.nonzero(kept[b]).flatten().tolist()) == want, (b, kk)
+        k = torch.full((B,), kk)
+        for scores in (whole, Diversity().score(_inputs(hidden, image, real, k))):   # ... and only k steps
+            kept = select(scores, image, k)
+            for b in range(B):
+                rows = torch.nonzero(image[b]).flatten().tolist()
+                want = {rows[i] for i in oracle[b][:kk]}
+                assert set(torch.nonzero(kept[b]).flatten().tolist()) == want, (b, kk)
 
 
 def test_diversity_ties_and_duplicates_go_to_the_earlier_token():
@@ -102,9 +107,9 @@ def test_diversity_ties_and_duplicates_go_to_the_earlier_token():
     e = torch.eye(3, dtype=torch.float64)
     hidden = torch.stack([e[0], e[1], e[0], -e[0]])[None]
     image = torch.ones(1, 4, dtype=torch.bool)
-    scores = Diversity().score(_inputs(hidden, image, image))
-    # nearest-other distances: 0, 1, 0, 1 -> pick 1 first (tie with 3: earlier), then 3 (1 vs 0's 1: d(3,1)=1,
-    # d(0,1)=1, d(2,1)=1 -> earliest is 0) ...
+    scores = Diversity().score(_inputs(hidden, image, image, torch.tensor([4])))
+    # nearest-other distances 0, 1, 0, 1: pick 1 (tie with 3: the earlier); distances to {1}: 1, -, 1, 1: pick 0;
+    # to {1, 0}: row 2 is 0, row 3 is 1: pick 3, then 2
     oracle = divprune_oracle(list(hidden[0]), 4)
     order = torch.argsort(-scores[0], stable=True).tolist()
     assert order == oracle == [1, 0, 3, 2]
