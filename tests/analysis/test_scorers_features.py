@@ -203,12 +203,26 @@ def test_prune_spec_json_round_trip(rank):
 # cls: the vision tower's [CLS] attention
 
 
-def test_cls_scores_match_the_towers_eager_attention():
-    from flowkern.hf.tiny import IMAGE_TOKEN, tiny_vlm
+def _llava(tower_layers: int, feature_layer: int, strategy: str):
+    """A tiny LLaVA-1.5 (CLIP 8 px, patch 2: 16 patches + [CLS]) with a tower of ``tower_layers`` layers."""
+    from transformers import LlavaConfig
+
+    from flowkern.hf.tiny import IMAGE_TOKEN, build_model, clip_config, text_config
+
+    vision = dict(clip_config(8), num_hidden_layers=tower_layers)
+    return build_model(LlavaConfig(vision_config=vision, text_config=text_config(num_hidden_layers=1),
+                                   image_token_index=IMAGE_TOKEN, vision_feature_layer=feature_layer,
+                                   vision_feature_select_strategy=strategy))
+
+
+@pytest.mark.parametrize("tower_layers, feature_layer, strategy, layer",
+                         [(1, -1, "default", 0), (3, -2, "default", 1), (3, 2, "full", 1)])
+def test_cls_scores_match_the_towers_eager_attention(tower_layers, feature_layer, strategy, layer):
+    from flowkern.hf.tiny import IMAGE_TOKEN
     from flowkern.hf.tower import TowerCLS
 
-    model = tiny_vlm("llava")                     # CLIP 8 px, patch 2: 16 patches + [CLS]; feature layer -1 (= 0)
-    n = 16
+    model = _llava(tower_layers, feature_layer, strategy)
+    n = 16 + (strategy == "full")                 # image tokens per image: the patches (and the [CLS] with "full")
     ids = torch.tensor([[0, 0, 1, 5] + [IMAGE_TOKEN] * n + [6, 7],
                         [1, 5, 6] + [IMAGE_TOKEN] * n + [8, 9, 10]])
     pixels = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
@@ -217,13 +231,13 @@ def test_cls_scores_match_the_towers_eager_attention():
         model(input_ids=ids, pixel_values=pixels, attention_mask=ids != 0)
         model(input_ids=ids[:, -1:], attention_mask=torch.ones(2, 1, dtype=torch.long))   # a text-only forward
     scores = tower.scores_for(image)
-    assert tower.layer == 0 and tower.first == 1
+    assert (tower.layer, tower.first) == (layer, int(strategy == "default"))
 
     model.set_attn_implementation({"vision_config": "eager"})
     with torch.no_grad():
         out = model.model.vision_tower(pixels, output_attentions=True)
-    model.set_attn_implementation({"vision_config": "sdpa"})
-    want = out.attentions[tower.layer].double().mean(dim=1)[:, 0, 1:]            # [images, patches]
+    # FasterVLM / VisionZip read attentions[vision_feature_layer] for a negative index: the same layer
+    want = out.attentions[layer].double().mean(dim=1)[:, 0, 17 - n:]            # [images, image tokens]
     got = scores[image].double().view(2, n)
     assert (got - want).abs().max() <= 1e-5
     assert (scores[~image] == 0).all()
