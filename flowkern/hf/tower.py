@@ -121,19 +121,23 @@ class TowerCLS:
         """float32 ``[N, T]``: the last capture, one row per image the tower encoded (token 0 = [CLS]), or None."""
         return torch.cat(self._captured) if self._captured else None
 
-    def scores_for(self, image_mask: torch.Tensor) -> torch.Tensor:
+    def scores_for(self, image_mask: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
         """The captured [CLS] attention at the prompt's image tokens.
 
         Args:
             image_mask: bool ``[B, S]``: every image placeholder token of the prompt (as the model's forward
                 filled them with image features: sample after sample, image after image).
+            positions: optional long ``[B, R]``: the original prompt position of each row of a later stage
+                (:attr:`flowkern.scorers.ScoreInputs.positions`); the scores are then given for those rows
+                (a negative position, a filler, gets 0).
 
         Returns:
-            float32 ``[B, S]``: at each image token the [CLS] attention to the tower token it came from, 0
-            elsewhere. For the rows of a later pruning stage gather it with their original positions.
+            float32 ``[B, S]`` (``[B, R]`` with ``positions``): at each image token the [CLS] attention to the tower
+            token it came from, 0 elsewhere.
 
         Raises:
-            ValueError: nothing captured yet, or the image tokens do not match the captured images' tokens.
+            ValueError: nothing captured yet, or the image tokens do not match the captured images' tokens, or
+                ``positions`` of another batch size.
         """
         rows = self.attention_rows
         if rows is None:
@@ -148,4 +152,10 @@ class TowerCLS:
                              f"{rows.shape[0]} image(s) of {rows.shape[1] - self.first} tokens ({values.numel()})")
         out = torch.zeros(image_mask.shape, dtype=torch.float32, device=image_mask.device)
         out[image_mask] = values.to(out.device)
-        return out
+        if positions is None:
+            return out
+        if not isinstance(positions, torch.Tensor) or positions.dim() != 2 or positions.shape[0] != out.shape[0]:
+            raise ValueError(f"positions must be a long tensor [B={out.shape[0]}, R], got {positions!r:.80}")
+        pos = positions.to(out.device).long()
+        picked = torch.gather(out, 1, pos.clamp(0, out.shape[1] - 1))
+        return picked.masked_fill(pos < 0, 0.0)

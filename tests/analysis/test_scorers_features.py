@@ -241,6 +241,10 @@ def test_cls_scores_match_the_towers_eager_attention(tower_layers, feature_layer
     got = scores[image].double().view(2, n)
     assert (got - want).abs().max() <= 1e-5
     assert (scores[~image] == 0).all()
+    survivors = torch.tensor([[2, 3, 5, 9, 21], [-1, 0, 4, 18, 21]])      # a later stage's rows, a filler (-1)
+    later = tower.scores_for(image, survivors)
+    assert torch.equal(later[0], scores[0, survivors[0]])
+    assert later[1, 0] == 0 and torch.equal(later[1, 1:], scores[1, survivors[1, 1:]])
     inputs = dataclasses.replace(_inputs(None, image, ids != 0), cls_attention=scores)
     kept = select(CLS().score(inputs), image, torch.tensor([4, 4]))
     for b in range(2):
