@@ -163,10 +163,15 @@ class Duplicates(Scorer):
         image_rank = _rank_desc(norm, image)
         image_pivot = image & (image_rank < self.pivots)
         pivot = image_pivot | (text & (_rank_desc(norm, text) < self.text_pivots))
-        sim = cosine_similarity_matrix(h)                                  # [B, S, S]
-        neg = torch.tensor(float("-inf"), dtype=sim.dtype, device=sim.device)
-        dup = torch.where(pivot[:, None, :], sim, neg).amax(dim=2)        # closest pivot; -inf: no pivot
-        dup = torch.where(torch.isfinite(dup), dup, torch.zeros_like(dup))
+        # the pivots' rows, gathered (at most pivots + text_pivots per sample; unused slots masked)
+        slots = min(self.pivots + self.text_pivots, S)
+        piv_rows = torch.sort((~pivot).to(torch.uint8), dim=1, stable=True).indices[:, :slots]   # pivots first
+        piv_ok = torch.gather(pivot, 1, piv_rows)                          # [B, P]
+        unit = torch.nn.functional.normalize(h, dim=-1, eps=1e-12)
+        piv = torch.gather(unit, 1, piv_rows[..., None].expand(-1, -1, unit.shape[-1]))
+        sim = unit @ piv.transpose(1, 2)                                   # [B, S, P]
+        dup = sim.masked_fill(~piv_ok[:, None, :], float("-inf")).amax(dim=2) if slots else sim.new_zeros(h.shape[:2])
+        dup = torch.where(torch.isfinite(dup), dup, torch.zeros_like(dup))  # closest pivot; no pivot: 0
         out = torch.where(image, 1.0 - dup, torch.zeros_like(dup))        # in [0, 2]
         out = torch.where(image_pivot, 3.0 + (S - image_rank).to(out.dtype), out)
         return out.float()
