@@ -82,6 +82,9 @@ class ModelAdapter:
             (Qwen3-VL's ``vision_config.deepstack_visual_indexes``); pruning must start after them.
         sites: decoder-layer attribute of each LLaVA-CAM site (:data:`SITES`).
         nested_images: the processor takes a batch's images as one list per prompt (Gemma 3), not one flat list.
+        tower_patches: the image tokens are the vision tower's output tokens one to one, image after image
+            (LLaVA-1.5: the ``vision_feature_layer`` tokens, [CLS] dropped or kept by
+            ``vision_feature_select_strategy``): what :meth:`tower_cls` maps the tower's [CLS] attention through.
     """
 
     family: str
@@ -97,6 +100,7 @@ class ModelAdapter:
     deepstack: bool = False
     sites: Mapping[str, str] = field(default_factory=lambda: dict(SITES))
     nested_images: bool = False
+    tower_patches: bool = False
 
     def text_config(self, config: Any) -> Any:
         """The language model's config object (``config.<text_config_key>``)."""
@@ -228,12 +232,44 @@ class ModelAdapter:
         types = getattr(self.text_config(config), "layer_types", None) or ()
         return frozenset(i for i, t in enumerate(types) if t == LAYER_TYPES["linear"])
 
+    def tower_cls(self, config: Any) -> tuple[int, int]:
+        """``(layer, first)`` for the ``cls`` scorer: the vision tower's encoder layer (0-based) whose output feeds
+        the projector (``config.vision_feature_layer``: LLaVA-1.5's -2 is the penultimate layer), whose [CLS] row
+        attention ranks the patches, and the first tower token that is an image token (1: the [CLS] token is dropped,
+        ``vision_feature_select_strategy="default"``; 0: it is an image token too, ``"full"``).
+
+        Raises:
+            ValueError: the family's tower has no [CLS] token (SigLIP, Qwen-VL's ViT, Pixtral, ...), or its image
+                tokens are not the tower's tokens one to one (anyres tiles, pixel shuffle, Q-Former queries), or the
+                features come from several layers or from the embeddings.
+        """
+        vision = getattr(config, "vision_config", None)
+        tower = getattr(vision, "model_type", None)
+        if tower not in _CLS_TOWERS:
+            raise ValueError(f"rank='cls': {self.family}'s vision tower ({tower}) has no [CLS] token, so there is no "
+                             "[CLS] -> patch attention to rank image tokens by (FasterVLM / VisionZip need one)")
+        if not self.tower_patches:
+            raise ValueError(f"rank='cls': {self.family}'s image tokens are not its vision tower's patch tokens one to "
+                             "one (tiles, newline tokens, merged or resampled patches), so the tower's [CLS] "
+                             "attention cannot be mapped to them")
+        feature = getattr(config, "vision_feature_layer", -1)
+        n = int(vision.num_hidden_layers)
+        if isinstance(feature, bool) or not isinstance(feature, int) or not -n <= feature <= n or feature == 0:
+            raise ValueError(f"rank='cls': {self.family}'s vision_feature_layer={feature!r} is not one encoder layer "
+                             f"of the vision tower's {n}")
+        layer = n + feature if feature < 0 else feature - 1  # hidden_states[f] is the output of layer f - 1
+        return layer, int(getattr(config, "vision_feature_select_strategy", "default") == "default")
+
     def temporal_patch_size(self, config: Any) -> int:
         """Frames per flattened patch row for ``pixel_layout="patches"`` (1 otherwise)."""
         if self.pixel_layout != "patches":
             return 1
         return int(getattr(getattr(config, "vision_config", None), "temporal_patch_size", 1) or 1)
 
+
+_CLS_TOWERS = ("clip_vision_model", "internvl_vision", "instructblip_vision_model")
+"""Vision towers (``vision_config.model_type``) whose sequence starts with a [CLS] token
+(:meth:`ModelAdapter.tower_cls`)."""
 
 _QWEN_PLACEHOLDERS = ("image_token_id", "video_token_id")
 _QWEN_INPUTS = ("image_grid_thw", "video_grid_thw")
@@ -243,7 +279,7 @@ ADAPTERS: dict[str, ModelAdapter] = {
     for a in (
         # LLaVA-1.5 (vicuna v1 format) for exports without a chat template
         ModelAdapter("llava", ("llava",), ("image_token_id",), llava_layout,
-                     prompt_format="USER: {images}\n{prompt} ASSISTANT:"),
+                     prompt_format="USER: {images}\n{prompt} ASSISTANT:", tower_patches=True),
         ModelAdapter("llava_next", ("llava_next",), ("image_token_id",), llava_next_layout, ("image_sizes",)),
         ModelAdapter(
             "llava_onevision", ("llava_onevision",), ("image_token_id", "video_token_id"), llava_onevision_layout,
