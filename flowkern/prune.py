@@ -292,6 +292,10 @@ class Pruning(ForwardTimer):
             )
         return out
 
+    def install(self, session: Any, handles: list[Any]) -> None:
+        if self.scoring is not None:
+            self.scoring.install(handles)
+
     def detach(self) -> None:
         self._fwd = None
         if self.scoring is not None:

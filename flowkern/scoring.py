@@ -14,7 +14,9 @@ scorer's :attr:`~flowkern.scorers.Scorer.needs` name and nothing else:
   pre-hook on layer ``L``: :meth:`StageScoring._hidden_hook` is the one place that does it);
 - ``features``: the input embeddings of the prompt (the language model entry's ``inputs_embeds``; else what enters
   decoder layer 0);
-- ``grids``: the image grids of the adapter's layout (:mod:`flowkern.hf.models`), as row indices.
+- ``grids``: the image grids of the adapter's layout (:mod:`flowkern.hf.models`), as row indices;
+- ``cls_attention``: the vision tower's [CLS] -> patch attention (:class:`flowkern.hf.tower.TowerCLS`, hooked for as
+  long as the listener is attached: :meth:`StageScoring.install`), at each image row.
 
 ``segments`` (:func:`flowkern.hf.segments.label_prompt`) come with every call. When the stage runs,
 :meth:`StageScoring.keep` packs them into :class:`flowkern.scorers.ScoreInputs`, keeps per sample the ``k`` image
@@ -37,7 +39,7 @@ if TYPE_CHECKING:
 
 __all__ = ["StageScoring", "text_rows"]
 
-_PROVIDED = frozenset({"attention", "prerope_attention", "hidden", "features", "grids"})
+_PROVIDED = frozenset({"attention", "prerope_attention", "hidden", "features", "grids", "cls_attention"})
 
 
 def text_rows(image: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
@@ -89,9 +91,20 @@ class StageScoring:
         self.model = model
         self.adapter = get_adapter(model)
         self.config = model.config
+        self.tower = None
+        if "cls_attention" in self.needs:  # refused here, before any work, for a tower without [CLS]
+            from flowkern.hf.tower import TowerCLS
+
+            self.tower = TowerCLS(model)
         self.scores: torch.Tensor | None = None
         self._handles: list[Any] = []
         self._reset()
+
+    def install(self, handles: list[Any]) -> None:
+        """Hooks for as long as the listener is attached (the vision tower's [CLS] capture, which must see the
+        tower run before the language model); their handles go to ``handles``."""
+        if self.tower is not None:
+            handles.append(self.tower.install())
 
     def _reset(self) -> None:
         self._call: Call | None = None
@@ -221,6 +234,9 @@ class StageScoring:
                 -1, -1, features.shape[-1]))
         if "grids" in self.needs:
             fields["grids"] = self._grids(positions)
+        if "cls_attention" in self.needs:
+            assert self.tower is not None and self._image is not None
+            fields["cls_attention"] = self.tower.scores_for(self._image, positions).to(image.device)
         return ScoreInputs(layer=self.layer, image=image, real=real, k=k, positions=positions, seed=self.seed,
                            **fields)
 
