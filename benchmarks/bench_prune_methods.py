@@ -435,29 +435,51 @@ def fmt(x: dict, key: str, spec: str = ".2f", scale: float = 1.0) -> str:
     return "-" if key not in x else format(scale * x[key], spec)
 
 
+def why_not(x: dict) -> str | None:
+    """``skipped: <reason>`` / ``FAILED: <error>`` for a table cell, or None for a measured entry."""
+    if "skipped" in x:
+        return f"skipped: {x['skipped']} |"
+    return f"FAILED: {x['failed']} |" if "failed" in x else None
+
+
 def markdown_table(report: dict) -> str:
+    """Three tables: removal before the decoder, scorer overheads, the schedule vs one stage."""
     m = report["model"]
-    head = llava_caption(report) + (f"{m['image_tokens_per_image']} image tokens per image; "
-                                    f"{report['repeats']} rounds; fp32")
-    lines = [head, "", "| batch | what | prefill ms | LM prefill ms | speed-up (LM) | ideal | "
-             "speed-up / ideal (LM) | overhead (LM) | decode tok/s |", "|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [llava_caption(report) + f"{m['image_tokens_per_image']} image tokens per image, "
+             f"{report['results'][0]['prompt_tokens']}-token prompt; medians of {report['repeats']} rounds", "",
+             "| batch | keep | rows | ideal | prefill ms | speed-up | speed-up / ideal | LM ms | LM speed-up | "
+             "LM speed-up / ideal |", "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in report["results"]:
-        b = r["batch"]
-        entries = [("unpruned", r["unpruned"]), ("unpruned, flowkern attention", r["unpruned_flowkern"])]
-        entries += [(f"removal before the decoder, keep {x['keep']}", x) for x in r["removal"]]
-        entries += [(f"scorer {x['scorer']} at layer {x['layer']}" + (" (reference)" if x.get("reference") else ""), x)
-                    for x in r["scorers"]]
-        entries += [("schedule " + " ".join(f"{a}:{k}" for a, k in report["schedule"]), r["schedule"]),
-                    ("one stage, same average rows per layer", r["one_stage"])]
-        for what, x in entries:
-            if "skipped" in x or "failed" in x:
-                lines.append(f"| {b} | {what} | skipped: {x.get('skipped') or x.get('failed')} | | | | | | |")
-                continue
-            lines.append(
-                f"| {b} | {what} | {fmt(x, 'prefill_s', '.1f', 1e3)} | {fmt(x, 'lm_prefill_s', '.1f', 1e3)} | "
-                f"{fmt(x, 'prefill_speedup')}x ({fmt(x, 'lm_speedup')}x) | {fmt(x, 'ideal')} | "
-                f"{fmt(x, 'speedup_vs_ideal')} ({fmt(x, 'lm_speedup_vs_ideal')}) | "
-                f"{fmt(x, 'overhead', '+.1%')} ({fmt(x, 'lm_overhead', '+.1%')}) | {fmt(x, 'decode_tok_s', '.1f')} |")
+        u = r["unpruned"]
+        lines.append(f"| {r['batch']} | unpruned | {r['prompt_tokens']} | | {fmt(u, 'prefill_s', '.1f', 1e3)} | | | "
+                     f"{fmt(u, 'lm_prefill_s', '.1f', 1e3)} | | |")
+        for x in r["removal"]:
+            cells = why_not(x) or (
+                f"{x['pruned_length']} | {x['ideal']:.2f} | {1e3 * x['prefill_s']:.1f} | {x['prefill_speedup']:.2f}x | "
+                f"{x['speedup_vs_ideal']:.2f} | {1e3 * x['lm_prefill_s']:.1f} | {x['lm_speedup']:.2f}x | "
+                f"**{x['lm_speedup_vs_ideal']:.2f}** |")
+            lines.append(f"| {r['batch']} | {x['keep']} | {cells}")
+    lines += ["", f"Scorer overhead: prefill with the scorer / with `rank=\"none\"` - 1, keep {report['scorer_keep']}",
+              "", "| batch | layer | scorer | prefill ms | overhead | LM overhead |", "|---:|---:|---|---:|---:|---:|"]
+    for r in report["results"]:
+        for x in r["scorers"]:
+            cells = why_not(x) or (f"{1e3 * x['prefill_s']:.1f} | " + (
+                "(reference) | |" if x.get("reference") else
+                f"**{x['overhead']:+.1%}** | {x['lm_overhead']:+.1%} |"))
+            lines.append(f"| {r['batch']} | {x['layer']} | `{x['scorer']}` | {cells}")
+    stages = ", ".join(f"{a}:{k}" for a, k in report["schedule"])
+    lines += ["", f"Schedule {stages} vs one stage at layer {report['schedule'][0][0]} with the same average rows "
+              f"per layer (rank `{report['schedule_rank']}`), {report['results'][0]['new_tokens']} new tokens", "",
+              "| batch | setting | average rows per layer | prefill ms | prefill speed-up | decode tok/s | "
+              "decode speed-up |", "|---:|---|---:|---:|---:|---:|---:|"]
+    for r in report["results"]:
+        for what, x in (("unpruned", r["unpruned"]), ("schedule", r["schedule"]), ("one stage", r["one_stage"])):
+            if what == "one stage" and "spec" in x:
+                what = f"one stage, keep {x['spec']['keep']}"
+            cells = why_not(x) or (
+                f"{x['average_rows_per_layer']:.1f} | {1e3 * x['prefill_s']:.1f} | {x['prefill_speedup']:.2f}x | "
+                f"{fmt(x, 'decode_tok_s', '.1f')} | {fmt(x, 'decode_speedup')}x |")
+            lines.append(f"| {r['batch']} | {what} | {cells}")
     return "\n".join(lines)
 
 

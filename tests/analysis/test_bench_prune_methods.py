@@ -98,6 +98,8 @@ def test_sections_from_measured_variants() -> None:
     assert out["schedule_vs_one_stage"]["prefill_speedup"] > 0 and out["schedule"]["decode_tok_s"] > 0
     table = bench.markdown_table(dict(device="cpu-2core", device_name="x", threads=2, torch="t", transformers="t",
                                       dtype="float32", backend="cpp", repeats=2, schedule=[[2, 0.5]],
+                                      scorer_keep=0.25, schedule_rank="attention",
                                       model=dict(size="s", text_layers=32, hidden=512, image_tokens_per_image=576),
-                                      results=[dict(batch=1, **out)]))
-    assert "| 1 | removal before the decoder, keep 0.25 |" in table
+                                      results=[dict(batch=1, prompt_tokens=prompt, new_tokens=4, **out)]))
+    assert "| 1 | 0.25 | 208 | 3.08 | " in table and "| 1 | 0 | `attention` | skipped: " in table
+    assert "| 1 | 2 | `none` | 752.0 | (reference) |" in table and "| 1 | one stage, keep 134 | " in table
