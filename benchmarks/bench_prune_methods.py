@@ -26,7 +26,8 @@ after one untimed warm-up run per variant that also records how many rows each d
   of sequence rows each of the N decoder layers computes on at the prefill (the prompt length before the first
   stage, text + kept image tokens after it; hidden fillers of a padded batch counted), summed over the layers and
   divided by N, as measured by forward hooks on the decoder layers (text rows are the same in both, so this is also
-  the same average number of image tokens per layer). Prefill time and decode tokens/s (``--new-tokens`` steps).
+  the same average number of image tokens per layer). Prefill time and decode tokens/s (``--new-tokens`` tokens:
+  the prefill, then that many minus one decode steps).
 
 Times: prefill seconds from :class:`flowkern.timer.ForwardTimer`, the language model's from hooks on it; medians
 over ``--repeats`` rounds, ratios the medians of the per-round ratios. A variant this build cannot run (a refusal:
@@ -140,9 +141,12 @@ class Hooks:
         return hook
 
     def __enter__(self) -> Hooks:
+        # entered inside the pruning context: the clock starts before and stops after flowkern's own hooks on the
+        # language model; a layer's rows are read before any other hook on its output could replace it
         self._handles = [self.lm_module.register_forward_pre_hook(self._start, prepend=True),
                          self.lm_module.register_forward_hook(self._stop)]
-        self._handles += [layer.register_forward_hook(self._row(i)) for i, layer in enumerate(self.layers)]
+        self._handles += [layer.register_forward_hook(self._row(i), prepend=True)
+                          for i, layer in enumerate(self.layers)]
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -382,7 +386,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="smoke run: tiny shapes (64 image tokens), 1 repeat")
     ap.add_argument("--batches", default=None, help="comma-separated batch sizes (default 1,4; --quick 2)")
     ap.add_argument("--repeats", type=int, default=None, help="timed rounds (default 5; --quick 1)")
-    ap.add_argument("--new-tokens", type=int, default=8, help="decode steps of the schedule comparison (default 8)")
+    ap.add_argument("--new-tokens", type=int, default=None,
+                    help="tokens generated in the schedule comparison (default 8; --quick 2)")
     ap.add_argument("--scorer-layers", default="2,0", help="layers of the scorer overheads (default 2,0)")
     ap.add_argument("--scorer-keep", type=float, default=0.25, help="keep fraction of the scorer overheads")
     ap.add_argument("--schedule-rank", default="attention", help="the scorer of the schedule comparison")
@@ -391,6 +396,7 @@ def main() -> None:
     args = ap.parse_args()
     args.batches = [int(b) for b in (args.batches or ("2" if args.quick else "1,4")).split(",")]
     args.repeats = args.repeats or (1 if args.quick else 5)
+    args.new_tokens = args.new_tokens or (2 if args.quick else 8)
     args.scorer_layers = [int(x) for x in args.scorer_layers.split(",")]
     torch.set_num_threads(args.threads or os.cpu_count() or 1)
 
