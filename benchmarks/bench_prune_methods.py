@@ -285,7 +285,7 @@ def plan_variants(args: argparse.Namespace) -> tuple[dict[str, Variant], dict]:
             if isinstance(before, str):
                 entry: Any = {"skipped": before}
             elif layer == 0 and not before:
-                entry = {"skipped": f"{name} ranks by layer L-1's attention: it needs layer >= 1"}
+                entry = {"skipped": f"{name} does not rank before the decoder: it needs layer >= 1"}
             else:
                 try:
                     entry = pruned(PruneSpec(layer=layer, keep=args.scorer_keep, rank=name))

@@ -103,3 +103,42 @@ def test_sections_from_measured_variants() -> None:
                                       results=[dict(batch=1, prompt_tokens=prompt, new_tokens=4, **out)]))
     assert "| 1 | 0.25 | 208 | 3.08 | " in table and "| 1 | 0 | `attention` | skipped: " in table
     assert "| 1 | 2 | `none` | 752.0 | (reference) |" in table and "| 1 | one stage, keep 134 | " in table
+
+
+def test_every_registered_scorer_gets_a_setting(monkeypatch: Any) -> None:
+    """A scorer registered beside the built-ins is measured at every scorer layer it can rank at."""
+    import argparse
+    from dataclasses import dataclass
+    from typing import ClassVar
+
+    import torch
+
+    from flowkern.scorers import Scorer, base
+
+    bench = _load()
+    base.scorer_names()
+    monkeypatch.setattr(base, "_REGISTRY", dict(base._REGISTRY))
+
+    @dataclass(frozen=True)
+    class Late(Scorer):
+        name: ClassVar[str] = "test-late"
+        before_decoder: ClassVar[bool] = False
+
+        def score(self, inputs: Any) -> torch.Tensor:
+            return torch.zeros(inputs.image.shape)
+
+    @dataclass(frozen=True)
+    class Early(Late):
+        name: ClassVar[str] = "test-early"
+        before_decoder: ClassVar[bool] = True
+
+    base.register(Late)
+    base.register(Early)
+    args = argparse.Namespace(new_tokens=2, scorer_layers=[2, 0], scorer_keep=0.25, schedule_rank="attention")
+    variants, sections = bench.plan_variants(args)
+    scorers = sections["scorers"]
+    assert scorers[(2, "test-late")][0] == "L2 keep 0.25 test-late" and "needs layer >= 1" in scorers[(0, "test-late")][
+        0]["skipped"]
+    assert scorers[(0, "test-early")][0] == "L0 keep 0.25 test-early" and scorers[(0, "test-early")][1] == (
+        "L0 keep 0.25 none")
+    assert variants["L0 keep 0.25 test-early"].spec.rank == "test-early"
