@@ -244,7 +244,7 @@ def ranks_before_decoder(name: str) -> bool | str:
     except REFUSALS as exc:
         if name in ("attention", "random", "none", "grid"):  # the built-ins of a build without their Scorer classes
             return name != "attention"
-        return f"{type(exc).__name__}: {exc}"
+        return f"{name} cannot be built from its name alone (its registered presets are measured): {exc}"
     return bool(getattr(scorer, "before_decoder", True))
 
 
