@@ -71,7 +71,9 @@ outputs for the compacted sequence only: row ``i`` is the token at original posi
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
@@ -84,7 +86,7 @@ if TYPE_CHECKING:
     from flowkern.hf.attention import RowEvent
     from flowkern.hf.calls import Call
 
-__all__ = ["prune", "Pruning", "compact_cache_"]
+__all__ = ["prune", "Pruning", "StageRows", "compact_cache_"]
 
 Rank = Literal["attention", "random", "none", "grid"]
 When = Literal["prefill", "decode"]
@@ -175,6 +177,25 @@ def compact_cache_(
 # the listener
 
 
+@dataclass
+class StageRows:
+    """The rows entering one stage of a prefill: what the stage chooses its kept image tokens among.
+
+    Attributes:
+        positions: long ``[B, S_cur]`` original prompt position of each row.
+        image: bool ``[B, S_cur]`` the real image tokens among the rows (survivors of the earlier stages).
+        real: bool ``[B, S_cur]`` the real tokens (False: padding, hidden fillers of an earlier stage).
+        k: long ``[B]`` image tokens this stage keeps per sample (at most the surviving ones).
+        layer: the stage's first decoder layer (0: before the decoder).
+    """
+
+    positions: torch.Tensor
+    image: torch.Tensor
+    real: torch.Tensor
+    k: torch.Tensor
+    layer: int
+
+
 class _Forward:
     """What pruning remembers of the outermost forward in flight."""
 
@@ -184,25 +205,28 @@ class _Forward:
         self.call = call
         self.prefill = call.prefill
         self.continuation = False  # a cache-free forward that repeats the prompt plus generated tokens
-        self.need_scores = False
-        self.scores: torch.Tensor | None = None  # float32 [B, S] attention received at layer L-1
+        self.need_scores: frozenset[int] = frozenset()  # layers whose row event carries the ranking
+        self.scores: dict[int, torch.Tensor] = {}  # layer -> float32 [B, S_cur] attention each key received
 
 
 class Pruning(ForwardTimer):
-    """Context manager that removes image tokens from decoder layer ``layer`` on, and its record.
-    Create it with :func:`prune`.
+    """Context manager that removes image tokens from decoder layer ``layer`` on (or at each stage of a schedule),
+    and its record. Create it with :func:`prune`.
 
     Attributes:
-        spec: the setting (:class:`flowkern.plan.PruneSpec`); ``layer`` is its layer in ``[0, num_layers)``, and
-            ``keep``, ``rank``, ``seed``, ``when`` are its fields.
+        spec: the setting (:class:`flowkern.plan.PruneSpec`); ``stages`` its resolved stages ``((layer, keep), ...)``
+            with layers in ``[0, num_layers)``; ``layer`` the first stage's layer, and ``keep``, ``rank``, ``seed``,
+            ``when`` the spec's fields.
 
     Filled at each prefill:
-        keep_mask: bool ``[B, S]``: prompt tokens kept (text + kept image tokens; False for padding).
+        keep_mask: bool ``[B, S]``: prompt tokens kept after the last stage (text + kept image tokens; False for
+            padding); ``stage_keep_masks``: the same after each stage.
         image_mask: bool ``[B, S]``: the image (placeholder) tokens of the prompt.
         scores: float32 ``[B, S]`` or None: attention each prompt token received from the last prompt row at layer
-            ``layer - 1`` (head mean; ``rank="attention"`` only).
-        token_positions: long ``[B, Lmax]``: original position of each row of the compacted sequence (fillers
-            included); ``keymap`` is the same with -1 at hidden fillers.
+            ``layer - 1`` (head mean; ``rank="attention"`` only; the first stage's, NaN at rows it did not see).
+        stage_inputs: one :class:`StageRows` per stage that ran: the rows it chose among.
+        token_positions: long ``[B, Lmax]``: original position of each row of the compacted sequence after the last
+            stage (fillers included); ``keymap`` is the same with -1 at hidden fillers.
         prefill_seconds: wall time of the last prefill forward (the whole model, vision tower included).
         decode_seconds: wall time of each later forward (decode step) since that prefill.
         batch_size: B of the last forward.
@@ -232,18 +256,23 @@ class Pruning(ForwardTimer):
                 "of earlier layers (KV sharing), which a pruned layer range would narrow inconsistently, and its "
                 "sliding-window layers count key slots, not token positions"
             )
-        if spec.schedule is not None or spec.merge or not isinstance(spec.rank, str) or spec.rank not in plan.RANKS:
-            raise NotImplementedError("flowkern.prune runs one stage with a built-in rank (attention, random, none, "
-                                      "grid); schedules, merging and other scorers are not implemented yet")
+        if spec.merge or not isinstance(spec.rank, str) or spec.rank not in plan.RANKS:
+            raise NotImplementedError("flowkern.prune ranks with a built-in rank (attention, random, none, grid); "
+                                      "merging and other scorers are not implemented yet")
         self.spec = spec
-        self.layer = spec.resolve(self.num_layers, self.adapter.deepstack_layers(self.config), self.adapter.family)
+        self.stages = spec.resolve_stages(self.num_layers, self.adapter.deepstack_layers(self.config),
+                                          self.adapter.family)
+        self.layer = self.stages[0][0] if self.stages else None
         self.keep, self.rank, self.seed, self.when = spec.keep, spec.rank, spec.seed, spec.when
         self._fwd: _Forward | None = None
         self._prompt_ids: torch.Tensor | None = None
-        self._prompt_keep: torch.Tensor | None = None
         self._real: torch.Tensor | None = None
+        self._rows: tuple[torch.Tensor, torch.Tensor] | None = None  # (positions, keymap) of the current rows
+        self._last_keep: torch.Tensor | None = None  # the last stage's decision over its rows
         # the record
         self.keep_mask: torch.Tensor | None = None
+        self.stage_keep_masks: list[torch.Tensor] = []
+        self.stage_inputs: list[StageRows] = []
         self.image_mask: torch.Tensor | None = None
         self.scores: torch.Tensor | None = None
         self.token_positions: torch.Tensor | None = None
@@ -259,12 +288,12 @@ class Pruning(ForwardTimer):
 
     @property
     def num_kept_image_tokens(self) -> torch.Tensor:
-        """long ``[B]``: image tokens kept per sample (layers >= ``layer`` see only these)."""
+        """long ``[B]``: image tokens kept per sample after the last stage (the last layers see only these)."""
         return (self._need(self.image_mask) & self._need(self.keep_mask)).sum(dim=1).cpu()
 
     @property
     def kept_image_positions(self) -> list[torch.Tensor]:
-        """Per sample, long ``[k_b]``: prompt positions of the kept image tokens, ascending."""
+        """Per sample, long ``[k_b]``: prompt positions of the image tokens kept after the last stage, ascending."""
         kept = (self._need(self.image_mask) & self._need(self.keep_mask)).cpu()
         return [torch.nonzero(row).flatten() for row in kept]
 
@@ -274,13 +303,20 @@ class Pruning(ForwardTimer):
         return value
 
     def to_dict(self) -> dict:
-        """JSON-able summary: settings, per-sample image-token counts and kept positions, timing."""
+        """JSON-able summary: settings, per-sample image-token counts and kept positions (after the last stage), per
+        stage its layer, keep and kept image-token counts, timing."""
         out: dict[str, Any] = dict(
             family=self.adapter.family, layer=self.layer, keep=self.keep, rank=self.rank, seed=self.seed,
             when=self.when, num_layers=self.num_layers, prefill_seconds=self.prefill_seconds,
             decode_steps=len(self.decode_seconds), decode_tokens_per_second=self.decode_tokens_per_second,
         )
-        if self.image_mask is not None and self.keep_mask is not None:
+        image = self.image_mask
+        out["stages"] = [
+            dict(layer=layer, keep=keep, num_kept_image_tokens=None if image is None or i >= len(self.stage_keep_masks)
+                 else (image & self.stage_keep_masks[i]).sum(dim=1).cpu().tolist())
+            for i, (layer, keep) in enumerate(self.stages)
+        ]
+        if image is not None and self.keep_mask is not None:
             out.update(
                 num_image_tokens=self.num_image_tokens.tolist(),
                 num_kept_image_tokens=self.num_kept_image_tokens.tolist(),
@@ -302,50 +338,62 @@ class Pruning(ForwardTimer):
         super().on_call(call)
         fwd = _Forward(call)
         self._fwd = fwd
-        if not call.prefill:
-            return  # the session extends the cache's key maps and pushes them down
-        L = self.layer
+        if not call.prefill or not self.stages:
+            return  # a decode step: the session extends the cache's key maps and pushes them down
         continuation = (call.use_cache is False and call.cache is None
                         and plan.is_continuation(call.ids, self._prompt_ids))
         fwd.continuation = continuation
-        if continuation:  # generate(use_cache=False): the whole sequence again; keep the prompt's decision
+        if continuation:  # generate(use_cache=False): the whole sequence again; keep the prompt's decisions
             if self.when == "decode":
                 raise NotImplementedError("flowkern.prune(when='decode') needs a KV cache (use_cache=True)")
             n_prompt = self._prompt_ids.shape[1]
             ids, mask = call.ids, call.mask
             new = mask[:, n_prompt:].bool() if mask is not None else torch.ones(
                 ids.shape[0], ids.shape[1] - n_prompt, dtype=torch.bool, device=ids.device)
-            keep_real = torch.cat([self._prompt_keep.to(ids.device), new.to(ids.device)], dim=1)
-            call.narrow(L, lambda: keymaps.narrowing(keep_real, compact=L > 0))
-            return
-        if L is None:
+            real = torch.cat([self._need(self._real), new.to(ids.device)], dim=1)
+            self._start_rows(real)
+            for i, (layer, _) in enumerate(self.stages):
+                keep = torch.cat([self.stage_keep_masks[i].to(ids.device), new.to(ids.device)], dim=1)
+                call.narrow(layer, functools.partial(self._replay, keep))
             return
         self._start_prompt(call)
-        fwd.need_scores = self.rank == "attention" and self.keep != 0
-        if fwd.need_scores:
-            call.observe(self, [L - 1], key_mass=True)
+        self._request(call)
         if self.when == "prefill":
-            call.narrow(L, self._narrowing)
+            for i, (layer, _) in enumerate(self.stages):
+                call.narrow(layer, functools.partial(self._narrowing, i))
+
+    def _request(self, call: Call) -> None:
+        """Ask for the row events the stages rank by: layer ``L-1``'s attention received (``rank="attention"``)."""
+        fwd = self._fwd
+        assert fwd is not None
+        if self.rank == "attention":
+            fwd.need_scores = frozenset(layer - 1 for layer, keep in self.stages if keep != 0)
+        if fwd.need_scores:
+            call.observe(self, sorted(fwd.need_scores), key_mass=True)
 
     def on_row(self, event: RowEvent) -> None:
         fwd = self._fwd
-        if fwd is not None and fwd.need_scores and fwd.scores is None:
-            fwd.scores = event.key_mass
+        if fwd is not None and event.layer in fwd.need_scores and event.layer not in fwd.scores:
+            fwd.scores[event.layer] = event.key_mass
 
     def on_return(self, call: Call) -> None:
-        fwd, self._fwd = self._fwd, None
+        fwd = self._fwd
         if fwd is None or call.seconds is None:  # the forward raised
+            self._fwd = None
             return
         prefill = fwd.prefill and not fwd.continuation
         self.record(call.seconds, prefill=prefill)
-        if prefill and self.layer is not None and self.when == "decode":
-            keep_mask = self._decide(fwd)
-            cache = call.cache if call.cache is not None else call.output_cache
-            if cache is not None:
-                self.keymap = compact_cache_(cache, keep_mask, range(self.layer, self.num_layers))
+        try:
+            if prefill and self.stages and self.when == "decode":
+                keep_mask = self._stage_keep(0, None)
+                cache = call.cache if call.cache is not None else call.output_cache
+                if cache is not None:
+                    self.keymap = compact_cache_(cache, keep_mask, range(self.layer, self.num_layers))
+        finally:
+            self._fwd = None
 
     # ------------------------------------------------------------------------------------------------------
-    # planning (pure functions in flowkern.plan)
+    # planning: which rows each stage keeps
 
     def _start_prompt(self, call: Call) -> None:
         ids, mask, n_new = call.ids, call.mask, call.length
@@ -364,34 +412,101 @@ class Pruning(ForwardTimer):
         self.image_mask = torch.isin(ids, placeholders) & real
         self._real = real
         self.keep_mask = None
+        self.stage_keep_masks = []
+        self.stage_inputs = []
         self.scores = None
         self.token_positions = None
         self.keymap = None
-        self._prompt_keep = None
+        self._start_rows(real)
 
-    def _narrowing(self) -> keymaps.Narrowing:
-        """Called by the session right before layer ``layer`` runs at the prefill: what it keeps."""
-        assert self._fwd is not None and self.layer is not None
-        narrowing = keymaps.narrowing(self._decide(self._fwd), compact=self.layer > 0)
-        self.token_positions, self.keymap = narrowing.index, narrowing.keymap
-        return narrowing
+    def _start_rows(self, real: torch.Tensor) -> None:
+        B, S = real.shape
+        positions = torch.arange(S, device=real.device).expand(B, S)
+        self._rows = positions, torch.where(real, positions, -1)
 
-    def _decide(self, fwd: _Forward) -> torch.Tensor:
-        """Kept prompt positions (bool [B, S]) at this prefill; records them."""
-        image, real = self._need(self.image_mask), self._need(self._real)
-        if fwd.need_scores and fwd.scores is None:
-            raise RuntimeError(
-                f"flowkern.prune: layer {self.layer - 1}'s attention did not run through flowkern (was the attention "
-                "implementation changed inside the block?)"
-            )
-        scores = fwd.scores
-        if self.rank == "grid" and self.keep != 0:
-            scores = self._grid_scores(fwd.call, image, plan.num_to_keep(self.keep, image.sum(dim=1)))
-        keep_real = plan.prompt_keep(image, real, self.keep, self.rank, scores, self.seed)
-        self.keep_mask = keep_real
-        self._prompt_keep = keep_real
-        self.scores = None if fwd.scores is None else fwd.scores.float()
-        return keep_real
+    def _stage_rows(self, stage: int) -> StageRows:
+        """The rows entering stage ``stage``: what survived the earlier ones."""
+        positions, keymap = self._need_rows()
+        real = keymap >= 0
+        image = self._need(self.image_mask).to(positions.device).gather(1, positions) & real
+        layer, keep = self.stages[stage]
+        k = plan.num_to_keep(keep, self._need(self.image_mask).sum(dim=1)).to(positions.device)
+        return StageRows(positions, image, real, torch.minimum(k, image.sum(dim=1)), layer)
+
+    def _need_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._rows is None:
+            raise RuntimeError("flowkern.prune: a stage ran before the prompt was seen")
+        return self._rows
+
+    def _narrowing(self, stage: int, hidden: torch.Tensor) -> keymaps.Narrowing:
+        """Called by the session right before stage ``stage``'s first layer runs at the prefill: what it keeps."""
+        self._stage_keep(stage, hidden)
+        return self._narrow(self._last_keep)
+
+    def _replay(self, keep: torch.Tensor, hidden: torch.Tensor) -> keymaps.Narrowing:
+        """A cache-free continuation: the stage keeps what it kept at the prompt (``keep`` bool ``[B, S']`` over
+        original positions, new tokens True)."""
+        positions, keymap = self._need_rows()
+        return self._narrow(keep.to(positions.device).gather(1, positions) & (keymap >= 0))
+
+    def _narrow(self, keep: torch.Tensor) -> keymaps.Narrowing:
+        """The narrowing that keeps the current rows ``keep`` (bool ``[B, S_cur]``); moves on to its rows."""
+        narrowed = keymaps.narrowing(keep)
+        positions, keymap = keymaps.compose(*self._need_rows(), narrowed)
+        self._rows = positions, keymap
+        if self._fwd is not None and not self._fwd.continuation:
+            self.token_positions, self.keymap = positions, keymap
+        return narrowed
+
+    def _stage_keep(self, stage: int, hidden: torch.Tensor | None) -> torch.Tensor:
+        """Decide stage ``stage`` over its rows; records it. Returns the prompt positions kept after it, bool
+        ``[B, S]`` (the rows' decision is left in ``_last_keep``)."""
+        rows = self._stage_rows(stage)
+        self.stage_inputs.append(rows)
+        chosen = self._choose(stage, hidden, rows)
+        keep = rows.real & (~rows.image | chosen)
+        keep[:, -1] = True  # each row's last prompt token produces the next token
+        self._last_keep = keep
+        kept = torch.zeros_like(self._need(self._real), dtype=torch.bool)
+        kept = kept.to(keep.device).scatter(1, rows.positions, keep)
+        self.stage_keep_masks.append(kept)
+        self.keep_mask = kept
+        return kept
+
+    def _choose(self, stage: int, hidden: torch.Tensor | None, rows: StageRows) -> torch.Tensor:
+        """Which image rows stage ``stage`` keeps: bool ``[B, S_cur]`` over the rows entering it (``rows``), at most
+        ``rows.k[b]`` True per row, only at ``rows.image``.
+
+        ``hidden``: float ``[B, S_cur, D]`` the hidden states entering the stage's layer (the input embeddings at
+        layer 0); None when deciding after a full prefill (``when="decode"``).
+        """
+        if not bool(rows.k.any()):
+            return torch.zeros_like(rows.image)
+        S = self._need(self._real).shape[1]
+        if self.rank == "attention":
+            fwd = self._fwd
+            scores = None if fwd is None else fwd.scores.get(rows.layer - 1)
+            if scores is None:
+                raise RuntimeError(
+                    f"flowkern.prune: layer {rows.layer - 1}'s attention did not run through flowkern (was the "
+                    "attention implementation changed inside the block?)"
+                )
+            scores = scores.float().to(rows.positions.device)
+            if self.scores is None:
+                self.scores = torch.full((rows.positions.shape[0], S), float("nan"), device=scores.device).scatter(
+                    1, rows.positions, scores)
+        elif self.rank == "random":  # one draw per original position: the same token gets the same score each stage
+            drawn = torch.rand(S, generator=torch.Generator().manual_seed(int(self.seed)))
+            scores = drawn.to(rows.positions.device)[rows.positions]
+        elif self.rank == "grid":
+            fwd = self._fwd
+            assert fwd is not None
+            image = self._need(self.image_mask)
+            k = plan.num_to_keep(self.stages[stage][1], image.sum(dim=1))
+            scores = self._grid_scores(fwd.call, image, k).to(rows.positions.device).gather(1, rows.positions)
+        else:  # "none": the first k in prompt order
+            scores = -rows.positions.float()
+        return _top_k(rows.image, rows.k, scores)
 
     def _grid_scores(self, call: Call, image: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         """``rank="grid"``: the image grids of the adapter's layout at this prompt, as scores
@@ -410,6 +525,15 @@ class Pruning(ForwardTimer):
         return plan.grid_scores(as_positions, k.cpu(), image)
 
 
+def _top_k(image: torch.Tensor, k: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+    """bool ``[B, S]``: the ``k[b]`` image rows of each row with the highest ``scores`` (ties: the earlier row)."""
+    B, S = image.shape
+    s = scores.float().masked_fill(~image, float("-inf"))
+    order = torch.sort(s, dim=1, descending=True, stable=True).indices
+    place = torch.empty_like(order).scatter_(1, order, torch.arange(S, device=image.device).expand(B, S))
+    return image & (place < k.to(image.device)[:, None])
+
+
 def prune(
     model: torch.nn.Module,
     layer: int | PruneSpec | None = None,
@@ -418,16 +542,17 @@ def prune(
     rank: Rank = "attention",
     seed: int = 0,
     when: When = "prefill",
+    schedule: Iterable[tuple[int, int | float]] | None = None,
     timing: bool = True,
 ) -> Pruning:
     """Remove image tokens from decoder layer ``layer`` on (hidden states and KV cache), as a context manager.
 
     Args:
         model: a supported Hugging Face VLM (``flowkern.hf.models.supported_model_types()``).
-        layer: first decoder layer without the removed tokens, 0-based (the paper's layer ``layer + 1``); negative
-            counts from the end. None: prune nothing at prefill, only serve caches compacted by
-            :func:`compact_cache_`. Or a whole setting, a :class:`flowkern.plan.PruneSpec` (then leave ``keep``,
-            ``rank``, ``seed`` and ``when`` at their defaults): ``flowkern.prune(model, PruneSpec(layer=2))``.
+        layer: first decoder layer without the removed tokens, 0-based (the paper's layer ``layer + 1``; 0 = before
+            the decoder: the language model runs on the shorter sequence); negative counts from the end. None: prune
+            nothing at prefill, only serve caches compacted by :func:`compact_cache_`. Or a whole setting, a
+            :class:`flowkern.plan.PruneSpec` (then leave the other settings at their defaults).
         keep: image tokens kept per sample: 0 (drop all, the paper's k = 0), an int ``k`` (at most ``k``) or a float
             fraction in [0, 1] of the sample's image tokens (rounded half up).
         rank: which to keep: ``"attention"`` (received from the last prompt row at layer ``layer - 1``, head mean:
@@ -437,6 +562,9 @@ def prune(
         when: ``"prefill"``: layers ``>= layer`` never see the removed tokens (the paper's truncation; faster
             prefill and decode). ``"decode"``: the prefill sees everything (the first answer token is the unpruned
             model's), then the cache of layers ``>= layer`` is compacted (:func:`compact_cache_`) for the decode steps.
+        schedule: instead of ``layer`` / ``keep``: stages ``[(layer, keep), ...]``, layers strictly increasing; each
+            stage keeps, among the image tokens that survived the earlier ones, ``keep`` (an int = at most that many,
+            a float = that fraction of the sample's image tokens in the prompt) ranked at its layer.
         timing: synchronise CUDA around each forward so that ``prefill_seconds`` / ``decode_seconds`` are exact.
 
     Returns:
@@ -444,17 +572,18 @@ def prune(
         record after the block.
 
     Raises:
-        ValueError: bad arguments (``rank="attention"`` with ``layer=0`` and ``keep != 0``; a PruneSpec together
-            with other settings); the model family is not supported. NotImplementedError: DeepStack layers at or
-            after ``layer`` (Qwen3-VL); KV-shared layers (Gemma 4).
+        ValueError: bad arguments (``rank="attention"`` with ``layer=0`` and ``keep != 0``; ``when="decode"`` with
+            ``layer=0``; a PruneSpec together with other settings); the model family is not supported.
+        NotImplementedError: a schedule with ``when="decode"``; DeepStack layers at or after a pruned layer
+            (Qwen3-VL); KV-shared layers (Gemma 4).
     """
     if not isinstance(model, torch.nn.Module):
         raise ValueError(f"model: expected a loaded Hugging Face VLM (a torch.nn.Module, e.g. from "
                          f"flowkern.hf.loading.load_model), got {type(model).__name__}")
     if isinstance(layer, PruneSpec):
-        if (keep, rank, seed, when) != (0, "attention", 0, "prefill"):
-            raise ValueError("layer: pass either a PruneSpec or keep / rank / seed / when, not both")
+        if (keep, rank, seed, when, schedule) != (0, "attention", 0, "prefill", None):
+            raise ValueError("layer: pass either a PruneSpec or keep / rank / seed / when / schedule, not both")
         spec = layer
     else:
-        spec = PruneSpec(layer, keep, rank, seed, when)
+        spec = PruneSpec(layer, keep, rank, seed, when, None if schedule is None else tuple(schedule))
     return Pruning(model, spec, timing=timing)
