@@ -239,6 +239,7 @@ class Pruning(ForwardTimer):
     exclusive = True
     attention = "flowkern"
     watches_calls = True
+    tower_inputs = True  # rank="grid" needs the vision tower's grid_thw when generate pre-encodes the images
 
     def __init__(self, model: torch.nn.Module, spec: PruneSpec, *, timing: bool = True) -> None:
         from flowkern.hf import compat

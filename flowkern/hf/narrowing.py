@@ -133,20 +133,21 @@ def pruned_cache_entry(call: Call, args: tuple, kwargs: dict, module: torch.nn.M
     (``past ..``, as the unpruned model numbers them, unless the call passes its own). None if nothing to do.
 
     Raises:
-        NotImplementedError: a mask that does not cover the tokens the cache has seen plus this forward's (e.g.
-            ``generate`` continuing a conversation on such a cache reads the cache length from layer 0).
+        NotImplementedError: more than one new token, or a mask that does not cover the tokens the cache has seen
+            plus this forward's (``generate`` continuing a conversation on such a cache reads its length from layer
+            0, so it would feed the wrong tokens).
     """
     group = next((g for g in keymaps.cache_groups(call.cache) if 0 in g.layers), None)
     if group is None:
         return None
     embeds, mask, positions = compat.entry_inputs(module, args, kwargs)
     n = embeds.shape[1]
-    if mask is not None and mask.shape[-1] != call.past + n:
+    if n > 1 or (mask is not None and mask.shape[-1] != call.past + n):
         raise NotImplementedError(
             f"flowkern.prune: this cache was pruned before the decoder (layer 0 holds {compat.cache_length(call.cache)}"
-            f" of {call.past} tokens), but the forward's attention_mask covers {mask.shape[-1]} tokens for {n} new "
-            "ones; continuing such a cache with a new prompt (generate on a filled cache) is not supported, since "
-            "transformers reads the cache length from layer 0: prune at layer >= 1 for multi-turn use"
+            f" of {call.past} tokens); continuing such a cache with several new tokens (a new turn: generate on a "
+            "filled cache) is not supported, since transformers reads the cache length from layer 0 to slice the "
+            "prompt: decode steps only; prune at layer >= 1 for multi-turn use"
         )
     new_mask = (group.keymap >= 0).to(embeds.device)
     if mask is not None:
