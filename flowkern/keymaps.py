@@ -29,6 +29,7 @@ __all__ = [
     "Narrowing",
     "narrowing",
     "compose",
+    "StageRows",
     "gather_tokens",
     "KeyMapGroup",
     "extend_groups",
@@ -134,6 +135,25 @@ def gather_tokens(t: torch.Tensor, index: torch.Tensor, seq_dim: int) -> torch.T
     out_shape = list(shape)
     out_shape[sd] = lmax
     return t.gather(sd, index.view(view).expand(out_shape))
+
+
+@dataclass
+class StageRows:
+    """The rows entering one stage of a prefill: what the stage chooses its kept image tokens among.
+
+    Attributes:
+        positions: long ``[B, S_cur]`` original prompt position of each row.
+        image: bool ``[B, S_cur]`` the real image tokens among the rows (survivors of the earlier stages).
+        real: bool ``[B, S_cur]`` the real tokens (False: padding, hidden fillers of an earlier stage).
+        k: long ``[B]`` image tokens this stage keeps per sample (at most the surviving ones).
+        layer: the stage's first decoder layer (0: before the decoder).
+    """
+
+    positions: torch.Tensor
+    image: torch.Tensor
+    real: torch.Tensor
+    k: torch.Tensor
+    layer: int
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""``flowkern.prune``: remove image tokens from decoder layer L on, for real (hidden states and KV cache).
+"""``flowkern.prune``: remove image tokens from decoder layer L on (or before the decoder, or in stages), for real:
+hidden states and KV cache.
 
 .. code-block:: python
 
@@ -6,79 +7,71 @@
         out = model.generate(**inputs, max_new_tokens=32, do_sample=False)
     p.num_kept_image_tokens, p.prefill_seconds, p.decode_tokens_per_second
 
-    with flowkern.prune(model, layer=8, keep=64, rank="attention") as p:   # FastV-style: keep the top 64
-        out = model.generate(**inputs, max_new_tokens=32)
+    flowkern.prune(model, layer=8, keep=64, rank="attention")         # FastV-style: keep the top 64
+    flowkern.prune(model, layer=0, keep=0.25, rank="random")          # before the decoder: 1/4 of the image
+    flowkern.prune(model, schedule=[(2, 0.5), (8, 0.25), (16, 0.125)])  # three stages (PyramidDrop-style)
 
 **What it computes (paper §3.4, eq. 9-13).** ``layer=L`` is 0-based: decoder layers ``0 .. L-1`` see the whole
-prompt; layers ``L ..`` compute on the prompt without the removed image tokens (the paper counts layers from 1:
-its "truncation at layer l" is ``layer=l-1`` here, and its "layer 1, no image token passed to the LLM" is
-``layer=0``). The kept set is every text token plus, per sample, ``k`` of its image tokens (``keep``: 0 = drop all,
-an int = at most that many, a float in [0, 1] = that fraction of the sample's image tokens, rounded half up),
-chosen by ``rank``:
+prompt; layers ``L ..`` compute on the prompt without the removed image tokens (the paper's 1-based "truncation at
+layer l" is ``layer=l-1``; ``layer=0``: the language model never sees them). The kept set is every text token plus,
+per sample, ``k`` of its image tokens (``keep``: 0 = drop all, an int = at most that many, a float in [0, 1] = that
+fraction of the sample's image tokens, rounded half up), chosen by ``rank``:
 
 - ``"attention"``: the eq. 10-12 ranking: the attention each image token receives from the last prompt row at layer
   ``L-1`` (softmax probability, mean over heads, eq. 9), via :func:`flowkern.key_attention_mass`: never an
-  ``S x S`` matrix; ties go to the earlier token;
-- ``"random"``: a control; a random score per sequence position from ``torch.Generator().manual_seed(seed)``
+  ``S x S`` matrix; ties go to the earlier token (needs ``L >= 1``);
+- ``"random"``: a control; a random score per prompt position from ``torch.Generator().manual_seed(seed)``
   (identical rows get identical choices);
 - ``"none"``: the first ``k`` image tokens in sequence order;
-- ``"grid"``: a control, plain spatial downsampling: on each image grid of the model's layout
-  (:class:`flowkern.hf.segments.ImageGrid`, from :mod:`flowkern.hf.models`) every ``s``-th row and column, ``s`` the
-  smallest stride whose sub-grid has at most ``k`` cells, centred (a 24 x 24 grid at ``k = 64`` keeps rows and
-  columns 1, 4, ..., 22; at ``k = 1`` the cell (11, 11)); the ``k`` - (sub-grid) remaining tokens are every n-th other
-  cell in raster order,
-  so exactly ``k`` are kept. Several grids per sample (tiles, frames) share ``k`` in proportion to their sizes.
+- ``"grid"``: a control, plain spatial downsampling: every ``s``-th row and column of each image grid of the model's
+  layout, topped up to exactly ``k`` (:func:`flowkern.plan.grid_scores`).
 
-Removed tokens are never keys of layers ``>= L`` again: the first answer token and every decoded token see only
-the kept ones there. Kept tokens keep their RoPE / M-RoPE positions (the layer inputs ``cos``/``sin`` and
-``position_ids`` are gathered, cached keys are never re-rotated, later tokens are not renumbered), so the result
-equals -- up to float rounding -- an attention-mask run in which layers ``>= L`` simply cannot see the removed keys
-(FastV's / the paper's masking variant), which is what ``tests/analysis/test_prune.py`` checks.
+A **schedule** ``[(L_1, keep_1), (L_2, keep_2), ...]`` (layers strictly increasing) runs one such stage per entry:
+stage i ranks, at its layer, among the image tokens that survived stages ``< i`` and keeps ``keep_i`` of them (an
+int = at most that many, a float = that fraction of the sample's *original* image tokens); layers
+``L_i .. L_{i+1}-1`` compute on its survivors. ``Pruning._choose`` is where a stage decides.
 
-**How.** A :class:`Pruning` is a listener on the model's session (:mod:`flowkern.hf.session`) and a record;
-the planning is pure (:mod:`flowkern.plan`). While it is attached the language model runs the ``"flowkern"``
-attention (the vision tower keeps its own). At a prefill it asks the session for layer ``L-1``'s row event
-(``rank="attention"``: the event carries the attention each key receives) and for a *narrowing* of the forward from
-layer ``L`` on; right before layer ``L`` runs the session calls the plan (which tokens to keep, the key map), compacts
-the hidden states in place (:func:`flowkern.compact_`) with the per-token layer inputs, and pushes the narrowed
-layers' key maps down to their attention. Layers ``>= L`` run on the shorter sequence and fill their KV cache with
-kept tokens only, while layers ``< L`` keep the full cache. Each pruned layer's cache is described by a *key map*:
-int64 ``[B, Sk]``, the original position of the token in each cache slot (-1 = hidden filler). The key map is
-stored with the cache (so it outlives the ``with`` block) and grows by one column per decoded token; from it the
-session makes the pruned layers' key padding mask and labels their keys for :func:`flowkern.trace`. A decode step
-needs no hook of pruning's own: the session pushes the key maps once per forward. On exit (also on error) the
-session restores the attention implementation and removes its hooks.
+Removed tokens are never keys of the later layers again (nor for decoded tokens). Kept tokens keep their RoPE /
+M-RoPE positions (``cos``/``sin`` and ``position_ids`` are gathered; cached keys are never re-rotated), so the result
+equals -- up to float rounding -- an attention-mask run in which those layers cannot see the removed keys (FastV's /
+the paper's masking variant: ``tests/analysis/test_prune.py``, ``test_prune_schedule.py``). At ``layer=0`` the
+language model's inputs are narrowed at its entry (embeddings, 2D mask, original position ids): equal to running it
+on the embeddings with those rows deleted (``test_prune_predecoder.py``).
 
-**Batches.** Samples may have different numbers of image tokens and left padding. Rows are made equally long
-(``Lmax = max_b kept_b``) by also carrying, in shorter rows, their earliest removed positions as *fillers* that are
-hidden from attention (key map -1); compaction is stable, so every row's last prompt token stays at the last
-position, where ``generate`` reads the logits. Text tokens and each row's last prompt token are always kept.
+**How.** A :class:`Pruning` is a listener on the model's session (:mod:`flowkern.hf.session`) and a record. At a
+prefill it asks for the row event of the layer before each stage (:meth:`Pruning._request`) and for a *narrowing*
+per stage (:meth:`flowkern.hf.calls.Call.narrow`); right before a stage's layer runs, the session hands the plan the
+hidden states entering it and compacts what it keeps (:mod:`flowkern.hf.narrowing`). Each stage's layers fill
+their KV cache with its tokens only, described by a *key map* (int64 ``[B, Sk]``: the original position in each
+cache slot, -1 = hidden filler; one :class:`flowkern.keymaps.KeyMapGroup` per stage, stored with the cache, grown by
+one column per decoded token), from which the session masks fillers and labels keys for :func:`flowkern.trace`.
 
-**After a full prefill.** ``when="decode"`` (or :func:`compact_cache_` by hand) runs the prefill on the whole
-prompt, then compacts the KV cache of layers ``>= L`` to the kept tokens: the first answer token is the unpruned
-model's, and decode steps skip the removed keys. Multi-turn chat: call :func:`compact_cache_` on the cache between
-turns and go on generating inside ``flowkern.prune(model)``.
+**Batches** may mix image-token counts and left padding: shorter rows carry their earliest removed positions as
+hidden *fillers* (key map -1) up to ``Lmax = max_b kept_b``; compaction is stable, so each row's last prompt token
+(always kept, like every text token) stays last, where ``generate`` reads the logits.
 
-Limits (errors say so): a :class:`transformers.DynamicCache` (or none) only -- no static, offloaded or quantized
-cache; ``layer=0`` removes by masking (transformers reads the sequence length from layer 0's cache, so its cache
-stays whole; exact, but no speed-up) and cannot rank by attention; Qwen3-VL's DeepStack needs ``layer`` past its
-DeepStack layers; chunked prefill and assisted decoding are not supported. Beam search works (the beams of a sample
-hold identical key maps, so the cache reordering between them is harmless). Image tokens that arrive in a later
-forward on a non-empty cache (a new image in a second chat turn) are kept. A plain forward inside the block returns
-outputs for the compacted sequence only: row ``i`` is the token at original position
-:attr:`Pruning.token_positions` ``[:, i]``.
+**After a full prefill.** ``when="decode"`` (or :func:`compact_cache_` by hand, e.g. between chat turns) prefills
+the whole prompt, then compacts the KV cache of layers ``>= L``: decode steps skip the removed keys.
+
+Limits (errors say so): a :class:`transformers.DynamicCache` (or none) only; ``when="decode"`` takes one stage at a
+layer >= 1 (transformers reads the cache length from layer 0); a cache pruned before the decoder serves decode steps
+only (no second chat turn: ``generate`` would slice the new prompt by layer 0's length); Qwen3-VL's DeepStack needs
+every stage past its DeepStack layers; chunked prefill and assisted decoding are not supported. Beam search works
+(the beams of a sample hold identical key maps). Image tokens that arrive in a later forward on a non-empty cache
+are kept. A plain forward inside the block returns outputs for the compacted sequence only: row ``i`` is the token
+at original position :attr:`Pruning.token_positions` ``[:, i]``.
 """
 
 from __future__ import annotations
 
 import functools
 from collections.abc import Iterable
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
 from flowkern import keymaps, plan
+from flowkern.keymaps import StageRows
 from flowkern.plan import PruneSpec
 from flowkern.timer import ForwardTimer
 
@@ -176,26 +169,6 @@ def compact_cache_(
 # ----------------------------------------------------------------------------------------------------------
 # the listener
 
-
-@dataclass
-class StageRows:
-    """The rows entering one stage of a prefill: what the stage chooses its kept image tokens among.
-
-    Attributes:
-        positions: long ``[B, S_cur]`` original prompt position of each row.
-        image: bool ``[B, S_cur]`` the real image tokens among the rows (survivors of the earlier stages).
-        real: bool ``[B, S_cur]`` the real tokens (False: padding, hidden fillers of an earlier stage).
-        k: long ``[B]`` image tokens this stage keeps per sample (at most the surviving ones).
-        layer: the stage's first decoder layer (0: before the decoder).
-    """
-
-    positions: torch.Tensor
-    image: torch.Tensor
-    real: torch.Tensor
-    k: torch.Tensor
-    layer: int
-
-
 class _Forward:
     """What pruning remembers of the outermost forward in flight."""
 
@@ -227,12 +200,8 @@ class Pruning(ForwardTimer):
         stage_inputs: one :class:`StageRows` per stage that ran: the rows it chose among.
         token_positions: long ``[B, Lmax]``: original position of each row of the compacted sequence after the last
             stage (fillers included); ``keymap`` is the same with -1 at hidden fillers.
-        prefill_seconds: wall time of the last prefill forward (the whole model, vision tower included).
-        decode_seconds: wall time of each later forward (decode step) since that prefill.
-        batch_size: B of the last forward.
-
-    The times are a :class:`flowkern.timer.ForwardTimer`'s record, except that the steps of
-    ``generate(use_cache=False)`` after the prompt count as decode steps.
+        prefill_seconds, decode_seconds, batch_size: a :class:`flowkern.timer.ForwardTimer`'s record (the whole
+            model; the steps of ``generate(use_cache=False)`` after the prompt count as decode steps).
     """
 
     owner = "flowkern.prune"

@@ -89,9 +89,6 @@ __all__ = [
     "set_text_attn_implementation",
     "accepts_logits_to_keep",
     "image_encoder",
-    "entry_inputs",
-    "default_position_ids",
-    "set_entry_inputs",
 ]
 
 
@@ -557,63 +554,7 @@ def project_qk(attention: torch.nn.Module, hidden: torch.Tensor) -> tuple[torch.
     return q.transpose(1, 2), k.transpose(1, 2), float(scale if scale is not None else head_dim ** -0.5)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# the language model's inputs (pruning before the decoder)
-#
-# 5.17-5.25, every supported family: a VLM's forward calls its language model with keywords (``input_ids=None``,
-# ``inputs_embeds`` [B, S, D], ``attention_mask`` 2D, ``position_ids``, the cache, ``use_cache``); the language model
-# builds its masks from the 2D mask and ``cache.get_seq_length()`` / ``get_mask_sizes`` (layer 0's length), and its
-# rotary embeddings from ``position_ids``, which it computes as ``arange(S) + cache.get_seq_length()`` when none are
-# passed. ``generate`` passes ``position_ids`` at every step (from the 2D mask: ``cumsum - 1``, extended by one per
-# decoded token; Qwen2-VL / Qwen2.5-VL: ``[4, B, S]`` text + M-RoPE positions with the stored ``rope_deltas``), so
-# decode steps carry original positions. No supported family passes ``cache_position`` (only remote-code models
-# get one from ``generate``); when present it counts cache slots. The 2D mask with position ids that skip values
-# never triggers transformers' packed-sequence detection (it looks at ``position_ids`` only without a mask and cache).
-
-_ENTRY_ARGS = ("input_ids", "attention_mask", "position_ids")
-
-
-def entry_inputs(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor | None,
-                                                                             torch.Tensor | None]:
-    """``(inputs_embeds [B, S, D], attention_mask [B, past + S] or None, position_ids or None)`` a language model's
-    forward received (``input_ids`` are embedded with the module's input embeddings).
-
-    Raises:
-        NotImplementedError: a 4D or per-layer-type (dict) mask, or embeddings passed positionally.
-    """
-    given = dict(zip(_ENTRY_ARGS, args, strict=False))
-    if len(args) > len(_ENTRY_ARGS):
-        raise NotImplementedError("flowkern.prune(layer=0): the language model was called with more positional "
-                                  "arguments than input_ids, attention_mask, position_ids")
-    embeds = kwargs.get("inputs_embeds")
-    ids = kwargs.get("input_ids", given.get("input_ids"))
-    if embeds is None:
-        if ids is None:
-            raise ValueError("flowkern.prune: the language model got neither input_ids nor inputs_embeds")
-        embeds = module.get_input_embeddings()(ids)
-    mask = kwargs.get("attention_mask", given.get("attention_mask"))
-    if mask is not None and (not isinstance(mask, torch.Tensor) or mask.dim() != 2):
-        raise NotImplementedError("flowkern.prune(layer=0) needs a 2D attention_mask [B, S] at the language model (or "
-                                  "none); a 4D or precomputed per-layer-type mask is not supported")
-    positions = kwargs.get("position_ids", given.get("position_ids"))
-    return embeds, mask, positions
-
 
 def default_position_ids(past: int, n: int, device: torch.device) -> torch.Tensor:
-    """long ``[1, n]``: the positions a language model gives ``n`` new tokens after ``past`` seen ones when the call
-    passes none (``arange(n) + past``; M-RoPE models expand a 2D tensor to their 3 sections)."""
+    """long ``[1, n]``: positions a language model gives ``n`` new tokens after ``past`` when a call passes none."""
     return (torch.arange(n, device=device) + past)[None]
-
-
-def set_entry_inputs(args: tuple, kwargs: dict, embeds: torch.Tensor, mask: torch.Tensor,
-                     positions: torch.Tensor, cache_slots: int) -> tuple[tuple, dict]:
-    """The language model's forward arguments with narrowed inputs: ``inputs_embeds`` ``[B, L, D]``, the 2D mask
-    ``[B, cache_slots + L]``, ``position_ids`` (original positions, any ``[..., B, L]``) and, if the call carries one,
-    ``cache_position`` (``cache_slots ..``: it counts cache slots)."""
-    kwargs = dict(kwargs)
-    for name, value in zip(_ENTRY_ARGS, args, strict=False):
-        kwargs.setdefault(name, value)
-    kwargs.update(input_ids=None, inputs_embeds=embeds, attention_mask=mask, position_ids=positions)
-    if isinstance(kwargs.get("cache_position"), torch.Tensor):
-        kwargs["cache_position"] = torch.arange(cache_slots, cache_slots + embeds.shape[1], device=embeds.device)
-    return (), kwargs

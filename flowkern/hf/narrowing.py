@@ -15,6 +15,14 @@ The stages compose (:func:`flowkern.keymaps.compose`): each keeps original posit
 one :class:`flowkern.keymaps.KeyMapGroup` on the cache. A later forward on a cache whose layer 0 holds only some
 tokens (a decode step) is translated at the entry by :func:`pruned_cache_entry`: the 2D mask becomes the slots'
 mask and positions stay original.
+
+What the language model does with its inputs (transformers 5.17-5.25, every supported family): a VLM calls it with
+keywords (``inputs_embeds`` [B, S, D], the 2D ``attention_mask``, ``position_ids``, the cache); it builds its masks
+from the 2D mask and the cache's length (layer 0's), and its rotary embeddings from ``position_ids``, which it makes
+itself when none are passed (:func:`flowkern.hf.compat.default_position_ids`). ``generate`` passes ``position_ids``
+at every step (from the 2D mask, extended by one per decoded token; Qwen2-VL / Qwen2.5-VL: ``[4, B, S]`` text +
+M-RoPE positions with its ``rope_deltas``), so decode steps carry original positions. A 2D mask is always passed on:
+without one, transformers would read position ids that skip values as packed sequences.
 """
 
 from __future__ import annotations
@@ -86,7 +94,7 @@ class Narrowed:
 
     def enter(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         """At the language model's entry, a stage at layer 0: narrow its inputs (embeddings, 2D mask, positions)."""
-        embeds, mask, positions = compat.entry_inputs(module, args, kwargs)
+        embeds, mask, positions = _entry_inputs(module, args, kwargs)
         B, S = embeds.shape[:2]
         if positions is None:  # what the language model would compute for a forward on an empty cache
             positions = compat.default_position_ids(0, S, embeds.device)
@@ -99,7 +107,7 @@ class Narrowed:
         if mask is not None:
             new_mask = new_mask.to(mask.dtype)
         positions = gather_tokens(positions, index.to(positions.device), -1)
-        return compat.set_entry_inputs(args, kwargs, embeds, new_mask, positions, cache_slots=0)
+        return _set_entry_inputs(args, kwargs, embeds, new_mask, positions)
 
     def layer_pre(self, idx: int, linear: bool, args: tuple, kwargs: dict,
                   capture_hidden: bool) -> tuple[tuple, dict] | None:
@@ -140,7 +148,7 @@ def pruned_cache_entry(call: Call, args: tuple, kwargs: dict, module: torch.nn.M
     group = next((g for g in keymaps.cache_groups(call.cache) if 0 in g.layers), None)
     if group is None:
         return None
-    embeds, mask, positions = compat.entry_inputs(module, args, kwargs)
+    embeds, mask, positions = _entry_inputs(module, args, kwargs)
     n = embeds.shape[1]
     if n > 1 or (mask is not None and mask.shape[-1] != call.past + n):
         raise NotImplementedError(
@@ -154,8 +162,43 @@ def pruned_cache_entry(call: Call, args: tuple, kwargs: dict, module: torch.nn.M
         new_mask = new_mask.to(mask.dtype)
     if positions is None:
         positions = compat.default_position_ids(call.past, n, embeds.device)
-    return compat.set_entry_inputs(args, kwargs, embeds, new_mask, positions,
-                                   cache_slots=compat.cache_length(call.cache))
+    return _set_entry_inputs(args, kwargs, embeds, new_mask, positions)
+
+
+_ENTRY_ARGS = ("input_ids", "attention_mask", "position_ids")
+
+
+def _entry_inputs(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor | None,
+                                                                              torch.Tensor | None]:
+    """``(inputs_embeds [B, S, D], attention_mask [B, past + S] or None, position_ids or None)`` the language model's
+    forward received (``input_ids`` are embedded with its input embeddings).
+
+    Raises:
+        NotImplementedError: a 4D or per-layer-type (dict) mask, or more positional arguments than expected.
+    """
+    if len(args) > len(_ENTRY_ARGS):
+        raise NotImplementedError("flowkern.prune(layer=0): the language model was called with more positional "
+                                  "arguments than input_ids, attention_mask, position_ids")
+    given = {**dict(zip(_ENTRY_ARGS, args, strict=False)), **kwargs}
+    embeds = given.get("inputs_embeds")
+    if embeds is None:
+        if given.get("input_ids") is None:
+            raise ValueError("flowkern.prune: the language model got neither input_ids nor inputs_embeds")
+        embeds = module.get_input_embeddings()(given["input_ids"])
+    mask = given.get("attention_mask")
+    if mask is not None and (not isinstance(mask, torch.Tensor) or mask.dim() != 2):
+        raise NotImplementedError("flowkern.prune(layer=0) needs a 2D attention_mask [B, S] at the language model (or "
+                                  "none); a 4D or precomputed per-layer-type mask is not supported")
+    return embeds, mask, given.get("position_ids")
+
+
+def _set_entry_inputs(args: tuple, kwargs: dict, embeds: torch.Tensor, mask: torch.Tensor,
+                      positions: torch.Tensor) -> tuple[tuple, dict]:
+    """The language model's forward arguments with narrowed inputs: ``inputs_embeds`` ``[B, L, D]``, the 2D mask of
+    the cache slots and new rows, ``position_ids`` (original positions, any ``[..., B, L]``)."""
+    kwargs = {**dict(zip(_ENTRY_ARGS, args, strict=False)), **kwargs}
+    kwargs.update(input_ids=None, inputs_embeds=embeds, attention_mask=mask, position_ids=positions)
+    return (), kwargs
 
 
 def compact_layer_inputs(
