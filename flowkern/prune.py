@@ -107,7 +107,7 @@ def compact_cache_(
 
     Args:
         cache: a ``transformers.DynamicCache`` filled by a forward / ``generate`` call.
-        kept: bool ``[B, T]`` over original token positions (``T = cache.get_seq_length()``), True = keep.
+        kept: bool ``[B, T]`` over original token positions (``T`` tokens seen), True = keep.
         layers: decoder layers to compact (>= 1: transformers reads the sequence length from layer 0's cache).
             They must currently hold the same tokens (all full, or compacted together before).
         attention_mask: optional ``[B, T]`` padding mask (0 = padding): padding is never kept.
@@ -133,7 +133,7 @@ def compact_cache_(
             f"layers must be in 1..{n_layers - 1} (layer 0 keeps the whole sequence: transformers reads the cache "
             f"length from it), got {layers}"
         )
-    total = compat.cache_length(cache)
+    total = keymaps.original_length(cache) or compat.cache_length(cache)  # tokens seen, also if layer 0 was pruned
     if not isinstance(kept, torch.Tensor) or kept.dtype != torch.bool or kept.dim() != 2:
         raise ValueError(f"kept must be a bool tensor [B, T] (T = {total} cached tokens), got {kept!r:.80}")
     first = compat.layer_kv(cache, layers[0])

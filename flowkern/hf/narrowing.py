@@ -72,7 +72,7 @@ class Narrowed:
         """The first narrowed layer."""
         return self.stages[0][0]
 
-    def _plan(self, hidden: torch.Tensor) -> tuple[Narrowing, range]:
+    def _plan(self, hidden: torch.Tensor) -> Narrowing:
         """Run the next stage's planner on ``hidden`` [B, S_cur, D]; compose and push its key map."""
         layer, plan_fn = self.stages[self._done]
         plan = plan_fn(hidden)
@@ -90,15 +90,14 @@ class Narrowed:
         group = KeyMapGroup(frozenset(layers), self.keymap, bool((self.keymap < 0).any()))
         self.groups.append(group)
         self._push(layers, group)
-        return plan, layers
+        return plan
 
     def enter(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         """At the language model's entry, a stage at layer 0: narrow its inputs (embeddings, 2D mask, positions)."""
         embeds, mask, positions = _entry_inputs(module, args, kwargs)
-        B, S = embeds.shape[:2]
         if positions is None:  # what the language model would compute for a forward on an empty cache
-            positions = compat.default_position_ids(0, S, embeds.device)
-        plan, _ = self._plan(embeds)
+            positions = compat.default_position_ids(0, embeds.shape[1], embeds.device)
+        plan = self._plan(embeds)
         if plan.update is not None:
             embeds = plan.update
         index = plan.index.to(embeds.device)
@@ -120,9 +119,8 @@ class Narrowed:
                 raise RuntimeError("flowkern.prune: the language model's entry was not called before decoder layer 0, "
                                    "so its inputs could not be narrowed")
             hidden = compat.layer_hidden_states(args, kwargs)
-            rel = self._rel
-            plan, _ = self._plan(hidden)
-            rel = plan.index if rel is None else rel.gather(1, plan.index.to(rel.device))
+            plan = self._plan(hidden)
+            rel = plan.index if self._rel is None else self._rel.gather(1, plan.index.to(self._rel.device))
             self._rel = rel
             args, kwargs, self._inputs = compact_layer_inputs(plan, rel, args, kwargs, idx, capture_hidden)
         elif self._inputs:
@@ -187,8 +185,11 @@ def _entry_inputs(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[t
         embeds = module.get_input_embeddings()(given["input_ids"])
     mask = given.get("attention_mask")
     if mask is not None and (not isinstance(mask, torch.Tensor) or mask.dim() != 2):
-        raise NotImplementedError("flowkern.prune(layer=0) needs a 2D attention_mask [B, S] at the language model (or "
-                                  "none); a 4D or precomputed per-layer-type mask is not supported")
+        raise NotImplementedError(
+            "flowkern.prune(layer=0): this model hands its language model precomputed attention masks (per layer type "
+            "or 4D, e.g. PaliGemma's bidirectional prefix) instead of the 2D padding mask, and those are not narrowed "
+            "before the decoder: prune at layer >= 1"
+        )
     return embeds, mask, given.get("position_ids")
 
 
