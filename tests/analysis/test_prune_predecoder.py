@@ -261,3 +261,34 @@ def test_layer0_refusals():
         with torch.no_grad(), flowkern.prune(model):
             model.generate(input_ids=more, attention_mask=torch.ones_like(more), cache=output_cache(got),
                            max_new_tokens=1, do_sample=False)
+
+
+def test_layer0_plain_forwards_without_positions():
+    """A plain forward (no position_ids: the language model would number the tokens 0..S-1) and a decode step by
+    hand on its cache (numbered S: the tokens seen, not the slots layer 0 holds) equal the language model run on the
+    deleted rows with those positions."""
+    from transformers import DynamicCache
+
+    from flowkern.hf.compat import cache_kwargs
+
+    model, batches = case("llava")
+    kwargs = batches[1]
+    S = kwargs["input_ids"].shape[1]
+    cache = DynamicCache(config=model.config)
+    nxt = torch.tensor([[7]])
+    with torch.no_grad(), flowkern.prune(model, layer=0, keep=0.5, rank="none") as p:
+        first = model(**kwargs, **cache_kwargs(cache), use_cache=True)
+        step = model(input_ids=nxt, attention_mask=torch.ones(1, S + 1, dtype=torch.long), **cache_kwargs(cache),
+                     use_cache=True)
+    removed = removed_of(p, kwargs)
+    embeds, _, _ = language_model_inputs(model, kwargs)
+    keep = torch.nonzero(~removed[0]).flatten()
+    lm = model.model.language_model
+    ref_cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        a = lm(inputs_embeds=embeds[:, keep], position_ids=keep[None], cache=ref_cache, use_cache=True)
+        b = lm(inputs_embeds=model.get_input_embeddings()(nxt), position_ids=torch.tensor([[S]]), cache=ref_cache,
+               use_cache=True)
+    torch.testing.assert_close(first.logits[:, -1], model.lm_head(a.last_hidden_state[:, -1]), atol=ATOL, rtol=0)
+    torch.testing.assert_close(step.logits[:, -1], model.lm_head(b.last_hidden_state[:, -1]), atol=ATOL, rtol=0)
+    assert first.logits.shape[1] == keep.numel() < S  # the plain forward returns the compacted rows
