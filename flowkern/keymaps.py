@@ -7,8 +7,8 @@ Vocabulary:
 - a *key map* long ``[B, L]``: for each slot of a layer's sequence (its KV cache), the original token position it
   holds, or -1 for a hidden filler; rows are equally long (``L = max_b kept_b``): shorter rows carry their
   earliest removed positions as fillers, hidden from attention (:func:`equalise`);
-- a :class:`Narrowing`: how a forward's layers ``>= L`` differ from the full prompt (which positions, compacted
-  or only masked), made from the plan's ``keep_real`` (:mod:`flowkern.plan`);
+- a :class:`Narrowing`: which rows the layers of one stage (``>= L``) of a forward keep, over the rows entering
+  that stage; stages compose (:func:`compose`) to original positions;
 - a :class:`KeyMapGroup`: layers of one cache that hold the same tokens, with their key map. A cache's groups are
   recorded beside it (:func:`cache_groups`, keyed weakly by the cache object, which is never edited here); every
   forward on the cache extends them by its new tokens (:func:`track_forward`), and compacting some layers
@@ -28,6 +28,8 @@ __all__ = [
     "equalise",
     "Narrowing",
     "narrowing",
+    "compose",
+    "StageRows",
     "gather_tokens",
     "KeyMapGroup",
     "extend_groups",
@@ -35,6 +37,7 @@ __all__ = [
     "cache_groups",
     "set_cache_groups",
     "cache_keymaps",
+    "original_length",
     "track_forward",
     "held_keymap",
     "compacted_groups",
@@ -68,36 +71,50 @@ def equalise(keep_real: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch
 
 @dataclass
 class Narrowing:
-    """How the layers ``>= from_layer`` of one forward differ from the full sequence.
+    """Which rows of a forward the layers from one stage on compute on (the planner's answer, over the rows entering
+    that stage: ``S_cur`` of them).
 
     Attributes:
-        keep_all: bool ``[B, S]``: positions those layers compute on (kept tokens + fillers); all True when
-            ``compact`` is False.
-        index: long ``[B, L]``: the original position of each row of the narrowed sequence.
-        keymap: long ``[B, L]``: ``index`` with -1 at the slots hidden from attention (fillers, removed tokens).
-        compact: True: the hidden states are compacted to ``index`` at ``from_layer`` (a real speed-up); False:
-            the sequence stays whole and the removed tokens are only hidden (pruning at layer 0, whose cache
-            length transformers reads).
-        hidden: whether any slot is hidden (else no key padding mask is needed: the fast path).
+        keep_all: bool ``[B, S_cur]``: the rows those layers compute on (kept tokens + fillers).
+        index: long ``[B, L]``: the row (of the ``S_cur``) each row of the narrowed sequence comes from.
+        keymap: long ``[B, L]``: ``index`` with -1 at the rows hidden from attention (fillers).
+        hidden: whether any row is hidden (else no key padding mask is needed: the fast path).
+        update: float ``[B, S_cur, D]`` or None: hidden states that replace the ones entering the stage right before
+            they are compacted (merging); None keeps them.
     """
 
     keep_all: torch.Tensor
     index: torch.Tensor
     keymap: torch.Tensor
-    compact: bool
     hidden: bool
+    update: torch.Tensor | None = None
 
 
-def narrowing(keep_real: torch.Tensor, *, compact: bool) -> Narrowing:
-    """The :class:`Narrowing` that keeps ``keep_real`` (bool ``[B, S]``): compacted (:func:`equalise`), or the whole
-    sequence with the other positions hidden."""
-    if not compact:
-        S = keep_real.shape[1]
-        index = torch.arange(S, device=keep_real.device).expand_as(keep_real)
-        keymap = torch.where(keep_real, index, -1)
-        return Narrowing(torch.ones_like(keep_real), index, keymap, False, bool((~keep_real).any()))
+def narrowing(keep_real: torch.Tensor, *, update: torch.Tensor | None = None) -> Narrowing:
+    """The :class:`Narrowing` that keeps the rows ``keep_real`` (bool ``[B, S_cur]``), rows equalised with hidden
+    fillers (:func:`equalise`); ``update``: see :attr:`Narrowing.update`."""
     keep_all, index, keymap = equalise(keep_real)
-    return Narrowing(keep_all, index, keymap, True, bool((keymap < 0).any()))
+    return Narrowing(keep_all, index, keymap, bool((keymap < 0).any()), update)
+
+
+def compose(index: torch.Tensor | None, keymap: torch.Tensor | None,
+            narrowed: Narrowing) -> tuple[torch.Tensor, torch.Tensor]:
+    """Original positions after one more stage.
+
+    Args:
+        index, keymap: long ``[B, S_cur]`` the original position of each current row, and the same with -1 at
+            hidden rows; None: the current rows are the original positions ``0 .. S_cur-1``, none hidden.
+        narrowed: the stage's :class:`Narrowing` over those rows.
+
+    Returns:
+        ``(index, keymap)`` long ``[B, L]`` of the narrowed rows: a row is hidden if the stage or an earlier one
+        hides it.
+    """
+    if index is None:
+        return narrowed.index, narrowed.keymap
+    new_index = index.gather(1, narrowed.index.to(index.device))
+    was = keymap.gather(1, narrowed.index.to(keymap.device)) >= 0
+    return new_index, torch.where(was & (narrowed.keymap.to(index.device) >= 0), new_index, -1)
 
 
 def gather_tokens(t: torch.Tensor, index: torch.Tensor, seq_dim: int) -> torch.Tensor:
@@ -118,6 +135,25 @@ def gather_tokens(t: torch.Tensor, index: torch.Tensor, seq_dim: int) -> torch.T
     out_shape = list(shape)
     out_shape[sd] = lmax
     return t.gather(sd, index.view(view).expand(out_shape))
+
+
+@dataclass
+class StageRows:
+    """The rows entering one stage of a prefill: what the stage chooses its kept image tokens among.
+
+    Attributes:
+        positions: long ``[B, S_cur]`` original prompt position of each row.
+        image: bool ``[B, S_cur]`` the real image tokens among the rows (survivors of the earlier stages).
+        real: bool ``[B, S_cur]`` the real tokens (False: padding, hidden fillers of an earlier stage).
+        k: long ``[B]`` image tokens this stage keeps per sample (at most the surviving ones).
+        layer: the stage's first decoder layer (0: before the decoder).
+    """
+
+    positions: torch.Tensor
+    image: torch.Tensor
+    real: torch.Tensor
+    k: torch.Tensor
+    layer: int
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -191,6 +227,15 @@ def cache_keymaps(cache: Any) -> dict[int, torch.Tensor]:
     """The key maps of a cache's pruned layers: ``{layer: int64 [B, Sk]}`` (original token position held by each
     cache slot, -1 for a hidden filler). Layers not listed hold every token."""
     return {layer: g.keymap for g in cache_groups(cache) for layer in sorted(g.layers)}
+
+
+def original_length(cache: Any) -> int | None:
+    """Tokens a cache has seen when its layer 0 holds only some of them (pruning before the decoder): one more than
+    the last original position that layer holds; None when layer 0 holds every token (its length is the cache's)."""
+    for g in cache_groups(cache):
+        if 0 in g.layers:
+            return int(g.keymap.max()) + 1 if g.keymap.numel() else 0
+    return None
 
 
 def track_forward(cache: Any, *, prefill: bool, past: int, n_new: int, real: torch.Tensor | None) -> None:

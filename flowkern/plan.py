@@ -116,7 +116,15 @@ class PruneSpec:
         return () if self.layer is None else ((self.layer, self.keep),)
 
     def resolve(self, num_layers: int, deepstack: int = 0, family: str = "model") -> int | None:
-        """``layer`` in ``[0, num_layers)`` (or None) after the checks that depend on the model.
+        """The first pruned layer in ``[0, num_layers)`` (``layer``, or the schedule's first stage; None when
+        pruning is off) after the checks that depend on the model (:meth:`resolve_stages`)."""
+        stages = self.resolve_stages(num_layers, deepstack, family)
+        return stages[0][0] if stages else None
+
+    def resolve_stages(self, num_layers: int, deepstack: int = 0,
+                       family: str = "model") -> tuple[tuple[int, int | float], ...]:
+        """The stages ``((layer, keep), ...)`` with layers in ``[0, num_layers)`` (negative ones counted from the
+        end), after the checks that depend on the model.
 
         Args:
             num_layers: the model's decoder layers.
@@ -124,30 +132,35 @@ class PruneSpec:
             family: the model family, for the messages.
 
         Raises:
-            ValueError: naming the bad argument. NotImplementedError: pruning before the DeepStack layers end.
+            ValueError: naming the bad argument. NotImplementedError: pruning before the DeepStack layers end; a
+                schedule with ``when="decode"``.
         """
-        layer, rank, when = self.layer, self.rank, self.when
-        if layer is None:
-            return None
-        if not -num_layers <= layer < num_layers:
-            raise ValueError(
-                f"layer must be a decoder layer index in [0, {num_layers}) (negative counts from the end), "
-                f"got {layer!r}"
-            )
-        layer %= num_layers
-        if layer == 0 and rank == "attention" and self.keep != 0:
-            raise ValueError(
-                "rank='attention' ranks image tokens by the attention they receive at layer L-1, so it needs "
-                "layer >= 1; at layer=0 use keep=0, rank='none' or rank='random'"
-            )
-        if layer == 0 and when == "decode":
-            raise ValueError("when='decode' compacts the cache of layers >= 1: use layer >= 1")
-        if deepstack and when == "prefill" and 0 < layer < deepstack:
-            raise NotImplementedError(
-                f"{family}: DeepStack adds visual features to the image tokens after decoder layers "
-                f"0..{deepstack - 1}; pruning before that (layer={layer}) is not supported: use layer >= {deepstack}"
-            )
-        return layer
+        if self.schedule is not None and self.when == "decode":
+            raise NotImplementedError("schedule: when='decode' (compacting the cache after a full prefill) takes one "
+                                      "stage; a schedule prunes at the prefill (when='prefill')")
+        stages = []
+        for layer, keep in self.stages:
+            what = "layer" if self.schedule is None else "schedule layer"
+            if not -num_layers <= layer < num_layers:
+                raise ValueError(f"{what} must be a decoder layer index in [0, {num_layers}) (negative counts from "
+                                 f"the end), got {layer!r}")
+            layer %= num_layers
+            if layer == 0 and self.rank == "attention" and keep != 0:
+                raise ValueError(
+                    "rank='attention' ranks image tokens by the attention they receive at layer L-1, so it needs "
+                    "layer >= 1; at layer=0 use keep=0, rank='none' or rank='random'"
+                )
+            if layer == 0 and self.when == "decode":
+                raise ValueError("when='decode' compacts the cache of layers >= 1: use layer >= 1")
+            if deepstack and self.when == "prefill" and layer < deepstack:
+                where = "before the decoder" if layer == 0 else f"at layer={layer}"
+                raise NotImplementedError(
+                    f"{family}: DeepStack adds visual features to the image tokens after decoder layers "
+                    f"0..{deepstack - 1}; pruning {where} would have to remove the removed tokens' DeepStack "
+                    f"features too, which is not supported: use layer >= {deepstack}"
+                )
+            stages.append((layer, keep))
+        return tuple(stages)
 
     def to_dict(self, *, options: bool = False) -> dict[str, Any]:
         """The fields as a JSON-ready dict, keyed by field name, or by :data:`PRUNE_OPTIONS` with ``options``

@@ -147,7 +147,8 @@ class StageScoring:
         if "features" in self.needs:
             entry = session.language_model_entry
             if entry is not None:
-                self._handles.append(entry.register_forward_pre_hook(self._entry_pre, with_kwargs=True))
+                self._handles.append(
+                    entry.register_forward_pre_hook(self._entry_pre, with_kwargs=True, prepend=True))
             self._hook(session.layers[0], "_features")
 
     def _hidden_hook(self, session: Any) -> None:

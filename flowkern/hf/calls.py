@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 
+from flowkern import keymaps
 from flowkern.hf import compat
 
 if TYPE_CHECKING:
@@ -110,7 +111,8 @@ class Call:
         ids: int ``[B, S_new]`` token ids of the call, or None when only embeddings are known.
         batch, length, device: ``B``, ``S_new`` and the tokens' device.
         cache: the KV cache the call received (None: none, or one the language model creates itself).
-        past: tokens that cache already holds (0 for none); ``prefill`` is ``past == 0``.
+        past: tokens that cache has seen (0 for none; more than its layer 0 holds when that layer was pruned
+            before the decoder); ``prefill`` is ``past == 0``.
         mask: the 2D padding mask ``[B, past + S_new]`` (1/True = real token) or None.
         use_cache: the call's ``use_cache`` argument (None when not given).
         capture_hidden: whether the call returns every layer's hidden states (``output_hidden_states``).
@@ -131,6 +133,8 @@ class Call:
         kwargs = raw.kwargs
         self.cache = compat.call_cache(kwargs)
         self.past = compat.cache_length(self.cache)
+        if self.past:  # a cache pruned before the decoder: its layer 0 holds fewer slots than tokens seen
+            self.past = keymaps.original_length(self.cache) or self.past
         self.prefill = self.past == 0
         self.mask = compat.padding_mask_2d(kwargs.get("attention_mask"), owner)
         self.use_cache = kwargs.get("use_cache")
@@ -144,7 +148,7 @@ class Call:
         self.tower_grids: list[torch.Tensor] = []
         # requests for this forward (read by the session)
         self.observers: dict[int, list[tuple[Any, Observe]]] = {}
-        self.narrowing: tuple[int, Callable[[], Narrowing]] | None = None
+        self.narrowings: list[tuple[int, Callable[[torch.Tensor], Narrowing]]] = []
         self.cuts: dict[int, torch.Tensor] | None = None
         self.last: torch.Tensor | None = None
         # the session's bookkeeping
@@ -204,13 +208,16 @@ class Call:
             raise RuntimeError("only one flowkern.knockout can cut a forward's edges")
         self.cuts, self.last = cuts, last
 
-    def narrow(self, from_layer: int, plan: Callable[[], Narrowing]) -> None:
-        """From decoder layer ``from_layer`` on, run this forward on the positions of the :class:`flowkern.keymaps.
-        Narrowing` that ``plan()`` returns; it is called right before that layer runs (so it may use the row event
-        of an earlier layer). One narrowing per forward."""
-        if self.narrowing is not None:
-            raise RuntimeError("only one flowkern.prune can narrow a forward")
-        self.narrowing = (int(from_layer), plan)
+    def narrow(self, from_layer: int, plan: Callable[[torch.Tensor], Narrowing]) -> None:
+        """From decoder layer ``from_layer`` on (0: before the first decoder layer), run this forward on the rows of
+        the :class:`flowkern.keymaps.Narrowing` that ``plan(hidden)`` returns. ``plan`` is called right before that
+        layer runs (so it may use the row event of an earlier layer) with the hidden states entering it, float
+        ``[B, S_cur, D]`` (the rows that survived earlier stages; at layer 0 the input embeddings); its keep mask is
+        over those rows. One call per stage, layers strictly increasing (one listener narrows a forward)."""
+        if self.narrowings and int(from_layer) <= self.narrowings[-1][0]:
+            raise RuntimeError(f"Call.narrow: stages must come in strictly increasing layer order, got {from_layer} "
+                               f"after {self.narrowings[-1][0]} (only one flowkern.prune can narrow a forward)")
+        self.narrowings.append((int(from_layer), plan))
 
 
 def _to_cpu(value: Any) -> Any:

@@ -552,3 +552,9 @@ def project_qk(attention: torch.nn.Module, hidden: torch.Tensor) -> tuple[torch.
     if scale is None:
         scale = getattr(attention, "scale", None)
     return q.transpose(1, 2), k.transpose(1, 2), float(scale if scale is not None else head_dim ** -0.5)
+
+
+
+def default_position_ids(past: int, n: int, device: torch.device) -> torch.Tensor:
+    """long ``[1, n]``: positions a language model gives ``n`` new tokens after ``past`` when a call passes none."""
+    return (torch.arange(n, device=device) + past)[None]

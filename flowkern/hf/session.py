@@ -32,10 +32,12 @@ that touches the model, and undoes all of it when the last listener leaves (also
 - **cut edges** (:func:`flowkern.knockout`, :meth:`flowkern.hf.calls.Call.block`): the layers' ``allowed`` tables
   go down with the key ids, in which the last prompt token has its own segment id (one past the labels'); the
   row events' masses are folded back into the labels before any listener sees them;
-- **narrowing**: a listener may ask that layers ``>= L`` of this forward run on fewer positions
-  (:meth:`flowkern.hf.calls.Call.narrow`); the session then hooks those decoder layers for this forward only,
-  compacts the hidden states and the per-token layer inputs at layer ``L`` (:func:`compact_layer_inputs`), pushes
-  the narrowed layers' key maps, and records them on the cache when the forward returns;
+- **narrowing**: a listener may ask that the layers of one or more stages (``>= L``) of this forward run on fewer
+  rows (:meth:`flowkern.hf.calls.Call.narrow`); the session then hooks those decoder layers for this forward only
+  (:class:`flowkern.hf.narrowing.Narrowed`: compaction of the hidden states and per-token layer inputs at each
+  stage, of the language model's inputs at its entry for a stage at layer 0), pushes the narrowed layers' key maps,
+  and records one key-map group per stage on the cache when the forward returns. A forward on a cache whose layer
+  0 holds only some tokens gets its 2D mask and positions translated at the entry;
 - **parameters and hooks** a listener needs for the duration (LLaVA-CAM freezes the parameters and hooks layer
   sites): installed on attach, removed on detach.
 
@@ -66,13 +68,13 @@ from flowkern.hf.attention import (
 )
 from flowkern.hf.calls import Call, ForwardWatcher
 from flowkern.hf.models import get_adapter
-from flowkern.keymaps import KeyMapGroup, cache_groups, gather_tokens, set_cache_groups, track_forward
+from flowkern.hf.narrowing import Narrowed, pruned_cache_entry
+from flowkern.keymaps import KeyMapGroup, cache_groups, set_cache_groups, track_forward
 
 if TYPE_CHECKING:
-    from flowkern.keymaps import Narrowing
     from flowkern.listener import Listener
 
-__all__ = ["Session", "Call", "RowEvent", "compact_layer_inputs"]
+__all__ = ["Session", "Call", "RowEvent"]
 
 DIFFERENTIABLE = ("eager", "sdpa")
 """Attention implementations autograd can go through (what ``attention="differentiable"`` keeps or picks)."""
@@ -111,6 +113,7 @@ class Session:
         self._pending_tower: list[torch.Tensor] = []
         self._call: Call | None = None
         self._forward_handles: list[Any] = []
+        self._entry_handle: Any = None
         self._linear_handles: list[Any] = []
         self._dirty = False
 
@@ -235,9 +238,14 @@ class Session:
             embeddings = self.model.get_input_embeddings() if hasattr(self.model, "get_input_embeddings") else None
             self._watcher = watcher
             watcher.install(modules, embeddings)
+            if entry is not None:  # after the watcher's: an outermost call to the entry is reported first
+                self._entry_handle = entry.register_forward_pre_hook(self._pre_entry, with_kwargs=True)
         elif not on and self._watcher is not None:
             self._watcher.remove()
             self._watcher = None
+            if self._entry_handle is not None:
+                self._entry_handle.remove()
+                self._entry_handle = None
             self._end_forward()
             self._call = None
             self._pending_tower = []
@@ -321,7 +329,7 @@ class Session:
             listener.on_call(call)
             call.entered.append(listener)
         self._push(call)
-        if call.narrowing is not None:
+        if call.narrowings:
             self._install_narrowing(call)
         if any(x.sync for x in watching):
             _cuda_sync(call.device)
@@ -340,12 +348,10 @@ class Session:
             if output is not None:
                 call.output_cache = compat.output_cache(output)
                 narrowed = call.narrowed
-                if narrowed is not None and narrowed.plan is not None:
+                if narrowed is not None and narrowed.groups:
                     cache = next((c for c in (call.cache, narrowed.cache, call.output_cache) if c is not None), None)
                     if cache is not None:
-                        plan, first = narrowed.plan, call.narrowing[0]  # type: ignore[index]
-                        set_cache_groups(cache, [KeyMapGroup(frozenset(range(first, self.num_layers)), plan.keymap,
-                                                             plan.hidden)])
+                        set_cache_groups(cache, narrowed.groups)
         finally:
             for listener in call.entered:
                 listener.on_return(call)
@@ -362,8 +368,9 @@ class Session:
     # ------------------------------------------------------------------------------------------------------
     # the state pushed down to each attention module
 
-    def _push(self, call: Call, layers: range | None = None, narrowing: Narrowing | None = None) -> None:
-        """Write every layer's state for this forward (or, with ``narrowing``, the state of ``layers``)."""
+    def _push(self, call: Call, layers: range | None = None, narrowing: KeyMapGroup | None = None) -> None:
+        """Write every layer's state for this forward (or, with ``narrowing``, the key map the narrowed ``layers``
+        hold, the state of those layers)."""
         if not self._states:
             return
         labels, num_segments, cuts = call.labels, call.num_segments, call.cuts if call.labels is not None else None
@@ -461,98 +468,35 @@ class Session:
             listener.on_row(event)
 
     # ------------------------------------------------------------------------------------------------------
-    # narrowing layers >= L for one forward
+    # narrowing the stages of one forward (flowkern.hf.narrowing)
 
     def _install_narrowing(self, call: Call) -> None:
-        first, plan_fn = call.narrowing  # type: ignore[misc]
-        narrowed = _Narrowed(plan_fn)
+        push = functools.partial(self._push, call)
+        narrowed = Narrowed(call.narrowings, self.num_layers, lambda layers, group: push(layers, group))
         call.narrowed = narrowed
-        for i in range(first, self.num_layers):
-            hook = functools.partial(self._narrow_pre, call, narrowed, first, i)
+        if narrowed.first == 0 and self.language_model_entry is None:
+            raise NotImplementedError(f"flowkern.prune(layer=0): found no language-model entry in "
+                                      f"{self.adapter.family} to narrow the inputs at")
+        for i in range(narrowed.first, self.num_layers):
+            hook = functools.partial(self._narrow_pre, call, narrowed, i)
             self._forward_handles.append(self.layers[i].register_forward_pre_hook(hook, with_kwargs=True))
 
-    def _narrow_pre(self, call: Call, narrowed: _Narrowed, first: int, idx: int, module: torch.nn.Module,
-                    args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-        if narrowed.plan is None:
-            narrowed.plan = narrowed.plan_fn()
-            self._push(call, range(first, self.num_layers), narrowed.plan)
-        cache = compat.call_cache(kwargs)
-        if cache is not None:
-            narrowed.cache = cache  # created inside the language model (a plain forward with use_cache)
-        plan = narrowed.plan
-        if idx in self.linear_layers:  # a recurrent state must never absorb a removed token or a filler
-            kwargs["attention_mask"] = plan.keymap.to(compat.layer_hidden_states(args, kwargs).device) >= 0
-            if not plan.compact:
-                return args, kwargs
-        if not plan.compact:
+    def _narrow_pre(self, call: Call, narrowed: Narrowed, idx: int, module: torch.nn.Module, args: tuple,
+                    kwargs: dict) -> tuple[tuple, dict] | None:
+        return narrowed.layer_pre(idx, idx in self.linear_layers, args, kwargs, call.capture_hidden)
+
+    def _pre_entry(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        """The language model's entry: narrow its inputs (a stage at layer 0), or translate the mask and positions
+        of a forward on a cache whose layer 0 was pruned."""
+        call = self._call
+        if call is None:
             return None
-        if idx == first:
-            args, kwargs, narrowed.inputs = compact_layer_inputs(plan, args, kwargs, idx, call.capture_hidden)
-        else:
-            kwargs.update(narrowed.inputs)
-        return args, kwargs
-
-
-class _Narrowed:
-    """A narrowing in flight: its planner, the plan once made, the gathered layer inputs, the cache seen."""
-
-    __slots__ = ("plan_fn", "plan", "inputs", "cache")
-
-    def __init__(self, plan_fn: Any) -> None:
-        self.plan_fn, self.plan, self.inputs, self.cache = plan_fn, None, {}, None
-
-
-def compact_layer_inputs(
-    plan: Narrowing, args: tuple, kwargs: dict, layer: int, capture_hidden: bool
-) -> tuple[tuple, dict, dict[str, Any]]:
-    """At the first narrowed decoder layer: compact its hidden states to ``plan.index`` and gather the per-token
-    layer inputs (rotary ``position_embeddings``, :data:`flowkern.hf.compat.LAYER_POSITION_INPUTS`).
-
-    The hidden states are compacted in place (:func:`flowkern.compact_`) unless every layer's hidden states are
-    returned (``capture_hidden``) or autograd needs them; then they are gathered into a new tensor.
-
-    Returns:
-        ``(args, kwargs, gathered)``: the layer's new arguments and the gathered inputs, which later layers reuse.
-
-    Raises:
-        RuntimeError: hidden states of another shape than the plan's ``[B, S]``.
-        NotImplementedError: a per-token layer input flowkern does not know how to gather.
-    """
-    from flowkern import ops
-
-    hidden = args[0] if args else kwargs["hidden_states"]
-    B, S = plan.keep_all.shape
-    if hidden.shape[:2] != (B, S):
-        raise RuntimeError(f"flowkern.prune: layer {layer} got hidden states {tuple(hidden.shape)}, "
-                           f"expected [B={B}, S={S}, D]")
-    keep_all = plan.keep_all.to(hidden.device)
-    index = plan.index.to(hidden.device)
-    if not capture_hidden and not (torch.is_grad_enabled() and hidden.requires_grad):
-        with torch.no_grad():
-            hidden, _ = ops.compact_(hidden, keep_all, 1)
-    else:
-        hidden = hidden.gather(1, index[:, :, None].expand(-1, -1, hidden.shape[-1]))
-    gathered: dict[str, Any] = {}
-    pe = kwargs.get("position_embeddings")
-    if isinstance(pe, tuple | list) and all(isinstance(t, torch.Tensor) for t in pe):
-        gathered["position_embeddings"] = tuple(gather_tokens(t, index.to(t.device), -2) for t in pe)
-    for name in compat.LAYER_POSITION_INPUTS:
-        t = kwargs.get(name)
-        if isinstance(t, torch.Tensor) and t.shape[-1] == S:
-            gathered[name] = gather_tokens(t, index.to(t.device), -1)
-    for name, value in kwargs.items():
-        per_token = isinstance(value, torch.Tensor) and value.dim() >= 2 and value.shape[-1] == S and S > 1
-        if per_token and not compat.is_known_layer_input(name):
-            raise NotImplementedError(
-                f"flowkern.prune: decoder layer input `{name}` {tuple(value.shape)} looks per-token; pruning this "
-                "model is not supported"
-            )
-    kwargs.update(gathered)
-    if args:
-        args = (hidden, *args[1:])
-    else:
-        kwargs["hidden_states"] = hidden
-    return args, kwargs, gathered
+        narrowed = call.narrowed
+        if narrowed is not None and narrowed.first == 0 and not narrowed.groups:
+            return narrowed.enter(module, args, kwargs)
+        if not call.prefill and call.cache is not None:
+            return pruned_cache_entry(call, args, kwargs, module)
+        return None
 
 
 def _cuda_sync(device: torch.device | None) -> None:

@@ -18,16 +18,41 @@ def test_equalise_fills_short_rows_with_their_earliest_removed_positions():
     assert keymap.tolist() == [[0, 2, 4], [-1, 1, 4]]
 
 
-def test_narrowing_compacts_or_masks():
+def test_narrowing_equalises_rows():
     keep = torch.tensor([[T, F, T, T], [F, T, F, T]])
-    n = keymaps.narrowing(keep, compact=True)
-    assert n.compact and n.hidden and n.keep_all.tolist() == [[T, F, T, T], [T, T, F, T]]
+    n = keymaps.narrowing(keep)
+    assert n.hidden and n.update is None and n.keep_all.tolist() == [[T, F, T, T], [T, T, F, T]]
     assert n.index.tolist() == [[0, 2, 3], [0, 1, 3]] and n.keymap.tolist() == [[0, 2, 3], [-1, 1, 3]]
-    m = keymaps.narrowing(keep, compact=False)
-    assert not m.compact and m.hidden and m.keep_all.all()
-    assert m.keymap.tolist() == [[0, -1, 2, 3], [-1, 1, -1, 3]]
-    assert not keymaps.narrowing(torch.ones(2, 3, dtype=torch.bool), compact=False).hidden
-    assert not keymaps.narrowing(torch.tensor([[T, F, T], [F, T, T]]), compact=True).hidden  # equal rows: no filler
+    assert not keymaps.narrowing(torch.tensor([[T, F, T], [F, T, T]])).hidden  # equal rows: no filler
+    update = torch.zeros(2, 4, 3)
+    assert keymaps.narrowing(keep, update=update).update is update
+
+
+def test_compose_stages_to_original_positions():
+    first = keymaps.narrowing(torch.tensor([[T, F, T, T, T], [F, T, F, T, T]]))  # rows [0 2 3 4], [(0) 1 3 4]
+    index, keymap = keymaps.compose(None, None, first)
+    assert index.tolist() == [[0, 2, 3, 4], [0, 1, 3, 4]] and keymap.tolist() == [[0, 2, 3, 4], [-1, 1, 3, 4]]
+    # over the current rows: row 0 keeps rows 1, 3 (positions 2, 4); row 1 keeps rows 2, 3, and its filler row 0
+    # (already hidden) comes back as a filler, hidden still
+    second = keymaps.narrowing(torch.tensor([[F, T, F, T], [F, F, T, T]]))
+    index, keymap = keymaps.compose(index, keymap, second)
+    assert index.tolist() == [[2, 4], [3, 4]] and keymap.tolist() == [[2, 4], [3, 4]]
+    third = keymaps.Narrowing(torch.ones(2, 2, dtype=torch.bool), torch.tensor([[0, 1], [0, 1]]),
+                              torch.tensor([[0, 1], [-1, 1]]), True)
+    assert keymaps.compose(index, keymap, third)[1].tolist() == [[2, 4], [-1, 4]]
+    held = keymaps.compose(torch.tensor([[0, 1, 2]]), torch.tensor([[-1, 1, 2]]),
+                           keymaps.narrowing(torch.tensor([[T, T, T]])))[1]
+    assert held.tolist() == [[-1, 1, 2]]  # a row hidden by an earlier stage stays hidden
+
+
+def test_original_length_of_a_cache_pruned_before_the_decoder():
+    cache = type("Cache", (), {})()
+    assert keymaps.original_length(cache) is None
+    keymaps.set_cache_groups(cache, [keymaps.KeyMapGroup(frozenset({0, 1}), torch.tensor([[0, 3, 5], [-1, 4, 5]]),
+                                                         True)])
+    assert keymaps.original_length(cache) == 6
+    keymaps.set_cache_groups(cache, [keymaps.KeyMapGroup(frozenset({2}), torch.tensor([[0, 3]]), False)])
+    assert keymaps.original_length(cache) is None
 
 
 def test_gather_tokens_per_token_inputs():

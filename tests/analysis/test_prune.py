@@ -267,7 +267,8 @@ def test_matches_mask_oracle(name, layer, keep, batch):
 
 @pytest.mark.parametrize("rank", ["none", "random"])
 def test_layer0_and_other_ranks_match_oracle(rank):
-    """layer=0 removes by masking (layer 0's cache stays whole); rank none = first k, random = seeded."""
+    """layer=0 (removal before the decoder: tests/analysis/test_prune_predecoder.py) equals the mask oracle too;
+    rank none = first k, random = seeded."""
     c = case("llava")
     kwargs = c.batches[2]
     img = image_mask(kwargs)
@@ -516,6 +517,9 @@ def test_deepstack_layers_refused():
     class Stub(torch.nn.Module):
         config = cfg
 
+    for layer in (0, 1):  # before the decoder too: the removed tokens' DeepStack features would have to go as well
+        with pytest.raises(NotImplementedError, match="DeepStack"):
+            flowkern.prune(Stub(), layer=layer, keep=0)
     with pytest.raises(NotImplementedError, match="DeepStack"):
-        flowkern.prune(Stub(), layer=1, keep=0)
+        flowkern.prune(Stub(), schedule=[(1, 0.5), (3, 0.25)])  # a stage before it
     flowkern.prune(Stub(), layer=2, keep=0)  # past the DeepStack layers: fine
