@@ -24,6 +24,7 @@ from flowkern.eval.sweep.compare import (
     keep_maps,
     parse_budgets,
     parse_method,
+    point_of,
     run_compare,
 )
 from flowkern.eval.sweep.compare_engine import generate_counted, layer_tokens
@@ -105,6 +106,17 @@ def test_method_syntax_budgets_and_schedule_scaling():
             parse_budgets(bad)
     with pytest.raises(SweepUsageError, match="needs layer >= 1"):
         parse_method("attention@0").resolved(4)
+
+
+def test_points_carry_their_spec_and_share_what_they_may():
+    """A compare point is the engine's point of its whole PruneSpec: named by method and budget, first stage as its
+    layer; the layers it may share with the unpruned prefill stop one early for a scorer reading layer L-1."""
+    p = point_of(parse_method("p=attention@1:0.5,3:0.25"), 0.25, 7)
+    assert (p.name, p.layer, p.spec.schedule, p.spec.seed) == ("p-keep0.25", 1, ((1, 0.5), (3, 0.25)), 7)
+    assert p.depth() == 0
+    assert point_of(parse_method("r=random@2"), 0.5, 0).depth() == 2
+    assert point_of(parse_method("g=grid@3+merge"), 0.1, 0).spec == PruneSpec(layer=3, keep=0.1, rank="grid",
+                                                                              merge=True)
 
 
 def test_layer_tokens_and_keep_maps(tmp_path):

@@ -74,7 +74,8 @@ from flowkern.eval.sweep.points import MAIN_METRIC, SWEEP_SETTINGS, Point, RunOp
 from flowkern.plan import PruneSpec
 
 __all__ = ["Method", "CompareConfig", "CompareResult", "parse_method", "parse_budgets", "run_compare",
-           "COMPARE_CSV", "COMPARE_JSON", "COMPARE_FIGURE", "COMPARE_MAPS"]
+           "check_compare_config", "point_of", "point_stats", "point_record", "keep_maps", "bits", "COMPARE_CSV",
+           "COMPARE_JSON", "COMPARE_FIGURE", "COMPARE_MAPS"]
 
 COMPARE_CSV = "compare.csv"
 COMPARE_JSON = "compare.json"
