@@ -68,16 +68,14 @@ class Point:
 
     def depth(self) -> int:
         """Decoder layers this point computes exactly like the unpruned prefill (and may skip when shared): a
-        knockout's layers below its window; with ``spec``, the layers below its first stage, less the one before
-        it when its scorer reads that layer's attention."""
+        knockout's layers below its window; else the layers below ``layer`` (``spec``'s first stage), less the one
+        before it when the scorer reads that layer's attention (and keeps some image tokens)."""
         if self.layer is None:
             return 0
         if self.edge is not None:
             return self.layer
-        if self.spec is not None:
-            return self.layer - 1 if self.spec.stages[0][1] != 0 and _reads_previous_layer(self.spec.rank) else \
-                self.layer
-        return self.layer - 1 if self.rank == "attention" and self.keep != 0 else self.layer
+        rank, keep = (self.rank, self.keep) if self.spec is None else (self.spec.rank, self.spec.stages[0][1])
+        return self.layer - 1 if keep != 0 and _reads_previous_layer(rank) else self.layer
 
 
 def _reads_previous_layer(rank: Any) -> bool:
