@@ -12,7 +12,10 @@ an instance: ``lmms_eval.evaluator.simple_evaluate(model=FlowkernLMM(pretrained=
 
 Model arguments (``--model_args k=v,...``): ``pretrained`` (a ``save_pretrained`` folder or a cached hub id; never
 downloaded), ``prune_layer``, ``keep`` (0, a count, a fraction or ``25%``), ``rank`` (attention|random|none),
-``prune_seed``, ``prune_when`` (prefill|decode): a :class:`flowkern.plan.PruneSpec` for :func:`flowkern.prune`
+``prune_seed``, ``prune_when`` (prefill|decode), ``prune_schedule`` (multi-stage instead of ``prune_layer`` /
+``keep``: ``layer:keep`` stages separated by ``;``, or by ``,`` inside quotes or brackets, which lmms-eval's
+``--model_args`` keeps together: ``prune_schedule=2:0.5;8:0.25`` or ``prune_schedule=[2:0.5,8:0.25]``),
+``prune_merge`` (true|false): a :class:`flowkern.plan.PruneSpec` for :func:`flowkern.prune`
 (:data:`flowkern.plan.PRUNE_OPTIONS`); ``device``, ``dtype``,
 ``batch_size`` (also lmms-eval's ``--batch_size``), ``max_new_tokens`` (used when a task sets none; default 128).
 
@@ -41,7 +44,7 @@ from flowkern.eval.run import generate_answers
 from flowkern.hf.inputs import build_inputs, prompt_text
 from flowkern.hf.loading import load_model
 from flowkern.hf.models import get_adapter
-from flowkern.plan import PRUNE_OPTIONS, PruneSpec, parse_keep
+from flowkern.plan import PRUNE_OPTIONS, PruneSpec, parse_keep, parse_schedule
 from flowkern.prune import prune
 
 try:  # optional: lmms-eval and its base class
@@ -115,6 +118,29 @@ def _as_keep(value: Any) -> int | float:
         raise ValueError(f"flowkern model_args: keep={value!r}: {exc}") from None
 
 
+def _as_schedule(value: Any) -> tuple[tuple[int, int | float], ...] | None:
+    """``prune_schedule``: None, ``(layer, keep)`` pairs, or text ``2:0.5;8:0.25`` / ``"2:0.5,8:0.25"`` /
+    ``[2:0.5,8:0.25]`` (quotes and brackets are what keep commas inside one lmms-eval model argument)."""
+    if value is None or value == "":
+        return None
+    try:
+        if not isinstance(value, str):
+            return PruneSpec(schedule=value).schedule
+        return parse_schedule(value.strip().strip("\"'").strip("[]()").replace(";", ","))
+    except ValueError as exc:
+        raise ValueError(f"flowkern model_args: prune_schedule={value!r}: {exc}") from None
+
+
+def _as_bool(name: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("true", "false", "1", "0"):
+        return value.strip().lower() in ("true", "1")
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    raise ValueError(f"flowkern model_args: {name}={value!r}: expected true or false")
+
+
 class FlowkernLMM(_LmmsBase):
     """lmms-eval model ``flowkern``: a VLM loaded by :func:`flowkern.hf.loading.load_model`, greedy batched answers,
     image tokens optionally pruned (:func:`flowkern.prune`). See the module docstring for the arguments."""
@@ -129,6 +155,8 @@ class FlowkernLMM(_LmmsBase):
         rank: str = "attention",
         prune_seed: int = 0,
         prune_when: str = "prefill",
+        prune_schedule: str | Sequence[Sequence[int | float]] | None = None,
+        prune_merge: bool | str = False,
         device: str | None = "auto",
         dtype: str = "auto",
         batch_size: int | str | None = 1,
@@ -155,7 +183,9 @@ class FlowkernLMM(_LmmsBase):
         self._model, self._processor = model, processor
         self.pruning = None
         self.prune_spec = PruneSpec(layer=_as_int("prune_layer", prune_layer, allow_none=True), keep=_as_keep(keep),
-                                    rank=str(rank), seed=_as_int("prune_seed", prune_seed), when=str(prune_when))
+                                    rank=str(rank), seed=_as_int("prune_seed", prune_seed), when=str(prune_when),
+                                    schedule=_as_schedule(prune_schedule),
+                                    merge=_as_bool("prune_merge", prune_merge))
         if self.prune_spec.enabled:
             self.pruning = prune(model, self.prune_spec)
         self.prune_settings = None if self.pruning is None else dict(layer=self.pruning.layer, keep=self.pruning.keep,

@@ -72,8 +72,8 @@ __all__ = [
     "entry",
 ]
 
-SUBCOMMANDS: tuple[str, ...] = ("info", "flow", "generate", "cam", "score", "eval", "sweep", "knockout", "shapes",
-                               "demo")
+SUBCOMMANDS: tuple[str, ...] = ("info", "flow", "generate", "cam", "score", "eval", "sweep", "knockout", "compare",
+                               "shapes", "demo")
 """The subcommands, in ``--help`` order: each is the module ``flowkern.cli.<name>`` (imported when the parser is built),
 whose ``add_parser(subparsers)`` registers it."""
 

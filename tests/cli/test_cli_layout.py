@@ -95,6 +95,7 @@ _MINIMAL = {
     "eval": ["--model", "m", "--task", "pope", "--data", "d", "--out", "o"],
     "sweep": ["--model", "m", "--task", "pope", "--data", "d", "--out", "o"],
     "knockout": ["--model", "m", "--task", "pope", "--data", "d", "--out", "o"],
+    "compare": ["--model", "m", "--task", "pope", "--data", "d", "--out", "o", "--methods", "a=random@1"],
 }
 
 

@@ -207,6 +207,33 @@ def test_registry_and_model_args(files):
     assert lm.pruning.keep == 0.25 and lm.pruning.rank == "random" and lm.batch_size == 1
 
 
+def test_schedule_and_merge_model_args(files, llava, monkeypatch):
+    """``prune_schedule`` / ``prune_merge`` reach the PruneSpec handed to flowkern.prune: from lmms-eval's argument
+    string (a schedule's commas kept together by brackets or quotes, or written with ``;``) and from Python."""
+    model, processor = llava
+    given = []
+    monkeypatch.setattr(lmms_plugin, "prune", lambda m, spec: given.append(spec) or spec)
+    want = PruneSpec(schedule=((1, 0.5), (3, 0.25)), merge=True)
+    for text in ("[1:0.5,3:0.25]", '"1:0.5,3:0.25"', "1:0.5;3:0.25"):
+        args = _parse_model_args(text)
+        lm = FlowkernLMM(pretrained=str(files / "llava"), model=model, processor=processor, **args)
+        assert lm.prune_spec == want and given[-1] == want
+    lm = FlowkernLMM(pretrained=str(files / "llava"), model=model, processor=processor, prune_schedule=[(1, 0.5)])
+    assert lm.prune_spec == PruneSpec(schedule=((1, 0.5),))
+    for bad, name in (({"prune_schedule": "1:0.5,x"}, "prune_schedule"), ({"prune_merge": "maybe"}, "prune_merge")):
+        with pytest.raises(ValueError, match=name):
+            FlowkernLMM(pretrained=str(files / "llava"), model=model, processor=processor, **bad)
+
+
+def _parse_model_args(schedule: str) -> dict:
+    """lmms-eval's parsing of ``--model_args`` (its own function when installed)."""
+    try:
+        from lmms_eval.utils import simple_parse_args_string
+    except ImportError:
+        return {"prune_schedule": schedule.strip('"'), "prune_merge": True}
+    return simple_parse_args_string(f"prune_schedule={schedule},prune_merge=true")
+
+
 def test_entry_point_is_discovered(tmp_path, monkeypatch):
     """With the pyproject entry point ``[project.entry-points."lmms_eval.models"] flowkern = ...`` installed (here: a
     dist-info folder on sys.path carrying the same entry_points.txt), lmms-eval's own discovery finds the model."""

@@ -78,14 +78,20 @@ class Engine:
     def eval_config(self, point: Point, out: Path | None = None) -> EvalConfig:
         """The ``flowkern eval`` settings of ``point`` (its folder, or ``out``)."""
         c = self.config
-        pruned = point.layer is not None
         return EvalConfig(
             model=c.model, task=c.task, data=c.data, out=out or self.out / POINTS_DIR / point.name, images=c.images,
             limit=c.limit, batch_size=c.batch_size, max_new_tokens=c.max_new_tokens,
-            prune=replace(c.prune, layer=point.layer, rank=point.rank) if pruned else PruneSpec(), strict=c.strict,
-            split=c.split, ocr=c.ocr, device=self.dist.device,
+            prune=self.point_spec(point), strict=c.strict, split=c.split, ocr=c.ocr, device=self.dist.device,
             dtype=c.dtype, overwrite=False)
 
+    def point_spec(self, point: Point) -> PruneSpec:
+        """The pruning setting of ``point``: its own ``spec``, else the sweep's ``prune`` at its layer and rank
+        (no pruning for the baseline)."""
+        if point.spec is not None:
+            return point.spec
+        if point.layer is None:
+            return PruneSpec()
+        return replace(self.config.prune, layer=point.layer, rank=point.rank)
 
     def shard_dir(self, index: int) -> Path:
         """The folder process ``index`` appends its answers to under torchrun."""
@@ -199,9 +205,8 @@ class Engine:
         """One batch's answers at point ``p`` and, per answer, extra fields for its answer-file line (None: none)."""
         from flowkern.prune import prune
 
-        pruning = None
-        if p.layer is not None:
-            pruning = prune(self.model, replace(self.config.prune, layer=p.layer, rank=p.rank))
+        spec = self.point_spec(p)
+        pruning = prune(self.model, spec) if spec.enabled else None
         return generate_answers(self.model, self.processor, images, prompts, max_new_tokens=max_new,
                                 pruning=pruning, inputs=inputs), None
 

@@ -31,7 +31,7 @@ from flowkern.identity import check_same
 from flowkern.outdir import Claim, OutputError, claim
 
 __all__ = ["RESULTS_FILE", "SUMMARY_FILE", "CLIFF_FILE", "FIGURE_FILE", "SWEEP_FILE", "POINTS_DIR", "SHARDS_DIR",
-           "claim_out", "start_sweep", "read_results", "write_outputs", "checkpoint_layers"]
+           "claim_out", "start_sweep", "read_results", "write_outputs", "checkpoint_layers", "atomic_savefig"]
 
 RESULTS_FILE = "results.jsonl"
 SUMMARY_FILE = "summary.csv"
@@ -141,6 +141,23 @@ def start_sweep(out: Path, config: SweepConfig, dist: Dist, settings: dict[str, 
     dist.barrier()
 
 
+def atomic_savefig(fig: Any, path: Path, *, dpi: int = 120) -> None:
+    """Write a matplotlib figure to ``path`` as PNG atomically (a hidden temporary file beside it, then
+    :func:`os.replace`; removed on error)."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")  # a leftover's name: outdir
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            fig.savefig(handle, dpi=dpi, format="png")
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0o600 -> the usual permissions
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
 def write_outputs(out: Path, config: SweepConfig, dist: Dist, done: dict[str, dict[str, Any]],
                   layers: Sequence[int], series: Sequence[tuple[str, str]], search: dict[str, Any],
                   skipped_attention: bool) -> SweepResult:
@@ -190,17 +207,6 @@ def write_outputs(out: Path, config: SweepConfig, dist: Dist, done: dict[str, di
         fig = plot_sweep(curve, base, controls=curves, cliff=cliff["cliff_layer"], tolerance=config.tolerance,
                          metric=metric, title=f"{config.task}: {Path(str(config.model).rstrip('/')).name}, "
                                                     f"keep={config.prune.keep}")
-        fd, tmp = tempfile.mkstemp(dir=out, prefix=f".{FIGURE_FILE}.", suffix=".tmp")  # a leftover's name: outdir
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                fig.savefig(handle, dpi=120, format="png")
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0o600 -> the usual permissions
-            os.replace(tmp, files["figure"])
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
+        atomic_savefig(fig, files["figure"])
     return SweepResult(out=out, baseline=base, curve=curve, controls=curves, cliff=cliff, points=records,
                        generated=0, seconds=0.0, files=files)

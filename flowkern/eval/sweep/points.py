@@ -36,10 +36,13 @@ class SweepUsageError(EvalUsageError):
 
 @dataclass(frozen=True)
 class Point:
-    """One point of a sweep: the baseline (``layer=None``), pruning from ``layer`` on with ``rank``, or (``edge``
-    set) the knockout of ``edge`` at layers ``layer .. layer + window - 1`` (:mod:`flowkern.eval.sweep.knockout`).
+    """One point of a sweep: the baseline (``layer=None``), pruning from ``layer`` on with ``rank``, (``edge``
+    set) the knockout of ``edge`` at layers ``layer .. layer + window - 1`` (:mod:`flowkern.eval.sweep.knockout`),
+    or (``spec`` set) the whole pruning setting ``spec``, whose first stage is at ``layer``
+    (:mod:`flowkern.eval.sweep.compare`).
 
-    ``series`` is ``"baseline"``, ``"main"``, ``"control"`` or ``"knockout"``.
+    ``series`` is ``"baseline"``, ``"main"``, ``"control"``, ``"knockout"`` or ``"compare"``; ``label``, when set,
+    is the point's folder name.
     """
 
     layer: int | None
@@ -48,10 +51,15 @@ class Point:
     keep: int | float = 0
     edge: str | None = None
     window: int = 0
+    spec: PruneSpec | None = None
+    label: str | None = None
 
     @property
     def name(self) -> str:
-        """Folder name: ``baseline``, ``L05`` (k = 0), ``L05-<rank>`` or, for a knockout, ``<src>-<dst>-L05``."""
+        """Folder name: ``label`` if set, else ``baseline``, ``L05`` (k = 0), ``L05-<rank>`` or, for a knockout,
+        ``<src>-<dst>-L05``."""
+        if self.label is not None:
+            return self.label
         if self.layer is None:
             return "baseline"
         if self.edge is not None:
@@ -60,12 +68,25 @@ class Point:
 
     def depth(self) -> int:
         """Decoder layers this point computes exactly like the unpruned prefill (and may skip when shared): a
-        knockout's layers below its window."""
+        knockout's layers below its window; else the layers below ``layer`` (``spec``'s first stage), less the one
+        before it when the scorer reads that layer's attention (and keeps some image tokens)."""
         if self.layer is None:
             return 0
         if self.edge is not None:
             return self.layer
-        return self.layer - 1 if self.rank == "attention" and self.keep != 0 else self.layer
+        rank, keep = (self.rank, self.keep) if self.spec is None else (self.spec.rank, self.spec.stages[0][1])
+        return self.layer - 1 if keep != 0 and _reads_previous_layer(rank) else self.layer
+
+
+def _reads_previous_layer(rank: Any) -> bool:
+    """Whether a scorer ranks by the attention of the layer before its stage (:data:`flowkern.scorers.NEEDS`)."""
+    from flowkern.scorers import get_scorer
+
+    try:
+        needs = get_scorer(rank).needs
+    except ValueError:  # a built-in rank not registered as a scorer
+        return rank == "attention"
+    return bool(needs & {"attention", "prerope_attention"})
 
 
 @dataclass(frozen=True)
@@ -204,7 +225,8 @@ def check_config(config: SweepConfig) -> None:
         raise SweepUsageError(f"--rank {config.prune.rank!r}: expected one of {', '.join(CONTROLS)}")
 
 
-def check_inputs(config: SweepConfig, plan: EvalPlan, *, progress: bool = False) -> None:
+def check_inputs(config: SweepConfig, plan: EvalPlan, *, progress: bool = False,
+                 keeps: Sequence[int | float] | None = None, flag: str = "--keep") -> None:
     """The checks of a sweep's inputs that need its questions, before a model is loaded and before anything is
     written: every selected question's image decoded fully (:func:`flowkern.hf.inputs.check_images`: any point may
     still need it), and ``--keep`` against the image tokens the model sees (:func:`flowkern.plan.check_keep`),
@@ -213,6 +235,7 @@ def check_inputs(config: SweepConfig, plan: EvalPlan, *, progress: bool = False)
 
     Args:
         plan: the baseline point's :class:`flowkern.eval.run.EvalPlan` (the selected questions).
+        keeps, flag: the keeps to check and their option (default ``config.prune.keep``, ``--keep``).
 
     Raises:
         SweepUsageError: an image that is not fully decodable; a ``--keep`` that keeps every image token.
@@ -227,12 +250,14 @@ def check_inputs(config: SweepConfig, plan: EvalPlan, *, progress: bool = False)
         check_embedded([im for im in images if isinstance(im, EmbeddedImage)])  # table cells (parquet data)
     except ValueError as exc:
         raise SweepUsageError(str(exc)) from None
-    if config.prune.keep == 0 or not plan.samples:
+    keeps = [k for k in (keeps if keeps is not None else [config.prune.keep]) if k != 0]
+    if not keeps or not plan.samples:
         return
     count = _image_tokens(config.model, plan.samples[0])
     if count is not None:
         try:
-            check_keep(config.prune.keep, count)
+            for keep in keeps:
+                check_keep(keep, count, what=flag)
         except ValueError as exc:
             raise SweepUsageError(f"{exc} (counted on question {plan.samples[0].id!r})") from None
 
