@@ -278,9 +278,10 @@ ADAPTERS: dict[str, ModelAdapter] = {
         # tiles + a global image per image, marker tokens between them (text)
         ModelAdapter("idefics3", ("idefics3", "smolvlm"), ("image_token_id",), idefics3_layout,
                      prompt_format="User:{images}{prompt}<end_of_utterance>\nAssistant:", nested_images=True),
-        # hybrid: 3 of 4 layers are linear attention (ModelAdapter.linear_layers); Qwen3-VL-style image rasters
-        ModelAdapter("qwen3_5", ("qwen3_5",), _QWEN_PLACEHOLDERS, qwen_vl_layout, _QWEN_INPUTS, "grid_thw",
-                     pixel_layout="patches"),
+        # hybrid: 3 of 4 layers are linear attention (ModelAdapter.linear_layers); Qwen3-VL-style image rasters; the
+        # MoE variant differs in its MLPs only
+        ModelAdapter("qwen3_5", ("qwen3_5", "qwen3_5_moe"), _QWEN_PLACEHOLDERS, qwen_vl_layout, _QWEN_INPUTS,
+                     "grid_thw", pixel_layout="patches"),
         # the processor inserts the Q-Former query placeholders itself; they have no spatial layout
         ModelAdapter("instructblip", ("instructblip",), ("image_token_id",), instructblip_layout,
                      prompt_format="{prompt}", spatial_grids=False),

@@ -84,8 +84,8 @@ def _mistral3(words: list[str], filler: int) -> tuple[Any, dict]:
 
 def _qwen(family: str) -> Callable[[list[str], int], tuple[Any, dict]]:
     """Qwen-VL-style flattened patches (patch 2, spatial merge 2: one token per 4 x 4 px, 4 to 16 tokens an image;
-    temporal patch 2 for Qwen3.5, 1 for LLaVA-OneVision-1.5) with the processor and video processor classes
-    transformers maps the family to."""
+    temporal patch 2 for Qwen3.5 / Qwen3.5-MoE, 1 for LLaVA-OneVision-1.5) with the processor and video processor
+    classes transformers maps the family to."""
 
     def build(words: list[str], filler: int) -> tuple[Any, dict]:
         import transformers
@@ -95,7 +95,7 @@ def _qwen(family: str) -> Callable[[list[str], int], tuple[Any, dict]]:
         marks = {"image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
                  "vision_start_token": "<|vision_start|>", "vision_end_token": "<|vision_end|>"}
         tokenizer = word_tokenizer(words, filler=filler, named=marks)
-        sizes = dict(patch_size=2, merge_size=2, temporal_patch_size=2 if family == "qwen3_5" else 1)
+        sizes = dict(patch_size=2, merge_size=2, temporal_patch_size=1 if family == "llava_onevision1_5" else 2)
         ip = transformers.Qwen2VLImageProcessorPil(size={"shortest_edge": 64, "longest_edge": 256}, **sizes)
         video = getattr(transformers, VIDEO_PROCESSOR_MAPPING_NAMES[family]["torchvision"])(**sizes)
         processor = getattr(transformers, PROCESSOR_MAPPING_NAMES[family])(
@@ -124,7 +124,8 @@ def _gemma4(words: list[str], filler: int) -> tuple[Any, dict]:
 
 _PROCESSORS: dict[str, Callable[[list[str], int], tuple[Any, dict]]] = {
     "paligemma": _paligemma, "gemma3": _gemma3, "idefics3": _idefics3, "smolvlm": _smolvlm, "mistral3": _mistral3,
-    "llava_onevision1_5": _qwen("llava_onevision1_5"), "qwen3_5": _qwen("qwen3_5"), "gemma4": _gemma4,
+    "llava_onevision1_5": _qwen("llava_onevision1_5"), "qwen3_5": _qwen("qwen3_5"),
+    "qwen3_5_moe": _qwen("qwen3_5_moe"), "gemma4": _gemma4,
 }
 
 SAVED_FAMILIES = tuple(_PROCESSORS)
@@ -133,7 +134,7 @@ those packages import."""
 
 NEEDS_PACKAGES: dict[str, tuple[str, ...]] = {
     "mistral3": ("torchvision",), "smolvlm": ("torchvision", "num2words"), "llava_onevision1_5": ("torchvision",),
-    "qwen3_5": ("torchvision",), "gemma4": ("torchvision",),
+    "qwen3_5": ("torchvision",), "qwen3_5_moe": ("torchvision",), "gemma4": ("torchvision",),
 }
 """Packages flowkern does not depend on that a family's processor classes require (transformers 5.25:
 PixtralProcessor itself, the others through their video processors; SmolVLM's processor also spells numbers out

@@ -13,9 +13,10 @@ column ``j`` is position ``T - Sk + j`` (``T`` tokens so far). Nothing here call
 code to build the mask. Greedy ``generate`` with the KV cache, fp32, the tokens equal and the logits of every step
 within 1e-4, on a left-padded batch of 2 (one sample has two images); the cut must change the logits.
 
-Qwen3.5: its full-attention layer is cut like any other (its linear-attention layers are refused: no attention
-edges; tests/hf/test_families.py). Gemma 4: the KV-shared layers attend to the keys / values of earlier layers; the
-cut applies to their attention as to any other layer's (their queries are masked, the shared cache is untouched).
+Qwen3.5 (and Qwen3.5-MoE): its full-attention layer is cut like any other (its linear-attention layers are refused:
+no attention edges; tests/hf/test_families.py). Gemma 4: the KV-shared layers attend to the keys / values of earlier
+layers; the cut applies to their attention as to any other layer's (their queries are masked, the shared cache is
+untouched).
 """
 
 from __future__ import annotations
@@ -181,7 +182,7 @@ def _idefics3():
     return dict(input_ids=ids, attention_mask=mask, pixel_values=pv), labels
 
 
-def _qwen3_5():
+def _qwen3_5():  # also Qwen3.5-MoE
     ids, mask, labels = labelled_prompts([
         [("sys", [5, 6, 102]), ("img", [IMG] * 4), ("user", [103, 8, 9, 10])],
         [("sys", [5, 102]), ("img", [IMG] * 4), ("user", [103, 9])],
@@ -209,7 +210,8 @@ def _gemma4():
 
 
 CASES = {"gemma3": _gemma3, "paligemma": _paligemma, "mistral3": _mistral3, "llava_onevision1_5": _onevision1_5,
-         "idefics3": _idefics3, "smolvlm": _idefics3, "qwen3_5": _qwen3_5, "gemma4": _gemma4}
+         "idefics3": _idefics3, "smolvlm": _idefics3, "qwen3_5": _qwen3_5, "qwen3_5_moe": _qwen3_5,
+         "gemma4": _gemma4}
 _built: dict = {}
 
 
@@ -226,7 +228,7 @@ EDGE_SETS = {
     "image-everywhere": ([("image", "last"), ("image", "user"), ("image", "generated")], range(N_LAYERS)),
     "text-decode": ([("user", "generated"), ("system", "user"), ("generated", "generated")], [0, 3]),
 }
-ATTENTION_LAYERS = {"qwen3_5": [3]}  # layers 0-2 are linear attention
+ATTENTION_LAYERS = {"qwen3_5": [3], "qwen3_5_moe": [3]}  # layers 0-2 are linear attention
 
 
 @pytest.mark.parametrize("edges", list(EDGE_SETS))
