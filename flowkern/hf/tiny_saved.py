@@ -82,24 +82,28 @@ def _mistral3(words: list[str], filler: int) -> tuple[Any, dict]:
     return processor, {"image_token_id": tokenizer.convert_tokens_to_ids("[IMG]")}
 
 
+_QWEN_CLASSES = {  # (processor, video processor): the classes transformers' auto mappings give these model types
+    "qwen3_5": ("Qwen3VLProcessor", "Qwen3VLVideoProcessor"),
+    "qwen3_5_moe": ("Qwen3VLProcessor", "Qwen3VLVideoProcessor"),
+    "llava_onevision1_5": ("Exaone4_5_Processor", "Qwen2VLVideoProcessor"),  # 5.25: Qwen2-VL's, no mm_token_type_ids
+}
+
+
 def _qwen(family: str) -> Callable[[list[str], int], tuple[Any, dict]]:
     """Qwen-VL-style flattened patches (patch 2, spatial merge 2: one token per 4 x 4 px, 4 to 16 tokens an image;
-    temporal patch 2 for Qwen3.5 / Qwen3.5-MoE, 1 for LLaVA-OneVision-1.5) with the processor and video processor
-    classes transformers maps the family to."""
+    temporal patch 2 for Qwen3.5 / Qwen3.5-MoE, 1 for LLaVA-OneVision-1.5) with the family's processor and video
+    processor classes (:data:`_QWEN_CLASSES`)."""
 
     def build(words: list[str], filler: int) -> tuple[Any, dict]:
         import transformers
-        from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES
-        from transformers.models.auto.video_processing_auto import VIDEO_PROCESSOR_MAPPING_NAMES
 
         marks = {"image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
                  "vision_start_token": "<|vision_start|>", "vision_end_token": "<|vision_end|>"}
         tokenizer = word_tokenizer(words, filler=filler, named=marks)
         sizes = dict(patch_size=2, merge_size=2, temporal_patch_size=1 if family == "llava_onevision1_5" else 2)
         ip = transformers.Qwen2VLImageProcessorPil(size={"shortest_edge": 64, "longest_edge": 256}, **sizes)
-        video = getattr(transformers, VIDEO_PROCESSOR_MAPPING_NAMES[family]["torchvision"])(**sizes)
-        processor = getattr(transformers, PROCESSOR_MAPPING_NAMES[family])(
-            image_processor=ip, tokenizer=tokenizer, video_processor=video)
+        processor_cls, video_cls = (getattr(transformers, name) for name in _QWEN_CLASSES[family])
+        processor = processor_cls(image_processor=ip, tokenizer=tokenizer, video_processor=video_cls(**sizes))
         return processor, {f"{k}_id": tokenizer.convert_tokens_to_ids(v) for k, v in marks.items()}
 
     return build

@@ -489,14 +489,14 @@ def test_eval_cli_answers_in_a_batch(family, tmp_path, capsys):
     from flowkern.hf.tiny_saved import save_tiny
     from tests.fixtures import EVAL_WORDS, save_image, write_pope
 
+    if family == "llava_onevision1_5":
+        _needs_5_25()
     missing = _missing(NEEDS_PACKAGES.get(family, ()))
     if missing is not None:
         if os.environ.get("FLOWKERN_REQUIRE_TORCHVISION") == "1":
             pytest.fail(f"FLOWKERN_REQUIRE_TORCHVISION=1 but {missing}: {family}'s processor requires it")
         needs = " and ".join(NEEDS_PACKAGES[family])
         pytest.skip(f"{family}'s processor requires {needs}, which flowkern does not depend on: {missing}")
-    if family == "llava_onevision1_5":
-        _needs_5_25()
     try:
         save_tiny(family, tmp_path / "m", words=EVAL_WORDS)
     except ImportError:  # Idefics3ImageProcessorPil on 5.17
