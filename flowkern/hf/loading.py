@@ -220,8 +220,9 @@ def load_model(
 
     try:
         processor = transformers.AutoProcessor.from_pretrained(source, local_files_only=True)
-    except ImportError as exc:
-        raise ImportError(f"--model {model}: its processor needs a package that is not installed: {exc}") from exc
+    except ImportError as exc:  # transformers' message spans lines (torchvision's): one line, the package named
+        raise ImportError(f"--model {model}: its processor needs a package that is not installed: "
+                          f"{' '.join(str(exc).split())}") from exc
     except OSError as exc:
         raise FileNotFoundError(f"--model {model}: could not load the processor files ({exc})") from exc
     if getattr(processor, "image_processor", None) is None:

@@ -81,7 +81,8 @@ class ModelAdapter:
         deepstack: the vision tower adds features to the image tokens after the first decoder layers
             (Qwen3-VL's ``vision_config.deepstack_visual_indexes``); pruning must start after them.
         sites: decoder-layer attribute of each LLaVA-CAM site (:data:`SITES`).
-        nested_images: the processor takes a batch's images as one list per prompt (Gemma 3), not one flat list.
+        nested_images: the processor takes a batch's images as one list per prompt (Gemma 3 / 4, SmolVLM), not one
+            flat list.
         tower_patches: the image tokens are the vision tower's output tokens one to one, image after image
             (LLaVA-1.5: the ``vision_feature_layer`` tokens, [CLS] dropped or kept by
             ``vision_feature_select_strategy``): what :meth:`tower_cls` maps the tower's [CLS] attention through.
@@ -303,7 +304,7 @@ ADAPTERS: dict[str, ModelAdapter] = {
         # size (image_position_ids); the KV-shared last layers reuse earlier layers' keys / values
         ModelAdapter("gemma4", ("gemma4",), ("image_token_id",), gemma4_layout, ("image_position_ids",),
                      prompt_format="<|turn>user\n{images}{prompt}<turn|>\n<|turn>model\n",
-                     pixel_layout="patches_last"),
+                     pixel_layout="patches_last", nested_images=True),
         # the image tokens and the text prefix form one bidirectional block (token_type_ids == 0)
         ModelAdapter("paligemma", ("paligemma",), ("image_token_id",), paligemma_layout,
                      prompt_format="{images}{prompt}"),
@@ -312,10 +313,11 @@ ADAPTERS: dict[str, ModelAdapter] = {
                      prompt_format="[INST]{images}{prompt}[/INST]"),
         # tiles + a global image per image, marker tokens between them (text)
         ModelAdapter("idefics3", ("idefics3", "smolvlm"), ("image_token_id",), idefics3_layout,
-                     prompt_format="User:{images}{prompt}<end_of_utterance>\nAssistant:"),
-        # hybrid: 3 of 4 layers are linear attention (ModelAdapter.linear_layers); Qwen3-VL-style image rasters
-        ModelAdapter("qwen3_5", ("qwen3_5",), _QWEN_PLACEHOLDERS, qwen_vl_layout, _QWEN_INPUTS, "grid_thw",
-                     pixel_layout="patches"),
+                     prompt_format="User:{images}{prompt}<end_of_utterance>\nAssistant:", nested_images=True),
+        # hybrid: 3 of 4 layers are linear attention (ModelAdapter.linear_layers); Qwen3-VL-style image rasters; the
+        # MoE variant differs in its MLPs only
+        ModelAdapter("qwen3_5", ("qwen3_5", "qwen3_5_moe"), _QWEN_PLACEHOLDERS, qwen_vl_layout, _QWEN_INPUTS,
+                     "grid_thw", pixel_layout="patches"),
         # the processor inserts the Q-Former query placeholders itself; they have no spatial layout
         ModelAdapter("instructblip", ("instructblip",), ("image_token_id",), instructblip_layout,
                      prompt_format="{prompt}", spatial_grids=False),

@@ -124,7 +124,8 @@ PAD_TOKEN, IMAGE_TOKEN, VIDEO_TOKEN = 0, 100, 101
 start / end markers are 102 / 103)."""
 
 FAMILIES = ("llava", "llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "internvl", "instructblip",
-            "gemma3", "paligemma", "mistral3", "llava_onevision1_5", "qwen3_5", "idefics3", "smolvlm", "gemma4")
+            "gemma3", "paligemma", "mistral3", "llava_onevision1_5", "qwen3_5", "qwen3_5_moe", "idefics3", "smolvlm",
+            "gemma4")
 """The families :func:`tiny_vlm` builds."""
 
 
@@ -197,7 +198,8 @@ def tiny_vlm(family: str, *, layers: int = 3, image_size: int = 8, seed: int = 0
     Gemma text model, head dim 8; Mistral 3: Pixtral 16 px, patch 2, spatial merge 2 (an image of h x w px is
     h/4 x w/4 tokens), Mistral text model; LLaVA-OneVision-1.5 (transformers 5.25+): RICE-ViT patch 2, spatial
     merge 2 (flattened patches, like Qwen-VL), Qwen3 text model, head dim 8; Qwen3.5: Qwen3-VL-style tower, text
-    layers linear attention (Gated DeltaNet) except every 4th, head dim 16 with a quarter rotary (M-RoPE);
+    layers linear attention (Gated DeltaNet) except every 4th, head dim 16 with a quarter rotary (M-RoPE; Qwen3.5-MoE:
+    the same with 4 experts, 2 per token, and a shared expert);
     Idefics3 / SmolVLM: 8 px tiles, patch 2, pixel shuffle 2 (2x2 tokens per tile or global image), Llama text;
     Gemma 4: patches of 2 x 2 px (``pixel_values [N, patches, 12]`` with ``image_position_ids``) pooled 2 x 2, layers
     alternating sliding window (5) and full attention up to a full last layer, the second half KV-shared (from 4
@@ -315,7 +317,8 @@ def _gemma4_config(text: dict) -> Any:
                         video_token_id=VIDEO_TOKEN, boi_token_id=102, eoi_token_id=103, audio_token_id=None)
 
 
-_NEWER = ("gemma3", "gemma4", "paligemma", "llava_onevision1_5", "qwen3_5", "idefics3", "smolvlm", "mistral3")
+_NEWER = ("gemma3", "gemma4", "paligemma", "llava_onevision1_5", "qwen3_5", "qwen3_5_moe", "idefics3", "smolvlm",
+          "mistral3")
 
 
 def _newer_config(family: str, text: dict, qwen_ids: dict, rope: dict) -> Any:
@@ -331,15 +334,18 @@ def _newer_config(family: str, text: dict, qwen_ids: dict, rope: dict) -> Any:
                       out_hidden_size=32, in_channels=3)
         return LlavaOnevision15Config(vision_config=vision, text_config=text_config("qwen3", head_dim=8, **text),
                                       **qwen_ids)
-    if family == "qwen3_5":
-        from transformers import Qwen3_5Config
+    if family in ("qwen3_5", "qwen3_5_moe"):
+        import transformers
 
         vision = dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, patch_size=2, spatial_merge_size=2,
                       temporal_patch_size=2, in_channels=3, out_hidden_size=32, num_position_embeddings=16)
         rope35 = dict(rope, mrope_section=[1, 1, 0], mrope_interleaved=True, partial_rotary_factor=0.25)
+        moe = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, shared_expert_intermediate_size=16)
         text = text_config(None, head_dim=16, linear_conv_kernel_dim=2, linear_key_head_dim=8, linear_value_head_dim=8,
-                           linear_num_key_heads=2, linear_num_value_heads=4, rope_parameters=rope35, **text)
-        return Qwen3_5Config(vision_config=vision, text_config=text, **qwen_ids)
+                           linear_num_key_heads=2, linear_num_value_heads=4, rope_parameters=rope35,
+                           **(moe if family == "qwen3_5_moe" else {}), **text)
+        cls = transformers.Qwen3_5MoeConfig if family == "qwen3_5_moe" else transformers.Qwen3_5Config
+        return cls(vision_config=vision, text_config=text, **qwen_ids)
     if family in ("idefics3", "smolvlm"):
         from transformers import Idefics3Config, SmolVLMConfig
 

@@ -1,7 +1,7 @@
 """The 2026 families on tiny random-weight models (Gemma 3, PaliGemma: masks beyond causal; Gemma 4: those plus
 KV-shared layers and images of any size; Mistral 3: image rows with separators; Idefics3 / SmolVLM: tiles + a global
-image; LLaVA-OneVision-1.5: 5.25+; Qwen3.5: hybrid linear attention), against oracles that use neither flowkern's
-mask translation nor its layouts:
+image; LLaVA-OneVision-1.5: 5.25+; Qwen3.5 / Qwen3.5-MoE: hybrid linear attention), against oracles that use neither
+flowkern's mask translation nor its layouts:
 
 - the mask translation (:func:`flowkern.hf.attention.flowkern_attention_mask`): the visibility the kernel computes
   from a :class:`KeyMask` (``flowkern.reference.visible_mask``) equals transformers' own dense mask
@@ -13,7 +13,8 @@ mask translation nor its layouts:
   (Qwen3.5: a run whose later layers are cut to the kept positions by hand); Gemma 3 (sliding-window layers), Gemma 4
   (KV-shared layers; also its ``segment_flow``) and Qwen3.5's ``when="decode"`` are refused with the reason;
 - cam: runs and lands on the image grid (Gemma 4: its layers whose features reach the answer); ``flowkern eval``
-  answers each family's prompts (its own processor) in batches as one by one;
+  answers each family's prompts (its own processor) in batches as one by one, where the packages its processor
+  needs import (torchvision, num2words; one-line refusal otherwise);
 - ``flowkern info`` and docs/models.md show the one support table.
 """
 
@@ -33,6 +34,7 @@ from flowkern.hf.attention import KeyMask, flowkern_attention_mask
 from flowkern.hf.models import get_adapter
 from flowkern.hf.tiny import IMAGE_TOKEN as IMG
 from flowkern.hf.tiny import tiny_vlm
+from flowkern.hf.tiny_saved import NEEDS_PACKAGES, SAVED_FAMILIES
 from flowkern.reference import visible_mask
 from tests.fixtures import labelled_prompts
 
@@ -166,9 +168,13 @@ def _mistral3_case():
     return model, kwargs, labels, [[(2, 3), (3, 2)], [(2, 2)]]
 
 
-def _onevision1_5_case():
+def _needs_5_25():
     if tuple(int(x) for x in compat.TRANSFORMERS_VERSION.split(".")[:2]) < (5, 25):
         pytest.skip(f"llava_onevision1_5 needs transformers >= 5.25 (installed {compat.TRANSFORMERS_VERSION})")
+
+
+def _onevision1_5_case():
+    _needs_5_25()
     model = tiny_vlm("llava_onevision1_5", layers=4)
     ids, mask, labels = labelled_prompts([
         [("sys", [5, 6, 102]), ("img", [IMG] * 4), ("user", [103, 8, 9, 102]), ("img", [IMG] * 6), ("user", [103, 10])],
@@ -458,21 +464,39 @@ def test_info_and_docs_show_the_one_support_table(capsys):
 # flowkern eval: the family's prompt, answered in batches
 
 
-_NEEDS_TORCHVISION = ("mistral3", "smolvlm", "llava_onevision1_5", "qwen3_5", "gemma4")
+def _missing(packages):
+    """The first of ``packages`` that does not import, with the reason, or None."""
+    import importlib
+
+    for name in packages:
+        try:
+            importlib.import_module(name)
+        except Exception as exc:  # not installed, or a build that does not load with this torch
+            return f"{name} does not import ({type(exc).__name__}: {str(exc).splitlines()[0]})"
+    return None
 
 
-@pytest.mark.parametrize("family", ["paligemma", "gemma3", "idefics3", *_NEEDS_TORCHVISION])
+@pytest.mark.parametrize("family", SAVED_FAMILIES)
 def test_eval_cli_answers_in_a_batch(family, tmp_path, capsys):
     """``flowkern eval`` on a saved tiny model with the family's own processor: the adapter's prompt, the
-    processor's placeholders, batches of 4 with left padding answer as one by one."""
+    processor's placeholders, batches of 4 with left padding answer as one by one. Families whose processors need
+    packages flowkern does not depend on (``NEEDS_PACKAGES``: torchvision, num2words) are skipped where those do
+    not import (a failure when FLOWKERN_REQUIRE_TORCHVISION=1, as in CI)."""
     import json
+    import os
 
     from flowkern.cli import main
     from flowkern.hf.tiny_saved import save_tiny
     from tests.fixtures import EVAL_WORDS, save_image, write_pope
 
-    if family in _NEEDS_TORCHVISION:  # PixtralProcessor; the others' video processors (checked at construction)
-        pytest.skip(f"{family}'s processor class requires torchvision, which flowkern does not depend on")
+    if family == "llava_onevision1_5":
+        _needs_5_25()
+    missing = _missing(NEEDS_PACKAGES.get(family, ()))
+    if missing is not None:
+        if os.environ.get("FLOWKERN_REQUIRE_TORCHVISION") == "1":
+            pytest.fail(f"FLOWKERN_REQUIRE_TORCHVISION=1 but {missing}: {family}'s processor requires it")
+        needs = " and ".join(NEEDS_PACKAGES[family])
+        pytest.skip(f"{family}'s processor requires {needs}, which flowkern does not depend on: {missing}")
     try:
         save_tiny(family, tmp_path / "m", words=EVAL_WORDS)
     except ImportError:  # Idefics3ImageProcessorPil on 5.17
@@ -499,9 +523,12 @@ def test_eval_cli_answers_in_a_batch(family, tmp_path, capsys):
 # Qwen3.5: linear-attention layers are not measured; pruning at the prefill narrows them too
 
 
-def _qwen3_5():
-    if "qwen3_5" not in _built:
-        model = tiny_vlm("qwen3_5", layers=4)  # layers 0-2 linear attention, 3 full
+QWEN3_5 = ["qwen3_5", "qwen3_5_moe"]  # the MoE variant: the same layers with expert MLPs
+
+
+def _qwen3_5(family="qwen3_5"):
+    if family not in _built:
+        model = tiny_vlm(family, layers=4)  # layers 0-2 linear attention, 3 full
         ids, mask, labels = labelled_prompts([
             [("sys", [5, 6, 102]), ("img", [IMG] * 4), ("user", [103, 8, 9, 10])],
             [("sys", [5, 102]), ("img", [IMG] * 4), ("user", [103, 9])],
@@ -509,12 +536,13 @@ def _qwen3_5():
         thw = torch.tensor([[1, 4, 4], [1, 4, 4]])
         kwargs = dict(input_ids=ids, attention_mask=mask, pixel_values=torch.randn(32, 24), image_grid_thw=thw,
                       mm_token_type_ids=(ids == IMG).int())  # 1 = image: the M-RoPE positions need them
-        _built["qwen3_5"] = model, kwargs, labels
-    return _built["qwen3_5"]
+        _built[family] = model, kwargs, labels
+    return _built[family]
 
 
-def test_qwen3_5_trace_marks_linear_layers_not_measured():
-    model, kwargs, labels = _qwen3_5()
+@pytest.mark.parametrize("family", QWEN3_5)
+def test_qwen3_5_trace_marks_linear_layers_not_measured(family):
+    model, kwargs, labels = _qwen3_5(family)
     eager = _eager(model, kwargs)
     with flowkern.trace(model, image_inputs=kwargs) as flow:
         tokens = model.generate(**kwargs, max_new_tokens=NEW, do_sample=False)
@@ -555,9 +583,10 @@ def _narrowed_reference(model, kwargs, keep, layer):
             h.remove()
 
 
+@pytest.mark.parametrize("family", QWEN3_5)
 @pytest.mark.parametrize("layer", [1, 3], ids=["linear", "full"])
-def test_qwen3_5_prune_at_prefill_narrows_every_later_layer(layer):
-    model, kwargs, _ = _qwen3_5()
+def test_qwen3_5_prune_at_prefill_narrows_every_later_layer(layer, family):
+    model, kwargs, _ = _qwen3_5(family)
     one = {k: v[:1] for k, v in kwargs.items() if k in ("input_ids", "attention_mask", "mm_token_type_ids")}
     real = one["attention_mask"][0].bool()
     one = {k: v[:, real] for k, v in one.items()}
@@ -576,12 +605,52 @@ def test_qwen3_5_prune_at_prefill_narrows_every_later_layer(layer):
             model.generate(**kwargs, max_new_tokens=NEW, do_sample=False)
 
 
-def test_qwen3_5_knockout_refuses_linear_attention_layers():
+@pytest.mark.parametrize("family", QWEN3_5)
+def test_qwen3_5_knockout_refuses_linear_attention_layers(family):
     """A linear-attention layer has no attention edge to cut: knockout there is refused naming the layers, and a
     window of attention layers only is accepted."""
-    import flowkern
-
-    model, _, _ = _qwen3_5()
+    model, _, _ = _qwen3_5(family)
     with pytest.raises(ValueError, match=r"layers: \[1, 2\] are linear-attention layers"):
         flowkern.knockout(model, "image->last", layers=range(1, 4))
     assert flowkern.knockout(model, "image->last", layers=[3]).layers == (3,)
+
+
+@pytest.mark.parametrize("family", QWEN3_5)
+def test_qwen3_5_cam_lands_on_the_grid(family):
+    """CAM reads the layers' outputs, linear-attention layers included; the attention site does not exist there."""
+    model, kwargs, _ = _qwen3_5(family)
+    one = first_sample(kwargs, [[(2, 2)], [(2, 2)]])
+    result = flowkern.cam(model, one, torch.tensor([7, 8]), layers=[0, 1, 3], samples=1, noise_std=0.0)
+    assert [(v.image, v.name, v.shape) for v in result.views] == [(0, "image", (2, 2))]
+    assert all(bool(torch.isfinite(v.raw).all()) and float(v.raw.abs().max()) > 0 for v in result.views)
+    with pytest.raises(ValueError, match="no `self_attn` for site='attention'"):
+        flowkern.cam(model, one, torch.tensor([7, 8]), layers=[0], site="attention", samples=1, noise_std=0.0)
+
+
+def test_processor_needing_torchvision_is_refused_in_one_line(tmp_path, capsys):
+    """Where torchvision does not import, a Qwen3.5 checkpoint (its processor class requires torchvision through
+    its video processor) stops with one line naming it (the CLI: exit code 2)."""
+    import json
+
+    from flowkern.cli import main
+    from flowkern.hf.loading import load_model
+    from flowkern.hf.tiny import word_tokenizer
+    from tests.fixtures import save_image
+
+    if _missing(["torchvision"]) is None:
+        pytest.skip("torchvision imports here: the eval test runs these processors")
+    tokenizer = word_tokenizer(["hi"], named={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"})
+    tiny_vlm("qwen3_5", layers=4, vocab_size=len(tokenizer)).save_pretrained(tmp_path / "m")
+    tokenizer.save_pretrained(tmp_path / "m")
+    sizes = dict(patch_size=2, merge_size=2, temporal_patch_size=2)
+    (tmp_path / "m" / "processor_config.json").write_text(json.dumps({
+        "processor_class": "Qwen3VLProcessor",
+        "image_processor": dict(image_processor_type="Qwen2VLImageProcessor", **sizes),
+        "video_processor": dict(video_processor_type="Qwen3VLVideoProcessor", **sizes)}))
+    with pytest.raises(ImportError, match="its processor needs a package that is not installed: .*Torchvision") as e:
+        load_model(tmp_path / "m", device="cpu")
+    assert "\n" not in str(e.value)
+    code = main(["generate", "--model", str(tmp_path / "m"), "--image", str(save_image(tmp_path / "a.jpg", 0)),
+                 "--prompt", "hi", "--device", "cpu"])
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]  # besides progress bars
+    assert code == 2 and len(errors) == 1 and "Torchvision" in errors[0] and "not installed" in errors[0]
