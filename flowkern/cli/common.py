@@ -334,7 +334,7 @@ def check_prune_arguments(args: argparse.Namespace) -> None:
         raise UsageError("--prune-schedule gives each stage's keep: drop --keep")
     spec = PruneSpec()
     for name, dest in others.items():
-        if getattr(args, dest, None) is None:
+        if getattr(args, dest, None) is None and not (name == "keep" and getattr(args, schedule, None) is not None):
             setattr(args, dest, getattr(spec, name))
 
 

@@ -76,3 +76,17 @@ def test_spec_from_args():
     assert spec_from_args(args) == PruneSpec(keep=4, seed=7)
     with pytest.raises(ValueError, match="no pruning option"):
         _parse([], fields=("keep", "knockout"))
+
+
+def test_schedule_and_merge_flags():
+    args = _parse(["--prune-schedule", "0:0.5,2:25%", "--rank", "diversity", "--prune-merge"])
+    check_prune_arguments(args)  # commands check before loading a model, then build the spec: twice is harmless
+    assert spec_from_args(args) == PruneSpec(schedule=((0, 0.5), (2, 0.25)), rank="diversity", merge=True)
+    with pytest.raises(UsageError, match="replaces --prune-layer"):
+        spec_from_args(_parse(["--prune-layer", "2", "--prune-schedule", "3:0.5"]))
+    with pytest.raises(UsageError, match="drop --keep"):
+        spec_from_args(_parse(["--keep", "4", "--prune-schedule", "3:0.5"]))
+    with pytest.raises(SystemExit):
+        _parse(["--prune-schedule", "3"])
+    with pytest.raises(SystemExit):
+        _parse(["--rank", "nope"])
