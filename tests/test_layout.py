@@ -28,10 +28,13 @@ FLOORS: dict[str, int] = {
     "flowkern.plan": 1,
     "flowkern.scorers": 1,  # the scorer protocol and the built-in criteria (pure; flowkern.plan records them)
     "flowkern.keymaps": 1,
+    "flowkern.merge": 1,  # merging removed image tokens into kept ones (pure tensors)
+    "flowkern.viz_compare": 1,  # the figures of flowkern compare
     "flowkern.viz": 1,
     "flowkern.viz_flow": 1,
     "flowkern.ops": 2,
     "flowkern.hf": 3,
+    "flowkern.flops": 3,  # estimated FLOPs of an answer, from the language model's config (read through the adapter)
     "flowkern.identity": 3,  # the settings identity of a result (resolves device and dtype with flowkern.hf)
     "flowkern.listener": 3,  # the session's listener protocol (the attach bracket is Session.of + add)
     "flowkern.timer": 3,  # a listener

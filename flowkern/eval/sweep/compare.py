@@ -67,7 +67,8 @@ from typing import Any
 
 import numpy as np
 
-from flowkern.eval.run import EvalPlan, EvalUsageError, prepare
+from flowkern.eval.run import EvalUsageError, prepare
+from flowkern.eval.sweep.compare_engine import CompareEngine, bits, point_record, point_stats
 from flowkern.eval.sweep.dist import Dist
 from flowkern.eval.sweep.files import POINTS_DIR, RESULTS_FILE, atomic_savefig, claim_out, start_sweep
 from flowkern.eval.sweep.points import MAIN_METRIC, SWEEP_SETTINGS, Point, RunOptions, SweepUsageError, check_inputs
@@ -300,7 +301,6 @@ def run_compare(config: CompareConfig, *, model: Any = None, processor: Any = No
 
 def _run(config: CompareConfig, methods: list[Method], budgets: tuple[float, ...], map_budget: float, dist: Dist,
          model: Any, processor: Any, progress: bool) -> CompareResult:
-    from flowkern.eval.sweep.compare_engine import CompareEngine
 
     start = time.perf_counter()
     engine = CompareEngine(config, dist, model, processor)
@@ -342,29 +342,6 @@ def _run(config: CompareConfig, methods: list[Method], budgets: tuple[float, ...
 # per-point numbers from the answer files
 
 
-def point_stats(path: Path) -> dict[str, Any]:
-    """The means (and sums) of a point's answer lines: image tokens, kept, tokens per layer, new tokens, FLOPs per
-    answer, prefill seconds (sum and per answer), decode tokens per second (see the module docstring)."""
-    lines = [json.loads(raw) for raw in path.read_bytes().split(b"\n") if raw.strip()]
-    lines = [x for x in lines if "flops" in x]
-    if not lines:
-        return {}
-    n = len(lines)
-
-    def mean(key: str) -> float:
-        return sum(float(x[key]) for x in lines) / n
-
-    layer_tokens = np.asarray([x["layer_tokens"] for x in lines], dtype=np.float64).mean(axis=0)
-    decode_seconds = sum(float(x["decode_seconds"]) for x in lines)
-    prefill = sum(float(x["prefill_seconds"]) for x in lines)
-    return {"image_tokens": mean("image_tokens"), "kept_image_tokens": mean("kept_image_tokens"),
-            "layer_tokens": [float(v) for v in layer_tokens], "tokens_per_layer": float(layer_tokens.mean()),
-            "new_tokens": mean("new_tokens"), "flops_per_answer": mean("flops"), "prefill_seconds": prefill,
-            "prefill_seconds_per_answer": prefill / n,
-            "decode_tokens_per_second": sum(float(x["decode_tokens"]) for x in lines) / decode_seconds
-            if decode_seconds > 0 else None}
-
-
 def keep_maps(files: dict[str, Path]) -> dict[str, Any]:
     """Per method, the fraction of answers that kept each cell of the image grid (from the ``grid`` field of its
     answer lines). Grids of another shape than the most common one are mapped onto it by the cells' centres
@@ -394,11 +371,6 @@ def keep_maps(files: dict[str, Path]) -> dict[str, Any]:
         freq = np.where(present > 0, kept / np.maximum(present, 1), np.nan)
         maps[name] = [[None if np.isnan(v) else round(float(v), 6) for v in row] for row in freq]
     return {"shape": [R, C], "maps": maps}
-
-
-def bits(mask: Any) -> str:
-    """A bool array as hex bits (row-major, :func:`numpy.packbits`)."""
-    return np.packbits(np.asarray(mask, dtype=np.uint8).ravel()).tobytes().hex()
 
 
 def _unbits(text: str, rows: int, cols: int) -> np.ndarray:
@@ -470,12 +442,3 @@ def _fmt(value: Any) -> str:
     if value is None:
         return ""
     return f"{value:.6g}" if isinstance(value, float) else str(value)
-
-
-def point_record(engine: Any, p: Point, plan: EvalPlan, metrics: dict[str, Any]) -> dict[str, Any]:
-    """The results.jsonl record of a scored point: its setting, the metric and :func:`point_stats`."""
-    return {"point": p.name, "series": p.series, "method": engine.methods.get(p.name),
-            "budget": p.keep if p.spec is not None else None,
-            "spec": p.spec.to_dict() if p.spec is not None else None, "metric": engine.metric,
-            "value": metrics.get(engine.metric), "n": metrics.get("n"), **point_stats(plan.answers_path),
-            "answers": f"{POINTS_DIR}/{p.name}/answers.jsonl", "metrics": metrics}

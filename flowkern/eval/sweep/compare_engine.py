@@ -5,18 +5,21 @@ batch's prefill and decode times, and the kept cells of its image grid."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from flowkern.eval.run import EvalPlan
-from flowkern.eval.sweep.compare import bits, point_record
 from flowkern.eval.sweep.engine import Engine
+from flowkern.eval.sweep.files import POINTS_DIR
 from flowkern.eval.sweep.points import Point, SweepUsageError
 from flowkern.plan import PruneSpec, num_to_keep
 
-__all__ = ["CompareEngine", "generate_counted", "layer_tokens"]
+__all__ = ["CompareEngine", "generate_counted", "layer_tokens", "point_stats", "bits", "point_record"]
 
 
 def generate_counted(model: Any, processor: Any, inputs: Any, max_new: int, listener: Any) -> tuple[list[str],
@@ -142,3 +145,40 @@ class CompareEngine(Engine):
 
     def point_record(self, p: Point, plan: EvalPlan, metrics: dict[str, Any]) -> dict[str, Any]:
         return point_record(self, p, plan, metrics)
+
+
+def point_stats(path: Path) -> dict[str, Any]:
+    """The means (and sums) of a point's answer lines: image tokens, kept, tokens per layer, new tokens, FLOPs per
+    answer, prefill seconds (sum and per answer), decode tokens per second (see the module docstring)."""
+    lines = [json.loads(raw) for raw in path.read_bytes().split(b"\n") if raw.strip()]
+    lines = [x for x in lines if "flops" in x]
+    if not lines:
+        return {}
+    n = len(lines)
+
+    def mean(key: str) -> float:
+        return sum(float(x[key]) for x in lines) / n
+
+    layer_tokens = np.asarray([x["layer_tokens"] for x in lines], dtype=np.float64).mean(axis=0)
+    decode_seconds = sum(float(x["decode_seconds"]) for x in lines)
+    prefill = sum(float(x["prefill_seconds"]) for x in lines)
+    return {"image_tokens": mean("image_tokens"), "kept_image_tokens": mean("kept_image_tokens"),
+            "layer_tokens": [float(v) for v in layer_tokens], "tokens_per_layer": float(layer_tokens.mean()),
+            "new_tokens": mean("new_tokens"), "flops_per_answer": mean("flops"), "prefill_seconds": prefill,
+            "prefill_seconds_per_answer": prefill / n,
+            "decode_tokens_per_second": sum(float(x["decode_tokens"]) for x in lines) / decode_seconds
+            if decode_seconds > 0 else None}
+
+
+def bits(mask: Any) -> str:
+    """A bool array as hex bits (row-major, :func:`numpy.packbits`)."""
+    return np.packbits(np.asarray(mask, dtype=np.uint8).ravel()).tobytes().hex()
+
+
+def point_record(engine: Any, p: Point, plan: EvalPlan, metrics: dict[str, Any]) -> dict[str, Any]:
+    """The results.jsonl record of a scored point: its setting, the metric and :func:`point_stats`."""
+    return {"point": p.name, "series": p.series, "method": engine.methods.get(p.name),
+            "budget": p.keep if p.spec is not None else None,
+            "spec": p.spec.to_dict() if p.spec is not None else None, "metric": engine.metric,
+            "value": metrics.get(engine.metric), "n": metrics.get("n"), **point_stats(plan.answers_path),
+            "answers": f"{POINTS_DIR}/{p.name}/answers.jsonl", "metrics": metrics}
