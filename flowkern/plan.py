@@ -95,7 +95,7 @@ class PruneSpec:
                 raise ValueError("schedule: pass either layer / keep (one stage) or a schedule, not both")
         if not isinstance(self.merge, bool):
             raise ValueError(f"merge must be True or False, got {self.merge!r}")
-        if self.merge and all(k == 0 for _, k in self.stages):
+        if self.merge and all(k == 0 for k in [k for _, k in self.stages] or [self.keep]):  # layer None: a sweep's
             raise ValueError("merge: every image token is removed (keep=0), so there is no kept token to merge into")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"seed must be an int, got {self.seed!r}")
@@ -135,6 +135,8 @@ class PruneSpec:
             ValueError: naming the bad argument. NotImplementedError: pruning before the DeepStack layers end; a
                 schedule with ``when="decode"``.
         """
+        from flowkern.scorers import get_scorer
+
         if self.schedule is not None and self.when == "decode":
             raise NotImplementedError("schedule: when='decode' (compacting the cache after a full prefill) takes one "
                                       "stage; a schedule prunes at the prefill (when='prefill')")
@@ -145,10 +147,12 @@ class PruneSpec:
                 raise ValueError(f"{what} must be a decoder layer index in [0, {num_layers}) (negative counts from "
                                  f"the end), got {layer!r}")
             layer %= num_layers
-            if layer == 0 and self.rank == "attention" and keep != 0:
+            if layer == 0 and keep != 0 and not get_scorer(self.rank).before_decoder:
+                name = getattr(self.rank, "name", None) or self.rank
                 raise ValueError(
-                    "rank='attention' ranks image tokens by the attention they receive at layer L-1, so it needs "
-                    "layer >= 1; at layer=0 use keep=0, rank='none' or rank='random'"
+                    f"rank={name!r} ranks image tokens by the attention they receive at layer L-1, so it needs "
+                    "layer >= 1; at layer=0 use keep=0 or a scorer that ranks before the decoder (rank='random', "
+                    "'none', 'grid', 'diversity', ...)"
                 )
             if layer == 0 and self.when == "decode":
                 raise ValueError("when='decode' compacts the cache of layers >= 1: use layer >= 1")
