@@ -135,9 +135,11 @@ class SweepConfig(RunOptions):
 
     Attributes (besides :class:`RunOptions`; ``out`` also gets summary.csv, cliff.json and sweep.png):
         layers: ``"all"``, or ranges and lists of 0-based decoder layers (``"0-31"``, ``"0,2,4,8-12"``), or a list.
-        prune: the :class:`flowkern.plan.PruneSpec` applied at each swept layer (its ``layer`` stays None: the sweep
-            sets it per point): ``keep`` (k = 0 drops every image token; ``rank`` is then moot), ``rank``, ``seed``.
-        controls: extra ranks run at the same layers and ``keep`` (``"random"``, ``"grid"``); need ``keep != 0``.
+        prune: the :class:`flowkern.plan.PruneSpec` applied at each swept layer (its ``layer`` and ``schedule`` stay
+            None: the sweep sets the layer per point): ``keep`` (k = 0 drops every image token; ``rank`` is then
+            moot), ``rank`` (a registered scorer name, :func:`flowkern.scorers.scorer_names`), ``seed``, ``merge``.
+        controls: extra ranks (scorer names) run at the same layers and ``keep``, e.g. ``"random"`` or ``"grid"``;
+            need ``keep != 0``. A rank that cannot rank before the decoder has no point at layer 0 (:func:`ranks_at`).
         search: ``"full"`` (every layer) or ``"bisect"``.
         tolerance: the cliff tolerance in points of the main metric (1 point = 0.01 of a ratio).
     """
@@ -208,6 +210,7 @@ def check_config(config: SweepConfig) -> None:
             tolerance, controls with ``keep == 0``, a schedule (a sweep varies its one pruning layer).
     """
     from flowkern.eval import TASKS
+    from flowkern.scorers import get_scorer
 
     if config.task not in TASKS:
         raise SweepUsageError(f"--task: unknown task {config.task!r} (choose from {', '.join(TASKS)})")
@@ -229,6 +232,10 @@ def check_config(config: SweepConfig) -> None:
     for flag, r in [("--control", r) for r in config.controls] + [("--rank", config.prune.rank)]:
         if r not in names:
             raise SweepUsageError(f"{flag} {r!r}: expected one of {', '.join(names)}")
+        try:
+            get_scorer(r)
+        except ValueError as exc:  # a registered scorer whose parameters have no defaults (union)
+            raise SweepUsageError(f"{flag} {r!r}: {exc}; register a scorer with default parameters for it") from None
     if config.controls and config.prune.keep == 0:
         raise SweepUsageError("--control needs --keep K (K != 0): with k = 0 every rank drops the same tokens")
     if config.prune.keep != 0 and config.prune.rank in config.controls:
