@@ -101,6 +101,9 @@ class PruneSpec:
             raise ValueError(f"seed must be an int, got {self.seed!r}")
         if self.layer is not None and (isinstance(self.layer, bool) or not isinstance(self.layer, int)):
             raise ValueError(f"layer must be a decoder layer index (an int) or None, got {self.layer!r}")
+        for layer, keep in self.stages:  # layer 0 as given (a negative one is checked by resolve_stages)
+            if layer == 0:
+                _check_before_decoder(self.rank, keep)
 
     @property
     def enabled(self) -> bool:
@@ -135,8 +138,6 @@ class PruneSpec:
             ValueError: naming the bad argument. NotImplementedError: pruning before the DeepStack layers end; a
                 schedule with ``when="decode"``.
         """
-        from flowkern.scorers import get_scorer
-
         if self.schedule is not None and self.when == "decode":
             raise NotImplementedError("schedule: when='decode' (compacting the cache after a full prefill) takes one "
                                       "stage; a schedule prunes at the prefill (when='prefill')")
@@ -147,13 +148,8 @@ class PruneSpec:
                 raise ValueError(f"{what} must be a decoder layer index in [0, {num_layers}) (negative counts from "
                                  f"the end), got {layer!r}")
             layer %= num_layers
-            if layer == 0 and keep != 0 and not get_scorer(self.rank).before_decoder:
-                name = getattr(self.rank, "name", None) or self.rank
-                raise ValueError(
-                    f"rank={name!r} ranks image tokens by the attention they receive at layer L-1, so it needs "
-                    "layer >= 1; at layer=0 use keep=0 or a scorer that ranks before the decoder (rank='random', "
-                    "'none', 'grid', 'diversity', ...)"
-                )
+            if layer == 0:
+                _check_before_decoder(self.rank, keep)
             if layer == 0 and self.when == "decode":
                 raise ValueError("when='decode' compacts the cache of layers >= 1: use layer >= 1")
             if deepstack and self.when == "prefill" and layer < deepstack:
@@ -209,6 +205,18 @@ def _check_rank(rank: Any) -> None:
     names = tuple(dict.fromkeys(RANKS + scorer_names()))
     if not isinstance(rank, str) or rank not in names:
         raise ValueError(f"rank must be one of {names} or a flowkern.scorers.Scorer, got {rank!r}")
+
+
+def _check_before_decoder(rank: Any, keep: int | float) -> None:
+    """Refuse a stage before the decoder (layer 0) that keeps image tokens by a scorer that cannot rank there
+    (:attr:`flowkern.scorers.Scorer.before_decoder` False: it reads layer ``L-1``'s attention)."""
+    from flowkern.scorers import get_scorer
+
+    if keep != 0 and not get_scorer(rank).before_decoder:
+        name = getattr(rank, "name", None) or rank
+        raise ValueError(f"rank={name!r} ranks image tokens by the attention they receive at layer L-1, so it needs "
+                         "layer >= 1; at layer=0 use keep=0 or a scorer that ranks before the decoder (rank='random', "
+                         "'none', 'grid', 'diversity', ...)")
 
 
 def _check_keep_value(name: str, keep: Any) -> None:
