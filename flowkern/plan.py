@@ -71,7 +71,8 @@ class PruneSpec:
     Python ``int`` / ``float`` they hold.
 
     Raises:
-        ValueError: naming the bad field (``keep must be ...``), on construction.
+        ValueError: naming the bad field (``keep must be ...``), on construction; also a stage at layer 0 that keeps
+            image tokens by a scorer that cannot rank before the decoder (``rank="attention"``).
     """
 
     layer: int | None = None

@@ -83,6 +83,28 @@ def test_layer_spec():
             parse_layer_spec(bad, 32)
 
 
+def test_config_refusals():
+    """A schedule (a sweep varies one layer), a Scorer object (points are named after a registered scorer), a
+    registered scorer without default parameters, an unknown one: refused by name before any work."""
+    from flowkern.eval.sweep.points import check_config, ranks_at
+    from flowkern.scorers import get_scorer
+
+    def config(**kw):
+        return SweepConfig(model="m", task="pope", data="d", out="o", **kw)
+
+    for kw, needle in ((dict(prune=PruneSpec(schedule=((2, 0.5),))), "flowkern compare"),
+                       (dict(prune=PruneSpec(keep=4, rank=get_scorer("diversity"))), "registered name"),
+                       (dict(prune=PruneSpec(keep=4), controls=("union",)), "--control 'union'"),
+                       (dict(prune=PruneSpec(keep=4), controls=("nope",)), "expected one of")):
+        with pytest.raises(SweepUsageError, match=needle):
+            check_config(config(**kw))
+    check_config(config(prune=PruneSpec(keep=4, rank="cls", merge=True), controls=("text-attention", "duplicates")))
+    assert [ranks_at(r, 0, 4) for r in ("attention", "text-attention", "prerope-attention", "grid+attention")] == [
+        False] * 4
+    assert all(ranks_at(r, 0, 4) for r in ("random", "none", "grid", "diversity", "duplicates", "cls"))
+    assert ranks_at("attention", 0, 0) and ranks_at("attention", 1, 4)
+
+
 def test_cliff_definition():
     base = 0.80
     # monotone: far below, then within 1 point from layer 4 on

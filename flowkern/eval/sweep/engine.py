@@ -217,7 +217,8 @@ class Engine:
         """Answers (and :meth:`answer`'s extra fields) of one batch at each point of ``group``: the baseline first,
         then the other points by L descending, the first of those recording the shared prefix for the others
         (:class:`flowkern.hf.reuse.PrefixShare`). With reuse, the images are encoded once for all of them
-        (:class:`flowkern.hf.reuse.ImageCache`) and the language model stays on the ``flowkern`` attention across the
+        (:class:`flowkern.hf.reuse.ImageCache`; a point whose scorer reads the vision tower as it runs encodes them
+        itself, :meth:`Point.reads_tower`) and the language model stays on the ``flowkern`` attention across the
         pruned points (each ``flowkern.prune`` would switch it there and back: the same computation, without the
         switches)."""
         from flowkern.hf.reuse import hold_attention
