@@ -270,6 +270,9 @@ def test_image_cache_compares_arguments_by_value(llava):
             first = getattr(owner, name)(pixel_values=pixels)
             assert getattr(owner, name)(pixels.clone()) is first
             assert (cache.computed, cache.reused) == (1, 1)
+            with cache.paused():  # runs the encoder; the memo is neither read nor written
+                assert getattr(owner, name)(pixel_values=pixels) is not first
+            assert (cache.computed, cache.reused, len(cache.entries)) == (1, 1, 1)
             pixels.add_(0.5)
             changed = getattr(owner, name)(pixel_values=pixels)
             assert changed is not first and (cache.computed, cache.reused) == (2, 1)
