@@ -96,7 +96,8 @@ class PruneSpec:
                 raise ValueError("schedule: pass either layer / keep (one stage) or a schedule, not both")
         if not isinstance(self.merge, bool):
             raise ValueError(f"merge must be True or False, got {self.merge!r}")
-        if self.merge and all(k == 0 for k in [k for _, k in self.stages] or [self.keep]):  # no stage: a sweep setting, its keep
+        keeps = [k for _, k in self.stages] or [self.keep]  # no stage (a sweep's setting): its keep
+        if self.merge and all(k == 0 for k in keeps):
             raise ValueError("merge: every image token is removed (keep=0), so there is no kept token to merge into")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"seed must be an int, got {self.seed!r}")
