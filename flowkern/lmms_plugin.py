@@ -11,7 +11,8 @@ mechanism: the entry point ``flowkern = "flowkern.lmms_plugin:manifest"`` return
 an instance: ``lmms_eval.evaluator.simple_evaluate(model=FlowkernLMM(pretrained=...), tasks=["pope"])``.
 
 Model arguments (``--model_args k=v,...``): ``pretrained`` (a ``save_pretrained`` folder or a cached hub id; never
-downloaded), ``prune_layer``, ``keep`` (0, a count, a fraction or ``25%``), ``rank`` (attention|random|none),
+downloaded), ``prune_layer``, ``keep`` (0, a count, a fraction or ``25%``), ``rank`` (a registered scorer name,
+:func:`flowkern.scorers.scorer_names`),
 ``prune_seed``, ``prune_when`` (prefill|decode), ``prune_schedule`` (multi-stage instead of ``prune_layer`` /
 ``keep``: ``layer:keep`` stages separated by ``;``, or by ``,`` inside quotes or brackets, which lmms-eval's
 ``--model_args`` keeps together: ``prune_schedule=2:0.5;8:0.25`` or ``prune_schedule=[2:0.5,8:0.25]``),
@@ -141,6 +142,15 @@ def _as_bool(name: str, value: Any) -> bool:
     raise ValueError(f"flowkern model_args: {name}={value!r}: expected true or false")
 
 
+def _settings(spec: PruneSpec, stages: Sequence[tuple[int, int | float]]) -> dict[str, Any]:
+    """The whole pruning setting as JSON (:meth:`flowkern.plan.PruneSpec.to_dict`: the scorer with its parameters,
+    schedule, merge), its layers as resolved on the model (``stages``: negative layers counted from the end)."""
+    from dataclasses import replace
+
+    resolved = replace(spec, layer=stages[0][0]) if spec.schedule is None else replace(spec, schedule=tuple(stages))
+    return resolved.to_dict()
+
+
 class FlowkernLMM(_LmmsBase):
     """lmms-eval model ``flowkern``: a VLM loaded by :func:`flowkern.hf.loading.load_model`, greedy batched answers,
     image tokens optionally pruned (:func:`flowkern.prune`). See the module docstring for the arguments."""
@@ -188,8 +198,7 @@ class FlowkernLMM(_LmmsBase):
                                     merge=_as_bool("prune_merge", prune_merge))
         if self.prune_spec.enabled:
             self.pruning = prune(model, self.prune_spec)
-        self.prune_settings = None if self.pruning is None else dict(layer=self.pruning.layer, keep=self.pruning.keep,
-                                                                     rank=self.pruning.rank)
+        self.prune_settings = None if self.pruning is None else _settings(self.prune_spec, self.pruning.stages)
 
     # -- what lmms-eval reads -----------------------------------------------------------------------------------
 

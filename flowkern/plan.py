@@ -71,7 +71,8 @@ class PruneSpec:
     Python ``int`` / ``float`` they hold.
 
     Raises:
-        ValueError: naming the bad field (``keep must be ...``), on construction.
+        ValueError: naming the bad field (``keep must be ...``), on construction; also a stage at layer 0 that keeps
+            image tokens by a scorer that cannot rank before the decoder (``rank="attention"``).
     """
 
     layer: int | None = None
@@ -95,12 +96,16 @@ class PruneSpec:
                 raise ValueError("schedule: pass either layer / keep (one stage) or a schedule, not both")
         if not isinstance(self.merge, bool):
             raise ValueError(f"merge must be True or False, got {self.merge!r}")
-        if self.merge and all(k == 0 for _, k in self.stages):
+        keeps = [k for _, k in self.stages] or [self.keep]  # no stage (a sweep's setting): its keep
+        if self.merge and all(k == 0 for k in keeps):
             raise ValueError("merge: every image token is removed (keep=0), so there is no kept token to merge into")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"seed must be an int, got {self.seed!r}")
         if self.layer is not None and (isinstance(self.layer, bool) or not isinstance(self.layer, int)):
             raise ValueError(f"layer must be a decoder layer index (an int) or None, got {self.layer!r}")
+        for layer, keep in self.stages:  # layer 0 as given (a negative one is checked by resolve_stages)
+            if layer == 0:
+                _check_before_decoder(self.rank, keep)
 
     @property
     def enabled(self) -> bool:
@@ -145,11 +150,8 @@ class PruneSpec:
                 raise ValueError(f"{what} must be a decoder layer index in [0, {num_layers}) (negative counts from "
                                  f"the end), got {layer!r}")
             layer %= num_layers
-            if layer == 0 and self.rank == "attention" and keep != 0:
-                raise ValueError(
-                    "rank='attention' ranks image tokens by the attention they receive at layer L-1, so it needs "
-                    "layer >= 1; at layer=0 use keep=0, rank='none' or rank='random'"
-                )
+            if layer == 0:
+                _check_before_decoder(self.rank, keep)
             if layer == 0 and self.when == "decode":
                 raise ValueError("when='decode' compacts the cache of layers >= 1: use layer >= 1")
             if deepstack and self.when == "prefill" and layer < deepstack:
@@ -205,6 +207,18 @@ def _check_rank(rank: Any) -> None:
     names = tuple(dict.fromkeys(RANKS + scorer_names()))
     if not isinstance(rank, str) or rank not in names:
         raise ValueError(f"rank must be one of {names} or a flowkern.scorers.Scorer, got {rank!r}")
+
+
+def _check_before_decoder(rank: Any, keep: int | float) -> None:
+    """Refuse a stage before the decoder (layer 0) that keeps image tokens by a scorer that cannot rank there
+    (:attr:`flowkern.scorers.Scorer.before_decoder` False: it reads layer ``L-1``'s attention)."""
+    from flowkern.scorers import get_scorer
+
+    if keep != 0 and not get_scorer(rank).before_decoder:
+        name = getattr(rank, "name", None) or rank
+        raise ValueError(f"rank={name!r} ranks image tokens by the attention they receive at layer L-1, so it needs "
+                         "layer >= 1; at layer=0 use keep=0 or a scorer that ranks before the decoder (rank='random', "
+                         "'none', 'grid', 'diversity', ...)")
 
 
 def _check_keep_value(name: str, keep: Any) -> None:

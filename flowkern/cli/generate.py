@@ -84,8 +84,10 @@ def run(args: argparse.Namespace) -> int:
         record["prune"] = info
         n_img, n_kept = info.get("num_image_tokens", [0])[0], info.get("num_kept_image_tokens", [0])[0]
         where = "the KV cache of layers" if args.prune_when == "decode" else "layers"
+        how = (f"keep={args.keep}" if pruning.spec.schedule is None else
+               "schedule=" + ",".join(f"{x}:{k}" for x, k in pruning.stages))
         print(f"pruned: {where} >= {pruning.layer} (of {pruning.num_layers}) keep {n_kept} of {n_img} image tokens "
-              f"(rank={args.rank}, keep={args.keep})")
+              f"(rank={args.rank}, {how}{', merged' if pruning.spec.merge else ''})")
     if args.json is not None:
         args_record = {k: str(v) for k, v in vars(args).items() if k != "func"}
         _io.atomic_write_text(args.json, json.dumps(dict(record, args=args_record), indent=1) + "\n")

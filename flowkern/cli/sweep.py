@@ -46,8 +46,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--layers", default="all", metavar="SPEC",
                    help="0-based decoder layers: all (default), a range 0-31, or a list 0,2,4,8-12")
     p.add_argument("--control", default="", metavar="RANKS",
-                   help="control series at the same layers and K, e.g. random,grid (needs --keep != 0)")
-    add_prune_arguments(p, fields=("keep", "rank", "seed"), flags={"seed": "--seed"}, defaults=True)
+                   help="control series at the same layers and K: scorers as for --rank, e.g. random,grid (needs "
+                        "--keep != 0)")
+    add_prune_arguments(p, fields=("keep", "rank", "seed", "merge", "schedule"), flags={"seed": "--seed"},
+                        defaults=True)
     p.add_argument("--search", default="full", choices=["full", "bisect"],
                    help="full: every layer (default); bisect: O(log layers) points when the curve is monotone, "
                         "every layer when it is not")
@@ -69,6 +71,9 @@ def run(args: argparse.Namespace) -> int:
     from flowkern.eval.sweep.dist import process_index
 
     controls = tuple(r.strip() for r in args.control.split(",") if r.strip())
+    if args.prune_schedule is not None:  # refused before PruneSpec sees it beside --keep
+        raise UsageError("--prune-schedule: a sweep varies the one layer it prunes from (one point per layer of "
+                         "--layers), so it takes no schedule; compare schedules with flowkern compare")
     spec = spec_from_args(args)
     config = config_from_args(SweepConfig, args, controls=controls, reuse=not args.no_reuse, prune=spec)
     for flag, value in (("--batch-size", args.batch_size), ("--limit", args.limit),

@@ -475,7 +475,9 @@ def _run_owned(config: EvalConfig, model: Any, processor: Any, progress: bool,
             try:
                 pruning = prune(model, config.prune)
             except (ValueError, NotImplementedError) as exc:
-                raise EvalUsageError(f"--prune-layer {config.prune.layer}: {exc}") from None
+                where = (f"--prune-layer {config.prune.layer}" if config.prune.schedule is None else
+                         f"--prune-schedule {','.join(f'{x}:{k}' for x, k in config.prune.schedule)}")
+                raise EvalUsageError(f"{where}: {exc}") from None
     plan.start_files()
 
     model_id = Path(str(config.model).rstrip("/")).name or str(config.model)

@@ -218,8 +218,12 @@ class ImageCache:
     place later is not mistaken for the one recorded. Holds one batch's image features (and whatever else the
     encoder returns) until :meth:`clear`.
 
+    A generate call that must see the encoder run (a pruning criterion hooked inside the vision tower, such as the
+    ``cls`` scorer's [CLS] attention) runs inside :meth:`paused`: the encoder then computes, and the memo is neither
+    read nor written.
+
     Attributes:
-        computed, reused: encoder calls that ran, and calls answered from the memo.
+        computed, reused: encoder calls that ran (through the memo), and calls answered from the memo.
     """
 
     def __init__(self, model: torch.nn.Module) -> None:
@@ -227,10 +231,20 @@ class ImageCache:
         self.entries: list[tuple[Any, Any]] = []
         self.computed = 0
         self.reused = 0
+        self._paused = False
 
     def clear(self) -> None:
         """Drop the memo."""
         self.entries = []
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Inside the block the image encoder runs at every call, as without the memo (which stays for later)."""
+        was, self._paused = self._paused, True
+        try:
+            yield
+        finally:
+            self._paused = was
 
     @contextlib.contextmanager
     def active(self) -> Iterator[None]:
@@ -250,6 +264,8 @@ class ImageCache:
 
         @functools.wraps(orig)
         def memo(*args: Any, **kwargs: Any) -> Any:
+            if self._paused:
+                return orig(*args, **kwargs)
             try:
                 key = dict(signature.bind(*args, **kwargs).arguments)
             except TypeError:

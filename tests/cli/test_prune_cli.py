@@ -16,6 +16,7 @@ from flowkern.cli import UsageError, common
 from flowkern.cli import generate as cli_generate
 from flowkern.hf.inputs import build_inputs
 from flowkern.hf.loading import load_model
+from flowkern.plan import PruneSpec
 from tests.fixtures import PROMPT, save_llava, save_photo
 
 NEW = 4
@@ -44,15 +45,21 @@ def _run(files, *extra: str):
     return args.func(args)
 
 
-@pytest.mark.parametrize("flags", [[], ["--prune-layer", "2", "--keep", "25%", "--rank", "attention"]],
-                         ids=["unpruned", "pruned"])
-def test_generate_command(files, capsys, tmp_path, flags):
+@pytest.mark.parametrize(("flags", "spec"), [
+    ([], None),
+    (["--prune-layer", "2", "--keep", "25%", "--rank", "attention"], PruneSpec(layer=2, keep=0.25)),
+    (["--prune-schedule", "0:0.5,2:25%", "--rank", "diversity", "--prune-merge"],
+     PruneSpec(schedule=((0, 0.5), (2, 0.25)), rank="diversity", merge=True)),
+    (["--prune-layer", "2", "--keep", "4", "--rank", "prerope-attention"], PruneSpec(layer=2, keep=4,
+                                                                                     rank="prerope-attention")),
+], ids=["unpruned", "pruned", "schedule-merge", "prerope"])
+def test_generate_command(files, capsys, tmp_path, flags, spec):
     out = tmp_path / "rec.json"
     assert _run(files, *flags, "--json", str(out)) == 0
     stdout = capsys.readouterr().out
     model, processor = load_model(files / "llava")
     inputs = build_inputs(processor, model, files / "photo.png", PROMPT)
-    with torch.no_grad(), (flowkern.prune(model, layer=2, keep=0.25) if flags else contextlib.nullcontext()) as p:
+    with torch.no_grad(), (flowkern.prune(model, spec) if flags else contextlib.nullcontext()) as p:
         seq = model.generate(**inputs, max_new_tokens=NEW, do_sample=False)
     answer = processor.batch_decode(seq[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)[0].strip()
     record = json.loads(out.read_text())
@@ -61,7 +68,10 @@ def test_generate_command(files, capsys, tmp_path, flags):
     assert record["decode_steps"] == NEW - 1 and record["decode_tokens_per_second"] > 0
     if flags:
         assert record["prune"]["num_kept_image_tokens"] == p.num_kept_image_tokens.tolist() == [4]  # 25% of 16
-        assert "keep 4 of 16 image tokens" in stdout
+        assert record["prune"]["kept_image_positions"] == [x.tolist() for x in p.kept_image_positions]
+        assert (record["prune"]["rank"], record["prune"]["merge"]) == (spec.rank, spec.merge)
+        assert [[s["layer"], s["keep"]] for s in record["prune"]["stages"]] == [list(s) for s in spec.stages]
+        assert "keep 4 of 16 image tokens" in stdout and f"rank={spec.rank}" in stdout
     else:
         assert "prune" not in record and "pruned" not in stdout
 

@@ -108,7 +108,9 @@ def _requests(instance_cls, docs, gen=GEN) -> list:
 
 
 @pytest.mark.parametrize("instance_cls", INSTANCES)
-@pytest.mark.parametrize("prune", [{}, {"prune_layer": 2, "keep": 0}], ids=["unpruned", "pruned"])
+@pytest.mark.parametrize("prune", [{}, {"prune_layer": 2, "keep": 0},
+                                   {"prune_layer": -2, "keep": 0.25, "rank": "diversity", "prune_merge": True}],
+                         ids=["unpruned", "pruned", "diversity-merge"])
 def test_generate_until_equals_flowkern_eval(files, llava, tmp_path, instance_cls, prune):
     model, processor = llava
     lm = FlowkernLMM(pretrained=str(files / "llava"), batch_size=2, model=model, processor=processor, **prune)
@@ -124,6 +126,8 @@ def test_generate_until_equals_flowkern_eval(files, llava, tmp_path, instance_cl
     expected = {r["question_id"]: r["text"] for r in map(json.loads, (tmp_path / "run" / ANSWERS_FILE).open())}
     assert {d["question_id"]: a for d, a in zip(docs, answers, strict=True)} == expected
     assert (lm.pruning is None) == (not prune)
+    if prune:  # the whole setting, its layer resolved (-2 of 4 layers: 2)
+        assert lm.prune_settings == PruneSpec.from_dict(dict(prune, prune_layer=2), options=True).to_dict()
 
 
 @pytest.mark.parametrize("instance_cls", INSTANCES)
@@ -217,7 +221,7 @@ def test_schedule_and_merge_model_args(files, llava, monkeypatch):
     for text in ("[1:0.5,3:0.25]", '"1:0.5,3:0.25"', "1:0.5;3:0.25"):
         args = _parse_model_args(text)
         lm = FlowkernLMM(pretrained=str(files / "llava"), model=model, processor=processor, **args)
-        assert lm.prune_spec == want and given[-1] == want
+        assert lm.prune_spec == want and given[-1] == want and lm.prune_settings == want.to_dict()
     lm = FlowkernLMM(pretrained=str(files / "llava"), model=model, processor=processor, prune_schedule=[(1, 0.5)])
     assert lm.prune_spec == PruneSpec(schedule=((1, 0.5),))
     for bad, name in (({"prune_schedule": "1:0.5,x"}, "prune_schedule"), ({"prune_merge": "maybe"}, "prune_merge")):

@@ -253,6 +253,54 @@ def test_settings_mismatch_is_refused(files, tmp_path, capsys):
     assert code == 0 and "answered 2 questions" in stdout and "1 already answered" in stdout, err
 
 
+def test_schedule_merge_and_scorer_parameters_recorded(files, llava, tmp_path, capsys):
+    """`flowkern eval --prune-schedule ... --rank <scorer> --prune-merge` answers as the Python engine does with that
+    PruneSpec; run.json records the schedule, the merge and the scorer with its parameters, and a resume under
+    another schedule, merge or scorer parameter is refused naming it."""
+    model, processor = llava
+    out = tmp_path / "sched"
+    flags = ["--limit", "2", "--prune-schedule", "0:0.5,2:4", "--rank", "diversity", "--prune-merge"]
+    code, stdout, err = _run(capsys, _eval_args(files, out, *flags))
+    assert code == 0, err
+    spec = PruneSpec(schedule=((0, 0.5), (2, 4)), rank="diversity", merge=True)
+    ref = run_eval(EvalConfig(model=str(files / "llava"), task="pope", data=files / "pope", images=files / "val2014",
+                              out=tmp_path / "ref", limit=2, max_new_tokens=int(NEW), device="cpu", prune=spec),
+                   model=model, processor=processor)
+    assert _answers(out) == _answers(ref.out)
+    settings = json.loads((out / SETTINGS_FILE).read_text())["settings"]
+    assert (settings["prune_schedule"], settings["prune_merge"], settings["rank"], settings["prune_layer"]) == (
+        [[0, 0.5], [2, 4]], True, "diversity", None)
+    before = _snapshot(out)
+    for i, needle in ((flags.index("0:0.5,2:4"), "--prune-schedule was [[0, 0.5], [2, 4]], now [[0, 0.5], [3, 4]]"),
+                      (len(flags) - 1, "--prune-merge was True, now False")):
+        other = list(flags)
+        if other[i] == "--prune-merge":
+            del other[i]
+        else:
+            other[i] = "0:0.5,3:4"
+        _one_line_error(*_run(capsys, _eval_args(files, out, *other))[::2], "other settings", needle)
+        assert _snapshot(out) == before
+    bad = ["--prune-schedule", "0:4,2:2", "--rank", "text-attention"]  # no layer -1 to rank by: before the load
+    _one_line_error(*_run(capsys, _eval_args(files, tmp_path / "bad", *bad))[::2], "rank='text-attention'",
+                    "layer >= 1")
+    # a scorer with parameters: recorded whole, and another parameter value is another setting
+    from flowkern.eval.run import EvalUsageError
+    from flowkern.scorers import get_scorer
+
+    def union(share: float) -> EvalConfig:
+        return EvalConfig(model=str(files / "llava"), task="pope", data=files / "pope", images=files / "val2014",
+                          out=tmp_path / "union", limit=2, max_new_tokens=int(NEW), device="cpu",
+                          prune=PruneSpec(layer=2, keep=4, rank=get_scorer("grid+attention", share=share)))
+
+    run_eval(union(0.25), model=model, processor=processor)
+    rank = json.loads((tmp_path / "union" / SETTINGS_FILE).read_text())["settings"]["rank"]
+    assert rank == {"name": "grid+attention", "first": "grid", "then": "attention", "share": 0.25}
+    with pytest.raises(EvalUsageError, match=r"--rank was \{.*'share': 0.25\}, now \{.*'share': 0.75\}"):
+        run_eval(union(0.75), model=model, processor=processor)
+    with pytest.raises(EvalUsageError, match=r"'share': 0.25\}, now 'grid\+attention'"):  # the defaults: its name
+        run_eval(union(0.5), model=model, processor=processor)
+
+
 def test_bad_input_is_one_line_exit_2_before_loading(files, tmp_path, capsys, monkeypatch):
     import flowkern.hf.loading
 

@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -80,6 +81,28 @@ def test_layer_spec():
     for bad, needle in (("x", "expected"), ("3-1", "backwards"), ("0-40", "out of range"), (",", "no layer")):
         with pytest.raises(SweepUsageError, match=needle):
             parse_layer_spec(bad, 32)
+
+
+def test_config_refusals():
+    """A schedule (a sweep varies one layer), a Scorer object (points are named after a registered scorer), a
+    registered scorer without default parameters, an unknown one: refused by name before any work."""
+    from flowkern.eval.sweep.points import check_config, ranks_at
+    from flowkern.scorers import get_scorer
+
+    def config(**kw):
+        return SweepConfig(model="m", task="pope", data="d", out="o", **kw)
+
+    for kw, needle in ((dict(prune=PruneSpec(schedule=((2, 0.5),))), "flowkern compare"),
+                       (dict(prune=PruneSpec(keep=4, rank=get_scorer("diversity"))), "registered name"),
+                       (dict(prune=PruneSpec(keep=4), controls=("union",)), "--control 'union'"),
+                       (dict(prune=PruneSpec(keep=4), controls=("nope",)), "expected one of")):
+        with pytest.raises(SweepUsageError, match=needle):
+            check_config(config(**kw))
+    check_config(config(prune=PruneSpec(keep=4, rank="cls", merge=True), controls=("text-attention", "duplicates")))
+    assert [ranks_at(r, 0, 4) for r in ("attention", "text-attention", "prerope-attention", "grid+attention")] == [
+        False] * 4
+    assert all(ranks_at(r, 0, 4) for r in ("random", "none", "grid", "diversity", "duplicates", "cls"))
+    assert ranks_at("attention", 0, 0) and ranks_at("attention", 1, 4)
 
 
 def test_cliff_definition():
@@ -167,6 +190,38 @@ def test_points_equal_independent_eval_runs(files, llava, tmp_path, capsys):
     assert again.generated == 0 and len((out / "results.jsonl").read_text().splitlines()) == 10
 
 
+@pytest.mark.parametrize(("spec", "controls"), [
+    (PruneSpec(keep=0.25, rank="diversity"), ("text-attention", "prerope-attention", "cls")),
+    (PruneSpec(keep=0.25, rank="cls", merge=True), ("attention", "duplicates", "grid+attention")),
+], ids=["scorers", "merge"])
+def test_registered_scorers_and_merge_equal_independent_eval_runs(files, llava, tmp_path, spec, controls):
+    """Any registered scorer as --rank / --control, and merging, at layer 0 and deeper: each point's answers equal an
+    independent `flowkern eval` at that point, through the shared prefill (layer L-1 computed for the scorers reading
+    its attention, replayed below) and the image memo (paused for `cls`, which reads the vision tower as it runs).
+    Scorers that cannot rank before the decoder have no point at layer 0."""
+    model, processor = llava
+    kw = dict(_common(files), limit=4)
+    out = tmp_path / "sweep"
+    result = run_sweep(SweepConfig(out=out, prune=spec, controls=controls, layers="0,2,3", **kw),
+                       model=model, processor=processor)
+    names = {r["point"] for r in result.points}
+    early = {r for r in (spec.rank, *controls) if r in ("attention", "text-attention", "prerope-attention",
+                                                       "grid+attention")}
+    assert names == {"baseline"} | {f"L0{x}-{r}" for r in (spec.rank, *controls) for x in (0, 2, 3)
+                                    if not (x == 0 and r in early)}
+    assert "skipped" not in json.loads((out / "cliff.json").read_text())  # the main rank ranks before the decoder
+    assert json.loads((out / "sweep.json").read_text())["settings"]["prune_merge"] is spec.merge
+    texts = set()
+    for rec in result.points:
+        prune = PruneSpec() if rec["layer"] is None else replace(spec, layer=rec["layer"], rank=rec["rank"])
+        ind = run_eval(EvalConfig(out=tmp_path / "ind" / rec["point"], **kw, prune=prune), model=model,
+                       processor=processor)
+        got = (out / rec["answers"]).read_text()
+        assert got == ind.answers_path.read_text(), rec["point"]
+        texts.update(json.loads(line)["text"] for line in got.splitlines())
+    assert len(texts) > 4  # the points answer differently: the comparison is not vacuous
+
+
 def test_images_encoded_once_per_batch_and_model_left_as_found(files, llava, tmp_path, monkeypatch):
     """With reuse the vision tower runs once per batch for all points (ImageCache), without it once per point and
     batch, the answers are the same, and afterwards the model is as it was found (its own attention, no memo, no
@@ -215,6 +270,9 @@ def test_image_cache_compares_arguments_by_value(llava):
             first = getattr(owner, name)(pixel_values=pixels)
             assert getattr(owner, name)(pixels.clone()) is first
             assert (cache.computed, cache.reused) == (1, 1)
+            with cache.paused():  # runs the encoder; the memo is neither read nor written
+                assert getattr(owner, name)(pixel_values=pixels) is not first
+            assert (cache.computed, cache.reused, len(cache.entries)) == (1, 1, 1)
             pixels.add_(0.5)
             changed = getattr(owner, name)(pixel_values=pixels)
             assert changed is not first and (cache.computed, cache.reused) == (2, 1)
@@ -314,13 +372,35 @@ def test_changed_setting_and_bad_options_are_refused(files, tmp_path, capsys):
     capsys.readouterr()
     for extra, needle in ((["--keep", "4"], "--keep was 0, now 4"), (["--max-new-tokens", "5"], "--max-new-tokens"),
                           (["--layers", "9"], "out of range"), (["--layers", "2-x"], "expected 'all'"),
-                          (["--control", "random"], "needs --keep"), (["--tolerance", "-1"], "--tolerance")):
+                          (["--control", "random"], "needs --keep"), (["--tolerance", "-1"], "--tolerance"),
+                          (["--prune-schedule", "2:0.5"], "flowkern compare"),
+                          (["--keep", "4", "--control", "nope"], "--control 'nope': expected one of"),
+                          (["--prune-merge"], "no kept token to merge into")):
         argv = _argv(files, out, "--layers", "2-3", "--limit", "2")
         argv[argv.index("--max-new-tokens") + 1] = "3"
         code = main(argv + extra)
         err = capsys.readouterr().err
         assert code == 2 and len(err.strip().splitlines()) == 1 and needle in err, (extra, err)
         assert "Traceback" not in err
+
+
+def test_cli_takes_registered_scorers_and_merge(files, tmp_path, capsys):
+    """`flowkern sweep --rank <scorer> --control <scorers> --prune-merge` runs; sweep.json records the merge and the
+    scorer, and a rerun without --prune-merge is refused by name."""
+    out = tmp_path / "s"
+    argv = _argv(files, out, "--layers", "0,3", "--limit", "2", "--keep", "4", "--rank", "diversity", "--control",
+                 "cls,text-attention", "--prune-merge")
+    assert main(argv) == 0, capsys.readouterr().err
+    capsys.readouterr()
+    settings = json.loads((out / "sweep.json").read_text())["settings"]
+    assert (settings["rank"], settings["prune_merge"]) == ("diversity", True)
+    assert {p.name for p in (out / "points").iterdir()} == {"baseline", "L00-diversity", "L03-diversity", "L00-cls",
+                                                             "L03-cls", "L03-text-attention"}
+    run = json.loads((out / "points" / "L03-cls" / "run.json").read_text())["settings"]
+    assert (run["prune_layer"], run["rank"], run["prune_merge"]) == (3, "cls", True)
+    assert main(argv[:-1]) == 2
+    err = capsys.readouterr().err
+    assert "--prune-merge was True, now False" in err and len(err.strip().splitlines()) == 1
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -10,9 +10,13 @@ decoder layer L on, the information-flow cliff layer, resumable, bisecting, shar
     result.cliff["cliff_layer"], result.curve      # {L: F1 with the image dropped from layer L on}
 
 **Points.** The baseline (no pruning, the model's own attention) and one point per layer ``L`` of ``layers``:
-:func:`flowkern.prune` ``(layer=L, keep, rank)`` (k = 0 by default: every image token dropped). ``controls``
-(``random``, ``grid``) add a series at the same layers and ``keep`` with that rank: the control that tells a real
-ranking from "any k tokens would do" (``random``) or from plain spatial downsampling (``grid``). Each point is an
+:func:`flowkern.prune` ``(layer=L, keep, rank, merge)`` (k = 0 by default: every image token dropped; ``rank`` any
+registered scorer, :mod:`flowkern.scorers`). ``controls`` (scorer names, e.g. ``random``, ``grid``) add a series at
+the same layers and ``keep`` with that rank: the control that tells a real ranking from "any k tokens would do"
+(``random``) or from plain spatial downsampling (``grid``). A scorer that cannot rank before the decoder
+(:attr:`flowkern.scorers.Scorer.before_decoder` False: it reads layer ``L-1``'s attention) has no point at layer 0
+(:func:`~flowkern.eval.sweep.points.ranks_at`). A sweep varies its one pruning layer, so it takes no schedule
+(``flowkern compare`` does). Each point is an
 ``flowkern eval`` output folder, ``<out>/points/<name>/`` (``baseline``, ``L05``, ``L05-attention``,
 ``L05-random``): ``answers.jsonl``, ``run.json``, ``metrics.json`` written by :mod:`flowkern.eval.run`'s machinery,
 so ``flowkern score`` on a point's answer file reproduces the sweep's number, and ``flowkern eval`` with the same
@@ -39,10 +43,13 @@ images of a batch are encoded once for all its points (:class:`flowkern.hf.reuse
 projector do not depend on the point), the processor's output is built once per batch, and the language model
 stays on the ``flowkern`` attention across the pruned points of a batch instead of being switched there and back by
 each ``flowkern.prune``. The answers are the ones an independent ``flowkern eval --prune-layer L`` gives (the test
-suite checks they are identical). ``rank="attention"`` with ``keep > 0`` needs layer ``L-1``'s attention, so those
-points resume from ``L-1``. What stays per batch: the baseline's full prefill (the model's own attention, which the
-points do not use, so it shares nothing), the recording point's, and ``L = 0``'s (removal by masking from layer 0
-on: it shares no layer either).
+suite checks they are identical). A scorer that reads layer ``L-1``'s attention (``attention``, ``text-attention``,
+``prerope-attention``, ...) with ``keep > 0`` needs that layer computed, so those points resume from ``L-1``
+(:meth:`~flowkern.eval.sweep.points.Point.depth`); one that reads the vision tower as it runs (``cls``) encodes its
+images itself (:meth:`~flowkern.eval.sweep.points.Point.reads_tower`). What stays per batch: the baseline's full
+prefill (the model's own attention, which the points do not use, so it shares nothing), the recording point's, and
+``L = 0``'s (the image removed before the first decoder layer: it shares no layer, and all its layers run on the
+shorter sequence).
 
 **Resume and safety.** Answers are appended per (point, batch) and fsync-ed (a killed run loses at most the batch in
 flight); a finished point's metrics are appended to ``results.jsonl``; a rerun skips what is done. ``sweep.json``

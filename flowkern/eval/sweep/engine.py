@@ -36,7 +36,9 @@ from flowkern.eval.sweep.points import (
     SweepUsageError,
     check_config,
     check_inputs,
+    main_rank,
     parse_layer_spec,
+    ranks_at,
     series,
     series_points,
     sweep_settings,
@@ -215,7 +217,8 @@ class Engine:
         """Answers (and :meth:`answer`'s extra fields) of one batch at each point of ``group``: the baseline first,
         then the other points by L descending, the first of those recording the shared prefix for the others
         (:class:`flowkern.hf.reuse.PrefixShare`). With reuse, the images are encoded once for all of them
-        (:class:`flowkern.hf.reuse.ImageCache`) and the language model stays on the ``flowkern`` attention across the
+        (:class:`flowkern.hf.reuse.ImageCache`; a point whose scorer reads the vision tower as it runs encodes them
+        itself, :meth:`Point.reads_tower`) and the language model stays on the ``flowkern`` attention across the
         pruned points (each ``flowkern.prune`` would switch it there and back: the same computation, without the
         switches)."""
         from flowkern.hf.reuse import hold_attention
@@ -223,7 +226,8 @@ class Engine:
         images, prompts = [s.image for s in batch], [s.prompt for s in batch]
 
         def answer(p: Point) -> tuple[list[str], list[dict[str, Any]] | None]:
-            return self.answer(p, images, prompts, inputs, max_new)
+            with self.images.paused() if self.images is not None and p.reads_tower() else contextlib.nullcontext():
+                return self.answer(p, images, prompts, inputs, max_new)
 
         reuse = self.config.reuse and self.share is not None
         pruned = sorted((p for p in group if p.layer is not None), key=lambda p: (-p.layer, p.depth()))
@@ -364,11 +368,11 @@ def _run(config: SweepConfig, dist: Dist, model: Any, processor: Any, progress: 
     start = time.perf_counter()
     engine = Engine(config, dist, model, processor)
     layers = parse_layer_spec(config.layers, engine.num_layers())
-    skipped_attention = config.prune.rank == "attention" and config.prune.keep != 0 and 0 in layers
-    main_layers = [x for x in layers if not (x == 0 and skipped_attention)]
+    main_layers = [x for x in layers if ranks_at(main_rank(config), x, config.prune.keep)]
+    skipped = len(main_layers) < len(layers)
     if not main_layers:
-        raise SweepUsageError("--layers: rank 'attention' with --keep != 0 needs layers >= 1 (layer 0 has no previous "
-                              "layer to rank by)")
+        raise SweepUsageError(f"--layers: rank {main_rank(config)!r} with --keep != 0 needs layers >= 1 (it ranks by "
+                              "the attention of layer L-1; layer 0 has no previous layer)")
     baseline = Point(None)
     try:
         first_plan = prepare(engine.eval_config(baseline))  # validates task, data, images, --out of a point
@@ -392,7 +396,7 @@ def _run(config: SweepConfig, dist: Dist, model: Any, processor: Any, progress: 
                 for x in ls}
 
     _, _, search = search_cliff(main_layers, evaluate, mode=config.search, tolerance=config.tolerance)
-    result = write_outputs(engine.out, config, dist, done, main_layers, series(config), search, skipped_attention)
+    result = write_outputs(engine.out, config, dist, done, main_layers, series(config), search, skipped)
     result.generated = engine.generated
     result.seconds = time.perf_counter() - start
     return result

@@ -160,14 +160,15 @@ def atomic_savefig(fig: Any, path: Path, *, dpi: int = 120) -> None:
 
 def write_outputs(out: Path, config: SweepConfig, dist: Dist, done: dict[str, dict[str, Any]],
                   layers: Sequence[int], series: Sequence[tuple[str, str]], search: dict[str, Any],
-                  skipped_attention: bool) -> SweepResult:
+                  skipped: bool) -> SweepResult:
     """Write summary.csv, cliff.json and sweep.png (process 0) from the scored points in ``done`` (point name ->
     results.jsonl record); every process gets the same :class:`SweepResult` back.
 
     Args:
         layers: the main series' layers; ``series``: ``(rank, "main" | "control")`` of each series.
         search: the search's record (:func:`flowkern.eval.sweep.cliff.search_cliff`), kept in cliff.json.
-        skipped_attention: layer 0 was left out (rank ``attention`` with ``keep != 0``).
+        skipped: layer 0 was left out of the main series (its rank cannot rank before the decoder,
+            :func:`flowkern.eval.sweep.points.ranks_at`).
     """
     from flowkern._io import atomic_write_json, atomic_write_text
 
@@ -185,8 +186,8 @@ def write_outputs(out: Path, config: SweepConfig, dist: Dist, done: dict[str, di
              "controls": {r: cliff_report(c, base, tolerance=config.tolerance, higher_is_better=higher)
                           ["cliff_layer"] for r, c in curves.items()},
              "control_curves": {r: {str(x): v for x, v in sorted(c.items())} for r, c in curves.items()}}
-    if skipped_attention:
-        cliff["skipped"] = "layer 0 (rank 'attention' with keep != 0 needs layer L-1 to rank by)"
+    if skipped:
+        cliff["skipped"] = f"layer 0 (rank {main_rank(config)!r} with keep != 0 needs layer L-1 to rank by)"
     files = {"results": out / RESULTS_FILE, "summary": out / SUMMARY_FILE, "cliff": out / CLIFF_FILE,
              "figure": out / FIGURE_FILE}
     records = [done["baseline"]] + [done[n] for r, k in series for x in layers

@@ -15,19 +15,18 @@ from flowkern.plan import PruneSpec, check_keep
 
 __all__ = ["SweepUsageError", "Point", "RunOptions", "SweepConfig", "SweepResult", "MAIN_METRIC", "SWEEP_SETTINGS",
            "FLAGS", "parse_layer_spec", "check_config", "check_inputs", "sweep_settings", "main_rank", "series",
-           "series_points"]
+           "series_points", "ranks_at"]
 
 MAIN_METRIC: dict[str, tuple[str, bool]] = {"pope": ("f1", True), "sqa": ("accuracy", True),
                                             "textvqa": ("accuracy", True), "chair": ("chair_s", False)}
 """Task -> (main metric, higher is better): the paper's Table 1 metrics."""
 
 SWEEP_SETTINGS: tuple[str, ...] = ("model", "revision", "weights", "device", "dtype", "task", "data", "images",
-                                   "prompts", "split", "ocr", "max_new_tokens", "keep", "rank", "seed")
+                                   "prompts", "split", "ocr", "max_new_tokens", "keep", "rank", "seed", "prune_merge")
 """Settings that change a sweep's answers (:mod:`flowkern.identity`): a rerun under other values is refused."""
 
 FLAGS = {"seed": "--seed"}
 """The options of the settings named otherwise than ``--<key with - for _>`` (:func:`flowkern.identity.flag`)."""
-CONTROLS = ("random", "grid", "none", "attention")
 
 
 class SweepUsageError(EvalUsageError):
@@ -75,18 +74,25 @@ class Point:
         if self.edge is not None:
             return self.layer
         rank, keep = (self.rank, self.keep) if self.spec is None else (self.spec.rank, self.spec.stages[0][1])
-        return self.layer - 1 if keep != 0 and _reads_previous_layer(rank) else self.layer
+        reads = keep != 0 and bool(_scorer_needs(rank) & {"attention", "prerope_attention"})
+        return self.layer - 1 if reads else self.layer
+
+    def reads_tower(self) -> bool:
+        """Whether this point's scorer reads the vision tower while it encodes the images (``cls_attention``), so
+        the tower must run at this point's own forward rather than be answered from a memo
+        (:class:`flowkern.hf.reuse.ImageCache`)."""
+        if self.layer is None or self.edge is not None:
+            return False
+        rank, keeps = (self.rank, [self.keep]) if self.spec is None else (
+            self.spec.rank, [k for _, k in self.spec.stages])
+        return any(k != 0 for k in keeps) and "cls_attention" in _scorer_needs(rank)
 
 
-def _reads_previous_layer(rank: Any) -> bool:
-    """Whether a scorer ranks by the attention of the layer before its stage (:data:`flowkern.scorers.NEEDS`)."""
+def _scorer_needs(rank: Any) -> frozenset[str]:
+    """What the scorer ``rank`` reads (:attr:`flowkern.scorers.Scorer.needs`)."""
     from flowkern.scorers import get_scorer
 
-    try:
-        needs = get_scorer(rank).needs
-    except ValueError:  # a built-in rank not registered as a scorer
-        return rank == "attention"
-    return bool(needs & {"attention", "prerope_attention"})
+    return frozenset(get_scorer(rank).needs)
 
 
 @dataclass(frozen=True)
@@ -129,9 +135,11 @@ class SweepConfig(RunOptions):
 
     Attributes (besides :class:`RunOptions`; ``out`` also gets summary.csv, cliff.json and sweep.png):
         layers: ``"all"``, or ranges and lists of 0-based decoder layers (``"0-31"``, ``"0,2,4,8-12"``), or a list.
-        prune: the :class:`flowkern.plan.PruneSpec` applied at each swept layer (its ``layer`` stays None: the sweep
-            sets it per point): ``keep`` (k = 0 drops every image token; ``rank`` is then moot), ``rank``, ``seed``.
-        controls: extra ranks run at the same layers and ``keep`` (``"random"``, ``"grid"``); need ``keep != 0``.
+        prune: the :class:`flowkern.plan.PruneSpec` applied at each swept layer (its ``layer`` and ``schedule`` stay
+            None: the sweep sets the layer per point): ``keep`` (k = 0 drops every image token; ``rank`` is then
+            moot), ``rank`` (a registered scorer name, :func:`flowkern.scorers.scorer_names`), ``seed``, ``merge``.
+        controls: extra ranks (scorer names) run at the same layers and ``keep``, e.g. ``"random"`` or ``"grid"``;
+            need ``keep != 0``. A rank that cannot rank before the decoder has no point at layer 0 (:func:`ranks_at`).
         search: ``"full"`` (every layer) or ``"bisect"``.
         tolerance: the cliff tolerance in points of the main metric (1 point = 0.01 of a ratio).
     """
@@ -198,9 +206,11 @@ def check_config(config: SweepConfig) -> None:
     """Refuse bad options before any work.
 
     Raises:
-        SweepUsageError: an unknown task, search, rank or control, a bad tolerance, controls with ``keep == 0``.
+        SweepUsageError: an unknown task, search, rank or control (any registered scorer name is known), a bad
+            tolerance, controls with ``keep == 0``, a schedule (a sweep varies its one pruning layer).
     """
     from flowkern.eval import TASKS
+    from flowkern.scorers import get_scorer
 
     if config.task not in TASKS:
         raise SweepUsageError(f"--task: unknown task {config.task!r} (choose from {', '.join(TASKS)})")
@@ -209,20 +219,46 @@ def check_config(config: SweepConfig) -> None:
     if isinstance(config.tolerance, bool) or not isinstance(config.tolerance, int | float) or not (
             config.tolerance >= 0 and math.isfinite(config.tolerance)):
         raise SweepUsageError(f"--tolerance {config.tolerance!r}: expected a number of points >= 0")
+    if config.prune.schedule is not None:
+        raise SweepUsageError("--prune-schedule: a sweep varies the one layer it prunes from (one point per layer of "
+                              "--layers), so it takes no schedule; compare schedules with flowkern compare")
     if config.prune.layer is not None or config.prune.when != "prefill":
         raise SweepUsageError("prune: the sweep sets the layer of each point and prunes at prefill; pass a PruneSpec "
                               f"with layer=None and when='prefill', got {config.prune}")
-    for r in config.controls:
-        if r not in CONTROLS:
-            raise SweepUsageError(f"--control {r!r}: expected one of {', '.join(CONTROLS)}")
+    names = _rank_names()
+    if not isinstance(config.prune.rank, str):
+        raise SweepUsageError(f"--rank {config.prune.rank!r}: a sweep names its points after the scorer, so it takes "
+                              f"a registered name ({', '.join(names)}; flowkern.scorers.register makes one)")
+    for flag, r in [("--control", r) for r in config.controls] + [("--rank", config.prune.rank)]:
+        if r not in names:
+            raise SweepUsageError(f"{flag} {r!r}: expected one of {', '.join(names)}")
+        try:
+            get_scorer(r)
+        except ValueError as exc:  # a registered scorer whose parameters have no defaults (union)
+            raise SweepUsageError(f"{flag} {r!r}: {exc}; register a scorer with default parameters for it") from None
     if config.controls and config.prune.keep == 0:
         raise SweepUsageError("--control needs --keep K (K != 0): with k = 0 every rank drops the same tokens")
     if config.prune.keep != 0 and config.prune.rank in config.controls:
         raise SweepUsageError(f"--control {config.prune.rank} is the main --rank already")
     if len(set(config.controls)) != len(config.controls):
         raise SweepUsageError(f"--control {','.join(config.controls)}: a rank is given twice")
-    if config.prune.rank not in CONTROLS:
-        raise SweepUsageError(f"--rank {config.prune.rank!r}: expected one of {', '.join(CONTROLS)}")
+
+
+def _rank_names() -> tuple[str, ...]:
+    """The names ``--rank`` and ``--control`` take: the registered scorers (:func:`flowkern.scorers.scorer_names`)."""
+    from flowkern.plan import RANKS
+    from flowkern.scorers import scorer_names
+
+    return tuple(dict.fromkeys(RANKS + scorer_names()))
+
+
+def ranks_at(rank: str, layer: int, keep: int | float) -> bool:
+    """Whether a sweep has a point of ``rank`` at ``layer``: every layer, except layer 0 for a scorer that cannot
+    rank before the decoder (:attr:`flowkern.scorers.Scorer.before_decoder` False: it reads layer ``L-1``'s
+    attention) when it ranks at all (``keep != 0``)."""
+    from flowkern.scorers import get_scorer
+
+    return layer != 0 or keep == 0 or get_scorer(rank).before_decoder
 
 
 def check_inputs(config: SweepConfig, plan: EvalPlan, *, progress: bool = False,
@@ -281,7 +317,7 @@ def _image_tokens(model: str, sample: Any) -> int | None:
 def sweep_settings(config: SweepConfig, plan: EvalPlan) -> dict[str, Any]:
     """The :data:`SWEEP_SETTINGS` of a sweep (``plan``: the baseline point's, with the resolved defaults)."""
     pruning = {"keep": config.prune.keep, "rank": config.prune.rank if config.prune.keep != 0 else None,
-               "seed": config.prune.seed}
+               "seed": config.prune.seed, "prune_merge": config.prune.merge}
     return {k: pruning[k] if k in pruning else plan.settings[k] for k in SWEEP_SETTINGS}
 
 
@@ -296,7 +332,6 @@ def series(config: SweepConfig) -> list[tuple[str, str]]:
 
 
 def series_points(config: SweepConfig, layers: Sequence[int]) -> list[Point]:
-    """Every series' point at each of ``layers`` (rank ``attention`` with ``keep != 0`` has none at layer 0: it
-    ranks by the previous layer's attention)."""
+    """Every series' point at each of ``layers`` where its rank has one (:func:`ranks_at`)."""
     return [Point(x, r, s, config.prune.keep) for r, s in series(config) for x in layers
-            if not (x == 0 and r == "attention" and config.prune.keep != 0)]
+            if ranks_at(r, x, config.prune.keep)]
