@@ -27,7 +27,7 @@ fraction of the sample's image tokens, rounded half up), chosen by ``rank``:
   layout, topped up to exactly ``k`` (:mod:`flowkern.scorers.controls`);
 - any other registered scorer (``"text-attention"``, ``"prerope-attention"``, ``"grid+attention"``,
   ``"diversity"``, ``"duplicates"``, ``"cls"``: :func:`flowkern.scorers.scorer_names`) or a
-  :class:`flowkern.scorers.Scorer` object: the ``k`` image tokens it scores highest (:mod:`flowkern.scoring` gathers
+  :class:`flowkern.scorers.Scorer` object: the ``k`` image tokens it scores highest (:mod:`flowkern.hf.scoring` gathers
   what it reads, per stage).
 
 ``merge=True`` averages, at each stage, every removed image token's hidden state into its most similar kept image
@@ -38,7 +38,7 @@ A **schedule** ``[(L_1, keep_1), (L_2, keep_2), ...]`` (layers strictly increasi
 stage i ranks, at its layer, among the image tokens that survived stages ``< i`` and keeps ``keep_i`` of them (an
 int = at most that many, a float = that fraction of the sample's *original* image tokens); layers
 ``L_i .. L_{i+1}-1`` compute on its survivors. ``Pruning._choose`` is where a stage decides (through its
-:class:`flowkern.scoring.StageScoring`).
+:class:`flowkern.hf.scoring.StageScoring`).
 
 Removed tokens are never keys of the later layers again (nor for decoded tokens). Kept tokens keep their RoPE /
 M-RoPE positions (``cos``/``sin`` and ``position_ids`` are gathered; cached keys are never re-rotated), so the result
@@ -80,10 +80,10 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 
 from flowkern import keymaps, plan
+from flowkern.hf.scoring import StageScoring
 from flowkern.keymaps import StageRows
 from flowkern.plan import PruneSpec
 from flowkern.scorers import scorer_to_json
-from flowkern.scoring import StageScoring
 from flowkern.timer import ForwardTimer
 
 if TYPE_CHECKING:
@@ -356,7 +356,7 @@ class Pruning(ForwardTimer):
                 call.narrow(layer, functools.partial(self._narrowing, i))
 
     def _request(self, call: Call) -> None:
-        """Ask, per stage, for what its scorer reads (:meth:`flowkern.scoring.StageScoring.request`: e.g. layer
+        """Ask, per stage, for what its scorer reads (:meth:`flowkern.hf.scoring.StageScoring.request`: e.g. layer
         ``L-1``'s attention received for ``rank="attention"``)."""
         for scoring in self.scorings:
             scoring.request(call, self)
@@ -475,7 +475,7 @@ class Pruning(ForwardTimer):
     def _choose(self, stage: int, hidden: torch.Tensor | None, rows: StageRows) -> torch.Tensor:
         """Which image rows stage ``stage`` keeps: bool ``[B, S_cur]`` over the rows entering it (``rows``), at most
         ``rows.k[b]`` True per row, only at ``rows.image``: the ones its scorer ranks highest
-        (:meth:`flowkern.scoring.StageScoring.keep`).
+        (:meth:`flowkern.hf.scoring.StageScoring.keep`).
 
         ``hidden``: float ``[B, S_cur, D]`` the hidden states entering the stage's layer (the input embeddings at
         layer 0); None when deciding after a full prefill (``when="decode"``: the scorer's own capture).

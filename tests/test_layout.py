@@ -40,7 +40,6 @@ FLOORS: dict[str, int] = {
     "flowkern.timer": 3,  # a listener
     "flowkern.trace": 4,
     "flowkern.prune": 4,
-    "flowkern.scoring": 4,  # what a pruning stage's scorer reads, gathered on the session (a listener's helper)
     "flowkern.knockout": 4,
     "flowkern.cam": 4,
     "flowkern.gradcam": 4,

@@ -1,6 +1,6 @@
 """The attention each key receives on average from *chosen* query rows, from one
 :func:`flowkern.ops.key_attention_mass` pass over every row (used by the ``"flowkern"`` attention's row events and by
-the pre-RoPE scorer of :mod:`flowkern.scoring`).
+the pre-RoPE scorer of :mod:`flowkern.hf.scoring`).
 
 With ``P_h[i, j] = exp(q_i . k_j * scale - lse_i)`` (row i's softmax over the keys it sees) and ``C_b`` the chosen rows
 of sample b, the result is ``mean_h (1 / |C_b|) sum_{i in C_b} P_h[i, j]``. An unchosen row gets ``lse = -inf``, so it

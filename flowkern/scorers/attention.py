@@ -14,7 +14,7 @@ of ``H``, the score of image token ``j`` is
   ``grid`` control: uniform coverage), the other ``k - round(share * k)`` by another among the rest; registered as
   ``union`` (any two scorers) and ``grid+attention`` (grid, then FastV's attention, half each).
 
-All are computed with :func:`flowkern.key_attention_mass` (never an ``S x S`` matrix), by :mod:`flowkern.scoring`.
+All are computed with :func:`flowkern.key_attention_mass` (never an ``S x S`` matrix), by :mod:`flowkern.hf.scoring`.
 """
 
 from __future__ import annotations
