@@ -23,7 +23,7 @@ from PIL import Image
 
 from flowkern import _io
 from flowkern.cli import main
-from flowkern.demo.report import config, render, stages, tables, words
+from flowkern.demo.report import config, methods, render, stages, tables, words
 from flowkern.demo.report.records import (
     Conclusion,
     DemoSummary,
@@ -71,9 +71,12 @@ def expected_files(keep: int = 16) -> list[str]:
         for folder in (f"sweeps/{w}", f"sweeps/{w}-keep{keep}"):
             names += [f"{folder}/{n}" for n in ("cliff.json", "summary.csv", "results.jsonl", "sweep.png")]
             names.append(f"{folder}/points/baseline/answers.jsonl")
+        names += [f"sweeps/{w}-methods/results.jsonl", f"sweeps/{w}-methods/points/baseline/answers.jsonl",
+                  f"sweeps/{w}-methods/points/grid_attention-keep0.125/answers.jsonl"]
+    figures += ["methods_budget", "methods_maps"]
     names += [f"figures/{f}.png" for f in figures]
-    names += [f"tables/{t}.{ext}" for t in ("shares", "truncation", "cliff", "table1", "speed", "lens", "heads")
-              for ext in ("csv", "json")]
+    names += [f"tables/{t}.{ext}" for t in ("shares", "truncation", "cliff", "table1", "speed", "lens", "heads",
+                                            "methods") for ext in ("csv", "json")]
     return names
 
 
@@ -91,7 +94,7 @@ def test_quick_run_writes_every_file(quick):
         with Image.open(png) as im:
             assert im.width >= 300 and im.height >= 150, png
             assert np.asarray(im.convert("L")).std() > 5, f"{png} is blank"
-    for name in ("shares", "truncation", "cliff", "table1", "speed"):
+    for name in ("shares", "truncation", "cliff", "table1", "speed", "methods"):
         rows = list(csv.reader((out / "tables" / f"{name}.csv").open()))
         records = json.loads((out / "tables" / f"{name}.json").read_text())
         assert len(rows) - 1 == len(records) >= 1
@@ -102,7 +105,8 @@ def test_quick_run_writes_every_file(quick):
         _io.MANIFEST}
     assert not list(out.parent.glob(".demo.tmp-*")), "temporary folder left behind"
     # progress bars and stage lines on stderr; the headline as JSON on the last stdout line
-    assert "[4/7] truncation sweeps" in stderr and "[7/7] writing the report" in stderr and "trace:" in stderr
+    assert "[4/8] truncation sweeps" in stderr and "[6/8] pruning methods" in stderr
+    assert "[8/8] writing the report" in stderr and "trace:" in stderr
     headline = json.loads(stdout.strip().splitlines()[-1])
     summary = json.loads((out / "summary.json").read_text())
     assert headline == json.loads(json.dumps(summary["headline"]))
@@ -136,6 +140,21 @@ def test_numbers_agree_with_the_sweep_files(quick):
         assert r["prefill_speedup"] == pytest.approx(r["unpruned_prefill_ms"] / r["pruned_prefill_ms"])
         assert r["layer"] >= 1 and (r["cliff_layer"] is None or r["layer"] == max(1, r["cliff_layer"]))
     assert {c["verdict"] for c in summary["conclusions"]} <= set(words.VERDICTS)
+    # the methods section: every built-in scorer ran on the demo model, its numbers are the compare points'
+    compared = summary["methods"]
+    assert list(compared["methods"]) == list(methods.BUILT_INS) and not compared["skipped"]
+    assert compared["methods"]["attention"] == "attention@2" and compared["methods"]["cls"] == "cls@0"
+    for w, t in compared["tasks"].items():
+        lines = (out / "sweeps" / f"{w}-methods" / "results.jsonl").read_text().splitlines()
+        results = {r["point"]: r for r in map(json.loads, lines)}
+        assert len(results) == 1 + len(methods.BUILT_INS) * len(methods.BUDGETS)
+        assert t["baseline"] == results["baseline"]["value"] and t["n"] == results["baseline"]["n"]
+        for rank, vals in t["values"].items():
+            for b in methods.BUDGETS:
+                point = results[f"{rank.replace('+', '_')}-keep{b:g}"]
+                assert vals[str(b)] == point["value"] and point["n"] == t["n"]
+                assert t["kept"][rank][str(b)] == pytest.approx(64 * b)
+    assert {methods.TOPIC, methods.BIAS_TOPIC} <= {c["topic"] for c in summary["conclusions"]}
 
 
 class _Checker(html.parser.HTMLParser):
@@ -454,7 +473,8 @@ def test_summary_json_and_finite():
     assert isinstance(s, DemoSummary) and s.speed[0].decode_speedup is None
     j = s.to_json(maps=False)
     assert list(j) == ["settings", "environment", "model", "tasks", "speed", "speed_note", "examples", "headline",
-                       "conclusions", "figures", "timings", "tables"]
+                       "conclusions", "figures", "timings", "tables", "methods"]
+    assert j["methods"] is None  # no comparison in this summary
     assert list(j["tasks"]["pope"])[:3] == ["label", "kind", "loader"] and list(j["tasks"]["pope"])[-2:] == [
         "image_use", "flow"]
     assert j["tasks"]["pope"]["curve"]["0"] == 0.5 and j["settings"]["sizes"]["speed_batches"] == [1, 16]

@@ -19,15 +19,19 @@ What one run does, on fresh shapes sets (:mod:`flowkern.shapes`, seed ``seed``) 
    k = 0 (every image token dropped from layer L on), and one at ``keep`` image tokens ranked by attention with the
    random-rank control; the cliff layer (:func:`flowkern.eval.sweep.cliff_report`) and a Table-1 style table
    (baseline vs at the cliff layer).
-4. **Speed**: prefill time and decode tokens/s of the model pruned at each task's cliff layer vs unpruned (the
+4. **Pruning methods** (:mod:`~flowkern.demo.report.methods`): every built-in scorer at a few budgets on a small
+   set per task, through ``flowkern compare``'s engine: the metric against the budget, the kept-token maps, and
+   which method keeps the most and whether attention's kept tokens lean towards the image's last rows.
+5. **Speed**: prefill time and decode tokens/s of the model pruned at each task's cliff layer vs unpruned (the
    model's own attention), batch 1 and 16, timed by :class:`flowkern.timer.ForwardTimer` round-robin, medians.
-5. **In plain words**: :func:`flowkern.demo.report.words.conclusions` turns the numbers into sentences -- where
+6. **In plain words**: :func:`flowkern.demo.report.words.conclusions` turns the numbers into sentences -- where
    they match the paper's claims and where they do not.
 
 Everything is written through :class:`flowkern._io.AtomicDir`: ``out`` gets ``report.html`` (figures embedded as
 data URIs, each also linked to its PNG), ``figures/*.png``, ``tables/*.csv|json``, ``summary.json`` and the sweep
-folders ``sweeps/<task>[-keep<K>]/`` (answer files per point) all at once, or not at all. The shapes sets are drawn in
-a scratch folder and removed (``summary.json`` gives the ``flowkern shapes`` commands that redraw them).
+folders ``sweeps/<task>[-keep<K>|-knockout|-methods]/`` (answer files per point) all at once, or not at all. The
+shapes sets are drawn in a scratch folder and removed (``summary.json`` gives the ``flowkern shapes`` commands that
+redraw them).
 
 The tolerance of the cliff layer is, per task, the larger of 1 point and one question's worth of the metric
 (``100 / n`` points for ``n`` questions), unless ``tolerance`` is given: with few questions a single changed

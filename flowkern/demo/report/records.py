@@ -20,7 +20,8 @@ from typing import Any
 from flowkern.demo.report.config import DemoSizes
 
 __all__ = ["TaskResult", "FlowResult", "SpeedRow", "ExampleCam", "Example", "Conclusion", "FigureRecord", "Headline",
-           "Settings", "Environment", "ModelFacts", "DemoSummary", "finite", "to_json"]
+           "Settings", "Environment", "ModelFacts", "MethodsTask", "SpatialBias", "MethodsResult", "DemoSummary",
+           "finite", "to_json"]
 
 
 @dataclass(frozen=True)
@@ -264,11 +265,79 @@ class ModelFacts:
 
 
 @dataclass(frozen=True)
+class MethodsTask:
+    """One task of the pruning-methods comparison (:mod:`flowkern.demo.report.methods`).
+
+    Attributes:
+        label, metric, higher_is_better: the task, its main metric and the metric's direction.
+        n: questions answered at every point (the first ``n`` of the task's set).
+        baseline: the unpruned metric on those questions.
+        values: method name -> ``{budget: metric}`` (None: the metric is undefined there).
+        kept: method name -> ``{budget: mean image tokens kept}``.
+        maps: method name -> ``[rows][cols]`` fraction of the answers keeping each image-grid cell at the map budget
+            (None: no token there).
+    """
+
+    label: str
+    metric: str
+    higher_is_better: bool
+    n: int
+    baseline: float | None
+    values: Mapping[str, Mapping[float, float | None]]
+    kept: Mapping[str, Mapping[float, float]] = field(default_factory=dict)
+    maps: Mapping[str, Sequence[Sequence[float | None]]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class SpatialBias:
+    """Where one method's kept image tokens lie on the image grid, over every answer of every task at the map budget.
+
+    Attributes:
+        row_offset: mean over the answers of the kept tokens' centre of mass, in fractions of the image height below
+            the grid's centre (> 0: towards the last rows, which come last in the sequence); row_offset_se: its
+            standard error over the answers.
+        last_rows: mean fraction of the kept tokens in the last quarter of the rows; last_rows_se: its standard
+            error; uniform: that fraction for tokens spread evenly over the grid.
+        answers: answers counted.
+    """
+
+    row_offset: float
+    row_offset_se: float
+    last_rows: float
+    last_rows_se: float
+    uniform: float
+    answers: int
+
+
+@dataclass(frozen=True)
+class MethodsResult:
+    """The pruning-methods comparison: the built-in scorers at a few budgets on a subset of each task.
+
+    Attributes:
+        methods: method name -> ``SCORER@LAYER`` (``flowkern compare``'s notation), in figure order.
+        budgets: keep fractions of the image tokens, largest first; map_budget: the kept-token maps' budget.
+        tasks: per task world, its :class:`MethodsTask`.
+        bias: method name -> its :class:`SpatialBias` (pooled over the tasks).
+        skipped: method name -> why the model refused it.
+        seconds: wall time of the comparison.
+    """
+
+    methods: Mapping[str, str]
+    budgets: Sequence[float]
+    map_budget: float
+    tasks: Mapping[str, MethodsTask]
+    bias: Mapping[str, SpatialBias] = field(default_factory=dict)
+    skipped: Mapping[str, str] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+@dataclass(frozen=True)
 class DemoSummary:
     """Everything a run measured and the report shows (``summary.json``).
 
     ``tasks`` and ``examples`` are keyed by task world (``"pope"``, ``"sqa"``, ``"textvqa"``, ``"caption"``) in
-    report order; ``timings`` are seconds per stage and ``total``; ``tables`` the table files written.
+    report order; ``timings`` are seconds per stage and ``total``; ``tables`` the table files written; ``methods``
+    the pruning-methods comparison (None: not run).
     """
 
     settings: Settings
@@ -283,6 +352,7 @@ class DemoSummary:
     figures: Sequence[FigureRecord] = ()
     timings: Mapping[str, float] = field(default_factory=dict)
     tables: Sequence[str] = ()
+    methods: MethodsResult | None = None
 
     def to_json(self, *, maps: bool = True) -> dict[str, Any]:
         """The summary as JSON-ready data (:func:`to_json`); ``maps=False`` leaves the examples' maps out (as in

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from flowkern.demo.report import knockout
+from flowkern.demo.report import knockout, methods
 from flowkern.demo.report.records import DemoSummary, FigureRecord, SpeedRow, TaskResult
 from flowkern.demo.report.tables import table1_rows
 
@@ -145,7 +145,8 @@ def render(summary: DemoSummary, root: Path) -> str:
         the HTML document as a string.
     """
     parts = ["<!DOCTYPE html>", '<html lang="en">', *_head(summary), "<main>"]
-    for section in (_headline, _words, _tasks, _attention, _truncation, _knockout, _flow, _speed, _files,
+    for section in (_headline, _words, _tasks, _attention, _truncation, _methods, _knockout, _flow, _speed,
+                    _files,
                     _reproduce):
         parts += section(summary, root)
     parts += ["</main>", f"<script>{CHECK_SCRIPT}</script>", "</body></html>"]
@@ -159,7 +160,8 @@ def _head(s: DemoSummary) -> list[str]:
     total = s.timings.get("total")
     sections = [("headline", "Headline"), ("words", "In plain words"), ("tasks", "Tasks"),
                 ("attention", "Attention share"), ("maps", "Attention maps"), ("cam", "LLaVA-CAM"),
-                ("truncation", "Truncation and cliff"), (knockout.SECTION, "Knockout"), ("flow", "Causal flow"),
+                ("truncation", "Truncation and cliff"), (methods.SECTION, "Pruning methods"),
+                (knockout.SECTION, "Knockout"), ("flow", "Causal flow"),
                 ("speed", "Speed"), ("files", "Files"), ("reproduce", "Reproduce")]
     return [
         '<head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">',
@@ -272,6 +274,11 @@ def _truncation(s: DemoSummary, root: Path) -> list[str]:
                [[t.label, layer, _pct(v), _pct(t.attention_k.get(layer)), _pct(t.random_k.get(layer))]
                 for t in tasks for layer, v in t.curve.items()], left=1),
         "</section>"]
+
+
+def _methods(s: DemoSummary, root: Path) -> list[str]:
+    """The pruning-methods comparison (:mod:`flowkern.demo.report.methods`)."""
+    return methods.section_html(s.methods, _figures(s, root, methods.SECTION), s.conclusions, _e, _table)
 
 
 def _knockout(s: DemoSummary, root: Path) -> list[str]:

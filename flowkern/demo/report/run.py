@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import flowkern.demo.report.knockout as knockout
+import flowkern.demo.report.methods as methods
 import flowkern.demo.report.stages as stages
 from flowkern.demo.report.config import (
     REPORT_FILE,
@@ -135,7 +136,7 @@ def run_demo(config: DemoConfig, *, model: Any = None, processor: Any = None, pr
             model, processor = stages.load(config)
         image_tokens = stages.check_model(config, model, processor)
         facts = stages.model_facts(model, model_id, config.model, image_tokens)
-        steps = _Progress(progress, 7)
+        steps = _Progress(progress, 8)
         info = dict(command="flowkern demo", config=to_json(asdict(replace(config, out=str(target)))),
                     flowkern=_version.__version__)
         with _io.AtomicDir(target, info=info) as tmp, _scratch(Path(tmp)) as scratch:
@@ -172,6 +173,7 @@ def _measure(run: _Run) -> DemoSummary:
     cams = _cams(run, attention)
     truncation = _truncation(run, loaded)
     knocked = _knockout(run, loaded)
+    compared = _methods(run)
     tasks = {t.world: stages.task_result(t, loaded[t.world][0].samples, truncation[t.world], attention[t.world],
                                          shapes_command=_shapes_command(run, t.world))
              for t in TASKS}
@@ -179,10 +181,11 @@ def _measure(run: _Run) -> DemoSummary:
     summary = DemoSummary(settings=_settings(run), environment=_environment(), model=run.facts, tasks=tasks,
                           speed=speed, speed_note=speed_note,
                           examples={t.world: stages.example_records(t, attention[t.world].examples, cams[t.world])
-                                    for t in TASKS})
-    summary = replace(summary, headline=headline(summary), conclusions=[*conclusions(summary), *knocked.conclusions])
+                                    for t in TASKS}, methods=compared.result)
+    summary = replace(summary, headline=headline(summary),
+                      conclusions=[*conclusions(summary), *knocked.conclusions, *compared.conclusions])
     summary = replace(summary, figures=[*draw_figures(run.tmp / "figures", summary, attention, cams),
-                                        *knocked.figures])
+                                        *knocked.figures, *compared.figures])
     return finite(summary)
 
 
@@ -256,6 +259,17 @@ def _knockout(run: _Run, loaded: Mapping[str, Any]) -> knockout.KnockoutSection:
             run.model, run.processor, loaded, tmp=run.tmp, model_id=run.model_id, quick=run.config.quick,
             batch_size=run.sizes.batch_size, max_new_tokens={t.loader: _max_new(t.loader) for t in TASKS},
             device=run.config.device, progress=run.progress)
+
+
+def _methods(run: _Run) -> methods.MethodsSection:
+    with run.steps.stage("methods", f"pruning methods: {len(methods.BUILT_INS)} scorers at keep "
+                                    f"{', '.join(f'{b:g}' for b in methods.BUDGETS)} on "
+                                    f"{methods.describe(run.config.quick)}"):
+        return methods.methods_stage(
+            run.model, run.processor, scratch=run.scratch, seed=run.config.seed, tmp=run.tmp, model_id=run.model_id,
+            quick=run.config.quick,
+            max_new_tokens={t.loader: _max_new(t.loader) for t in TASKS}, device=run.config.device,
+            progress=run.progress)
 
 
 def _speed(run: _Run, loaded: Mapping[str, Any],

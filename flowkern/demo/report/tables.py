@@ -11,6 +11,7 @@ import io
 from collections.abc import Sequence
 from typing import Any
 
+from flowkern.demo.report.methods import methods_rows
 from flowkern.demo.report.records import DemoSummary, SpeedRow, TaskResult
 
 __all__ = ["tables", "table1_rows", "shares_rows", "truncation_rows", "cliff_rows", "speed_rows", "lens_rows",
@@ -19,7 +20,8 @@ __all__ = ["tables", "table1_rows", "shares_rows", "truncation_rows", "cliff_row
 
 def tables(summary: DemoSummary) -> dict[str, list[list[Any]]]:
     """The report's tables as rows (the first row is the header): ``shares``, ``truncation``, ``cliff``,
-    ``table1``, ``speed``, and ``lens`` and ``heads`` when the run measured the flow."""
+    ``table1``, ``speed``, ``lens`` and ``heads`` when the run measured the flow, and ``methods`` when it compared
+    the pruning methods (:func:`flowkern.demo.report.methods.methods_rows`)."""
     tasks = list(summary.tasks.values())
     keep = summary.settings.keep
     out = {"shares": shares_rows(tasks), "truncation": truncation_rows(tasks, keep), "cliff": cliff_rows(tasks, keep),
@@ -27,6 +29,8 @@ def tables(summary: DemoSummary) -> dict[str, list[list[Any]]]:
     if any(s.flow is not None for s in tasks):
         out["lens"] = lens_rows(tasks)
         out["heads"] = head_rows(tasks, summary.model.guided_heads)
+    if summary.methods is not None:
+        out["methods"] = methods_rows(summary.methods)
     return out
 
 
