@@ -28,10 +28,12 @@ def test_bad_values_name_the_field(kwargs, name):
 def test_resolve_checks_against_the_model():
     assert PruneSpec(layer=-1).resolve(4) == 3
     assert PruneSpec().resolve(4) is None
-    for spec, match in ((PruneSpec(layer=4), "layer must be"), (PruneSpec(layer=0, keep=2), "rank='attention'"),
+    for spec, match in ((PruneSpec(layer=4), "layer must be"), (PruneSpec(layer=-5), "layer must be"),
                         (PruneSpec(layer=0, rank="none", when="decode"), "when='decode'")):
         with pytest.raises(ValueError, match=match):
             spec.resolve(4)
+    with pytest.raises(ValueError, match="rank='attention'"):  # refused on construction: no model needed
+        PruneSpec(layer=0, keep=2)
     with pytest.raises(NotImplementedError, match="DeepStack"):
         PruneSpec(layer=2, rank="none").resolve(4, deepstack=3, family="qwen3_vl")
     assert PruneSpec(2, 0.5, "grid", 0, "decode").resolve(4) == 2

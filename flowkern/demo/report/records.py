@@ -117,8 +117,8 @@ class TaskResult:
 class SpeedRow:
     """Prefill time and decode speed of one task's prompts, pruned (k = 0) at ``layer`` vs unpruned; medians.
 
-    ``label`` is ``"<task> L=<layer> B=<batch>"``; ``cliff_layer`` the task's cliff layer (``layer`` is
-    ``max(1, cliff)``, or the middle layer when no task has a cliff).
+    ``label`` is ``"<task> L=<layer> B=<batch>"``; ``cliff_layer`` the task's cliff layer (``layer`` is the cliff
+    layer, or the middle layer when no task has a cliff).
     """
 
     label: str

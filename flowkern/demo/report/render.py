@@ -396,7 +396,7 @@ def _reproduce(s: DemoSummary, root: Path) -> list[str]:
 
 
 def _at(row: SpeedRow) -> str:
-    """Where a speed row was pruned: ``L = 3``, or ``cliff 0, timed at L = 1`` when they differ."""
+    """Where a speed row was pruned: ``L = 3``, or ``no cliff, timed at L = 4`` when they differ."""
     if row.cliff_layer == row.layer:
         return f"L = {row.layer}"
     return f"{'no cliff' if row.cliff_layer is None else f'cliff {row.cliff_layer}'}, timed at L = {row.layer}"

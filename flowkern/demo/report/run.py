@@ -274,16 +274,12 @@ def _methods(run: _Run) -> methods.MethodsSection:
 
 def _speed(run: _Run, loaded: Mapping[str, Any],
            tasks: Mapping[str, TaskResult]) -> tuple[list[SpeedRow], str | None]:
-    """Time each task with a cliff pruned there (L = 0 timed at L = 1; no cliff anywhere: the middle layer)."""
+    """Time each task with a cliff pruned there (no cliff anywhere: the middle layer)."""
     sizes = run.sizes
     points: list[tuple[str, int, Sequence[Any]]] = [
-        (t.label, max(1, tasks[t.world].cliff_layer), loaded[t.world][0].samples) for t in TASKS
+        (t.label, tasks[t.world].cliff_layer, loaded[t.world][0].samples) for t in TASKS
         if tasks[t.world].cliff_layer is not None]
     notes = []
-    if any(tasks[t.world].cliff_layer == 0 for t in TASKS):
-        notes.append("a cliff at L = 0 is timed at L = 1: flowkern.prune removes the image at layer 0 by masking "
-                     "(layer 0's cache stays whole, so no speed-up by design), L = 1 is the earliest layer it "
-                     "compacts")
     if not points:
         mid = run.facts.num_layers // 2
         points = [(TASKS[0].label, mid, loaded[TASKS[0].world][0].samples)]
