@@ -19,8 +19,17 @@ import pytest
 import torch
 from PIL import Image
 
+import flowkern
 from flowkern import ops
-from flowkern.hf.tiny import CHAT_TEMPLATE, clip_config, save_tiny_llava, text_config, word_tokenizer
+from flowkern.hf.tiny import (
+    CHAT_TEMPLATE,
+    IMAGE_TOKEN,
+    clip_config,
+    save_tiny_llava,
+    text_config,
+    tiny_vlm,
+    word_tokenizer,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 """The repository root."""
@@ -464,3 +473,142 @@ def write_datasets_cache(cache: Path, dataset_id: str, subset: str, split: str, 
                                "dataset_name": builder}}}
     (folder / "dataset_info.json").write_text(json.dumps(info), encoding="utf-8")
     return folder
+
+
+# ----------------------------------------------------------------------------------------------------------
+# pruning oracles: padded batches of three families, and the language model run on its inputs with rows deleted
+# (test_prune_predecoder.py, test_prune_schedule.py, test_prune_merge.py)
+
+PRUNE_NEW_TOKENS = 4
+
+
+def _prune_llava(layers: int):
+    model = tiny_vlm("llava", layers=layers)
+    r0 = [5, 6, 7] + [IMAGE_TOKEN] * 16 + [8, 9] + [IMAGE_TOKEN] * 16 + [10, 11, 12]  # two images: 32 image tokens
+    r1 = [5, 6] + [IMAGE_TOKEN] * 16 + [9, 10, 11, 12]
+    pv = torch.randn(3, 3, 8, 8)
+    ids, mask = left_pad([r0, r1])
+    b2 = dict(input_ids=ids, attention_mask=mask, pixel_values=pv)
+    b1 = dict(input_ids=torch.tensor([r1]), attention_mask=torch.ones(1, len(r1), dtype=torch.long),
+              pixel_values=pv[2:])
+    return model, {1: b1, 2: b2}
+
+
+def _prune_llava_next(layers: int):
+    model = tiny_vlm("llava_next", layers=layers)
+    sizes = torch.tensor([[6, 30], [20, 6]])
+    n0, n1 = 16 + 2 * (8 + 1), 16 + 8 * (2 + 1)
+    pv = torch.randn(2, 3, 3, 8, 8)
+    r0 = [5, 6, 7] + [IMAGE_TOKEN] * n0 + [8, 9, 10]
+    r1 = [5] + [IMAGE_TOKEN] * n1 + [8, 9, 10, 11]
+    ids, mask = left_pad([r0, r1])
+    b2 = dict(input_ids=ids, attention_mask=mask, pixel_values=pv, image_sizes=sizes)
+    b1 = dict(input_ids=torch.tensor([r0]), attention_mask=torch.ones(1, len(r0), dtype=torch.long),
+              pixel_values=pv[:1], image_sizes=sizes[:1])
+    return model, {1: b1, 2: b2}
+
+
+def _prune_qwen2_vl(layers: int):
+    model = tiny_vlm("qwen2_vl", layers=layers)
+    r0 = [5, 102] + [IMAGE_TOKEN] * 16 + [103, 8, 9, 10]
+    r1 = [5, 6, 102] + [IMAGE_TOKEN] * 8 + [103, 8, 9]
+    pv = torch.randn(64 + 32, 24)
+    thw = torch.tensor([[1, 8, 8], [1, 4, 8]])
+    ids, mask = left_pad([r0, r1])
+    b2 = dict(input_ids=ids, attention_mask=mask, pixel_values=pv, image_grid_thw=thw,
+              mm_token_type_ids=(ids == IMAGE_TOKEN).int())
+    i1 = torch.tensor([r0])
+    b1 = dict(input_ids=i1, attention_mask=torch.ones_like(i1), pixel_values=pv[:64], image_grid_thw=thw[:1],
+              mm_token_type_ids=(i1 == IMAGE_TOKEN).int())
+    return model, {1: b1, 2: b2}
+
+
+def prune_batches(family: str, layers: int) -> tuple[Any, dict[int, dict[str, torch.Tensor]]]:
+    """A tiny model of ``family`` (llava, llava_next, qwen2_vl; ``layers`` decoder layers, seeded) and its inputs:
+    ``{1: one prompt, 2: a left-padded batch of two with different image-token counts}``."""
+    torch.manual_seed(0)
+    return {"llava": _prune_llava, "llava_next": _prune_llava_next, "qwen2_vl": _prune_qwen2_vl}[family](layers)
+
+
+def lm_prompt_inputs(model: Any, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """What the language model gets at the unpruned prefill of generate: (inputs_embeds, attention_mask,
+    position_ids) -- the model's own merge of the image features into the embeddings, its own positions."""
+    seen = {}
+
+    def grab(module, args, kw):
+        seen.setdefault("kw", {k: kw.get(k) for k in ("inputs_embeds", "attention_mask", "position_ids")})
+
+    handle = model.model.language_model.register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            model.generate(**kwargs, max_new_tokens=1, do_sample=False)
+    finally:
+        handle.remove()
+    kw = seen["kw"]
+    assert kw["position_ids"] is not None  # generate passes the positions; the oracle passes them on
+    return kw["inputs_embeds"], kw["attention_mask"], kw["position_ids"]
+
+
+def deleted_rows_inputs(model: Any, kwargs: dict, removed: torch.Tensor, update: Any = None) -> dict:
+    """The oracle's inputs: the language model's prompt inputs with the ``removed`` rows deleted (bool [B, S]),
+    left-padded (zero embeddings, mask 0), positions gathered; ``update(embeds)`` edits the embeddings first."""
+    embeds, mask, pos = lm_prompt_inputs(model, kwargs)
+    if mask is None:  # generate drops an all-ones mask
+        mask = kwargs["attention_mask"]
+    if update is not None:
+        embeds = update(embeds)
+    keep = mask.bool() & ~removed
+    n = int(keep.sum(dim=1).max())
+    B, _, D = embeds.shape
+    e = torch.zeros(B, n, D)
+    m = torch.zeros(B, n, dtype=torch.long)
+    p = torch.zeros(*pos.shape[:-1], n, dtype=pos.dtype) if pos.dim() == 3 else torch.zeros(B, n, dtype=pos.dtype)
+    for b in range(B):
+        idx = torch.nonzero(keep[b]).flatten()
+        e[b, n - idx.numel():] = embeds[b, idx]
+        m[b, n - idx.numel():] = 1
+        if pos.dim() == 3:
+            p[:, b, n - idx.numel():] = pos[:, b, idx]
+        else:
+            p[b, n - idx.numel():] = pos[b if pos.shape[0] == B else 0, idx]
+    return dict(inputs_embeds=e, attention_mask=m, position_ids=p)
+
+
+def generate_on_deleted_rows(model: Any, kwargs: dict, removed: torch.Tensor, update: Any = None,
+                             **extra: Any) -> Any:
+    """The oracle: transformers' greedy ``generate`` on :func:`deleted_rows_inputs` (logits returned)."""
+    with torch.no_grad():
+        return model.generate(**deleted_rows_inputs(model, kwargs, removed, update), max_new_tokens=PRUNE_NEW_TOKENS,
+                              do_sample=False, output_logits=True, return_dict_in_generate=True, **extra)
+
+
+def generate_pruned(model: Any, kwargs: dict, shapes: list | None = None, **prune_kwargs: Any) -> tuple[Any, Any]:
+    """Greedy generate under flowkern.prune; ``shapes`` collects the hidden-state shape entering decoder layer 0."""
+    hook = None
+    if shapes is not None:
+        layer0 = model.model.language_model.layers[0]
+        hook = layer0.register_forward_pre_hook(lambda m, a, kw: shapes.append(
+            tuple((a[0] if a else kw["hidden_states"]).shape)), with_kwargs=True)
+    try:
+        with torch.no_grad(), flowkern.prune(model, **prune_kwargs) as p:
+            out = model.generate(**kwargs, max_new_tokens=PRUNE_NEW_TOKENS, do_sample=False, output_logits=True,
+                                 return_dict_in_generate=True)
+    finally:
+        if hook is not None:
+            hook.remove()
+    return out, p
+
+
+def assert_same_generation(got: Any, expect: Any, S: int, atol: float = 1e-5) -> None:
+    assert torch.equal(got.sequences[:, S:], expect.sequences)
+    for a, b in zip(got.logits, expect.logits, strict=True):
+        torch.testing.assert_close(a, b, atol=atol, rtol=0)
+
+
+def removed_image_tokens(p: Any, kwargs: dict) -> torch.Tensor:
+    img = (kwargs["input_ids"] == IMAGE_TOKEN) & kwargs["attention_mask"].bool()
+    kept = torch.zeros_like(img)
+    for b, pos in enumerate(p.kept_image_positions):
+        kept[b, pos] = True
+    assert not (kept & ~img).any()
+    return img & ~kept

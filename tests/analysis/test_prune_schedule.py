@@ -17,10 +17,9 @@ from transformers.masking_utils import AttentionMaskInterface
 import flowkern
 from flowkern.hf.compat import output_cache
 from flowkern.hf.tiny import IMAGE_TOKEN as IMG
-from flowkern.hf.tiny import tiny_vlm
 from flowkern.keymaps import cache_keymaps
 from flowkern.plan import PruneSpec
-from tests.fixtures import left_pad as _left_pad
+from tests.fixtures import prune_batches
 
 N_LAYERS = 4
 NEW = 4
@@ -98,41 +97,12 @@ def assert_same_generation(got, expect):
         torch.testing.assert_close(a, b, atol=ATOL, rtol=0)
 
 
-def _llava():
-    model = tiny_vlm("llava", layers=N_LAYERS)
-    r0 = [5, 6, 7] + [IMG] * 16 + [8, 9] + [IMG] * 16 + [10, 11, 12]
-    r1 = [5, 6] + [IMG] * 16 + [9, 10, 11, 12]
-    pv = torch.randn(3, 3, 8, 8)
-    ids, mask = _left_pad([r0, r1])
-    b2 = dict(input_ids=ids, attention_mask=mask, pixel_values=pv)
-    b1 = dict(input_ids=torch.tensor([r1]), attention_mask=torch.ones(1, len(r1), dtype=torch.long),
-              pixel_values=pv[2:])
-    return model, {1: b1, 2: b2}
-
-
-def _qwen2_vl():
-    model = tiny_vlm("qwen2_vl", layers=N_LAYERS)
-    r0 = [5, 102] + [IMG] * 16 + [103, 8, 9, 10]
-    r1 = [5, 6, 102] + [IMG] * 8 + [103, 8, 9]
-    pv = torch.randn(64 + 32, 24)
-    thw = torch.tensor([[1, 8, 8], [1, 4, 8]])
-    ids, mask = _left_pad([r0, r1])
-    b2 = dict(input_ids=ids, attention_mask=mask, pixel_values=pv, image_grid_thw=thw,
-              mm_token_type_ids=(ids == IMG).int())
-    i1 = torch.tensor([r0])
-    b1 = dict(input_ids=i1, attention_mask=torch.ones_like(i1), pixel_values=pv[:64], image_grid_thw=thw[:1],
-              mm_token_type_ids=(i1 == IMG).int())
-    return model, {1: b1, 2: b2}
-
-
-BUILDERS = {"llava": _llava, "qwen2_vl": _qwen2_vl}
 _built: dict = {}
 
 
 def case(name):
     if name not in _built:
-        torch.manual_seed(0)
-        _built[name] = BUILDERS[name]()
+        _built[name] = prune_batches(name, N_LAYERS)
     return _built[name]
 
 
@@ -148,7 +118,7 @@ CASES = [(THREE, r) for r in ("attention", "none", "random")] + [(BEFORE, r) for
 
 @pytest.mark.parametrize("batch", [1, 2])
 @pytest.mark.parametrize("schedule,rank", CASES, ids=[f"{len(s)}st{s[0][0]}-{r}" for s, r in CASES])
-@pytest.mark.parametrize("name", list(BUILDERS))
+@pytest.mark.parametrize("name", ["llava", "qwen2_vl"])
 def test_schedule_matches_mask_oracle(name, schedule, rank, batch):
     model, batches = case(name)
     kwargs = batches[batch]

@@ -323,12 +323,7 @@ def _run(config: CompareConfig, methods: list[Method], budgets: tuple[float, ...
     grid = {(m.name, b): point_of(m, b, config.seed) for m in methods for b in budgets}
     engine.methods = {p.name: name for (name, _), p in grid.items()}
     points = [baseline, *grid.values()]
-    try:
-        engine.run_points(points, progress)
-    except EvalUsageError as exc:
-        raise SweepUsageError(str(exc)) from None
-    dist.barrier()
-    done = engine.finish(points)
+    done = engine.run_and_score(points, progress)
     maps = {}
     if dist.index == 0:
         maps = keep_maps({m.name: engine.out / POINTS_DIR / grid[m.name, map_budget].name / "answers.jsonl"

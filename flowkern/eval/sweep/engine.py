@@ -132,6 +132,16 @@ class Engine:
 
     # -- running points -----------------------------------------------------------------------------------
 
+    def run_and_score(self, points: Sequence[Point], progress: bool) -> dict[str, dict[str, Any]]:
+        """:meth:`run_points` then, once every process is done, :meth:`finish`: the scored records by point name
+        (an input the eval refuses is a :class:`SweepUsageError`)."""
+        try:
+            self.run_points(points, progress)
+        except EvalUsageError as exc:
+            raise SweepUsageError(str(exc)) from None
+        self.dist.barrier()
+        return self.finish(points)
+
     def run_points(self, points: Sequence[Point], progress: bool) -> None:
         """Answer every remaining question of ``points`` (this process's batches), batch-major, sharing prefixes."""
         c, dist = self.config, self.dist
@@ -386,12 +396,7 @@ def _run(config: SweepConfig, dist: Dist, model: Any, processor: Any, progress: 
 
     def evaluate(ls: Sequence[int | None]) -> dict[int | None, float]:
         points = ([baseline] if None in ls else []) + series_points(config, [x for x in ls if x is not None])
-        try:
-            engine.run_points(points, progress)
-        except EvalUsageError as exc:
-            raise SweepUsageError(str(exc)) from None
-        dist.barrier()
-        done.update(engine.finish(points))
+        done.update(engine.run_and_score(points, progress))
         return {x: done[baseline.name if x is None else Point(x, main, "main", config.prune.keep).name]["value"]
                 for x in ls}
 

@@ -255,12 +255,7 @@ def _run(config: KnockoutConfig, edges: tuple[str, ...], window: int | None, dis
     settings = {**{k: plan.settings.get(k) for k in SWEEP_SETTINGS}, "knockout": spec}
     start_sweep(engine.out, config, dist, settings, flags={"knockout": "--edges / --window"})  # type: ignore[arg-type]
     points = [baseline] + [Point(a, None, "knockout", 0, e, k) for e in edges for a in starts]
-    try:
-        engine.run_points(points, progress)
-    except EvalUsageError as exc:
-        raise SweepUsageError(str(exc)) from None
-    dist.barrier()
-    done = engine.finish(points)
+    done = engine.run_and_score(points, progress)
     result = _write_outputs(engine.out, config, dist, done, edges, starts, k, num_layers)
     result.generated, result.seconds = engine.generated, time.perf_counter() - start
     return result
