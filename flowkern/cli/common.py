@@ -24,7 +24,7 @@ import argparse
 import contextlib
 import dataclasses
 import sys
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -38,6 +38,8 @@ __all__ = [
     "UsageError",
     "user_errors",
     "error_line",
+    "check_counts",
+    "run_resumable",
     "track_stderr",
     "add_model_arguments",
     "model_argument",
@@ -141,6 +143,36 @@ def error_line(message: str) -> None:
     if getattr(sys.stderr, "line_open", False):
         sys.stderr.write("\n")
     print(message, file=sys.stderr)
+
+
+_Result = TypeVar("_Result")
+
+
+def check_counts(counts: Mapping[str, int | None]) -> None:
+    """Raise :class:`UsageError` naming the first count flag below 1 (``counts``: flag -> value, None = not given)."""
+    for flag, value in counts.items():
+        if value is not None and value < 1:
+            raise UsageError(f"{flag} {value}: expected an integer >= 1")
+
+
+def run_resumable(command: str, out: Any, work: Callable[[], _Result]) -> _Result | None:
+    """``work()`` of a resumable command (sweep, knockout, compare): an input the eval refuses becomes a
+    :class:`UsageError`; Ctrl-C prints one line saying the answers so far stay in ``out`` and returns None (the
+    command then exits 130).
+
+    Args:
+        command: the subcommand's name, for the line. out: its output folder. work: what it runs.
+    """
+    from flowkern.eval.run import EvalUsageError
+
+    try:
+        return work()
+    except EvalUsageError as exc:
+        raise UsageError(str(exc)) from None
+    except KeyboardInterrupt:
+        error_line(f"flowkern {command}: interrupted; answers so far are kept in {out}, rerun the same command to "
+                   "resume")
+        return None
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -22,13 +22,13 @@ import argparse
 import json
 
 from flowkern.cli.common import (
-    UsageError,
     add_answer_arguments,
     add_device_arguments,
     add_task_arguments,
+    check_counts,
     config_from_args,
-    error_line,
     output_path,
+    run_resumable,
 )
 
 __all__ = ["add_parser", "run"]
@@ -67,22 +67,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """The ``compare`` subcommand (see :func:`add_parser`)."""
-    from flowkern.eval.run import EvalUsageError
     from flowkern.eval.sweep.compare import CompareConfig, run_compare
     from flowkern.eval.sweep.dist import process_index
 
-    for flag, value in (("--batch-size", args.batch_size), ("--limit", args.limit),
-                        ("--max-new-tokens", args.max_new_tokens)):
-        if value is not None and value < 1:
-            raise UsageError(f"{flag} {value}: expected an integer >= 1")
+    check_counts({"--batch-size": args.batch_size, "--limit": args.limit, "--max-new-tokens": args.max_new_tokens})
     config = config_from_args(CompareConfig, args, methods=tuple(args.methods), reuse=args.reuse)
-    try:
-        result = run_compare(config, progress=process_index() == 0)
-    except EvalUsageError as exc:
-        raise UsageError(str(exc)) from None
-    except KeyboardInterrupt:
-        error_line(f"flowkern compare: interrupted; answers so far are kept in {args.out}, rerun the same command "
-                   "to resume")
+    result = run_resumable("compare", args.out, lambda: run_compare(config, progress=process_index() == 0))
+    if result is None:
         return 130
     if process_index() != 0:
         return 0

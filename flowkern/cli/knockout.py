@@ -21,13 +21,13 @@ import argparse
 import json
 
 from flowkern.cli.common import (
-    UsageError,
     add_answer_arguments,
     add_device_arguments,
     add_task_arguments,
+    check_counts,
     config_from_args,
-    error_line,
     output_path,
+    run_resumable,
 )
 
 __all__ = ["add_parser", "run"]
@@ -64,23 +64,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """The ``knockout`` subcommand (see :func:`add_parser`)."""
-    from flowkern.eval.run import EvalUsageError
     from flowkern.eval.sweep.dist import process_index
     from flowkern.eval.sweep.knockout import KnockoutConfig, run_knockout
 
     edges = tuple(e.strip() for e in args.edges.split(",") if e.strip())
-    for flag, value in (("--batch-size", args.batch_size), ("--limit", args.limit),
-                        ("--max-new-tokens", args.max_new_tokens), ("--window", args.window)):
-        if value is not None and value < 1:
-            raise UsageError(f"{flag} {value}: expected an integer >= 1")
+    check_counts({"--batch-size": args.batch_size, "--limit": args.limit, "--max-new-tokens": args.max_new_tokens,
+                  "--window": args.window})
     config = config_from_args(KnockoutConfig, args, edges=edges, reuse=not args.no_reuse)
-    try:
-        result = run_knockout(config, progress=process_index() == 0)
-    except EvalUsageError as exc:
-        raise UsageError(str(exc)) from None
-    except KeyboardInterrupt:
-        error_line(f"flowkern knockout: interrupted; answers so far are kept in {args.out}, rerun the same command "
-                   "to resume")
+    result = run_resumable("knockout", args.out, lambda: run_knockout(config, progress=process_index() == 0))
+    if result is None:
         return 130
     if process_index() != 0:
         return 0

@@ -23,9 +23,10 @@ from flowkern.cli.common import (
     add_device_arguments,
     add_prune_arguments,
     add_task_arguments,
+    check_counts,
     config_from_args,
-    error_line,
     output_path,
+    run_resumable,
     spec_from_args,
 )
 
@@ -66,7 +67,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """The ``sweep`` subcommand (see :func:`add_parser`)."""
-    from flowkern.eval.run import EvalUsageError
     from flowkern.eval.sweep import SweepConfig, run_sweep
     from flowkern.eval.sweep.dist import process_index
 
@@ -76,17 +76,9 @@ def run(args: argparse.Namespace) -> int:
                          "--layers), so it takes no schedule; compare schedules with flowkern compare")
     spec = spec_from_args(args)
     config = config_from_args(SweepConfig, args, controls=controls, reuse=not args.no_reuse, prune=spec)
-    for flag, value in (("--batch-size", args.batch_size), ("--limit", args.limit),
-                        ("--max-new-tokens", args.max_new_tokens)):
-        if value is not None and value < 1:
-            raise UsageError(f"{flag} {value}: expected an integer >= 1")
-    try:
-        result = run_sweep(config, progress=process_index() == 0)
-    except EvalUsageError as exc:
-        raise UsageError(str(exc)) from None
-    except KeyboardInterrupt:
-        error_line(f"flowkern sweep: interrupted; answers so far are kept in {args.out}, rerun the same command to "
-                   "resume")
+    check_counts({"--batch-size": args.batch_size, "--limit": args.limit, "--max-new-tokens": args.max_new_tokens})
+    result = run_resumable("sweep", args.out, lambda: run_sweep(config, progress=process_index() == 0))
+    if result is None:
         return 130
     if process_index() != 0:
         return 0
