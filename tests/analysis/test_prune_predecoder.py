@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import flowkern
-from flowkern.hf.compat import output_cache
+from flowkern.hf.compat import cache_kwargs, output_cache
 from flowkern.hf.tiny import IMAGE_TOKEN as IMG
 from flowkern.keymaps import cache_keymaps
 from tests.fixtures import (
@@ -141,7 +141,7 @@ def test_layer0_refusals():
     more = torch.cat([got.sequences, torch.tensor([[20, 21]])], dim=1)
     with pytest.raises(NotImplementedError, match="continuing such a cache with several new tokens"):
         with torch.no_grad(), flowkern.prune(model):
-            model.generate(input_ids=more, attention_mask=torch.ones_like(more), cache=output_cache(got),
+            model.generate(input_ids=more, attention_mask=torch.ones_like(more), **cache_kwargs(output_cache(got)),
                            max_new_tokens=1, do_sample=False)
 
 
@@ -150,8 +150,6 @@ def test_layer0_plain_forwards_without_positions():
     hand on its cache (numbered S: the tokens seen, not the slots layer 0 holds) equal the language model run on the
     deleted rows with those positions."""
     from transformers import DynamicCache
-
-    from flowkern.hf.compat import cache_kwargs
 
     model, batches = case("llava")
     kwargs = batches[1]
@@ -168,9 +166,9 @@ def test_layer0_plain_forwards_without_positions():
     lm = model.model.language_model
     ref_cache = DynamicCache(config=model.config)
     with torch.no_grad():
-        a = lm(inputs_embeds=embeds[:, keep], position_ids=keep[None], cache=ref_cache, use_cache=True)
-        b = lm(inputs_embeds=model.get_input_embeddings()(nxt), position_ids=torch.tensor([[S]]), cache=ref_cache,
-               use_cache=True)
+        a = lm(inputs_embeds=embeds[:, keep], position_ids=keep[None], **cache_kwargs(ref_cache), use_cache=True)
+        b = lm(inputs_embeds=model.get_input_embeddings()(nxt), position_ids=torch.tensor([[S]]),
+               **cache_kwargs(ref_cache), use_cache=True)
     torch.testing.assert_close(first.logits[:, -1], model.lm_head(a.last_hidden_state[:, -1]), atol=ATOL, rtol=0)
     torch.testing.assert_close(step.logits[:, -1], model.lm_head(b.last_hidden_state[:, -1]), atol=ATOL, rtol=0)
     assert first.logits.shape[1] == keep.numel() < S  # the plain forward returns the compacted rows
