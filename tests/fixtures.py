@@ -306,6 +306,19 @@ def save_eval_llava(path: Path) -> Path:
     return path
 
 
+def write_llava_pope(root: Path) -> Path:
+    """Under ``root``: a tiny LLaVA (:func:`save_eval_llava` in ``llava/``: 4 text layers, 16 image tokens on a 4 x 4
+    grid) and 6 POPE questions (``pope/``, split random) on 4 COCO-named images (``val2014/``); returns ``root``. The
+    files the sweep, knockout and compare CLI tests run on."""
+    save_eval_llava(root / "llava")
+    for i in range(4):
+        save_image(root / "val2014" / f"COCO_val2014_{i:012d}.jpg", i)
+    objects = ["dog", "cat", "car", "red dog"]
+    write_pope(root / "pope", "random", [(q, f"COCO_val2014_{q % 4:012d}.jpg", objects[q % 4],
+                                          "yes" if q % 2 else "no") for q in range(1, 7)])
+    return root
+
+
 def save_image(path: Path, seed: int) -> Path:
     """A small random RGB image (size varies with the seed)."""
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -33,7 +33,7 @@ from flowkern.flops import DecoderShape, answer_flops
 from flowkern.hf.inputs import build_inputs
 from flowkern.hf.loading import load_model
 from flowkern.plan import PruneSpec
-from tests.fixtures import save_eval_llava, save_image, write_pope
+from tests.fixtures import write_llava_pope
 
 REPO = Path(__file__).resolve().parents[2]
 METHODS = ("fastv=attention@1", "random@2", "grid=grid@1")
@@ -46,13 +46,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def files(tmp_path_factory):
     """A tiny LLaVA (4 text layers, 16 image tokens on a 4 x 4 grid) and 6 POPE questions on 4 images."""
     root = tmp_path_factory.mktemp("compare")
-    save_eval_llava(root / "llava")
-    for i in range(4):
-        save_image(root / "val2014" / f"COCO_val2014_{i:012d}.jpg", i)
-    objects = ["dog", "cat", "car", "red dog"]
-    write_pope(root / "pope", "random", [(q, f"COCO_val2014_{q % 4:012d}.jpg", objects[q % 4],
-                                          "yes" if q % 2 else "no") for q in range(1, 7)])
-    return root
+    return write_llava_pope(root)
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ from flowkern.eval import get_task
 from flowkern.eval.sweep.knockout import KnockoutConfig, default_window, run_knockout
 from flowkern.hf.inputs import build_inputs
 from flowkern.hf.loading import load_model
-from tests.fixtures import save_eval_llava, save_image, write_pope
+from tests.fixtures import write_llava_pope
 
 REPO = Path(__file__).resolve().parents[2]
 EDGES = ("image->last", "user->last")
@@ -33,13 +33,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def files(tmp_path_factory):
     """A tiny LLaVA (4 text layers) and 6 POPE questions on 4 images."""
     root = tmp_path_factory.mktemp("knockout")
-    save_eval_llava(root / "llava")
-    for i in range(4):
-        save_image(root / "val2014" / f"COCO_val2014_{i:012d}.jpg", i)
-    objects = ["dog", "cat", "car", "red dog"]
-    write_pope(root / "pope", "random", [(q, f"COCO_val2014_{q % 4:012d}.jpg", objects[q % 4],
-                                          "yes" if q % 2 else "no") for q in range(1, 7)])
-    return root
+    return write_llava_pope(root)
 
 
 @pytest.fixture(scope="module")

@@ -32,7 +32,7 @@ from flowkern.hf import compat
 from flowkern.hf.loading import load_model
 from flowkern.hf.reuse import ImageCache
 from flowkern.plan import PruneSpec
-from tests.fixtures import save_eval_llava, save_image, signal_when, slowed_flowkern, write_pope
+from tests.fixtures import signal_when, slowed_flowkern, write_llava_pope
 
 REPO = Path(__file__).resolve().parents[2]
 SPEC = PruneSpec(keep=0.25, rank="attention")  # the main series of the keep-k sweeps below
@@ -45,13 +45,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def files(tmp_path_factory):
     """A tiny LLaVA (16 image tokens on a 4 x 4 grid, 4 text layers) and 6 POPE questions on 4 images."""
     root = tmp_path_factory.mktemp("sweep")
-    save_eval_llava(root / "llava")
-    for i in range(4):
-        save_image(root / "val2014" / f"COCO_val2014_{i:012d}.jpg", i)
-    objects = ["dog", "cat", "car", "red dog"]
-    write_pope(root / "pope", "random", [(q, f"COCO_val2014_{q % 4:012d}.jpg", objects[q % 4],
-                                          "yes" if q % 2 else "no") for q in range(1, 7)])
-    return root
+    return write_llava_pope(root)
 
 
 @pytest.fixture(scope="module")
