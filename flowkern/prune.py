@@ -80,7 +80,6 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 
 from flowkern import keymaps, plan
-from flowkern.hf.scoring import StageScoring
 from flowkern.keymaps import StageRows
 from flowkern.plan import PruneSpec
 from flowkern.scorers import scorer_to_json
@@ -89,6 +88,7 @@ from flowkern.timer import ForwardTimer
 if TYPE_CHECKING:
     from flowkern.hf.attention import RowEvent
     from flowkern.hf.calls import Call
+    from flowkern.hf.scoring import StageScoring
     from flowkern.scorers import Scorer
 
 __all__ = ["prune", "Pruning", "StageRows", "compact_cache_"]
@@ -243,8 +243,10 @@ class Pruning(ForwardTimer):
         self.spec = spec
         self.stages = spec.resolve_stages(self.num_layers, self.adapter.deepstack_layers(self.config),
                                           self.adapter.family)
-        self.scorings = [StageScoring(model, spec.rank, layer=layer, keep=keep, seed=spec.seed)
-                         for layer, keep in self.stages]
+        from flowkern.hf.scoring import StageScoring  # flowkern.hf (transformers) only once a model is pruned
+
+        self.scorings: list[StageScoring] = [StageScoring(model, spec.rank, layer=layer, keep=keep, seed=spec.seed)
+                                             for layer, keep in self.stages]
         self.layer = self.stages[0][0] if self.stages else None
         self.keep, self.rank, self.seed, self.when = spec.keep, spec.rank, spec.seed, spec.when
         self._fwd: _Forward | None = None

@@ -187,3 +187,13 @@ def test_the_scan_sees_what_it_must(tmp_path, monkeypatch):
                                                        "flowkern.trace": ["flowkern.ops"]})
     assert _cycles() == [["flowkern.ops", "flowkern.trace"]]
     assert floor("flowkern.trace") > floor("flowkern.ops")
+
+
+def test_import_flowkern_stays_light():
+    """``import flowkern`` loads neither transformers nor flowkern.hf (the AOT kernel checks import flowkern in
+    environments without transformers); they come with the first model a listener attaches to."""
+    import subprocess
+
+    code = "import sys, flowkern; print(sorted(m for m in ('transformers', 'flowkern.hf') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
