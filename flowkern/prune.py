@@ -464,9 +464,7 @@ class Pruning(ForwardTimer):
         ``[B, S]`` (the rows' decision is left in ``_last_keep``)."""
         rows = self._stage_rows(stage)
         self.stage_inputs.append(rows)
-        chosen = self._choose(stage, hidden, rows)
-        keep = rows.real & (~rows.image | chosen)
-        keep[:, -1] = True  # each row's last prompt token produces the next token
+        keep = plan.prompt_keep(rows.image, rows.real, self._choose(stage, hidden, rows))
         self._last_keep = keep
         kept = torch.zeros_like(self._need(self._real), dtype=torch.bool)
         kept = kept.to(keep.device).scatter(1, rows.positions, keep)
@@ -477,13 +475,13 @@ class Pruning(ForwardTimer):
     def _choose(self, stage: int, hidden: torch.Tensor | None, rows: StageRows) -> torch.Tensor:
         """Which image rows stage ``stage`` keeps: bool ``[B, S_cur]`` over the rows entering it (``rows``), at most
         ``rows.k[b]`` True per row, only at ``rows.image``: the ones its scorer ranks highest
-        (:meth:`flowkern.hf.scoring.StageScoring.keep`).
+        (:meth:`flowkern.hf.scoring.StageScoring.choose`).
 
         ``hidden``: float ``[B, S_cur, D]`` the hidden states entering the stage's layer (the input embeddings at
         layer 0); None when deciding after a full prefill (``when="decode"``: the scorer's own capture).
         """
         scoring = self.scorings[stage]
-        chosen = scoring.keep(hidden, rows.positions, rows.image, rows.real) & rows.image
+        chosen = scoring.choose(hidden, rows.positions, rows.image, rows.real, rows.k)
         if stage == 0:
             scores = scoring.scores
             self.scores = None if scores is None else torch.full(

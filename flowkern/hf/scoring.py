@@ -10,7 +10,7 @@ scorer's :attr:`~flowkern.scorers.Scorer.needs` name and nothing else:
   keys before the rotary embedding (:func:`flowkern.hf.compat.project_qk`); their causal softmax (padding never a
   key) is normalised by its own LSE (:func:`flowkern.ops.segment_attention`) and the key mass taken with
   :func:`flowkern.ops.key_attention_mass`, over the same query rows as ``attention``;
-- ``hidden``: the hidden states entering layer ``L`` (given to :meth:`StageScoring.keep`, or caught by a forward
+- ``hidden``: the hidden states entering layer ``L`` (given to :meth:`StageScoring.choose`, or caught by a forward
   pre-hook on layer ``L``: :meth:`StageScoring._hidden_hook` is the one place that does it);
 - ``features``: the input embeddings of the prompt (the language model entry's ``inputs_embeds``; else what enters
   decoder layer 0);
@@ -19,8 +19,8 @@ scorer's :attr:`~flowkern.scorers.Scorer.needs` name and nothing else:
   long as the listener is attached: :meth:`StageScoring.install`), at each image row.
 
 ``segments`` (:func:`flowkern.hf.segments.label_prompt`) come with every call. When the stage runs,
-:meth:`StageScoring.keep` packs them into :class:`flowkern.scorers.ScoreInputs`, keeps per sample the ``k`` image
-tokens with the highest scores (:func:`flowkern.scorers.select`) and adds what is always kept
+:meth:`StageScoring.choose` packs them into :class:`flowkern.scorers.ScoreInputs` and returns per sample the ``k``
+image tokens with the highest scores (:func:`flowkern.scorers.select`); the pruning adds what is always kept
 (:func:`flowkern.plan.prompt_keep`: text, each row's last position; padding never).
 """
 
@@ -30,7 +30,6 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from flowkern import plan
 from flowkern.scorers import ScoreInputs, Scorer, get_scorer, select
 
 if TYPE_CHECKING:
@@ -55,7 +54,7 @@ class StageScoring:
     """The scorer of one pruning stage at decoder layer ``layer``, on the listener's side of a session.
 
     Per prefill: :meth:`request` (from the listener's ``on_call``), :meth:`on_row` (from its ``on_row``),
-    :meth:`keep` (when the stage's plan runs), :meth:`release` (from its ``on_return``).
+    :meth:`choose` (when the stage's plan runs), :meth:`release` (from its ``on_return``).
 
     Args:
         model: the model the listener is attached to.
@@ -67,7 +66,7 @@ class StageScoring:
     Attributes:
         scorer: the :class:`flowkern.scorers.Scorer`. needs: what this stage gathers (empty when ``keep == 0``).
         layer, budget, seed: the arguments ``layer``, ``keep``, ``seed``.
-        scores: float32 ``[B, S_cur]``: the scorer's scores at the last :meth:`keep` (None when nothing was scored).
+        scores: float32 ``[B, S_cur]``: the scorer's scores at the last :meth:`choose` (None when nothing was scored).
 
     Raises:
         ValueError: an unknown scorer; a scorer reading layer ``L-1``'s attention at ``layer=0``.
@@ -184,37 +183,34 @@ class StageScoring:
     # ------------------------------------------------------------------------------------------------------
     # the choice
 
-    def keep(self, hidden: torch.Tensor | None, positions: torch.Tensor, image: torch.Tensor,
-             real: torch.Tensor) -> torch.Tensor:
-        """bool ``[B, S_cur]``: the rows this stage keeps: real text rows, each row's last row, and the ``k`` image
-        tokens per sample the scorer ranks highest (``k`` from ``keep`` and the prompt's image-token count, at most
-        the candidates).
+    def choose(self, hidden: torch.Tensor | None, positions: torch.Tensor, image: torch.Tensor, real: torch.Tensor,
+               k: torch.Tensor) -> torch.Tensor:
+        """bool ``[B, S_cur]``: the ``k[b]`` image rows of each sample the scorer ranks highest (what is always kept
+        besides them -- text, each row's last row -- is :func:`flowkern.plan.prompt_keep`'s).
 
         Args:
             hidden: ``[B, S_cur, D]`` the hidden states entering layer ``L``, or None (caught by a hook).
             positions: long ``[B, S_cur]`` original prompt position of each row.
             image: bool ``[B, S_cur]`` the image tokens still in the sequence; real: bool ``[B, S_cur]``.
+            k: long ``[B]`` image tokens to keep per sample (at most the candidates).
 
         Raises:
             RuntimeError: something the scorer needs was not seen in this forward.
             ValueError: scores of the wrong shape or NaN at an image token (:func:`flowkern.scorers.select`).
         """
         if self._image is None:
-            raise RuntimeError("StageScoring.keep: no prefill was requested (call request() at on_call)")
-        k = plan.num_to_keep(self.budget, self._image.sum(dim=1)).to(image.device)
-        k = torch.minimum(k, image.sum(dim=1))
+            raise RuntimeError("StageScoring.choose: no prefill was requested (call request() at on_call)")
         if self.budget == 0:
             self.scores = None
-            return plan.prompt_keep(image, real, torch.zeros_like(image))
+            return torch.zeros_like(image)
         inputs = self.inputs(hidden, positions, image, real, k)
         scores = self.scorer.score(inputs)
-        chosen = select(scores, image, k)
         self.scores = scores.float()
-        return plan.prompt_keep(image, real, chosen)
+        return select(scores, image, k)
 
     def inputs(self, hidden: torch.Tensor | None, positions: torch.Tensor, image: torch.Tensor, real: torch.Tensor,
                k: torch.Tensor) -> ScoreInputs:
-        """The :class:`flowkern.scorers.ScoreInputs` of this stage (arguments as in :meth:`keep`; ``k`` long
+        """The :class:`flowkern.scorers.ScoreInputs` of this stage (arguments as in :meth:`choose`; ``k`` long
         ``[B]``)."""
         from flowkern.hf.segments import label_prompt
 
